@@ -1,0 +1,120 @@
+"""``reprobuild lock``: resolve the image definition into a signed lockfile."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from reprobuild.cli import cli
+from reprobuild.cli.options import directory_option, json_option, quiet_option, store_option
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                          help="Override a setting, e.g. --set Distribution.Release=bookworm.")
+
+
+def _say(quiet: bool):
+    def progress(message: str) -> None:
+        if not quiet:
+            click.echo(message, err=True)
+
+    return progress
+
+
+@cli.command("lock")
+@directory_option
+@store_option
+@set_option
+@click.option("--update", "update", is_flag=True, help="Re-resolve every package (or only those named).")
+@click.argument("packages", nargs=-1)
+@click.option("--verify", "verify_only", is_flag=True,
+              help="Do not resolve: check the lock's signature and that it matches the configuration.")
+@click.option("--trusted-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Public key the lock signature must verify against (with --verify).")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="ed25519 private key to sign the lock with (overrides [Signing] LockKey=).")
+@click.option("--mirror", help="Debian archive base URL for this run (overrides Mirror=).")
+@json_option
+@quiet_option
+def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str, ...], update: bool,
+                 packages: tuple[str, ...], verify_only: bool, trusted_key: Path | None, sign_key: Path | None,
+                 mirror: str | None, as_json: bool, quiet: bool) -> None:
+    """Resolve DIRECTORY/reprobuild.conf into DIRECTORY/reprobuild.lock.
+
+    Fetches each suite's InRelease, verifies it against the Debian archive keyring, fetches the
+    Packages indices by hash, resolves the package sets with Debian's dependency rules and
+    writes a canonical lockfile (and reprobuild.lock.sig when a key is configured).
+
+    An existing lock keeps its pinned versions where it can; `--update` re-resolves everything,
+    `--update PKG…` frees only the named packages. Prints the package changes.
+    """
+    from reprobuild import keys
+    from reprobuild.config import load_spec
+    from reprobuild.errors import UsageError
+    from reprobuild.lock import LockOptions, check_lock_current, lock_spec
+    from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock, save_lock, write_atomic
+    from reprobuild.store import Store
+
+    if packages and not update:
+        raise UsageError("package names are only accepted with --update")
+    all_overrides = list(overrides) + ([f"Distribution.Mirror={mirror}"] if mirror else [])
+    spec = load_spec(directory, all_overrides)
+    lock_path = spec.lock_path
+    sig_path = lock_path.with_name(lock_path.name + SIGNATURE_SUFFIX)
+
+    if verify_only:
+        lock = load_lock(lock_path)
+        data = lock_path.read_bytes()
+        if trusted_key:
+            if not sig_path.exists():
+                raise keys.VerificationFailed(f"{sig_path}: the lock is not signed")
+            keys.verify(data, keys.Signature.from_bytes(sig_path.read_bytes(), str(sig_path)),
+                        keys.load_public_key(trusted_key))
+        check_lock_current(spec, lock)
+        result = {"lock": str(lock_path), "signature": "verified" if trusted_key else "not checked",
+                  "config": "current", "packages": sum(len(s.packages) for s in lock.sets)}
+        click.echo(json.dumps(result, indent=2) if as_json else
+                   f"{lock_path}: signature {result['signature']}, configuration current, "
+                   f"{result['packages']} packages")
+        return
+
+    previous = load_lock(lock_path) if lock_path.exists() else None
+    store = Store(store_path or Store.default_root())
+    started = time.monotonic()
+    options = LockOptions(update=update and not packages, update_packages=packages,
+                          progress=_say(quiet or as_json), index_cache=store.root / "indices")
+    result = lock_spec(spec, previous, options)
+    data = save_lock(result.lock, lock_path)
+    key_path = sign_key or spec.signing.lock_key
+    signed = False
+    if key_path:
+        signature = keys.sign(data, keys.load_private_key(key_path))
+        write_atomic(sig_path, signature.to_bytes())
+        signed = True
+    elapsed = time.monotonic() - started
+    summary = {
+        "lock": str(lock_path),
+        "signed": signed,
+        "config_digest": result.lock.config_digest,
+        "source_date_epoch": result.lock.source_date_epoch,
+        "sets": {s.name: len(s.packages) for s in result.lock.sets},
+        "changes": [{"name": c.name, "old": c.old, "new": c.new} for c in result.changes],
+        "seconds": round(elapsed, 3),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    if not quiet:
+        for change in result.changes:
+            if change.old is None:
+                click.echo(f"  + {change.name} {change.new}")
+            elif change.new is None:
+                click.echo(f"  - {change.name} {change.old}")
+            else:
+                click.echo(f"  ~ {change.name} {change.old} -> {change.new}")
+        sets = ", ".join(f"{n}: {c} packages" for n, c in summary["sets"].items())
+        click.echo(f"wrote {lock_path}{' (signed)' if signed else ''}: {sets} in {elapsed:.1f}s",
+                   file=sys.stdout)
