@@ -57,3 +57,31 @@ def package_urls(lock: Lock, package: LockedPackage, mirrors: Mirrors) -> tuple[
     if mirrors.snapshot_base and source.snapshot:
         urls.append(f"{mirrors.snapshot_base}/{source.archive}/{source.snapshot}/{package.path}")
     return tuple(dict.fromkeys(urls))
+
+
+def mirrors_for_spec(spec, root: Path = Path("/")) -> Mirrors:
+    """Mirrors from an image definition (``Mirror=``, ``SecurityMirror=``, ``SnapshotMirror=``)."""
+    configured: dict[str, str | None] = {"debian": None, "debian-security": None}
+    if spec is not None:
+        configured = {"debian": spec.distribution.mirror, "debian-security": spec.distribution.security_mirror}
+    snapshot = spec.distribution.snapshot_mirror if spec is not None else None
+    return host_mirrors(configured, snapshot, root)
+
+
+def fetch_items(lock: Lock, mirrors: Mirrors, set_names: tuple[str, ...] | None = None) -> list:
+    """One :class:`reprobuild.fetch.FetchItem` per distinct package of the lock (or of some sets)."""
+    from reprobuild.fetch import FetchItem
+
+    items = []
+    seen: set[str] = set()
+    for package_set in lock.sets:
+        if set_names is not None and package_set.name not in set_names:
+            continue
+        for package in package_set.packages:
+            if package.sha256 in seen:
+                continue
+            seen.add(package.sha256)
+            items.append(FetchItem(name=f"{package.name} {package.version} ({package.architecture})",
+                                   sha256=package.sha256, size=package.size,
+                                   urls=package_urls(lock, package, mirrors)))
+    return items
