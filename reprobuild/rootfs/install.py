@@ -1,0 +1,261 @@
+"""Install the planned packages into a tree the way mmdebstrap does, without apt and without network.
+
+1. Extract the data.tar of every Essential package (in install order) in pure Python
+   (:mod:`reprobuild.rootfs.unpack`), so the tree has a shell, libc and dpkg to run.
+2. Create dpkg's database skeleton (mmdebstrap's ``run_setup``): empty ``status`` and ``available``,
+   ``arch``, the info/triggers/updates/alternatives directories, apt's directories.
+3. Run the tree's own dpkg in the sandbox: ``dpkg --install --force-depends`` on all Essential
+   packages in one call (mmdebstrap: "dpkg does not take Pre-Depends into account", the files are
+   already there, maintainer scripts now run and the status database becomes right); then the other
+   packages in layers: a package is unpacked only after its Pre-Depends are configured and only in a
+   layer where all its Depends can be configured too; each layer is ``dpkg --unpack`` then
+   ``dpkg --configure --pending``.
+
+Every order is a pure function of the plan (:func:`install_order`, :func:`layers`), never of the
+file system or of hash-set iteration. Services never start: ``/usr/sbin/policy-rc.d`` exits 101
+during the install, and any daemon a script starts anyway dies with the sandbox's PID namespace
+at the end of each dpkg call (so, unlike mmdebstrap, no fake start-stop-daemon is needed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from reprobuild.debian.deb import DebFile
+from reprobuild.errors import BuildError
+from reprobuild.rootfs.plan import PlannedPackage
+from reprobuild.rootfs.sandbox import Bind, Result, run_in_tree
+from reprobuild.rootfs.unpack import TreeWriter, extract_tar
+
+DEBS_IN_TREE = "/run/reprobuild/debs"  # on the sandbox's /run tmpfs: leaves no trace in the tree
+POLICY_RC_D = "usr/sbin/policy-rc.d"
+# dpkg options for every call: no fsync per file (mmdebstrap passes the same; output bytes are
+# unaffected), and a fixed log location that normalisation removes.
+DPKG = ("dpkg", "--force-unsafe-io")
+
+# mmdebstrap run_setup(): directories that exist before the first dpkg run.
+SETUP_DIRS = (
+    "etc/apt/apt.conf.d", "etc/apt/sources.list.d", "etc/apt/preferences.d", "var/cache/apt/archives/partial",
+    "var/lib/apt/lists/partial", "var/lib/dpkg/triggers", "var/lib/dpkg/info", "var/lib/dpkg/alternatives",
+    "var/lib/dpkg/updates", "etc/dpkg/dpkg.cfg.d", "var/log/apt",
+)  # fmt: skip
+
+_SCRIPT_NAMES = {
+    "pre-installation": "preinst",
+    "post-installation": "postinst",
+    "pre-removal": "prerm",
+    "post-removal": "postrm",
+}
+# dpkg's message when a maintainer script fails, e.g.
+#   "installed foo package post-installation script subprocess returned error exit status 1"
+#   "new foo package pre-installation script subprocess returned error exit status 3"
+_SCRIPT_FAILED = re.compile(
+    r"(?:installed|new|old) (\S+) package (pre-installation|post-installation|pre-removal|post-removal) "
+    r"script subprocess (?:returned error exit status (\d+)|was killed by signal \((.*?)\))"
+)
+_PROCESSING = re.compile(r"dpkg: error processing (?:package|archive) (\S+) \((--\w+)\)")
+
+
+class MaintainerScriptFailed(BuildError):
+    """A package's maintainer script exited non-zero."""
+
+    def __init__(self, package: str, script: str, status: str, phase: str, log: str) -> None:
+        super().__init__(
+            f"maintainer script '{script}' of package '{package}' failed ({status}) during dpkg {phase}",
+            hint="last lines of dpkg's output:\n" + "\n".join(log.rstrip().splitlines()[-15:]),
+        )
+        self.package, self.script = package, script
+
+
+# -- ordering (pure) ---------------------------------------------------------------------------------
+def install_order(packages: Sequence[PlannedPackage]) -> list[PlannedPackage]:
+    """Topological order over Pre-Depends and Depends, ties and cycles broken by plan order.
+
+    Deterministic: depends only on the sequence given. O(n²) worst case, n ≈ hundreds.
+    """
+    index = {p.name: i for i, p in enumerate(packages)}
+    deps = {p.name: {d for d in (*p.pre_depends, *p.depends) if d in index and d != p.name} for p in packages}
+    placed: set[str] = set()
+    order: list[PlannedPackage] = []
+    remaining = list(packages)
+    while remaining:
+        ready = next((p for p in remaining if deps[p.name] <= placed), None)
+        if ready is None:
+            # A dependency cycle (common: libc6 <-> libgcc-s1): prefer a package whose Pre-Depends are
+            # satisfied, else the first in plan order. dpkg handles Depends cycles itself.
+            ready = next(
+                (p for p in remaining if {d for d in p.pre_depends if d in index} <= placed), remaining[0]
+            )
+        order.append(ready)
+        placed.add(ready.name)
+        remaining.remove(ready)
+    return order
+
+
+def essential_closure(packages: Sequence[PlannedPackage]) -> set[str]:
+    """Names of the Essential packages plus everything they (transitively) depend on.
+
+    This is mmdebstrap's "essential" set: it downloads ``?essential`` with its dependencies and
+    extracts all of them, because an Essential package only works with its libraries present.
+    """
+    by_name = {p.name: p for p in packages}
+    todo = sorted(p.name for p in packages if p.essential)
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in by_name:
+            continue
+        seen.add(name)
+        todo.extend(sorted((*by_name[name].pre_depends, *by_name[name].depends), reverse=True))
+    return seen
+
+
+def layers(packages: Sequence[PlannedPackage], configured: set[str]) -> list[list[PlannedPackage]]:
+    """Split non-Essential packages into install layers (see module docstring). Pure.
+
+    A package joins a layer when all its Pre-Depends are configured in earlier layers and every
+    Depends is configured earlier or in the same layer (dpkg orders configuration within a call).
+    Raises BuildError if some packages can never be placed (a Pre-Depends cycle).
+    """
+    in_plan = {p.name for p in packages} | configured
+    done = set(configured)
+    remaining = install_order(packages)
+    result: list[list[PlannedPackage]] = []
+    while remaining:
+        layer = [p for p in remaining if {d for d in p.pre_depends if d in in_plan} <= done]
+        while True:
+            names = done | {p.name for p in layer}
+            kept = [p for p in layer if {d for d in p.depends if d in in_plan} <= names]
+            if len(kept) == len(layer):
+                break
+            layer = kept
+        if not layer:
+            stuck = ", ".join(p.name for p in remaining)
+            raise BuildError(f"cannot order the installation: Pre-Depends cycle among {stuck}")
+        result.append(layer)
+        done |= {p.name for p in layer}
+        remaining = [p for p in remaining if p.name not in done]
+    return result
+
+
+# -- tree preparation --------------------------------------------------------------------------------
+def native_architecture(packages: Sequence[PlannedPackage]) -> str:
+    """The architecture dpkg is built for (the dpkg package's), else the first non-``all`` one."""
+    for p in packages:
+        if p.name == "dpkg":
+            return p.architecture
+    return next((p.architecture for p in packages if p.architecture != "all"), "all")
+
+
+def extract_essential(tree: Path, essential: Sequence[PlannedPackage], deb_path: Callable[[str], Path],
+                      progress: Callable[[str], None]) -> None:
+    """Step 1: unpack the data.tar of each package of the Essential closure, in the given order (pure Python)."""
+    writer = TreeWriter(tree)
+    for i, p in enumerate(essential, 1):
+        progress(f"extracting {p.name} ({i}/{len(essential)})")
+        with DebFile(deb_path(p.sha256)) as deb, deb.open_tar("data") as tf:
+            extract_tar(tf, writer, p.name)
+    writer.finish()
+
+
+def prepare_dpkg(tree: Path, arch: str) -> None:
+    """Step 2: dpkg's and apt's directories and empty database files (mmdebstrap run_setup)."""
+    for d in SETUP_DIRS:
+        (tree / d).mkdir(parents=True, exist_ok=True)
+    (tree / "tmp").mkdir(exist_ok=True)
+    os.chmod(tree / "tmp", 0o1777)
+    for name, content in (("status", ""), ("available", ""), ("arch", f"{arch}\n")):
+        f = tree / "var/lib/dpkg" / name
+        if not f.exists():
+            f.write_text(content)
+
+
+def _deb_name(p: PlannedPackage) -> str:
+    return f"{p.name}_{p.version.replace(':', '%3a')}_{p.architecture}.deb"
+
+
+def _stage_debs(packages: Sequence[PlannedPackage], deb_path: Callable[[str], Path], stage: Path) -> None:
+    """Hard-link (or copy, across file systems) each .deb into ``stage`` under a readable name."""
+    for p in packages:
+        src, dst = Path(deb_path(p.sha256)), stage / _deb_name(p)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+
+def explain_failure(result: Result, phase: str) -> BuildError:
+    """Turn dpkg's output into an error naming the package and the script that failed."""
+    m = _SCRIPT_FAILED.search(result.output)
+    if m:
+        status = f"exit status {m.group(3)}" if m.group(3) else f"killed by signal {m.group(4)}"
+        return MaintainerScriptFailed(m.group(1).split(":")[0], _SCRIPT_NAMES[m.group(2)], status, phase,
+                                      result.output)
+    m2 = _PROCESSING.search(result.output)
+    what = f" while processing {Path(m2.group(1)).name}" if m2 else ""
+    tail = "\n".join(result.output.rstrip().splitlines()[-15:])
+    return BuildError(f"dpkg {phase} failed with exit status {result.returncode}{what}",
+                      hint="last lines of dpkg's output:\n" + tail)
+
+
+class Installer:
+    """Runs the tree's dpkg in the sandbox with the staged .debs bind-mounted read-only."""
+
+    def __init__(self, tree: Path, stage: Path, env: dict[str, str], hostname: str,
+                 progress: Callable[[str], None]) -> None:
+        self.tree, self.env, self.hostname, self.progress = tree, env, hostname, progress
+        self.binds = (Bind(stage, DEBS_IN_TREE, read_only=True),)
+        self.log: list[str] = []
+
+    def dpkg(self, phase: str, args: Sequence[str]) -> None:
+        result = run_in_tree(self.tree, [*DPKG, *args], self.env, hostname=self.hostname, binds=self.binds)
+        self.log.append(result.output)
+        if result.returncode != 0:
+            raise explain_failure(result, phase)
+
+    def debs(self, packages: Sequence[PlannedPackage]) -> list[str]:
+        return [f"{DEBS_IN_TREE}/{_deb_name(p)}" for p in packages]
+
+
+def install(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[str], Path], *,
+            env: dict[str, str], hostname: str, progress: Callable[[str], None]) -> None:
+    """Steps 1–3 for the whole plan. Raises BuildError/MaintainerScriptFailed/FormatError."""
+    names = [p.name for p in packages]
+    if len(set(names)) != len(names):
+        raise BuildError("the package plan lists a package twice")
+    base = essential_closure(packages)
+    essential = install_order([p for p in packages if p.name in base])
+    others = [p for p in packages if p.name not in base]
+    if not any(p.name == "dpkg" for p in essential):
+        raise BuildError("the package plan has no Essential 'dpkg': nothing could install the packages",
+                         hint="the Essential set must be in the lock")
+    extract_essential(tree, essential, deb_path, progress)
+    prepare_dpkg(tree, native_architecture(packages))
+    policy = tree / POLICY_RC_D
+    own_policy = not policy.exists()
+    if own_policy:  # invoke-rc.d and deb-systemd-invoke ask it; 101 = "action forbidden"
+        policy.parent.mkdir(parents=True, exist_ok=True)
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+    with tempfile.TemporaryDirectory(prefix=".debs-", dir=tree.parent) as stage_dir:
+        stage = Path(stage_dir)
+        _stage_debs(packages, deb_path, stage)
+        inst = Installer(tree, stage, env, hostname, progress)
+        progress(f"installing {len(essential)} Essential packages")
+        inst.dpkg("--install (Essential)", ["--install", "--force-depends", *inst.debs(essential)])
+        for i, layer in enumerate(layers(others, {p.name for p in essential}), 1):
+            progress(f"installing layer {i}: {', '.join(p.name for p in layer)}")
+            inst.dpkg("--unpack", ["--unpack", *inst.debs(layer)])
+            inst.dpkg("--configure", ["--configure", "--pending"])
+        # Anything left half-installed or with pending triggers is a bug in the plan: say so.
+        audit = run_in_tree(tree, ["dpkg", "--audit"], env, hostname=hostname)
+        if audit.returncode != 0 or audit.output.strip():
+            raise BuildError("dpkg --audit reports packages that are not fully installed",
+                             hint=audit.output.strip()[-2000:])
+    if own_policy and policy.exists():
+        policy.unlink()

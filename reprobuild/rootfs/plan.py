@@ -1,0 +1,95 @@
+"""What the root-tree stage takes as input: the planned packages and the image settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Sequence
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PlannedPackage:
+    """One package of the lock, with its relationships already resolved to names in the plan."""
+
+    name: str
+    version: str
+    architecture: str
+    sha256: str
+    essential: bool
+    priority: str
+    depends: tuple[str, ...]  # names (within the plan) this package's Depends resolved to
+    pre_depends: tuple[str, ...]  # names its Pre-Depends resolved to
+
+
+@dataclass(frozen=True)
+class TreeSettings:
+    """Image settings applied to the tree (mkosi-style names in the comments)."""
+
+    hostname: str | None = None  # Hostname=
+    root_password: str | None = None  # RootPassword=: plain text, or "hashed:$y$…" / "hashed:$6$…"
+    autologin: bool = False  # Autologin=
+    locale: str | None = None  # Locale=
+    timezone: str | None = None  # Timezone=
+    machine_id: str = ""  # MachineId=: "" = empty file, "uninitialized", or 32 hex digits
+    skeleton_trees: tuple[Path, ...] = ()  # SkeletonTrees=: copied in before packages
+    extra_trees: tuple[Path, ...] = ()  # ExtraTrees=: copied in after packages
+    postinst_scripts: tuple[Path, ...] = ()  # PostInstallationScripts=: run in the sandbox
+    remove_files: tuple[str, ...] = ()  # RemoveFiles=: globs, relative to the tree root
+    clean_package_metadata: bool = True  # CleanPackageMetadata=: drop apt lists and caches
+    keep_dpkg_status: bool = True  # keep /var/lib/dpkg (status, info) even when cleaning
+
+
+def _relation_names(field: str) -> list[list[str]]:
+    """``"a (>= 1) | b:any, c"`` → ``[["a", "b"], ["c"]]`` (names only; versions are the lock's job)."""
+    groups = []
+    for group in field.split(","):
+        alts = [alt.strip().split(" ", 1)[0].split("(", 1)[0].split(":", 1)[0] for alt in group.split("|")]
+        alts = [a for a in alts if a]
+        if alts:
+            groups.append(alts)
+    return groups
+
+
+def plan_from_debs(debs: Sequence[Path]) -> tuple[list[PlannedPackage], dict[str, Path]]:
+    """Build a plan from a set of .deb files (tests and ad-hoc builds; the lock does this for real).
+
+    Each dependency group resolves to its first alternative present in the set, else to a package
+    in the set that Provides it; groups satisfied by nothing in the set are dropped. Returns the
+    packages sorted by name and a sha256 → path map for ``deb_path``. Cost: reads every control
+    member and hashes every file.
+    """
+    import hashlib
+
+    from reprobuild.debian.deb import read_control
+
+    controls = {}
+    paths: dict[str, Path] = {}
+    for path in debs:
+        c = read_control(Path(path))
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        controls[c.package] = (c, digest)
+        paths[digest] = Path(path)
+    provided: dict[str, str] = {}
+    for name in sorted(controls):
+        for group in _relation_names(controls[name][0].fields.get("Provides", "")):
+            provided.setdefault(group[0], name)
+
+    def resolve(field: str) -> tuple[str, ...]:
+        out: list[str] = []
+        for alts in _relation_names(field):
+            hit = next((a for a in alts if a in controls), None) or next(
+                (provided[a] for a in alts if a in provided), None)
+            if hit and hit not in out:
+                out.append(hit)
+        return tuple(out)
+
+    plan = []
+    for name in sorted(controls):
+        c, digest = controls[name]
+        f = c.fields
+        plan.append(PlannedPackage(
+            name=name, version=c.version, architecture=c.architecture, sha256=digest,
+            essential=f.get("Essential", "no") == "yes", priority=f.get("Priority", "optional"),
+            depends=resolve(f.get("Depends", "")), pre_depends=resolve(f.get("Pre-Depends", "")),
+        ))
+    return plan, paths

@@ -1,0 +1,290 @@
+"""Safe extraction of package contents into a root tree.
+
+Every path is resolved *inside* the tree the way the kernel would resolve it after ``chroot``
+(``openat2(RESOLVE_IN_ROOT)`` semantics): absolute symlink targets restart at the tree root and
+``..`` never climbs above it. So a symlink shipped as ``/bin -> usr/bin`` (trixie's base-files) is
+followed, like ``tar --keep-directory-symlink`` does for mmdebstrap, while ``evil -> /etc`` or
+``../../..`` can never make a write land outside the tree. The last component of a path is never
+followed: a regular file replaces whatever non-directory is there (unlink, then ``O_EXCL|O_NOFOLLOW``).
+
+Nothing else writes into the tree while we extract (maintainer scripts have not run yet, or have
+finished), so resolving by path and then acting on the result is not racy.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reprobuild.errors import FormatError
+
+_MAX_SYMLINKS = 40  # same limit as the kernel's path walk (MAXSYMLINKS)
+_XATTR_PREFIX = "SCHILY.xattr."  # pax keyword GNU tar and dpkg-deb use for extended attributes
+
+
+class UnsafePath(FormatError):
+    """An archive member tried to leave the tree or is not allowed in a package."""
+
+
+def split_member_name(name: str, what: str = "member") -> list[str]:
+    """Turn an archive member name into path components relative to the root.
+
+    ``./usr/bin/x`` → ``["usr", "bin", "x"]``; ``./`` → ``[]``. Absolute names, ``..`` components
+    and NUL bytes are rejected (tar itself strips a leading ``/`` with a warning; a package has no
+    reason to ship one, so we refuse).
+    """
+    if "\x00" in name:
+        raise UnsafePath(f"{what} name contains a NUL byte: {name!r}")
+    if name.startswith("/"):
+        raise UnsafePath(f"{what} has an absolute path: {name!r}")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafePath(f"{what} path contains '..': {name!r}")
+    return parts
+
+
+@dataclass
+class TreeWriter:
+    """Writes entries into ``root`` with in-root path resolution. Not thread-safe.
+
+    ``allow_devices``: create character/block devices and FIFOs (needs root). Debian Policy §10.6
+    forbids device files in packages, so the installer leaves this off and rejects them.
+    Directory mtimes are applied by :meth:`finish`, after all entries, because writing a child
+    changes its parent's mtime.
+    """
+
+    root: Path
+    allow_devices: bool = False
+    owners: bool = field(default_factory=lambda: os.geteuid() == 0)  # chown only when we can
+    _dir_times: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._root = os.path.realpath(self.root)
+
+    # -- path resolution -------------------------------------------------------------------------
+    def resolve(self, parts: list[str], *, follow_last: bool, create_dirs: bool = False) -> str:
+        """Host path of ``parts`` resolved in the tree; never outside it.
+
+        Intermediate symlinks are followed in-root; the last component is followed only if
+        ``follow_last``. Missing intermediate directories are created (mode 0755) if ``create_dirs``.
+        """
+        todo = list(parts)
+        done: list[str] = []
+        links = 0
+        while todo:
+            comp = todo.pop(0)
+            if comp in ("", "."):
+                continue
+            if comp == "..":
+                if done:
+                    done.pop()
+                continue
+            here = os.path.join(self._root, *done, comp)
+            is_last = not todo
+            try:
+                st = os.lstat(here)
+            except FileNotFoundError:
+                if is_last:
+                    done.append(comp)
+                    break
+                if not create_dirs:
+                    raise
+                os.mkdir(here, 0o755)
+                done.append(comp)
+                continue
+            if stat.S_ISLNK(st.st_mode) and (not is_last or follow_last):
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise UnsafePath(f"too many levels of symbolic links resolving /{'/'.join(parts)}")
+                target = os.readlink(here)
+                if target.startswith("/"):
+                    done = []  # absolute targets restart at the tree root, as after chroot
+                todo = [p for p in target.split("/") if p] + todo
+                continue
+            if not is_last and not stat.S_ISDIR(st.st_mode):
+                raise UnsafePath(f"/{'/'.join(done + [comp])} is not a directory (resolving /{'/'.join(parts)})")
+            done.append(comp)
+        path = os.path.join(self._root, *done)
+        # Belt and braces: the walk above cannot leave the root, assert it anyway.
+        if path != self._root and not path.startswith(self._root + os.sep):
+            raise UnsafePath(f"path escapes the tree: /{'/'.join(parts)}")
+        return path
+
+    def _clear(self, path: str) -> None:
+        """Remove a non-directory at ``path`` so a new entry can take its place."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise UnsafePath(f"cannot replace directory {self._rel(path)} with a non-directory")
+        os.unlink(path)
+
+    def _rel(self, path: str) -> str:
+        return "/" + os.path.relpath(path, self._root).removeprefix(".")
+
+    def _meta(self, path: str, uid: int, gid: int, mode: int, mtime: int, xattrs: dict[str, bytes],
+              fd: int | None = None) -> None:
+        # Order matters: chown clears set-id bits and security.capability, so chmod and xattrs come after it.
+        if self.owners:
+            if fd is not None:
+                os.fchown(fd, uid, gid)
+            else:
+                os.chown(path, uid, gid, follow_symlinks=False)
+        if fd is not None:
+            os.fchmod(fd, mode)
+        else:
+            os.chmod(path, mode)
+        for name, value in sorted(xattrs.items()):
+            try:
+                os.setxattr(fd if fd is not None else path, name, value)
+            except OSError as e:
+                if e.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+                raise FormatError(f"cannot set xattr {name} on {self._rel(path)}: {e.strerror}") from e
+
+    # -- entry writers -------------------------------------------------------------------------------
+    def mkdir(self, parts: list[str], mode: int = 0o755, uid: int = 0, gid: int = 0, mtime: int = 0,
+              xattrs: dict[str, bytes] | None = None) -> None:
+        if not parts:  # the root itself: keep its metadata (tar -C root would chmod it; we do not)
+            return
+        parent = self.resolve(parts[:-1], follow_last=True, create_dirs=True)
+        path = os.path.join(parent, parts[-1])
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            # tar --keep-directory-symlink: an existing symlink to a directory stays (merged /usr).
+            real = self.resolve(parts, follow_last=True)
+            if os.path.isdir(real) and not os.path.islink(real):
+                return
+            os.unlink(path)
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)
+            st = None
+        if st is None:
+            os.mkdir(path, 0o700)
+        self._meta(path, uid, gid, mode, mtime, xattrs or {})
+        self._dir_times[path] = mtime
+
+    def write_file(self, parts: list[str], data_source: Callable[[int], bytes] | bytes, mode: int = 0o644,
+                   uid: int = 0, gid: int = 0, mtime: int = 0, xattrs: dict[str, bytes] | None = None) -> None:
+        """Create a regular file; ``data_source`` is bytes or a ``read(n)`` callable (streamed)."""
+        if not parts:
+            raise UnsafePath("a regular file cannot be the root directory")
+        parent = self.resolve(parts[:-1], follow_last=True, create_dirs=True)
+        path = os.path.join(parent, parts[-1])
+        self._clear(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if isinstance(data_source, bytes):
+                os.write(fd, data_source) if data_source else None
+            else:
+                while chunk := data_source(1 << 20):
+                    os.write(fd, chunk)
+            self._meta(path, uid, gid, mode, mtime, xattrs or {}, fd=fd)
+            os.utime(fd, ns=(mtime * 10**9, mtime * 10**9))
+        finally:
+            os.close(fd)
+
+    def symlink(self, parts: list[str], target: str, uid: int = 0, gid: int = 0, mtime: int = 0) -> None:
+        """Create a symlink. Its target is stored verbatim: it is only ever resolved in-root."""
+        if not parts:
+            raise UnsafePath("a symlink cannot be the root directory")
+        if "\x00" in target or not target:
+            raise UnsafePath(f"bad symlink target {target!r}")
+        parent = self.resolve(parts[:-1], follow_last=True, create_dirs=True)
+        path = os.path.join(parent, parts[-1])
+        try:
+            self._clear(path)
+        except UnsafePath:
+            # A directory where the symlink goes: allowed only if it is empty (nothing is lost).
+            os.rmdir(path)
+        os.symlink(target, path)
+        if self.owners:
+            os.chown(path, uid, gid, follow_symlinks=False)
+        os.utime(path, ns=(mtime * 10**9, mtime * 10**9), follow_symlinks=False)
+
+    def hardlink(self, parts: list[str], source_parts: list[str]) -> None:
+        """Hard-link ``parts`` to the existing in-tree ``source_parts`` (never followed if a symlink)."""
+        src = self.resolve(source_parts, follow_last=False)
+        if not os.path.lexists(src):
+            raise UnsafePath(f"hard link target /{'/'.join(source_parts)} does not exist in the tree")
+        if os.path.isdir(src) and not os.path.islink(src):
+            raise UnsafePath(f"hard link to a directory: /{'/'.join(source_parts)}")
+        parent = self.resolve(parts[:-1], follow_last=True, create_dirs=True)
+        path = os.path.join(parent, parts[-1])
+        self._clear(path)
+        os.link(src, path, follow_symlinks=False)
+
+    def special(self, parts: list[str], mode: int, devmajor: int, devminor: int, uid: int, gid: int,
+                mtime: int) -> None:
+        if not self.allow_devices:
+            raise UnsafePath(f"device or FIFO /{'/'.join(parts)} not allowed (Debian Policy §10.6)")
+        parent = self.resolve(parts[:-1], follow_last=True, create_dirs=True)
+        path = os.path.join(parent, parts[-1])
+        self._clear(path)
+        os.mknod(path, mode, os.makedev(devmajor, devminor))
+        self._meta(path, uid, gid, stat.S_IMODE(mode), mtime, {})
+        os.utime(path, ns=(mtime * 10**9, mtime * 10**9), follow_symlinks=False)
+
+    def finish(self) -> None:
+        """Apply directory mtimes, deepest first."""
+        for path in sorted(self._dir_times, reverse=True):
+            t = self._dir_times[path]
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.utime(path, ns=(t * 10**9, t * 10**9), follow_symlinks=False)
+        self._dir_times.clear()
+
+
+def _xattrs(ti: tarfile.TarInfo) -> dict[str, bytes]:
+    # tarfile decodes pax values as UTF-8 with surrogateescape; encoding back restores the raw bytes
+    # (security.capability values are binary).
+    return {
+        k[len(_XATTR_PREFIX):]: v.encode("utf-8", "surrogateescape")
+        for k, v in ti.pax_headers.items()
+        if k.startswith(_XATTR_PREFIX)
+    }
+
+
+def extract_tar(tf: tarfile.TarFile, writer: TreeWriter, origin: str) -> list[str]:
+    """Extract a streaming tar into the tree through ``writer``; return the member paths written.
+
+    ``origin`` (e.g. the package name) is named in every error. Owners are numeric (uid/gid fields;
+    names are ignored, so the host's passwd never leaks in). Cost: one pass, O(total size).
+    """
+    written: list[str] = []
+    for ti in tf:
+        parts = split_member_name(ti.name, f"{origin}: member")
+        rel = "/" + "/".join(parts)
+        mtime = int(ti.mtime)
+        mode = stat.S_IMODE(ti.mode)
+        try:
+            if ti.isdir():
+                writer.mkdir(parts, mode, ti.uid, ti.gid, mtime, _xattrs(ti))
+            elif ti.isreg():
+                f = tf.extractfile(ti)
+                assert f is not None
+                writer.write_file(parts, f.read, mode, ti.uid, ti.gid, mtime, _xattrs(ti))
+            elif ti.issym():
+                writer.symlink(parts, ti.linkname, ti.uid, ti.gid, mtime)
+            elif ti.islnk():
+                writer.hardlink(parts, split_member_name(ti.linkname, f"{origin}: hard link target"))
+            elif ti.ischr() or ti.isblk() or ti.isfifo():
+                kind = stat.S_IFCHR if ti.ischr() else stat.S_IFBLK if ti.isblk() else stat.S_IFIFO
+                writer.special(parts, kind | mode, ti.devmajor, ti.devminor, ti.uid, ti.gid, mtime)
+            else:
+                raise UnsafePath(f"unsupported member type {ti.type!r}")
+        except UnsafePath as e:
+            raise UnsafePath(f"{origin}: {rel}: {e.message}") from e
+        except OSError as e:
+            raise FormatError(f"{origin}: cannot extract {rel}: {e.strerror or e}") from e
+        written.append(rel)
+    return written
