@@ -445,7 +445,9 @@ class Store:
         """Remove temporaries left by dead writers; returns how many were removed.
 
         A temporary is removed only if nobody holds its flock (the kernel drops the lock of a
-        killed process) and it is older than ``grace`` seconds. Live writers are never touched."""
+        killed process) and either the pid in its name is dead or it is older than ``grace``
+        seconds (which covers a writer between creating and locking its file, even if its pid
+        is from another pid namespace). Live writers are never touched."""
         removed = 0
         now = time.time() if now is None else now
         try:
@@ -460,8 +462,10 @@ class Store:
                 continue
             try:
                 st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < grace:
+                if not stat.S_ISREG(st.st_mode):
                     continue
+                if now - st.st_mtime < grace and _pid_alive(_tmp_owner(name)):
+                    continue  # maybe a writer between creating and locking it
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -727,6 +731,24 @@ class Store:
             raise FormatError(f"bundle {path} is truncated: {len(lacking)} listed object(s) missing, "
                               f"first sha256:{lacking[0]}")
         return ImportReport(tuple(added), tuple(present))
+
+
+def _tmp_owner(name: str) -> int | None:
+    """The writer pid in a temporary's name ``<tag>.<pid>.<random>.part``."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if pid is None or pid <= 0:
+        return True  # unknown owner: rely on the age grace
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

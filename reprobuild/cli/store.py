@@ -1,0 +1,170 @@
+"""``reprobuild store …`` (path, stats, verify, gc, export, import) and ``reprobuild fetch``.
+
+Parsing and rendering only: each command calls one function of reprobuild.store/fetch.
+
+What these commands need from the lock side (imported lazily):
+  * ``reprobuild.lockfile.load_lock(path) -> Lock``
+  * ``Lock.objects()`` -> iterable of items with ``.name, .sha256, .size, .urls`` (gc, export)
+  * ``reprobuild.lock_urls.fetch_items(lock, spec) -> list[FetchItem]`` (fetch: URLs per object)
+  * ``reprobuild.config.load_spec(directory) -> ImageSpec`` with ``.lock_path`` and
+    ``.build.substituters``
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from reprobuild.cli import cli
+from reprobuild.cli.options import directory_option, json_option, quiet_option, store_option
+
+
+def open_store(store_path: Path | None):  # -> reprobuild.store.Store
+    """The store named by --store / $REPROBUILD_STORE, else the XDG default."""
+    from reprobuild.store import Store
+
+    return Store(store_path or Store.default_root())
+
+
+def _lock_shas(lock_paths: tuple[Path, ...]) -> set[str]:
+    from reprobuild.lockfile import load_lock
+
+    shas: set[str] = set()
+    for p in lock_paths:
+        shas |= {o.sha256 for o in load_lock(p).objects()}
+    return shas
+
+
+def _echo_json(doc: object) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+
+@cli.group("store")
+def store_group() -> None:
+    """Inspect and maintain the content-addressed store of verified objects."""
+
+
+@store_group.command("path")
+@store_option
+def store_path_command(store_path: Path | None) -> None:
+    """Print the store location."""
+    click.echo(str(open_store(store_path).root))
+
+
+@store_group.command("stats")
+@store_option
+@json_option
+def store_stats_command(store_path: Path | None, as_json: bool) -> None:
+    """Print the number of objects and their total size."""
+    from reprobuild.progress import format_bytes
+
+    st = open_store(store_path).stats()
+    if as_json:
+        _echo_json(st.as_json())
+    else:
+        click.echo(f"{st.root}: {st.objects} object(s), {format_bytes(st.bytes)} ({st.bytes} bytes), "
+                   f"{st.roots} gc root(s)")
+
+
+@store_group.command("verify")
+@store_option
+@json_option
+def store_verify_command(store_path: Path | None, as_json: bool) -> None:
+    """Rehash every object; move corrupt ones to quarantine/. Exit status 1 if any was corrupt."""
+    report = open_store(store_path).verify()
+    if as_json:
+        _echo_json(report.as_json())
+    else:
+        for c in report.corrupt:
+            click.echo(f"corrupt: {c.name}: {c.reason} (moved to {c.quarantined_as})")
+        click.echo(f"{report.checked} object(s) checked, {len(report.corrupt)} corrupt")
+    if not report.ok:
+        raise click.exceptions.Exit(1)
+
+
+@store_group.command("gc")
+@store_option
+@click.option("--keep", "keep", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              metavar="LOCK", help="Keep every object this lock needs (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
+@json_option
+def store_gc_command(store_path: Path | None, keep: tuple[Path, ...], dry_run: bool, as_json: bool) -> None:
+    """Remove objects that no kept lock references.
+
+    Roots are the locks named with --keep, the locks registered by earlier builds (see
+    roots/ in the store) and keyed entries such as repository indices."""
+    from reprobuild.progress import format_bytes
+
+    report = open_store(store_path).gc(_lock_shas(keep), dry_run=dry_run)
+    if as_json:
+        _echo_json(report.as_json())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for sha in report.removed:
+        click.echo(f"{verb} sha256:{sha}")
+    click.echo(f"{verb} {len(report.removed)} object(s), {format_bytes(report.freed_bytes)}; "
+               f"kept {report.kept}")
+
+
+@store_group.command("export")
+@store_option
+@click.argument("lock_path", metavar="LOCK", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="BUNDLE", help="Bundle to write (a zstd-compressed tar).")
+@quiet_option
+def store_export_command(store_path: Path | None, lock_path: Path, output: Path, quiet: bool) -> None:
+    """Write every object LOCK needs into one bundle, for a machine with no network."""
+    from reprobuild.progress import format_bytes
+
+    report = open_store(store_path).export_bundle(_lock_shas((lock_path,)), output)
+    if not quiet:
+        click.echo(f"{report.path}: {report.objects} object(s), {format_bytes(report.bytes)}", err=True)
+
+
+@store_group.command("import")
+@store_option
+@click.argument("bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@json_option
+@quiet_option
+def store_import_command(store_path: Path | None, bundle: Path, as_json: bool, quiet: bool) -> None:
+    """Verify every object of BUNDLE and add it to the store."""
+    report = open_store(store_path).import_bundle(bundle)
+    if as_json:
+        _echo_json(report.as_json())
+    elif not quiet:
+        click.echo(f"added {len(report.added)} object(s), {len(report.already_present)} already present",
+                   err=True)
+
+
+@cli.command("fetch")
+@directory_option
+@store_option
+@click.option("--offline", is_flag=True, help="Use only the store; fail listing what is missing.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Parallel downloads.")
+@click.option("--substituter", "substituters", multiple=True, metavar="URL",
+              help="Extra binary cache (base URL of another store), tried after Substituters=.")
+@json_option
+@quiet_option
+def fetch_command(directory: Path, store_path: Path | None, offline: bool, jobs: int,
+                  substituters: tuple[str, ...], as_json: bool, quiet: bool) -> None:
+    """Download and verify every object the lock of DIRECTORY needs that the store lacks."""
+    from reprobuild.config import load_spec
+    from reprobuild.fetch import fetch_all
+    from reprobuild.lock_urls import fetch_items
+    from reprobuild.lockfile import load_lock
+    from reprobuild.progress import format_bytes, make_progress
+
+    spec = load_spec(directory)
+    lock = load_lock(spec.lock_path)
+    items = fetch_items(lock, spec)
+    subs = tuple(dict.fromkeys(tuple(spec.build.substituters) + substituters))
+    report = fetch_all(open_store(store_path), items, subs, jobs=jobs, offline=offline,
+                       progress=make_progress(quiet or as_json))
+    if as_json:
+        _echo_json(report.as_json())
+    elif not quiet:
+        click.echo(f"{len(report.fetched)} fetched ({format_bytes(report.bytes_downloaded)}, "
+                   f"{format_bytes(report.rate)}/s), {len(report.present)} already in the store", err=True)
