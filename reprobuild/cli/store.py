@@ -81,7 +81,10 @@ def store_verify_command(store_path: Path | None, as_json: bool) -> None:
             click.echo(f"corrupt: {c.name}: {c.reason} (moved to {c.quarantined_as})")
         click.echo(f"{report.checked} object(s) checked, {len(report.corrupt)} corrupt")
     if not report.ok:
-        raise click.exceptions.Exit(1)
+        from reprobuild.errors import StoreError
+
+        raise StoreError(f"{len(report.corrupt)} corrupt object(s) found and moved to {report.quarantine}",
+                         hint="run `reprobuild fetch` to download good copies again")
 
 
 @store_group.command("gc")
