@@ -1,0 +1,247 @@
+"""Assemble a Discoverable Disk Image: [ESP] + root/usr file system + verity hash + verity signature.
+
+The result is what ``systemd-repart --seed=… --size=auto`` would write for the same partitions
+(REFERENCE.md §1-§4): GUIDs, labels and flags from `ids`, layout from `gpt`, hash tree from
+`verity`, signature from `veritysig`. Every identifier comes from the 16-byte seed or the root
+hash; nothing depends on time, cwd, umask or the host.
+
+Cost: one pass over the root file system for the hash tree, one streaming copy of every payload
+into the image, one read pass for the image digest. Memory: the hash tree (~1/128 of the data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from reprobuild.errors import BuildError, FormatError
+from reprobuild.image import gpt, ids, verity, veritysig
+from reprobuild.x509 import certificate_fingerprint, key_matches_certificate, load_certificate, load_key
+
+VerityMode = Literal["signed", "hash", "no"]
+Layout = Literal["root", "usr"]
+_ROLES: dict[str, tuple[ids.Role, ids.Role, ids.Role]] = {
+    "root": (ids.Role.ROOT, ids.Role.ROOT_VERITY, ids.Role.ROOT_VERITY_SIG),
+    "usr": (ids.Role.USR, ids.Role.USR_VERITY, ids.Role.USR_VERITY_SIG),
+}
+
+
+class DdiError(BuildError):
+    """The DDI could not be assembled from the given inputs."""
+
+
+@dataclass(frozen=True)
+class DdiSpec:
+    """Inputs of `build_ddi`. ``key``/``certificate`` are PEM files, needed for verity="signed"."""
+
+    architecture: str
+    seed: bytes
+    root_fs_image: Path
+    output: Path
+    verity: VerityMode = "signed"
+    key: Path | None = None
+    certificate: Path | None = None
+    esp_image: Path | None = None
+    layout: Layout = "root"
+    sector_size: int = 512
+
+
+@dataclass(frozen=True)
+class DdiPartition:
+    role: str  # "esp", "root", "root-verity", "root-verity-sig", "usr", …
+    type_guid: uuid.UUID
+    uuid: uuid.UUID
+    label: str
+    attributes: int
+    offset: int
+    size: int
+    sha256: str  # of the whole partition extent, zero padding included
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "type": str(self.type_guid), "uuid": str(self.uuid), "label": self.label,
+                "attributes": f"{self.attributes:#018x}", "offset": self.offset, "size": self.size,
+                "sha256": self.sha256}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DdiResult:
+    path: Path
+    disk_guid: uuid.UUID
+    size: int
+    sha256: str
+    sector_size: int
+    architecture: str
+    verity: VerityMode
+    root_hash: str | None
+    certificate_fingerprint: str | None
+    partitions: tuple[DdiPartition, ...] = field(default_factory=tuple)
+
+    def manifest(self) -> dict[str, Any]:
+        """JSON-ready description; the caller adds the lock digest and the package list."""
+        return {"format": "ddi", "file": self.path.name, "size": self.size, "sha256": self.sha256,
+                "architecture": self.architecture, "sector_size": self.sector_size,
+                "disk_guid": str(self.disk_guid), "verity": self.verity, "root_hash": self.root_hash,
+                "certificate_fingerprint": self.certificate_fingerprint,
+                "partitions": [p.as_dict() for p in self.partitions]}  # fmt: skip
+
+
+# -- identifiers the caller needs *before* building file systems ------------------------------------
+
+
+def data_fs_uuid(seed: bytes, architecture: str, layout: Layout = "root") -> uuid.UUID:
+    """UUID to give the root/usr file system: derived from the partition's *seed-derived* UUID
+    (as repart does, because the verity UUIDs only exist after the file system is built)."""
+    arch = ids.Architecture.parse(architecture)
+    t = ids.partition_type(_ROLES[layout][0], arch)
+    return ids.fs_uuid(ids.partition_uuid(seed, t.guid, 0))
+
+
+def esp_fs_uuid(seed: bytes) -> uuid.UUID:
+    """UUID (vfat: its first 32 bits are the volume id) for the ESP file system."""
+    return ids.fs_uuid(ids.partition_uuid(seed, ids.partition_type(ids.Role.ESP).guid, 0))
+
+
+# -- assembly ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Planned:
+    role: str
+    ptype: ids.PartitionType
+    uuid: uuid.UUID
+    attributes: int
+    payload: Path
+    size: int
+
+
+def _check_spec(spec: DdiSpec) -> ids.Architecture:
+    try:
+        arch = ids.Architecture.parse(spec.architecture)
+    except ValueError as e:
+        raise DdiError(str(e)) from e
+    if len(spec.seed) != 16:
+        raise DdiError(f"the image seed must be 16 bytes, got {len(spec.seed)}")
+    if spec.verity not in ("signed", "hash", "no"):
+        raise DdiError(f"verity must be 'signed', 'hash' or 'no', not {spec.verity!r}")
+    if spec.layout not in _ROLES:
+        raise DdiError(f"layout must be 'root' or 'usr', not {spec.layout!r}")
+    if spec.verity == "signed" and (spec.key is None or spec.certificate is None):
+        raise DdiError("verity=signed needs a key and a certificate", hint="run 'reprobuild keygen'")
+    for p in (spec.root_fs_image, spec.esp_image):
+        if p is not None and not Path(p).is_file():
+            raise DdiError(f"{p}: no such file")
+    size = os.path.getsize(spec.root_fs_image)
+    if size == 0 or size % gpt.GRAIN:
+        raise DdiError(f"{spec.root_fs_image}: size {size} is not a positive multiple of 4096 "
+                       "(dm-verity covers whole 4 KiB blocks)")  # fmt: skip
+    return arch
+
+
+def build_ddi(spec: DdiSpec) -> DdiResult:
+    """Build the DDI described by ``spec`` at ``spec.output`` (atomically: temp name + rename).
+
+    Partitions, in this order: ESP (if given), root|usr, its verity hash (unless verity="no"), its
+    verity signature (verity="signed"). Raises DdiError, FormatError, ToolMissing-free (pure Python).
+    """
+    arch = _check_spec(spec)
+    data_role, hash_role, sig_role = _ROLES[spec.layout]
+    out = Path(spec.output).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    key = cert = None
+    if spec.verity == "signed":
+        key = load_key(Path(spec.key).read_bytes())
+        cert = load_certificate(Path(spec.certificate).read_bytes())
+        if not key_matches_certificate(key, cert):
+            raise DdiError(f"{spec.key} is not the key of certificate {spec.certificate}")
+
+    types = [ids.partition_type(ids.Role.ESP)] if spec.esp_image else []
+    types.append(ids.partition_type(data_role, arch))
+    if spec.verity != "no":
+        types.append(ids.partition_type(hash_role, arch))
+    if spec.verity == "signed":
+        types.append(ids.partition_type(sig_role, arch))
+    seeded = ids.partition_uuids(spec.seed, [t.guid for t in types])
+    labels = ids.default_labels(types)
+
+    with tempfile.TemporaryDirectory(prefix=".ddi-", dir=out.parent) as tmp:
+        work = Path(tmp)
+        planned: list[_Planned] = []
+        it = iter(zip(types, seeded))
+        root_hash: bytes | None = None
+        if spec.esp_image:
+            t, u = next(it)
+            planned.append(_Planned("esp", t, u, ids.default_flags(t.role), Path(spec.esp_image),
+                                    os.path.getsize(spec.esp_image)))  # fmt: skip
+        t_data, u_data = next(it)
+        if spec.verity == "no":
+            planned.append(_Planned(data_role.value, t_data, u_data, ids.default_flags(data_role),
+                                    Path(spec.root_fs_image), os.path.getsize(spec.root_fs_image)))  # fmt: skip
+        else:
+            # Salt and superblock UUID come from the seed alone (repart derive_salt / "verity-uuid").
+            params = verity.VerityParams(ids.verity_salt(spec.seed), ids.verity_superblock_uuid(spec.seed))
+            hash_file = work / "verity.img"
+            tree = verity.write_hash_device(Path(spec.root_fs_image), hash_file, params)
+            root_hash = tree.root_hash
+            # DPS mode 1: the partition UUIDs are the first/last 128 bits of the root hash, unmasked.
+            u_data, u_hash = ids.verity_partition_uuids(root_hash)
+            t_hash, _ = next(it)
+            planned.append(_Planned(data_role.value, t_data, u_data, ids.default_flags(data_role, verity_data=True),
+                                    Path(spec.root_fs_image), os.path.getsize(spec.root_fs_image)))  # fmt: skip
+            planned.append(_Planned(hash_role.value, t_hash, u_hash, ids.default_flags(hash_role), hash_file,
+                                    tree.hash_device_size))  # fmt: skip
+            if spec.verity == "signed":
+                t_sig, u_sig = next(it)
+                sig_file = work / "verity-sig.img"
+                sig_file.write_bytes(veritysig.make_verity_sig(root_hash, key, cert))
+                planned.append(_Planned(sig_role.value, t_sig, u_sig, ids.default_flags(sig_role), sig_file,
+                                        veritysig.VERITY_SIG_SIZE))  # fmt: skip
+
+        requests = [gpt.PartitionRequest(p.ptype.guid, p.uuid, label, p.attributes, p.size)
+                    for p, label in zip(planned, labels)]  # fmt: skip
+        disk_guid = ids.disk_uuid(spec.seed)
+        try:
+            disk = gpt.layout_disk(requests, disk_guid, spec.sector_size)
+        except ValueError as e:
+            raise DdiError(f"cannot lay out the disk: {e}") from e
+        tmp_image = work / "image.raw"
+        digests = gpt.write_image(disk, [p.payload for p in planned], tmp_image)
+        image_sha = _sha256_file(tmp_image)
+        with open(tmp_image, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_image, out)  # never visible half-written under its final name
+
+    parts = tuple(
+        DdiPartition(p.role, p.ptype.guid, p.uuid, gp.name, gp.attributes, gp.offset(disk.sector_size),
+                     gp.size(disk.sector_size), d)  # fmt: skip
+        for p, gp, d in zip(planned, disk.partitions, digests)
+    )
+    return DdiResult(out, disk_guid, disk.size_bytes, image_sha, disk.sector_size, arch.value, spec.verity,
+                     root_hash.hex() if root_hash else None,
+                     certificate_fingerprint(cert) if cert is not None else None, parts)  # fmt: skip
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(4 << 20)
+        while n := f.readinto(buf):
+            h.update(memoryview(buf)[:n])
+    return h.hexdigest()
+
+
+def extract_partition(image: Path, part: gpt.GptPartition, sector_size: int, out: Path) -> None:
+    """Copy one partition's bytes out of an image (for verification and tests). Streams."""
+    left = part.size(sector_size)
+    with open(image, "rb") as src, open(out, "wb") as dst:
+        src.seek(part.offset(sector_size))
+        while left:
+            chunk = src.read(min(left, 4 << 20))
+            if not chunk:
+                raise FormatError(f"{image} ends inside partition {part.name!r}")
+            dst.write(chunk)
+            left -= len(chunk)
