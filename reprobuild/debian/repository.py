@@ -1,0 +1,706 @@
+"""Debian repository client: verified Release metadata and Packages indices, with a local cache.
+
+Trust chain (wiki.debian.org/DebianRepository/Format, REFERENCE §6)::
+
+    keyring ──gpgv──▶ InRelease (or Release + Release.gpg) ──SHA256 + size──▶ Packages.xz ──▶ packages
+
+* ``fetch_release`` downloads ``dists/<suite>/InRelease``, verifies it with gpgv and parses only
+  the bytes gpgv says were signed. It refuses a Release for another suite (replay of a signed
+  file from elsewhere) and one past its ``Valid-Until`` unless ``allow_expired`` (snapshots).
+* ``fetch_packages`` picks ``Packages.xz`` (then ``.gz``, then plain) listed in that Release,
+  downloads it **by hash** when the Release says ``Acquire-By-Hash: yes`` (no race with a mirror
+  update), and checks size and SHA-256 before anything is parsed.
+* ``IndexCache`` keeps raw indices under ``indices/sha256/<hex>`` and their parsed form under
+  ``parsed/<hex>.<key>``, so a second lock against the same metadata parses nothing.
+
+All network access goes through a ``requests.Session``-like object (``get(url, stream=True,
+timeout=…)``); ``file://`` URLs are read directly. Library code: no printing, progress goes to
+the optional ``progress`` callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import gzip
+import hashlib
+import lzma
+import marshal
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import format_datetime, parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+from urllib.parse import unquote, urlsplit
+
+from reprobuild.debian.gpg import DEFAULT_KEYRING, SignatureError, verify_clearsigned, verify_detached
+from reprobuild.debian.package import BinaryPackage
+from reprobuild.errors import RepositoryError
+
+Progress = Callable[[str], None]
+
+# (connect, read) seconds. The read timeout bounds each stall; sizes bound endless responses.
+DEFAULT_TIMEOUT = (15.0, 60.0)
+MAX_RELEASE_BYTES = 16 << 20  # sid's InRelease is ~0.3 MiB; anything this large is hostile
+# Preference order for index compression: smallest download first (what apt does too).
+INDEX_VARIANTS = (".xz", ".gz", "")
+# Bump when the parsed-cache layout or parsing rules change; old cache entries are then ignored.
+PARSER_VERSION = 1
+_CACHE_MAGIC = "reprobuild-packages-index"
+# The BinaryPackage fields kept in the parsed cache, in constructor order; ``origin`` is added at
+# load time because one index (same sha256) may serve several suites.
+_ROW_FIELDS = tuple(f.name for f in dataclasses.fields(BinaryPackage) if f.name != "origin")
+_ROW_KEY = hashlib.sha256(f"{PARSER_VERSION}:{','.join(_ROW_FIELDS)}".encode()).hexdigest()[:16]
+
+
+def _row_constructor() -> Callable[[tuple[Any, ...], str], BinaryPackage]:
+    """A fast ``(row, origin) -> BinaryPackage`` for rows this module produced itself.
+
+    A frozen dataclass's ``__init__`` sets each of the 22 fields through ``object.__setattr__``;
+    for 65k packages that is ~0.5 s of a cached load. Rows come from BinaryPackage objects we
+    built (``parse_packages``), so we set the slots directly through their descriptors instead,
+    in code generated once here the way ``dataclasses`` generates ``__init__`` (measured: 2x faster).
+    """
+    names = (*_ROW_FIELDS, "origin")
+    namespace: dict[str, Any] = {"new": object.__new__, "cls": BinaryPackage}
+    lines = ["def make(row, origin):", "    obj = new(cls)"]
+    for i, name in enumerate(names):
+        namespace[f"set{i}"] = getattr(BinaryPackage, name).__set__  # the slot's member descriptor
+        value = "origin" if name == "origin" else f"row[{i}]"
+        lines.append(f"    set{i}(obj, {value})")
+    lines.append("    return obj")
+    exec("\n".join(lines), namespace)  # noqa: S102 - generated from the dataclass's own field names
+    return namespace["make"]
+
+
+_make_package = _row_constructor()
+
+
+class ExpiredRelease(RepositoryError):
+    """A Release whose Valid-Until lies in the past (a stale or replayed mirror)."""
+
+
+class CorruptIndex(RepositoryError):
+    """An index whose size or SHA-256 differs from what the signed Release lists."""
+
+
+# --------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True, slots=True)
+class RepositorySource:
+    """One suite of one archive on one mirror, as a lock names it."""
+
+    archive: str  # "debian" | "debian-security" (a name, used to find a mirror at fetch time)
+    base_url: str  # archive root: the directory holding dists/ and pool/
+    suite: str  # "trixie", "trixie-updates", "trixie-security", "stable" …
+    components: tuple[str, ...] = ("main",)
+    architecture: str = "amd64"
+    keyrings: tuple[Path, ...] = (DEFAULT_KEYRING,)
+
+    @property
+    def dists_url(self) -> str:
+        return f"{self.base_url.rstrip('/')}/dists/{self.suite}"
+
+    def origin(self, component: str) -> str:
+        """The id a package from ``component`` carries (``BinaryPackage.origin``): ``suite/component``."""
+        return f"{self.suite}/{component}"
+
+
+def snapshot_id(release_date: datetime) -> str:
+    """The snapshot archive timestamp for a Release ``Date``: ``YYYYMMDDTHHMMSSZ`` (UTC)."""
+    if release_date.tzinfo is None:
+        raise ValueError("release_date must be timezone-aware")
+    return release_date.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def snapshot_source(source: RepositorySource, snapshot_base: str, snapshot: str) -> RepositorySource:
+    """``source`` served from a snapshot archive: ``<snapshot_base>/<archive>/<snapshot>``.
+
+    ``snapshot_base`` is configuration (never a host name written into this code base). A
+    snapshot's Release is usually past its Valid-Until: fetch it with ``allow_expired=True``.
+    """
+    base = f"{snapshot_base.rstrip('/')}/{source.archive}/{snapshot}"
+    return dataclasses.replace(source, base_url=base)
+
+
+# --------------------------------------------------------------------------------------- Release
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseEntry:
+    path: str  # relative to dists/<suite>/, e.g. "main/binary-amd64/Packages.xz"
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ReleaseFile:
+    """The fields of a (verified) Release file that reprobuild uses."""
+
+    suite: str
+    codename: str
+    date: datetime
+    valid_until: datetime | None = None
+    acquire_by_hash: bool = False
+    architectures: tuple[str, ...] = ()
+    components: tuple[str, ...] = ()
+    no_support_for_architecture_all: str = ""
+    origin: str = ""
+    label: str = ""
+    version: str = ""
+    not_automatic: bool = False
+    but_automatic_upgrades: bool = False
+    sha256: Mapping[str, ReleaseEntry] = field(default_factory=dict, hash=False, repr=False)
+
+    @property
+    def arch_all_in_arch_indices(self) -> bool:
+        """Whether ``Architecture: all`` packages are listed in each binary-<arch>/Packages.
+
+        They are unless the archive lists ``all`` among its Architectures *and* does not say
+        ``No-Support-for-Architecture-all: Packages`` (the field means: "arch:all packages are
+        still duplicated into the per-arch indices"); then they are only in binary-all.
+        """
+        if "all" not in self.architectures:
+            return True
+        return self.no_support_for_architecture_all.strip() == "Packages"
+
+    def index_entry(self, stem: str) -> ReleaseEntry | None:
+        """The preferred listed variant of ``stem`` (e.g. ``main/binary-amd64/Packages``)."""
+        for ext in INDEX_VARIANTS:
+            entry = self.sha256.get(stem + ext)
+            if entry is not None:
+                return entry
+        return None
+
+
+def parse_release(text: bytes | str, what: str = "Release") -> ReleaseFile:
+    """Parse Release text (pure). Requires ``Date`` and a ``SHA256`` list; raises RepositoryError."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RepositoryError(f"{what} is not UTF-8 text: {e}") from e
+    fields: dict[str, str] = {}
+    entries: dict[str, ReleaseEntry] = {}
+    current: str | None = None
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        if line[0] in " \t":
+            if current is None:
+                raise RepositoryError(f"{what}:{lineno}: continuation line before any field")
+            if current == "SHA256":
+                entry = _release_entry(line, what, lineno)
+                entries[entry.path] = entry
+            else:
+                fields[current] += "\n" + line.strip()
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise RepositoryError(f"{what}:{lineno}: not a 'Field: value' line: {line[:60]!r}")
+        current = name.strip()
+        fields[current] = value.strip()
+    if "Date" not in fields:
+        raise RepositoryError(f"{what} has no Date field")
+    if "SHA256" not in fields:
+        raise RepositoryError(f"{what} has no SHA256 checksums (MD5/SHA1-only archives are not trusted)")
+    return ReleaseFile(
+        suite=fields.get("Suite", ""),
+        codename=fields.get("Codename", ""),
+        date=_parse_date(fields["Date"], "Date", what),
+        valid_until=_parse_date(fields["Valid-Until"], "Valid-Until", what) if "Valid-Until" in fields else None,
+        acquire_by_hash=fields.get("Acquire-By-Hash", "no").lower() == "yes",
+        architectures=tuple(fields.get("Architectures", "").split()),
+        components=tuple(fields.get("Components", "").split()),
+        no_support_for_architecture_all=fields.get("No-Support-for-Architecture-all", ""),
+        origin=fields.get("Origin", ""),
+        label=fields.get("Label", ""),
+        version=fields.get("Version", ""),
+        not_automatic=fields.get("NotAutomatic", "no").lower() == "yes",
+        but_automatic_upgrades=fields.get("ButAutomaticUpgrades", "no").lower() == "yes",
+        sha256=entries,
+    )
+
+
+def _release_entry(line: str, what: str, lineno: int) -> ReleaseEntry:
+    parts = line.split()
+    if len(parts) != 3 or len(parts[0]) != 64 or not parts[1].isdigit():
+        raise RepositoryError(f"{what}:{lineno}: malformed SHA256 line {line.strip()[:90]!r}")
+    try:
+        int(parts[0], 16)
+    except ValueError:
+        raise RepositoryError(f"{what}:{lineno}: SHA256 is not hexadecimal") from None
+    return ReleaseEntry(path=parts[2], size=int(parts[1]), sha256=parts[0].lower())
+
+
+def _parse_date(value: str, name: str, what: str) -> datetime:
+    """RFC 2822 date as in Release files ("Sat, 09 Aug 2025 09:15:11 UTC"), always timezone-aware."""
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError) as e:
+        raise RepositoryError(f"{what}: unparseable {name}: {value!r}") from e
+    if parsed.tzinfo is None:  # "-0000" means UTC without a stated zone
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+def _fmt(when: datetime) -> str:
+    return format_datetime(when.astimezone(timezone.utc), usegmt=True).replace("GMT", "UTC")
+
+
+def check_valid_until(release: ReleaseFile, suite: str, now: datetime, allow_expired: bool = False) -> None:
+    """Refuse an expired Release (pure). ``allow_expired`` is for snapshot archives, pinned on purpose."""
+    if allow_expired or release.valid_until is None:
+        return
+    if now > release.valid_until:
+        raise ExpiredRelease(
+            f"the Release of {suite} expired: Valid-Until {_fmt(release.valid_until)} is before now "
+            f"({_fmt(now)}); it is dated {_fmt(release.date)}",
+            hint="the mirror is out of date or replaying old metadata; use an up-to-date mirror "
+            "(or a snapshot, where expired metadata is accepted on purpose)",
+        )
+
+
+# --------------------------------------------------------------------------------------- cache
+
+
+class IndexCache:
+    """Raw indices by SHA-256 plus their parsed form, in a plain directory.
+
+    Layout: ``indices/sha256/<hex>`` (raw bytes, exactly as listed in a Release) and
+    ``parsed/<hex>.<key>`` (marshal'd rows; ``key`` changes with the parser version and the
+    BinaryPackage fields). Every write is atomic (temporary file, fsync, rename): a crash never
+    leaves a truncated file under a final name. Not a security boundary: whoever can write the
+    directory can feed the parsed cache (marshal, not pickle, so at least no code runs on load).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def raw_path(self, sha256: str) -> Path:
+        return self.root / "indices" / "sha256" / _check_hex(sha256)
+
+    def parsed_path(self, sha256: str, key: str = _ROW_KEY) -> Path:
+        return self.root / "parsed" / f"{_check_hex(sha256)}.{key}"
+
+    def get(self, sha256: str) -> Path | None:
+        """Path of the raw object if cached (not re-hashed here: readers verify what they use)."""
+        path = self.raw_path(sha256)
+        return path if path.is_file() else None
+
+    def put_bytes(self, sha256: str, data: bytes) -> Path:
+        """Store ``data`` under its hash after checking it; raises CorruptIndex on mismatch."""
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256.lower():
+            raise CorruptIndex(f"refusing to cache data as sha256:{sha256}: its hash is {actual}")
+        path = self.raw_path(sha256)
+        if not path.is_file():
+            _atomic_write(path, data)
+        return path
+
+    def get_parsed(self, sha256: str) -> list[tuple[Any, ...]] | None:
+        """The parsed rows for an index, or None when absent, stale or unreadable."""
+        path = self.parsed_path(sha256)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return None
+        try:
+            with _gc_paused():
+                magic, version, fields, digest, rows = marshal.loads(blob)
+        except (EOFError, ValueError, TypeError):
+            return None
+        if (magic, version, tuple(fields), digest) != (_CACHE_MAGIC, PARSER_VERSION, _ROW_FIELDS, sha256):
+            return None
+        return rows
+
+    def put_parsed(self, sha256: str, rows: list[tuple[Any, ...]]) -> Path:
+        path = self.parsed_path(sha256)
+        _atomic_write(path, marshal.dumps((_CACHE_MAGIC, PARSER_VERSION, _ROW_FIELDS, sha256, rows)))
+        return path
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC while building ~65k acyclic objects (it would rescan them repeatedly:
+    ~30% of a cached load). Restores the previous state, so nesting and callers' settings are kept."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _check_hex(sha256: str) -> str:
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ValueError(f"not a lowercase sha256 hex digest: {sha256!r}")
+    return sha256
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------------------- fetching
+
+
+@dataclass(frozen=True)
+class VerifiedRelease:
+    """A Release whose signature verified, with the hash of the exact bytes fetched.
+
+    ``inrelease_sha256`` is the SHA-256 of the InRelease file as served (or of ``Release`` when
+    the archive only has a detached ``Release.gpg``); ``raw`` are those bytes.
+    """
+
+    release: ReleaseFile
+    inrelease_sha256: str
+    raw: bytes = field(repr=False)
+    source: RepositorySource | None = None
+
+    @property
+    def snapshot_id(self) -> str:
+        return snapshot_id(self.release.date)
+
+
+@dataclass(frozen=True)
+class PackagesIndex:
+    """The packages of one component/architecture, and which verified index files they came from."""
+
+    packages: list[BinaryPackage] = field(repr=False)
+    sha256: str  # of the binary-<arch> index file used (as listed in the Release)
+    path: str  # that file, relative to dists/<suite>/
+    all_sha256: str | None = None  # of binary-all's index when arch:all packages live only there
+
+
+def fetch_release(
+    session: Any,
+    source: RepositorySource,
+    cache: IndexCache | None = None,
+    now: datetime | None = None,
+    *,
+    allow_expired: bool = False,
+    progress: Progress | None = None,
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+) -> VerifiedRelease:
+    """Fetch, verify and parse ``dists/<suite>/InRelease`` (or ``Release`` + ``Release.gpg``).
+
+    Raises SignatureError (unsigned/bad/unknown key), ExpiredRelease, or RepositoryError (network,
+    wrong suite, malformed). Cost: one small download and one gpgv run.
+    """
+    now = now or datetime.now(timezone.utc)
+    if progress:
+        progress(f"fetching {source.suite} InRelease…")
+    keyrings = list(source.keyrings)
+    raw = _download(session, f"{source.dists_url}/InRelease", MAX_RELEASE_BYTES, timeout)
+    if raw is not None:
+        signed = verify_clearsigned(raw, keyrings, what=f"{source.suite} InRelease")
+    else:
+        raw = _download(session, f"{source.dists_url}/Release", MAX_RELEASE_BYTES, timeout)
+        if raw is None:
+            raise RepositoryError(
+                f"{source.dists_url} has neither InRelease nor Release",
+                hint=f"is {source.suite!r} a suite of this archive, and {source.base_url} its root?",
+            )
+        signature = _download(session, f"{source.dists_url}/Release.gpg", MAX_RELEASE_BYTES, timeout)
+        if signature is None:
+            raise SignatureError(f"{source.suite}: Release is not signed (no InRelease, no Release.gpg)")
+        signed = verify_detached(raw, signature, keyrings, what=f"{source.suite} Release")
+    release = parse_release(signed, what=f"{source.suite} Release")
+    if source.suite not in (release.suite, release.codename):
+        # A validly signed Release of another suite (e.g. an old stable replayed as testing).
+        raise RepositoryError(
+            f"{source.dists_url}/InRelease is for suite {release.suite!r} (codename {release.codename!r}), "
+            f"not {source.suite!r}"
+        )
+    check_valid_until(release, source.suite, now, allow_expired)
+    digest = hashlib.sha256(raw).hexdigest()
+    if cache is not None:
+        cache.put_bytes(digest, raw)
+    return VerifiedRelease(release, digest, raw, source)
+
+
+def fetch_packages(
+    session: Any,
+    source: RepositorySource,
+    release: VerifiedRelease | ReleaseFile,
+    component: str,
+    arch: str,
+    cache: IndexCache | None = None,
+    *,
+    progress: Progress | None = None,
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+) -> PackagesIndex:
+    """The packages of ``component`` for ``arch`` (arch:all included), verified against ``release``.
+
+    With a cache holding the parsed form of the index named in the Release, nothing is
+    downloaded or parsed (cost: one marshal load, ~0.2 s for trixie main amd64). Otherwise the
+    index is downloaded (by-hash when the Release allows), checked, cached and parsed (~2-4 s).
+    Every package's ``origin`` is ``"<suite>/<component>"``.
+    """
+    rel = release.release if isinstance(release, VerifiedRelease) else release
+    if rel.components and component not in rel.components:
+        raise RepositoryError(
+            f"{source.suite} has no component {component!r} (it has: {', '.join(rel.components)})"
+        )
+    origin = source.origin(component)
+    rows, entry = _index_rows(session, source, rel, f"{component}/binary-{arch}/Packages", cache, progress, timeout)
+    all_sha256 = None
+    if arch != "all" and not rel.arch_all_in_arch_indices:
+        all_rows, all_entry = _index_rows(
+            session, source, rel, f"{component}/binary-all/Packages", cache, progress, timeout
+        )
+        all_sha256 = all_entry.sha256
+        seen = {(r[0], r[1], r[2]) for r in rows}  # (name, version, architecture)
+        rows = rows + [r for r in all_rows if (r[0], r[1], r[2]) not in seen]
+    with _gc_paused():
+        packages = [_make_package(row, origin) for row in rows]
+    return PackagesIndex(packages, entry.sha256, entry.path, all_sha256)
+
+
+def load_universe_packages(
+    session: Any,
+    sources: Sequence[RepositorySource],
+    cache: IndexCache | None,
+    arch: str | None = None,
+    progress: Progress | None = None,
+    *,
+    now: datetime | None = None,
+    allow_expired: bool = False,
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+) -> tuple[list[BinaryPackage], list[VerifiedRelease]]:
+    """Every package of every component of every source, plus the verified Releases (in order).
+
+    ``arch`` overrides each source's own ``architecture``.
+    """
+    packages: list[BinaryPackage] = []
+    releases: list[VerifiedRelease] = []
+    for source in sources:
+        verified = fetch_release(
+            session, source, cache, now, allow_expired=allow_expired, progress=progress, timeout=timeout
+        )
+        releases.append(verified)
+        for component in source.components:
+            index = fetch_packages(
+                session, source, verified, component, arch or source.architecture, cache,
+                progress=progress, timeout=timeout,
+            )  # fmt: skip
+            packages.extend(index.packages)
+    return packages, releases
+
+
+def _index_rows(
+    session: Any,
+    source: RepositorySource,
+    rel: ReleaseFile,
+    stem: str,
+    cache: IndexCache | None,
+    progress: Progress | None,
+    timeout: tuple[float, float],
+) -> tuple[list[tuple[Any, ...]], ReleaseEntry]:
+    entry = rel.index_entry(stem)
+    if entry is None:
+        raise RepositoryError(
+            f"the {source.suite} Release lists no {stem}{{.xz,.gz,}}",
+            hint=f"does {source.suite} carry architecture {stem.split('binary-')[-1].split('/')[0]!r}?",
+        )
+    if cache is not None:
+        rows = cache.get_parsed(entry.sha256)
+        if rows is not None:
+            if progress:
+                progress(f"using cached {source.suite} {entry.path} ({len(rows)} packages)")
+            return rows, entry
+    data = _cached_raw(cache, entry)
+    if data is None:
+        data = _download_index(session, source, rel, entry, progress, timeout)
+        if cache is not None:
+            cache.put_bytes(entry.sha256, data)
+    if progress:
+        progress(f"parsing {source.suite} {entry.path}…")
+    rows = parse_packages(_decompress(data, entry), what=f"{source.suite} {entry.path}")
+    if cache is not None:
+        cache.put_parsed(entry.sha256, rows)
+    return rows, entry
+
+
+def _cached_raw(cache: IndexCache | None, entry: ReleaseEntry) -> bytes | None:
+    path = cache.get(entry.sha256) if cache is not None else None
+    if path is None:
+        return None
+    data = path.read_bytes()
+    # Re-verify: a damaged cache file must not be parsed (it is then fetched again).
+    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+        return None
+    return data
+
+
+def _download_index(
+    session: Any,
+    source: RepositorySource,
+    rel: ReleaseFile,
+    entry: ReleaseEntry,
+    progress: Progress | None,
+    timeout: tuple[float, float],
+) -> bytes:
+    directory, _, _ = entry.path.rpartition("/")
+    urls = []
+    if rel.acquire_by_hash:
+        # by-hash: the object name is its hash, so a mirror update between our InRelease and
+        # Packages downloads cannot hand us a newer, non-matching file.
+        urls.append(f"{source.dists_url}/{directory}/by-hash/SHA256/{entry.sha256}")
+    urls.append(f"{source.dists_url}/{entry.path}")  # apt falls back to the name as well
+    if progress:
+        how = " (by-hash)" if rel.acquire_by_hash else ""
+        progress(f"fetching {source.suite} {entry.path}{how}, {entry.size / (1 << 20):.1f} MiB…")
+    for url in urls:
+        # One byte more than listed, so an over-long answer is detected without reading it all.
+        data = _download(session, url, entry.size + 1, timeout)
+        if data is None:
+            continue
+        if len(data) != entry.size:
+            raise CorruptIndex(
+                f"{url}: got {len(data)} bytes, the signed Release lists {entry.size}",
+                hint="the mirror is inconsistent or the download was cut; try again or another mirror",
+            )
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != entry.sha256:
+            raise CorruptIndex(
+                f"{url}: SHA-256 {actual} does not match the signed Release ({entry.sha256})",
+                hint="the index was altered or the mirror is inconsistent",
+            )
+        return data
+    raise RepositoryError(f"{source.suite}: {entry.path} not found on the mirror ({' nor '.join(urls)})")
+
+
+def _decompress(data: bytes, entry: ReleaseEntry) -> str:
+    try:
+        if entry.path.endswith(".xz"):
+            raw = lzma.decompress(data)
+        elif entry.path.endswith(".gz"):
+            raw = gzip.decompress(data)
+        else:
+            raw = data
+        return raw.decode("utf-8")
+    except (lzma.LZMAError, OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        raise RepositoryError(f"cannot decompress {entry.path}: {e}") from e
+
+
+def _download(session: Any, url: str, max_bytes: int, timeout: tuple[float, float]) -> bytes | None:
+    """The body of ``url``; None on 404/410. At most ``max_bytes`` are read (RepositoryError beyond)."""
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        path = Path(unquote(parts.path))
+        try:
+            with path.open("rb") as f:
+                data = f.read(max_bytes + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise RepositoryError(f"cannot read {url}: {e}") from e
+        if len(data) > max_bytes:
+            raise RepositoryError(f"{url} is larger than {max_bytes} bytes")
+        return data
+    import requests  # deferred: importing requests costs ~0.1 s
+
+    try:
+        with session.get(url, stream=True, timeout=timeout) as response:
+            if response.status_code in (404, 410):
+                return None
+            if response.status_code != 200:
+                raise RepositoryError(f"{url}: HTTP {response.status_code} {response.reason}")
+            buf = bytearray()
+            for chunk in response.iter_content(chunk_size=1 << 16):
+                buf += chunk
+                if len(buf) > max_bytes:
+                    raise RepositoryError(f"{url}: response is larger than the {max_bytes} bytes expected")
+            return bytes(buf)
+    except requests.RequestException as e:
+        raise RepositoryError(f"fetching {url} failed: {e}") from e
+
+
+# --------------------------------------------------------------------------------------- parsing
+
+
+def parse_packages(text: str, what: str = "Packages") -> list[tuple[Any, ...]]:
+    """Packages text → rows of BinaryPackage fields (without origin), in index order (pure).
+
+    Cost: ~2-3 s for trixie main amd64 (64k stanzas); that is why the rows are cached.
+    """
+    rows = []
+    # Share equal short strings ("optional", "amd64", versions…): the marshal'd cache then stores
+    # each once and a cached load allocates far fewer objects (26 vs 28 MiB, ~20% faster load).
+    shared: dict[str, str] = {}
+    for stanza in _iter_stanzas(text):
+        if "Package" not in stanza or "Version" not in stanza:
+            raise RepositoryError(f"{what}: stanza without Package/Version: {sorted(stanza)[:5]}")
+        try:
+            package = BinaryPackage.from_stanza(stanza)
+        except (KeyError, ValueError) as e:
+            raise RepositoryError(f"{what}: bad stanza for {stanza.get('Package')!r}: {e}") from e
+        row = []
+        for name in _ROW_FIELDS:
+            value = getattr(package, name)
+            if type(value) is str and len(value) < 40:
+                value = shared.setdefault(value, value)
+            row.append(value)
+        rows.append(tuple(row))
+    return rows
+
+
+def _iter_stanzas(text: str) -> Iterator[dict[str, str]]:
+    """deb822 stanzas (field → value; continuation lines joined with newlines)."""
+    try:
+        from reprobuild.debian.control import iter_stanzas  # the shared parser, once it exists
+    except ImportError:
+        yield from _private_iter_stanzas(text)
+    else:
+        yield from iter_stanzas(text)
+
+
+def _private_iter_stanzas(text: str) -> Iterator[dict[str, str]]:
+    fields: dict[str, str] = {}
+    last = ""
+    for line in text.split("\n"):
+        if not line or line.isspace():
+            if fields:
+                yield fields
+                fields = {}
+            continue
+        first = line[0]
+        if first == " " or first == "\t":
+            if last:
+                fields[last] += "\n" + line.strip()
+            continue
+        if first == "#":
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise RepositoryError(f"malformed index line: {line[:80]!r}")
+        last = name
+        fields[name] = value.strip()
+    if fields:
+        yield fields
