@@ -111,8 +111,14 @@ class RichProgress:
 
     def __init__(self, stream: TextIO) -> None:
         from rich.console import Console  # lazy: rich costs ~50 ms to import
-        from rich.progress import (BarColumn, DownloadColumn, Progress as RichBar, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as RichBar
 
         self._bar = RichBar(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),

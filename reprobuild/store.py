@@ -669,15 +669,15 @@ class Store:
             sort_keys=True, separators=(",", ":")).encode() + b"\n"
         tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
         try:
+            cctx = zstandard.ZstdCompressor(level=BUNDLE_ZSTD_LEVEL, threads=0, write_checksum=True)
             with open(tmp, "wb") as raw:
-                cctx = zstandard.ZstdCompressor(level=BUNDLE_ZSTD_LEVEL, threads=0, write_checksum=True)
-                with cctx.stream_writer(raw, closefd=False) as zw:
-                    # USTAR: no PAX headers, so no atime/ctime or other host data can leak in.
-                    with tarfile.open(fileobj=zw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                        tar.addfile(_tarinfo(BUNDLE_MANIFEST, len(manifest)), io.BytesIO(manifest))
-                        for sha, size in entries:
-                            with self.open(sha) as f:
-                                tar.addfile(_tarinfo(object_relpath(sha), size), f)
+                # USTAR: no PAX headers, so no atime/ctime or other host data can leak in.
+                with cctx.stream_writer(raw, closefd=False) as zw, \
+                        tarfile.open(fileobj=zw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+                    tar.addfile(_tarinfo(BUNDLE_MANIFEST, len(manifest)), io.BytesIO(manifest))
+                    for sha, size in entries:
+                        with self.open(sha) as f:
+                            tar.addfile(_tarinfo(object_relpath(sha), size), f)
                 raw.flush()
                 os.fsync(raw.fileno())
             os.replace(tmp, out)
@@ -699,29 +699,29 @@ class Store:
         manifest: dict[str, int] | None = None
         seen: set[str] = set()
         try:
-            with open(path, "rb") as raw, self.in_use():
-                dctx = zstandard.ZstdDecompressor()
-                with dctx.stream_reader(raw) as zr, tarfile.open(fileobj=zr, mode="r|") as tar:
-                    for m in tar:
-                        if m.name == BUNDLE_MANIFEST and m.isfile() and manifest is None and m.size < 64 << 20:
-                            manifest = _parse_manifest(tar.extractfile(m).read())  # type: ignore[union-attr]
-                            continue
-                        sha = _member_sha(m)
-                        if sha in seen:
-                            raise FormatError(f"bundle {path}: object {sha} appears twice")
-                        seen.add(sha)
-                        if manifest is not None and manifest.get(sha) != m.size:
-                            raise FormatError(f"bundle {path}: {m.name} is not in the manifest with size {m.size}")
-                        if self.has(sha):
-                            present.append(sha)
-                            continue
-                        f = tar.extractfile(m)
-                        assert f is not None  # _member_sha accepted only regular files
-                        try:
-                            self.put_stream(f, sha, m.size)
-                        except ObjectMismatch as e:
-                            raise FormatError(f"bundle {path}: {m.name} is corrupt: {e.message}") from e
-                        added.append(sha)
+            with open(path, "rb") as raw, self.in_use(), \
+                    zstandard.ZstdDecompressor().stream_reader(raw) as zr, \
+                    tarfile.open(fileobj=zr, mode="r|") as tar:
+                for m in tar:
+                    if m.name == BUNDLE_MANIFEST and m.isfile() and manifest is None and m.size < 64 << 20:
+                        manifest = _parse_manifest(tar.extractfile(m).read())  # type: ignore[union-attr]
+                        continue
+                    sha = _member_sha(m)
+                    if sha in seen:
+                        raise FormatError(f"bundle {path}: object {sha} appears twice")
+                    seen.add(sha)
+                    if manifest is not None and manifest.get(sha) != m.size:
+                        raise FormatError(f"bundle {path}: {m.name} is not in the manifest with size {m.size}")
+                    if self.has(sha):
+                        present.append(sha)
+                        continue
+                    f = tar.extractfile(m)
+                    assert f is not None  # _member_sha accepted only regular files
+                    try:
+                        self.put_stream(f, sha, m.size)
+                    except ObjectMismatch as e:
+                        raise FormatError(f"bundle {path}: {m.name} is corrupt: {e.message}") from e
+                    added.append(sha)
         except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
             raise FormatError(f"bundle {path} is not a valid reprobuild bundle: {e}") from e
         if manifest is None:

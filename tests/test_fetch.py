@@ -23,8 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from reprobuild.fetch import (FetchConfig, FetchFailed, FetchItem, ObjectsMissing, candidate_urls,
-                              fetch_all, make_session, substituter_url)
+from reprobuild.fetch import (
+    FetchConfig,
+    FetchFailed,
+    FetchItem,
+    ObjectsMissing,
+    candidate_urls,
+    fetch_all,
+    make_session,
+    substituter_url,
+)
 from reprobuild.progress import PlainProgress
 from reprobuild.store import Store
 
@@ -77,7 +85,7 @@ def _handler(fs: FaultServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Length", str(length))
             self.end_headers()
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             fs.hits[self.path] += 1
             mode = fs.faults.get(self.path)
             body = fs.files.get(self.path)
@@ -424,3 +432,19 @@ def test_session_is_pooled() -> None:
     adapter = s.get_adapter("http://127.0.0.1/")
     assert adapter._pool_maxsize == 8
     assert s.headers["Accept-Encoding"] == "identity"
+
+
+def test_bundle_lets_an_offline_machine_fetch(server: FaultServer, store: Store, tmp_path: Path) -> None:
+    """Export on a connected machine, import on an empty one, then fetch --offline succeeds."""
+    items = [server.add(f"pkg{i}", blob(i, 10_000 * (i + 1))) for i in range(4)]
+    fetch_all(store, items, config=FAST)
+    bundle = tmp_path / "lock.bundle"
+    store.export_bundle([i.sha256 for i in items], bundle)
+    offline = Store(tmp_path / "offline-store")
+    with pytest.raises(ObjectsMissing):
+        fetch_all(offline, items, offline=True)
+    offline.import_bundle(bundle)
+    hits = sum(server.hits.values())
+    report = fetch_all(offline, items, offline=True)
+    assert len(report.present) == 4 and sum(server.hits.values()) == hits
+    assert_store_clean(offline, {i.sha256 for i in items})

@@ -18,8 +18,15 @@ import zstandard
 from click.testing import CliRunner
 
 from reprobuild.errors import FormatError, StoreError
-from reprobuild.store import (CHUNK_SIZE, ObjectMismatch, ObjectMissing, Store, _tarinfo, check_sha256,
-                              object_relpath)
+from reprobuild.store import (
+    CHUNK_SIZE,
+    ObjectMismatch,
+    ObjectMissing,
+    Store,
+    _tarinfo,
+    check_sha256,
+    object_relpath,
+)
 
 HELLO_SHA = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"  # sha256(b"hello")
 
@@ -148,7 +155,7 @@ def test_concurrent_puts_of_one_object(store: Store) -> None:
     def put() -> None:
         try:
             store.put_bytes(data)
-        except BaseException as e:  # pragma: no cover - reported below
+        except Exception as e:  # noqa: BLE001 - collected and reported below
             errors.append(e)
 
     threads = [threading.Thread(target=put) for _ in range(8)]
@@ -165,7 +172,8 @@ def test_concurrent_puts_of_one_object(store: Store) -> None:
 
 
 def dead_pid() -> int:
-    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                       check=True)
     return int(p.stdout)
 
 
@@ -249,9 +257,8 @@ def test_gc_root_names_and_unreadable_roots(store: Store) -> None:
 
 def test_gc_waits_for_users(store: Store) -> None:
     with store.in_use():
-        with pytest.raises(StoreError, match="in use"):
-            with store.exclusive(blocking=False):
-                pass
+        with pytest.raises(StoreError, match="in use"), store.exclusive(blocking=False):
+            pass
         with store.in_use():  # shared with other users
             pass
     with store.exclusive(blocking=False):
@@ -393,11 +400,11 @@ def test_cli_store_commands(store: Store) -> None:
     shas = fill(store, 2)
     root = str(store.root)
     assert run_cli("store", "path", "--store", root)[1].strip() == root
-    code, out = run_cli("store", "stats", "--store", root, "--json")
+    _, out = run_cli("store", "stats", "--store", root, "--json")
     assert json.loads(out)["objects"] == 2
-    code, out = run_cli("store", "verify", "--store", root, "--json")
+    _, out = run_cli("store", "verify", "--store", root, "--json")
     assert json.loads(out)["ok"] is True
-    code, out = run_cli("store", "gc", "--store", root, "--dry-run", "--json")
+    _, out = run_cli("store", "gc", "--store", root, "--dry-run", "--json")
     assert sorted(json.loads(out)["removed"]) == sorted(shas) and store.has(shas[0])
     p = store.path(shas[0])
     p.chmod(0o644)
@@ -411,11 +418,11 @@ def test_cli_via_main_exit_codes(store: Store) -> None:
     p = store.path(store.put_bytes(b"hello"))
     env = dict(os.environ, REPROBUILD_STORE=str(store.root))
     ok = subprocess.run([sys.executable, "-m", "reprobuild", "store", "verify"], env=env,
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, check=False)
     assert ok.returncode == 0, ok.stderr
     p.chmod(0o644)
     p.write_bytes(b"x")
     bad = subprocess.run([sys.executable, "-m", "reprobuild", "store", "verify"], env=env,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert bad.returncode == 1
     assert "corrupt" in bad.stdout and "1 corrupt object(s) found" in bad.stderr
