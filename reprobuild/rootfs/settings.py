@@ -1,0 +1,204 @@
+"""Image settings applied to the tree: trees to copy in, scripts, hostname, passwords, locale, time zone.
+
+Each function does one setting, writes only inside the tree (through :class:`TreeWriter`, so a
+symlink in the tree can never redirect a write outside it) and is deterministic: no random salt,
+no current time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from reprobuild.errors import BuildError, ConfigError
+from reprobuild.rootfs.normalize import remove_path
+from reprobuild.rootfs.sandbox import Bind, run_in_tree
+from reprobuild.rootfs.unpack import TreeWriter, split_member_name
+
+_CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def copy_tree_into(tree: Path, source: Path, epoch: int) -> None:
+    """Copy the contents of directory ``source`` into ``tree`` (SkeletonTrees=/ExtraTrees=).
+
+    Modes and symlinks are kept; owners become 0:0 and mtimes the epoch, because a checkout's
+    owners and times depend on who cloned it when (mkosi also copies without owners). Walks in
+    sorted order. Hard links inside ``source`` become separate files.
+    """
+    if not source.is_dir():
+        raise ConfigError(f"tree {source} is not a directory")
+    writer = TreeWriter(tree)
+    for dirpath, dirnames, filenames in os.walk(source):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, source)
+        base = [] if rel_dir == "." else rel_dir.split(os.sep)
+        for name in dirnames + sorted(filenames):
+            src = os.path.join(dirpath, name)
+            parts = base + [name]
+            st = os.lstat(src)
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                writer.symlink(parts, os.readlink(src), 0, 0, epoch)
+            elif stat.S_ISDIR(st.st_mode):
+                writer.mkdir(parts, mode, 0, 0, epoch)
+            elif stat.S_ISREG(st.st_mode):
+                with open(src, "rb") as f:
+                    writer.write_file(parts, f.read, mode, 0, 0, epoch)
+            else:
+                raise ConfigError(f"{src}: only files, directories and symlinks can be copied into the image")
+    writer.finish()
+
+
+def run_postinst_scripts(tree: Path, scripts: tuple[Path, ...], env: Mapping[str, str], hostname: str,
+                         progress: Callable[[str], None]) -> None:
+    """Run each PostInstallationScripts= entry in the sandbox with the tree as its root.
+
+    The script is bind-mounted read-only at /run/reprobuild/script (a tmpfs: nothing stays behind)
+    and executed directly, so its #! interpreter must exist in the tree. It gets ``BUILDROOT=/``.
+    """
+    for script in scripts:
+        if not os.access(script, os.X_OK):
+            raise ConfigError(f"post-installation script {script} is not executable")
+        progress(f"running post-installation script {script.name}")
+        r = run_in_tree(tree, ["/run/reprobuild/script"], {**env, "BUILDROOT": "/"}, hostname=hostname,
+                        binds=(Bind(script, "/run/reprobuild/script"),))
+        if r.returncode != 0:
+            tail = "\n".join(r.output.rstrip().splitlines()[-15:])
+            raise BuildError(f"post-installation script {script} failed with exit status {r.returncode}",
+                             hint=f"its output ends with:\n{tail}")
+
+
+def remove_files(tree: Path, patterns: tuple[str, ...]) -> None:
+    """RemoveFiles=: delete paths matching each glob (relative to the root; ``**`` allowed).
+
+    A match reached through a symlink leading outside the tree is an error, never a deletion.
+    """
+    import glob
+
+    root = os.path.realpath(tree)
+    for pattern in patterns:
+        split_member_name(pattern.lstrip("/"), "RemoveFiles= pattern")  # rejects ".."
+        for match in sorted(glob.glob(os.path.join(glob.escape(root), pattern.lstrip("/")), recursive=True)):
+            parent = os.path.realpath(os.path.dirname(match))
+            if parent != root and not parent.startswith(root + os.sep):
+                raise BuildError(f"RemoveFiles={pattern} matched {match}, which lies outside the tree")
+            if os.path.lexists(match):
+                remove_path(Path(match))
+
+
+def hash_password(password: str, epoch: int) -> str:
+    """SHA-512 crypt (``$6$``) of ``password`` with a salt derived from the password and the epoch.
+
+    Reproducibility: a random salt would make /etc/shadow differ on every build. The derived salt
+    means two images with the same password and epoch share the hash; pass an already hashed
+    password (``hashed:…``) to choose your own salt.
+    """
+    digest = hashlib.sha256(f"reprobuild-root-salt\0{epoch}\0{password}".encode()).digest()
+    salt = "".join(_CRYPT_ALPHABET[b % 64] for b in digest[:16])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # stdlib until 3.13; uses the host's libcrypt
+
+    result = crypt.crypt(password, f"$6${salt}$")
+    if not result or not result.startswith("$6$"):
+        raise BuildError("the host's crypt(3) cannot compute SHA-512 password hashes")
+    return result
+
+
+def set_root_password(tree: Path, value: str, epoch: int) -> None:
+    """RootPassword=: write root's hash (field 2) and the epoch's day (field 3) into /etc/shadow."""
+    hashed = value[len("hashed:"):] if value.startswith("hashed:") else hash_password(value, epoch)
+    if ":" in hashed or "\n" in hashed:
+        raise ConfigError("RootPassword= hash must not contain ':' or newlines")
+    shadow = tree / "etc/shadow"
+    if os.path.islink(shadow) or not shadow.is_file():
+        raise BuildError("RootPassword= needs /etc/shadow in the tree (package 'passwd' / base-passwd)")
+    lines = shadow.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        fields = line.split(":")
+        if fields[0] == "root" and len(fields) >= 3:
+            fields[1], fields[2] = hashed, str(epoch // 86400)
+            lines[i] = ":".join(fields)
+            break
+    else:
+        raise BuildError("/etc/shadow has no entry for root")
+    mode = stat.S_IMODE(os.lstat(shadow).st_mode)
+    TreeWriter(tree).write_file(["etc", "shadow"], ("\n".join(lines) + "\n").encode(), mode,
+                                0, _gid(tree, "shadow"), epoch)
+
+
+def _gid(tree: Path, group: str) -> int:
+    try:
+        for line in (tree / "etc/group").read_text(encoding="utf-8").splitlines():
+            fields = line.split(":")
+            if fields[0] == group and len(fields) > 2:
+                return int(fields[2])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _write(tree: Path, rel: str, content: str, epoch: int, mode: int = 0o644) -> None:
+    TreeWriter(tree).write_file(rel.split("/"), content.encode(), mode, 0, 0, epoch)
+
+
+def set_hostname(tree: Path, hostname: str, epoch: int) -> None:
+    """Hostname=: /etc/hostname (hostname(5)), validated as an RFC 1123 host name."""
+    if not re.fullmatch(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*", hostname):
+        raise ConfigError(f"Hostname={hostname!r} is not a valid host name")
+    _write(tree, "etc/hostname", hostname + "\n", epoch)
+
+
+def set_locale(tree: Path, locale: str, epoch: int) -> None:
+    """Locale=: /etc/locale.conf (systemd) and /etc/default/locale (Debian's pam_env) agree."""
+    if not re.fullmatch(r"[A-Za-z0-9_.@-]+", locale):
+        raise ConfigError(f"Locale={locale!r} is not a locale name")
+    _write(tree, "etc/locale.conf", f"LANG={locale}\n", epoch)
+    _write(tree, "etc/default/locale", f"LANG={locale}\n", epoch)
+
+
+def set_timezone(tree: Path, tz: str, epoch: int) -> None:
+    """Timezone=: /etc/localtime → ../usr/share/zoneinfo/<tz> and /etc/timezone (Debian)."""
+    parts = split_member_name(tz, "Timezone=")
+    if not parts:
+        raise ConfigError("Timezone= is empty")
+    zone = TreeWriter(tree).resolve(["usr", "share", "zoneinfo", *parts], follow_last=True)
+    if not os.path.isfile(zone):
+        raise BuildError(f"Timezone={tz}: /usr/share/zoneinfo/{tz} is not in the tree", hint="add tzdata")
+    TreeWriter(tree).symlink(["etc", "localtime"], "../usr/share/zoneinfo/" + "/".join(parts), 0, 0, epoch)
+    _write(tree, "etc/timezone", "/".join(parts) + "\n", epoch)
+
+
+_AUTOLOGIN = {
+    "getty@.service.d": "ExecStart=-/sbin/agetty -o '-p -f -- \\\\u' --noclear --autologin root - $TERM",
+    "serial-getty@.service.d": "ExecStart=-/sbin/agetty -o '-p -f -- \\\\u' --keep-baud "
+    "115200,57600,38400,9600 --autologin root - $TERM",
+    "console-getty.service.d": "ExecStart=-/sbin/agetty -o '-p -f -- \\\\u' --noclear --keep-baud "
+    "--autologin root console 115200,38400,9600 $TERM",
+}
+
+
+def set_autologin(tree: Path, epoch: int) -> None:
+    """Autologin=: systemd drop-ins making the gettys log root in (as mkosi does)."""
+    for unit_dir, exec_start in _AUTOLOGIN.items():
+        _write(tree, f"etc/systemd/system/{unit_dir}/autologin.conf",
+               f"[Service]\nExecStart=\n{exec_start}\n", epoch)
+
+
+def set_machine_id(tree: Path, machine_id: str, epoch: int) -> None:
+    """MachineId=: "" → empty file (mmdebstrap; machine-id(5) for images), "uninitialized" (first-boot
+    semantics), or an explicit 32-hex id. A generated id never ships."""
+    if machine_id == "":
+        content = ""
+    elif machine_id == "uninitialized":
+        content = "uninitialized\n"
+    elif re.fullmatch(r"[0-9a-f]{32}", machine_id):
+        content = machine_id + "\n"
+    else:
+        raise ConfigError(f"MachineId={machine_id!r}: expected empty, 'uninitialized' or 32 hex digits")
+    _write(tree, "etc/machine-id", content, epoch, 0o444)
