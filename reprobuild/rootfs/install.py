@@ -2,7 +2,7 @@
 
 1. Extract the data.tar of every Essential package (in install order) in pure Python
    (:mod:`reprobuild.rootfs.unpack`), so the tree has a shell, libc and dpkg to run.
-2. Create dpkg's database skeleton (mmdebstrap's ``run_setup``): empty ``status`` and ``available``,
+2. Create dpkg's database skeleton (mmdebstrap's ``run_setup``): empty ``status``,
    ``arch``, the info/triggers/updates/alternatives directories, apt's directories.
 3. Run the tree's own dpkg in the sandbox: ``dpkg --install --force-depends`` on all Essential
    packages in one call (mmdebstrap: "dpkg does not take Pre-Depends into account", the files are
@@ -165,14 +165,31 @@ def extract_essential(tree: Path, essential: Sequence[PlannedPackage], deb_path:
 
 def prepare_dpkg(tree: Path, arch: str) -> None:
     """Step 2: dpkg's and apt's directories and empty database files (mmdebstrap run_setup)."""
+    # Explicit modes everywhere: the caller's umask must not leak into the tree.
     for d in SETUP_DIRS:
-        (tree / d).mkdir(parents=True, exist_ok=True)
-    (tree / "tmp").mkdir(exist_ok=True)
-    os.chmod(tree / "tmp", 0o1777)
-    for name, content in (("status", ""), ("available", ""), ("arch", f"{arch}\n")):
-        f = tree / "var/lib/dpkg" / name
-        if not f.exists():
+        _mkdirs(tree, d)
+    _mkdirs(tree, "tmp", 0o1777)
+    # No "available" file: dpkg ≥ 1.17 does not need it and mmdebstrap 1.x no longer creates it.
+    # /etc/fstab: mmdebstrap (like debootstrap) writes this placeholder; a DDI mounts by GPT type.
+    for name, content in (("var/lib/dpkg/status", ""), ("var/lib/dpkg/arch", f"{arch}\n"),
+                          ("etc/fstab", "# UNCONFIGURED FSTAB FOR BASE SYSTEM\n")):
+        f = tree / name
+        if not os.path.lexists(f):
             f.write_text(content)
+            f.chmod(0o644)
+
+
+def _mkdirs(tree: Path, rel: str, mode: int = 0o755) -> None:
+    """mkdir -p with an explicit mode for every directory created (never through a symlink out)."""
+    path = tree
+    for comp in rel.split("/"):
+        path = path / comp
+        if not os.path.lexists(path):
+            os.mkdir(path)
+            os.chmod(path, mode if path == tree / rel else 0o755)
+        elif not path.is_dir() or path.is_symlink() and not os.path.realpath(path).startswith(
+                os.path.realpath(tree) + os.sep):
+            raise BuildError(f"/{path.relative_to(tree)} exists and is not a directory in the tree")
 
 
 def _deb_name(p: PlannedPackage) -> str:
@@ -239,7 +256,7 @@ def install(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[
     policy = tree / POLICY_RC_D
     own_policy = not policy.exists()
     if own_policy:  # invoke-rc.d and deb-systemd-invoke ask it; 101 = "action forbidden"
-        policy.parent.mkdir(parents=True, exist_ok=True)
+        _mkdirs(tree, "usr/sbin")
         policy.write_text("#!/bin/sh\nexit 101\n")
         policy.chmod(0o755)
     with tempfile.TemporaryDirectory(prefix=".debs-", dir=tree.parent) as stage_dir:
@@ -259,3 +276,42 @@ def install(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[
                              hint=audit.output.strip()[-2000:])
     if own_policy and policy.exists():
         policy.unlink()
+    finish_apt_state(tree, packages)
+
+
+def _ids(tree: Path, name: str, file: str) -> int | None:
+    try:
+        for line in (tree / "etc" / file).read_text(encoding="utf-8").splitlines():
+            fields = line.split(":")
+            if fields[0] == name and len(fields) > 2:
+                return int(fields[2])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def finish_apt_state(tree: Path, packages: Sequence[PlannedPackage]) -> None:
+    """Leave apt's state as apt itself would after installing the plan (we never run apt).
+
+    * ``partial`` directories: apt makes them ``_apt:root 0700`` on its first run (mmdebstrap's
+      output has them so); do it now so the tree matches.
+    * ``/var/lib/apt/extended_states``: the Auto-Installed marks, so that ``apt autoremove`` in the
+      image knows dependencies from requested packages. Sorted by name: fixed content.
+    """
+    if not (tree / "var/lib/apt").is_dir() or os.path.islink(tree / "var/lib/apt"):
+        return
+    uid = _ids(tree, "_apt", "passwd")
+    if uid is not None:
+        for d in ("var/cache/apt/archives/partial", "var/lib/apt/lists/partial"):
+            p = tree / d
+            if p.is_dir() and not p.is_symlink():
+                os.chown(p, uid, 0)
+                os.chmod(p, 0o700)
+    auto = sorted((p.name, p.architecture) for p in packages if p.auto_installed)
+    if auto:
+        text = "".join(f"Package: {n}\nArchitecture: {a}\nAuto-Installed: 1\n\n" for n, a in auto)
+        f = tree / "var/lib/apt/extended_states"
+        if os.path.lexists(f):
+            os.unlink(f)
+        f.write_text(text)
+        f.chmod(0o644)

@@ -19,6 +19,7 @@ class PlannedPackage:
     priority: str
     depends: tuple[str, ...]  # names (within the plan) this package's Depends resolved to
     pre_depends: tuple[str, ...]  # names its Pre-Depends resolved to
+    auto_installed: bool = False  # pulled in as a dependency, not asked for: apt's extended_states
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,9 @@ def build_tree(
     check_can_sandbox()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     done = False
+    # Reproducibility: modes are set explicitly everywhere; umask 022 (REFERENCE §7) is a second
+    # line of defence for anything created with default modes. Restored afterwards.
+    old_umask = os.umask(0o022)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the root directory of a system is 0755
         # The image's hostname is also the sandbox's, so scripts that record it see the final one.
@@ -89,6 +92,7 @@ def build_tree(
         os.rename(tmp, out)
         done = True
     finally:
+        os.umask(old_umask)
         if not done:
             shutil.rmtree(tmp, ignore_errors=True)
 

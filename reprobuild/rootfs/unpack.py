@@ -94,7 +94,8 @@ class TreeWriter:
                     break
                 if not create_dirs:
                     raise
-                os.mkdir(here, 0o755)
+                os.mkdir(here)
+                os.chmod(here, 0o755)  # explicit: the umask must not leak into the tree
                 done.append(comp)
                 continue
             if stat.S_ISLNK(st.st_mode) and (not is_last or follow_last):
