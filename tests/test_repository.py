@@ -1,0 +1,569 @@
+"""Verified repository metadata: signatures, expiry, by-hash indices, the index cache.
+
+Hermetic tests run against the signed fixture repository (tests/repo_fixture.py) over a local
+HTTP server (with fault injection) or over file:// copies we tamper with. One ``live`` test
+talks to the host's configured Debian mirror.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import lzma
+import shutil
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import requests
+
+from fixtures.make_repo import (
+    DEFAULT_SUITES,
+    FixturePackage,
+    build_deb,
+    generate_key,
+    make_repo,
+    sign_clear,
+    sign_detached,
+    stop_agent,
+)
+from reprobuild.debian import gpg, repository
+from reprobuild.debian.gpg import SignatureError, dearmor, parse_status, verify_clearsigned
+from reprobuild.debian.repository import (
+    CorruptIndex,
+    ExpiredRelease,
+    IndexCache,
+    RepositorySource,
+    fetch_packages,
+    fetch_release,
+    load_universe_packages,
+    parse_release,
+    snapshot_id,
+    snapshot_source,
+)
+from reprobuild.errors import RepositoryError, ToolMissing
+from tests.repo_fixture import fixture_repo, repo_server  # noqa: F401
+
+NOW = datetime(2025, 6, 1, tzinfo=timezone.utc)  # inside the fixture's validity window
+
+
+@pytest.fixture
+def server(repo_server):  # noqa: F811
+    repo_server.reset()
+    yield repo_server
+    repo_server.reset()
+
+
+@pytest.fixture
+def session():
+    with requests.Session() as s:
+        yield s
+
+
+def http_source(server, suite: str = "stable", **kw) -> RepositorySource:
+    return RepositorySource("debian", server.url, suite, keyrings=(server.keyring,), **kw)
+
+
+@pytest.fixture
+def repo_copy(fixture_repo, tmp_path):  # noqa: F811
+    """A private file:// copy of the fixture's dists/ (and keyring) that a test may tamper with."""
+    root = tmp_path / "copy"
+    shutil.copytree(fixture_repo.root / "dists", root / "dists")
+    return root
+
+
+def file_source(root: Path, keyring: Path, suite: str = "stable") -> RepositorySource:
+    return RepositorySource("debian", root.as_uri(), suite, keyrings=(keyring,))
+
+
+# --------------------------------------------------------------------------------------- Release
+
+
+def test_inrelease_verifies_and_parses(server, session):
+    verified = fetch_release(session, http_source(server), now=NOW)
+    release = verified.release
+    assert (release.suite, release.codename) == ("stable", "fixture")
+    assert release.date == datetime(2025, 1, 1, tzinfo=timezone.utc)
+    assert release.valid_until == datetime(2025, 1, 1, tzinfo=timezone.utc) + timedelta(days=3650)
+    assert release.acquire_by_hash
+    assert release.architectures == ("all", "amd64", "i386")
+    assert release.arch_all_in_arch_indices
+    raw = (server.root / "dists/stable/InRelease").read_bytes()
+    assert verified.raw == raw
+    assert verified.inrelease_sha256 == hashlib.sha256(raw).hexdigest()
+    entry = release.sha256["main/binary-amd64/Packages.xz"]
+    xz = (server.root / "dists/stable/main/binary-amd64/Packages.xz").read_bytes()
+    assert (entry.size, entry.sha256) == (len(xz), hashlib.sha256(xz).hexdigest())
+    assert verified.snapshot_id == "20250101T000000Z"
+
+
+def test_inrelease_is_cached_by_hash(server, session, tmp_path):
+    cache = IndexCache(tmp_path / "cache")
+    verified = fetch_release(session, http_source(server), cache, now=NOW)
+    assert cache.get(verified.inrelease_sha256).read_bytes() == verified.raw
+
+
+def test_tampered_release_body_refused(fixture_repo, repo_copy):  # noqa: F811
+    inrelease = repo_copy / "dists/stable/InRelease"
+    text = inrelease.read_bytes()
+    xz_line = next(line for line in text.splitlines() if line.endswith(b"main/binary-amd64/Packages.xz"))
+    forged = b" " + b"0" * 64 + xz_line[65:]
+    inrelease.write_bytes(text.replace(xz_line, forged))
+    with pytest.raises(SignatureError, match="BAD signature") as e:
+        fetch_release(None, file_source(repo_copy, fixture_repo.keyring_path), now=NOW)
+    assert fixture_repo.key_fingerprint[-16:] in str(e.value)
+
+
+def test_wrong_key_refused(fixture_repo, tmp_path, repo_copy):  # noqa: F811
+    other_home = tmp_path / "other-gnupg"
+    other_fpr = generate_key(other_home, "someone else <other@invalid>")
+    try:
+        other_keyring = tmp_path / "other.gpg"
+        other_keyring.write_bytes(subprocess.run(
+            ["gpg", "--homedir", str(other_home), "--batch", "--export", other_fpr],
+            check=True, capture_output=True).stdout)  # fmt: skip
+        # Verified against a keyring that lacks the signer: refused, naming the signer's key id.
+        with pytest.raises(SignatureError, match="no public key") as e:
+            fetch_release(None, file_source(repo_copy, other_keyring), now=NOW)
+        assert fixture_repo.key_fingerprint[-16:] in str(e.value)
+        # Re-signed by a key we do not trust: refused although the signature itself is valid.
+        release = (repo_copy / "dists/stable/Release").read_bytes()
+        (repo_copy / "dists/stable/InRelease").write_bytes(sign_clear(other_home, other_fpr, release))
+        with pytest.raises(SignatureError, match=other_fpr[-16:]):
+            fetch_release(None, file_source(repo_copy, fixture_repo.keyring_path), now=NOW)
+    finally:
+        stop_agent(other_home)
+
+
+def test_unsigned_inrelease_refused(fixture_repo, repo_copy):  # noqa: F811
+    dist = repo_copy / "dists/stable"
+    (dist / "InRelease").write_bytes((dist / "Release").read_bytes())
+    with pytest.raises(SignatureError, match="not an OpenPGP clearsigned message"):
+        fetch_release(None, file_source(repo_copy, fixture_repo.keyring_path), now=NOW)
+
+
+def test_unsigned_release_without_any_signature_refused(fixture_repo, repo_copy):  # noqa: F811
+    dist = repo_copy / "dists/stable"
+    (dist / "InRelease").unlink()
+    (dist / "Release.gpg").unlink()
+    with pytest.raises(SignatureError, match="not signed"):
+        fetch_release(None, file_source(repo_copy, fixture_repo.keyring_path), now=NOW)
+
+
+def test_detached_signature_fallback(fixture_repo, repo_copy):  # noqa: F811
+    dist = repo_copy / "dists/stable"
+    (dist / "InRelease").unlink()
+    verified = fetch_release(None, file_source(repo_copy, fixture_repo.keyring_path), now=NOW)
+    assert verified.release.suite == "stable"
+    assert verified.inrelease_sha256 == hashlib.sha256((dist / "Release").read_bytes()).hexdigest()
+    # …and a Release altered after signing is refused.
+    (dist / "Release").write_bytes((dist / "Release").read_bytes().replace(b"Suite: stable", b"Suite: stable "))
+    with pytest.raises(SignatureError, match="BAD signature"):
+        fetch_release(None, file_source(repo_copy, fixture_repo.keyring_path), now=NOW)
+
+
+@pytest.mark.parametrize("where", ["before", "after", "second-message"])
+def test_text_outside_the_signature_refused(fixture_repo, repo_copy, where):  # noqa: F811
+    inrelease = repo_copy / "dists/stable/InRelease"
+    signed = inrelease.read_bytes()
+    smuggled = b"Acquire-By-Hash: no\nSHA256:\n " + b"1" * 64 + b" 1 main/binary-amd64/Packages\n"
+    hostile = {
+        "before": smuggled + signed,
+        "after": signed + smuggled,
+        "second-message": signed + signed.replace(b"Suite: stable", b"Suite: stable"),
+    }[where]
+    inrelease.write_bytes(hostile)
+    with pytest.raises(SignatureError):
+        fetch_release(None, file_source(repo_copy, fixture_repo.keyring_path), now=NOW)
+
+
+def test_signed_content_comes_from_gpgv_not_the_envelope(fixture_repo):  # noqa: F811
+    """Dash-escaped lines come back unescaped: we parse gpgv's output, not our own reading."""
+    home = fixture_repo.gnupg_home
+    try:
+        body = b"Suite: stable\n- dashed line\n"
+        signed = sign_clear(home, fixture_repo.key_fingerprint, body)
+        assert b"\n- - dashed line" in signed
+        assert verify_clearsigned(signed, [fixture_repo.keyring_path]) == body
+    finally:
+        stop_agent(home)
+
+
+def test_expired_release_refused_and_allowed_for_snapshots(server, session):
+    source = http_source(server)
+    valid_until = server.repo.valid_until
+    later = valid_until + timedelta(days=1)
+    with pytest.raises(ExpiredRelease) as e:
+        fetch_release(session, source, now=later)
+    message = e.value.format_message()
+    assert "stable" in message and "Valid-Until Sat, 30 Dec 2034" in message and "2025" in message
+    verified = fetch_release(session, source, now=later, allow_expired=True)
+    assert verified.release.valid_until == valid_until
+
+
+def test_release_of_another_suite_refused(fixture_repo, repo_copy):  # noqa: F811
+    dist = repo_copy / "dists"
+    shutil.copy(dist / "stable/InRelease", dist / "stable-updates/InRelease")
+    with pytest.raises(RepositoryError, match="is for suite 'stable'"):
+        fetch_release(None, file_source(repo_copy, fixture_repo.keyring_path, "stable-updates"), now=NOW)
+
+
+def test_missing_suite_is_a_clear_error(server, session):
+    with pytest.raises(RepositoryError, match="neither InRelease nor Release"):
+        fetch_release(session, http_source(server, suite="nonexistent"), now=NOW)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("Suite: x\nSHA256:\n " + "a" * 64 + " 1 p\n", "no Date"),
+        ("Suite: x\nDate: Wed, 01 Jan 2025 00:00:00 UTC\n", "no SHA256"),
+        ("Suite: x\nDate: yesterday\nSHA256:\n", "unparseable Date"),
+        ("Suite: x\nDate: Wed, 01 Jan 2025 00:00:00 UTC\nSHA256:\n abc 1 p\n", "malformed SHA256"),
+        ("Suite: x\nDate: Wed, 01 Jan 2025 00:00:00 UTC\nSHA256:\n " + "g" * 64 + " 1 p\n", "not hexadecimal"),
+        (" leading continuation\n", "continuation line"),
+        ("no colon here\n", "not a 'Field: value' line"),
+    ],
+    ids=["no-date", "no-sha256", "bad-date", "short-hash", "non-hex", "orphan-continuation", "no-colon"],
+)
+def test_parse_release_hostile(text, message):
+    with pytest.raises(RepositoryError, match=message):
+        parse_release(text)
+
+
+def test_parse_release_fields():
+    release = parse_release(
+        "Suite: stable\nCodename: trixie\nDate: Sat, 09 Aug 2025 09:15:11 UTC\n"
+        "Valid-Until: Sat, 16 Aug 2025 09:15:11 UTC\nArchitectures: all amd64\nComponents: main contrib\n"
+        "NotAutomatic: yes\nButAutomaticUpgrades: yes\n"
+        "SHA256:\n " + "A" * 64 + "  123 main/binary-amd64/Packages.xz\n"
+    )
+    assert release.date == datetime(2025, 8, 9, 9, 15, 11, tzinfo=timezone.utc)
+    assert release.valid_until - release.date == timedelta(days=7)
+    assert release.not_automatic and release.but_automatic_upgrades
+    assert release.components == ("main", "contrib")
+    # "all" listed, no No-Support-for-Architecture-all: arch:all only in binary-all.
+    assert not release.arch_all_in_arch_indices
+    entry = release.index_entry("main/binary-amd64/Packages")
+    assert (entry.size, entry.sha256) == (123, "a" * 64)
+
+
+def test_snapshot_id_and_source():
+    assert snapshot_id(datetime(2025, 5, 20, 0, 0, 0, tzinfo=timezone.utc)) == "20250520T000000Z"
+    cet = timezone(timedelta(hours=2))
+    assert snapshot_id(datetime(2025, 5, 20, 2, 3, 4, tzinfo=cet)) == "20250520T000304Z"
+    with pytest.raises(ValueError):
+        snapshot_id(datetime(2025, 5, 20))
+    source = RepositorySource("debian-security", "http://mirror.invalid/debian-security", "trixie-security")
+    snap = snapshot_source(source, "http://snapshots.invalid/archive/", "20250520T000000Z")
+    assert snap.base_url == "http://snapshots.invalid/archive/debian-security/20250520T000000Z"
+    assert snap.dists_url.endswith("/20250520T000000Z/dists/trixie-security")
+
+
+# --------------------------------------------------------------------------------------- Packages
+
+
+def test_packages_fetched_by_hash_and_verified(server, session, tmp_path):
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    server.reset()
+    index = fetch_packages(session, source, verified, "main", "amd64", IndexCache(tmp_path))
+    entry = verified.release.sha256["main/binary-amd64/Packages.xz"]
+    assert server.requests == [f"/dists/stable/main/binary-amd64/by-hash/SHA256/{entry.sha256}"]
+    assert (index.sha256, index.path, index.all_sha256) == (entry.sha256, entry.path, None)
+    names = {p.name for p in index.packages}
+    assert {"dash", "libc6", "py-plugin", "tzdata", "hello"} <= names  # arch:all included
+    assert {p.architecture for p in index.packages} == {"amd64", "all"}
+    assert {p.origin for p in index.packages} == {"stable/main"}
+    hello = next(p for p in index.packages if p.name == "hello")
+    deb = (server.root / hello.filename).read_bytes()
+    assert (hello.size, hello.sha256) == (len(deb), hashlib.sha256(deb).hexdigest())
+
+
+def test_packages_by_name_when_release_has_no_by_hash(server, session):
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    no_by_hash = dataclasses.replace(verified.release, acquire_by_hash=False)
+    server.reset()
+    fetch_packages(session, source, no_by_hash, "main", "amd64")
+    assert server.requests == ["/dists/stable/main/binary-amd64/Packages.xz"]
+
+
+def test_by_hash_404_falls_back_to_the_name(server, session):
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    entry = verified.release.sha256["main/binary-amd64/Packages.xz"]
+    by_hash = f"/dists/stable/main/binary-amd64/by-hash/SHA256/{entry.sha256}"
+    with server.fault(by_hash, "404"):
+        index = fetch_packages(session, source, verified, "main", "amd64")
+    assert server.requests[-2:] == [by_hash, "/dists/stable/main/binary-amd64/Packages.xz"]
+    assert len(index.packages) > 10
+
+
+@pytest.mark.parametrize("fault, message", [("corrupt", "does not match the signed Release"),
+                                            ("truncate", "fetching .* failed|got [0-9]+ bytes"), ("endless", "larger than"),
+                                            ("500", "HTTP 500")])  # fmt: skip
+def test_bad_packages_download_refused(server, session, tmp_path, fault, message):
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    entry = verified.release.sha256["main/binary-amd64/Packages.xz"]
+    cache = IndexCache(tmp_path)
+    with server.fault(f"/dists/stable/main/binary-amd64/by-hash/SHA256/{entry.sha256}", fault):
+        with pytest.raises(RepositoryError, match=message):
+            fetch_packages(session, source, verified, "main", "amd64", cache)
+    assert cache.get(entry.sha256) is None  # nothing unverified was kept
+    assert not list((tmp_path / "parsed").glob("*")) if (tmp_path / "parsed").exists() else True
+
+
+def test_stalled_download_times_out(server, session):
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    entry = verified.release.sha256["main/binary-amd64/Packages.xz"]
+    started = time.monotonic()
+    with server.fault(f"/dists/stable/main/binary-amd64/by-hash/SHA256/{entry.sha256}", "stall"):
+        with pytest.raises(RepositoryError, match="failed"):
+            fetch_packages(session, source, verified, "main", "amd64", timeout=(2.0, 0.5))
+    assert time.monotonic() - started < 2.5
+
+
+def test_packages_with_wrong_sha256_refused(fixture_repo, repo_copy):  # noqa: F811
+    """The file served under the listed name and hash is not the one the Release signed."""
+    source = file_source(repo_copy, fixture_repo.keyring_path)
+    verified = fetch_release(None, source, now=NOW)
+    entry = verified.release.sha256["main/binary-amd64/Packages.xz"]
+    binary = repo_copy / "dists/stable/main/binary-amd64"
+    original = lzma.decompress((binary / "Packages.xz").read_bytes())
+    evil = lzma.compress(original.replace(b"Package: hello\n", b"Package: hellp\n"))
+    for path in (binary / "Packages.xz", binary / "by-hash/SHA256" / entry.sha256):
+        path.write_bytes(evil)
+    with pytest.raises(CorruptIndex):
+        fetch_packages(None, source, verified, "main", "amd64")
+
+
+def test_missing_component_or_arch(server, session):
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    with pytest.raises(RepositoryError, match="no component 'contrib'"):
+        fetch_packages(session, source, verified, "contrib", "amd64")
+    with pytest.raises(RepositoryError, match="lists no main/binary-arm64/Packages"):
+        fetch_packages(session, source, verified, "main", "arm64")
+
+
+def test_parsed_cache_hit_parses_and_downloads_nothing(server, session, tmp_path, monkeypatch):
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    cache = IndexCache(tmp_path / "cache")
+    first = fetch_packages(session, source, verified, "main", "amd64", cache)
+    assert cache.parsed_path(first.sha256).is_file()
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("parsed again")
+
+    class NoNetwork:
+        def get(self, *args, **kwargs):
+            raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(repository, "parse_packages", no_parse)
+    second = fetch_packages(NoNetwork(), source, verified, "main", "amd64", cache)
+    assert second.packages == first.packages
+    assert second.sha256 == first.sha256
+
+
+def test_raw_cache_hit_downloads_nothing(server, session, tmp_path, monkeypatch):
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    cache = IndexCache(tmp_path / "cache")
+    first = fetch_packages(session, source, verified, "main", "amd64", cache)
+    cache.parsed_path(first.sha256).write_bytes(b"garbage, not marshal")  # stale/damaged parsed form
+
+    class NoNetwork:
+        def get(self, *args, **kwargs):
+            raise AssertionError("downloaded again")
+
+    calls = []
+    real_parse = repository.parse_packages
+    monkeypatch.setattr(repository, "parse_packages", lambda *a, **k: calls.append(1) or real_parse(*a, **k))
+    second = fetch_packages(NoNetwork(), source, verified, "main", "amd64", cache)
+    assert calls == [1] and second.packages == first.packages
+
+
+def test_damaged_raw_cache_is_refetched(server, session, tmp_path):
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    cache = IndexCache(tmp_path / "cache")
+    first = fetch_packages(session, source, verified, "main", "amd64", cache)
+    cache.parsed_path(first.sha256).unlink()
+    cache.get(first.sha256).write_bytes(b"bit rot")
+    server.reset()
+    second = fetch_packages(session, source, verified, "main", "amd64", cache)
+    assert len(server.requested("by-hash")) == 1 and second.packages == first.packages
+
+
+def test_one_index_in_two_suites_keeps_each_origin(server, session, tmp_path):
+    """The parsed cache is keyed by content; the origin comes from the source asking."""
+    cache = IndexCache(tmp_path / "cache")
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    fetch_packages(session, source, verified, "main", "amd64", cache)
+    alias = dataclasses.replace(source, suite="alias")
+    again = fetch_packages(session, alias, verified, "main", "amd64", cache)
+    assert {p.origin for p in again.packages} == {"alias/main"}
+
+
+def test_index_cache_put_is_verified_and_atomic(tmp_path):
+    cache = IndexCache(tmp_path)
+    data = b"index bytes"
+    digest = hashlib.sha256(data).hexdigest()
+    with pytest.raises(CorruptIndex):
+        cache.put_bytes(hashlib.sha256(b"other").hexdigest(), data)
+    assert cache.get(digest) is None
+    path = cache.put_bytes(digest, data)
+    assert path == tmp_path / "indices/sha256" / digest and path.read_bytes() == data
+    assert cache.get(digest) == path
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+    with pytest.raises(ValueError):
+        cache.get("../../etc/passwd")
+
+
+def test_arch_all_only_in_binary_all(tmp_path, session):
+    """Without No-Support-for-Architecture-all, arch:all packages come from binary-all."""
+    suites = {"stable": [FixturePackage("native", "1", arch="amd64"), FixturePackage("indep", "1", arch="all")]}
+    repo = make_repo(tmp_path / "repo", suites, gnupg_home=tmp_path / "gnupg", split_arch_all=True)
+    source = file_source(repo.root, repo.keyring_path)
+    verified = fetch_release(None, source, now=NOW)
+    assert not verified.release.arch_all_in_arch_indices
+    index = fetch_packages(None, source, verified, "main", "amd64")
+    assert sorted((p.name, p.architecture) for p in index.packages) == [("indep", "all"), ("native", "amd64")]
+    assert index.all_sha256 == verified.release.sha256["main/binary-all/Packages.xz"].sha256
+
+
+def test_load_universe_packages(server, session, tmp_path):
+    messages: list[str] = []
+    sources = [http_source(server, "stable"), http_source(server, "stable-updates")]
+    packages, releases = load_universe_packages(
+        session, sources, IndexCache(tmp_path), "amd64", messages.append, now=NOW
+    )
+    assert [r.release.suite for r in releases] == ["stable", "stable-updates"]
+    tz = sorted((p.version, p.origin) for p in packages if p.name == "tzdata")
+    assert tz == [("2024a-0+deb12u1", "stable/main"), ("2025a-0+deb12u1", "stable-updates/main")]
+    assert "fetching stable InRelease…" in messages
+    assert any("by-hash" in m for m in messages)
+
+
+# --------------------------------------------------------------------------------------- gpg
+
+
+def test_parse_status_rules():
+    good = "[GNUPG:] GOODSIG 6ED0E7B82643E131 Debian\n[GNUPG:] VALIDSIG " + "4CB50190207B4758A3F73A796ED0E7B82643E131" \
+        + " 2026-09-12 1 0 4 0 1 8 01 B8B80B5B623EAB6AD8775C45B7C5D7D6350947F8\n"
+    assert parse_status(good).good_fingerprints == ("B8B80B5B623EAB6AD8775C45B7C5D7D6350947F8",)
+    expired = "[GNUPG:] EXPKEYSIG 6ED0E7B82643E131 Debian\n" + good.split("\n", 1)[1]
+    check = parse_status(expired)
+    assert check.good_fingerprints == () and check.problems == ("signature from expired key 6ED0E7B82643E131",)
+    missing = "[GNUPG:] ERRSIG 1111111111111111 1 8 01 1 9\n[GNUPG:] NO_PUBKEY 1111111111111111\n"
+    assert parse_status(missing + good).good_fingerprints  # another good signature suffices (apt)
+    assert parse_status(missing).problems[-1] == "no public key 1111111111111111 in the keyrings"
+
+
+def test_real_debian_keyring_rejects_fixture_signature(fixture_repo):  # noqa: F811
+    data = (fixture_repo.root / "dists/stable/InRelease").read_bytes()
+    with pytest.raises(SignatureError, match=fixture_repo.key_fingerprint[-16:]):
+        verify_clearsigned(data, [gpg.DEFAULT_KEYRING])
+
+
+def test_armored_keyring_is_accepted(fixture_repo, tmp_path):  # noqa: F811
+    armored = subprocess.run(
+        ["gpg", "--homedir", str(fixture_repo.gnupg_home), "--batch", "--armor", "--export",
+         fixture_repo.key_fingerprint], check=True, capture_output=True).stdout  # fmt: skip
+    stop_agent(fixture_repo.gnupg_home)
+    assert dearmor(armored) == fixture_repo.keyring_path.read_bytes()
+    asc = tmp_path / "key.asc"
+    asc.write_bytes(armored)
+    data = (fixture_repo.root / "dists/stable/InRelease").read_bytes()
+    assert verify_clearsigned(data, [asc]).startswith(b"Origin: Reprobuild Fixture\n")
+
+
+def test_gpgv_missing_is_toolmissing(fixture_repo, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(gpg.shutil, "which", lambda name: None)
+    with pytest.raises(ToolMissing, match="gpgv") as e:
+        verify_clearsigned((fixture_repo.root / "dists/stable/InRelease").read_bytes(), [fixture_repo.keyring_path])
+    assert e.value.hint == "apt-get install gpgv"
+
+
+def test_detached_signature_helper(fixture_repo):  # noqa: F811
+    release = (fixture_repo.root / "dists/stable/Release").read_bytes()
+    signature = (fixture_repo.root / "dists/stable/Release.gpg").read_bytes()
+    assert gpg.verify_detached(release, signature, [fixture_repo.keyring_path]) == release
+    with pytest.raises(SignatureError, match="BAD"):
+        gpg.verify_detached(release + b"X: y\n", signature, [fixture_repo.keyring_path])
+
+
+# --------------------------------------------------------------------------------------- fixture repo
+
+
+def test_fixture_debs_are_real_and_reproducible(fixture_repo):  # noqa: F811
+    hello = next(p for p in DEFAULT_SUITES["stable"] if p.name == "hello")
+    deb, _ = build_deb(hello)
+    assert deb == build_deb(hello)[0]  # deterministic
+    path = fixture_repo.root / hello.pool_path
+    assert path.read_bytes() == deb
+    fields = subprocess.run(["dpkg-deb", "--field", str(path), "Package", "Version", "Depends"],
+                            check=True, capture_output=True, text=True).stdout  # fmt: skip
+    assert fields == "Package: hello\nVersion: 2.10-3\nDepends: libc6 (>= 2.36)\n"
+    listing = subprocess.run(["dpkg-deb", "--contents", str(path)], check=True, capture_output=True, text=True)
+    assert "-rwxr-xr-x root/root        31 2025-01-01 00:00 ./usr/bin/hello" in listing.stdout
+    scripts = subprocess.run(["dpkg-deb", "--info", str(path), "postinst"], check=True, capture_output=True)
+    assert b"/var/lib/hello/state" in scripts.stdout
+
+
+def test_fixture_repo_is_fast_and_deterministic_except_signatures(tmp_path):
+    started = time.monotonic()
+    repo = make_repo(tmp_path / "a", gnupg_home=tmp_path / "ga")
+    elapsed = time.monotonic() - started
+    assert elapsed < 3.0, f"fixture repo took {elapsed:.2f}s"
+    other = make_repo(tmp_path / "b", gnupg_home=tmp_path / "gb")
+    assert repo.key_fingerprint != other.key_fingerprint
+    for rel in ("dists/stable/Release", "dists/stable-updates/Release",
+                "pool/main/g/glibc/libc6_2.36-9_i386.deb"):  # fmt: skip
+        assert (repo.root / rel).read_bytes() == (other.root / rel).read_bytes()
+
+
+def test_fixture_by_hash_copies_match(fixture_repo):  # noqa: F811
+    release = parse_release((fixture_repo.root / "dists/stable/Release").read_bytes())
+    for entry in release.sha256.values():
+        directory = entry.path.rsplit("/", 1)[0]
+        by_hash = fixture_repo.root / "dists/stable" / directory / "by-hash/SHA256" / entry.sha256
+        assert hashlib.sha256(by_hash.read_bytes()).hexdigest() == entry.sha256
+
+
+# --------------------------------------------------------------------------------------- live
+
+
+@pytest.mark.live
+def test_live_debian_mirror(tmp_path, session):
+    """trixie and bookworm from the host's mirror: verified, fetched cold, then loaded from cache."""
+    from reprobuild.debian.sources import host_mirror_for
+
+    base = host_mirror_for("debian")
+    cache = IndexCache(tmp_path / "cache")
+    timings = []
+    for suite in ("trixie", "bookworm"):
+        source = RepositorySource("debian", base, suite)
+        started = time.perf_counter()
+        verified = fetch_release(session, source, cache)
+        release_s = time.perf_counter() - started
+        started = time.perf_counter()
+        cold = fetch_packages(session, source, verified, "main", "amd64", cache)
+        cold_s = time.perf_counter() - started
+        started = time.perf_counter()
+        warm = fetch_packages(None, source, verified, "main", "amd64", cache)
+        warm_s = time.perf_counter() - started
+        assert verified.release.codename == suite
+        assert len(cold.packages) > 50000 and warm.packages == cold.packages
+        assert any(p.name == "dpkg" and p.essential for p in warm.packages)
+        timings.append(f"{suite}: InRelease {release_s:.2f}s, cold index {cold_s:.2f}s "
+                       f"({len(cold.packages)} packages), cached load {warm_s:.2f}s")  # fmt: skip
+        assert warm_s < 1.5, timings[-1]
+    print("\n" + "\n".join(timings))
