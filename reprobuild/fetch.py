@@ -237,8 +237,10 @@ def _try_url(session: requests.Session, url: str, item: FetchItem, store: Store,
             if time.monotonic() > deadline:
                 raise _Deadline()
             # read1 returns whatever arrived (up to NET_CHUNK), so the deadline is checked at
-            # least once per read timeout even against a server that dribbles bytes.
-            chunk = resp.raw.read1(NET_CHUNK, decode_content=True)
+            # least once per read timeout even against a server that dribbles bytes. Never
+            # decode: the lock hashes the file as stored, and some servers wrongly label .gz
+            # files Content-Encoding: gzip.
+            chunk = resp.raw.read1(NET_CHUNK, decode_content=False)
             if not chunk:
                 return
             counted += len(chunk)

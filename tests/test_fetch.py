@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import os
 import random
@@ -448,3 +449,76 @@ def test_bundle_lets_an_offline_machine_fetch(server: FaultServer, store: Store,
     report = fetch_all(offline, items, offline=True)
     assert len(report.present) == 4 and sum(server.hits.values()) == hits
     assert_store_clean(offline, {i.sha256 for i in items})
+
+
+# ---------------------------------------------------------------------------- progress & CLI
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_make_progress_chooses_by_terminal(server: FaultServer, store: Store) -> None:
+    from reprobuild.progress import NullProgress, RichProgress, make_progress
+
+    assert isinstance(make_progress(True, FakeTTY()), NullProgress)
+    assert isinstance(make_progress(False, io.StringIO()), PlainProgress)
+    tty = FakeTTY()
+    rich = make_progress(False, tty)
+    assert isinstance(rich, RichProgress)
+    items = [server.add(f"pkg{i}", blob(i, 3000)) for i in range(3)]
+    fetch_all(store, items, config=FAST, progress=rich)
+    assert "3/3" in tty.getvalue()
+
+
+@pytest.fixture
+def fake_lock(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[FetchItem]:
+    """The lock side of the CLI contract, faked: load_spec, load_lock, Lock.objects, fetch_items."""
+    import types
+
+    import reprobuild.config
+    import reprobuild.lockfile
+
+    items: list[FetchItem] = []
+    lock = types.SimpleNamespace(objects=lambda: list(items))
+    spec = types.SimpleNamespace(lock_path=tmp_path / "reprobuild.lock",
+                                 build=types.SimpleNamespace(substituters=()))
+    (tmp_path / "reprobuild.lock").write_text("{}")
+    monkeypatch.setattr(reprobuild.config, "load_spec", lambda directory, overrides=None: spec)
+    monkeypatch.setattr(reprobuild.lockfile, "load_lock", lambda path: lock)
+    monkeypatch.setitem(sys.modules, "reprobuild.lock_urls",
+                        types.SimpleNamespace(fetch_items=lambda lock, spec: list(items)))
+    return items
+
+
+def cli(*args: str) -> str:
+    from click.testing import CliRunner
+
+    from reprobuild.cli import _register_commands
+    from reprobuild.cli import cli as group
+
+    _register_commands()
+    r = CliRunner().invoke(group, list(args), catch_exceptions=False, standalone_mode=False)
+    return r.stdout
+
+
+def test_cli_fetch_gc_export_import(server: FaultServer, store: Store, tmp_path: Path,
+                                    fake_lock: list[FetchItem]) -> None:
+    fake_lock += [server.add(f"pkg{i}", blob(i, 5000)) for i in range(3)]
+    root = str(store.root)
+    with pytest.raises(ObjectsMissing):
+        cli("fetch", "-C", str(tmp_path), "--store", root, "--offline")
+    doc = json.loads(cli("fetch", "-C", str(tmp_path), "--store", root, "--json"))
+    assert len(doc["fetched"]) == 3
+    doc = json.loads(cli("fetch", "-C", str(tmp_path), "--store", root, "--json", "--offline"))
+    assert len(doc["present"]) == 3
+    extra = store.put_bytes(b"not in the lock")
+    lock = str(tmp_path / "reprobuild.lock")
+    doc = json.loads(cli("store", "gc", "--store", root, "--keep", lock, "--json"))
+    assert doc["removed"] == [extra]
+    cli("store", "export", "--store", root, lock, "-o", str(tmp_path / "b.tar.zst"), "-q")
+    other = Store(tmp_path / "other")
+    doc = json.loads(cli("store", "import", "--store", str(other.root), str(tmp_path / "b.tar.zst"), "--json"))
+    assert len(doc["added"]) == 3
+    assert json.loads(cli("fetch", "-C", str(tmp_path), "--store", str(other.root), "--offline", "--json"))
