@@ -135,6 +135,12 @@ def _handler(fs: FaultServer) -> type[BaseHTTPRequestHandler]:
                     w.write(body[i : i + 1])
                     w.flush()
                 self.close_connection = True
+            elif mode == "labelled-gzip":  # a .gz file wrongly served as gzip-encoded
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Encoding", "gzip")
+                self.end_headers()
+                w.write(body)
             elif mode == "throttle":
                 self._head(200, len(body))
                 for i in range(0, len(body), 16384):
@@ -299,6 +305,15 @@ def test_falls_back_to_next_url_in_order(server: FaultServer, store: Store) -> N
     assert_store_clean(store, {it.sha256})
 
 
+def test_transfer_encoding_label_is_not_decoded(server: FaultServer, store: Store) -> None:
+    import gzip
+
+    it = server.add("Packages.gz", gzip.compress(blob(5, 20_000), mtime=0))
+    server.faults["/pool/Packages.gz.deb"] = "labelled-gzip"
+    fetch_all(store, [it], config=FAST)
+    assert store.read_bytes(it.sha256)[:2] == b"\x1f\x8b"
+
+
 def test_transient_500_is_retried(server: FaultServer, store: Store) -> None:
     it = server.add("p", blob(4, 4000))
     server.faults["/pool/p.deb"] = "500-once"
@@ -406,8 +421,8 @@ def test_two_processes_fetching_one_lock(server: FaultServer, store: Store) -> N
 
 
 def test_kill_9_mid_download_leaves_nothing_usable(server: FaultServer, store: Store) -> None:
-    it = server.add("big", blob(9, 3 << 20))
-    server.faults["/pool/big.deb"] = "throttle"  # ~12 s in total: plenty of time to kill it
+    it = server.add("big", blob(9, 8 << 20))
+    server.faults["/pool/big.deb"] = "throttle"  # 16 KiB per 10 ms: ~5 s, time enough to kill it
     child = spawn_fetch(store, [it])
     deadline = time.monotonic() + 20
     partial = None
