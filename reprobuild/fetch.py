@@ -29,6 +29,7 @@ from reprobuild.progress import NullProgress, Progress, format_bytes
 from reprobuild.store import ObjectMismatch, Store, check_sha256, object_relpath
 
 NET_CHUNK = 256 * 1024
+MAX_LISTED = 25  # failures spelled out in an error message; the rest are counted
 MISSING_HINT = ("the package may no longer be on the mirror: configure a snapshot mirror or a "
                 "substituter (Substituters=), or run `reprobuild lock --update`")
 
@@ -116,7 +117,10 @@ class FetchFailed(FetchError):
     """Some objects could not be fetched and verified from any source; all others were kept."""
 
     def __init__(self, failures: Sequence[FetchFailure], report: FetchReport, total: int) -> None:
-        body = "\n".join("  " + f.format().replace("\n", "\n  ") for f in failures)
+        shown = failures[:MAX_LISTED]
+        body = "\n".join("  " + f.format().replace("\n", "\n  ") for f in shown)
+        if len(failures) > len(shown):
+            body += f"\n  … and {len(failures) - len(shown)} more"
         not_found = any(a.not_found for f in failures for a in f.attempts)
         super().__init__(f"could not fetch {len(failures)} of {total} object(s):\n{body}",
                          hint=MISSING_HINT if not_found else None)

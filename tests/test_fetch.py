@@ -537,3 +537,14 @@ def test_cli_fetch_gc_export_import(server: FaultServer, store: Store, tmp_path:
     doc = json.loads(cli("store", "import", "--store", str(other.root), str(tmp_path / "b.tar.zst"), "--json"))
     assert len(doc["added"]) == 3
     assert json.loads(cli("fetch", "-C", str(tmp_path), "--store", str(other.root), "--offline", "--json"))
+
+
+def test_many_failures_are_summarised(store: Store) -> None:
+    dead = closed_port_url()
+    items = [FetchItem(f"p{i:02}", hashlib.sha256(bytes([i])).hexdigest(), 1, (f"{dead}/p{i}",))
+             for i in range(30)]
+    with pytest.raises(FetchFailed) as ei:
+        fetch_all(store, items, config=FAST, jobs=4)
+    assert len(ei.value.failures) == 30
+    msg = ei.value.format_message()
+    assert "p24 " in msg and "p25 " not in msg and "… and 5 more" in msg
