@@ -71,7 +71,8 @@ class TreeWriter:
         """Host path of ``parts`` resolved in the tree; never outside it.
 
         Intermediate symlinks are followed in-root; the last component is followed only if
-        ``follow_last``. Missing intermediate directories are created (mode 0755) if ``create_dirs``.
+        ``follow_last``. With ``create_dirs`` every missing component (the last too) is created as a
+        0755 directory: used to resolve the parent of an entry.
         """
         todo = list(parts)
         done: list[str] = []
@@ -89,10 +90,10 @@ class TreeWriter:
             try:
                 st = os.lstat(here)
             except FileNotFoundError:
-                if is_last:
-                    done.append(comp)
-                    break
                 if not create_dirs:
+                    if is_last:
+                        done.append(comp)
+                        break
                     raise
                 os.mkdir(here)
                 os.chmod(here, 0o755)  # explicit: the umask must not leak into the tree

@@ -1,0 +1,128 @@
+"""Safe extraction: hostile tar members must never write outside the tree."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from reprobuild.errors import FormatError
+from reprobuild.rootfs.unpack import TreeWriter, UnsafePath, extract_tar, split_member_name
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> tarfile.TarFile:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for ti, data in members:
+            if data is not None:
+                ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    buf.seek(0)
+    return tarfile.open(fileobj=buf, mode="r|")
+
+
+def _ti(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "", mode: int = 0o644, **kw: object) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname, ti.mode, ti.mtime = kind, linkname, mode, 1000
+    for k, v in kw.items():
+        setattr(ti, k, v)
+    return ti
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    t = tmp_path / "tree"
+    t.mkdir()
+    return t
+
+
+@pytest.mark.parametrize("name", ["../evil", "./a/../../evil", "/etc/evil", "a/b/../../../evil"],
+                         ids=["dotdot", "nested-dotdot", "absolute", "deep-dotdot"])
+def test_bad_names_rejected(tree: Path, name: str) -> None:
+    with pytest.raises(UnsafePath):
+        extract_tar(_tar([(_ti(name), b"x")]), TreeWriter(tree), "evil-pkg")
+    assert not (tree.parent / "evil").exists()
+
+
+def test_absolute_symlink_is_resolved_inside_the_tree(tree: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    # "esc" points at the host directory by absolute path, then a file is written through it.
+    members = [(_ti("./esc", tarfile.SYMTYPE, str(outside)), None), (_ti("./esc/pwned"), b"gotcha")]
+    extract_tar(_tar(members), TreeWriter(tree), "evil-pkg")
+    assert not (outside / "pwned").exists()
+    assert (tree / str(outside).lstrip("/") / "pwned").read_bytes() == b"gotcha"
+    assert os.readlink(tree / "esc") == str(outside)  # the link itself is kept verbatim
+
+
+def test_relative_symlink_climbing_out_is_clamped_at_the_root(tree: Path, tmp_path: Path) -> None:
+    members = [(_ti("./a/up", tarfile.SYMTYPE, "../../../../../.."), None), (_ti("./a/up/pwned"), b"x")]
+    extract_tar(_tar(members), TreeWriter(tree), "evil-pkg")
+    assert not (tmp_path / "pwned").exists()
+    assert (tree / "pwned").exists()
+
+
+def test_file_over_existing_symlink_replaces_the_link(tree: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    members = [(_ti("./f", tarfile.SYMTYPE, str(victim)), None), (_ti("./f"), b"overwritten")]
+    extract_tar(_tar(members), TreeWriter(tree), "evil-pkg")
+    assert victim.read_text() == "precious"
+    assert (tree / "f").read_bytes() == b"overwritten" and not (tree / "f").is_symlink()
+
+
+def test_hard_link_to_outside_is_rejected(tree: Path) -> None:
+    with pytest.raises(UnsafePath):
+        extract_tar(_tar([(_ti("./h", tarfile.LNKTYPE, "../../etc/passwd"), None)]), TreeWriter(tree), "p")
+    with pytest.raises(FormatError):  # target missing in the tree
+        extract_tar(_tar([(_ti("./h", tarfile.LNKTYPE, "./etc/passwd"), None)]), TreeWriter(tree), "p")
+
+
+def test_hard_link_through_symlink_stays_inside(tree: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    members = [(_ti("./d", tarfile.SYMTYPE, str(tmp_path)), None), (_ti("./h", tarfile.LNKTYPE, "./d/secret"), None)]
+    with pytest.raises(FormatError):  # resolves to <tree>/<tmp_path>/secret, which does not exist
+        extract_tar(_tar(members), TreeWriter(tree), "p")
+    assert os.stat(secret).st_nlink == 1
+
+
+def test_device_nodes_rejected(tree: Path) -> None:
+    ti = _ti("./dev/sda", tarfile.BLKTYPE, devmajor=8, devminor=0)
+    with pytest.raises(UnsafePath, match="Policy"):
+        extract_tar(_tar([(ti, None)]), TreeWriter(tree), "evil-pkg")
+    assert not (tree / "dev/sda").exists()
+
+
+def test_merged_usr_directory_symlink_is_kept(tree: Path) -> None:
+    """tar --keep-directory-symlink: ./bin/ as a directory entry does not replace bin -> usr/bin."""
+    members = [(_ti("./usr/bin/", tarfile.DIRTYPE, mode=0o755), None), (_ti("./bin", tarfile.SYMTYPE, "usr/bin"), None),
+               (_ti("./bin/", tarfile.DIRTYPE, mode=0o755), None), (_ti("./bin/sh", mode=0o755), b"#!")]
+    w = TreeWriter(tree)
+    extract_tar(_tar(members), w, "p")
+    w.finish()
+    assert os.readlink(tree / "bin") == "usr/bin"
+    assert (tree / "usr/bin/sh").read_bytes() == b"#!"
+
+
+def test_metadata_and_xattrs_kept(tree: Path) -> None:
+    cap = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    ti = _ti("./usr/bin/ping", mode=0o4755, uid=0, gid=0)
+    ti.pax_headers = {"SCHILY.xattr.user.test": cap.decode("utf-8", "surrogateescape")}
+    d = _ti("./usr/bin/", tarfile.DIRTYPE, mode=0o750)
+    w = TreeWriter(tree)
+    extract_tar(_tar([(d, None), (ti, b"ELF")]), w, "iputils-ping")
+    w.finish()
+    st = os.stat(tree / "usr/bin/ping")
+    assert oct(st.st_mode & 0o7777) == oct(0o4755)
+    assert int(st.st_mtime) == 1000 and int(os.stat(tree / "usr/bin").st_mtime) == 1000
+    assert oct(os.stat(tree / "usr/bin").st_mode & 0o7777) == oct(0o750)
+    assert os.getxattr(tree / "usr/bin/ping", "user.test") == cap
+
+
+def test_split_member_name() -> None:
+    assert split_member_name("./usr//bin/x") == ["usr", "bin", "x"]
+    assert split_member_name("./") == []
