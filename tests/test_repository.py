@@ -342,6 +342,20 @@ def test_packages_with_wrong_sha256_refused(fixture_repo, repo_copy):  # noqa: F
         fetch_packages(None, source, verified, "main", "amd64")
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("Package: a\nVersion: 1\nnot a field\n", "not a 'Field: value' line"),
+        ("Package: a\n\nPackage: b\nVersion: 1\n", "without Package/Version"),
+        ("Package: a\nVersion: 1\nSize: many\n", "bad stanza for 'a'"),
+    ],
+    ids=["no-colon", "no-version", "bad-size"],
+)
+def test_parse_packages_hostile(text, message):
+    with pytest.raises(RepositoryError, match=message):
+        repository.parse_packages(text)
+
+
 def test_missing_component_or_arch(server, session):
     source = http_source(server)
     verified = fetch_release(session, source, now=NOW)
