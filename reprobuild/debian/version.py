@@ -48,16 +48,20 @@ _RUNS: Final = re.compile(r"([^0-9]*)([0-9]*)")
 _END_RUN: Final = (_END,)
 
 
+@functools.lru_cache(maxsize=4096)
+def _run_key(letters: str) -> tuple[int, ...]:
+    """Key of one non-digit run: character orders, then _END. Few distinct runs exist ("." "-"
+    "+deb" "~rc" …), so they are cached."""
+    return tuple([_ORDER.get(c) or _char_order(c) for c in letters] + [_END])
+
+
 def _part_key(part: str) -> tuple:
     """Key of an upstream or revision string: (run, number, run, number, …, _END_RUN)."""
     key: list = []
-    order = _ORDER
-    for match in _RUNS.finditer(part):
-        letters, digits = match.group(1), match.group(2)
-        if not letters and not digits:
-            break  # the empty match at the end of the string
-        key.append(tuple([order.get(c) or _char_order(c) for c in letters] + [_END]))
-        key.append(int(digits) if digits else 0)
+    for letters, digits in _RUNS.findall(part):
+        if letters or digits:  # findall also yields the empty match at the end of the string
+            key.append(_run_key(letters))
+            key.append(int(digits) if digits else 0)
     if not key:
         # "" compares like "0": one empty run and the number 0 (dpkg's loop never runs for "",
         # and "0" only contributes an equal pair).
