@@ -489,21 +489,23 @@ def test_make_progress_chooses_by_terminal(server: FaultServer, store: Store) ->
 
 @pytest.fixture
 def fake_lock(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[FetchItem]:
-    """The lock side of the CLI contract, faked: load_spec, load_lock, Lock.objects, fetch_items."""
+    """The lock side of the CLI contract, faked: load_spec, load_lock, Lock.all_packages, fetch_items."""
     import types
 
     import reprobuild.config
     import reprobuild.lockfile
 
     items: list[FetchItem] = []
-    lock = types.SimpleNamespace(objects=lambda: list(items))
+    lock = types.SimpleNamespace(all_packages=lambda: list(items))
     spec = types.SimpleNamespace(lock_path=tmp_path / "reprobuild.lock",
                                  build=types.SimpleNamespace(substituters=()))
     (tmp_path / "reprobuild.lock").write_text("{}")
     monkeypatch.setattr(reprobuild.config, "load_spec", lambda directory, overrides=None: spec)
     monkeypatch.setattr(reprobuild.lockfile, "load_lock", lambda path: lock)
-    monkeypatch.setitem(sys.modules, "reprobuild.lock_urls",
-                        types.SimpleNamespace(fetch_items=lambda lock, spec: list(items)))
+    import reprobuild.mirrors
+
+    monkeypatch.setattr(reprobuild.mirrors, "fetch_items", lambda lock, mirrors: list(items))
+    monkeypatch.setattr(reprobuild.mirrors, "mirrors_for_spec", lambda spec: None)
     return items
 
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     _register_commands()
     debug = os.environ.get("REPROBUILD_DEBUG") == "1"
     try:
-        cli.main(args=argv, prog_name="reprobuild", standalone_mode=False)
+        exit_code = cli.main(args=argv, prog_name="reprobuild", standalone_mode=False)
     except ReprobuildError as e:
         if debug:
             raise
@@ -82,3 +82,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.secho(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", fg="red", err=True)
         sys.exit(1)
+    # A command may return (or ctx.exit with) a status, such as diff's 1 for "different".
+    if isinstance(exit_code, int) and exit_code != 0:
+        sys.exit(exit_code)

@@ -4,8 +4,8 @@ Parsing and rendering only: each command calls one function of reprobuild.store/
 
 What these commands need from the lock side (imported lazily):
   * ``reprobuild.lockfile.load_lock(path) -> Lock``
-  * ``Lock.objects()`` -> iterable of items with ``.name, .sha256, .size, .urls`` (gc, export)
-  * ``reprobuild.lock_urls.fetch_items(lock, spec) -> list[FetchItem]`` (fetch: URLs per object)
+  * ``Lock.all_packages()`` -> every distinct package with ``.sha256`` (gc roots, export)
+  * ``reprobuild.mirrors.fetch_items(lock, mirrors) -> list[FetchItem]`` (fetch: URLs per object)
   * ``reprobuild.config.load_spec(directory) -> ImageSpec`` with ``.lock_path`` and
     ``.build.substituters``
 """
@@ -33,7 +33,7 @@ def _lock_shas(lock_paths: tuple[Path, ...]) -> set[str]:
 
     shas: set[str] = set()
     for p in lock_paths:
-        shas |= {o.sha256 for o in load_lock(p).objects()}
+        shas |= {o.sha256 for o in load_lock(p).all_packages()}
     return shas
 
 
@@ -156,13 +156,13 @@ def fetch_command(directory: Path, store_path: Path | None, offline: bool, jobs:
     """Download and verify every object the lock of DIRECTORY needs that the store lacks."""
     from reprobuild.config import load_spec
     from reprobuild.fetch import fetch_all
-    from reprobuild.lock_urls import fetch_items
+    from reprobuild.mirrors import fetch_items, mirrors_for_spec
     from reprobuild.lockfile import load_lock
     from reprobuild.progress import format_bytes, make_progress
 
     spec = load_spec(directory)
     lock = load_lock(spec.lock_path)
-    items = fetch_items(lock, spec)
+    items = fetch_items(lock, mirrors_for_spec(spec))
     subs = tuple(dict.fromkeys(tuple(spec.build.substituters) + substituters))
     report = fetch_all(open_store(store_path), items, subs, jobs=jobs, offline=offline,
                        progress=make_progress(quiet or as_json))
