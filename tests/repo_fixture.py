@@ -33,9 +33,9 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -87,13 +87,13 @@ def _handler(server_state: RepoServer) -> type[http.server.SimpleHTTPRequestHand
     class Handler(http.server.SimpleHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        def __init__(self, *args, **kwargs):
             super().__init__(*args, directory=str(server_state.root), **kwargs)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             pass  # keep test output clean; the request log is server_state.requests
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             path = _norm(unquote(urlsplit(self.path).path))
             with server_state.lock:
                 server_state.requests.append(path)

@@ -130,7 +130,9 @@ def test_a_security_only_host_has_no_debian_mirror(tmp_path):
 
 
 def test_no_sources_at_all_is_a_clear_error(tmp_path):
-    with pytest.raises(RepositoryError, match="no apt source on this host serves the 'debian-security' archive"):
+    with pytest.raises(
+        RepositoryError, match="no apt source on this host serves the 'debian-security' archive"
+    ):
         host_mirror_for("debian-security", tmp_path)
 
 

@@ -125,6 +125,7 @@ def _run_gpgv(args: list[str], keyrings: list[Path], tmp: str, what: str) -> Sig
         proc = subprocess.run(
             cmd,
             capture_output=True,
+            check=False,  # the status lines decide, not the exit code (see _BAD_STATUS)
             timeout=_GPGV_TIMEOUT,
             # gpgv needs no home; an empty one keeps the user's ~/.gnupg out of the decision.
             env={"LC_ALL": "C", "PATH": "/usr/bin:/bin", "GNUPGHOME": tmp},

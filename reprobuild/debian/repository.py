@@ -30,11 +30,12 @@ import marshal
 import os
 import tempfile
 import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from reprobuild.debian.control import iter_stanzas
@@ -116,7 +117,7 @@ def snapshot_id(release_date: datetime) -> str:
     """The snapshot archive timestamp for a Release ``Date``: ``YYYYMMDDTHHMMSSZ`` (UTC)."""
     if release_date.tzinfo is None:
         raise ValueError("release_date must be timezone-aware")
-    return release_date.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return release_date.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def snapshot_source(source: RepositorySource, snapshot_base: str, snapshot: str) -> RepositorySource:
@@ -214,7 +215,9 @@ def parse_release(text: bytes | str, what: str = "Release") -> ReleaseFile:
         suite=fields.get("Suite", ""),
         codename=fields.get("Codename", ""),
         date=_parse_date(fields["Date"], "Date", what),
-        valid_until=_parse_date(fields["Valid-Until"], "Valid-Until", what) if "Valid-Until" in fields else None,
+        valid_until=_parse_date(fields["Valid-Until"], "Valid-Until", what)
+        if "Valid-Until" in fields
+        else None,
         acquire_by_hash=fields.get("Acquire-By-Hash", "no").lower() == "yes",
         architectures=tuple(fields.get("Architectures", "").split()),
         components=tuple(fields.get("Components", "").split()),
@@ -246,12 +249,12 @@ def _parse_date(value: str, name: str, what: str) -> datetime:
     except (TypeError, ValueError) as e:
         raise RepositoryError(f"{what}: unparseable {name}: {value!r}") from e
     if parsed.tzinfo is None:  # "-0000" means UTC without a stated zone
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
 
 
 def _fmt(when: datetime) -> str:
-    return format_datetime(when.astimezone(timezone.utc), usegmt=True).replace("GMT", "UTC")
+    return format_datetime(when.astimezone(UTC), usegmt=True).replace("GMT", "UTC")
 
 
 def check_valid_until(release: ReleaseFile, suite: str, now: datetime, allow_expired: bool = False) -> None:
@@ -413,7 +416,7 @@ def fetch_release(
     Raises SignatureError (unsigned/bad/unknown key), ExpiredRelease, or RepositoryError (network,
     wrong suite, malformed). Cost: one small download and one gpgv run.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     if progress:
         progress(f"fetching {source.suite} InRelease…")
     keyrings = list(source.keyrings)
@@ -469,7 +472,9 @@ def fetch_packages(
             f"{source.suite} has no component {component!r} (it has: {', '.join(rel.components)})"
         )
     origin = source.origin(component)
-    rows, entry = _index_rows(session, source, rel, f"{component}/binary-{arch}/Packages", cache, progress, timeout)
+    rows, entry = _index_rows(
+        session, source, rel, f"{component}/binary-{arch}/Packages", cache, progress, timeout
+    )
     all_sha256 = None
     if arch != "all" and not rel.arch_all_in_arch_indices:
         all_rows, all_entry = _index_rows(

@@ -19,9 +19,10 @@ we cannot fetch them the way apt does). Cost: reads a handful of small files.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 from reprobuild.errors import RepositoryError
@@ -112,7 +113,7 @@ def host_mirror_for(archive: Archive, root: Path = Path("/")) -> str:
 
 def _suite_belongs_to(suite: str, archive: Archive) -> bool:
     if archive == "debian-security":
-        return suite.endswith("-security") or suite.endswith("/updates")
+        return suite.endswith(("-security", "/updates"))
     if suite.endswith("-security"):
         return False
     base = suite.split("-", 1)[0]
