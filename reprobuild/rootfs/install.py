@@ -248,10 +248,16 @@ def install(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[
     base = essential_closure(packages)
     essential = install_order([p for p in packages if p.name in base])
     others = [p for p in packages if p.name not in base]
-    if not any(p.name == "dpkg" for p in essential):
-        raise BuildError("the package plan has no Essential 'dpkg': nothing could install the packages",
-                         hint="the Essential set must be in the lock")
+    if not essential:
+        raise BuildError("the package plan has no Essential packages", hint="the Essential set must be in the lock")
     extract_essential(tree, essential, deb_path, progress)
+    try:
+        has_dpkg = os.path.isfile(TreeWriter(tree).resolve(["usr", "bin", "dpkg"], follow_last=True))
+    except FileNotFoundError:
+        has_dpkg = False
+    if not has_dpkg:
+        raise BuildError("the Essential packages contain no /usr/bin/dpkg: nothing could install the packages",
+                         hint="the Essential set (with dpkg) must be in the lock")
     prepare_dpkg(tree, native_architecture(packages))
     policy = tree / POLICY_RC_D
     own_policy = not policy.exists()

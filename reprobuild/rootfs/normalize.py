@@ -146,6 +146,22 @@ def remove_bytecode(tree: Path, report: Callable[[str], None] = lambda _m: None)
             report(f"normalize: removed {dirpath}")
 
 
+def check_no_devices(tree: Path) -> None:
+    """Refuse device nodes, FIFOs and sockets anywhere in the tree.
+
+    Debian Policy §10.6 forbids them in packages, the image's /dev is a devtmpfs at boot, and a
+    block device node in an image (say 8:0) would hand its users the raw disk. dpkg itself would
+    create one from a hostile package, so this is checked after the install.
+    """
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in sorted(filenames):
+            mode = os.lstat(os.path.join(dirpath, name)).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                rel = os.path.relpath(os.path.join(dirpath, name), tree)
+                raise BuildError(f"/{rel} is a device node, FIFO or socket: not allowed in an image tree",
+                                 hint="a package or script created it; remove it with RemoveFiles=")
+
+
 def clamp_mtimes(tree: Path, epoch: int) -> int:
     """Set every mtime later than ``epoch`` to ``epoch`` (files written by scripts have "now").
 
@@ -179,4 +195,5 @@ def normalize(tree: Path, epoch: int, *, clean_package_metadata: bool, keep_dpkg
             apply_rules(tree, DPKG_DATABASE, report)
     pin_shadow_dates(tree, epoch)
     remove_bytecode(tree, report)
+    check_no_devices(tree)
     clamp_mtimes(tree, epoch)
