@@ -9,6 +9,7 @@ would clamp every time to the epoch.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import subprocess
@@ -37,7 +38,8 @@ def make_tree(root: Path, changes: frozenset[str] = frozenset(), extra_bytes: in
         "usr/bin/tool": b"#!/bin/sh\necho tool\n",
         "usr/share/doc/readme": b"read me\n",
         "usr/share/doc/copyright": b"MIT\n",
-        "usr/lib/data.bin": bytes(range(256)) * 64,
+        # Incompressible, so the root file system spans many 4 KiB blocks (a real verity tree).
+        "usr/lib/data.bin": hashlib.shake_256(b"reprobuild").digest(96 * 1024),
     }
     if "removed" in changes:
         del files["usr/share/doc/readme"]

@@ -22,13 +22,13 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 from reprobuild.diff import disk as disk_mod
 from reprobuild.diff.detect import COMPRESSED, FILE_SYSTEMS, TREES, Kind
-from reprobuild.diff.difference import CONTENT, METADATA, Classification, Difference, Field, without_metadata
+from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field, without_metadata
 from reprobuild.diff.open import (
     CpioTree,
     DiffInputError,
@@ -110,8 +110,11 @@ class Comparator(ABC):
         """The difference between ``a`` and ``b`` (already known to differ in bytes), or None."""
 
 
-def compare_nodes(name: str, a: Node, b: Node, ctx: DiffContext, depth: int) -> Difference | None:
-    """Dispatch to the first comparator that recognizes the pair; bytes are checked first."""
+def compare_nodes(name: str, a: Node, b: Node, ctx: DiffContext, depth: int, strict: bool = False) -> Difference | None:
+    """Dispatch to the first comparator that recognizes the pair; bytes are checked first.
+
+    ``strict``: a parse failure is an error (inputs, partitions) rather than a byte comparison.
+    """
     if a.source is not None and b.source is not None and same_bytes(a.source, b.source):
         return None
     try:
@@ -134,14 +137,14 @@ def compare_nodes(name: str, a: Node, b: Node, ctx: DiffContext, depth: int) -> 
                                                                (f" ({e.hint})" if e.hint else "")])  # fmt: skip
         except DiffInputError:
             raise
-        except Exception as e:  # noqa: BLE001 - any parser failure on hostile nested data
-            if depth <= 1 or a.source is None or b.source is None:
+        except Exception as e:
+            if strict or a.source is None or b.source is None:
                 if isinstance(e, ReprobuildError):
                     raise DiffInputError(f"{name}: {e.message}") from e
                 raise DiffInputError(f"{name}: cannot be read as {ka.value}: {type(e).__name__}: {e}") from e
             why = e.message if isinstance(e, ReprobuildError) else f"{type(e).__name__}: {e}"
-            return bytes_difference(name, a.source, b.source, [f"could not be read as {ka.value} ({why}); "
-                                                               "compared as bytes"])  # fmt: skip
+            note = f"could not be read as {ka.value} ({why}); compared as bytes"
+            return bytes_difference(name, a.source, b.source, [note])
     raise AssertionError("BinaryComparator recognizes everything")
 
 
@@ -155,7 +158,7 @@ def compare_paths(path1: Path, path2: Path, options: DiffOptions = DiffOptions()
     a, b = open_input(path1), open_input(path2)
     ctx = DiffContext(options)
     try:
-        root = compare_nodes("", a, b, ctx, 0)
+        root = compare_nodes("", a, b, ctx, 0, strict=True)
         extra = _sibling_manifests(path1, path2, a, b, ctx)
         if extra is not None:
             if root is None:
@@ -198,20 +201,21 @@ def bytes_difference(name: str, a: ByteSource, b: ByteSource, comments: list[str
     )  # fmt: skip
 
 
-def merge_content(node: Difference | None, content: Difference | None) -> tuple[list[Field], str | None, list[str], list[Difference]]:
-    """Split a content difference into what a file node absorbs: (fields, diff, comments, details)."""
+def absorb(name: str, kind: str, fields: list[Field | None], content: Difference | None,
+           comments: tuple[str, ...] = ()) -> Difference | None:  # fmt: skip
+    """One node for a thing and its content: the content's fields, diff, comments and details are
+    merged into it (no extra level named like its parent)."""
     if content is None:
-        return [], None, [], []
-    if content.kind in ("bytes", "text"):
-        return list(content.fields), content.diff, list(content.comments), list(content.details)
-    return [], None, [], [content]
+        return Difference.of(name, kind, fields=fields, comments=comments)
+    return Difference.of(name, kind, fields=[*fields, *content.fields], diff=content.diff,
+                         comments=(*comments, *content.comments), details=content.details, own=content.own)  # fmt: skip
 
 
 def _fmt_time(t: int | None) -> str | None:
     if t is None:
         return None
     try:
-        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     except (OverflowError, OSError, ValueError):
         return str(t)
 
@@ -357,9 +361,8 @@ class CompressedComparator(Comparator, kinds=COMPRESSED):
             return bytes_difference(name, a.source, b.source, [f"not decompressed: {e.message}"])
         inner = _strip_suffix(name.rsplit("/", 1)[-1])
         if da == db:
-            return Difference.of(name, kind.value, comments=[f"compressed bytes differ, decompressed content is "
-                                                              f"identical (compressor header or settings)"],
-                                 own=METADATA)  # fmt: skip
+            note = "compressed bytes differ, decompressed content is identical (compressor header or settings)"
+            return Difference.of(name, kind.value, comments=[note], own=METADATA)
         d = compare_nodes(inner, Node(inner, None, ByteSource.of_bytes(da)), Node(inner, None, ByteSource.of_bytes(db)),
                           ctx, depth + 1)  # fmt: skip
         return Difference.of(name, kind.value, details=[d])
@@ -527,8 +530,7 @@ def compare_files(rel: str, a: Node, b: Node, reliable: frozenset[str], ctx: Dif
     content: Difference | None = None
     if ma.type == "file" and mb.type == "file" and a.source is not None and b.source is not None:
         content = compare_nodes(rel, a, b, ctx, depth + 1)
-    cf, diff, comments, details = merge_content(None, content)
-    return Difference.of(rel, "file", fields=fields + cf, diff=diff, comments=comments, details=details)
+    return absorb(rel, "file", fields, content)
 
 
 def _xattr_text(v: bytes | None) -> str | None:

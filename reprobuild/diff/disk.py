@@ -24,7 +24,7 @@ from reprobuild.diff.source import ByteSource, same_bytes
 from reprobuild.errors import FormatError
 from reprobuild.image import gpt, ids, verity, veritysig
 
-CompareFn = Callable[[str, Node, Node, Any, int], "Difference | None"]
+CompareFn = Callable[..., "Difference | None"]
 
 _DATA_OF_HASH = {ids.Role.ROOT_VERITY: ids.Role.ROOT, ids.Role.USR_VERITY: ids.Role.USR}
 _HASH_OF_SIG = {ids.Role.ROOT_VERITY_SIG: ids.Role.ROOT_VERITY, ids.Role.USR_VERITY_SIG: ids.Role.USR_VERITY}
@@ -109,7 +109,6 @@ def compare_disks(name: str, a: ByteSource, b: ByteSource, ctx: Any, depth: int,
     for p in pb:
         if p.key not in by_a:
             details.append(Difference.added(p.label, "partition", [_describe(p, db.sector_size)]))
-    checked: set[tuple[uuid.UUID, str]] = set()
     for key in common_a:
         x, y = by_a[key], by_b[key]
         if ctx.excluded(x.label):
@@ -127,18 +126,12 @@ def compare_disks(name: str, a: ByteSource, b: ByteSource, ctx: Any, depth: int,
         elif x.role in _HASH_OF_SIG:
             content.append(_sig_pair(x, y, pa, pb))
         elif not same_bytes(x.source, y.source):
-            content.append(compare(x.label, Node(x.label, None, x.source), Node(y.label, None, y.source), ctx, depth + 1))
-        checked.add(key)
-        node = Difference.of(x.label, "partition", fields=pf, details=[_flatten_same(c, x.label) for c in content])
-        details.append(node)
+            content.append(compare(x.label, Node(x.label, None, x.source), Node(y.label, None, y.source), ctx,
+                                   depth + 1, strict=True))  # fmt: skip
+        from reprobuild.diff.compare import absorb
+
+        details.append(absorb(x.label, "partition", pf, content[0] if content else None))
     return Difference.of(name, "disk", fields=fields, details=details)
-
-
-def _flatten_same(d: Difference | None, label: str) -> Difference | None:
-    """A partition's content node carries the partition's name: show it as "content"."""
-    if d is None:
-        return None
-    return Difference(f"content ({d.kind})", d.kind, d.status, d.fields, d.diff, d.comments, d.details, d.own)
 
 
 def _describe(p: Part, ss: int) -> str:
@@ -160,9 +153,11 @@ class VerityState:
     problem: str | None = None
 
 
-def verity_state(hash_src: ByteSource, data_src: ByteSource | None) -> VerityState:
+def verity_state(hash_src: ByteSource, data_src: ByteSource | None, signed_root: str | None = None) -> VerityState:
     """Superblock, root hash (from the hash device's top block) and whether the tree fits the data.
 
+    With a single data block there is no tree on disk and the root hash is H(salt || block): then
+    only ``signed_root`` (from the signature partition) can show a mismatch.
     Cost: reading the superblock and top block; with ``data_src``, one pass over the data.
     """
     try:
@@ -185,12 +180,14 @@ def verity_state(hash_src: ByteSource, data_src: ByteSource | None) -> VeritySta
     stored = hash_src.slice(p.hash_block_size, stored_len).read(len(expected)) if stored_len else b""
     root = root or tree.root_hash.hex()
     ok = stored == expected and tree.root_hash.hex() == root
+    if ok and signed_root is not None and signed_root != root:
+        return VerityState(sb, root, False, "the data partition does not give the signed root hash")
     return VerityState(sb, root, ok, None if ok else "the hash tree does not match the data partition")
 
 
-def compare_verity(name: str, a: ByteSource, b: ByteSource, data_a: ByteSource | None,
-                   data_b: ByteSource | None) -> Difference | None:  # fmt: skip
-    sa, sb_ = verity_state(a, data_a), verity_state(b, data_b)
+def compare_verity(name: str, a: ByteSource, b: ByteSource, data_a: ByteSource | None, data_b: ByteSource | None,
+                   signed_a: str | None = None, signed_b: str | None = None) -> Difference | None:  # fmt: skip
+    sa, sb_ = verity_state(a, data_a, signed_a), verity_state(b, data_b, signed_b)
     pa, pb = sa.sb.params, sb_.sb.params
     consistent = sa.matches_data is True and sb_.matches_data is True
     # With both trees matching their data, the root hash only follows from the data partition.
@@ -226,7 +223,19 @@ def _verity_pair(x: Part, y: Part, pa: list[Part], pb: list[Part]) -> Difference
     data_same = xa is not None and ya is not None and same_bytes(xa.source, ya.source)
     if hash_same and data_same:
         return None
-    return compare_verity("verity", x.source, y.source, xa.source if xa else None, ya.source if ya else None)
+    sig_role = next(k for k, v in _HASH_OF_SIG.items() if v is x.role)
+    return compare_verity("verity", x.source, y.source, xa.source if xa else None, ya.source if ya else None,
+                          _signed_root(pa, sig_role), _signed_root(pb, sig_role))  # fmt: skip
+
+
+def _signed_root(parts: list[Part], sig_role: ids.Role) -> str | None:
+    p = _partner(parts, sig_role)
+    if p is None:
+        return None
+    try:
+        return veritysig.parse_verity_sig(p.source.read(1 << 20)).root_hash
+    except FormatError:
+        return None  # reported when the signature partitions are compared
 
 
 # -- verity signature ----------------------------------------------------------------------------
@@ -320,8 +329,8 @@ def superblock_fields(kind: Kind, a: ByteSource, b: ByteSource) -> list[Field | 
                     Field.of("block size", x[3], y[3]), Field.of("bytes used", x[12], y[12])]  # fmt: skip
         if kind is Kind.EXT4:
             sa, sb = ha[1024:2048], hb[1024:2048]
-            u = lambda s: uuid.UUID(bytes=bytes(s[0x68:0x78]))  # noqa: E731
-            t = lambda s, o: struct.unpack_from("<I", s, o)[0]  # noqa: E731
+            u = lambda s: uuid.UUID(bytes=bytes(s[0x68:0x78]))
+            t = lambda s, o: struct.unpack_from("<I", s, o)[0]
             return [Field.of("UUID", u(sa), u(sb), METADATA),
                     Field.of("volume name", sa[0x78:0x88].rstrip(b"\0"), sb[0x78:0x88].rstrip(b"\0"), METADATA),
                     Field.of("mkfs time", t(sa, 0x108), t(sb, 0x108), METADATA),

@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Self
 
 from reprobuild.debian.deb import parse_ar_index
 from reprobuild.diff.detect import Kind, detect
@@ -353,7 +354,7 @@ def extract_fs(kind: Kind, image: ByteSource, workdir: Path, what: str) -> Direc
            "MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": "/dev/null", "HOME": str(workdir)}  # fmt: skip
     timeout = 120 + image.length // (5 << 20)
     try:
-        r = subprocess.run(ex.argv(exe, img, out), capture_output=True, env=env, timeout=timeout, cwd=workdir,
+        r = subprocess.run(ex.argv(exe, img, out), capture_output=True, env=env, timeout=timeout, cwd=workdir, check=False,
                            preexec_fn=_limits(max(1 << 30, 64 * image.length)), stdin=subprocess.DEVNULL)  # fmt: skip
     except subprocess.TimeoutExpired as e:
         raise DiffInputError(f"{what}: {ex.tool} did not finish within {timeout} s (corrupt {kind.value}?)") from e
@@ -395,7 +396,7 @@ class TempDirs:
         while self._dirs:
             rmtree_quiet(self._dirs.pop())
 
-    def __enter__(self) -> TempDirs:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

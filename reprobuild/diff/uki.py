@@ -36,6 +36,8 @@ def _sections(pe: PeImage, src: ByteSource) -> dict[str, tuple[int, ByteSource]]
 
 
 def compare_pe(name: str, a: ByteSource, b: ByteSource, ctx: Any, depth: int, compare: CompareFn) -> Difference | None:
+    from reprobuild.diff.compare import absorb
+
     limit = ctx.options.memory_limit
     # Section data is read in place; only the headers (SizeOfHeaders) need to be parsed.
     pa, pb = parse_pe(a.read(limit)), parse_pe(b.read(limit))
@@ -51,11 +53,7 @@ def compare_pe(name: str, a: ByteSource, b: ByteSource, ctx: Any, depth: int, co
         (ca, xa), (cb, xb) = sa[s], sb[s]
         inner = None if not ctx.may_descend(depth) else compare(s, Node(s, None, xa), Node(s, None, xb), ctx, depth + 1)
         fields = [Field.of("characteristics", f"{ca:#x}", f"{cb:#x}")]
-        if inner is not None and inner.kind in ("bytes", "text"):
-            details.append(Difference.of(s, "section", fields=fields + list(inner.fields), diff=inner.diff,
-                                         comments=inner.comments, details=inner.details))  # fmt: skip
-        else:
-            details.append(Difference.of(s, "section", fields=fields, details=[inner]))
+        details.append(absorb(s, "section", fields, inner))
     order_a = [s for s in sa if s in sb]
     order_b = [s for s in sb if s in sa]
     ta, tb = pa.cert_table, pb.cert_table

@@ -1,0 +1,381 @@
+"""reprobuild diff: two DDIs that differ in known ways report exactly those, classified; hostile inputs."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import tarfile
+import uuid
+from pathlib import Path
+
+import jsonschema
+import pytest
+from click.testing import CliRunner
+
+from reprobuild.cli import _register_commands, cli
+from reprobuild.diff.compare import DiffOptions, compare_paths, decompress
+from reprobuild.diff.detect import Kind, detect
+from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field, Status, leaves, summarize
+from reprobuild.diff.render import render_html, render_json, render_text, to_json_data
+from reprobuild.diff.source import ByteSource, TooLarge
+from tests.test_diff_support import CHANGES, EPOCH, make_ddi, make_keys, make_tree, set_partition_uuid
+
+SCHEMA = json.loads((Path(__file__).parents[1] / "reprobuild/diff/schema.json").read_text())
+ESP_UUID = uuid.UUID("12345678-1234-4234-8234-123456789abc")
+
+_register_commands()
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    r = CliRunner().invoke(cli, ["diff", *args], standalone_mode=False, catch_exceptions=True)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        # What reprobuild.cli.main does with a ReprobuildError: message + exit code.
+        code = getattr(r.exception, "exit_code", None)
+        assert code is not None, f"unexpected exception: {r.exception!r}"
+        return code, r.output + str(r.exception)
+    return (r.return_value if isinstance(r.return_value, int) else r.exit_code), r.output
+
+
+def cli_exit(*args: str) -> tuple[int, str]:
+    """Exit status as `reprobuild` would return it (click's ctx.exit raises Exit under standalone_mode=False)."""
+    import click
+
+    try:
+        rv = cli.main(args=["diff", *args], prog_name="reprobuild", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code, ""
+    except Exception as e:  # noqa: BLE001
+        return getattr(e, "exit_code", -1), getattr(e, "message", str(e))
+    return 0 if rv is None else rv, ""
+
+
+@pytest.fixture(scope="module")
+def ddis(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    w = tmp_path_factory.mktemp("ddis")
+    keys = make_keys(w)
+    a = make_ddi(w, "a", keys=keys)
+    a2 = make_ddi(w, "a2", keys=keys)
+    b = make_ddi(w, "b", frozenset(CHANGES), keys=keys)
+    set_partition_uuid(b, 0, ESP_UUID)
+    meta_only = make_ddi(w, "m", frozenset({"mtime"}), keys=keys)
+    return {"a": a, "a2": a2, "b": b, "m": meta_only, "dir": w}
+
+
+def by_path(diff: Difference | None) -> dict[str, Difference]:
+    assert diff is not None
+    return {" / ".join(p): n for p, n in leaves(diff)}
+
+
+# -- the acceptance test: known differences, exactly, classified -----------------------------------
+
+
+def test_identical_ddis_report_nothing(ddis: dict[str, Path]) -> None:
+    assert ddis["a"].read_bytes() == ddis["a2"].read_bytes()  # the builder is reproducible
+    result = compare_paths(ddis["a"], ddis["a2"])
+    assert result.identical and result.difference is None
+    assert "identical" in render_text(result)
+    assert cli_exit(str(ddis["a"]), str(ddis["a2"]))[0] == 0
+
+
+def test_ddi_reports_exactly_the_known_differences(ddis: dict[str, Path]) -> None:
+    result = compare_paths(ddis["a"], ddis["b"])
+    got = by_path(result.difference)
+    fs = "root-x86-64"
+    expected_files = {f"{fs} / {path}": (what, cls) for path, what, cls in CHANGES.values()}
+    files = {k: v for k, v in got.items() if k.startswith(fs + " / ")}
+    assert set(files) == set(expected_files)
+    for key, (what, cls) in expected_files.items():
+        node = files[key]
+        assert node.classification.value == cls, key
+        if what in ("added", "removed"):
+            assert node.status.value == what
+        elif what == "content":
+            assert node.diff is not None and "-alpha" in node.diff and "+bravo" in node.diff
+        else:
+            assert [f.name for f in node.fields] == [what]
+    # The partition UUID that was changed on purpose, and what follows from the new root hash:
+    # the verity partition UUIDs, the root hash and the signature — all metadata, nothing else.
+    others = {k: v for k, v in got.items() if k not in files}
+    assert set(others) == {"esp", "root-x86-64", "root-x86-64-verity", "root-x86-64-verity-sig"}
+    assert others["esp"].fields == (Field("UUID", str(others["esp"].fields[0].old), str(ESP_UUID), METADATA),)
+    assert all(f.classification is METADATA for n in others.values() for f in n.fields)
+    assert all(n.classification is METADATA for k, n in others.items() if k != "root-x86-64")
+    assert {f.name for f in others["root-x86-64-verity"].fields} == {"UUID", "root hash"}
+    assert {f.name for f in others["root-x86-64-verity-sig"].fields} == {"signed root hash", "signature"}
+    assert result.difference.classification is CONTENT
+    s = summarize(result.difference)
+    assert (s.content, s.metadata) == (4, 5)
+
+
+def test_metadata_only_pair_is_cosmetic_and_no_metadata_exits_0(ddis: dict[str, Path]) -> None:
+    result = compare_paths(ddis["a"], ddis["m"])
+    assert result.difference is not None and result.difference.classification is METADATA
+    assert "metadata-only" in render_text(result)
+    assert cli_exit(str(ddis["a"]), str(ddis["m"]))[0] == 1
+    assert cli_exit("--no-metadata", str(ddis["a"]), str(ddis["m"]))[0] == 0
+    assert compare_paths(ddis["a"], ddis["m"], DiffOptions(metadata=False)).identical
+
+
+def test_cli_json_matches_schema_and_html_is_self_contained(ddis: dict[str, Path], tmp_path: Path) -> None:
+    page = tmp_path / "diff.html"
+    code, out = run_cli("--json", "--html", str(page), str(ddis["a"]), str(ddis["b"]))
+    assert code == 1
+    doc = json.loads(out)
+    jsonschema.validate(doc, SCHEMA)
+    assert doc["schema"] == "reprobuild-diff/1" and doc["identical"] is False
+    assert doc["summary"] == {"differences": 9, "content": 4, "metadata": 5}
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "<details" in text and "<script" not in text
+    assert "http" not in text.split("<body>")[1]  # no external resources
+    same = to_json_data(compare_paths(ddis["a"], ddis["a2"]))
+    jsonschema.validate(same, SCHEMA)
+    assert same["difference"] is None and same["summary"]["differences"] == 0
+
+
+def test_exclude_and_max_depth(ddis: dict[str, Path]) -> None:
+    got = by_path(compare_paths(ddis["a"], ddis["b"], DiffOptions(exclude=("hostname", "usr/*"))).difference)
+    assert not any(k.endswith("hostname") or "/ usr/" in k for k in got)
+    assert any(k.endswith("etc/added.conf") for k in got)
+    shallow = compare_paths(ddis["a"], ddis["b"], DiffOptions(max_depth=1)).difference
+    node = by_path(shallow)["root-x86-64"]
+    assert any("max-depth" in c for c in node.comments) and node.classification is CONTENT
+
+
+# -- hostile and bad input: a clear error, exit 2, never a traceback -----------------------------
+
+
+def test_bad_gpt_crc_truncated_and_missing_input_exit_2(ddis: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.raw"
+    shutil.copy(ddis["a"], bad)
+    with open(bad, "r+b") as f:
+        f.seek(512 + 56)
+        f.write(b"\xff")
+    code, msg = cli_exit(str(bad), str(ddis["a"]))
+    assert code == 2 and "CRC32" in msg
+    trunc = tmp_path / "trunc.raw"
+    trunc.write_bytes(ddis["a"].read_bytes()[: 3 << 20])
+    code, msg = cli_exit(str(ddis["a"]), str(trunc))
+    assert code == 2 and "second image" in msg
+    code, msg = cli_exit(str(ddis["a"]), str(tmp_path / "nope"))
+    assert code == 2 and "No such file" in msg
+
+
+def test_corrupt_file_system_in_partition_is_a_clear_error(ddis: dict[str, Path], tmp_path: Path) -> None:
+    from reprobuild.image.gpt import read_gpt_path
+
+    bad = tmp_path / "badfs.raw"
+    shutil.copy(ddis["a"], bad)
+    disk = read_gpt_path(bad)
+    root = next(p for p in disk.partitions if p.name == "root-x86-64")
+    with open(bad, "r+b") as f:
+        f.seek(root.offset(disk.sector_size) + 40)  # squashfs superblock: inode table start etc.
+        f.write(b"\xff" * 48)
+    code, msg = cli_exit(str(ddis["a"]), str(bad))
+    assert code == 2 and "root-x86-64" in msg and "corrupt" in msg
+
+
+def test_verity_tree_not_matching_its_data_is_content(ddis: dict[str, Path], tmp_path: Path) -> None:
+    from reprobuild.image.gpt import read_gpt_path
+
+    bad = tmp_path / "tampered.raw"
+    shutil.copy(ddis["a"], bad)
+    disk = read_gpt_path(bad)
+    root = next(p for p in disk.partitions if p.name == "root-x86-64")
+    end = root.offset(disk.sector_size) + root.size(disk.sector_size)
+    with open(bad, "r+b") as f:  # the last byte of the data partition: padding, files stay the same
+        f.seek(end - 1)
+        f.write(b"\x01")
+    got = by_path(compare_paths(ddis["a"], bad).difference)
+    verity = got["root-x86-64-verity"]
+    assert Field("hash tree matches data", "yes", "no", CONTENT) in verity.fields
+    assert verity.classification is CONTENT
+    assert got["root-x86-64"].classification is CONTENT
+
+
+def test_decompression_is_bounded(tmp_path: Path) -> None:
+    bomb = gzip.compress(bytes(8 << 20))
+    with pytest.raises(TooLarge):
+        decompress(Kind.GZIP, ByteSource.of_bytes(bomb), 1 << 20)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "z.gz").write_bytes(bomb)
+    (b / "z.gz").write_bytes(gzip.compress(bytes(8 << 20) + b"x"))
+    got = by_path(compare_paths(a, b, DiffOptions(memory_limit=1 << 20)).difference)
+    assert any("not decompressed" in c for c in got["z.gz"].comments)
+
+
+@pytest.mark.parametrize("blob", [b"EFI PART" * 100, b"\x00" * 1024 + b"\xe2\xe1\xf5\xe0" + b"\0" * 3000,
+                                  b"hsqs" + b"\xff" * 5000, b"070701" + b"Z" * 200, b"\x1f\x8b\x08" + b"\0" * 50],
+                         ids=["gpt-magic-only", "erofs-magic-only", "squashfs-garbage", "cpio-garbage", "gzip-garbage"])
+def test_hostile_top_level_inputs_exit_2(tmp_path: Path, blob: bytes) -> None:
+    x, y = tmp_path / "x", tmp_path / "y"
+    x.write_bytes(blob)
+    y.write_bytes(blob[:-1] + b"\x01")
+    code, msg = cli_exit(str(x), str(y))
+    assert code == 2, msg
+    assert msg and "Traceback" not in msg
+
+
+def test_hostile_nested_member_falls_back_to_bytes(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x.gz").write_bytes(b"\x1f\x8b\x08" + b"\0" * 50)
+    (b / "x.gz").write_bytes(b"\x1f\x8b\x08" + b"\1" * 50)
+    node = by_path(compare_paths(a, b).difference)["x.gz"]
+    assert any("could not be read as gzip" in c for c in node.comments)
+
+
+# -- formats ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fs", ["erofs", "ext4", "squashfs"])
+def test_file_system_images_and_mixed_pairs(tmp_path: Path, fs: str) -> None:
+    from reprobuild.image.fs import make_filesystem
+
+    ta = make_tree(tmp_path / "ta")
+    tb = make_tree(tmp_path / "tb", frozenset({"content", "mode", "added", "removed"}))
+    ia, ib = tmp_path / "a.img", tmp_path / "b.img"
+    make_filesystem(fs, ta, ia, uuid.UUID(int=7), EPOCH, "root")
+    make_filesystem(fs, tb, ib, uuid.UUID(int=7), EPOCH, "root")
+    assert detect(ByteSource.of_file(ia)).value == fs
+    got = by_path(compare_paths(ia, ib).difference)
+    want = {p for name, (p, _, _) in CHANGES.items() if name != "mtime"}
+    assert set(got) == want
+    # An image against a directory: the same differences (make_filesystem clamps times to EPOCH,
+    # and so does make_tree).
+    mixed = by_path(compare_paths(ia, tb, DiffOptions(exclude=("lost+found",))).difference)
+    assert set(mixed) == want
+    assert compare_paths(ia, ta, DiffOptions(exclude=("lost+found",))).identical
+
+
+def test_same_files_different_superblock_is_metadata(tmp_path: Path) -> None:
+    from reprobuild.image.fs import make_filesystem
+
+    t = make_tree(tmp_path / "t")
+    ia, ib = tmp_path / "a.img", tmp_path / "b.img"
+    make_filesystem("erofs", t, ia, uuid.UUID(int=1), EPOCH, "root")
+    make_filesystem("erofs", t, ib, uuid.UUID(int=2), EPOCH, "root")
+    d = compare_paths(ia, ib).difference
+    assert d is not None and d.classification is METADATA
+    assert [f.name for f in d.fields] == ["UUID"]
+
+
+def _tar(tree: Path, out: Path, mtime_bump: str | None = None) -> None:
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tf:
+        for p in sorted(tree.rglob("*")):
+            ti = tf.gettarinfo(str(p), p.relative_to(tree).as_posix())
+            if p.relative_to(tree).as_posix() == mtime_bump:
+                ti.mtime += 60
+            tf.addfile(ti, io.BytesIO(p.read_bytes()) if ti.isreg() else None)
+
+
+def test_tar_against_directory_and_nested_archives(tmp_path: Path) -> None:
+    ta = make_tree(tmp_path / "ta")
+    tb = make_tree(tmp_path / "tb", frozenset({"content"}))
+    _tar(ta, tmp_path / "a.tar")
+    _tar(tb, tmp_path / "b.tar", mtime_bump="etc/os-release")
+    got = by_path(compare_paths(tmp_path / "a.tar", tmp_path / "b.tar").difference)
+    assert set(got) == {"etc/hostname", "etc/os-release"}
+    assert got["etc/os-release"].classification is METADATA
+    assert set(by_path(compare_paths(tmp_path / "a.tar", tb).difference)) == {"etc/hostname"}
+    # A .tar.gz inside a directory is opened: gzip → tar → the member that differs.
+    da, db = tmp_path / "da", tmp_path / "db"
+    da.mkdir(), db.mkdir()
+    (da / "x.tar.gz").write_bytes(gzip.compress((tmp_path / "a.tar").read_bytes(), mtime=0))
+    (db / "x.tar.gz").write_bytes(gzip.compress((tmp_path / "b.tar").read_bytes(), mtime=0))
+    nested = by_path(compare_paths(da, db).difference)
+    assert "x.tar.gz / x.tar / etc/hostname" in nested
+
+
+def test_text_binary_and_json(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "t.txt").write_text("one\ntwo\nthree\n")
+    (b / "t.txt").write_text("one\n2\nthree\n")
+    (a / "x.bin").write_bytes(b"\0\1\2\3" * 100)
+    (b / "x.bin").write_bytes(b"\0\1\2\3" * 50 + b"\0\1\2\4" + b"\0\1\2\3" * 49)
+    (a / "image.manifest.json").write_text(json.dumps({"image": {"uuid": "1", "packages": ["a=1"]}}))
+    (b / "image.manifest.json").write_text(json.dumps({"image": {"uuid": "2", "packages": ["a=2"]}}))
+    got = by_path(compare_paths(a, b).difference)
+    assert "-two\n+2\n" in got["t.txt"].diff
+    assert any("first difference at offset 203 (0xcb)" in c for c in got["x.bin"].comments)
+    fields = {f.name: f for f in got["image.manifest.json"].fields}
+    assert fields["image.uuid"].classification is METADATA
+    assert fields["image.packages[0]"] == Field("image.packages[0]", '"a=1"', '"a=2"', CONTENT)
+
+
+def _lock(version: str, date: str) -> bytes:
+    from reprobuild.lockfile import Lock, LockedPackage, LockSource, PackageSet, dumps
+
+    src = LockSource("bookworm/main", "debian", "bookworm", "bookworm", "main", date, "20240101T000000Z",
+                     "a" * 64, "b" * 64)  # fmt: skip
+    pkgs = tuple(LockedPackage(n, v, "amd64", "bookworm/main", n, v, f"pool/main/{n}_{v}.deb", 100, h * 64, 10,
+                               False, "optional", "no", (), ())
+                 for n, v, h in (("base-files", "12.4", "c"), ("hello", version, "d" if version == "2.10-3" else "e")))  # fmt: skip
+    return dumps(Lock("f" * 64, "debian", "bookworm", "amd64", EPOCH, "0" * 32, (src,),
+                      (PackageSet("image", "bookworm", "", ("hello",), False, pkgs),), {"packages": ["hello"]}))  # fmt: skip
+
+
+def test_lockfiles_report_package_versions(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.lock", tmp_path / "b.lock"
+    a.write_bytes(_lock("2.10-3", "Sat, 10 Feb 2024 10:00:00 UTC"))
+    b.write_bytes(_lock("2.10-4", "Sat, 17 Feb 2024 10:00:00 UTC"))
+    assert detect(ByteSource.of_file(a)) is Kind.LOCKFILE
+    got = by_path(compare_paths(a, b).difference)
+    assert set(got) == {"sources / bookworm/main", "set image / hello:amd64"}
+    pkg = got["set image / hello:amd64"]
+    assert {f.name: (f.old, f.new) for f in pkg.fields}["version"] == ("2.10-3", "2.10-4")
+    assert pkg.classification is CONTENT
+    assert got["sources / bookworm/main"].classification is METADATA
+    assert "version: 2.10-3 → 2.10-4" in render_text(compare_paths(a, b))
+    bad = tmp_path / "bad.lock"
+    bad.write_text('{"config_digest": 1, "sets": []}')
+    assert cli_exit(str(a), str(bad))[0] == 2
+
+
+def test_uki_sections_and_initrd_cpio(tmp_path: Path) -> None:
+    from reprobuild.image.cpio import CpioEntry, write_cpio
+    from tests.test_pe import make_pe
+
+    def initrd(init: bytes) -> bytes:
+        buf = io.BytesIO()
+        write_cpio([CpioEntry("init", 0o100755, data=init), CpioEntry("etc", 0o40755)], buf)
+        return buf.getvalue()
+
+    def uki(cmdline: bytes, init: bytes) -> bytes:
+        return make_pe([(".osrel", b"ID=debian\n"), (".cmdline", cmdline), (".uname", b"6.1.0-18-amd64"),
+                        (".initrd", initrd(init)), (".linux", b"\x90" * 700)])  # fmt: skip
+
+    a, b = tmp_path / "a.efi", tmp_path / "b.efi"
+    a.write_bytes(uki(b"root=PARTUUID=1 ro", b"#!/bin/sh\n"))
+    b.write_bytes(uki(b"root=PARTUUID=1 rw", b"#!/bin/sh\nexec /sbin/init\n"))
+    assert detect(ByteSource.of_file(a)) is Kind.PE
+    got = by_path(compare_paths(a, b).difference)
+    assert set(got) == {".cmdline", ".initrd / init"}
+    assert "+root=PARTUUID=1 rw" in got[".cmdline"].diff
+    assert "+exec /sbin/init" in got[".initrd / init"].diff
+
+
+def test_difference_constructors_return_none_for_same() -> None:
+    assert Difference.of("x", "file") is None
+    assert Difference.of("x", "file", fields=[Field.of("mode", "0644", "0644")], details=[None]) is None
+    assert Field.of("mode", 1, 1) is None
+    d = Difference.of("x", "file", fields=[Field.of("mtime", 1, 2, METADATA)])
+    assert d is not None and d.classification is METADATA and d.status is Status.CHANGED
+
+
+def test_render_text_and_html_escape(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "<x>.txt").write_text("<script>\n")
+    (b / "<x>.txt").write_text("</script>\n")
+    r = compare_paths(a, b)
+    page = render_html(r)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    text = render_text(r)
+    assert text.index("Summary") < text.index("Details")
+    assert json.loads(render_json(r))["summary"]["differences"] == 1
+    _ = os
