@@ -596,3 +596,20 @@ def test_live_debian_mirror(tmp_path, session):
                        f"({len(cold.packages)} packages), cached load {warm_s:.2f}s")  # fmt: skip
         assert warm_s < 1.5, timings[-1]
     print("\n" + "\n".join(timings))
+
+
+def test_security_style_components_are_accepted() -> None:
+    """debian-security lists "updates/main" in Components but keeps indices under main/."""
+    from datetime import datetime, timezone
+
+    from reprobuild.debian.repository import ReleaseFile, RepositorySource, fetch_packages
+
+    release = ReleaseFile(suite="stable-security", codename="trixie-security",
+                          date=datetime(2026, 1, 1, tzinfo=timezone.utc), components=("updates/main",))
+    source = RepositorySource(archive="debian-security", base_url="http://127.0.0.1:9", suite="trixie-security")
+    # The component check passes; the failure comes later, from the missing index entry.
+    with pytest.raises(RepositoryError) as e:
+        fetch_packages(None, source, release, "main", "amd64")
+    assert "has no component" not in str(e.value)
+    with pytest.raises(RepositoryError, match="has no component 'contrib'"):
+        fetch_packages(None, source, release, "contrib", "amd64")

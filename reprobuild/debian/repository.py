@@ -467,7 +467,9 @@ def fetch_packages(
     Every package's ``origin`` is ``"<suite>/<component>"``.
     """
     rel = release.release if isinstance(release, VerifiedRelease) else release
-    if rel.components and component not in rel.components:
+    # debian-security's Release lists its components as "updates/main" etc., while the index
+    # paths in it are plain "main/binary-amd64/…"; both spellings name the same component.
+    if rel.components and component not in rel.components and f"updates/{component}" not in rel.components:
         raise RepositoryError(
             f"{source.suite} has no component {component!r} (it has: {', '.join(rel.components)})"
         )
