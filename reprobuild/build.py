@@ -143,7 +143,7 @@ def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOption
             with _timed(result, "cpio"):
                 _write_output(target, lambda f: cpio_from_tree(tree, f, lock.source_date_epoch, keep_owners=True))
         elif fmt == "disk":
-            from reprobuild.image.assemble import build_disk
+            from reprobuild.assemble import build_disk
 
             manifest.update(build_disk(spec, lock, store, tree, work, target, say, result.timings))
         else:

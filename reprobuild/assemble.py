@@ -1,0 +1,261 @@
+"""The disk stage: a built root tree → a Discoverable Disk Image, bootable when the lock has a kernel.
+
+Order of work, each step a call into a format module:
+
+1. the root (or ``/usr``) file system from the tree (``image.fs``), UUID derived from the seed;
+2. its dm-verity root hash (``image.verity``), needed by the kernel command line;
+3. for bootable images: the initrd tree from the lock's ``initrd`` package set plus the kernel
+   modules that find and verify the root, as a deterministic cpio (``image.initrd``); the UKI from
+   the locked stub and kernel (``image.uki``), signed (``image.authenticode``); the ESP (``image.esp``);
+4. the DDI (``image.ddi``): GPT, verity hash and signature partitions, written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from reprobuild.config import ImageSpec
+from reprobuild.errors import BuildError
+from reprobuild.lockfile import Lock, write_atomic
+from reprobuild.store import Store
+
+Say = Callable[[str], None]
+
+# Per DPS architecture: the systemd-stub file inside the tree, and the removable-media boot path.
+BOOT_FILES = {
+    "x86-64": ("usr/lib/systemd/boot/efi/linuxx64.efi.stub", "EFI/BOOT/BOOTX64.EFI",
+               "usr/lib/systemd/boot/efi/systemd-bootx64.efi"),
+    "arm64": ("usr/lib/systemd/boot/efi/linuxaa64.efi.stub", "EFI/BOOT/BOOTAA64.EFI",
+              "usr/lib/systemd/boot/efi/systemd-bootaa64.efi"),
+}
+
+# Kernel command line words every verity image gets. The root is read-only, so systemd-firstboot
+# must not stop the boot to ask questions on the console.
+DEFAULT_CMDLINE = ("systemd.firstboot=off",)
+
+# Initrd pruning: documentation, manuals and translations are never read while looking for the
+# root file system, and they make up a large share of the Essential set.
+INITRD_PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
+                "usr/share/lintian", "var/cache/debconf", "var/lib/apt", "var/cache/apt")
+
+
+@dataclass(frozen=True)
+class VerityChoice:
+    mode: str  # "signed" | "hash" | "no"
+    key: Path | None
+    certificate: Path | None
+
+
+def choose_verity(spec: ImageSpec) -> VerityChoice:
+    mode = spec.build.verity
+    key, cert = spec.signing.verity_key, spec.signing.verity_certificate
+    if mode == "auto":
+        mode = "signed" if key and cert else "hash"
+    if mode == "signed":
+        for what, path in (("VerityKey=", key), ("VerityCertificate=", cert)):
+            if path is None:
+                raise BuildError(f"Verity=signed needs [Signing] {what}",
+                                 hint="create a pair with reprobuild keygen --verity --out keys/verity")
+            if not path.exists():
+                raise BuildError(f"[Signing] {what}{path}: no such file",
+                                 hint="create a pair with reprobuild keygen --verity --out keys/verity")
+    if mode == "no" and spec.build.root_filesystem != "ext4":
+        raise BuildError("Verity=no makes a writable root, which needs RootFilesystem=ext4")
+    return VerityChoice(mode, key, cert)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_bootable(spec: ImageSpec, lock: Lock) -> bool:
+    return lock.has_set("initrd") and spec.content.bootable != "no"
+
+
+def build_initrd(spec: ImageSpec, lock: Lock, store: Store, root_tree: Path, kernel_version: str, work: Path,
+                 say: Say) -> Path:
+    """The initrd of a bootable image, as a zstd-compressed newc cpio at ``work/initrd.cpio.zst``."""
+    from reprobuild.build import planned_packages
+    from reprobuild.image.initrd import DEFAULT_ROOT_MODULES, make_initrd_cpio, select_kernel_modules
+    from reprobuild.rootfs.plan import TreeSettings
+    from reprobuild.rootfs.sandbox import run_in_tree
+    from reprobuild.rootfs.tree import build_tree
+
+    initrd_tree = work / "initrd-tree"
+    package_set = lock.package_set("initrd")
+    say(f"building the initrd tree ({len(package_set.packages)} packages)")
+    build_tree(planned_packages(package_set), store.path, initrd_tree, TreeSettings(machine_id=""),
+               lock.source_date_epoch, progress=say)
+
+    # Kernel modules: the closure (modules.dep) of what finding and verifying the root needs.
+    modules_src = root_tree / "usr/lib/modules" / kernel_version
+    modules_dst = initrd_tree / "usr/lib/modules" / kernel_version
+    wanted = tuple(DEFAULT_ROOT_MODULES) + tuple(spec.initrd.kernel_modules)
+    for module in select_kernel_modules(modules_src, wanted):
+        dest = modules_dst / module.relative_to(modules_src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(module, dest)
+    for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        if (modules_src / name).exists():
+            shutil.copy2(modules_src / name, modules_dst / name)
+    # depmod from the initrd's own (locked) kmod writes the indexes libkmod reads; its output is
+    # sorted and carries no timestamps.
+    result = run_in_tree(initrd_tree, ["depmod", "-a", kernel_version])
+    if result.returncode != 0:
+        raise BuildError(f"depmod failed in the initrd tree: {result.output[-500:]}")
+
+    # systemd recognises an initrd by /etc/initrd-release; the kernel runs /init.
+    os_release = (initrd_tree / "usr/lib/os-release").read_text()
+    (initrd_tree / "etc/initrd-release").unlink(missing_ok=True)
+    (initrd_tree / "etc/initrd-release").write_text(os_release)
+    init = initrd_tree / "init"
+    init.unlink(missing_ok=True)
+    init.symlink_to("usr/lib/systemd/systemd")
+    for rel in INITRD_PRUNE:
+        shutil.rmtree(initrd_tree / rel, ignore_errors=True)
+    epoch = lock.source_date_epoch
+    for path in (initrd_tree / "etc/initrd-release", init):
+        os.utime(path, (epoch, epoch), follow_symlinks=False)
+    out = work / "initrd.cpio.zst"
+    say("writing the initrd")
+    make_initrd_cpio(initrd_tree, out, epoch)
+    return out
+
+
+def _read_os_release(tree: Path) -> str:
+    for rel in ("usr/lib/os-release", "etc/os-release"):
+        path = tree / rel
+        if path.is_file() and not path.is_symlink():
+            return path.read_text()
+    raise BuildError("the root tree has no os-release (usr/lib/os-release)")
+
+
+def build_boot(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path, root_hash: str,
+               layout: str, say: Say, timings: dict[str, float]) -> tuple[Path, dict[str, Any]]:
+    """UKI (signed when a Secure Boot key is configured) on an ESP image. Returns (esp, manifest part)."""
+    from reprobuild.image.authenticode import sign_pe
+    from reprobuild.image.ddi import esp_fs_uuid
+    from reprobuild.image.esp import make_esp
+    from reprobuild.image.initrd import find_kernel_version
+    from reprobuild.image.uki import build_uki
+
+    arch = spec.distribution.architecture
+    stub_rel, boot_path, sdboot_rel = BOOT_FILES[arch]
+    kernel_version = find_kernel_version(tree / "usr/lib/modules")
+    kernel_path = tree / "boot" / f"vmlinuz-{kernel_version}"
+    if not kernel_path.is_file():
+        raise BuildError(f"the root tree has modules for {kernel_version} but no {kernel_path.relative_to(tree)}")
+    stub_path = tree / stub_rel
+    if not stub_path.is_file():
+        raise BuildError(f"no systemd-stub at /{stub_rel}", hint="add systemd-boot-efi to [Content] Packages=")
+
+    started = time.monotonic()
+    initrd = build_initrd(spec, lock, store, tree, kernel_version, work, say)
+    timings["initrd"] = round(time.monotonic() - started, 3)
+
+    started = time.monotonic()
+    hash_word = "usrhash" if layout == "usr" else "roothash"
+    cmdline = " ".join((f"{hash_word}={root_hash}",) + DEFAULT_CMDLINE + tuple(spec.content.kernel_command_line))
+    initrd_bytes = initrd.read_bytes()
+    uki = build_uki(stub_path.read_bytes(), kernel_path.read_bytes(), initrd_bytes, cmdline,
+                    _read_os_release(tree), kernel_version)
+    unsigned_sha = _sha256(uki)
+    signing = spec.signing
+    signed = False
+    if signing.secure_boot_key or signing.secure_boot_certificate:
+        if not (signing.secure_boot_key and signing.secure_boot_certificate):
+            raise BuildError("Secure Boot signing needs both SecureBootKey= and SecureBootCertificate=")
+        key_pem = signing.secure_boot_key.read_bytes()
+        cert_pem = signing.secure_boot_certificate.read_bytes()
+        uki = sign_pe(uki, key_pem, cert_pem)
+        signed = True
+    files: dict[str, bytes] = {}
+    if spec.build.bootloader == "systemd-boot":
+        sdboot = (tree / sdboot_rel).read_bytes()
+        if signed:
+            sdboot = sign_pe(sdboot, key_pem, cert_pem)
+        files[boot_path] = sdboot
+        files[f"EFI/systemd/{Path(sdboot_rel).name}"] = sdboot
+        files[f"EFI/Linux/{kernel_version}.efi"] = uki
+    else:
+        files[boot_path] = uki
+    esp = work / "esp.img"
+    volume_id = int.from_bytes(esp_fs_uuid(bytes.fromhex(lock.seed)).bytes[:4], "big")
+    make_esp(files, esp, volume_id=volume_id, label="ESP", epoch=lock.source_date_epoch)
+    timings["uki+esp"] = round(time.monotonic() - started, 3)
+    return esp, {
+        "kernel_version": kernel_version,
+        "cmdline": cmdline,
+        "initrd_sha256": _sha256(initrd_bytes),
+        "initrd_size": len(initrd_bytes),
+        "uki_unsigned_sha256": unsigned_sha,
+        "uki_sha256": _sha256(uki),
+        "uki_signed": signed,
+        "uki_path": boot_path,
+        "bootloader": spec.build.bootloader,
+        "esp_sha256": _sha256_file(esp),
+    }
+
+
+def build_disk(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path, target: Path, say: Say,
+               timings: dict[str, float]) -> dict[str, Any]:
+    """Write ``target`` (image.raw) and ``image.roothash`` beside it; return the manifest fields."""
+    from reprobuild.image import ids, verity
+    from reprobuild.image.ddi import DdiSpec, build_ddi, data_fs_uuid
+    from reprobuild.image.fs import make_filesystem
+
+    seed = bytes.fromhex(lock.seed)
+    arch = spec.distribution.architecture
+    layout = spec.build.root_layout
+    choice = choose_verity(spec)
+    epoch = lock.source_date_epoch
+
+    started = time.monotonic()
+    fs_tree = tree / "usr" if layout == "usr" else tree
+    fs_image = work / "root.img"
+    say(f"making the {spec.build.root_filesystem} file system")
+    fs = make_filesystem(spec.build.root_filesystem, fs_tree, fs_image, data_fs_uuid(seed, arch, layout), epoch,
+                         label=layout, read_only=choice.mode != "no")
+    timings["filesystem"] = round(time.monotonic() - started, 3)
+
+    manifest: dict[str, Any] = {
+        "filesystem": {"type": fs.kind.value, "tool": fs.tool, "version": fs.version, "argv": list(fs.argv),
+                       "size": fs.size},
+    }
+    esp = None
+    if is_bootable(spec, lock):
+        if choice.mode == "no":
+            raise BuildError("bootable images need dm-verity (Verity=hash or signed): the UKI pins the root hash")
+        started = time.monotonic()
+        params = verity.VerityParams(ids.verity_salt(seed), ids.verity_superblock_uuid(seed))
+        root_hash = verity.hash_file(fs_image, params).root_hash.hex()
+        timings["verity-precompute"] = round(time.monotonic() - started, 3)
+        esp, boot = build_boot(spec, lock, store, tree, work, root_hash, layout, say, timings)
+        manifest["boot"] = boot
+
+    started = time.monotonic()
+    say("writing the disk image")
+    result = build_ddi(DdiSpec(architecture=arch, seed=seed, root_fs_image=fs_image, output=target,
+                               verity=choice.mode, key=choice.key, certificate=choice.certificate,
+                               esp_image=esp, layout=layout))
+    timings["ddi"] = round(time.monotonic() - started, 3)
+    if esp is not None and result.root_hash != manifest["boot"]["cmdline"].split()[0].split("=", 1)[1]:
+        raise BuildError("internal error: the UKI's root hash differs from the image's")
+    if result.root_hash:
+        write_atomic(target.with_name(target.stem + ".roothash"), (result.root_hash + "\n").encode())
+    manifest.update(result.manifest())
+    return manifest
