@@ -54,9 +54,8 @@ def make_tree(root: Path, changes: frozenset[str] = frozenset(), extra_bytes: in
     if extra_bytes:
         big = root / "usr/lib/big"
         big.mkdir(parents=True, exist_ok=True)
-        block = bytes(range(256)) * 4096  # 1 MiB
-        for i in range(max(1, extra_bytes >> 20)):
-            (big / f"blob{i:04d}").write_bytes(block[:-8] + i.to_bytes(8, "little"))
+        for i in range(max(1, extra_bytes >> 20)):  # incompressible 1 MiB files, same in every build
+            (big / f"blob{i:04d}").write_bytes(hashlib.shake_256(i.to_bytes(8, "little")).digest(1 << 20))
     os.symlink("../usr/bin/tool", root / "etc/tool-link")
     for p in sorted(root.rglob("*"), reverse=True):
         t = EPOCH + 3600 if ("mtime" in changes and p == root / "etc/os-release") else EPOCH
