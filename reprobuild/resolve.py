@@ -97,7 +97,7 @@ class RepoCandidate:
     """One version of a real package from the index. One object per (name, version) per universe,
     so identity comparison is exact and cheap."""
 
-    __slots__ = ("package", "key", "provides", "_rank")
+    __slots__ = ("package", "key", "provides")
 
     def __init__(self, package: BinaryPackage) -> None:
         self.package = package
@@ -173,11 +173,18 @@ class VersionedRequirement:
 
     key: PackageKey
     relation: Relation
+    # resolvelib re-checks every pin against every requirement each round: memoise the answers
+    # (keyed by candidate identity; one RepoCandidate object exists per version).
+    _answers: dict = field(default_factory=dict, compare=False, repr=False)
     positive = True
     verb = "depends on"
 
     def is_satisfied_by(self, candidate: Candidate) -> bool:
-        return isinstance(candidate, RepoCandidate) and candidate.satisfies(self.relation)
+        answer = self._answers.get(candidate)
+        if answer is None:
+            answer = isinstance(candidate, RepoCandidate) and candidate.satisfies(self.relation)
+            self._answers[candidate] = answer
+        return answer
 
     def format_for_error(self) -> str:
         if self.relation.name == self.key.name:
@@ -211,6 +218,7 @@ class ConflictRequirement:
     key: PackageKey
     relation: Relation
     kind: str  # "conflicts with" | "breaks"
+    _answers: dict = field(default_factory=dict, compare=False, repr=False)  # as VersionedRequirement
     positive = False
 
     @property
@@ -218,9 +226,13 @@ class ConflictRequirement:
         return self.kind
 
     def is_satisfied_by(self, candidate: Candidate) -> bool:
-        if isinstance(candidate, AbsentCandidate):
-            return True
-        return isinstance(candidate, RepoCandidate) and not candidate.satisfies(self.relation)
+        answer = self._answers.get(candidate)
+        if answer is None:
+            answer = isinstance(candidate, AbsentCandidate) or (
+                isinstance(candidate, RepoCandidate) and not candidate.satisfies(self.relation)
+            )
+            self._answers[candidate] = answer
+        return answer
 
     def format_for_error(self) -> str:
         if self.relation.name == self.key.name:
@@ -335,10 +347,14 @@ class Universe:
         names = list(self._versions) + [n for n in self._providers if n not in self._versions]
         return difflib.get_close_matches(name, names, n=3, cutoff=0.75)
 
+    @cached_property
     def essential_names(self) -> tuple[str, ...]:
+        """Names whose candidate is ``Essential: yes``, sorted."""
         return tuple(n for n, v in self._versions.items() if v[0].package.essential)
 
+    @cached_property
     def required_names(self) -> tuple[str, ...]:
+        """Names whose candidate has ``Priority: required``, sorted."""
         return tuple(n for n, v in self._versions.items() if v[0].package.priority == "required")
 
     # --- Debian semantics
@@ -569,10 +585,10 @@ def _root_requirements(universe: Universe, request: ResolveRequest) -> list[tupl
         else:
             roots.append((universe.requirement_for((Relation(name),)), "requested"))
     if request.base_set in ("essential", "minbase"):
-        roots += [(VersionedRequirement(PackageKey(n), Relation(n)), "essential") for n in universe.essential_names()]
+        roots += [(VersionedRequirement(PackageKey(n), Relation(n)), "essential") for n in universe.essential_names]
     if request.base_set == "minbase":
         # debootstrap/mmdebstrap minbase: Essential + Priority: required + apt.
-        required = set(universe.required_names()) | ({"apt"} if universe.versions("apt") else set())
+        required = set(universe.required_names) | ({"apt"} if universe.versions("apt") else set())
         roots += [(VersionedRequirement(PackageKey(n), Relation(n)), "priority required") for n in sorted(required)]
     return roots
 
