@@ -286,6 +286,17 @@ class NewSection(NamedTuple):
     linux_size_of_image: int | None = None
 
 
+def section_capacity(pe: PeImage, name: str) -> int:
+    """How many bytes an existing section can hold in place: its raw size, and no more than the
+    address space before the next section (so the data cannot overlap it once loaded)."""
+    sec = pe.section(name)
+    if sec is None:
+        raise PeInvalid(f"PE: no section {name}")
+    following = [s.virtual_address for s in pe.sections if s.virtual_address > sec.virtual_address]
+    va_room = (min(following) if following else 1 << 32) - sec.virtual_address
+    return min(sec.size_of_raw_data, va_room)
+
+
 def _check_name(name: str) -> bytes:
     raw = name.encode("ascii")
     # PE section names in an image are at most 8 bytes (longer names need a COFF string table,
@@ -336,7 +347,6 @@ def add_sections(stub: bytes, sections: Sequence[NewSection | tuple[str, bytes, 
         raise PeInvalid("PE: SizeOfHeaders would overlap the first section")
     OPTIONAL_HEADER_64.put(buf, pe.optional_offset, "SizeOfHeaders", size_of_headers)
     existing = {s.name: s for s in pe.sections}
-    by_va = sorted(pe.sections, key=lambda s: s.virtual_address)
     n_sections = len(pe.sections)
     last_va_end = max((s.virtual_address + s.virtual_size for s in pe.sections), default=0)
     init_data = pe.optional["SizeOfInitializedData"]
@@ -345,11 +355,11 @@ def add_sections(stub: bytes, sections: Sequence[NewSection | tuple[str, bytes, 
         raw_name = _check_name(new.name)
         if new.name in existing:
             old = existing[new.name]
-            following = [s.virtual_address for s in by_va if s.virtual_address > old.virtual_address]
-            va_room = (following[0] if following else 1 << 32) - old.virtual_address
-            if len(new.data) > old.size_of_raw_data or len(new.data) > va_room:
+            # ukify checks only the raw size; we also refuse to overlap the next section's addresses.
+            capacity = section_capacity(pe, new.name)
+            if len(new.data) > capacity:
                 raise PeInvalid(f"PE: {len(new.data)} bytes do not fit the stub's {new.name} section "
-                                f"({old.size_of_raw_data} raw bytes, {va_room} bytes of address space)")  # fmt: skip
+                                f"(room for {capacity} bytes)")  # fmt: skip
             start = old.pointer_to_raw_data
             buf[start : start + old.size_of_raw_data] = new.data + bytes(old.size_of_raw_data - len(new.data))
             SECTION_HEADER.put(buf, old.header_offset, "VirtualSize", len(new.data))
