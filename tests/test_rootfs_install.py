@@ -37,7 +37,10 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_host_base(tmp_path_factory.mktemp("hostbase"))
 
 
-def _build(workdir: Path, debs: list[Path], settings: TreeSettings = TreeSettings(), name: str = "tree") -> Path:
+DEFAULT_SETTINGS = TreeSettings()
+
+
+def _build(workdir: Path, debs: list[Path], settings: TreeSettings = DEFAULT_SETTINGS, name: str = "tree") -> Path:
     plan, paths = plan_from_debs(debs)
     out = workdir / name
     build_tree(plan, paths.__getitem__, out, settings, EPOCH)

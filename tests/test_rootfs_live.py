@@ -43,7 +43,7 @@ ONLY_OURS = {"./etc/machine-id"}  # MachineId= default: an empty file (mmdebstra
 
 def _mirror() -> str:
     text = Path("/etc/apt/sources.list.d/debian.sources").read_text()
-    m = re.search(r"^URIs:\s*(\S+)", text, re.M)
+    m = re.search(r"^URIs:\s*(\S+)", text, re.MULTILINE)
     assert m, "no URIs: in the host's debian.sources"
     return m.group(1)
 

@@ -158,7 +158,7 @@ class DebFile:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
-            self._f: BinaryIO = open(self.path, "rb")
+            self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115 (closed by close()/__exit__)
         except OSError as e:
             raise FormatError(f"cannot open {self.path}: {e.strerror}") from e
         try:
@@ -190,7 +190,7 @@ class DebFile:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> DebFile:
+    def __enter__(self) -> DebFile:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,7 +25,7 @@ from reprobuild.rootfs.normalize import normalize
 from reprobuild.rootfs.plan import PlannedPackage, TreeSettings
 from reprobuild.rootfs.sandbox import DEFAULT_HOSTNAME, check_can_sandbox
 
-__all__ = ["PlannedPackage", "TreeSettings", "build_tree", "write_tar", "write_cpio", "sandbox_env"]
+__all__ = ["PlannedPackage", "TreeSettings", "build_tree", "sandbox_env", "write_cpio", "write_tar"]
 
 
 def sandbox_env(epoch: int) -> dict[str, str]:
@@ -105,10 +105,10 @@ def write_cpio(tree: Path, out: Path, epoch: int) -> None:
     if out.exists():
         raise BuildError(f"{out} already exists")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
     try:
-        os.unlink(tmp)
-        cpio_from_tree(Path(tree), Path(tmp), epoch)
+        with os.fdopen(fd, "wb") as f:
+            # keep_owners: a root file system needs its numeric owners (an initrd writer may drop them).
+            cpio_from_tree(Path(tree), f, epoch, keep_owners=True)
         os.chmod(tmp, 0o644)
         os.rename(tmp, out)
     except BaseException:
