@@ -229,3 +229,16 @@ def test_out_must_not_exist_and_dpkg_is_required(tmp_path: Path, base: Path) -> 
     with pytest.raises(BuildError, match="no /usr/bin/dpkg"):
         build_tree(plan, paths.__getitem__, tmp_path / "t2", TreeSettings(), EPOCH)
     assert _leftovers(tmp_path) == []
+
+
+def test_interrupt_leaves_nothing(tmp_path: Path, base: Path) -> None:
+    plan, paths = plan_from_debs([base, dpkg_deb_build(tmp_path, "x")])
+
+    def interrupt(message: str) -> None:
+        if message.startswith("installing layer"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_tree(plan, paths.__getitem__, tmp_path / "tree", TreeSettings(), EPOCH, progress=interrupt)
+    assert not (tmp_path / "tree").exists()
+    assert _leftovers(tmp_path) == [] and _mounts_under(tmp_path) == []
