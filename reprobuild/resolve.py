@@ -23,11 +23,12 @@ never by hash or input order, so the same universe and request always give the s
 from __future__ import annotations
 
 import difflib
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any, Final, Union
+from typing import Any, Final
 
 import resolvelib
 from resolvelib.resolvers import ResolutionImpossible, ResolutionTooDeep
@@ -38,11 +39,27 @@ from reprobuild.debian.version import check_relation, version_key
 from reprobuild.errors import ResolutionFailed
 
 __all__ = [
-    "Universe", "ResolveRequest", "ResolvedPackage", "Resolution", "resolve", "explain_conflict",
-    "check_consistency", "InconsistentResolution", "DebProvider", "ProgressReporter",
-    "PackageKey", "AlternativesKey", "RepoCandidate", "AbsentCandidate", "ChoiceCandidate",
-    "SkipCandidate", "VersionedRequirement", "PinnedRequirement", "ConflictRequirement",
-    "AlternativesRequirement", "BASE_SETS",
+    "BASE_SETS",
+    "AbsentCandidate",
+    "AlternativesKey",
+    "AlternativesRequirement",
+    "ChoiceCandidate",
+    "ConflictRequirement",
+    "DebProvider",
+    "InconsistentResolution",
+    "PackageKey",
+    "PinnedRequirement",
+    "ProgressReporter",
+    "RepoCandidate",
+    "Resolution",
+    "ResolveRequest",
+    "ResolvedPackage",
+    "SkipCandidate",
+    "Universe",
+    "VersionedRequirement",
+    "check_consistency",
+    "explain_conflict",
+    "resolve",
 ]  # fmt: skip
 
 BASE_SETS: Final = ("essential", "minbase", "none")
@@ -87,7 +104,7 @@ class AlternativesKey:
         return self.text
 
 
-Identifier = Union[PackageKey, AlternativesKey]
+Identifier = PackageKey | AlternativesKey
 
 
 # --------------------------------------------------------------------------- candidates
@@ -97,7 +114,7 @@ class RepoCandidate:
     """One version of a real package from the index. One object per (name, version) per universe,
     so identity comparison is exact and cheap."""
 
-    __slots__ = ("package", "key", "provides")
+    __slots__ = ("key", "package", "provides")
 
     def __init__(self, package: BinaryPackage) -> None:
         self.package = package
@@ -115,7 +132,10 @@ class RepoCandidate:
         for provided in self.provides:
             if provided.name == relation.name and (
                 relation.op is None
-                or (provided.version is not None and check_relation(provided.version, relation.op, relation.version))
+                or (
+                    provided.version is not None
+                    and check_relation(provided.version, relation.op, relation.version)
+                )
             ):
                 return True
         return False
@@ -129,7 +149,7 @@ class RepoCandidate:
 
 @dataclass(frozen=True, slots=True)
 class AbsentCandidate:
-    """"This package is not installed": the only way to satisfy nothing but Conflicts/Breaks."""
+    """ "This package is not installed": the only way to satisfy nothing but Conflicts/Breaks."""
 
     key: PackageKey
 
@@ -160,7 +180,7 @@ class SkipCandidate:
         return f"skipping recommended '{self.key.text}'"
 
 
-Candidate = Union[RepoCandidate, AbsentCandidate, ChoiceCandidate, SkipCandidate]
+Candidate = RepoCandidate | AbsentCandidate | ChoiceCandidate | SkipCandidate
 
 
 # --------------------------------------------------------------------------- requirements
@@ -260,7 +280,7 @@ class AlternativesRequirement:
         return self.key.text
 
 
-Requirement = Union[VersionedRequirement, PinnedRequirement, ConflictRequirement, AlternativesRequirement]
+Requirement = VersionedRequirement | PinnedRequirement | ConflictRequirement | AlternativesRequirement
 
 
 def _arch_allows(package: BinaryPackage, qualifier: str) -> bool:
@@ -416,10 +436,14 @@ class Universe:
         return result
 
     def _conflict_targets(self, relation: Relation) -> list[str]:
-        names = ([relation.name] if relation.name in self._versions else []) + list(self.providers(relation.name))
+        names = ([relation.name] if relation.name in self._versions else []) + list(
+            self.providers(relation.name)
+        )
         return [n for n in names if any(v.satisfies(relation) for v in self.versions(n))]
 
-    def choices(self, key: AlternativesKey, preferred: Iterable[str]) -> list[ChoiceCandidate | SkipCandidate]:
+    def choices(
+        self, key: AlternativesKey, preferred: Iterable[str]
+    ) -> list[ChoiceCandidate | SkipCandidate]:
         """Every way to satisfy an OR group, in apt's order (pkgDepCache::MarkInstall): packages
         already wanted (``preferred``) first, then alternatives in written order, each with its
         satisfiers in provider order; a weak group ends with "skip"."""
@@ -451,8 +475,14 @@ class DebProvider(resolvelib.AbstractProvider):
     def identify(self, requirement_or_candidate: Requirement | Candidate) -> Identifier:
         return requirement_or_candidate.key
 
-    def get_preference(self, identifier: Identifier, resolutions: Mapping, candidates: Mapping,
-                       information: Mapping, backtrack_causes: Sequence) -> tuple[int, str]:  # fmt: skip
+    def get_preference(
+        self,
+        identifier: Identifier,
+        resolutions: Mapping,
+        candidates: Mapping,
+        information: Mapping,
+        backtrack_causes: Sequence,
+    ) -> tuple[int, str]:
         """``(rank, name)``, lowest first: real packages someone needs (0), then OR groups (1), then
         weak Recommends groups (2), then packages only named by Conflicts/Breaks (3), which are
         pinned "absent" last. Deferring OR groups lets apt's "an alternative already wanted
@@ -462,8 +492,12 @@ class DebProvider(resolvelib.AbstractProvider):
         positive = any(info.requirement.positive for info in information[identifier])
         return (0 if positive else 3, identifier.name)
 
-    def find_matches(self, identifier: Identifier, requirements: Mapping[Identifier, Iterator[Requirement]],
-                     incompatibilities: Mapping[Identifier, Iterator[Candidate]]) -> list[Candidate]:  # fmt: skip
+    def find_matches(
+        self,
+        identifier: Identifier,
+        requirements: Mapping[Identifier, Iterator[Requirement]],
+        incompatibilities: Mapping[Identifier, Iterator[Candidate]],
+    ) -> list[Candidate]:
         """Candidates satisfying every requirement on ``identifier``, preferred first."""
         wanted = list(requirements[identifier])
         excluded = list(incompatibilities[identifier])
@@ -541,7 +575,9 @@ class Resolution:
         return tuple(p.package.name for p in self.packages)
 
 
-def resolve(universe: Universe, request: ResolveRequest, reporter: resolvelib.BaseReporter | None = None) -> Resolution:
+def resolve(
+    universe: Universe, request: ResolveRequest, reporter: resolvelib.BaseReporter | None = None
+) -> Resolution:
     """Resolve ``request`` against ``universe``; raise ResolutionFailed with an explanation.
 
     Cost: one resolvelib run; about one round per package in the result plus one per OR group,
@@ -553,7 +589,10 @@ def resolve(universe: Universe, request: ResolveRequest, reporter: resolvelib.Ba
     try:
         result = resolver.resolve([requirement for requirement, _ in roots], max_rounds=MAX_ROUNDS)
     except ResolutionImpossible as e:
-        raise explain_conflict(e, universe, dict(roots)) from None
+        first_reasons: dict[Requirement, str] = {}
+        for requirement, reason in roots:  # a package both requested and essential is "requested"
+            first_reasons.setdefault(requirement, reason)
+        raise explain_conflict(e, universe, first_reasons) from None
     except ResolutionTooDeep as e:
         raise ResolutionFailed(f"dependency resolution gave up after {e.round_count} rounds") from None
     resolution = _build_resolution(universe, provider, result.mapping, roots)
@@ -564,7 +603,9 @@ def resolve(universe: Universe, request: ResolveRequest, reporter: resolvelib.Ba
 def _root_requirements(universe: Universe, request: ResolveRequest) -> list[tuple[Requirement, str]]:
     """The user's packages, then the base set; each with the reason shown in the result."""
     if request.base_set not in BASE_SETS:
-        raise ResolutionFailed(f"unknown base set {request.base_set!r} (choose one of {', '.join(BASE_SETS)})")
+        raise ResolutionFailed(
+            f"unknown base set {request.base_set!r} (choose one of {', '.join(BASE_SETS)})"
+        )
     roots: list[tuple[Requirement, str]] = []
     for entry in request.packages:
         name, _, version = entry.partition("=")
@@ -579,17 +620,23 @@ def _root_requirements(universe: Universe, request: ResolveRequest) -> list[tupl
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ResolutionFailed(f"unknown package {name!r}: no suite provides it{hint}")
         if version:
-            if not any(version_key(c.package.version) == version_key(version) for c in universe.versions(name)):
+            if not any(
+                version_key(c.package.version) == version_key(version) for c in universe.versions(name)
+            ):
                 raise ResolutionFailed(f"{name} has no version {version}; {_available(universe, name)}")
             roots.append((PinnedRequirement(PackageKey(name), version), "requested"))
         else:
             roots.append((universe.requirement_for((Relation(name),)), "requested"))
     if request.base_set in ("essential", "minbase"):
-        roots += [(VersionedRequirement(PackageKey(n), Relation(n)), "essential") for n in universe.essential_names]
+        roots += [
+            (VersionedRequirement(PackageKey(n), Relation(n)), "essential") for n in universe.essential_names
+        ]
     if request.base_set == "minbase":
         # debootstrap/mmdebstrap minbase: Essential + Priority: required + apt.
         required = set(universe.required_names) | ({"apt"} if universe.versions("apt") else set())
-        roots += [(VersionedRequirement(PackageKey(n), Relation(n)), "priority required") for n in sorted(required)]
+        roots += [
+            (VersionedRequirement(PackageKey(n), Relation(n)), "priority required") for n in sorted(required)
+        ]
     return roots
 
 
@@ -612,8 +659,15 @@ def _build_resolution(universe: Universe, provider: DebProvider, mapping: Mappin
         dep = [target(universe.requirement_for(g)) for g in universe.relations(candidate, "depends")]
         rec = []
         if provider.recommends:
-            rec = [target(universe.requirement_for(g, weak=True)) for g in universe.relations(candidate, "recommends")]
-        edges[name] = (sorted({n for n in pre if n}), sorted({n for n in dep if n}), sorted({n for n in rec if n}))
+            rec = [
+                target(universe.requirement_for(g, weak=True))
+                for g in universe.relations(candidate, "recommends")
+            ]
+        edges[name] = (
+            sorted({n for n in pre if n}),
+            sorted({n for n in dep if n}),
+            sorted({n for n in rec if n}),
+        )
 
     reasons: dict[str, str] = {}
     for requirement, reason in roots:  # roots are listed requested → essential → required
@@ -654,7 +708,9 @@ def check_consistency(universe: Universe, packages: Sequence[BinaryPackage]) -> 
     for package in packages:
         found = [c for c in universe.versions(package.name) if c.package.version == package.version]
         if not found or package.name in members:
-            raise InconsistentResolution(f"internal error: {package.name} {package.version} is not a unique member")
+            raise InconsistentResolution(
+                f"internal error: {package.name} {package.version} is not a unique member"
+            )
         members[package.name] = found[0]
     by_provided: dict[str, list[RepoCandidate]] = {}
     for candidate in members.values():
@@ -666,15 +722,25 @@ def check_consistency(universe: Universe, packages: Sequence[BinaryPackage]) -> 
         for field_name in ("pre_depends", "depends"):
             for group in universe.relations(candidate, field_name):
                 if not any(m.satisfies(r) for r in group for m in by_provided.get(r.name, ())):
-                    problems.append(f"{candidate.format_for_error()} depends on {_group_text(group)}, not in the set")
+                    problems.append(
+                        f"{candidate.format_for_error()} depends on {_group_text(group)}, not in the set"
+                    )
         for field_name, verb in (("conflicts", "conflicts with"), ("breaks", "breaks")):
             for group in universe.relations(candidate, field_name):
                 for relation in group:
                     for other in by_provided.get(relation.name, ()):
-                        if other is not candidate and other.package.name != name and other.satisfies(relation):
-                            problems.append(f"{candidate.format_for_error()} {verb} {other.format_for_error()}")
+                        if (
+                            other is not candidate
+                            and other.package.name != name
+                            and other.satisfies(relation)
+                        ):
+                            problems.append(
+                                f"{candidate.format_for_error()} {verb} {other.format_for_error()}"
+                            )
     if problems:
-        raise InconsistentResolution("internal error: the resolved set is inconsistent:\n  " + "\n  ".join(problems))
+        raise InconsistentResolution(
+            "internal error: the resolved set is inconsistent:\n  " + "\n  ".join(problems)
+        )
 
 
 # --------------------------------------------------------------------------- explanations
@@ -688,6 +754,7 @@ def explain_conflict(error: ResolutionImpossible, universe: Universe,
     reasons = dict(root_reasons or {})
     lines: list[str] = []
     targets: list[str] = []
+    parents: list[str] = []
     for cause in error.causes:
         line = _describe_cause(cause.requirement, cause.parent, reasons)
         if line not in lines:
@@ -699,16 +766,63 @@ def explain_conflict(error: ResolutionImpossible, universe: Universe,
             else [requirement.key.name]
         )
         targets += [n for n in names if n not in targets]
+        if isinstance(cause.parent, RepoCandidate) and cause.parent.package.name not in parents:
+            parents.append(cause.parent.package.name)
+    chains = [
+        f"{name} is wanted because: {chain}" for name in parents if (chain := _chain(universe, reasons, name))
+    ]
     facts = [f"{name}: {_available(universe, name)}" for name in targets]
     message = (
         "cannot resolve the requested packages because these requirements conflict:\n  "
-        + "\n  ".join(lines)
+        + "\n  ".join(lines + chains)
         + "\nwhat the suites offer:\n  "
         + "\n  ".join(facts)
         + "\nTo fix this, you could: request another version or alternative in Packages=, remove one of the "
         "conflicting packages, or add a suite that has a suitable version."
     )
     return ResolutionFailed(message)
+
+
+def _chain(universe: Universe, reasons: Mapping[Any, str], name: str) -> str:
+    """A shortest dependency path from a root to ``name`` ("the user requested desktop → desktop
+    depends on sound → …"), following every alternative and provider of the newest versions.
+    Error path only: a breadth-first search over at most the whole universe."""
+    roots: dict[str, str] = {}
+    for requirement, reason in reasons.items():
+        names = (
+            [r.name for r in requirement.key.group]
+            if isinstance(requirement, AlternativesRequirement)
+            else [requirement.key.name]
+        )
+        for root in names:
+            roots.setdefault(
+                root, "the user requested" if reason == "requested" else f"the base set ({reason}) needs"
+            )
+    came_from: dict[str, str | None] = {root: None for root in roots}
+    frontier = sorted(roots)
+    while frontier and name not in came_from:
+        following: list[str] = []
+        for parent in frontier:
+            candidate = universe.candidate(parent)
+            if candidate is None:
+                continue
+            for field_name in ("pre_depends", "depends"):
+                for group in universe.relations(candidate, field_name):
+                    for relation in group:
+                        for child in universe.satisfiers(relation):
+                            if child not in came_from:
+                                came_from[child] = parent
+                                following.append(child)
+        frontier = sorted(following)
+    if name not in came_from:
+        return ""
+    path = [name]
+    while (previous := came_from[path[-1]]) is not None:
+        path.append(previous)
+    path.reverse()
+    return f"{roots[path[0]]} {path[0]}" + "".join(
+        f" → {a} depends on {b}" for a, b in itertools.pairwise(path)
+    )
 
 
 def _describe_cause(requirement: Requirement, parent: Candidate | None, reasons: Mapping[Any, str]) -> str:

@@ -127,7 +127,9 @@ def test_first_satisfiable_alternative_in_written_order() -> None:
 
 def test_alternative_already_wanted_wins() -> None:
     """apt: if a member of the OR group is already marked for install, nothing else is added."""
-    u = universe(pkg("init", depends="systemd-sysv | sysvinit-core"), pkg("systemd-sysv"), pkg("sysvinit-core"))
+    u = universe(
+        pkg("init", depends="systemd-sysv | sysvinit-core"), pkg("systemd-sysv"), pkg("sysvinit-core")
+    )
     assert set(run(u, "init")) == {"init", "systemd-sysv"}
     assert set(run(u, "init", "sysvinit-core")) == {"init", "sysvinit-core"}
     assert set(run(u, "sysvinit-core", "init")) == {"init", "sysvinit-core"}
@@ -192,7 +194,9 @@ def test_unversioned_provides_do_not_satisfy_versioned_dependency() -> None:
 
 
 def test_requesting_a_virtual_package_picks_a_provider() -> None:
-    u = universe(pkg("exim", provides="mail-transport-agent"), pkg("postfix", provides="mail-transport-agent"))
+    u = universe(
+        pkg("exim", provides="mail-transport-agent"), pkg("postfix", provides="mail-transport-agent")
+    )
     result = resolve(u, ResolveRequest(("mail-transport-agent",), base_set="none"))
     assert [(p.package.name, p.reason) for p in result.packages] == [("exim", "requested")]
 
@@ -325,7 +329,11 @@ def test_pins_keep_locked_versions_when_possible() -> None:
     assert run(u, "app") == {"app": "2.0", "lib": "1.5"}
     assert run(u, "app", pins={"app": "1.0", "lib": "1.0"}) == {"app": "1.0", "lib": "1.0"}
     # 'lock --update tool': tool is not pinned and needs a newer lib, so the lib pin gives way.
-    assert run(u, "app", "tool", pins={"app": "1.0", "lib": "1.0"}) == {"app": "1.0", "lib": "1.5", "tool": "2.0"}
+    assert run(u, "app", "tool", pins={"app": "1.0", "lib": "1.0"}) == {
+        "app": "1.0",
+        "lib": "1.5",
+        "tool": "2.0",
+    }
 
 
 def test_pins_keep_the_locked_alternative() -> None:
@@ -347,7 +355,11 @@ def test_recommends_off_by_default_weak_when_on() -> None:
     assert set(run(u, "app")) == {"app"}
     result = resolve(u, ResolveRequest(("app",), base_set="none", recommends=True))
     reasons = {p.package.name: p.reason for p in result.packages}
-    assert reasons == {"app": "requested", "helper": "recommended by app", "helper-lib": "dependency of helper"}
+    assert reasons == {
+        "app": "requested",
+        "helper": "recommended by app",
+        "helper-lib": "dependency of helper",
+    }
     app = next(p for p in result.packages if p.package.name == "app")
     assert app.dependencies == ()  # Recommends are not Depends edges
 
@@ -398,6 +410,10 @@ def test_conflict_deep_in_the_graph_names_both_sides() -> None:
     message = failure.value.message
     assert "network 1.0 depends on netlib (>= 2)" in message
     assert "pulse 1.0 depends on netlib (<< 2)" in message
+    assert (
+        "pulse is wanted because: the user requested desktop → desktop depends on sound → sound depends on pulse"
+        in (message)
+    )
 
 
 # --------------------------------------------------------------------------- safety nets
@@ -439,7 +455,9 @@ def test_find_matches_results_satisfy_requirements() -> None:
     result = resolvelib.Resolver(provider, resolvelib.BaseReporter()).resolve(roots, max_rounds=1000)
     assert CheckingProvider.calls > 5
     assert any(isinstance(c, AbsentCandidate) for c in result.mapping.values())
-    assert PackageKey("app") in result.mapping and isinstance(result.mapping[PackageKey("app")], RepoCandidate)
+    assert PackageKey("app") in result.mapping and isinstance(
+        result.mapping[PackageKey("app")], RepoCandidate
+    )
 
 
 def test_progress_reporter_emits_pins() -> None:
@@ -453,7 +471,9 @@ def test_progress_reporter_emits_pins() -> None:
 
 def _scenario_universe() -> Universe:
     text = (DATA / "resolve_scenario.Packages").read_text()
-    return Universe.from_packages([BinaryPackage.from_stanza(s, origin="test") for s in iter_stanzas(text)], "amd64")
+    return Universe.from_packages(
+        [BinaryPackage.from_stanza(s, origin="test") for s in iter_stanzas(text)], "amd64"
+    )
 
 
 def test_scenario_file() -> None:
@@ -487,3 +507,20 @@ def test_deterministic_under_hash_seed_and_input_order() -> None:
             outputs.add(out)
     assert len(outputs) == 1
     assert len(json.loads(outputs.pop())) > 5
+
+
+def test_host_bookworm_minbase_matches_mmdebstrap() -> None:
+    """Optional cross-check on the host's real bookworm index: the minbase set must equal the one
+    mmdebstrap (apt) installed from the same suites (recorded in tests/data/resolve_bookworm_minbase.txt).
+    Skipped on hosts without a bookworm main amd64 list."""
+    import glob
+
+    lists = sorted(glob.glob("/var/lib/apt/lists/*_dists_bookworm_main_binary-amd64_Packages*"))
+    if not lists:
+        pytest.skip("no bookworm amd64 apt list on this host (optional cross-check)")
+    text = subprocess.run(
+        ["/usr/lib/apt/apt-helper", "cat-file", lists[0]], capture_output=True, text=True, check=True
+    ).stdout
+    u = Universe.from_packages((BinaryPackage.from_stanza(s) for s in iter_stanzas(text)), "amd64")
+    names = resolve(u, ResolveRequest(())).names()
+    assert list(names) == (DATA / "resolve_bookworm_minbase.txt").read_text().split()

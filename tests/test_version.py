@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import random
 import shlex
 import subprocess
@@ -15,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reprobuild.debian.version import check_relation, compare_versions, version_key
 from reprobuild.errors import FormatError
@@ -98,6 +101,60 @@ def test_sorting_with_key_matches_cmp() -> None:
     assert [version_key(v) for v in by_key] == [version_key(v) for v in by_cmp]
 
 
+def _dpkg_order(c: str) -> int:
+    if c.isdigit():
+        return 0
+    if c.isalpha():
+        return ord(c)
+    if c == "~":
+        return -1
+    return ord(c) + 256 if c else 0
+
+
+def _verrevcmp(a: str, b: str) -> int:
+    """A literal transcription of dpkg's verrevcmp() loop (lib/dpkg/version.c), as reference."""
+    i = j = 0
+    while i < len(a) or j < len(b):
+        first_diff = 0
+        while (i < len(a) and not a[i].isdigit()) or (j < len(b) and not b[j].isdigit()):
+            ac = _dpkg_order(a[i]) if i < len(a) else 0
+            bc = _dpkg_order(b[j]) if j < len(b) else 0
+            if ac != bc:
+                return ac - bc
+            i, j = i + 1, j + 1
+        while i < len(a) and a[i] == "0":
+            i += 1
+        while j < len(b) and b[j] == "0":
+            j += 1
+        while i < len(a) and a[i].isdigit() and j < len(b) and b[j].isdigit():
+            if not first_diff:
+                first_diff = ord(a[i]) - ord(b[j])
+            i, j = i + 1, j + 1
+        if i < len(a) and a[i].isdigit():
+            return 1
+        if j < len(b) and b[j].isdigit():
+            return -1
+        if first_diff:
+            return first_diff
+    return 0
+
+
+_PARTS = st.text(alphabet="0129ab~.+Z", min_size=1, max_size=8).filter(lambda t: t[0].isdigit())
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    _PARTS,
+    _PARTS,
+    st.sampled_from(["", "-1", "-0", "-1~x", "-a"]),
+    st.sampled_from(["", "-1", "-10", "-1+b1"]),
+)
+def test_key_agrees_with_literal_verrevcmp(a: str, b: str, rev_a: str, rev_b: str) -> None:
+    """The tuple key reproduces dpkg's character loop on adversarial strings (~, runs, zeros)."""
+    expected = _verrevcmp(a, b) or _verrevcmp(rev_a[1:], rev_b[1:])
+    assert compare_versions(a + rev_a, b + rev_b) == (expected > 0) - (expected < 0)
+
+
 def _load_versions() -> list[str]:
     return [line for line in VERSIONS_FILE.read_text().splitlines() if line]
 
@@ -128,7 +185,7 @@ def test_against_dpkg_on_real_versions() -> None:
     versions = _load_versions()
     assert len(versions) >= SAMPLE_SIZE * 0.9
     ordered = sorted(versions, key=version_key)
-    pairs = [(a, b, compare_versions(a, b)) for a, b in zip(ordered, ordered[1:])]
+    pairs = [(a, b, compare_versions(a, b)) for a, b in itertools.pairwise(ordered)]
     assert all(r <= 0 for _, _, r in pairs)
     rng = random.Random(20240611)
     for _ in range(1000):
@@ -153,7 +210,7 @@ def _regenerate() -> None:
         text = subprocess.run(
             ["/usr/lib/apt/apt-helper", "cat-file", path], capture_output=True, text=True, check=True
         ).stdout
-        found.update(m.group(1).strip() for m in re.finditer(r"^Version:(.*)$", text, re.M))
+        found.update(m.group(1).strip() for m in re.finditer(r"^Version:(.*)$", text, re.MULTILINE))
     sample = sorted(found, key=lambda v: hashlib.sha256(v.encode()).digest())[:SAMPLE_SIZE]
     VERSIONS_FILE.parent.mkdir(exist_ok=True)
     VERSIONS_FILE.write_text("".join(v + "\n" for v in sorted(sample)))

@@ -16,16 +16,16 @@ from typing import Final
 
 from reprobuild.errors import FormatError
 
-__all__ = ["Relation", "iter_stanzas", "parse_relations", "parse_provides"]
+__all__ = ["Relation", "iter_stanzas", "parse_provides", "parse_relations"]
 
 # One field: a name at column 0, a colon, the value, and any continuation lines (starting with a
 # space or tab). findall() over a stanza does all the work in C; see iter_stanzas for how every
 # line is still accounted for.
-_FIELD: Final = re.compile(r"^([^\s:#\-][^\s:]*):[ \t]*(.*(?:\n[ \t].*)*)", re.M)
+_FIELD: Final = re.compile(r"^([^\s:#\-][^\s:]*):[ \t]*(.*(?:\n[ \t].*)*)", re.MULTILINE)
 # A comment line ('#' at column 0): deb822(5) allows them in control files; Packages files have none.
-_COMMENT: Final = re.compile(r"^#.*\n?", re.M)
+_COMMENT: Final = re.compile(r"^#.*\n?", re.MULTILINE)
 # Lines that hold only spaces or tabs separate stanzas like empty lines do.
-_BLANK_WITH_SPACES: Final = re.compile(r"^[ \t]+$", re.M)
+_BLANK_WITH_SPACES: Final = re.compile(r"^[ \t]+$", re.MULTILINE)
 _HAS_BLANK_WITH_SPACES: Final = re.compile(r"\n[ \t]+(?:\n|$)")  # a fast pre-check for the above
 _SEPARATOR: Final = re.compile(r"\n(?:[ \t]*\n)+")
 
@@ -133,7 +133,9 @@ def _parse_relation(text: str) -> Relation | None:
     if match is None:
         return None
     op = match.group("op")
-    return Relation(match.group("name"), match.group("arch"), _OPS[op] if op else None, match.group("version"))
+    return Relation(
+        match.group("name"), match.group("arch"), _OPS[op] if op else None, match.group("version")
+    )
 
 
 @functools.lru_cache(maxsize=1 << 16)

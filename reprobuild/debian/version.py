@@ -21,7 +21,7 @@ from typing import Final
 
 from reprobuild.errors import FormatError
 
-__all__ = ["VersionKey", "version_key", "compare_versions", "check_relation", "RELATION_OPERATORS"]
+__all__ = ["RELATION_OPERATORS", "VersionKey", "check_relation", "compare_versions", "version_key"]
 
 VersionKey = tuple[int, tuple, tuple]
 
