@@ -64,10 +64,10 @@ def auto_size(sizes: list[int], n_dirs: int) -> int:
 
 
 def _normalize(path: str) -> PurePosixPath:
-    p = PurePosixPath("/" + path.lstrip("/"))
-    if any(part in ("", ".", "..") for part in p.parts[1:]) or p == PurePosixPath("/"):
+    parts = path.lstrip("/").split("/")
+    if any(part in ("", ".", "..") for part in parts):
         raise EspError(f"invalid ESP path {path!r}")
-    return PurePosixPath(*p.parts[1:])
+    return PurePosixPath(*parts)
 
 
 def make_esp(
@@ -108,10 +108,14 @@ def make_esp(
         tmp_out.unlink(missing_ok=True)
         with tmp_out.open("wb") as f:
             f.truncate(total)
-        _run([mkfs, "--invariant", "-i", f"{volume_id:08X}", "-n", label.upper(), *fat, str(tmp_out)], env)
-        for d in dirs:
-            _run([mmd, "-i", str(tmp_out), f"::/{d.as_posix()}"], env)
-        for dest, stage in staged.items():
-            _run([mcopy, "-m", "-i", str(tmp_out), str(stage), f"::/{dest.as_posix()}"], env)
+        try:
+            _run([mkfs, "--invariant", "-i", f"{volume_id:08X}", "-n", label.upper(), *fat, str(tmp_out)], env)
+            for d in dirs:
+                _run([mmd, "-i", str(tmp_out), f"::/{d.as_posix()}"], env)
+            for dest, stage in staged.items():
+                _run([mcopy, "-m", "-i", str(tmp_out), str(stage), f"::/{dest.as_posix()}"], env)
+        except BaseException:
+            tmp_out.unlink(missing_ok=True)
+            raise
         tmp_out.replace(out)
     return total
