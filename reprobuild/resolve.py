@@ -316,23 +316,20 @@ class Universe:
         The same (name, version) from several origins is one version (as in apt); which record is
         kept is decided by (origin, filename, sha256), never by input order.
         """
-        by_name: dict[str, dict[tuple, BinaryPackage]] = {}
+        by_name: dict[str, list[BinaryPackage]] = {}
         for package in packages:
-            if package.architecture != architecture and package.architecture != "all":
+            if package.architecture == architecture or package.architecture == "all":
+                by_name.setdefault(package.name, []).append(package)
+        ordered: dict[str, tuple[RepoCandidate, ...]] = {}
+        for name in sorted(by_name):
+            records = by_name[name]
+            if len(records) == 1:  # the common case: no version parsing needed
+                ordered[name] = (RepoCandidate(records[0]),)
                 continue
-            versions = by_name.setdefault(package.name, {})
-            vkey = version_key(package.version)
-            kept = versions.get(vkey)
-            if kept is None or (package.origin, package.filename, package.sha256) < (
-                kept.origin,
-                kept.filename,
-                kept.sha256,
-            ):
-                versions[vkey] = package
-        ordered = {
-            name: tuple(RepoCandidate(versions[k]) for k in sorted(versions, reverse=True))
-            for name, versions in sorted(by_name.items())
-        }
+            versions: dict[tuple, BinaryPackage] = {}
+            for package in sorted(records, key=lambda p: (p.origin, p.filename, p.sha256)):
+                versions.setdefault(version_key(package.version), package)
+            ordered[name] = tuple(RepoCandidate(versions[k]) for k in sorted(versions, reverse=True))
         return cls(ordered, architecture)
 
     # --- lookups
