@@ -22,8 +22,8 @@ from reprobuild.errors import FormatError
 
 # Reproducibility: validity is fixed, never taken from the clock. 9999-12-31 23:59:59 is RFC 5280's
 # "no well-defined expiration date" value (4.1.2.5); UEFI firmware ignores validity anyway.
-NOT_BEFORE = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-NOT_AFTER = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
+NOT_BEFORE = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+NOT_AFTER = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
 
 
 class CertificateInvalid(FormatError):
@@ -65,7 +65,7 @@ def make_certificate(key: rsa.RSAPrivateKey, common_name: str) -> x509.Certifica
         .add_extension(
             x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                           data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                          crl_sign=False, encipher_only=False, decipher_only=False),  # fmt: skip
+                          crl_sign=False, encipher_only=False, decipher_only=False),
             critical=False,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)

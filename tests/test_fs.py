@@ -73,9 +73,9 @@ def test_erofs(tree, tmp_path, monkeypatch):
     res, img = build_twice("erofs", tree, tmp_path, monkeypatch)
     assert res.tool == "mkfs.erofs" and f"-U{UUID}" in res.argv and f"-T{EPOCH}" in res.argv
     assert str(UUID) in run("dump.erofs", "-s", str(img))
-    a = run("dump.erofs", f"--path=/etc/os-release", str(img))
-    b = run("dump.erofs", f"--path=/etc/hardlink", str(img))
-    nid = lambda s: s.split("NID:")[1].split()[0]  # noqa: E731
+    a = run("dump.erofs", "--path=/etc/os-release", str(img))
+    b = run("dump.erofs", "--path=/etc/hardlink", str(img))
+    nid = lambda s: s.split("NID:")[1].split()[0]
     assert nid(a) == nid(b) and "Links: 2" in a
     ping = run("dump.erofs", "--path=/usr/bin/ping", str(img))
     assert "Xattr size: 0" not in ping

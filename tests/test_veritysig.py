@@ -5,7 +5,6 @@ import dataclasses
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from cryptography import x509 as cx509

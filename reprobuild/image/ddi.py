@@ -217,7 +217,7 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
 
     parts = tuple(
         DdiPartition(p.role, p.ptype.guid, p.uuid, gp.name, gp.attributes, gp.offset(disk.sector_size),
-                     gp.size(disk.sector_size), d)  # fmt: skip
+                     gp.size(disk.sector_size), d)
         for p, gp, d in zip(planned, disk.partitions, digests)
     )
     return DdiResult(out, disk_guid, disk.size_bytes, image_sha, disk.sector_size, arch.value, spec.verity,

@@ -91,7 +91,7 @@ def _env(epoch: int, extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def _run(argv: Sequence[str], env: dict[str, str], cwd: Path, input: str | None = None) -> str:
     try:
-        r = subprocess.run(list(argv), env=env, cwd=cwd, umask=0o022, input=input,
+        r = subprocess.run(list(argv), check=False, env=env, cwd=cwd, umask=0o022, input=input,
                            capture_output=True, text=True, errors="replace")  # fmt: skip
     except OSError as e:
         raise FilesystemError(f"cannot run {argv[0]}: {e}") from e
@@ -111,11 +111,11 @@ def tool_version(tool: str) -> str:
     pkg = _PACKAGES.get(tool)
     dpkg = shutil.which("dpkg-query")
     if pkg and dpkg:
-        r = subprocess.run([dpkg, "-W", "-f", "${Version}", pkg], capture_output=True, text=True, env=_env(0))
+        r = subprocess.run([dpkg, "-W", "-f", "${Version}", pkg], check=False, capture_output=True, text=True, env=_env(0))
         if r.returncode == 0 and r.stdout.strip():
             return r.stdout.strip()
     probes = {"mksquashfs": ["-version"], "mke2fs": ["-V"], "mkfs.fat": ["--help"]}
-    r = subprocess.run([exe, *probes.get(tool, ["--version"])], capture_output=True, text=True,
+    r = subprocess.run([exe, *probes.get(tool, ["--version"])], check=False, capture_output=True, text=True,
                        env=_env(0), errors="replace")  # fmt: skip
     m = re.search(r"(?:mksquashfs version|mke2fs|mkfs\.fat)\s+([0-9][^\s(]*)", r.stdout + r.stderr)
     return m.group(1) if m else "unknown"
@@ -192,10 +192,10 @@ def _squashfs(tree: Path, out: Path, fs_uuid: uuid.UUID, epoch: int, label: str,
 def _ext4_used_inodes(image: Path, env: dict[str, str], work: Path) -> list[int]:
     """Inode numbers marked in use, from dumpe2fs's per-group free-inode ranges."""
     text = _run([_which("dumpe2fs"), str(image)], env, work)
-    ipg = int(re.search(r"^Inodes per group:\s+(\d+)", text, re.M).group(1))
-    first = int(re.search(r"^First inode:\s+(\d+)", text, re.M).group(1))
+    ipg = int(re.search(r"^Inodes per group:\s+(\d+)", text, re.MULTILINE).group(1))
+    first = int(re.search(r"^First inode:\s+(\d+)", text, re.MULTILINE).group(1))
     used: list[int] = []
-    for g, m in enumerate(re.finditer(r"^\s+Free inodes: ?(.*)$", text, re.M)):
+    for g, m in enumerate(re.finditer(r"^\s+Free inodes: ?(.*)$", text, re.MULTILINE)):
         free: set[int] = set()
         for part in filter(None, (p.strip() for p in m.group(1).split(","))):
             a, _, b = part.partition("-")

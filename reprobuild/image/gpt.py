@@ -8,6 +8,7 @@ that stream, so a multi-GiB image is never held in memory.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import struct
 import uuid
@@ -328,7 +329,7 @@ def _partition_problem(parts: Sequence[GptPartition], first_usable: int, last_us
             return (f"partition {i + 1} ({p.name!r}) LBA {p.first_lba}-{p.last_lba} lies outside the usable "
                     f"range {first_usable}-{last_usable}")  # fmt: skip
     ordered = sorted(enumerate(parts), key=lambda ip: ip[1].first_lba)
-    for (i, a), (j, b) in zip(ordered, ordered[1:]):
+    for (i, a), (j, b) in itertools.pairwise(ordered):
         if b.first_lba <= a.last_lba:
             return f"partitions {i + 1} ({a.name!r}) and {j + 1} ({b.name!r}) overlap"
     seen: set[uuid.UUID] = set()

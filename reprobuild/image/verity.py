@@ -119,7 +119,7 @@ def level_sizes(data_blocks: int, params: VerityParams) -> list[int]:
 # -- pure core ------------------------------------------------------------------------------------
 
 
-def _hash_blocks(base: "hashlib._Hash", buf: memoryview, bs: int, slot: int, out: bytearray) -> None:
+def _hash_blocks(base: hashlib._Hash, buf: memoryview, bs: int, slot: int, out: bytearray) -> None:
     """Append H(salt || block) for each block in buf, each digest padded to ``slot`` bytes."""
     pad = bytes(slot - base.digest_size)
     for off in range(0, len(buf), bs):
@@ -231,8 +231,7 @@ def write_hash_device(data_path: Path, hash_path: Path, params: VerityParams) ->
     tree = hash_file(data_path, params)
     with open(hash_path, "wb") as out:
         out.write(pack_superblock(params, tree.data_blocks))
-        for lv in tree.tree_bytes():
-            out.write(lv)
+        out.writelines(tree.tree_bytes())
     return tree
 
 
