@@ -616,6 +616,13 @@ def _root_requirements(universe: Universe, request: ResolveRequest) -> list[tupl
             close = universe.suggest(name)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ResolutionFailed(f"unknown package {name!r}: no suite provides it{hint}")
+        providers = universe.providers(name)
+        if not universe.versions(name) and len(providers) > 1:
+            # As apt: a virtual package with several providers must be chosen by the user.
+            raise ResolutionFailed(
+                f"{name} is a virtual package provided by {', '.join(providers)}; "
+                "name the one you want in Packages="
+            )
         if version:
             if not any(
                 version_key(c.package.version) == version_key(version) for c in universe.versions(name)

@@ -193,12 +193,16 @@ def test_unversioned_provides_do_not_satisfy_versioned_dependency() -> None:
     }
 
 
-def test_requesting_a_virtual_package_picks_a_provider() -> None:
+def test_requesting_a_virtual_package() -> None:
+    """As apt: one provider is taken; several must be chosen by the user."""
+    u = universe(pkg("exim", provides="mail-transport-agent"))
+    result = resolve(u, ResolveRequest(("mail-transport-agent",), base_set="none"))
+    assert [(p.package.name, p.reason) for p in result.packages] == [("exim", "requested")]
     u = universe(
         pkg("exim", provides="mail-transport-agent"), pkg("postfix", provides="mail-transport-agent")
     )
-    result = resolve(u, ResolveRequest(("mail-transport-agent",), base_set="none"))
-    assert [(p.package.name, p.reason) for p in result.packages] == [("exim", "requested")]
+    with pytest.raises(ResolutionFailed, match="virtual package provided by exim, postfix"):
+        resolve(u, ResolveRequest(("mail-transport-agent",), base_set="none"))
 
 
 # --------------------------------------------------------------------------- conflicts and breaks
