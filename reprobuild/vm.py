@@ -356,4 +356,4 @@ def run_interactive(cfg: QemuConfig) -> int:
     _qemu_binary(cfg)
     accel = resolve_accel(cfg)
     with prepared_firmware(cfg) as firmware:
-        return subprocess.run(build_qemu_argv(cfg, firmware, accel, serial="mon:stdio")).returncode
+        return subprocess.run(build_qemu_argv(cfg, firmware, accel, serial="mon:stdio"), check=False).returncode

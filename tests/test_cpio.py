@@ -129,7 +129,7 @@ GOOD = _archive([CpioEntry(path="file", mode=0o100644, data=b"abcdef", ino=1)])
         GOOD[:94] + b"00000003" + GOOD[102:],  # name not NUL-terminated where namesize says
     ],
     ids=["empty", "bad-magic", "truncated-header", "truncated-name", "no-trailer", "huge-file",
-         "huge-name", "zero-name", "non-hex", "unterminated-name"],  # fmt: skip
+         "huge-name", "zero-name", "non-hex", "unterminated-name"],
 )
 def test_hostile_input(blob: bytes) -> None:
     with pytest.raises(CpioInvalid):
@@ -160,9 +160,9 @@ def test_gnu_cpio_and_bsdtar_read_it(tmp_path: Path) -> None:
 
 # ---- initrd: zstd-compressed cpio and kernel module selection (reprobuild.image.initrd) ----------
 
-import zstandard  # noqa: E402
+import zstandard
 
-from reprobuild.image.initrd import (  # noqa: E402
+from reprobuild.image.initrd import (
     DEFAULT_ROOT_MODULES,
     ModuleMissing,
     make_initrd_cpio,

@@ -209,7 +209,7 @@ def _patch(data: bytes, offset: int, fmt: str, value: int) -> bytes:
         _patch(GOOD, 0x58 + 36, "<I", 0x300),
     ],
     ids=["empty", "no-mz", "lfanew-past-end", "no-pe-signature", "pe32-not-plus", "truncated-section",
-         "too-many-sections", "no-cert-directory", "alignment-not-power-of-two"],  # fmt: skip
+         "too-many-sections", "no-cert-directory", "alignment-not-power-of-two"],
 )
 def test_hostile_pe(blob: bytes) -> None:
     with pytest.raises(PeInvalid):

@@ -25,7 +25,6 @@ as Authenticode requires and sbsign does (``BIO_write(sigbio, buf+2, len-2)``).
 from __future__ import annotations
 
 import hashlib
-import struct
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -239,7 +238,7 @@ def _as_key(key: rsa.RSAPrivateKey | bytes) -> rsa.RSAPrivateKey:
     if isinstance(key, bytes):
         key = serialization.load_pem_private_key(key, password=None)  # type: ignore[assignment]
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise ValueError("Authenticode signing needs an RSA private key (UEFI db verification is RSA-only)")
+        raise TypeError("Authenticode signing needs an RSA private key (UEFI db verification is RSA-only)")
     return key
 
 
@@ -267,7 +266,8 @@ def sign_pe(pe: bytes, key: rsa.RSAPrivateKey | bytes, cert: x509.Certificate | 
     entry += bytes(-len(entry) % 8)
     offset = len(body)
     body += entry
-    struct.pack_into(f"<{DATA_DIRECTORY.struct.format[1:]}", body, image.cert_dir_offset, offset, len(entry))
+    DATA_DIRECTORY.put(body, image.cert_dir_offset, "VirtualAddress", offset)  # a file offset for this entry
+    DATA_DIRECTORY.put(body, image.cert_dir_offset, "Size", len(entry))
     OPTIONAL_HEADER_64.put(body, image.optional_offset, "CheckSum", pe_checksum(body, image.checksum_offset))
     return bytes(body)
 

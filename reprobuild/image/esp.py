@@ -51,7 +51,7 @@ def _env(epoch: int) -> dict[str, str]:
 
 
 def _run(argv: list[str], env: dict[str, str]) -> None:
-    result = subprocess.run(argv, env=env, capture_output=True, text=True)
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     if result.returncode:
         raise EspError(f"{Path(argv[0]).name} failed: {result.stderr.strip() or result.stdout.strip()}")
 
