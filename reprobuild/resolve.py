@@ -193,18 +193,15 @@ class VersionedRequirement:
 
     key: PackageKey
     relation: Relation
-    # resolvelib re-checks every pin against every requirement each round: memoise the answers
-    # (keyed by candidate identity; one RepoCandidate object exists per version).
-    _answers: dict = field(default_factory=dict, compare=False, repr=False)
+    answers: dict = field(default_factory=dict, compare=False, repr=False)  # see _memoised
     positive = True
     verb = "depends on"
 
+    def check(self, candidate: Candidate) -> bool:
+        return isinstance(candidate, RepoCandidate) and candidate.satisfies(self.relation)
+
     def is_satisfied_by(self, candidate: Candidate) -> bool:
-        answer = self._answers.get(candidate)
-        if answer is None:
-            answer = isinstance(candidate, RepoCandidate) and candidate.satisfies(self.relation)
-            self._answers[candidate] = answer
-        return answer
+        return _memoised(self, candidate)
 
     def format_for_error(self) -> str:
         if self.relation.name == self.key.name:
@@ -218,13 +215,17 @@ class PinnedRequirement:
 
     key: PackageKey
     version: str
+    answers: dict = field(default_factory=dict, compare=False, repr=False)  # see _memoised
     positive = True
     verb = "requires"
 
-    def is_satisfied_by(self, candidate: Candidate) -> bool:
+    def check(self, candidate: Candidate) -> bool:
         return isinstance(candidate, RepoCandidate) and version_key(candidate.package.version) == version_key(
             self.version
         )
+
+    def is_satisfied_by(self, candidate: Candidate) -> bool:
+        return _memoised(self, candidate)
 
     def format_for_error(self) -> str:
         return f"{self.key.name} (= {self.version})"
@@ -238,21 +239,20 @@ class ConflictRequirement:
     key: PackageKey
     relation: Relation
     kind: str  # "conflicts with" | "breaks"
-    _answers: dict = field(default_factory=dict, compare=False, repr=False)  # as VersionedRequirement
+    answers: dict = field(default_factory=dict, compare=False, repr=False)  # see _memoised
     positive = False
 
     @property
     def verb(self) -> str:
         return self.kind
 
+    def check(self, candidate: Candidate) -> bool:
+        return isinstance(candidate, AbsentCandidate) or (
+            isinstance(candidate, RepoCandidate) and not candidate.satisfies(self.relation)
+        )
+
     def is_satisfied_by(self, candidate: Candidate) -> bool:
-        answer = self._answers.get(candidate)
-        if answer is None:
-            answer = isinstance(candidate, AbsentCandidate) or (
-                isinstance(candidate, RepoCandidate) and not candidate.satisfies(self.relation)
-            )
-            self._answers[candidate] = answer
-        return answer
+        return _memoised(self, candidate)
 
     def format_for_error(self) -> str:
         if self.relation.name == self.key.name:
@@ -265,22 +265,39 @@ class AlternativesRequirement:
     """One of the relations of an OR group (or a virtual name) must be satisfied."""
 
     key: AlternativesKey
+    answers: dict = field(default_factory=dict, compare=False, repr=False)  # see _memoised
     positive = True
 
     @property
     def verb(self) -> str:
         return "recommends" if self.key.weak else "depends on"
 
-    def is_satisfied_by(self, candidate: Candidate) -> bool:
+    def check(self, candidate: Candidate) -> bool:
         if isinstance(candidate, SkipCandidate):
             return self.key.weak and candidate.key == self.key
         return isinstance(candidate, ChoiceCandidate) and candidate.key == self.key
+
+    def is_satisfied_by(self, candidate: Candidate) -> bool:
+        return _memoised(self, candidate)
 
     def format_for_error(self) -> str:
         return self.key.text
 
 
 Requirement = VersionedRequirement | PinnedRequirement | ConflictRequirement | AlternativesRequirement
+
+
+def _memoised(requirement: Requirement, candidate: Candidate) -> bool:
+    """``requirement.check(candidate)``, remembered in ``requirement.answers``.
+
+    resolvelib re-checks every pin against every requirement on it in every round (O(rounds ×
+    requirements): libc6 alone collects hundreds), so each answer is computed once. Requirement
+    objects are shared (cached per candidate by the universe), and candidates hash cheaply.
+    """
+    answer = requirement.answers.get(candidate)
+    if answer is None:
+        answer = requirement.answers[candidate] = requirement.check(candidate)
+    return answer
 
 
 def _arch_allows(package: BinaryPackage, qualifier: str) -> bool:
@@ -521,7 +538,11 @@ class DebProvider(resolvelib.AbstractProvider):
         ]
 
     def is_satisfied_by(self, requirement: Requirement, candidate: Candidate) -> bool:
-        return requirement.is_satisfied_by(candidate)
+        # The hottest call of a resolution: _memoised inlined, one dict lookup in the common case.
+        answer = requirement.answers.get(candidate)
+        if answer is None:
+            answer = requirement.answers[candidate] = requirement.check(candidate)
+        return answer
 
     def get_dependencies(self, candidate: Candidate) -> Sequence[Requirement]:
         if isinstance(candidate, RepoCandidate):
