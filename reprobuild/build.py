@@ -54,7 +54,8 @@ def planned_packages(package_set: PackageSet) -> list:
 
     return [
         PlannedPackage(name=p.name, version=p.version, architecture=p.architecture, sha256=p.sha256,
-                       essential=p.essential, priority=p.priority, depends=p.depends, pre_depends=p.pre_depends)
+                       essential=p.essential, priority=p.priority, depends=p.depends, pre_depends=p.pre_depends,
+                       auto_installed=p.reason.startswith("dependency"))
         for p in package_set.packages
     ]
 

@@ -20,7 +20,7 @@ from reprobuild.image.cpio import cpio_from_tree
 # jobs and its frames differ from single-threaded output), always write the content size and a
 # checksum, and never use a dictionary. zstandard bundles its own libzstd, so the version is the
 # Python package's (pinned by the lock of the build environment).
-ZSTD_LEVEL = 19
+ZSTD_LEVEL = 9
 # Level 19 uses at most an 8 MiB window (window_log 23); the kernel's initramfs decompressor
 # allocates the window the frame header asks for, and Debian's mkinitramfs uses zstd as well.
 
@@ -111,12 +111,32 @@ def select_kernel_modules(modules_dir: Path, wanted: Iterable[str] = DEFAULT_ROO
         done.add(name)
         result.append(path)
 
-    for raw in wanted:
-        name = module_name(raw)
+    # Soft dependencies (modules.softdep, "softdep libcrc32c pre: crc32c") name modules a module
+    # needs at run time without linking against them: libcrc32c, and so erofs and ext4, fail to
+    # load without a crc32c implementation. They may be aliases; every module an alias names is
+    # taken, as modprobe would try them all.
+    softdeps = parse_modules_softdep((modules_dir / "modules.softdep").read_text()) \
+        if (modules_dir / "modules.softdep").exists() else {}
+    aliases = parse_modules_alias((modules_dir / "modules.alias").read_text()) \
+        if (modules_dir / "modules.alias").exists() else {}
+    queue = [module_name(raw) for raw in wanted]
+    seen: set[str] = set()
+    while queue:
+        name = queue.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
         if name in deps:
             visit(name, ())
+            closure = [by_path.get(p, module_name(p)) for p in result]
+            for dep in closure:
+                for soft in softdeps.get(dep, ()):
+                    targets = [soft] if soft in deps else aliases.get(soft, [])
+                    queue.extend(t for t in targets if t in deps and t not in seen)
+        elif name in aliases:
+            queue.extend(t for t in aliases[name] if t in deps and t not in seen)
         elif name not in builtin:
-            raise ModuleMissing(f"kernel module {raw!r} is neither in {modules_dir}/modules.dep nor built in",
+            raise ModuleMissing(f"kernel module {name!r} is neither in {modules_dir}/modules.dep nor built in",
                                 hint="check the module name (modinfo) or the kernel package")  # fmt: skip
     return [modules_dir / p for p in result]
 
@@ -130,3 +150,25 @@ def find_kernel_version(modules_root: Path) -> str:
     if len(versions) != 1:
         raise BuildError(f"expected exactly one kernel under {modules_root}, found {versions or 'none'}")
     return versions[0]
+
+
+def parse_modules_softdep(text: str) -> dict[str, tuple[str, ...]]:
+    """``softdep NAME pre: A B post: C`` lines → {name: (A, B, C)} (names normalised)."""
+    result: dict[str, tuple[str, ...]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 3 or words[0] != "softdep":
+            continue
+        result[module_name(words[1])] = tuple(module_name(w) for w in words[2:] if not w.endswith(":"))
+    return result
+
+
+def parse_modules_alias(text: str) -> dict[str, list[str]]:
+    """Exact (wildcard-free) ``alias NAME MODULE`` lines → {name: [modules…]} in file order."""
+    result: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) != 3 or words[0] != "alias" or any(c in words[1] for c in "*?["):
+            continue
+        result.setdefault(module_name(words[1]), []).append(module_name(words[2]))
+    return result

@@ -31,7 +31,10 @@ __all__ = ["PlannedPackage", "TreeSettings", "build_tree", "sandbox_env", "write
 def sandbox_env(epoch: int) -> dict[str, str]:
     """What maintainer and post-installation scripts get on top of the sandbox's base environment."""
     # SOURCE_DATE_EPOCH: shadow (useradd, pwconv), systemd-sysusers, and many generators honour it.
-    return {"SOURCE_DATE_EPOCH": str(epoch)}
+    # INITRD=No: Debian's kernel postinst hook (/etc/kernel/postinst.d/initramfs-tools) skips
+    # update-initramfs. reprobuild builds the image's initrd itself from the locked initrd set;
+    # a second one in /boot would cost half a minute, never be booted, and depend on the host.
+    return {"SOURCE_DATE_EPOCH": str(epoch), "INITRD": "No"}
 
 
 def build_tree(
