@@ -1,5 +1,5 @@
 {
   "algorithm": "ed25519",
   "key_id": "62231b92dd2becda",
-  "signature": "NL8bACEXHBHbpmHbSo1ORNh6bGiJi4vVMREpcviE/VpMZHGDwmOXrJasluDfsiqNDs8/oD4MwIz7Ti20PQjeDg=="
+  "signature": "x+IoUSDSrLxnjrpIrt9EWwf8iwaipXBGUI9RB3CC+egd1dimGdoK7HTK9h2duv/H9gZhJbXPUHms2YjtmBgxCQ=="
 }
