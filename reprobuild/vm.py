@@ -40,6 +40,7 @@ VARS_PLAIN = ("OVMF_VARS_4M.fd", "OVMF_VARS.fd")
 # replace its keys with ours when a certificate is given.
 VARS_SECBOOT = ("OVMF_VARS_4M.snakeoil.fd", "OVMF_VARS.snakeoil.fd")
 KVM_PROBE_SECONDS = 15.0
+KVM_FAILED = b"KVM internal error"  # what qemu prints (stderr) when KVM cannot run the guest
 
 Accel = Literal["kvm", "tcg"]
 
@@ -318,8 +319,8 @@ def probe_kvm(qemu: str = QEMU, timeout: float = KVM_PROBE_SECONDS) -> bool:
         shutil.copyfile(template, vars_copy)
         cfg = QemuConfig(image=None, memory="256M", cpus=1, qemu=qemu)
         argv = build_qemu_argv(cfg, Firmware(code, vars_copy), "kvm")
-        found, _console, errors = _watch(argv, b"BdsDxe", timeout, stop_on=(b"KVM internal error", b"failed to initialize kvm"))
-        return found and b"KVM internal error" not in errors
+        found, _console, errors = _watch(argv, b"BdsDxe", timeout, stop_on=(KVM_FAILED, b"failed to initialize kvm"))
+        return found and KVM_FAILED not in errors
 
 
 def resolve_accel(cfg: QemuConfig) -> Accel:
@@ -335,19 +336,30 @@ def resolve_accel(cfg: QemuConfig) -> Accel:
 FIRMWARE_GAVE_UP = (b"No bootable option or device was found",)
 
 
+def _boot_once(cfg: QemuConfig, accel: Accel, marker: bytes, timeout: float,
+               stop_on: Sequence[bytes]) -> tuple[bool, bytes, bytes]:  # fmt: skip
+    with prepared_firmware(cfg) as firmware:  # a fresh variable store for every boot
+        return _watch(build_qemu_argv(cfg, firmware, accel), marker, timeout,
+                      stop_on=(KVM_FAILED, *stop_on), log=cfg.serial_log)  # fmt: skip
+
+
 def run_until(
     cfg: QemuConfig, marker: bytes, timeout: float, stop_on: Sequence[bytes] = FIRMWARE_GAVE_UP
 ) -> tuple[bool, bytes]:
     """Boot headless and watch the serial console for ``marker``; qemu is killed when it appears,
     when a ``stop_on`` pattern appears, at ``timeout`` seconds, or earlier if it exits. Returns
-    (found, console output); the console is also written to ``cfg.serial_log`` if set."""
+    (found, console output); the console is also written to ``cfg.serial_log`` if set.
+
+    With ``kvm="auto"``, a boot that hits "KVM internal error" after a passing probe (seen on
+    nested hosts where KVM works only intermittently) is retried once under TCG.
+    """
     _qemu_binary(cfg)
     accel = resolve_accel(cfg)
-    with prepared_firmware(cfg) as firmware:
-        found, console, errors = _watch(build_qemu_argv(cfg, firmware, accel), marker, timeout,
-                                        stop_on=(b"KVM internal error", *stop_on), log=cfg.serial_log)  # fmt: skip
+    found, console, errors = _boot_once(cfg, accel, marker, timeout, stop_on)
+    if accel == "kvm" and cfg.kvm == "auto" and KVM_FAILED in errors:
+        found, console, errors = _boot_once(cfg, "tcg", marker, timeout, stop_on)
     if not found and errors.strip() and not console:
-        raise VmError(f"qemu failed: {errors.decode(errors='replace').strip()[:500]}")
+        raise VmError(f"qemu failed ({accel}): {errors.decode(errors='replace').strip()[:500]}")
     return found, console
 
 

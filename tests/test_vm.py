@@ -20,6 +20,7 @@ from reprobuild.vm import (
     Firmware,
     QemuConfig,
     VarStoreInvalid,
+    VmError,
     build_qemu_argv,
     enroll_certificate,
     firmware_paths,
@@ -177,3 +178,50 @@ def test_secure_boot_refuses_unsigned(boot_images: dict[str, object]) -> None:
     found, console = run_until(cfg, MARKER, timeout=400)
     assert not found
     assert b"Access Denied" in console or b"Security Violation" in console
+
+
+# ---- the console watcher, with a stand-in qemu (no firmware needed) ----------------------------
+
+FAKE_QEMU = """#!/bin/sh
+case "$*" in
+  *"-accel kvm"*) echo "KVM internal error. Suberror: 1" >&2; exec sleep 60 ;;
+esac
+echo "booting"
+sleep 0.2
+echo "hello MARKER-42 world"
+exec sleep 60
+"""
+
+
+def _fake_cfg(tmp_path: Path, script: str, kvm: str = "no") -> QemuConfig:
+    qemu = tmp_path / "qemu"
+    qemu.write_text(script)
+    qemu.chmod(0o755)
+    (tmp_path / "code.fd").write_bytes(b"code")
+    (tmp_path / "vars.fd").write_bytes(b"vars")
+    return QemuConfig(image=tmp_path / "disk.raw", qemu=str(qemu), kvm=kvm,  # type: ignore[arg-type]
+                      firmware_code=tmp_path / "code.fd", firmware_vars=tmp_path / "vars.fd",
+                      serial_log=tmp_path / "serial.log")  # fmt: skip
+
+
+def test_run_until_finds_marker_and_kills(tmp_path: Path) -> None:
+    start = time.monotonic()
+    found, console = run_until(_fake_cfg(tmp_path, FAKE_QEMU), b"MARKER-42", timeout=30)
+    assert found and b"booting" in console
+    assert time.monotonic() - start < 10  # did not wait for the 60 s sleep: qemu was killed
+    assert b"MARKER-42" in (tmp_path / "serial.log").read_bytes()
+
+
+def test_run_until_timeout(tmp_path: Path) -> None:
+    start = time.monotonic()
+    found, console = run_until(_fake_cfg(tmp_path, FAKE_QEMU), b"NEVER", timeout=1.5)
+    assert not found and b"MARKER-42" in console
+    assert 1.4 < time.monotonic() - start < 10
+
+
+def test_run_until_falls_back_to_tcg_when_kvm_breaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("reprobuild.vm.probe_kvm", lambda qemu: True)  # a probe that passed
+    found, _ = run_until(_fake_cfg(tmp_path, FAKE_QEMU, kvm="auto"), b"MARKER-42", timeout=30)
+    assert found
+    with pytest.raises(VmError, match="KVM internal error"):
+        run_until(_fake_cfg(tmp_path, FAKE_QEMU, kvm="yes"), b"MARKER-42", timeout=30)
