@@ -21,7 +21,7 @@ from reprobuild.image.cpio import cpio_from_tree
 # checksum, and never use a dictionary. zstandard bundles its own libzstd, so the version is the
 # Python package's (pinned by the lock of the build environment).
 ZSTD_LEVEL = 9
-# Level 19 uses at most an 8 MiB window (window_log 23); the kernel's initramfs decompressor
+# Levels up to 19 use at most an 8 MiB window (window_log 23); the kernel's initramfs decompressor
 # allocates the window the frame header asks for, and Debian's mkinitramfs uses zstd as well.
 
 # Enough to find and verify a DPS root in common VMs and PCs: device-mapper verity, the root
