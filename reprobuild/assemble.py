@@ -35,9 +35,11 @@ BOOT_FILES = {
               "usr/lib/systemd/boot/efi/systemd-bootaa64.efi"),
 }
 
-# Kernel command line words every verity image gets. The root is read-only, so systemd-firstboot
-# must not stop the boot to ask questions on the console.
-DEFAULT_CMDLINE = ("systemd.firstboot=off",)
+# Kernel command line words every bootable image gets. The root is read-only (dm-verity), so:
+# systemd-firstboot must not stop the boot to ask questions on the console, and /var becomes a
+# tmpfs (systemd.volatile=state) so that services keeping state there (logind, journald,
+# timesyncd) work, while / stays the verified /dev/mapper/root.
+DEFAULT_CMDLINE = ("systemd.firstboot=off", "systemd.volatile=state")
 
 # Initrd pruning: documentation, manuals and translations are never read while looking for the
 # root file system, and they make up a large share of the Essential set.
@@ -225,6 +227,12 @@ def build_disk(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
     epoch = lock.source_date_epoch
 
     started = time.monotonic()
+    if is_bootable(spec, lock) and layout == "root":
+        # Mount point for the ESP: systemd-gpt-auto-generator mounts it at /efi, and on a
+        # read-only root the directory must already exist.
+        efi = tree / "efi"
+        efi.mkdir(mode=0o755, exist_ok=True)
+        os.utime(efi, (epoch, epoch))
     fs_tree = tree / "usr" if layout == "usr" else tree
     fs_image = work / "root.img"
     say(f"making the {spec.build.root_filesystem} file system")

@@ -1,0 +1,164 @@
+"""Live: lock, build and boot real Debian images from the host's mirror (``-m live``).
+
+Each image is built once per session, twice (see tests/live_images.py), and every test reuses
+those builds. Reproducibility is proved by sha256 equality of the two builds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fixtures.apt_reference import MINBASE_PATTERNS, AptRoot
+from reprobuild.debian.sources import host_mirror_for
+from reprobuild.image.gpt import read_gpt_path
+from reprobuild.lockfile import load_lock
+from tests.live_images import (  # noqa: F401  (fixtures)
+    BuiltPair,
+    Keys,
+    bootable_disk,
+    bootable_trixie,
+    live_keys,
+    live_root,
+    minimal_bookworm,
+    minimal_disk,
+    minimal_tar,
+    minimal_trixie,
+    require_tools,
+    run_reprobuild,
+    warm_store,
+)
+
+pytestmark = pytest.mark.live
+
+
+def test_minbase_lock_equals_what_apt_installs(minimal_trixie: Path, tmp_path: Path) -> None:
+    """The cross-check of the resolver: apt, on an empty system, from the same mirror state."""
+    apt = AptRoot(tmp_path / "aptroot", "trixie", host_mirror_for("debian"), host_mirror_for("debian-security"))
+    apt.setup()
+    apt.update()
+    theirs = apt.simulate_install(MINBASE_PATTERNS)
+    lock = load_lock(minimal_trixie / "reprobuild.lock")
+    ours = {p.name: p.version for p in lock.package_set("image").packages}
+    assert ours == theirs
+
+
+def test_lock_is_signed_and_current(minimal_trixie: Path, live_keys: Keys) -> None:
+    result = run_reprobuild("lock", "-C", str(minimal_trixie), "--verify", "--trusted-key", str(live_keys.lock_pub))
+    assert "signature verified, configuration current" in result.stdout
+    lock_text = (minimal_trixie / "reprobuild.lock").read_text()
+    assert "://" not in lock_text, "no mirror URL in a lock whose config names none"
+
+
+def test_minbase_tar_is_reproducible(minimal_tar: BuiltPair) -> None:
+    a, b = minimal_tar.sha256("image.tar")
+    assert a == b
+    listing = subprocess.run(["tar", "-tvf", str(minimal_tar.output_a / "image.tar")], capture_output=True,
+                             text=True, check=True).stdout
+    assert "./usr/bin/dpkg" in listing and "./etc/machine-id" in listing
+
+
+def test_minbase_disk_is_reproducible_and_a_valid_ddi(minimal_disk: BuiltPair, tmp_path: Path) -> None:
+    require_tools("systemd-dissect", "veritysetup", "openssl")
+    a, b = minimal_disk.sha256("image.raw")
+    assert a == b
+    image = minimal_disk.output_a / "image.raw"
+    manifest = json.loads((minimal_disk.output_a / "image.raw.manifest.json").read_text())
+    assert manifest["sha256"] == a
+    dissect = subprocess.run(["systemd-dissect", "--json=short", str(image)], capture_output=True, text=True)
+    assert dissect.returncode == 0, dissect.stderr
+    designators = {p["designator"] for p in json.loads(dissect.stdout)["mounts"]}
+    assert {"root", "root-verity", "root-verity-sig"} <= designators
+
+    # veritysetup verify on the extracted root and hash partitions, with image.roothash.
+    disk = read_gpt_path(image)
+    parts = {p.name: p for p in disk.partitions}
+    root_hash = (minimal_disk.output_a / "image.roothash").read_text().strip()
+    assert root_hash == manifest["root_hash"]
+    for label, name in (("root-x86-64", "root.img"), ("root-x86-64-verity", "verity.img"),
+                        ("root-x86-64-verity-sig", "sig.img")):
+        part = parts[label]
+        with open(image, "rb") as src, open(tmp_path / name, "wb") as dst:
+            src.seek(part.offset(disk.sector_size))
+            dst.write(src.read(part.size(disk.sector_size)))
+    subprocess.run(["veritysetup", "verify", str(tmp_path / "root.img"), str(tmp_path / "verity.img"), root_hash],
+                   check=True, capture_output=True)
+
+    # The signature partition verifies against the certificate with OpenSSL.
+    sig = json.loads((tmp_path / "sig.img").read_bytes().rstrip(b"\0"))
+    assert sig["rootHash"] == root_hash
+    import base64
+
+    (tmp_path / "sig.der").write_bytes(base64.b64decode(sig["signature"]))
+    (tmp_path / "content").write_text(root_hash)
+    cert = next(Path(line.split("=", 1)[1]) for line in
+                (minimal_disk.directory / "reprobuild.conf").read_text().splitlines()
+                if line.startswith("VerityCertificate="))
+    subprocess.run(["openssl", "smime", "-verify", "-binary", "-inform", "DER", "-in", str(tmp_path / "sig.der"),
+                    "-content", str(tmp_path / "content"), "-CAfile", str(cert), "-purpose", "any",
+                    "-out", "/dev/null"], check=True, capture_output=True)
+
+
+def test_bootable_disk_is_reproducible_with_signed_uki(bootable_disk: BuiltPair, tmp_path: Path,
+                                                       live_keys: Keys) -> None:
+    require_tools("sbverify", "mcopy")
+    a, b = bootable_disk.sha256("image.raw")
+    assert a == b, "two builds of the bootable image differ"
+    manifest = json.loads((bootable_disk.output_a / "image.raw.manifest.json").read_text())
+    boot = manifest["boot"]
+    assert boot["uki_signed"] and boot["cmdline"].startswith(f"roothash={manifest['root_hash']} ")
+    # Extract the UKI from the ESP and check its Authenticode signature with sbverify.
+    image = bootable_disk.output_a / "image.raw"
+    disk = read_gpt_path(image)
+    esp = next(p for p in disk.partitions if p.name == "esp")
+    with open(image, "rb") as src, open(tmp_path / "esp.img", "wb") as dst:
+        src.seek(esp.offset(disk.sector_size))
+        dst.write(src.read(esp.size(disk.sector_size)))
+    subprocess.run(["mcopy", "-i", str(tmp_path / "esp.img"), "::/EFI/BOOT/BOOTX64.EFI", str(tmp_path / "uki.efi")],
+                   check=True, capture_output=True, env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"})
+    subprocess.run(["sbverify", "--cert", str(live_keys.sb_crt), str(tmp_path / "uki.efi")], check=True,
+                   capture_output=True)
+
+
+def _boot(image: Path, secure_boot: bool, cert: Path | None, log: Path) -> str:
+    from reprobuild.vm import QemuConfig, run_until
+
+    config = QemuConfig(image=image, secure_boot=secure_boot,
+                        secure_boot_cert=cert.read_bytes() if cert else None, serial_log=log, memory="2G")
+    found, console = run_until(config, b"REPROBUILD-MARKER-END", timeout=900)
+    text = console.decode(errors="replace")
+    assert found, f"the image did not reach multi-user; console tail:\n{text[-4000:]}"
+    return text
+
+
+def test_bootable_image_boots_to_multi_user_with_verity_root(bootable_disk: BuiltPair, tmp_path: Path) -> None:
+    console = _boot(bootable_disk.output_a / "image.raw", False, None, tmp_path / "console.log")
+    line = next(l for l in console.splitlines() if "REPROBUILD-MARKER " in l)
+    assert "root=/dev/mapper/root ro" in line, line
+
+
+def test_bootable_image_boots_with_secure_boot_enforced(bootable_disk: BuiltPair, tmp_path: Path,
+                                                        live_keys: Keys) -> None:
+    console = _boot(bootable_disk.output_b / "image.raw", True, live_keys.sb_crt, tmp_path / "console-sb.log")
+    assert "Secure boot enabled" in console
+    line = next(l for l in console.splitlines() if "REPROBUILD-MARKER " in l)
+    assert "root=/dev/mapper/root ro" in line, line
+
+
+def test_bookworm_minbase_locks_and_builds(minimal_bookworm: Path, warm_store: Path, tmp_path: Path) -> None:
+    lock = load_lock(minimal_bookworm / "reprobuild.lock")
+    names = {p.name for p in lock.package_set("image").packages}
+    assert {"dpkg", "apt", "base-files", "libc6"} <= names
+    assert lock.release == "bookworm"
+    run_reprobuild("build", "-C", str(minimal_bookworm), "--locked", "-f", "tar", "-o", str(tmp_path / "out"),
+                   "--store", str(warm_store), "-q", timeout=900)
+    listing = subprocess.run(["tar", "-tf", str(tmp_path / "out/image.tar")], capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    assert "./usr/bin/dpkg" in listing
+    # bookworm's usrmerge converts the tree: /bin is a symlink to usr/bin.
+    verbose = subprocess.run(["tar", "-tvf", str(tmp_path / "out/image.tar"), "./bin"], capture_output=True,
+                             text=True).stdout
+    assert "./bin -> usr/bin" in verbose
