@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from reprobuild.errors import ReprobuildError, VerificationFailed
-from reprobuild.lockfile import Lock, SIGNATURE_SUFFIX, loads
+from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, loads
 
 Say = Callable[[str], None]
 
@@ -159,7 +159,7 @@ def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
     try:
         manifest = json.loads(manifest_file.read_bytes())
         if not isinstance(manifest, dict):
-            raise ValueError("not a JSON object")
+            raise ValueError("not a JSON object")  # noqa: TRY004 - reported like a JSON syntax error
     except (OSError, ValueError) as e:
         checks.append(failed("manifest", f"{manifest_file}: unreadable manifest ({e})"))
         return VerifyReport(str(image), str(lock_path), tuple(checks))
