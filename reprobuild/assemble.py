@@ -107,13 +107,16 @@ def build_initrd(spec: ImageSpec, lock: Lock, store: Store, root_tree: Path, ker
     modules_src = root_tree / "usr/lib/modules" / kernel_version
     modules_dst = initrd_tree / "usr/lib/modules" / kernel_version
     wanted = tuple(DEFAULT_ROOT_MODULES) + tuple(spec.initrd.kernel_modules)
+    # Modes are set explicitly: the caller's umask must not reach the image.
     for module in select_kernel_modules(modules_src, wanted):
         dest = modules_dst / module.relative_to(modules_src)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _mkdirs(dest.parent, initrd_tree)
         shutil.copy2(module, dest)
+        dest.chmod(0o644)
     for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
         if (modules_src / name).exists():
             shutil.copy2(modules_src / name, modules_dst / name)
+            (modules_dst / name).chmod(0o644)
     # depmod from the initrd's own (locked) kmod writes the indexes libkmod reads; its output is
     # sorted and carries no timestamps.
     result = run_in_tree(initrd_tree, ["depmod", "-a", kernel_version])
@@ -124,6 +127,7 @@ def build_initrd(spec: ImageSpec, lock: Lock, store: Store, root_tree: Path, ker
     os_release = (initrd_tree / "usr/lib/os-release").read_text()
     (initrd_tree / "etc/initrd-release").unlink(missing_ok=True)
     (initrd_tree / "etc/initrd-release").write_text(os_release)
+    (initrd_tree / "etc/initrd-release").chmod(0o644)
     init = initrd_tree / "init"
     init.unlink(missing_ok=True)
     init.symlink_to("usr/lib/systemd/systemd")
@@ -136,6 +140,17 @@ def build_initrd(spec: ImageSpec, lock: Lock, store: Store, root_tree: Path, ker
     say("writing the initrd")
     make_initrd_cpio(initrd_tree, out, epoch)
     return out
+
+
+def _mkdirs(path: Path, top: Path) -> None:
+    """``mkdir -p`` with mode 0755 for every directory it creates below ``top``, whatever the umask."""
+    missing = []
+    while not path.exists() and path != top:
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir()
+        directory.chmod(0o755)
 
 
 def _read_os_release(tree: Path) -> str:
@@ -231,7 +246,8 @@ def build_disk(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
         # Mount point for the ESP: systemd-gpt-auto-generator mounts it at /efi, and on a
         # read-only root the directory must already exist.
         efi = tree / "efi"
-        efi.mkdir(mode=0o755, exist_ok=True)
+        efi.mkdir(exist_ok=True)
+        efi.chmod(0o755)  # explicit: mkdir's mode is filtered by the caller's umask
         os.utime(efi, (epoch, epoch))
     fs_tree = tree / "usr" if layout == "usr" else tree
     fs_image = work / "root.img"

@@ -102,8 +102,6 @@ def _timed(result: BuildResult, name: str):
 def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, say: Say = lambda _m: None,
                  fetch_progress=None) -> BuildResult:
     """Build the image ``spec`` describes from ``lock`` alone. Returns the outputs written."""
-    from reprobuild.rootfs.tree import build_tree, write_tar
-
     check_lock_current(spec, lock)
     fmt = options.format or spec.build.format
     result = BuildResult()
@@ -113,6 +111,19 @@ def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOption
 
     out_dir = options.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Every file the build creates gets an explicit mode; umask 022 for the duration of the build
+    # is the second line of defence, so a caller's umask 077 cannot reach the image (REFERENCE §7).
+    old_umask = os.umask(0o022)
+    try:
+        return _build_in(spec, lock, store, options, fmt, result, out_dir, say)
+    finally:
+        os.umask(old_umask)
+
+
+def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, fmt: str, result: BuildResult,
+              out_dir: Path, say: Say) -> BuildResult:
+    from reprobuild.rootfs.tree import build_tree, write_tar
+
     with tempfile.TemporaryDirectory(prefix=".reprobuild-work-", dir=out_dir) as work_str:
         work = Path(work_str)
         tree = work / "tree"
