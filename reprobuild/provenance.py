@@ -1,0 +1,237 @@
+"""Build provenance: an in-toto Statement with a SLSA v1 provenance predicate, in a DSSE envelope.
+
+``write_provenance`` writes ``OUTPUT.intoto.jsonl`` (one envelope, one line) beside a build's
+outputs; ``check_provenance`` is the ``provenance`` check of ``reprobuild verify``.
+
+* Statement (in-toto Attestation Framework v1): ``_type`` https://in-toto.io/Statement/v1,
+  ``subject`` = the image (sha256, plus its dm-verity root hash as an annotation) and its
+  manifest, ``predicateType`` https://slsa.dev/provenance/v1.
+* Predicate (SLSA Provenance v1): ``buildDefinition.externalParameters`` holds the lock digest, the
+  lock's signature (key id and signature bytes), the build command line and options;
+  ``resolvedDependencies`` (the SLSA v0.2 "materials") lists the lock file and every package with
+  its sha256 and a host-independent URI (the lock's URL when it records one, else the package's
+  purl) annotated with archive, pool path and snapshot id; ``runDetails.builder.id`` names
+  reprobuild and its version.
+* Envelope (DSSE v1): ``payloadType`` application/vnd.in-toto+json, ``payload`` base64 of the
+  statement, ``signatures`` = one ed25519 signature by the lock key over
+  ``PAE(type, payload)`` = ``"DSSEv1" SP len(type) SP type SP len(payload) SP payload``.
+
+Reproducibility: no timestamps, no host names, no invocation ids (SLSA makes them optional), JSON
+with sorted keys; ed25519 is deterministic, so the same build writes the same envelope.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from reprobuild import __version__
+from reprobuild.errors import ReprobuildError, VerificationFailed
+from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, dumps, write_atomic
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+# Identifiers of this builder and its build type: URNs, so that nothing points at a web site
+# that does not exist; the version is in builder.version.
+BUILDER_ID = "urn:reprobuild:builder"
+BUILD_TYPE = "urn:reprobuild:build-type:locked-image:v1"
+PROVENANCE_SUFFIX = ".intoto.jsonl"
+
+_OUTPUT_NAMES = {"disk": "image.raw", "ddi": "image.raw", "tar": "image.tar", "cpio": "image.cpio",
+                 "directory": "image"}  # fmt: skip
+
+
+class ProvenanceInvalid(VerificationFailed):
+    """A provenance envelope is malformed, unsigned, badly signed, or about something else."""
+
+
+def purl(name: str, version: str, architecture: str) -> str:
+    """``pkg:deb/debian/NAME@VERSION?arch=ARCH`` (package-url spec: ``:`` in versions escaped)."""
+    from urllib.parse import quote
+
+    return f"pkg:deb/debian/{quote(name, safe='')}@{quote(version, safe='~+.')}?arch={quote(architecture, safe='')}"
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding (what is signed)."""
+    t = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
+
+
+def canonical(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def output_name(manifest: dict[str, Any]) -> str:
+    return _OUTPUT_NAMES[str(manifest.get("format"))]
+
+
+def make_statement(lock: Lock, lock_bytes: bytes, lock_signature: dict[str, str] | None,
+                   manifest: dict[str, Any], manifest_bytes: bytes, argv: list[str]) -> dict[str, Any]:  # fmt: skip
+    """The in-toto statement for a build (pure)."""
+    name = output_name(manifest)
+    subjects: list[dict[str, Any]] = []
+    if manifest.get("sha256"):
+        subject: dict[str, Any] = {"name": name, "digest": {"sha256": manifest["sha256"]}}
+        if manifest.get("root_hash"):
+            subject["annotations"] = {"dm-verity-root-hash": manifest["root_hash"]}
+        subjects.append(subject)
+    subjects.append({"name": name + ".manifest.json", "digest": {"sha256": hashlib.sha256(manifest_bytes).hexdigest()}})
+    dependencies: list[dict[str, Any]] = [
+        {"name": "reprobuild.lock", "digest": {"sha256": hashlib.sha256(lock_bytes).hexdigest()}}]
+    for p in lock.all_packages():
+        source = lock.source(p.source)
+        dependencies.append({
+            "name": p.filename,
+            "uri": p.urls[0] if p.urls else purl(p.name, p.version, p.architecture),
+            "digest": {"sha256": p.sha256},
+            "annotations": {"archive": source.archive, "path": p.path, "snapshot": source.snapshot},
+        })
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": subjects,
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": {
+                    "lock": {"digest": "sha256:" + hashlib.sha256(lock_bytes).hexdigest(),
+                             "signature": lock_signature},
+                    "command": list(argv),
+                    "format": manifest.get("format"),
+                },
+                "internalParameters": {"source_date_epoch": lock.source_date_epoch, "seed": lock.seed,
+                                       "config_digest": lock.config_digest},
+                "resolvedDependencies": dependencies,
+            },
+            "runDetails": {
+                "builder": {"id": BUILDER_ID, "version": {"reprobuild": __version__}},
+                "byproducts": ([{"name": "image.roothash", "content": base64.b64encode(
+                    (manifest["root_hash"] + "\n").encode()).decode()}] if manifest.get("root_hash") else []),
+            },
+        },
+    }
+
+
+def _key_id(public: Ed25519PublicKey) -> str:
+    from reprobuild.keys import key_id
+
+    return key_id(public)
+
+
+def sign_envelope(statement: dict[str, Any], key: Ed25519PrivateKey | None) -> dict[str, Any]:
+    """A DSSE envelope around ``statement``; with no key, an envelope without signatures."""
+    payload = canonical(statement)
+    signatures = []
+    if key is not None:
+        signatures.append({"keyid": _key_id(key.public_key()),
+                           "sig": base64.b64encode(key.sign(pae(PAYLOAD_TYPE, payload))).decode()})
+    return {"payloadType": PAYLOAD_TYPE, "payload": base64.b64encode(payload).decode(), "signatures": signatures}
+
+
+def open_envelope(envelope: dict[str, Any], public: Ed25519PublicKey | None) -> dict[str, Any]:
+    """Check the envelope (a signature by ``public`` when given) and return the statement.
+
+    Raises ProvenanceInvalid."""
+    try:
+        if envelope.get("payloadType") != PAYLOAD_TYPE:
+            raise ProvenanceInvalid(f"payloadType is {envelope.get('payloadType')!r}, not {PAYLOAD_TYPE}")
+        payload = base64.b64decode(envelope["payload"], validate=True)
+        signatures = envelope.get("signatures") or []
+    except (KeyError, TypeError, AttributeError, binascii.Error) as e:
+        raise ProvenanceInvalid(f"malformed DSSE envelope: {e}") from None
+    if public is not None:
+        if not signatures:
+            raise ProvenanceInvalid("the provenance is not signed")
+        message = pae(PAYLOAD_TYPE, payload)
+        for s in signatures:
+            try:
+                public.verify(base64.b64decode(s["sig"], validate=True), message)
+                break
+            except (InvalidSignature, KeyError, TypeError, binascii.Error):
+                continue
+        else:
+            raise ProvenanceInvalid(f"no signature by the trusted key {_key_id(public)} verifies "
+                                    f"(signed by {', '.join(str(s.get('keyid')) for s in signatures)})")  # fmt: skip
+    try:
+        statement = json.loads(payload)
+    except ValueError as e:
+        raise ProvenanceInvalid(f"the payload is not JSON: {e}") from None
+    if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
+        raise ProvenanceInvalid("the payload is not an in-toto v1 statement")
+    if statement.get("predicateType") != PREDICATE_TYPE:
+        raise ProvenanceInvalid(f"predicate type {statement.get('predicateType')!r} is not SLSA provenance v1")
+    return statement
+
+
+def write_provenance(lock: Lock, lock_path: Path, result_manifest: dict[str, Any], out_dir: Path,
+                     signing_key: Path | Ed25519PrivateKey | None, argv: list[str]) -> Path:  # fmt: skip
+    """Write ``OUT_DIR/OUTPUT.intoto.jsonl`` for a finished build and return its path.
+
+    ``lock_path`` supplies the lock's exact bytes and its ``.sig`` (recorded when present);
+    ``signing_key`` is the lock key (a PEM path or key), or None for an unsigned envelope.
+    The manifest file must already be in ``out_dir``. Cost: hashing the lock and manifest.
+    """
+    from reprobuild.keys import Signature, load_private_key
+
+    lock_bytes = lock_path.read_bytes() if lock_path.exists() else dumps(lock)
+    sig_path = lock_path.with_name(lock_path.name + SIGNATURE_SUFFIX)
+    lock_signature = None
+    if sig_path.exists():
+        sig = Signature.from_bytes(sig_path.read_bytes(), str(sig_path))
+        lock_signature = {"algorithm": sig.algorithm, "keyid": sig.key_id,
+                          "sig": base64.b64encode(sig.signature).decode()}  # fmt: skip
+    name = output_name(result_manifest)
+    manifest_bytes = (out_dir / (name + ".manifest.json")).read_bytes()
+    statement = make_statement(lock, lock_bytes, lock_signature, result_manifest, manifest_bytes, argv)
+    key = load_private_key(Path(signing_key)) if isinstance(signing_key, (str, Path)) else signing_key
+    envelope = sign_envelope(statement, key)
+    path = out_dir / (name + PROVENANCE_SUFFIX)
+    write_atomic(path, canonical(envelope) + b"\n")
+    return path
+
+
+def check_provenance(path: Path, lock: Lock, lock_bytes: bytes, image: Path, manifest: dict[str, Any],
+                     trusted_key: Path | None):  # fmt: skip
+    """The ``provenance`` check: envelope signed by the trusted key, about this lock and image."""
+    from reprobuild.keys import load_public_key
+    from reprobuild.verify import failed, passed, skipped
+
+    name = "provenance"
+    try:
+        lines = [ln for ln in Path(path).read_text("utf-8").splitlines() if ln.strip()]
+        envelope = json.loads(lines[0])
+        public = load_public_key(Path(trusted_key)) if trusted_key else None
+        statement = open_envelope(envelope, public)
+    except (OSError, ValueError, IndexError) as e:
+        return failed(name, f"{path}: unreadable provenance ({e})")
+    except ReprobuildError as e:
+        return failed(name, e.message)
+    problems = []
+    params = statement.get("predicate", {}).get("buildDefinition", {}).get("externalParameters", {})
+    if params.get("lock", {}).get("digest") != "sha256:" + hashlib.sha256(lock_bytes).hexdigest():
+        problems.append("it names another lock")
+    # The image-digest check ties the manifest to the image; here the statement to the manifest.
+    subjects = {s.get("digest", {}).get("sha256") for s in statement.get("subject", [])}
+    want = manifest.get("sha256")
+    if want and want not in subjects:
+        problems.append(f"no subject has the image's sha256 {want}")
+    deps = statement["predicate"]["buildDefinition"].get("resolvedDependencies", [])
+    dep_shas = {d.get("digest", {}).get("sha256") for d in deps}
+    missing = [p.name for p in lock.all_packages() if p.sha256 not in dep_shas]
+    if missing:
+        problems.append(f"materials lack {len(missing)} locked packages ({', '.join(missing[:3])})")
+    if problems:
+        return failed(name, "; ".join(problems))
+    if public is None:
+        return skipped(name, "statement matches, but no --trusted-key was given to check its signature")
+    return passed(name, f"DSSE signed by {_key_id(public)}; SLSA provenance for this image and lock, "
+                        f"{len(deps) - 1} materials")  # fmt: skip
