@@ -56,7 +56,8 @@ def check_vm_disk(image: Path) -> None:
 def _definition_beside(image: Path) -> Path | None:
     """The image directory an image was built in: its own directory or the one above (``build``
     writes to DIRECTORY/out by default), whichever holds reprobuild.conf."""
-    for candidate in (image.resolve().parent, image.resolve().parent.parent):
+    where = image.absolute().parent  # where the user put it (not resolved: symlinks count as placed)
+    for candidate in (where, where.parent):
         if (candidate / CONFIG_NAME).is_file():
             return candidate
     return None
