@@ -154,8 +154,11 @@ def _variant_locale() -> tuple[str, str]:
 
 def _base_env(home: Path) -> dict[str, str]:
     # Built from scratch, not inherited: what the build sees is exactly what the report says.
-    return {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
-            "HOME": str(home), "TMPDIR": str(home), "TZ": "UTC", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}  # fmt: skip
+    env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
+           "HOME": str(home), "TMPDIR": str(home), "TZ": "UTC", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}  # fmt: skip
+    if "PYTHONPATH" in os.environ:  # the builds run the same reprobuild as the caller
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
 
 
 def plan_variations(available_cpus: int | None = None) -> tuple[VariationResult, ...]:
