@@ -78,21 +78,34 @@ def _dir_reader(tree: Path) -> Callable[[str], bytes | None]:
 
 
 def _tar_reader(tf: tarfile.TarFile) -> Callable[[str], bytes | None]:
-    members = {m.name.removeprefix("./"): m for m in tf.getmembers()}
+    members = {m.name.removeprefix("./").rstrip("/"): m for m in tf.getmembers()}
+
+    def resolve(rel: str) -> str | None:
+        """Follow symlinks in every component (usr/share/doc/PKG is often a link), bounded."""
+        parts = _normpath(rel).split("/")
+        i, hops = 0, 0
+        while i < len(parts):
+            prefix = "/".join(parts[: i + 1])
+            m = members.get(prefix)
+            if m is not None and m.issym():
+                hops += 1
+                if hops > 32:
+                    return None
+                parent = "/".join(parts[:i])
+                target = m.linkname if m.linkname.startswith("/") else f"{parent}/{m.linkname}"
+                parts = _normpath(target + "/" + "/".join(parts[i + 1:])).split("/")
+                i = 0
+                continue
+            i += 1
+        return "/".join(parts)
 
     def read(rel: str) -> bytes | None:
-        for _ in range(16):  # symlink hops, bounded
-            m = members.get(rel)
-            if m is None:
-                return None
-            if m.issym():
-                rel = _normpath(m.linkname if m.linkname.startswith("/") else str(Path(rel).parent / m.linkname))
-                continue
-            if not m.isfile():
-                return None
-            f = tf.extractfile(m)
-            return f.read() if f else None
-        return None
+        name = resolve(rel)
+        m = members.get(name) if name is not None else None
+        if m is None or not m.isfile():
+            return None
+        f = tf.extractfile(m)
+        return f.read() if f else None
 
     return read
 
