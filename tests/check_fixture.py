@@ -33,6 +33,7 @@ exit 0
 
 
 def make_definition(workdir: Path, url_base: str, leak: bool = True, base_deb: Path | None = None) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
     deb = base_deb or build_host_base(workdir)
     served = workdir / "served"
     served.mkdir(exist_ok=True)
