@@ -1,8 +1,9 @@
 """The lock stage: an :class:`ImageSpec` and verified repository metadata → a :class:`Lock`.
 
-Steps: fetch and verify every suite's InRelease and Packages index (cached in the store), build
-one resolver universe per release, resolve each package set (``image``, and ``initrd`` for
-bootable images), and pin the result with the epoch, the seed and the config digest.
+Steps: fetch and verify every suite's InRelease (concurrently) and Packages index (cached in the
+store), build one resolver universe per release (cached too, keyed by the indices' hashes), resolve
+each package set (``image``, and ``initrd`` for bootable images), and pin the result with the
+epoch, the seed and the config digest.
 
 With an existing lock the resolution keeps every pinned version that is still available
 (cargo-style): only what the configuration change needs moves. ``update=True`` re-resolves
@@ -11,17 +12,23 @@ everything; ``update_packages`` frees only the named packages.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from reprobuild.config import ImageSpec
 from reprobuild.debian.package import BinaryPackage
 from reprobuild.errors import LockError, RepositoryError
 from reprobuild.lockfile import Lock, LockedPackage, LockSource, PackageSet
+
+if TYPE_CHECKING:
+    from reprobuild.debian.repository import RepositorySource
+    from reprobuild.resolve import Universe
 
 DEFAULT_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 
@@ -31,6 +38,9 @@ INITRD_PACKAGES = ("systemd", "udev", "kmod")
 # From trixie on, systemd-veritysetup lives in its own package; bookworm ships it in systemd.
 INITRD_OPTIONAL_PACKAGES = ("systemd-cryptsetup",)
 KERNEL_PACKAGE_PREFIXES = ("linux-image-",)
+# The tools set (ToolsTree=lock): every program that shapes the output bytes (reprobuild.tools),
+# on top of the Essential set. [Tools] Packages= adds to it.
+TOOLS_PACKAGES = ("erofs-utils", "squashfs-tools", "e2fsprogs", "dosfstools", "mtools")
 
 Progress = Callable[[str], None]
 
@@ -64,10 +74,10 @@ class LockResult:
 
 
 @dataclass
-class _Universe:
-    """One release's fetched indices: packages plus the lock sources they came from."""
+class _Fetched:
+    """One release's verified metadata: the resolver universe plus the lock sources it came from."""
 
-    packages: list[BinaryPackage]
+    universe: Universe
     sources: list[LockSource]
     dates: list[datetime]
 
@@ -92,18 +102,39 @@ def _mirror_for(spec: ImageSpec, archive: str, host_root: Path) -> tuple[str, bo
     return host_mirror_for(archive, root=host_root), False
 
 
-def _fetch_release_universe(spec: ImageSpec, release: str, session, options: LockOptions) -> _Universe:
+def universe_key(architecture: str, indices: Sequence[tuple[str, str, str | None]]) -> str:
+    """The cache key of the universe built from ``indices`` — (origin, Packages sha256, binary-all
+    sha256 or None) in suite order — for ``architecture``: a sha256 over them and every version
+    that shapes the result (index parser, universe format), so a key never names stale data."""
+    from reprobuild.debian.repository import PARSER_VERSION
+    from reprobuild.resolve import UNIVERSE_FORMAT
+
+    h = hashlib.sha256(f"reprobuild universe\0{PARSER_VERSION}\0{UNIVERSE_FORMAT}\0{architecture}\n".encode())
+    for origin, sha256, all_sha256 in indices:
+        h.update(f"{origin}\0{sha256}\0{all_sha256 or ''}\n".encode())
+    return h.hexdigest()
+
+
+def _fetch_release_universe(spec: ImageSpec, release: str, session, options: LockOptions) -> _Fetched:
+    """Verify every suite's InRelease (concurrently: on a warm lock these round trips are all the
+    network work) and load the universe of their Packages indices.
+
+    Warm path: the universe cached under :func:`universe_key` of the indices the verified
+    Releases name is loaded as is (~50 ms) — no index is read or parsed, and only the names the
+    resolution touches are ever decoded. Cold path: every index is fetched (or read from the
+    cache) and parsed, the universe is built and then cached. Both give the same universe.
+    """
     from reprobuild.debian import repository
+    from reprobuild.resolve import Universe
 
     keyrings = list(spec.distribution.keyring) or [DEFAULT_KEYRING]
     arch = spec.distribution.debian_architecture
     cache = repository.IndexCache(options.index_cache) if options.index_cache else None
-    packages: list[BinaryPackage] = []
-    sources: list[LockSource] = []
-    dates: list[datetime] = []
+    repo_sources: list[repository.RepositorySource] = []
+    configured: list[bool] = []  # whether the configuration named each source's mirror
     for ref in suites_for(release, spec.distribution.updates):
         try:
-            base_url, configured = _mirror_for(spec, ref.archive, options.host_root)
+            base_url, named = _mirror_for(spec, ref.archive, options.host_root)
         except RepositoryError:
             if ref.archive == "debian-security":
                 raise RepositoryError(
@@ -111,26 +142,94 @@ def _fetch_release_universe(spec: ImageSpec, release: str, session, options: Loc
                     hint="set SecurityMirror= in [Distribution], or Updates=no",
                 ) from None
             raise
-        source = repository.RepositorySource(
+        repo_sources.append(repository.RepositorySource(
             archive=ref.archive, base_url=base_url, suite=ref.suite,
             components=tuple(spec.distribution.repositories), architecture=arch, keyrings=tuple(keyrings),
-        )
-        verified = repository.fetch_release(session, source, cache, now=options.now, progress=options.progress)
+        ))
+        configured.append(named)
+    # Speculation: while the InReleases are on the wire, load the universe the previous lock of
+    # these same sources used. It is used only if the verified Releases name exactly its indices
+    # (same key), so the result never depends on the guess: only the waiting is overlapped.
+    origins_key = _origins_key(arch, repo_sources)
+    guessed_key = _last_universe_key(cache, origins_key)
+    with contextlib.ExitStack() as stack:
+        guess = None
+        if guessed_key is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            loader = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="universe"))
+            guess = loader.submit(_cached_universe, cache, guessed_key)
+        verified_releases = repository.fetch_releases(session, repo_sources, cache, options.now,
+                                                      progress=options.progress)
+        guessed = guess.result() if guess is not None else None
+    sources: list[LockSource] = []
+    dates: list[datetime] = []
+    indices: list[tuple[str, str, str | None]] = []
+    for source, verified, named in zip(repo_sources, verified_releases, configured, strict=True):
         date = verified.release.date
         dates.append(date)
         for component in spec.distribution.repositories:
-            index = repository.fetch_packages(session, source, verified, component, arch, cache,
-                                              progress=options.progress)
-            source_id = f"{ref.suite}/{component}"
+            entry, all_entry = repository.index_entries(source, verified, component, arch)
+            source_id = source.origin(component)
+            indices.append((source_id, entry.sha256, all_entry.sha256 if all_entry else None))
             sources.append(LockSource(
-                id=source_id, archive=ref.archive, suite=ref.suite,
-                codename=verified.release.codename or ref.suite, component=component,
-                date=email.utils.format_datetime(date.astimezone(timezone.utc), usegmt=True).replace("GMT", "UTC"),
+                id=source_id, archive=source.archive, suite=source.suite,
+                codename=verified.release.codename or source.suite, component=component,
+                date=email.utils.format_datetime(date.astimezone(UTC), usegmt=True).replace("GMT", "UTC"),
                 snapshot=repository.snapshot_id(date), inrelease_sha256=verified.inrelease_sha256,
-                packages_sha256=index.sha256, mirror=base_url if configured else None,
+                packages_sha256=entry.sha256,
+                mirror=source.base_url if named else None,
             ))
-            packages.extend(_with_origin(p, source_id) for p in index.packages)
-    return _Universe(packages, sources, dates)
+    key = universe_key(arch, indices)
+    universe = guessed if key == guessed_key else _cached_universe(cache, key)
+    if universe is None:
+        packages: list[BinaryPackage] = []
+        for source, verified in zip(repo_sources, verified_releases, strict=True):
+            for component in spec.distribution.repositories:
+                index = repository.fetch_packages(session, source, verified, component, arch, cache,
+                                                  progress=options.progress)
+                source_id = source.origin(component)
+                packages.extend(_with_origin(p, source_id) for p in index.packages)
+        if options.progress:
+            options.progress(f"building the universe of {len(packages)} index entries")
+        universe = Universe.from_packages(packages, arch)
+        if cache is not None:
+            cache.put_derived("universe", key, universe.to_bytes())
+    elif options.progress:
+        options.progress(f"using the cached universe ({len(universe)} package names)")
+    if cache is not None and key != guessed_key:
+        cache.put_derived("latest", origins_key, key.encode())
+    return _Fetched(universe, sources, dates)
+
+
+def _origins_key(architecture: str, sources: Sequence[RepositorySource]) -> str:
+    """Names the set of suites a universe is built from (not their content): the key under which
+    the last universe key used for them is remembered."""
+    h = hashlib.sha256(f"reprobuild latest universe\0{architecture}\n".encode())
+    for source in sources:
+        h.update(f"{source.base_url}\0{source.suite}\0{' '.join(source.components)}\n".encode())
+    return h.hexdigest()
+
+
+def _last_universe_key(cache, origins_key: str) -> str | None:
+    data = cache.get_derived("latest", origins_key) if cache is not None else None
+    if data is None:
+        return None
+    text = data.decode("ascii", "replace")
+    return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else None
+
+
+def _cached_universe(cache, key: str) -> Universe | None:
+    """The universe cached under ``key``, or None when absent or unreadable (then rebuilt)."""
+    from reprobuild.resolve import Universe
+
+    data = cache.get_derived("universe", key) if cache is not None else None
+    if data is None:
+        return None
+    try:
+        return Universe.from_bytes(data)
+    except ValueError:
+        return None
 
 
 def _with_origin(package: BinaryPackage, origin: str) -> BinaryPackage:
@@ -196,16 +295,15 @@ def wants_boot(spec: ImageSpec, image_set: PackageSet) -> bool:
 def lock_spec(spec: ImageSpec, previous: Lock | None = None, options: LockOptions = LockOptions(),
               session=None) -> LockResult:
     """Resolve ``spec`` against verified repository metadata into a new :class:`Lock`."""
-    import requests
+    if session is None:
+        import requests  # deferred: ~0.1 s, and only a real lock needs it
 
-    from reprobuild.resolve import Universe
-
-    session = session or requests.Session()
+        session = requests.Session()
     release = spec.distribution.release
     progress = options.progress or (lambda _msg: None)
     fetched = _fetch_release_universe(spec, release, session, options)
-    progress(f"resolving {len(fetched.packages)} index entries")
-    universe = Universe.from_packages(fetched.packages, spec.distribution.debian_architecture)
+    universe = fetched.universe  # one universe for both sets: its dependency cache is shared
+    progress("resolving")
     sources = {s.id: s for s in fetched.sources}
 
     image_set = _resolve_set(universe, "image", release, spec.content.base_set, spec.content.packages,
@@ -215,12 +313,29 @@ def lock_spec(spec: ImageSpec, previous: Lock | None = None, options: LockOption
         if not has_kernel(image_set):
             raise LockError("Bootable=yes but the package set has no kernel",
                             hint="add linux-image-amd64 (or -arm64) to Packages=")
-        available = {p.name for p in fetched.packages}
-        initrd_requested = list(INITRD_PACKAGES) + [p for p in INITRD_OPTIONAL_PACKAGES if p in available]
+        # "available" = some index lists a real package of that name (all of them are in the universe:
+        # an arch index holds only native and arch:all packages).
+        initrd_requested = list(INITRD_PACKAGES) + [p for p in INITRD_OPTIONAL_PACKAGES if universe.versions(p)]
         initrd_requested += [p for p in spec.initrd.packages if p not in initrd_requested]
         sets.append(_resolve_set(universe, "initrd", release, "essential", initrd_requested, False,
                                  _pins(previous, "initrd", options), sources))
 
+    all_sources = list(fetched.sources)
+    if spec.tools.tools_tree == "lock":
+        tools_release = spec.tools.release or release
+        if tools_release == release:
+            tools_universe, tools_sources = universe, sources
+        else:
+            progress(f"fetching the {tools_release} indices for the tools tree")
+            other = _fetch_release_universe(spec, tools_release, session, options)
+            tools_universe = other.universe
+            tools_sources = {s.id: s for s in other.sources}
+            all_sources += [s for s in other.sources if s.id not in sources]
+        requested = list(TOOLS_PACKAGES) + [p for p in spec.tools.packages if p not in TOOLS_PACKAGES]
+        sets.append(_resolve_set(tools_universe, "tools", tools_release, "essential", requested, False,
+                                 _pins(previous, "tools", options), tools_sources))
+
+    # The epoch comes from the image's release only: the tools' release does not date the image.
     epoch = spec.build.source_date_epoch
     if epoch is None:
         epoch = int(max(fetched.dates).timestamp())
@@ -228,7 +343,7 @@ def lock_spec(spec: ImageSpec, previous: Lock | None = None, options: LockOption
     lock = Lock(
         config_digest=spec.digest(), distribution=spec.distribution.distribution, release=release,
         architecture=spec.distribution.debian_architecture, source_date_epoch=epoch, seed=seed,
-        sources=tuple(fetched.sources), sets=tuple(sets), config=spec.digest_input(),
+        sources=tuple(all_sources), sets=tuple(sets), config=spec.digest_input(),
     )
     return LockResult(lock, package_changes(previous, lock))
 

@@ -37,6 +37,8 @@ from reprobuild.debian.repository import (
     RepositorySource,
     fetch_packages,
     fetch_release,
+    fetch_releases,
+    index_entries,
     load_universe_packages,
     parse_release,
     snapshot_id,
@@ -470,6 +472,79 @@ def test_load_universe_packages(server, session, tmp_path):
     assert tz == [("2024a-0+deb12u1", "stable/main"), ("2025a-0+deb12u1", "stable-updates/main")]
     assert "fetching stable InRelease…" in messages
     assert any("by-hash" in m for m in messages)
+
+
+def test_fetch_releases_runs_concurrently_in_source_order(server, session, tmp_path):
+    """Each InRelease answer is held back 0.6 s; fetched side by side, three suites take about
+    one delay, not three. Results come back in the order of the sources."""
+
+    class SlowSession:
+        def get(self, url, **kwargs):
+            time.sleep(0.6)
+            return session.get(url, **kwargs)
+
+    sources = [http_source(server, "stable-updates"), http_source(server, "stable"), http_source(server, "stable")]
+    started = time.monotonic()
+    releases = fetch_releases(SlowSession(), sources, IndexCache(tmp_path), NOW)
+    elapsed = time.monotonic() - started
+    assert [r.release.suite for r in releases] == ["stable-updates", "stable", "stable"]
+    assert [r.source for r in releases] == sources
+    assert elapsed < 1.5, f"{elapsed:.2f} s: InRelease fetches did not overlap (serial: >= 1.8 s)"
+
+
+def test_fetch_releases_raises_the_first_failure_in_source_order(server, session):
+    """Whichever thread fails first in time, the error is the first failing source's."""
+    sources = [http_source(server, "stable"), http_source(server, "no-such-suite"), http_source(server, "gone")]
+    with server.fault("/dists/stable/InRelease", "500"), pytest.raises(RepositoryError, match="InRelease: HTTP 500"):
+        fetch_releases(session, sources, now=NOW)
+
+
+    class SlowFirst:  # the first failing source also fails last in time
+        def get(self, url, **kwargs):
+            if "no-such-suite" in url:
+                time.sleep(0.3)
+            return session.get(url, **kwargs)
+
+    with pytest.raises(RepositoryError, match="no-such-suite has neither InRelease"):
+        fetch_releases(SlowFirst(), sources, now=NOW)
+    assert fetch_releases(session, [], now=NOW) == []
+
+
+def test_index_entries_name_what_fetch_packages_reads(server, session, tmp_path):
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    entry, all_entry = index_entries(source, verified, "main", "amd64")
+    assert (entry.path, all_entry) == ("main/binary-amd64/Packages.xz", None)
+    index = fetch_packages(session, source, verified, "main", "amd64")
+    assert (index.sha256, index.path) == (entry.sha256, entry.path)
+    with pytest.raises(RepositoryError, match="no component 'contrib'"):
+        index_entries(source, verified, "contrib", "amd64")
+    with pytest.raises(RepositoryError, match="lists no main/binary-arm64/Packages"):
+        index_entries(source, verified.release, "main", "arm64")
+
+
+def test_index_entries_with_arch_all_split_out(tmp_path):
+    suites = {"stable": [FixturePackage("native", "1", arch="amd64"), FixturePackage("indep", "1", arch="all")]}
+    repo = make_repo(tmp_path / "repo", suites, gnupg_home=tmp_path / "gnupg", split_arch_all=True)
+    source = file_source(repo.root, repo.keyring_path)
+    verified = fetch_release(None, source, now=NOW)
+    _, all_entry = index_entries(source, verified, "main", "amd64")
+    assert all_entry is not None and all_entry.path == "main/binary-all/Packages.xz"
+    assert index_entries(source, verified, "main", "all")[1] is None
+
+
+def test_derived_cache_round_trip_and_key_checks(tmp_path):
+    cache = IndexCache(tmp_path)
+    key = hashlib.sha256(b"inputs").hexdigest()
+    assert cache.get_derived("universe", key) is None
+    path = cache.put_derived("universe", key, b"derived bytes")
+    assert path == tmp_path / "derived/universe" / key
+    assert cache.get_derived("universe", key) == b"derived bytes"
+    assert cache.get_derived("other", key) is None
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+    for kind, bad_key in (("universe", "../../etc/passwd"), ("../x", key), ("universe", key.upper())):
+        with pytest.raises(ValueError):
+            cache.put_derived(kind, bad_key, b"x")
 
 
 # --------------------------------------------------------------------------------------- gpg

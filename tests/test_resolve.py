@@ -528,3 +528,74 @@ def test_host_bookworm_minbase_matches_mmdebstrap() -> None:
     u = Universe.from_packages((BinaryPackage.from_stanza(s) for s in iter_stanzas(text)), "amd64")
     names = resolve(u, ResolveRequest(())).names()
     assert list(names) == (DATA / "resolve_bookworm_minbase.txt").read_text().split()
+
+
+# --------------------------------------------------------------------------- cached universe
+
+
+def _answers(u: Universe, names: list[str]) -> list[Any]:
+    """Everything the resolver asks a universe, for comparing two universes."""
+    return [
+        (n, [c.package for c in u.versions(n)], [c.provides for c in u.versions(n)], u.providers(n), u.exists(n))
+        for n in names
+    ]
+
+
+def test_cached_universe_answers_as_the_original() -> None:
+    original = Universe.from_packages(
+        [
+            *(BinaryPackage.from_stanza(s, origin="test") for s in iter_stanzas(
+                (DATA / "resolve_scenario.Packages").read_text())),
+            pkg("multi", "2.0", provides="virt (= 2.0), other", origin="updates"),
+            pkg("multi", "1.0", provides="virt (= 1.0)", origin="main"),
+            pkg("multi", "2.0", provides="virt (= 2.0), other", origin="main"),  # same version, 2nd origin
+            pkg("ess", "1", essential=True, priority="required"),
+        ],
+        "amd64",
+    )  # fmt: skip
+    data = original.to_bytes()
+    cached = Universe.from_bytes(data)
+    names = sorted(original._versions) + ["virt", "other", "nonexistent"]
+    assert _answers(cached, names) == _answers(original, names)
+    assert [c.package.origin for c in cached.versions("multi")] == ["main", "main"]
+    assert cached.essential_names == original.essential_names and "ess" in cached.essential_names
+    assert cached.required_names == original.required_names
+    assert len(cached) == len(original)
+    again = Universe.from_bytes(cached.to_bytes())  # re-serialised as is, without decoding
+    assert _answers(again, names) == _answers(original, names)
+    request = ResolveRequest(("app", "mailx", "init"), base_set="minbase", recommends=True)
+    assert resolve(cached, request) == resolve(original, request)
+
+
+def test_cached_universe_decodes_only_what_is_looked_up() -> None:
+    u = universe(pkg("a", depends="b"), pkg("b"), *(pkg(f"unused{i}") for i in range(50)))
+    cached = Universe.from_bytes(u.to_bytes())
+    assert run(cached, "a") == {"a": "1.0", "b": "1.0"}
+    decoded = cached._versions._decoded  # type: ignore[attr-defined]
+    assert set(decoded) == {"a", "b"}
+    assert cached.versions("a") is cached.versions("a")  # one candidate object per version
+
+
+def test_cached_universe_rejects_other_data() -> None:
+    import marshal
+
+    good = universe(pkg("a")).to_bytes()
+    magic, version, fields, arch, blobs, providers, essential, required = marshal.loads(good)
+    others = [
+        b"",
+        b"not marshal data",
+        good[: len(good) // 2],
+        marshal.dumps((magic, version + 1, fields, arch, blobs, providers, essential, required)),
+        marshal.dumps((magic, version, fields[:-1], arch, blobs, providers, essential, required)),
+        marshal.dumps(("another-magic", version, fields, arch, blobs, providers, essential, required)),
+        marshal.dumps((magic, version, fields, arch, list(blobs), providers, essential, required)),
+        marshal.dumps((magic, version, fields, arch, blobs)),
+    ]
+    for data in others:
+        with pytest.raises(ValueError):
+            Universe.from_bytes(data)
+    damaged = Universe.from_bytes(
+        marshal.dumps((magic, version, fields, arch, {"a": b"\xff"}, providers, essential, required))
+    )
+    with pytest.raises(ValueError, match="damaged record for 'a'"):
+        damaged.versions("a")

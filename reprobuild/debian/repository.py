@@ -330,6 +330,28 @@ class IndexCache:
         _atomic_write(path, marshal.dumps((_CACHE_MAGIC, PARSER_VERSION, _ROW_FIELDS, sha256, rows)))
         return path
 
+    def derived_path(self, kind: str, key: str) -> Path:
+        """Where data of ``kind`` computed from indices is kept: ``derived/<kind>/<key>``.
+
+        ``key`` must be a sha256 hex digest of everything the data depends on (the callers'
+        job: e.g. the indices' hashes and the format versions), so a stale entry is never found.
+        """
+        if not kind.isidentifier():
+            raise ValueError(f"not a cache kind: {kind!r}")
+        return self.root / "derived" / kind / _check_hex(key)
+
+    def get_derived(self, kind: str, key: str) -> bytes | None:
+        """The bytes stored by :meth:`put_derived`, or None. Readers validate what they load."""
+        try:
+            return self.derived_path(kind, key).read_bytes()
+        except OSError:
+            return None
+
+    def put_derived(self, kind: str, key: str, data: bytes) -> Path:
+        path = self.derived_path(kind, key)
+        _atomic_write(path, data)
+        return path
+
 
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
@@ -448,6 +470,78 @@ def fetch_release(
     return VerifiedRelease(release, digest, raw, source)
 
 
+def fetch_releases(
+    session: Any,
+    sources: Sequence[RepositorySource],
+    cache: IndexCache | None = None,
+    now: datetime | None = None,
+    *,
+    allow_expired: bool = False,
+    progress: Progress | None = None,
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+) -> list[VerifiedRelease]:
+    """:func:`fetch_release` for every source, concurrently; results in ``sources`` order.
+
+    Each suite costs one network round trip and one gpgv run, and a warm lock does nothing else
+    with the network, so running them side by side is what makes it fast (one thread per
+    source: the work is I/O and a subprocess). When several fail, the error of the first failing
+    source in ``sources`` order is raised, so the outcome does not depend on timing. ``session``
+    is shared by the threads (requests' connection pool is thread-safe).
+    """
+    now = now or datetime.now(UTC)
+    if len(sources) <= 1:
+        return [
+            fetch_release(
+                session, s, cache, now, allow_expired=allow_expired, progress=progress, timeout=timeout
+            )
+            for s in sources
+        ]
+    from concurrent.futures import ThreadPoolExecutor  # deferred: only needed here
+
+    def one(source: RepositorySource) -> VerifiedRelease:
+        return fetch_release(
+            session, source, cache, now, allow_expired=allow_expired, progress=progress, timeout=timeout
+        )
+
+    with ThreadPoolExecutor(max_workers=len(sources), thread_name_prefix="inrelease") as pool:
+        futures = [pool.submit(one, source) for source in sources]
+    # The pool has joined: every future is done. Raise in source order, never completion order.
+    return [future.result() for future in futures]
+
+
+def index_entries(
+    source: RepositorySource, release: VerifiedRelease | ReleaseFile, component: str, arch: str
+) -> tuple[ReleaseEntry, ReleaseEntry | None]:
+    """The Release entries :func:`fetch_packages` reads for ``component``/``arch`` (pure): the
+    ``binary-<arch>`` index, and ``binary-all``'s when arch:all packages are only listed there.
+
+    Their SHA-256s identify the package data exactly, so they can key anything derived from it
+    without loading it. Raises RepositoryError for an unknown component or a missing index.
+    """
+    rel = release.release if isinstance(release, VerifiedRelease) else release
+    # debian-security's Release lists its components as "updates/main" etc., while the index
+    # paths in it are plain "main/binary-amd64/…"; both spellings name the same component.
+    if rel.components and component not in rel.components and f"updates/{component}" not in rel.components:
+        raise RepositoryError(
+            f"{source.suite} has no component {component!r} (it has: {', '.join(rel.components)})"
+        )
+    entry = _index_entry(source, rel, f"{component}/binary-{arch}/Packages")
+    all_entry = None
+    if arch != "all" and not rel.arch_all_in_arch_indices:
+        all_entry = _index_entry(source, rel, f"{component}/binary-all/Packages")
+    return entry, all_entry
+
+
+def _index_entry(source: RepositorySource, rel: ReleaseFile, stem: str) -> ReleaseEntry:
+    entry = rel.index_entry(stem)
+    if entry is None:
+        raise RepositoryError(
+            f"the {source.suite} Release lists no {stem}{{.xz,.gz,}}",
+            hint=f"does {source.suite} carry architecture {stem.split('binary-')[-1].split('/')[0]!r}?",
+        )
+    return entry
+
+
 def fetch_packages(
     session: Any,
     source: RepositorySource,
@@ -467,21 +561,12 @@ def fetch_packages(
     Every package's ``origin`` is ``"<suite>/<component>"``.
     """
     rel = release.release if isinstance(release, VerifiedRelease) else release
-    # debian-security's Release lists its components as "updates/main" etc., while the index
-    # paths in it are plain "main/binary-amd64/…"; both spellings name the same component.
-    if rel.components and component not in rel.components and f"updates/{component}" not in rel.components:
-        raise RepositoryError(
-            f"{source.suite} has no component {component!r} (it has: {', '.join(rel.components)})"
-        )
+    entry, all_entry = index_entries(source, rel, component, arch)
     origin = source.origin(component)
-    rows, entry = _index_rows(
-        session, source, rel, f"{component}/binary-{arch}/Packages", cache, progress, timeout
-    )
+    rows = _index_rows(session, source, rel, entry, cache, progress, timeout)
     all_sha256 = None
-    if arch != "all" and not rel.arch_all_in_arch_indices:
-        all_rows, all_entry = _index_rows(
-            session, source, rel, f"{component}/binary-all/Packages", cache, progress, timeout
-        )
+    if all_entry is not None:
+        all_rows = _index_rows(session, source, rel, all_entry, cache, progress, timeout)
         all_sha256 = all_entry.sha256
         seen = {(r[0], r[1], r[2]) for r in rows}  # (name, version, architecture)
         rows = rows + [r for r in all_rows if (r[0], r[1], r[2]) not in seen]
@@ -506,12 +591,10 @@ def load_universe_packages(
     ``arch`` overrides each source's own ``architecture``.
     """
     packages: list[BinaryPackage] = []
-    releases: list[VerifiedRelease] = []
-    for source in sources:
-        verified = fetch_release(
-            session, source, cache, now, allow_expired=allow_expired, progress=progress, timeout=timeout
-        )
-        releases.append(verified)
+    releases = fetch_releases(
+        session, sources, cache, now, allow_expired=allow_expired, progress=progress, timeout=timeout
+    )
+    for source, verified in zip(sources, releases, strict=True):
         for component in source.components:
             index = fetch_packages(
                 session, source, verified, component, arch or source.architecture, cache,
@@ -525,23 +608,17 @@ def _index_rows(
     session: Any,
     source: RepositorySource,
     rel: ReleaseFile,
-    stem: str,
+    entry: ReleaseEntry,
     cache: IndexCache | None,
     progress: Progress | None,
     timeout: tuple[float, float],
-) -> tuple[list[tuple[Any, ...]], ReleaseEntry]:
-    entry = rel.index_entry(stem)
-    if entry is None:
-        raise RepositoryError(
-            f"the {source.suite} Release lists no {stem}{{.xz,.gz,}}",
-            hint=f"does {source.suite} carry architecture {stem.split('binary-')[-1].split('/')[0]!r}?",
-        )
+) -> list[tuple[Any, ...]]:
     if cache is not None:
         rows = cache.get_parsed(entry.sha256)
         if rows is not None:
             if progress:
                 progress(f"using cached {source.suite} {entry.path} ({len(rows)} packages)")
-            return rows, entry
+            return rows
     data = _cached_raw(cache, entry)
     if data is None:
         data = _download_index(session, source, rel, entry, progress, timeout)
@@ -552,7 +629,7 @@ def _index_rows(
     rows = parse_packages(_decompress(data, entry), what=f"{source.suite} {entry.path}")
     if cache is not None:
         cache.put_parsed(entry.sha256, rows)
-    return rows, entry
+    return rows
 
 
 def _cached_raw(cache: IndexCache | None, entry: ReleaseEntry) -> bytes | None:
