@@ -441,3 +441,37 @@ def test_vm_secure_boot_signed_uki(boot_images: dict[str, object], tmp_path: Pat
                     "--expect", MARKER.decode(), "--timeout", "400")  # fmt: skip
     assert code == 0, out
     print(f"\nsigned UKI booted to its marker under Secure Boot in {time.monotonic() - start:.1f}s")
+
+
+@pytest.mark.boot
+@pytest.mark.timeout(240)
+def test_vm_interactive_console_on_a_terminal(tmp_path: Path) -> None:
+    """Interactive `vm` on a pseudo-terminal: the console reaches the terminal and Ctrl-A x quits
+    (the script leaves the firmware's shell waiting for input, so nothing else ends qemu)."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    disk = esp_disk(tmp_path / "disk.raw", {"startup.nsh": b"@echo -off\r\necho REPROBUILD-%1-STARTUP\r\n"})
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "reprobuild", "vm", str(disk), "--kvm", "no", "-m", "256M",
+                             "--cpus", "1"], stdin=terminal, stdout=terminal, stderr=terminal,
+                            start_new_session=True)  # fmt: skip
+    os.close(terminal)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 180
+        while b"REPROBUILD--STARTUP" not in seen and time.monotonic() < deadline:
+            if select.select([controller], [], [], 1)[0]:
+                seen += os.read(controller, 65536)
+        assert b"REPROBUILD--STARTUP" in seen, seen[-2000:]
+        assert b"Ctrl-A x quits" in seen
+        os.write(controller, b"\x01x")  # qemu's mux escape: quit
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        os.close(controller)
