@@ -8,6 +8,10 @@ Order of work, each step a call into a format module:
    modules that find and verify the root, as a deterministic cpio (``image.initrd``); the UKI from
    the locked stub and kernel (``image.uki``), signed (``image.authenticode``); the ESP (``image.esp``);
 4. the DDI (``image.ddi``): GPT, verity hash and signature partitions, written atomically.
+
+With a cache (``reprobuild.cache``), the file system image (and its verity root hash) and the
+initrd are looked up by key first; the mkfs tools come from ``tools`` (the locked tools tree or
+the host, ``reprobuild.tools``).
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError
@@ -88,27 +93,68 @@ def is_bootable(spec: ImageSpec, lock: Lock) -> bool:
     return lock.has_set("initrd") and spec.content.bootable != "no"
 
 
+def disk_key_inputs(spec: ImageSpec, lock: Lock) -> dict[str, Any]:
+    """Everything this module reads besides the tree and the tools, as cache-key data (signing
+    keys and certificates by the sha256 of their bytes). Keep in step with build_disk."""
+    from reprobuild.cache import file_digest, package_set_inputs
+
+    choice = choose_verity(spec)
+    b, s = spec.build, spec.signing
+    return {
+        "root_filesystem": b.root_filesystem, "layout": b.root_layout, "bootloader": b.bootloader,
+        "verity": choice.mode, "verity_key": file_digest(choice.key), "verity_cert": file_digest(choice.certificate),
+        "secure_boot_key": file_digest(s.secure_boot_key), "secure_boot_cert": file_digest(s.secure_boot_certificate),
+        "cmdline": list(spec.content.kernel_command_line), "initrd_modules": list(spec.initrd.kernel_modules),
+        "bootable": is_bootable(spec, lock), "architecture": spec.distribution.architecture, "seed": lock.seed,
+        "initrd": package_set_inputs(lock.package_set("initrd")) if lock.has_set("initrd") else None,
+    }  # fmt: skip
+
+
+def _modules_digest(files: list[Path], base: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(base).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def build_initrd(spec: ImageSpec, lock: Lock, store: Store, root_tree: Path, kernel_version: str, work: Path,
-                 say: Say) -> Path:
-    """The initrd of a bootable image, as a zstd-compressed newc cpio at ``work/initrd.cpio.zst``."""
+                 say: Say, cache=None) -> Path:
+    """The initrd of a bootable image, as a zstd-compressed newc cpio at ``work/initrd.cpio.zst``.
+
+    Cached by the initrd set, the kernel version and the content of the modules it copies from the
+    root tree: an edit elsewhere in the root tree reuses it."""
     from reprobuild.build import planned_packages
+    from reprobuild.cache import code_digest, initrd_inputs, stage_key
     from reprobuild.image.initrd import DEFAULT_ROOT_MODULES, make_initrd_cpio, select_kernel_modules
     from reprobuild.rootfs.plan import TreeSettings
     from reprobuild.rootfs.sandbox import run_in_tree
     from reprobuild.rootfs.tree import build_tree
 
+    out = work / "initrd.cpio.zst"
     initrd_tree = work / "initrd-tree"
     package_set = lock.package_set("initrd")
-    say(f"building the initrd tree ({len(package_set.packages)} packages)")
-    build_tree(planned_packages(package_set), store.path, initrd_tree, TreeSettings(machine_id=""),
-               lock.source_date_epoch, progress=say)
-
     # Kernel modules: the closure (modules.dep) of what finding and verifying the root needs.
     modules_src = root_tree / "usr/lib/modules" / kernel_version
     modules_dst = initrd_tree / "usr/lib/modules" / kernel_version
     wanted = tuple(DEFAULT_ROOT_MODULES) + tuple(spec.initrd.kernel_modules)
+    modules = select_kernel_modules(modules_src, wanted)
+    key = None
+    if cache is not None and cache.enabled:
+        copied = modules + [modules_src / n for n in ("modules.order", "modules.builtin", "modules.builtin.modinfo")
+                            if (modules_src / n).exists()]
+        key = stage_key("initrd", initrd_inputs(package_set, kernel_version, _modules_digest(copied, modules_src),
+                                                wanted, lock.source_date_epoch, code_digest()))
+        entry = cache.get("initrd", key)
+        if entry is not None:
+            say("initrd: cached")
+            cache.copy_out(entry, out)
+            return out
+    say(f"building the initrd tree ({len(package_set.packages)} packages)")
+    build_tree(planned_packages(package_set), store.path, initrd_tree, TreeSettings(machine_id=""),
+               lock.source_date_epoch, progress=say)
+
     # Modes are set explicitly: the caller's umask must not reach the image.
-    for module in select_kernel_modules(modules_src, wanted):
+    for module in modules:
         dest = modules_dst / module.relative_to(modules_src)
         _mkdirs(dest.parent, initrd_tree)
         shutil.copy2(module, dest)
@@ -136,9 +182,11 @@ def build_initrd(spec: ImageSpec, lock: Lock, store: Store, root_tree: Path, ker
     epoch = lock.source_date_epoch
     for path in (initrd_tree / "etc/initrd-release", init):
         os.utime(path, (epoch, epoch), follow_symlinks=False)
-    out = work / "initrd.cpio.zst"
     say("writing the initrd")
     make_initrd_cpio(initrd_tree, out, epoch)
+    if key is not None:
+        cache.put_file("initrd", key, out)
+    shutil.rmtree(initrd_tree, ignore_errors=True)
     return out
 
 
@@ -162,7 +210,8 @@ def _read_os_release(tree: Path) -> str:
 
 
 def build_boot(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path, root_hash: str,
-               layout: str, say: Say, timings: dict[str, float]) -> tuple[Path, dict[str, Any]]:
+               layout: str, say: Say, timings: dict[str, float], *, cache=None,
+               runner=None) -> tuple[Path, dict[str, Any]]:
     """UKI (signed when a Secure Boot key is configured) on an ESP image. Returns (esp, manifest part)."""
     from reprobuild.image.authenticode import sign_pe
     from reprobuild.image.ddi import esp_fs_uuid
@@ -181,7 +230,7 @@ def build_boot(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
         raise BuildError(f"no systemd-stub at /{stub_rel}", hint="add systemd-boot-efi to [Content] Packages=")
 
     started = time.monotonic()
-    initrd = build_initrd(spec, lock, store, tree, kernel_version, work, say)
+    initrd = build_initrd(spec, lock, store, tree, kernel_version, work, say, cache)
     timings["initrd"] = round(time.monotonic() - started, 3)
 
     started = time.monotonic()
@@ -212,7 +261,7 @@ def build_boot(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
         files[boot_path] = uki
     esp = work / "esp.img"
     volume_id = int.from_bytes(esp_fs_uuid(bytes.fromhex(lock.seed)).bytes[:4], "big")
-    make_esp(files, esp, volume_id=volume_id, label="ESP", epoch=lock.source_date_epoch)
+    make_esp(files, esp, volume_id=volume_id, label="ESP", epoch=lock.source_date_epoch, runner=runner)
     timings["uki+esp"] = round(time.monotonic() - started, 3)
     return esp, {
         "kernel_version": kernel_version,
@@ -229,11 +278,15 @@ def build_boot(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
 
 
 def build_disk(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path, target: Path, say: Say,
-               timings: dict[str, float]) -> dict[str, Any]:
-    """Write ``target`` (image.raw) and ``image.roothash`` beside it; return the manifest fields."""
+               timings: dict[str, float], *, cache=None, tree_key: str | None = None, tools=None) -> dict[str, Any]:
+    """Write ``target`` (image.raw) and ``image.roothash`` beside it; return the manifest fields.
+
+    ``cache`` + ``tree_key`` (the tree's stage key) enable the fs and initrd caches; ``tools``
+    (a reprobuild.tools.Tools) runs the mkfs tools, default the host's."""
+    from reprobuild.cache import code_digest, fs_inputs, stage_key
     from reprobuild.image import ids, verity
     from reprobuild.image.ddi import DdiSpec, build_ddi, data_fs_uuid
-    from reprobuild.image.fs import make_filesystem
+    from reprobuild.image.fs import FsKind, FsResult, make_filesystem
 
     seed = bytes.fromhex(lock.seed)
     arch = spec.distribution.architecture
@@ -242,7 +295,8 @@ def build_disk(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
     epoch = lock.source_date_epoch
 
     started = time.monotonic()
-    if is_bootable(spec, lock) and layout == "root":
+    efi_dir = is_bootable(spec, lock) and layout == "root"
+    if efi_dir:
         # Mount point for the ESP: systemd-gpt-auto-generator mounts it at /efi, and on a
         # read-only root the directory must already exist.
         efi = tree / "efi"
@@ -251,9 +305,23 @@ def build_disk(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
         os.utime(efi, (epoch, epoch))
     fs_tree = tree / "usr" if layout == "usr" else tree
     fs_image = work / "root.img"
-    say(f"making the {spec.build.root_filesystem} file system")
-    fs = make_filesystem(spec.build.root_filesystem, fs_tree, fs_image, data_fs_uuid(seed, arch, layout), epoch,
-                         label=layout, read_only=choice.mode != "no")
+    fs_uuid = data_fs_uuid(seed, arch, layout)
+    read_only = choice.mode != "no"
+    fs_key = fs_entry = None
+    if cache is not None and cache.enabled and tree_key is not None:
+        tools_id = tools.identity() if tools is not None else {"tree": "host"}
+        fs_key = stage_key("fs", fs_inputs(tree_key, spec.build.root_filesystem, str(fs_uuid), layout, read_only,
+                                           layout, efi_dir, epoch, tools_id, code_digest()))
+        fs_entry = cache.get("fs", fs_key)
+    if fs_entry is not None:
+        say(f"{spec.build.root_filesystem} file system: cached")
+        cache.copy_out(fs_entry, fs_image)
+        m = fs_entry.meta["fs"]
+        fs = FsResult(FsKind(m["kind"]), m["tool"], m["version"], tuple(m["argv"]), m["size"])
+    else:
+        say(f"making the {spec.build.root_filesystem} file system")
+        fs = make_filesystem(spec.build.root_filesystem, fs_tree, fs_image, fs_uuid, epoch, label=layout,
+                             read_only=read_only, runner=tools.runner() if tools is not None else None)
     timings["filesystem"] = round(time.monotonic() - started, 3)
 
     manifest: dict[str, Any] = {
@@ -261,14 +329,25 @@ def build_disk(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
                        "size": fs.size},
     }
     esp = None
+    root_hash = None
     if is_bootable(spec, lock):
         if choice.mode == "no":
             raise BuildError("bootable images need dm-verity (Verity=hash or signed): the UKI pins the root hash")
         started = time.monotonic()
         params = verity.VerityParams(ids.verity_salt(seed), ids.verity_superblock_uuid(seed))
-        root_hash = verity.hash_file(fs_image, params).root_hash.hex()
+        params_id = f"{params.salt.hex()}/{params.uuid}"
+        root_hash = (fs_entry.meta.get("verity", {}).get(params_id) if fs_entry is not None else None) \
+            or verity.hash_file(fs_image, params).root_hash.hex()
         timings["verity-precompute"] = round(time.monotonic() - started, 3)
-        esp, boot = build_boot(spec, lock, store, tree, work, root_hash, layout, say, timings)
+    if fs_key is not None and fs_entry is None:
+        # Cached before anything reads it further; the verity root hash rides along as metadata.
+        cache.put_file("fs", fs_key, fs_image, {
+            "fs": {"kind": fs.kind.value, "tool": fs.tool, "version": fs.version, "argv": list(fs.argv),
+                   "size": fs.size},
+            "verity": {params_id: root_hash} if root_hash else {}})
+    if root_hash is not None:
+        esp, boot = build_boot(spec, lock, store, tree, work, root_hash, layout, say, timings, cache=cache,
+                               runner=tools.runner() if tools is not None else None)
         manifest["boot"] = boot
 
     started = time.monotonic()

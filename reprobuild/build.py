@@ -4,6 +4,11 @@
 root tree from the locked packages, and writes the requested format into the output directory.
 Every output is written under a temporary name and renamed into place, so an interrupted build
 leaves the previous outputs (or nothing), never half a file.
+
+Every stage goes through the content-keyed cache (:mod:`reprobuild.cache`): a rebuild whose
+inputs did not change copies the cached output; an edited extra tree re-runs only what follows
+the package installation. ``--no-cache`` builds everything with ``rootfs.tree.build_tree`` in
+one piece, which is how the tests prove that a cached build is byte-identical to an uncached one.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError
@@ -35,6 +41,7 @@ class BuildOptions:
     offline: bool = False
     jobs: int = 4
     substituters: tuple[str, ...] = ()
+    cache: bool = True  # False: --no-cache (no lookups, no saves)
 
 
 @dataclass
@@ -42,6 +49,7 @@ class BuildResult:
     outputs: dict[str, Path] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    cache_hits: list[str] = field(default_factory=list)  # stages taken from the cache, in order
 
 
 def lock_digest(lock: Lock) -> str:
@@ -70,6 +78,129 @@ def tree_settings(spec: ImageSpec):
         extra_trees=c.extra_trees, postinst_scripts=c.postinst_scripts, remove_files=c.remove_files,
         clean_package_metadata=c.clean_package_metadata,
     )
+
+
+@dataclass(frozen=True)
+class TreeKeys:
+    install: str
+    tree: str
+
+
+def tree_keys(spec: ImageSpec, lock: Lock, code: str) -> TreeKeys:
+    """The cache keys of the two tree stages (see reprobuild.cache). Reads the user's trees and
+    scripts to hash their content; cost proportional to their size."""
+    from dataclasses import asdict
+
+    from reprobuild.cache import content_digest, install_inputs, stage_key, tree_inputs
+
+    settings = tree_settings(spec)
+    epoch = lock.source_date_epoch
+    install = stage_key("install", install_inputs(
+        lock.package_set("image"), [content_digest(p) for p in settings.skeleton_trees], settings.hostname,
+        epoch, code))
+    plain = {k: v for k, v in asdict(settings).items()
+             if k not in ("skeleton_trees", "extra_trees", "postinst_scripts")}
+    plain["remove_files"] = list(plain["remove_files"])
+    tree = stage_key("tree", tree_inputs(
+        install, plain, [content_digest(p) for p in settings.extra_trees],
+        [content_digest(p) for p in settings.postinst_scripts], epoch, code))
+    return TreeKeys(install, tree)
+
+
+def _install_stage(spec: ImageSpec, lock: Lock, store: Store, out: Path, say: Say) -> None:
+    """First half of ``rootfs.tree.build_tree``: skeleton trees, then the packages (dpkg)."""
+    from reprobuild.rootfs import install as _install
+    from reprobuild.rootfs import settings as _settings
+    from reprobuild.rootfs.sandbox import DEFAULT_HOSTNAME, check_can_sandbox
+    from reprobuild.rootfs.tree import sandbox_env
+
+    settings = tree_settings(spec)
+    check_can_sandbox()
+    epoch = lock.source_date_epoch
+    os.mkdir(out, 0o755)
+    old_umask = os.umask(0o022)  # as build_tree: the caller's umask must not leak into the tree
+    try:
+        os.chmod(out, 0o755)
+        for skel in settings.skeleton_trees:
+            say(f"copying skeleton tree {skel}")
+            _settings.copy_tree_into(out, Path(skel), epoch)
+        _install.install(out, planned_packages(lock.package_set("image")), store.path, env=sandbox_env(epoch),
+                         hostname=settings.hostname or DEFAULT_HOSTNAME, progress=say)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        os.umask(old_umask)
+
+
+def _configure_stage(spec: ImageSpec, lock: Lock, tree: Path, say: Say) -> None:
+    """Second half of ``rootfs.tree.build_tree``, same order: extra trees, scripts, settings,
+    RemoveFiles=, normalisation. Operates in place on an installed tree."""
+    from reprobuild.rootfs import settings as _settings
+    from reprobuild.rootfs.normalize import normalize
+    from reprobuild.rootfs.sandbox import DEFAULT_HOSTNAME
+    from reprobuild.rootfs.tree import sandbox_env
+
+    s = tree_settings(spec)
+    epoch = lock.source_date_epoch
+    old_umask = os.umask(0o022)
+    try:
+        for extra in s.extra_trees:
+            say(f"copying extra tree {extra}")
+            _settings.copy_tree_into(tree, Path(extra), epoch)
+        _settings.run_postinst_scripts(tree, tuple(Path(p) for p in s.postinst_scripts), sandbox_env(epoch),
+                                       s.hostname or DEFAULT_HOSTNAME, say)
+        if s.hostname:
+            _settings.set_hostname(tree, s.hostname, epoch)
+        if s.root_password is not None:
+            _settings.set_root_password(tree, s.root_password, epoch)
+        if s.locale:
+            _settings.set_locale(tree, s.locale, epoch)
+        if s.timezone:
+            _settings.set_timezone(tree, s.timezone, epoch)
+        if s.autologin:
+            _settings.set_autologin(tree, epoch)
+        _settings.set_machine_id(tree, s.machine_id, epoch)
+        _settings.remove_files(tree, s.remove_files)
+        say("normalising the tree")
+        normalize(tree, epoch, clean_package_metadata=s.clean_package_metadata, keep_dpkg_status=s.keep_dpkg_status)
+    finally:
+        os.umask(old_umask)
+
+
+def materialize_tree(spec: ImageSpec, lock: Lock, store: Store, cache, keys: TreeKeys, out: Path,
+                     say: Say) -> None:
+    """The root tree at ``out``: from the cached ``tree`` stage, else from the cached ``install``
+    stage plus configuration, else built. Without a cache: ``build_tree`` in one piece."""
+    from reprobuild.rootfs.tree import build_tree
+
+    epoch = lock.source_date_epoch
+    if not cache.enabled:
+        say(f"building the root tree ({len(lock.package_set('image').packages)} packages)")
+        build_tree(planned_packages(lock.package_set("image")), store.path, out, tree_settings(spec), epoch,
+                   progress=say)
+        return
+    entry = cache.get("tree", keys.tree)
+    if entry is not None:
+        say("root tree: cached")
+        cache.restore_tree(entry, out)
+        return
+    staging = out.with_name(out.name + ".staging")
+    installed = cache.get("install", keys.install)
+    if installed is not None:
+        say("installed packages: cached")
+        cache.restore_tree(installed, staging)
+    else:
+        say(f"building the root tree ({len(lock.package_set('image').packages)} packages)")
+        _install_stage(spec, lock, store, staging, say)
+        cache.put_tree("install", keys.install, staging, epoch)
+    try:
+        _configure_stage(spec, lock, staging, say)
+        cache.put_tree("tree", keys.tree, staging, epoch)
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def ensure_fetched(lock: Lock, spec: ImageSpec | None, store: Store, options: BuildOptions, progress=None) -> None:
@@ -104,6 +235,8 @@ def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOption
     """Build the image ``spec`` describes from ``lock`` alone. Returns the outputs written."""
     check_lock_current(spec, lock)
     fmt = options.format or spec.build.format
+    if fmt not in OUTPUT_NAMES:
+        raise BuildError(f"unknown output format {fmt!r}")
     result = BuildResult()
     with _timed(result, "fetch"):
         ensure_fetched(lock, spec, store, options, fetch_progress)
@@ -122,44 +255,56 @@ def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOption
 
 def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, fmt: str, result: BuildResult,
               out_dir: Path, say: Say) -> BuildResult:
-    from reprobuild.rootfs.tree import build_tree, write_tar
+    from reprobuild.cache import Cache, code_digest, output_inputs, root_name, stage_key
+    from reprobuild.tools import Tools
 
+    cache = Cache(store, enabled=options.cache, say=say)
+    code = code_digest()
+    keys = tree_keys(spec, lock, code)
+    epoch = lock.source_date_epoch
     with tempfile.TemporaryDirectory(prefix=".reprobuild-work-", dir=out_dir) as work_str:
         work = Path(work_str)
         tree = work / "tree"
-        say(f"building the root tree ({len(lock.package_set('image').packages)} packages)")
-        with _timed(result, "tree"):
-            build_tree(planned_packages(lock.package_set("image")), store.path, tree, tree_settings(spec),
-                       lock.source_date_epoch, progress=say)
+        tools = Tools(spec, lock, store, cache, work, say)
         target = out_dir / OUTPUT_NAMES[fmt]
         manifest: dict[str, Any] = {
             "format": fmt,
             "lock_digest": lock_digest(lock),
             "config_digest": lock.config_digest,
-            "source_date_epoch": lock.source_date_epoch,
+            "source_date_epoch": epoch,
             "release": lock.release,
             "architecture": lock.architecture,
             "packages": [f"{p.name}={p.version}:{p.architecture}" for p in lock.package_set("image").packages],
         }
-        if fmt == "directory":
-            if target.exists():
-                old = work / "previous"
-                os.rename(target, old)
-            os.rename(tree, target)
-        elif fmt == "tar":
-            with _timed(result, "tar"):
-                write_tar(tree, target, lock.source_date_epoch)
-        elif fmt == "cpio":
-            from reprobuild.image.cpio import cpio_from_tree
+        if fmt == "disk":
+            from reprobuild.assemble import disk_key_inputs
 
-            with _timed(result, "cpio"):
-                _write_output(target, lambda f: cpio_from_tree(tree, f, lock.source_date_epoch, keep_owners=True))
-        elif fmt == "disk":
-            from reprobuild.assemble import build_disk
-
-            manifest.update(build_disk(spec, lock, store, tree, work, target, say, result.timings))
+            manifest["tools"] = tools.manifest()
+            out_key = stage_key("output", output_inputs(keys.tree, fmt, disk_key_inputs(spec, lock), epoch,
+                                                        tools.identity(), code))
         else:
-            raise BuildError(f"unknown output format {fmt!r}")
+            out_key = stage_key("output", output_inputs(keys.tree, fmt, None, epoch, {}, code))
+        # tar: the cached tree *is* the output (both are write_tar of the final tree at the epoch).
+        cached = (cache.get("tree", keys.tree) if fmt == "tar"
+                  else cache.get("output", out_key) if fmt in ("disk", "cpio") else None)
+        if cached is not None:
+            say(f"{OUTPUT_NAMES[fmt]}: cached")
+            with _timed(result, "cached-output"):
+                cache.copy_out(cached, target)
+            manifest.update(cached.meta.get("manifest", {}))
+            if cached.meta.get("roothash"):
+                write_atomic(target.with_name(target.stem + ".roothash"), (cached.meta["roothash"] + "\n").encode())
+        else:
+            with _timed(result, "tree"):
+                materialize_tree(spec, lock, store, cache, keys, tree, say)
+            fields = _write_format(spec, lock, store, fmt, tree, work, target, cache, keys, tools, say, result)
+            manifest.update(fields)
+            if fmt in ("disk", "cpio"):
+                roothash = target.with_name(target.stem + ".roothash")
+                meta = {"manifest": fields}
+                if fmt == "disk" and roothash.exists():
+                    meta["roothash"] = roothash.read_text().strip()
+                cache.put_file("output", out_key, target, meta)
         if fmt != "directory":
             manifest["sha256"] = _sha256_file(target)
             manifest["size"] = target.stat().st_size
@@ -168,7 +313,35 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
         write_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         result.outputs["manifest"] = manifest_path
         result.manifest = manifest
+    cache.register_root(root_name(spec.directory))
+    result.cache_hits = list(cache.hits)
     return result
+
+
+def _write_format(spec: ImageSpec, lock: Lock, store: Store, fmt: str, tree: Path, work: Path, target: Path,
+                  cache, keys: TreeKeys, tools, say: Say, result: BuildResult) -> dict[str, Any]:
+    """Turn the tree into the requested format at ``target``; return the format's manifest fields."""
+    epoch = lock.source_date_epoch
+    if fmt == "directory":
+        if target.exists():
+            os.rename(target, work / "previous")
+        os.rename(tree, target)
+    elif fmt == "tar":
+        from reprobuild.rootfs.archive import write_tar_stream
+
+        with _timed(result, "tar"):
+            _write_output(target, lambda f: write_tar_stream(tree, f, epoch))
+    elif fmt == "cpio":
+        from reprobuild.image.cpio import cpio_from_tree
+
+        with _timed(result, "cpio"):
+            _write_output(target, lambda f: cpio_from_tree(tree, f, epoch, keep_owners=True))
+    else:
+        from reprobuild.assemble import build_disk
+
+        return build_disk(spec, lock, store, tree, work, target, say, result.timings, cache=cache,
+                          tree_key=keys.tree, tools=tools)
+    return {}
 
 
 def _write_output(target: Path, writer: Callable) -> None:

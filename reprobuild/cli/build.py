@@ -26,11 +26,13 @@ from reprobuild.cli.options import directory_option, json_option, quiet_option, 
               help="Parallel downloads.")
 @click.option("--substituter", "substituters", multiple=True, metavar="URL",
               help="Extra binary cache (another store served over HTTP); may repeat.")
+@click.option("--no-cache", "no_cache", is_flag=True,
+              help="Build every stage from scratch: no cache lookups and no cache saves.")
 @json_option
 @quiet_option
 def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: str | None,
                   output_dir: Path | None, offline: bool, jobs: int, substituters: tuple[str, ...],
-                  as_json: bool, quiet: bool) -> None:
+                  no_cache: bool, as_json: bool, quiet: bool) -> None:
     """Build the image of DIRECTORY from its lock.
 
     \b
@@ -42,6 +44,9 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
       tar        image.tar — pax, sorted, numeric owners, clamped mtimes
       cpio       image.cpio — newc, sorted, renumbered inodes
     and OUTPUT.manifest.json describing what was built from which lock.
+
+    Each stage (installed packages, configured tree, file system, initrd, output) is cached in
+    the store under a key of its inputs; a rebuild re-runs only the stages whose inputs changed.
 
     Without --locked a missing or out-of-date lock is (re)created first, keeping pinned versions.
     """
@@ -68,13 +73,14 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
             lock = previous
     started = time.monotonic()
     options = BuildOptions(output_dir=output_dir or (spec.directory / "out"), format=fmt, offline=offline,
-                           jobs=jobs, substituters=substituters)
+                           jobs=jobs, substituters=substituters, cache=not no_cache)
     result = build_locked(spec, lock, store, options, say=say,
                           fetch_progress=make_progress(quiet or as_json))
     elapsed = time.monotonic() - started
     if as_json:
         click.echo(json.dumps({"outputs": {k: str(v) for k, v in result.outputs.items()},
                                "manifest": result.manifest, "timings": result.timings,
+                               "cache_hits": result.cache_hits,
                                "seconds": round(elapsed, 3)}, indent=2, sort_keys=True))
         return
     if not quiet:

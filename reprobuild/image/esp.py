@@ -8,18 +8,19 @@ insertion order, and ``mcopy -s`` would follow readdir order); every timestamp i
 files are staged with mtime = epoch and copied with ``mcopy -m``, directories get their time from
 ``SOURCE_DATE_EPOCH`` (which ``mmd`` honours), and ``TZ=UTC`` because FAT stores local time.
 mtools gets a private empty configuration (``MTOOLSRC=/dev/null``) and ``MTOOLS_SKIP_CHECK=1``.
+The programs are found and run by a ``runner`` (``image.fs.ToolRunner``): the host's by default,
+or the locked tools tree's (``reprobuild.tools``); the argv is the same either way.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
-from reprobuild.errors import BuildError, ToolMissing
+from reprobuild.errors import BuildError
+from reprobuild.image.fs import HOST, ToolRunner
 
 MiB = 1024 * 1024
 MIN_SIZE = 16 * MiB
@@ -32,11 +33,8 @@ class EspError(BuildError):
     """The ESP could not be built (a file does not fit, a name is invalid, a tool failed)."""
 
 
-def _tool(name: str, package: str) -> str:
-    path = shutil.which(name) or next((p for d in ("/usr/sbin", "/sbin") if os.access(p := f"{d}/{name}", os.X_OK)), None)
-    if not path:
-        raise ToolMissing(name, package, "to build the ESP")
-    return path
+def _tool(runner: ToolRunner, name: str, package: str) -> str:
+    return runner.which(name, package, "to build the ESP")
 
 
 def _env(epoch: int) -> dict[str, str]:
@@ -50,10 +48,11 @@ def _env(epoch: int) -> dict[str, str]:
     }
 
 
-def _run(argv: list[str], env: dict[str, str]) -> None:
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise EspError(f"{Path(argv[0]).name} failed: {result.stderr.strip() or result.stdout.strip()}")
+def _run(runner: ToolRunner, argv: list[str], env: dict[str, str], paths: Sequence[tuple[Path, bool]]) -> None:
+    # Neither the cwd nor the umask reaches the image: the file exists before mkfs.vfat runs.
+    code, stdout, stderr = runner.run(argv, env, cwd=paths[-1][0], paths=paths)
+    if code:
+        raise EspError(f"{Path(argv[0]).name} failed: {stderr.strip() or stdout.strip()}")
 
 
 def auto_size(sizes: list[int], n_dirs: int) -> int:
@@ -77,14 +76,18 @@ def make_esp(
     volume_id: int = 0,
     label: str = "ESP",
     epoch: int = 0,
+    runner: ToolRunner | None = None,
 ) -> int:
     """Build a FAT image at ``out`` holding ``files`` ({path in the ESP: source file or bytes}).
 
     FAT32 from 40 MiB up, FAT16 below. ``size`` None picks ``auto_size``. Returns the image size.
-    The result is a pure function of the arguments and the dosfstools/mtools versions. Cost: one
-    mtools process per file and directory.
+    The result is a pure function of the arguments and the dosfstools/mtools versions. ``runner``
+    runs them (default: the host's). Cost: one mtools process per file and directory.
     """
-    mkfs, mmd, mcopy = _tool("mkfs.vfat", "dosfstools"), _tool("mmd", "mtools"), _tool("mcopy", "mtools")
+    runner = runner or HOST
+    out = Path(out).absolute()
+    mkfs, mmd, mcopy = (_tool(runner, "mkfs.vfat", "dosfstools"), _tool(runner, "mmd", "mtools"),
+                        _tool(runner, "mcopy", "mtools"))
     if not 0 <= volume_id <= 0xFFFFFFFF:
         raise EspError(f"volume id {volume_id:#x} does not fit 32 bits")
     if not label or len(label) > 11 or not label.isascii():
@@ -99,21 +102,23 @@ def make_esp(
             if isinstance(source, bytes):
                 stage.write_bytes(source)
             else:
-                shutil.copyfile(source, stage)
+                stage.write_bytes(Path(source).read_bytes())
             os.utime(stage, (epoch, epoch))  # mcopy -m copies this mtime
             staged[dest] = stage
         total = size if size is not None else auto_size([s.stat().st_size for s in staged.values()], len(dirs))
         fat = ["-F", "32", "-s", "1"] if total >= FAT32_MIN_SIZE else ["-F", "16"]
         tmp_out = out.with_name(out.name + ".tmp")
         tmp_out.unlink(missing_ok=True)
+        paths = ((Path(tmp), False), (out.parent.absolute(), True))
         with tmp_out.open("wb") as f:
             f.truncate(total)
         try:
-            _run([mkfs, "--invariant", "-i", f"{volume_id:08X}", "-n", label.upper(), *fat, str(tmp_out)], env)
+            _run(runner, [mkfs, "--invariant", "-i", f"{volume_id:08X}", "-n", label.upper(), *fat, str(tmp_out)],
+                 env, paths)
             for d in dirs:
-                _run([mmd, "-i", str(tmp_out), f"::/{d.as_posix()}"], env)
+                _run(runner, [mmd, "-i", str(tmp_out), f"::/{d.as_posix()}"], env, paths)
             for dest, stage in staged.items():
-                _run([mcopy, "-m", "-i", str(tmp_out), str(stage), f"::/{dest.as_posix()}"], env)
+                _run(runner, [mcopy, "-m", "-i", str(tmp_out), str(stage), f"::/{dest.as_posix()}"], env, paths)
         except BaseException:
             tmp_out.unlink(missing_ok=True)
             raise

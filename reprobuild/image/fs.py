@@ -9,6 +9,10 @@ the same bytes. Output sizes are multiples of 4096.
 
 Cost: one run of the mkfs tool (plus, for ext4, one debugfs pass over the used inodes; for
 vfat one mtools call per directory). A tree walk sizes ext4/vfat images.
+
+Where the tools come from is a :class:`ToolRunner`: :data:`HOST` runs the host's programs (the
+default), ``reprobuild.tools.TreeRunner`` runs the locked tools tree's in the sandbox. The
+argv and environment are the same either way; a runner only finds, versions and runs programs.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import stat
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from reprobuild.errors import BuildError, ToolMissing
 
@@ -74,11 +79,49 @@ _MKE2FS_CONF = """\
 """
 
 
+class ToolRunner(Protocol):
+    """Finds, versions and runs the file system tools (see the module docstring)."""
+
+    def which(self, tool: str, package: str | None = None, purpose: str = "") -> str:
+        """The program to put in argv[0]; raises ToolMissing."""
+        ...
+
+    def version(self, tool: str) -> str:
+        """The version of the Debian package shipping ``tool`` (for the manifest)."""
+        ...
+
+    def run(self, argv: Sequence[str], env: Mapping[str, str], *, cwd: Path,
+            paths: Sequence[tuple[Path, bool]] = (), input: str | None = None) -> tuple[int, str, str]:
+        """Run ``argv`` with exactly ``env``; ``paths`` are the (host directory, writable) pairs the
+        argv and env name. Returns (exit status, stdout, stderr)."""
+        ...
+
+
+@dataclass(frozen=True)
+class HostRunner:
+    """The host's tools, run as plain subprocesses (umask 022, a private cwd)."""
+
+    def which(self, tool: str, package: str | None = None, purpose: str = "to build file system images") -> str:
+        exe = shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+        if exe is None:
+            raise ToolMissing(tool, package or _PACKAGES.get(tool), purpose)
+        return exe
+
+    def version(self, tool: str) -> str:
+        return tool_version(tool)
+
+    def run(self, argv: Sequence[str], env: Mapping[str, str], *, cwd: Path,
+            paths: Sequence[tuple[Path, bool]] = (), input: str | None = None) -> tuple[int, str, str]:
+        r = subprocess.run(list(argv), check=False, env=dict(env), cwd=cwd, umask=0o022, input=input,
+                           capture_output=True, text=True, errors="replace")  # fmt: skip
+        return r.returncode, r.stdout, r.stderr
+
+
+HOST = HostRunner()
+
+
 def _which(tool: str) -> str:
-    exe = shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    if exe is None:
-        raise ToolMissing(tool, _PACKAGES.get(tool), "to build file system images")
-    return exe
+    return HOST.which(tool)
 
 
 def _env(epoch: int, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -89,16 +132,16 @@ def _env(epoch: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _run(argv: Sequence[str], env: dict[str, str], cwd: Path, input: str | None = None) -> str:
+def _run(argv: Sequence[str], env: dict[str, str], cwd: Path, input: str | None = None, *,
+         runner: ToolRunner = HOST, paths: Sequence[tuple[Path, bool]] = ()) -> str:
     try:
-        r = subprocess.run(list(argv), check=False, env=env, cwd=cwd, umask=0o022, input=input,
-                           capture_output=True, text=True, errors="replace")  # fmt: skip
+        code, stdout, stderr = runner.run(argv, env, cwd=cwd, paths=paths, input=input)
     except OSError as e:
         raise FilesystemError(f"cannot run {argv[0]}: {e}") from e
-    if r.returncode != 0:
-        tail = " | ".join((r.stderr or r.stdout).strip().splitlines()[-3:])
-        raise FilesystemError(f"{Path(argv[0]).name} failed (exit {r.returncode}): {tail}")
-    return r.stdout + r.stderr
+    if code != 0:
+        tail = " | ".join((stderr or stdout).strip().splitlines()[-3:])
+        raise FilesystemError(f"{Path(argv[0]).name} failed (exit {code}): {tail}")
+    return stdout + stderr
 
 
 def tool_version(tool: str) -> str:
@@ -164,34 +207,36 @@ def tree_stats(root: Path) -> TreeStats:
 # -- builders ------------------------------------------------------------------------------------
 
 
-def _erofs(tree: Path, out: Path, fs_uuid: uuid.UUID, epoch: int, label: str, work: Path) -> list[str]:
+def _erofs(tree: Path, out: Path, fs_uuid: uuid.UUID, epoch: int, label: str, work: Path,
+           runner: ToolRunner = HOST) -> list[str]:
     # -T fixes the build time and every inode time; -U the UUID. Directory entries are sorted by
     # the format itself. Owners and xattrs are kept (no --all-root, xattrs on by default).
     # erofs-utils 1.5 has no volume label option: the label lives in the GPT only.
     # No compression: the verity-protected image is read in place and compresses poorly anyway;
     # it also avoids depending on the compressor's version.
-    argv = [_which("mkfs.erofs"), "--quiet", f"-U{fs_uuid}", f"-T{epoch}", str(out), str(tree)]
-    _run(argv, _env(epoch), work)
+    argv = [runner.which("mkfs.erofs"), "--quiet", f"-U{fs_uuid}", f"-T{epoch}", str(out), str(tree)]
+    _run(argv, _env(epoch), work, runner=runner, paths=((tree, False), (work, True)))
     return argv
 
 
-def _squashfs(tree: Path, out: Path, fs_uuid: uuid.UUID, epoch: int, label: str, work: Path) -> list[str]:
+def _squashfs(tree: Path, out: Path, fs_uuid: uuid.UUID, epoch: int, label: str, work: Path,
+              runner: ToolRunner = HOST) -> list[str]:
     # -reproducible (the default in 4.5, but stated) orders fragments independently of thread
     # timing; -mkfs-time/-all-time replace every timestamp. squashfs has no UUID and no label.
-    argv = [_which("mksquashfs"), str(tree), str(out), "-noappend", "-quiet", "-no-progress",
+    argv = [runner.which("mksquashfs"), str(tree), str(out), "-noappend", "-quiet", "-no-progress",
             "-reproducible", "-mkfs-time", str(epoch), "-all-time", str(epoch),
             "-comp", "zstd", "-xattrs"]  # fmt: skip
     # mksquashfs >= 4.5 refuses SOURCE_DATE_EPOCH together with the explicit time options, and the
     # explicit options also pin versions that ignore the variable: drop it from the environment.
     env = _env(epoch)
     del env["SOURCE_DATE_EPOCH"]
-    _run(argv, env, work)
+    _run(argv, env, work, runner=runner, paths=((tree, False), (work, True)))
     return argv
 
 
-def _ext4_used_inodes(image: Path, env: dict[str, str], work: Path) -> list[int]:
+def _ext4_used_inodes(image: Path, env: dict[str, str], work: Path, runner: ToolRunner = HOST) -> list[int]:
     """Inode numbers marked in use, from dumpe2fs's per-group free-inode ranges."""
-    text = _run([_which("dumpe2fs"), str(image)], env, work)
+    text = _run([runner.which("dumpe2fs"), str(image)], env, work, runner=runner, paths=((work, True),))
     ipg = int(re.search(r"^Inodes per group:\s+(\d+)", text, re.MULTILINE).group(1))
     first = int(re.search(r"^First inode:\s+(\d+)", text, re.MULTILINE).group(1))
     used: list[int] = []
@@ -206,7 +251,7 @@ def _ext4_used_inodes(image: Path, env: dict[str, str], work: Path) -> list[int]
 
 
 def _ext4(tree: Path, out: Path, fs_uuid: uuid.UUID, epoch: int, label: str, work: Path,
-          read_only: bool = True) -> list[str]:  # fmt: skip
+          read_only: bool = True, runner: ToolRunner = HOST) -> list[str]:  # fmt: skip
     conf = work / "mke2fs.conf"
     conf.write_text(_MKE2FS_CONF)
     # E2FSPROGS_FAKE_TIME pins the superblock/inode creation times (non-zero: 0 means "unset").
@@ -221,12 +266,12 @@ def _ext4(tree: Path, out: Path, fs_uuid: uuid.UUID, epoch: int, label: str, wor
             out.unlink()
         # hash_seed=UUID: htree hashes would otherwise use a random seed. root_owner=0:0: the
         # root directory would otherwise belong to the calling user. nodiscard: a regular file.
-        argv = [_which("mke2fs"), "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-I", "256",
+        argv = [runner.which("mke2fs"), "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-I", "256",
                 "-N", str(inodes), "-O", features, "-U", str(fs_uuid), "-L", label[:16],
                 "-E", f"hash_seed={fs_uuid},root_owner=0:0,nodiscard,lazy_itable_init=0",
                 "-d", str(tree), str(out), f"{size // 1024}k"]  # fmt: skip
         try:
-            _run(argv, env, work)
+            _run(argv, env, work, runner=runner, paths=((tree, False), (work, True)))
             break
         except FilesystemError as e:
             if "space" not in str(e).lower() and "allocate" not in str(e).lower():
@@ -236,26 +281,29 @@ def _ext4(tree: Path, out: Path, fs_uuid: uuid.UUID, epoch: int, label: str, wor
         raise FilesystemError(f"mke2fs could not fit {tree} even into {size} bytes")
     # mke2fs -d copies atime/ctime from the source inodes, and ctime cannot be set from user
     # space: rewrite all inode times to the epoch with debugfs (inode numbers, so no path quoting).
-    script = "".join(f"sif <{n}> {field} @{epoch}\n" for n in _ext4_used_inodes(out, env, work)
+    script = "".join(f"sif <{n}> {field} @{epoch}\n" for n in _ext4_used_inodes(out, env, work, runner)
                      for field in ("atime", "ctime", "mtime", "crtime"))  # fmt: skip
     (work / "times.debugfs").write_text(script)
-    _run([_which("debugfs"), "-w", "-f", str(work / "times.debugfs"), str(out)], env, work)
+    _run([runner.which("debugfs"), "-w", "-f", str(work / "times.debugfs"), str(out)], env, work,
+         runner=runner, paths=((work, True),))
     return argv
 
 
-def _vfat(tree: Path, out: Path, fs_uuid: uuid.UUID, epoch: int, label: str, work: Path) -> list[str]:
+def _vfat(tree: Path, out: Path, fs_uuid: uuid.UUID, epoch: int, label: str, work: Path,
+          runner: ToolRunner = HOST) -> list[str]:
     env = _env(epoch, {"MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": "/dev/null"})
     st = tree_stats(tree)
     size = max(st.data_bytes + st.data_bytes // 10 + st.inodes * 4096 + (2 << 20), 34 << 20)
     size = -(-size // (1 << 20)) * (1 << 20)
     # The volume id is the first 32 bits of the (seed-derived) UUID; --invariant fixes the rest.
     volid = fs_uuid.hex[:8]
-    argv = [_which("mkfs.fat"), "--invariant", "-i", volid, "-n", (label or "NO NAME")[:11].upper(),
+    argv = [runner.which("mkfs.fat"), "--invariant", "-i", volid, "-n", (label or "NO NAME")[:11].upper(),
             "-S", "512", "-C", str(out), str(size // 1024)]  # fmt: skip
-    _run(argv, env, work)
+    paths = ((tree, False), (work, True))
+    _run(argv, env, work, runner=runner, paths=paths)
     # mtools stamps files with SOURCE_DATE_EPOCH (no -m, so not the source mtimes). Directory
     # entries are added in sorted order, one directory at a time, so FAT order is reproducible.
-    mmd, mcopy = _which("mmd"), _which("mcopy")
+    mmd, mcopy = runner.which("mmd"), runner.which("mcopy")
     dirs: list[str] = []
     files: dict[str, list[str]] = {"": []}
     for path, s in walk_sorted(tree):
@@ -270,10 +318,11 @@ def _vfat(tree: Path, out: Path, fs_uuid: uuid.UUID, epoch: int, label: str, wor
         else:
             raise FilesystemError(f"vfat cannot store {rel}: only files and directories are allowed")
     for d in sorted(dirs, key=lambda p: p.encode()):
-        _run([mmd, "-i", str(out), f"::/{d}"], env, work)
+        _run([mmd, "-i", str(out), f"::/{d}"], env, work, runner=runner, paths=paths)
     for d in sorted(files, key=lambda p: p.encode()):
         if files[d]:
-            _run([mcopy, "-i", str(out), "-o", *files[d], f"::/{d}/" if d else "::/"], env, work)
+            _run([mcopy, "-i", str(out), "-o", *files[d], f"::/{d}/" if d else "::/"], env, work, runner=runner,
+                 paths=paths)
     return argv
 
 
@@ -283,14 +332,15 @@ _TOOLS = {FsKind.EROFS: "mkfs.erofs", FsKind.SQUASHFS: "mksquashfs", FsKind.EXT4
 
 
 def make_filesystem(kind: FsKind | str, tree: Path, out: Path, uuid: uuid.UUID, epoch: int,
-                    label: str, *, read_only: bool = True) -> FsResult:  # fmt: skip
+                    label: str, *, read_only: bool = True, runner: ToolRunner | None = None) -> FsResult:  # fmt: skip
     """Build a ``kind`` image of ``tree`` at ``out`` (written under a temporary name, then renamed).
 
     ``uuid`` is the file system UUID (repart's ``fs_uuid``), ``epoch`` the SOURCE_DATE_EPOCH that
     every timestamp becomes, ``label`` the volume label where the format has one. ``read_only``
-    drops the ext4 journal. The result is padded with zeros to a multiple of 4096 bytes.
-    Raises ToolMissing, FilesystemError.
+    drops the ext4 journal. ``runner`` runs the tools (default :data:`HOST`). The result is padded
+    with zeros to a multiple of 4096 bytes. Raises ToolMissing, FilesystemError.
     """
+    runner = runner or HOST
     kind = FsKind(kind)
     tree = Path(tree).resolve()
     out = Path(out).absolute()
@@ -299,14 +349,14 @@ def make_filesystem(kind: FsKind | str, tree: Path, out: Path, uuid: uuid.UUID, 
     if epoch < 0:
         raise ValueError("epoch must not be negative")
     tool = _TOOLS[kind]
-    version = tool_version(tool)
+    version = runner.version(tool)
     with tempfile.TemporaryDirectory(prefix=".mkfs-", dir=out.parent) as tmp:
         work = Path(tmp)
         tmp_out = work / "fs.img"
         if kind is FsKind.EXT4:
-            argv = _ext4(tree, tmp_out, uuid, epoch, label, work, read_only)
+            argv = _ext4(tree, tmp_out, uuid, epoch, label, work, read_only, runner)
         else:
-            argv = _BUILDERS[kind](tree, tmp_out, uuid, epoch, label, work)
+            argv = _BUILDERS[kind](tree, tmp_out, uuid, epoch, label, work, runner)
         size = -(-tmp_out.stat().st_size // BLOCK) * BLOCK
         os.truncate(tmp_out, size)
         os.replace(tmp_out, out)
