@@ -11,7 +11,9 @@ Trust chain (wiki.debian.org/DebianRepository/Format, REFERENCE §6)::
   downloads it **by hash** when the Release says ``Acquire-By-Hash: yes`` (no race with a mirror
   update), and checks size and SHA-256 before anything is parsed.
 * ``IndexCache`` keeps raw indices under ``indices/sha256/<hex>`` and their parsed form under
-  ``parsed/<hex>.<key>``, so a second lock against the same metadata parses nothing.
+  ``parsed/<hex>.<key>``, so a second lock against the same metadata parses nothing; data derived
+  from indices (the resolver's universe) goes under ``derived/<kind>/<hex of its inputs>``.
+* ``fetch_releases`` checks several suites' InRelease concurrently (a warm lock's only network work).
 
 All network access goes through a ``requests.Session``-like object (``get(url, stream=True,
 timeout=…)``); ``file://`` URLs are read directly. Library code: no printing, progress goes to
