@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Benchmark: ``reprobuild build -f tar`` of the minbase definition vs. ``mmdebstrap --variant=minbase``.
+
+One run, same machine, same mirror (the host's apt sources; no host name is written here):
+
+  1. reprobuild, cold: an empty store, so every .deb is fetched (``build --locked -f tar``);
+  2. mmdebstrap --variant=minbase --format=tar, as shipped: it fetches indices and .debs itself;
+  3. reprobuild, warm: the store from run 1 (the lock already pins every package, so no index is read);
+  4. mmdebstrap with its .debs cached by the sync-in/sync-out hooks of its manual (skipped by --quick).
+
+Each run is a child process: wall time from a monotonic clock, peak memory from wait4's ru_maxrss
+(the largest resident set among the child and the descendants it waited for, as ``/usr/bin/time -v``
+reports), output size of the tar, and the package count read from the tar's dpkg status.
+The lock step (``reprobuild lock``, indices + resolution) is not timed here: see ``## lock``.
+
+    python bench/build.py [--quick] [--write-docs] [--keep DIR]
+
+Targets (issue 4): cold no slower than mmdebstrap; warm at least 2× faster than mmdebstrap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._stagebench import (
+    DOCS,
+    Measured,
+    check,
+    facts_line,
+    machine_facts,
+    make_definition,
+    measure,
+    mib,
+    pretty,
+    reprobuild,
+    secs,
+    table,
+    update_docs_section,
+    wait_for_quiet,
+)
+
+
+def tar_packages(path: Path) -> int | None:
+    """Installed packages per the tar's var/lib/dpkg/status (None if it has none)."""
+    with tarfile.open(path) as tf:
+        for member in tf:
+            if member.name.lstrip("./") == "var/lib/dpkg/status" and member.isfile():
+                text = tf.extractfile(member).read().decode("utf-8", "replace")  # type: ignore[union-attr]
+                return sum(1 for line in text.splitlines() if line.startswith("Status: install ok installed"))
+    return None
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_reprobuild(directory: Path, store: Path, out: Path, *extra: str) -> tuple[Measured, dict]:
+    m = check(measure(reprobuild("build", "-C", str(directory), "--locked", "-f", "tar", "-o", str(out),
+                                 "--store", str(store), "--json", *extra), stdout_only=True), "reprobuild build")
+    return m, json.loads(m.output)
+
+
+def stage_note(j: dict) -> str:
+    """'fetch 1.7 + tree 19.2 + tar 0.5 s' from --json's timings (and the cache hits, if any)."""
+    note = " + ".join(f"{k} {v:.1f}" for k, v in j.get("timings", {}).items()) + " s"
+    if j.get("cache_hits"):
+        note += f"; cache hits: {', '.join(j['cache_hits'])}"
+    return note
+
+
+def has_no_cache_flag() -> bool:
+    """Does this checkout's ``build`` have --no-cache (the stage cache)?"""
+    return "--no-cache" in measure(reprobuild("build", "--help")).output
+
+
+def mmdebstrap_argv(suite: str, mirror: str, out: Path, cache: Path | None) -> list[str]:
+    argv = ["mmdebstrap", "--variant=minbase", "--format=tar", "--quiet"]
+    if cache is not None:
+        # The manual's recipe ("cannot use a caching proxy"): keep /var/cache/apt/archives outside.
+        argv += ["--skip=essential/unlink",
+                 f"--setup-hook=mkdir -p {shlex.quote(str(cache))} \"$1\"/var/cache/apt/archives/",
+                 f"--setup-hook=sync-in {shlex.quote(str(cache))} /var/cache/apt/archives/",
+                 f"--customize-hook=sync-out /var/cache/apt/archives {shlex.quote(str(cache))}"]
+    return [*argv, suite, str(out), mirror]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--quick", action="store_true", help="skip the cached-mmdebstrap run")
+    ap.add_argument("--write-docs", action="store_true", help="update '## build' in docs/benchmarks.md")
+    ap.add_argument("--keep", type=Path, help="work here and keep the outputs (default: a temporary directory)")
+    ap.add_argument("--docs", type=Path, default=DOCS, help="the benchmarks document to update")
+    ap.add_argument("--no-wait", action="store_true", help="do not wait for the load average to drop")
+    args = ap.parse_args()
+
+    from reprobuild.debian.sources import host_mirror_for
+
+    if not shutil.which("mmdebstrap"):
+        print("mmdebstrap is needed (apt-get install mmdebstrap)", file=sys.stderr)
+        return 2
+    mirror = host_mirror_for("debian")
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-build-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        directory = make_definition(work / "defs", "minimal", work / "index-store")
+        suite = json.loads((directory / "reprobuild.lock").read_text())["release"]
+        if not args.no_wait:
+            wait_for_quiet()
+        facts = machine_facts()
+        store = work / "store"
+        rows: list[list[str]] = []
+        results: dict[str, float] = {}
+        commands: list[str] = []
+
+        def record(key: str, label: str, m: Measured, out: Path, note: str) -> None:
+            results[key] = m.seconds
+            rows.append([label, secs(m.seconds), f"{m.maxrss_kib / 1024:.0f}", mib(out.stat().st_size),
+                         str(tar_packages(out) or "?"), note])
+            commands.append(pretty(m.argv, {str(work): "$WORK", mirror: "MIRROR"}))
+            print(f"{label}: {m.seconds:.1f} s", file=sys.stderr)
+
+        # 1. reprobuild, cold store (nothing fetched, nothing cached): what a first build costs.
+        m, j = run_reprobuild(directory, store, work / "out-cold")
+        record("cold", "reprobuild, cold store", m, work / "out-cold/image.tar", stage_note(j))
+        # 2. mmdebstrap as shipped.
+        mm = check(measure(mmdebstrap_argv(suite, mirror, work / "mmdebstrap.tar", None)), "mmdebstrap")
+        record("mmdebstrap", "mmdebstrap --variant=minbase", mm, work / "mmdebstrap.tar",
+               "fetches indices + .debs every run")
+        # 3. reprobuild, warm store: every .deb present, the tree built again. With the stage cache
+        #    that is --no-cache (otherwise the unchanged build would be a cache hit: row 3b).
+        cache = has_no_cache_flag()
+        m, j = run_reprobuild(directory, store, work / "out-warm", *(["--no-cache"] if cache else []))
+        same = sha256(work / "out-cold/image.tar") == sha256(work / "out-warm/image.tar")
+        record("warm", "reprobuild, warm store" + (" --no-cache" if cache else ""), m, work / "out-warm/image.tar",
+               stage_note(j) + f"; tar {'identical to' if same else 'DIFFERS from'} cold")
+        if cache:
+            m, j = run_reprobuild(directory, store, work / "out-hit")
+            same = sha256(work / "out-cold/image.tar") == sha256(work / "out-hit/image.tar")
+            record("hit", "reprobuild, warm store + stage cache", m, work / "out-hit/image.tar",
+                   stage_note(j) + f"; tar {'identical to' if same else 'DIFFERS from'} cold")
+        # 4. mmdebstrap with a .deb cache (primed by one uncounted run).
+        if not args.quick:
+            cache = work / "apt-cache"
+            check(measure(mmdebstrap_argv(suite, mirror, work / "prime.tar", cache)), "mmdebstrap (priming)")
+            (work / "prime.tar").unlink()
+            mc = check(measure(mmdebstrap_argv(suite, mirror, work / "mmdebstrap-cached.tar", cache)),
+                       "mmdebstrap (cached)")
+            record("mmdebstrap-cached", "mmdebstrap, .debs cached (sync-in/out)", mc,
+                   work / "mmdebstrap-cached.tar", "still fetches indices")
+
+        headers = ["run", "wall s", "peak RSS MiB", "output MiB", "packages", "notes"]
+        text = table(headers, rows)
+        ratio_cold = results["mmdebstrap"] / results["cold"]
+        ratio_warm = results["mmdebstrap"] / results["warm"]
+        verdict = (f"cold: {ratio_cold:.2f}× mmdebstrap's speed (target ≥ 1: {'met' if ratio_cold >= 1 else 'NOT met'}); "
+                   f"warm: {ratio_warm:.2f}× (target ≥ 2: {'met' if ratio_warm >= 2 else 'NOT met'})")
+        if "hit" in results:
+            verdict += f"; unchanged rebuild from the stage cache: {results['mmdebstrap'] / results['hit']:.0f}×"
+        if "mmdebstrap-cached" in results:
+            verdict += f"; warm vs. cached mmdebstrap: {results['mmdebstrap-cached'] / results['warm']:.2f}×"
+        print(text)
+        print(verdict)
+        if args.write_docs:
+            body = "\n".join([
+                "`bench/build.py`: the `lock/minimal` definition (trixie minbase) as `-f tar`, side by side with",
+                "`mmdebstrap --variant=minbase --format=tar` from the same mirror (the host's apt sources), in one run.",
+                "Cold = empty store; warm = the store of the cold run with every .deb present and the tree built",
+                "again (`--no-cache`, where the stage cache exists); \"stage cache\" = the same unchanged build",
+                "served from the stage cache. Peak RSS is `wait4`'s `ru_maxrss` (the",
+                "largest process of the run's tree, as `/usr/bin/time -v` reports it). `reprobuild lock` (indices",
+                "and resolution) is not part of these times; mmdebstrap reads the indices in every run.",
+                "",
+                facts_line(facts),
+                "",
+                text,
+                "",
+                f"**Targets (issue 4)** — {verdict}.",
+                "",
+                "Commands (paths are temporary; `MIRROR` is the host's Debian mirror):",
+                "",
+                "```sh",
+                "python bench/build.py" + (" --quick" if args.quick else "") + " --write-docs",
+                *commands,
+                "```",
+            ])
+            update_docs_section("build", body, args.docs)
+            print("updated docs/benchmarks.md (## build)", file=sys.stderr)
+        return 0
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
