@@ -85,13 +85,25 @@ def stage_key(stage: str, inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(b"reprobuild cache\0" + blob).hexdigest()
 
 
-def code_digest(root: Path = _CODE_ROOT) -> str:
-    """sha256 over reprobuild's own sources (``*.py``, ``*.json``), so that any change to the code
-    that builds a stage invalidates it. Conservative: every edit invalidates every stage. Cost:
-    reads ≈0.6 MB."""
+# The code that shapes stage outputs (relative to the package): a change to any of it invalidates
+# every stage. Commands, locking, fetching, diffing and verification are left out on purpose —
+# they cannot change what a stage produces from its inputs, and editing them must keep the cache.
+CODE_PATHS = ("rootfs", "image", "debian/deb.py", "build.py", "assemble.py", "cache.py", "tools.py",
+              "lockfile.py", "config.py")
+
+
+def code_digest(root: Path = _CODE_ROOT, paths: Sequence[str] = CODE_PATHS) -> str:
+    """sha256 over the sources that build stages (:data:`CODE_PATHS`), so that a change to that
+    code invalidates the cache. Conservative: every such edit invalidates every stage. Cost:
+    reads ≈0.4 MB."""
     h = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".json") and "__pycache__" not in p.parts)
-    for p in files:
+    files: list[Path] = []
+    for rel in paths:
+        p = root / rel
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.is_file() else []
+    for p in sorted(set(files)):
+        if "__pycache__" in p.parts:
+            continue
         h.update(p.relative_to(root).as_posix().encode() + b"\0")
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()

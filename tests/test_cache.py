@@ -165,10 +165,13 @@ def test_content_digest_sees_bytes_modes_names_and_links_only(tmp_path: Path) ->
 
 def test_code_digest_covers_the_sources(tmp_path: Path) -> None:
     root = tmp_path / "pkg"
-    root.mkdir()
-    (root / "a.py").write_text("x = 1\n")
+    (root / "rootfs").mkdir(parents=True)
+    (root / "rootfs/a.py").write_text("x = 1\n")
+    (root / "verify.py").write_text("y = 1\n")
     first = c.code_digest(root)
-    (root / "a.py").write_text("x = 2\n")
+    (root / "verify.py").write_text("y = 2\n")  # not stage code: the cache survives
+    assert c.code_digest(root) == first
+    (root / "rootfs/a.py").write_text("x = 2\n")
     assert c.code_digest(root) != first
     assert len(c.code_digest()) == 64
 
