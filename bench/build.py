@@ -44,6 +44,7 @@ from bench._stagebench import (
     pretty,
     reprobuild,
     secs,
+    stage_note,
     table,
     update_docs_section,
     wait_for_quiet,
@@ -72,14 +73,6 @@ def run_reprobuild(directory: Path, store: Path, out: Path, *extra: str) -> tupl
     m = check(measure(reprobuild("build", "-C", str(directory), "--locked", "-f", "tar", "-o", str(out),
                                  "--store", str(store), "--json", *extra), stdout_only=True), "reprobuild build")
     return m, json.loads(m.output)
-
-
-def stage_note(j: dict) -> str:
-    """'fetch 1.7 + tree 19.2 + tar 0.5 s' from --json's timings (and the cache hits, if any)."""
-    note = " + ".join(f"{k} {v:.1f}" for k, v in j.get("timings", {}).items()) + " s"
-    if j.get("cache_hits"):
-        note += f"; cache hits: {', '.join(j['cache_hits'])}"
-    return note
 
 
 def has_no_cache_flag() -> bool:
