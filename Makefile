@@ -21,7 +21,7 @@ APT_PACKAGES := \
 	systemd-container fdisk util-linux \
 	qemu-system-x86 ovmf \
 	cpio libarchive-tools binutils zstd xz-utils \
-	mmdebstrap nginx-light python3-venv
+	mmdebstrap nginx-light python3-venv faketime time diffoscope-minimal
 
 .PHONY: setup apt venv test test-fast image lint bench clean
 

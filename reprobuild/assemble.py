@@ -271,7 +271,7 @@ def build_boot(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
         "uki_unsigned_sha256": unsigned_sha,
         "uki_sha256": _sha256(uki),
         "uki_signed": signed,
-        "uki_path": boot_path,
+        "uki_path": boot_path if spec.build.bootloader == "uki" else f"EFI/Linux/{kernel_version}.efi",
         "bootloader": spec.build.bootloader,
         "esp_sha256": _sha256_file(esp),
     }

@@ -42,6 +42,7 @@ class BuildOptions:
     jobs: int = 4
     substituters: tuple[str, ...] = ()
     cache: bool = True  # False: --no-cache (no lookups, no saves)
+    argv: tuple[str, ...] = ()  # the command line, recorded in the provenance statement
 
 
 @dataclass
@@ -313,6 +314,15 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
         write_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         result.outputs["manifest"] = manifest_path
         result.manifest = manifest
+        # The in-toto/SLSA provenance statement, signed with the lock key when it is at hand
+        # (a verifier without the private key still gets an unsigned, checkable statement).
+        from reprobuild.provenance import write_provenance
+
+        key = spec.signing.lock_key if spec.signing.lock_key and spec.signing.lock_key.exists() else None
+        if spec.signing.lock_key and key is None:
+            say(f"note: {spec.signing.lock_key} not found: the provenance statement is not signed")
+        result.outputs["provenance"] = write_provenance(lock, spec.lock_path, manifest, out_dir, key,
+                                                        list(options.argv))
     cache.register_root(root_name(spec.directory))
     result.cache_hits = list(cache.hits)
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
             lock = previous
     started = time.monotonic()
     options = BuildOptions(output_dir=output_dir or (spec.directory / "out"), format=fmt, offline=offline,
-                           jobs=jobs, substituters=substituters, cache=not no_cache)
+                           jobs=jobs, substituters=substituters, argv=tuple(sys.argv), cache=not no_cache)
     result = build_locked(spec, lock, store, options, say=say,
                           fetch_progress=make_progress(quiet or as_json))
     elapsed = time.monotonic() - started
