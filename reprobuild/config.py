@@ -254,7 +254,7 @@ class InitrdConfig:
 
 @dataclass(frozen=True)
 class ToolsConfig:
-    tools_tree: str = "host"
+    tools_tree: str = "lock"
     release: str | None = None
     packages: tuple[str, ...] = ()
 

@@ -1,5 +1,5 @@
 {
   "algorithm": "ed25519",
   "key_id": "62231b92dd2becda",
-  "signature": "x+IoUSDSrLxnjrpIrt9EWwf8iwaipXBGUI9RB3CC+egd1dimGdoK7HTK9h2duv/H9gZhJbXPUHms2YjtmBgxCQ=="
+  "signature": "aa3181x+O86yRDh1plNkJDLBlISDE/5RxQkrPaP5gaQ7XPbih2HL5zgdDmmmm2d9wPalvCrcXvWyOUyUVt06AQ=="
 }
