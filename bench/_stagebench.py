@@ -172,12 +172,16 @@ def machine_facts() -> dict[str, str]:
                 break
     except OSError:
         pass
-    return {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    marker = REPO / ".bench-commit"  # written into a `git archive` snapshot, which has no .git
+    commit = marker.read_text().strip() if marker.exists() else subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+    ).stdout.strip() or "?"
+    return {"commit": commit, "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "nproc": str(os.cpu_count() or "?"), "load": load, "cpu": cpu, "kernel": os.uname().release}
 
 
 def facts_line(facts: dict[str, str]) -> str:
-    return (f"Run {facts['date']} on {facts['nproc']} CPUs ({facts['cpu']}), kernel {facts['kernel']}, "
+    return (f"Run {facts['date']} at commit {facts['commit']} on {facts['nproc']} CPUs ({facts['cpu']}), kernel {facts['kernel']}, "
             f"load average at start {facts['load']} (shared machine: other builds may have run meanwhile).")
 
 

@@ -68,17 +68,24 @@ class Built:
 
 
 def split_tree(lines: list[tuple[float, str]], tree_seconds: float) -> dict[str, float]:
-    """unpack / dpkg / settings+normalise from the progress lines of the tree stage."""
-    def at(pattern: str) -> float | None:
-        rx = re.compile(pattern)
-        return next((t for t, m in lines if rx.search(m)), None)
-
-    start, first_extract = at(r"^building the root tree"), at(r"^extracting ")
-    dpkg, norm = at(r"^installing \d+ Essential"), at(r"^normalising the tree")
-    if None in (start, first_extract, dpkg, norm):
+    """unpack / dpkg / settings+normalise from the progress lines of the root-tree stage (only the
+    lines between "building the root tree" and "normalising the tree": the tools tree and the
+    initrd tree, built later, print the same kind of lines)."""
+    start = next((i for i, (_, m) in enumerate(lines) if m.startswith("building the root tree")), None)
+    if start is None:
         return {"tree": tree_seconds}
-    unpack = dpkg - first_extract
-    configure = norm - dpkg
+    first_extract = dpkg = norm = None
+    for t, m in lines[start:]:
+        if first_extract is None and m.startswith("extracting "):
+            first_extract = t
+        elif dpkg is None and re.match(r"installing \d+ Essential", m):
+            dpkg = t
+        elif m.startswith("normalising the tree"):
+            norm = t
+            break
+    if first_extract is None or dpkg is None or norm is None:
+        return {"tree": tree_seconds}
+    unpack, configure = dpkg - first_extract, norm - dpkg
     return {"tree: unpack": unpack, "tree: dpkg": configure,
             "tree: other": max(tree_seconds - unpack - configure, 0.0)}
 
