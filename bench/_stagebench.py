@@ -134,6 +134,18 @@ def check(m: Measured, what: str) -> Measured:
     return m
 
 
+def project_keys(fallback: Path) -> Path:
+    """The project's keys/ (untracked, so absent from a `git archive` snapshot), or keys made
+    with ``reprobuild keygen`` under ``fallback`` (the same names)."""
+    if all((KEYS / name).exists() for name in _KEY_FILES.values()):
+        return KEYS
+    if not all((fallback / name).exists() for name in _KEY_FILES.values()):
+        fallback.mkdir(parents=True, exist_ok=True)
+        for prefix, flags in (("lock", ()), ("verity", ("--verity",)), ("secure-boot", ("--secure-boot",))):
+            check(measure(reprobuild("keygen", *flags, "--out", str(fallback / prefix))), "reprobuild keygen")
+    return fallback
+
+
 def make_definition(root: Path, reference: str, index_store: Path, extra_conf: str = "",
                     extra_files: dict[str, str] | None = None) -> Path:
     """``lock/<reference>`` copied to ``root/<reference>`` with absolute key paths, locked fresh.
@@ -143,11 +155,12 @@ def make_definition(root: Path, reference: str, index_store: Path, extra_conf: s
     """
     directory = root / reference
     directory.mkdir(parents=True)
+    keys = project_keys(root / "keys")
     conf = []
     for line in (REPO / "lock" / reference / "reprobuild.conf").read_text().splitlines():
         key = line.split("=", 1)[0].strip()
         if key in _KEY_SETTINGS:
-            line = f"{key}={KEYS / _KEY_FILES[key]}"
+            line = f"{key}={keys / _KEY_FILES[key]}"
         conf.append(line)
     (directory / "reprobuild.conf").write_text("\n".join(conf) + "\n" + extra_conf)
     for rel, text in (extra_files or {}).items():

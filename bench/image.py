@@ -45,6 +45,7 @@ from bench._stagebench import (
     measure,
     mib,
     pretty,
+    project_keys,
     reprobuild,
     secs,
     stamped,
@@ -169,7 +170,7 @@ def run_repart(name: str, directory: Path, store: Path, work: Path, commands: li
     version = subprocess.run([repart, "--version"], capture_output=True, text=True,
                              check=False).stdout.split()[1]
     rows = []
-    keys = Path(__file__).resolve().parents[1] / "keys"
+    keys = project_keys(work / "keys")
     for verity in (True, False):
         defs = repart_definitions(work / name, tree, verity)
         image = work / f"{name}-repart-{'verity' if verity else 'plain'}.raw"
