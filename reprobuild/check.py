@@ -227,7 +227,9 @@ def make_run(definition: Path, work: Path, label: str, applied: frozenset[str], 
 def build_argv(run: BuildRun, fmt: str | None) -> list[str]:
     """The command line of one build, every variation a visible wrapper."""
     argv = [sys.executable, "-m", "reprobuild", "build", "-C", str(run.definition), "--locked",
-            "-o", str(run.output), "--store", str(run.store), "-q"]  # fmt: skip
+            "-o", str(run.output), "--store", str(run.store), "-q",
+            # No stage cache: a cached stage from one variation would hide a leak in another.
+            "--no-cache"]  # fmt: skip
     if fmt:
         argv += ["-f", fmt]
     if run.time_shift:

@@ -49,7 +49,7 @@ def make_definition(workdir: Path, url_base: str, leak: bool = True, base_deb: P
         script.write_text(LEAK_SCRIPT)
         script.chmod(0o755)
         conf += "PostInstallationScripts=leak.sh\n"
-    conf += "\n[Build]\nFormat=tar\n"
+    conf += "\n[Build]\nFormat=tar\n\n[Tools]\n# The fixture repository has no mkfs tools to lock; a tar needs none.\nToolsTree=host\n"
     (definition / "reprobuild.conf").write_text(conf)
     spec = load_spec(definition)
     source = LockSource(id="fixture/main", archive="debian", suite="stable", codename="stable", component="main",
