@@ -108,7 +108,28 @@ def reason(m: Measured) -> str:
     lines = [x for x in m.output.splitlines() if x.strip() and not x.startswith(" ")]
     pick = next((x for x in lines if x.startswith("mount:")), None) or next(
         (x for x in reversed(lines) if "rror" in x or "ailed" in x), lines[-1] if lines else f"exit {m.returncode}")
+    pick = re.sub(r"mkosi-\w{8}", "mkosi-XXXXXXXX", pick)  # mkosi's random workspace name
     return re.sub(r"\w+://\S+", "URL", pick.strip())[:200]
+
+
+def mkosi_notes() -> list[str]:
+    """What the mkosi rows mean, with the one host fact they depend on read at run time."""
+    try:
+        vfat = "vfat" in Path("/proc/filesystems").read_text().split()
+    except OSError:
+        vfat = False
+    return [
+        "mkosi is Debian 12's (mkosi 14: `pip download mkosi` finds no mkosi in the package index reachable here).",
+        "Its disk formats create the ESP in a loop partition and mount it to install the boot loader;",
+        f"this machine's kernel {'has' if vfat else 'has no'} vfat in /proc/filesystems, and the container cannot",
+        "load modules, so a failure at that mount is reported as \"could not run here\" rather than given a",
+        "number. The directory rows build the same package list with debootstrap + apt and stop where our",
+        "build goes on to the tools tree, file system, initrd, UKI, ESP and DDI: compare them with our",
+        "*tree* stage. mkosi 14 has no incremental mode; `Cache=` keeps the downloaded .debs (the mirror",
+        "is close, so it saves little). `WithDocs=yes` because mkosi 14 removes documentation by running",
+        "`rm` in systemd-nspawn, which fails here (no system bus to register the container).",
+        "",
+    ]
 
 
 def du(path: Path) -> int:
@@ -227,6 +248,7 @@ def main() -> int:
                 "",
                 f"**Target (issue 6)** — {verdict}.",
                 "",
+                *([] if args.quick else mkosi_notes()),
                 "Commands (`$WORK` is a temporary directory; mkosi's `Mirror=` is the host's Debian mirror):",
                 "",
                 "```sh",
