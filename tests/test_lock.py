@@ -43,6 +43,7 @@ def image(tmp_path: Path, repo) -> Path:
         "[Distribution]\nDistribution=debian\nRelease=stable\nArchitecture=x86-64\nUpdates=yes\n"
         f"Mirror={url}\nSecurityMirror={url}\nKeyring={repo.keyring_path}\n"
         "[Content]\nBaseSet=minbase\nPackages=hello mail-user\n"
+        "[Tools]\nToolsTree=host\n"
     )
     return directory
 

@@ -16,9 +16,15 @@ from reprobuild.rootfs.sandbox import Result
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _lock_without_tools():
+    """The committed minimal lock, minus any tools set it has."""
+    lock = load_lock(REPO / "lock/minimal/reprobuild.lock")
+    return dataclasses.replace(lock, sets=tuple(s for s in lock.sets if s.name != "tools"))
+
+
 def _tools_lock():
     """The committed minimal lock with a made-up tools set (hermetic: nothing is installed)."""
-    lock = load_lock(REPO / "lock/minimal/reprobuild.lock")
+    lock = _lock_without_tools()
     image = lock.package_set("image")
     fake = [dataclasses.replace(image.packages[0], name=n, version=v, sha256=c * 64, depends=(), pre_depends=())
             for n, v, c in (("erofs-utils", "1.8.6-1", "a"), ("squashfs-tools", "1:4.6.1-1", "b"),
@@ -88,7 +94,7 @@ def test_lock_mode_identity_and_manifest_name_locked_versions(tmp_path: Path) ->
 
 def test_lock_mode_needs_a_tools_set(tmp_path: Path) -> None:
     with pytest.raises(LockError):
-        t.Tools(_spec("lock"), load_lock(REPO / "lock/minimal/reprobuild.lock"), None, None, tmp_path)
+        t.Tools(_spec("lock"), _lock_without_tools(), None, None, tmp_path)
 
 
 def test_host_mode_names_host_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
