@@ -121,7 +121,7 @@ def reprobuild(*args: str) -> list[str]:
 def pretty(argv: tuple[str, ...] | list[str], replacements: dict[str, str]) -> str:
     """A command as the doc shows it: ``python -m reprobuild …``, temporary paths and the mirror
     replaced by names (``$WORK``, ``MIRROR``) so that no host name reaches the repository."""
-    text = shlex.join(argv).replace(f"env PYTHONPATH={REPO} {sys.executable}", "python")
+    text = shlex.join(argv).replace(f"env PYTHONPATH={REPO} {sys.executable}", "python").replace(f"{REPO}/", "")
     for old, new in sorted(replacements.items(), key=lambda kv: -len(kv[0])):
         text = text.replace(old, new)
     return text
