@@ -23,6 +23,9 @@ APT_PACKAGES := \
 	cpio libarchive-tools binutils zstd xz-utils \
 	mmdebstrap nginx-light python3-venv faketime time diffoscope-minimal
 
+# Only the benchmarks run these reference tools side by side with reprobuild.
+BENCH_PACKAGES := mkosi debootstrap
+
 .PHONY: setup apt venv test test-fast image lint bench clean
 
 setup: apt venv
@@ -57,6 +60,7 @@ lint: venv
 	$(BIN)/ruff check reprobuild tests bench fixtures
 
 bench: setup
+	$(MAKE) apt APT_PACKAGES="$(BENCH_PACKAGES)"
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
