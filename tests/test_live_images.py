@@ -19,6 +19,8 @@ from reprobuild.lockfile import load_lock
 from tests.live_images import (  # noqa: F401  (fixtures)
     BuiltPair,
     Keys,
+    build_pair,
+    make_definition,
     bootable_disk,
     bootable_trixie,
     live_keys,
@@ -62,6 +64,23 @@ def test_minbase_tar_is_reproducible(minimal_tar: BuiltPair) -> None:
 
 
 def test_minbase_disk_is_reproducible_and_a_valid_ddi(minimal_disk: BuiltPair, tmp_path: Path) -> None:
+    check_reproducible_ddi(minimal_disk, tmp_path)
+
+
+@pytest.mark.parametrize("filesystem", ["squashfs", "ext4"])
+def test_minbase_disk_with_other_root_filesystems(filesystem: str, live_root: Path, live_keys: Keys,
+                                                  warm_store: Path, tmp_path: Path) -> None:
+    """RootFilesystem=squashfs and ext4: the same proof as for the default erofs."""
+    directory = make_definition(live_root / f"defs-{filesystem}", "minimal", live_keys,
+                                extra_conf=f"[Build]\nRootFilesystem={filesystem}\n")
+    run_reprobuild("lock", "-C", str(directory), "--store", str(warm_store), "-q")
+    pair = build_pair(directory, warm_store, live_root / f"store-cold-{filesystem}", "disk", "disk")
+    manifest = check_reproducible_ddi(pair, tmp_path)
+    assert manifest["filesystem"]["type"] == filesystem
+
+
+def check_reproducible_ddi(minimal_disk: BuiltPair, tmp_path: Path) -> dict:
+    """Both builds identical; systemd-dissect, veritysetup and openssl accept the image."""
     require_tools("systemd-dissect", "veritysetup", "openssl")
     a, b = minimal_disk.sha256("image.raw")
     assert a == b
@@ -100,6 +119,7 @@ def test_minbase_disk_is_reproducible_and_a_valid_ddi(minimal_disk: BuiltPair, t
     subprocess.run(["openssl", "smime", "-verify", "-binary", "-inform", "DER", "-in", str(tmp_path / "sig.der"),
                     "-content", str(tmp_path / "content"), "-CAfile", str(cert), "-purpose", "any",
                     "-out", "/dev/null"], check=True, capture_output=True)
+    return manifest
 
 
 def test_bootable_disk_is_reproducible_with_signed_uki(bootable_disk: BuiltPair, tmp_path: Path,
