@@ -27,6 +27,7 @@ from typing import Any
 
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError
+from reprobuild.fileio import sha256_file
 from reprobuild.lockfile import Lock, write_atomic
 from reprobuild.store import Store
 
@@ -79,14 +80,6 @@ def choose_verity(spec: ImageSpec) -> VerityChoice:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_bootable(spec: ImageSpec, lock: Lock) -> bool:
@@ -273,7 +266,7 @@ def build_boot(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
         "uki_signed": signed,
         "uki_path": boot_path if spec.build.bootloader == "uki" else f"EFI/Linux/{kernel_version}.efi",
         "bootloader": spec.build.bootloader,
-        "esp_sha256": _sha256_file(esp),
+        "esp_sha256": sha256_file(esp),
     }
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError
+from reprobuild.fileio import sha256_file, write_atomically
 from reprobuild.lock import check_lock_current
 from reprobuild.lockfile import Lock, PackageSet, dumps, write_atomic
 from reprobuild.store import Store
@@ -307,7 +308,7 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
                     meta["roothash"] = roothash.read_text().strip()
                 cache.put_file("output", out_key, target, meta)
         if fmt != "directory":
-            manifest["sha256"] = _sha256_file(target)
+            manifest["sha256"] = sha256_file(target)
             manifest["size"] = target.stat().st_size
         result.outputs[fmt] = target
         manifest_path = out_dir / (OUTPUT_NAMES[fmt] + ".manifest.json")
@@ -340,40 +341,18 @@ def _write_format(spec: ImageSpec, lock: Lock, store: Store, fmt: str, tree: Pat
         from reprobuild.rootfs.archive import write_tar_stream
 
         with _timed(result, "tar"):
-            _write_output(target, lambda f: write_tar_stream(tree, f, epoch))
+            write_atomically(target, lambda f: write_tar_stream(tree, f, epoch))
     elif fmt == "cpio":
         from reprobuild.image.cpio import cpio_from_tree
 
         with _timed(result, "cpio"):
-            _write_output(target, lambda f: cpio_from_tree(tree, f, epoch, keep_owners=True))
+            write_atomically(target, lambda f: cpio_from_tree(tree, f, epoch, keep_owners=True))
     else:
         from reprobuild.assemble import build_disk
 
         return build_disk(spec, lock, store, tree, work, target, say, result.timings, cache=cache,
                           tree_key=keys.tree, tools=tools)
     return {}
-
-
-def _write_output(target: Path, writer: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def remove_tree(path: Path) -> None:

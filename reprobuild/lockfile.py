@@ -14,13 +14,12 @@ a configured mirror, or a snapshot archive.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from reprobuild.errors import LockError
+from reprobuild.fileio import write_atomically
 
 LOCK_VERSION = 1
 LOCK_NAME = "reprobuild.lock"
@@ -218,18 +217,7 @@ def _check_consistency(lock: Lock, origin: str) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: f.write(data))
 
 
 def load_lock(path: Path) -> Lock:
