@@ -110,24 +110,17 @@ def tree_keys(spec: ImageSpec, lock: Lock, code: str) -> TreeKeys:
 
 
 def _install_stage(spec: ImageSpec, lock: Lock, store: Store, out: Path, say: Say) -> None:
-    """First half of ``rootfs.tree.build_tree``: skeleton trees, then the packages (dpkg)."""
-    from reprobuild.rootfs import install as _install
-    from reprobuild.rootfs import settings as _settings
-    from reprobuild.rootfs.sandbox import DEFAULT_HOSTNAME, check_can_sandbox
-    from reprobuild.rootfs.tree import sandbox_env
+    """First half of ``rootfs.tree.build_tree`` (skeleton trees, packages) into a new ``out``."""
+    from reprobuild.rootfs.sandbox import check_can_sandbox
+    from reprobuild.rootfs.tree import install_packages
 
-    settings = tree_settings(spec)
     check_can_sandbox()
-    epoch = lock.source_date_epoch
     os.mkdir(out, 0o755)
     old_umask = os.umask(0o022)  # as build_tree: the caller's umask must not leak into the tree
     try:
         os.chmod(out, 0o755)
-        for skel in settings.skeleton_trees:
-            say(f"copying skeleton tree {skel}")
-            _settings.copy_tree_into(out, Path(skel), epoch)
-        _install.install(out, planned_packages(lock.package_set("image")), store.path, env=sandbox_env(epoch),
-                         hostname=settings.hostname or DEFAULT_HOSTNAME, progress=say)
+        install_packages(out, planned_packages(lock.package_set("image")), store.path, tree_settings(spec),
+                         lock.source_date_epoch, say)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -136,36 +129,12 @@ def _install_stage(spec: ImageSpec, lock: Lock, store: Store, out: Path, say: Sa
 
 
 def _configure_stage(spec: ImageSpec, lock: Lock, tree: Path, say: Say) -> None:
-    """Second half of ``rootfs.tree.build_tree``, same order: extra trees, scripts, settings,
-    RemoveFiles=, normalisation. Operates in place on an installed tree."""
-    from reprobuild.rootfs import settings as _settings
-    from reprobuild.rootfs.normalize import normalize
-    from reprobuild.rootfs.sandbox import DEFAULT_HOSTNAME
-    from reprobuild.rootfs.tree import sandbox_env
+    """Second half of ``rootfs.tree.build_tree``, in place on an installed tree."""
+    from reprobuild.rootfs.tree import configure_tree
 
-    s = tree_settings(spec)
-    epoch = lock.source_date_epoch
     old_umask = os.umask(0o022)
     try:
-        for extra in s.extra_trees:
-            say(f"copying extra tree {extra}")
-            _settings.copy_tree_into(tree, Path(extra), epoch)
-        _settings.run_postinst_scripts(tree, tuple(Path(p) for p in s.postinst_scripts), sandbox_env(epoch),
-                                       s.hostname or DEFAULT_HOSTNAME, say)
-        if s.hostname:
-            _settings.set_hostname(tree, s.hostname, epoch)
-        if s.root_password is not None:
-            _settings.set_root_password(tree, s.root_password, epoch)
-        if s.locale:
-            _settings.set_locale(tree, s.locale, epoch)
-        if s.timezone:
-            _settings.set_timezone(tree, s.timezone, epoch)
-        if s.autologin:
-            _settings.set_autologin(tree, epoch)
-        _settings.set_machine_id(tree, s.machine_id, epoch)
-        _settings.remove_files(tree, s.remove_files)
-        say("normalising the tree")
-        normalize(tree, epoch, clean_package_metadata=s.clean_package_metadata, keep_dpkg_status=s.keep_dpkg_status)
+        configure_tree(tree, tree_settings(spec), lock.source_date_epoch, say)
     finally:
         os.umask(old_umask)
 

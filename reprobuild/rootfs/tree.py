@@ -25,7 +25,8 @@ from reprobuild.rootfs.normalize import normalize
 from reprobuild.rootfs.plan import PlannedPackage, TreeSettings
 from reprobuild.rootfs.sandbox import DEFAULT_HOSTNAME, check_can_sandbox
 
-__all__ = ["PlannedPackage", "TreeSettings", "build_tree", "sandbox_env", "write_cpio", "write_tar"]
+__all__ = ["PlannedPackage", "TreeSettings", "build_tree", "configure_tree", "install_packages", "sandbox_env",
+           "write_cpio", "write_tar"]
 
 
 def sandbox_env(epoch: int) -> dict[str, str]:
@@ -65,39 +66,54 @@ def build_tree(
     old_umask = os.umask(0o022)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the root directory of a system is 0755
-        # The image's hostname is also the sandbox's, so scripts that record it see the final one.
-        hostname = settings.hostname or DEFAULT_HOSTNAME
-        env = sandbox_env(epoch)
-        for skel in settings.skeleton_trees:
-            report(f"copying skeleton tree {skel}")
-            _settings.copy_tree_into(tmp, Path(skel), epoch)
-        _install.install(tmp, packages, deb_path, env=env, hostname=hostname, progress=report)
-        for extra in settings.extra_trees:
-            report(f"copying extra tree {extra}")
-            _settings.copy_tree_into(tmp, Path(extra), epoch)
-        _settings.run_postinst_scripts(tmp, tuple(Path(s) for s in settings.postinst_scripts), env, hostname,
-                                       report)
-        if settings.hostname:
-            _settings.set_hostname(tmp, settings.hostname, epoch)
-        if settings.root_password is not None:
-            _settings.set_root_password(tmp, settings.root_password, epoch)
-        if settings.locale:
-            _settings.set_locale(tmp, settings.locale, epoch)
-        if settings.timezone:
-            _settings.set_timezone(tmp, settings.timezone, epoch)
-        if settings.autologin:
-            _settings.set_autologin(tmp, epoch)
-        _settings.set_machine_id(tmp, settings.machine_id, epoch)
-        _settings.remove_files(tmp, settings.remove_files)
-        report("normalising the tree")
-        normalize(tmp, epoch, clean_package_metadata=settings.clean_package_metadata,
-                  keep_dpkg_status=settings.keep_dpkg_status)
+        install_packages(tmp, packages, deb_path, settings, epoch, report)
+        configure_tree(tmp, settings, epoch, report)
         os.rename(tmp, out)
         done = True
     finally:
         os.umask(old_umask)
         if not done:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_packages(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[str], Path],
+                     settings: TreeSettings, epoch: int, report: Callable[[str], None]) -> None:
+    """First half of :func:`build_tree`, in place: skeleton trees, then the packages (dpkg).
+
+    The build cache keeps the result of this half apart, so that an edit of an extra tree or a
+    setting re-runs only :func:`configure_tree`. Callers set umask 022 and clean up on failure.
+    """
+    for skel in settings.skeleton_trees:
+        report(f"copying skeleton tree {skel}")
+        _settings.copy_tree_into(tree, Path(skel), epoch)
+    # The image's hostname is also the sandbox's, so scripts that record it see the final one.
+    _install.install(tree, packages, deb_path, env=sandbox_env(epoch),
+                     hostname=settings.hostname or DEFAULT_HOSTNAME, progress=report)
+
+
+def configure_tree(tree: Path, settings: TreeSettings, epoch: int, report: Callable[[str], None]) -> None:
+    """Second half of :func:`build_tree`, in place on an installed tree: extra trees,
+    post-installation scripts, settings, RemoveFiles=, normalisation."""
+    for extra in settings.extra_trees:
+        report(f"copying extra tree {extra}")
+        _settings.copy_tree_into(tree, Path(extra), epoch)
+    _settings.run_postinst_scripts(tree, tuple(Path(s) for s in settings.postinst_scripts), sandbox_env(epoch),
+                                   settings.hostname or DEFAULT_HOSTNAME, report)
+    if settings.hostname:
+        _settings.set_hostname(tree, settings.hostname, epoch)
+    if settings.root_password is not None:
+        _settings.set_root_password(tree, settings.root_password, epoch)
+    if settings.locale:
+        _settings.set_locale(tree, settings.locale, epoch)
+    if settings.timezone:
+        _settings.set_timezone(tree, settings.timezone, epoch)
+    if settings.autologin:
+        _settings.set_autologin(tree, epoch)
+    _settings.set_machine_id(tree, settings.machine_id, epoch)
+    _settings.remove_files(tree, settings.remove_files)
+    report("normalising the tree")
+    normalize(tree, epoch, clean_package_metadata=settings.clean_package_metadata,
+              keep_dpkg_status=settings.keep_dpkg_status)
 
 
 def write_cpio(tree: Path, out: Path, epoch: int) -> None:
