@@ -52,19 +52,8 @@ from bench._stagebench import (
 )
 
 MARKER = b"REPROBUILD-MARKER-END"
-MARKER_UNIT = """\
-[Unit]
-Description=Report on the kernel console that the image reached multi-user
-After=multi-user.target systemd-user-sessions.service
-
-[Service]
-Type=oneshot
-# /dev/kmsg reaches the serial console whatever getty does with ttyS0.
-ExecStart=/bin/sh -c 'echo "REPROBUILD-MARKER root=$(findmnt -no SOURCE /) REPROBUILD-MARKER-END" > /dev/kmsg'
-
-[Install]
-WantedBy=multi-user.target
-"""
+# The same marker unit as the live boot tests.
+from tests.live_images import MARKER_UNIT  # noqa: E402
 # The packages lock/bootable adds to minbase; mkosi gets the same list.
 PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "linux-image-amd64", "systemd-boot-efi")
 

@@ -46,10 +46,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._stagebench import update_docs_section
 from fixtures.apt_reference import MINBASE_PATTERNS, AptRoot
 from reprobuild.debian.sources import host_mirror_for
 
-DOCS = REPO / "docs" / "benchmarks.md"
 RELEASE = "trixie"
 SETS: dict[str, tuple[str, ...]] = {
     "minbase": (),
@@ -200,26 +200,6 @@ resolver candidate and parsed Provides for each (~2.5 s under a profiler), and f
 InReleases one after another. Now the universe is cached under the hashes of the indices the
 verified InReleases name, loaded while the InReleases are on the wire (speculatively, from the
 last lock of the same suites; used only when the keys match), and decoded name by name."""
-
-
-def update_docs_section(heading: str, body: str, path: Path = DOCS) -> None:
-    """Replace the ``## heading`` section of docs/benchmarks.md (or append it), keeping the other
-    sections, which other benchmarks write; the file is re-read just before the atomic write."""
-    title = f"## {heading}"
-    text = path.read_text() if path.exists() else (
-        "# Benchmarks\n\nEach section is written by its script in `bench/` (`--write-docs`) from one real run "
-        "on the machine named in it; numbers from a shared 2-core machine are indicative, not precise.\n")  # fmt: skip
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
-    new = [title, "", *body.strip("\n").splitlines(), ""]
-    if start is None:
-        lines = [*lines, "", *new] if lines and lines[-1].strip() else [*lines, *new]
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = new
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(lines).rstrip("\n") + "\n")
-    os.replace(tmp, path)
 
 
 def main() -> int:
