@@ -13,6 +13,7 @@ one piece, which is how the tests prove that a cached build is byte-identical to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -139,25 +140,61 @@ def _configure_stage(spec: ImageSpec, lock: Lock, tree: Path, say: Say) -> None:
         os.umask(old_umask)
 
 
-def materialize_tree(spec: ImageSpec, lock: Lock, store: Store, cache, keys: TreeKeys, out: Path,
-                     say: Say) -> None:
+def materialize_tree(spec: ImageSpec, lock: Lock, store: Store, cache, keys: TreeKeys, out: Path, say: Say,
+                     *, mounts: contextlib.ExitStack | None = None, keep_tree: bool = True) -> None:
     """The root tree at ``out``: from the cached ``tree`` stage, else from the cached ``install``
-    stage plus configuration, else built. Without a cache: ``build_tree`` in one piece."""
+    stage plus configuration, else built. Without a cache: ``build_tree`` in one piece.
+
+    ``mounts`` (an ExitStack the caller closes before removing ``out``'s parent): allows ``out``
+    to be an overlay over the cached installed tree (:mod:`reprobuild.rootfs.overlay`) instead of
+    a copy of it; the calling thread must then be in a private mount namespace. ``keep_tree``:
+    cache the configured tree too (only worth it when the tree itself is the output)."""
     from reprobuild.rootfs.tree import build_tree
 
     epoch = lock.source_date_epoch
+    count = len(lock.package_set("image").packages)
     if not cache.enabled:
-        say(f"building the root tree ({len(lock.package_set('image').packages)} packages)")
+        say(f"building the root tree ({count} packages)")
         build_tree(planned_packages(lock.package_set("image")), store.path, out, tree_settings(spec), epoch,
                    progress=say)
         return
-    entry = cache.get("tree", keys.tree)
+    entry = cache.get("tree", keys.tree) if keep_tree else None
     if entry is not None:
         say("root tree: cached")
         cache.restore_tree(entry, out)
         return
-    staging = out.with_name(out.name + ".staging")
     installed = cache.get("install", keys.install)
+    if mounts is None:
+        _configure_copy(spec, lock, store, cache, keys, installed, out, say, keep_tree)
+        return
+    if installed is None:
+        say(f"building the root tree ({count} packages)")
+        scratch = cache.scratch("install")
+        try:
+            _install_stage(spec, lock, store, scratch / "tree", say)
+            installed = cache.put_tree("install", keys.install, scratch / "tree", epoch, keep=True)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if installed is None:
+            raise BuildError("the installed tree could not be cached", hint="build with --no-cache")
+    else:
+        say("installed packages: cached")
+    from reprobuild.rootfs.overlay import writable_view
+
+    lower = cache.tree_dir(installed)
+    scratch = cache.scratch("overlay")
+    mounts.callback(shutil.rmtree, scratch, True)
+    mounts.enter_context(writable_view(lower, scratch, out))
+    _configure_stage(spec, lock, out, say)
+    if keep_tree:
+        cache.put_tree("tree", keys.tree, out, epoch)
+
+
+def _configure_copy(spec: ImageSpec, lock: Lock, store: Store, cache, keys: TreeKeys, installed, out: Path,
+                    say: Say, keep_tree: bool) -> None:
+    """``materialize_tree`` without overlays: restore (or build) the installed tree as a copy."""
+    epoch = lock.source_date_epoch
+    staging = out.with_name(out.name + ".staging")
     if installed is not None:
         say("installed packages: cached")
         cache.restore_tree(installed, staging)
@@ -167,7 +204,8 @@ def materialize_tree(spec: ImageSpec, lock: Lock, store: Store, cache, keys: Tre
         cache.put_tree("install", keys.install, staging, epoch)
     try:
         _configure_stage(spec, lock, staging, say)
-        cache.put_tree("tree", keys.tree, staging, epoch)
+        if keep_tree:
+            cache.put_tree("tree", keys.tree, staging, epoch)
         os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -233,8 +271,11 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
     code = code_digest()
     keys = tree_keys(spec, lock, code)
     epoch = lock.source_date_epoch
-    with tempfile.TemporaryDirectory(prefix=".reprobuild-work-", dir=out_dir) as work_str:
+    # store.in_use: gc waits for this build (it may remove cached trees the build reads).
+    with store.in_use(), tempfile.TemporaryDirectory(prefix=".reprobuild-work-", dir=out_dir) as work_str, \
+            contextlib.ExitStack() as mounts:
         work = Path(work_str)
+        overlays = fmt in ("disk", "tar", "cpio") and _enter_overlay_namespace(cache, store, work, say)
         tree = work / "tree"
         tools = Tools(spec, lock, store, cache, work, say)
         target = out_dir / OUTPUT_NAMES[fmt]
@@ -256,18 +297,24 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
         else:
             out_key = stage_key("output", output_inputs(keys.tree, fmt, None, epoch, {}, code))
         # tar: the cached tree *is* the output (both are write_tar of the final tree at the epoch).
+        output_sha: str | None = None
         cached = (cache.get("tree", keys.tree) if fmt == "tar"
                   else cache.get("output", out_key) if fmt in ("disk", "cpio") else None)
         if cached is not None:
-            say(f"{OUTPUT_NAMES[fmt]}: cached")
             with _timed(result, "cached-output"):
-                cache.copy_out(cached, target)
+                if cache.output_current(cached, target):
+                    say(f"{OUTPUT_NAMES[fmt]}: up to date")
+                else:
+                    say(f"{OUTPUT_NAMES[fmt]}: cached")
+                    cache.copy_out(cached, target)
+            output_sha = cached.object
             manifest.update(cached.meta.get("manifest", {}))
             if cached.meta.get("roothash"):
                 write_atomic(target.with_name(target.stem + ".roothash"), (cached.meta["roothash"] + "\n").encode())
         else:
             with _timed(result, "tree"):
-                materialize_tree(spec, lock, store, cache, keys, tree, say)
+                materialize_tree(spec, lock, store, cache, keys, tree, say, mounts=mounts if overlays else None,
+                                 keep_tree=fmt in ("tar", "directory"))
             fields = _write_format(spec, lock, store, fmt, tree, work, target, cache, keys, tools, say, result)
             manifest.update(fields)
             if fmt in ("disk", "cpio"):
@@ -275,9 +322,13 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
                 meta = {"manifest": fields}
                 if fmt == "disk" and roothash.exists():
                     meta["roothash"] = roothash.read_text().strip()
-                cache.put_file("output", out_key, target, meta)
+                stored = cache.put_file("output", out_key, target, meta)
+                output_sha = stored.object if stored is not None else None
         if fmt != "directory":
-            manifest["sha256"] = sha256_file(target)
+            # Hashed once: the cache hashed the output while storing or copying it.
+            manifest["sha256"] = output_sha or sha256_file(target)
+            if output_sha:
+                cache.note_output(output_sha, target)
             manifest["size"] = target.stat().st_size
         result.outputs[fmt] = target
         manifest_path = out_dir / (OUTPUT_NAMES[fmt] + ".manifest.json")
@@ -296,6 +347,24 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
     cache.register_root(root_name(spec.directory))
     result.cache_hits = list(cache.hits)
     return result
+
+
+def _enter_overlay_namespace(cache, store: Store, work: Path, say: Say) -> bool:
+    """Whether this build can use overlays over cached trees (then this thread is now in a private
+    mount namespace). Without them the build copies cached trees: same bytes, slower."""
+    from reprobuild.rootfs.overlay import enter_private_mount_namespace, unavailable_reason
+
+    if not cache.enabled:
+        return False
+    reason = unavailable_reason(store.root, work)
+    if reason is None:
+        try:
+            enter_private_mount_namespace()
+            return True
+        except OSError as e:
+            reason = str(e)
+    say(f"note: cached trees are copied, not overlaid ({reason})")
+    return False
 
 
 def _write_format(spec: ImageSpec, lock: Lock, store: Store, fmt: str, tree: Path, work: Path, target: Path,

@@ -309,25 +309,44 @@ class Cache:
         """Copy ``path`` into the store and point ``key`` at it. Cost: one hash and one copy."""
         if not self.enabled:
             return None
-        sha = self.store.put_file(path)
+        sha = self.store.put_file(path, durable=False)  # rehashed on every use: a crash costs a rebuild
         return self._record(Entry(stage, key, sha, Path(path).stat().st_size, dict(meta or {})))
 
-    def put_tree(self, stage: str, key: str, tree: Path, epoch: int, meta: Mapping[str, Any] | None = None) -> Entry | None:
+    def put_tree(self, stage: str, key: str, tree: Path, epoch: int, meta: Mapping[str, Any] | None = None,
+                 *, keep: bool = False) -> Entry | None:
         """Keep ``tree`` as its deterministic tar (mtimes clamped to ``epoch``). A tree the tar
-        cannot hold (e.g. a socket) is simply not cached. Cost: ≈0.4 s per 128 MB."""
+        cannot hold (e.g. a socket) is simply not cached. Cost: ≈0.4 s per 128 MB.
+
+        ``keep=True``: ``tree`` itself (a directory on the store's file system, see
+        :meth:`scratch`) becomes the entry's extracted tree (:meth:`tree_dir`) instead of being
+        extracted again later; its mtimes are first set to exactly what the tar records
+        (:func:`reprobuild.rootfs.archive.tar_mtimes`), so it equals what extracting gives. The
+        caller must not use ``tree`` afterwards (it is moved), whatever the outcome."""
         if not self.enabled:
             return None
-        from reprobuild.rootfs.archive import write_tar
+        from reprobuild.rootfs.archive import tar_mtimes, write_tar
 
-        tmp = Path(tempfile.mkdtemp(prefix="cache-", dir=self.store.tmp_dir))
+        tmp = self.store.new_tmp_dir("cache")
         try:
+            if keep:
+                tar_mtimes(tree, epoch)
             write_tar(tree, tmp / "tree.tar", epoch)
-            return self.put_file(stage, key, tmp / "tree.tar", meta)
+            entry = self.put_file(stage, key, tmp / "tree.tar", meta)
+            if keep and entry is not None and entry.object is not None:
+                self.store.publish_tree(tree, entry.object)
+            return entry
         except BuildError as e:
             self.say(f"not caching the {stage} tree: {e.message}")
             return None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            if keep and os.path.lexists(tree):
+                shutil.rmtree(tree, ignore_errors=True)
+
+    def scratch(self, tag: str) -> Path:
+        """A new private directory on the store's file system (removed by the caller; gc removes
+        it if its process died)."""
+        return self.store.new_tmp_dir(tag)
 
     # -- using entries -------------------------------------------------------------------------
     def restore_tree(self, entry: Entry, dest: Path) -> None:
@@ -352,6 +371,21 @@ class Cache:
             shutil.rmtree(dest, ignore_errors=True)
             raise
 
+    def tree_dir(self, entry: Entry) -> Path:
+        """The cached tree of ``entry`` as a read-only directory in the store (``trees/<object>``),
+        extracting the object once (verifying its hash) if that was not done yet. Never write to
+        it: use :func:`reprobuild.rootfs.overlay.writable_view` for a mutable copy."""
+        assert entry.object is not None
+        final = self.store.tree_path(entry.object)
+        if final.is_dir():
+            return final
+        tmp = self.scratch("tree")
+        try:
+            self.restore_tree(entry, tmp / "tree")
+            return self.store.publish_tree(tmp / "tree", entry.object)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def copy_out(self, entry: Entry, dest: Path) -> None:
         """Copy a cached file to ``dest`` atomically (mode 0644), verifying its hash while copying.
         Raises CacheMiss on a mismatch (nothing is left at ``dest``'s temporary)."""
@@ -371,6 +405,37 @@ class Cache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    # -- outputs already in place -------------------------------------------------------------
+    def _stamp_file(self, target: Path) -> Path:
+        name = hashlib.sha256(os.fsencode(Path(target).absolute())).hexdigest()
+        return self.index / "outputs" / f"{name}.json"
+
+    @staticmethod
+    def _stat_stamp(st: os.stat_result) -> list[int]:
+        # ctime cannot be set by a user: any write, chmod or replacement of the file changes it.
+        return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    def note_output(self, sha256: str, target: Path) -> None:
+        """Remember that ``target`` now holds object ``sha256`` (see :meth:`output_current`)."""
+        if not self.enabled:
+            return
+        st = os.stat(target)
+        doc = {"object": sha256, "stat": self._stat_stamp(st)}
+        write_atomic(self._stamp_file(target), (json.dumps(doc, sort_keys=True) + "\n").encode())
+
+    def output_current(self, entry: Entry, target: Path) -> bool:
+        """Whether ``target`` still holds ``entry``'s object exactly as this cache wrote it: same
+        inode, size, mtime and ctime as recorded right after writing. Then the copy is skipped
+        (make's rule, made strict by ctime). Anything else — a missing stamp, an edited, touched,
+        replaced or chmod-ed file — means copy again."""
+        if not self.enabled or entry.object is None:
+            return False
+        try:
+            doc = json.loads(self._stamp_file(target).read_text())
+            return doc.get("object") == entry.object and doc.get("stat") == self._stat_stamp(os.stat(target))
+        except (OSError, ValueError):
+            return False
 
     def register_root(self, name: str, extra: Iterable[str] = ()) -> None:
         """Keep this build's cache objects (and ``extra``) alive across ``store gc``: replaces the

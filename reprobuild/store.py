@@ -9,6 +9,9 @@ Layout under the store root (all on one file system, so every publish is an atom
     roots/<name>.json           gc roots registered by builds: the objects a lock needs
     keys/<namespace>/<h>.json   a small keyed area (e.g. repository indices): key -> object
     quarantine/<hex>            corrupt objects moved aside by verify()
+    trees/<hex>/                a tar object extracted (build cache, :mod:`reprobuild.cache`): derived
+                                data, removed with its object by gc() and when verify() finds the
+                                object corrupt; the directory is 0700 (trees hold setuid programs)
 
 Invariants:
 
@@ -146,6 +149,7 @@ class GcReport:
     kept: int
     dry_run: bool
     temporaries_removed: int
+    trees_removed: int = 0  # extracted trees (trees/<hex>) whose object went
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -154,6 +158,7 @@ class GcReport:
             "freed_bytes": self.freed_bytes,
             "kept": self.kept,
             "temporaries_removed": self.temporaries_removed,
+            "trees_removed": self.trees_removed,
         }
 
 
@@ -255,6 +260,7 @@ class Store:
         self.roots_dir = self.root / "roots"
         self.keys_dir = self.root / "keys"
         self.quarantine_dir = self.root / "quarantine"
+        self.trees_dir = self.root / "trees"
         for d in (self.objects_dir, self.tmp_dir, self.locks_dir / "objects", self.roots_dir, self.keys_dir):
             try:
                 d.mkdir(parents=True, exist_ok=True)
@@ -369,6 +375,8 @@ class Store:
         stream: BinaryIO | IO[bytes] | Iterable[bytes],
         expected_sha256: str,
         expected_size: int,
+        *,
+        durable: bool = True,
     ) -> Path:
         """Store the bytes of ``stream`` as object ``expected_sha256`` and return its path.
 
@@ -408,13 +416,15 @@ class Store:
                         sha256=expected_sha256, reason="sha256")
                 out.flush()
                 os.fchmod(out.fileno(), 0o444)  # objects are immutable
-                os.fsync(out.fileno())
+                if durable:
+                    os.fsync(out.fileno())
             final.parent.mkdir(parents=True, exist_ok=True)
             # Atomic publish. If a racer published first, its bytes are the same bytes (same
             # hash); replacing them is harmless, and repairs an object that rotted meanwhile.
             os.replace(tmp, final)
             published = True
-            _fsync_dir(final.parent)
+            if durable:
+                _fsync_dir(final.parent)
             return final
         finally:
             if not published:
@@ -428,18 +438,108 @@ class Store:
         self.put_stream(io.BytesIO(data), sha, len(data))
         return sha
 
-    def put_file(self, path: Path | str, expected_sha256: str | None = None) -> str:
-        """Copy a file into the store (verified against ``expected_sha256`` if given)."""
+    def put_file(self, path: Path | str, expected_sha256: str | None = None, *, durable: bool = True) -> str:
+        """Copy a file into the store (verified against ``expected_sha256`` if given); returns its
+        sha256. Without ``expected_sha256`` the file is hashed while it is copied (one pass).
+
+        ``durable=False`` skips the fsync: for derived data that is rehashed on every use (the
+        build cache), where losing it in a crash only costs a rebuild."""
         path = Path(path)
-        if expected_sha256 is None:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(CHUNK_SIZE), b""):
-                    h.update(chunk)
-            expected_sha256 = h.hexdigest()
         with open(path, "rb") as f:
-            self.put_stream(f, expected_sha256, os.fstat(f.fileno()).st_size)
-        return expected_sha256
+            size = os.fstat(f.fileno()).st_size
+            if expected_sha256 is not None:
+                self.put_stream(f, expected_sha256, size, durable=durable)
+                return expected_sha256
+            fd, tmp = self._new_tmp("put")
+            published = False
+            try:
+                h = hashlib.sha256()
+                with os.fdopen(os.dup(fd), "wb") as out:
+                    for chunk in _iter_chunks(f, size + 1):
+                        h.update(chunk)
+                        out.write(chunk)
+                    if out.tell() != size:
+                        raise StoreError(f"{path} changed size while it was copied into the store")
+                    out.flush()
+                    os.fchmod(out.fileno(), 0o444)
+                    if durable:
+                        os.fsync(out.fileno())
+                sha = h.hexdigest()
+                final = self._object_file(sha)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, final)
+                published = True
+                if durable:
+                    _fsync_dir(final.parent)
+                return sha
+            finally:
+                if not published:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+                os.close(fd)
+
+    # ---------------------------------------------------------------- extracted trees
+
+    def tree_path(self, sha256: str) -> Path:
+        """Where the extracted content of tar object ``sha256`` lives (it may not exist)."""
+        return self.trees_dir / check_sha256(sha256)
+
+    def new_tmp_dir(self, tag: str) -> Path:
+        """A fresh directory under tmp/ (mode 0700), named after this process so that gc can tell
+        a dead writer's leftover from a live one's."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            p = self.tmp_dir / f"{tag}.{os.getpid()}.{secrets.token_hex(8)}.d"
+            try:
+                os.mkdir(p, 0o700)
+                return p
+            except FileExistsError:
+                continue
+
+    def publish_tree(self, tmp: Path, sha256: str) -> Path:
+        """Rename the directory ``tmp`` (on the store's file system) to ``trees/<sha256>``. If a
+        racer published first, ``tmp`` is removed and the racer's tree is used."""
+        final = self.tree_path(sha256)
+        self.trees_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.trees_dir, 0o700)
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            if not final.is_dir():
+                raise StoreError(f"cannot publish the tree {final}: {e.strerror}") from e
+            _rmtree(tmp)
+        return final
+
+    def iter_trees(self) -> Iterator[str]:
+        try:
+            names = sorted(os.listdir(self.trees_dir))
+        except FileNotFoundError:
+            return
+        yield from (n for n in names if _HEX_RE.match(n))
+
+    def remove_tree(self, sha256: str) -> bool:
+        p = self.tree_path(sha256)
+        if not p.is_dir():
+            return False
+        # Rename first: a half-removed tree must never be found under its name.
+        doomed = self.new_tmp_dir("doomed")
+        os.rename(p, doomed / "tree")
+        _rmtree(doomed)
+        return True
+
+    def clean_tmp_dirs(self) -> int:
+        """Remove directories under tmp/ (``new_tmp_dir``) whose process is gone."""
+        removed = 0
+        try:
+            names = sorted(os.listdir(self.tmp_dir))
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            p = self.tmp_dir / name
+            if name.endswith(".d") and p.is_dir() and not p.is_symlink() and not _pid_alive(_tmp_owner(name)):
+                _rmtree(p)
+                removed += 1
+        return removed
 
     def clean_tmp(self, *, grace: float = TMP_GRACE_SECONDS, now: float | None = None) -> int:
         """Remove temporaries left by dead writers; returns how many were removed.
@@ -515,6 +615,8 @@ class Store:
                                 reason = f"content hashes to {h.hexdigest()}"
                     if reason is not None:
                         corrupt.append(CorruptObject(rel, reason, self._quarantine(p)))
+                        if name is not None and _HEX_RE.match(name):
+                            self.remove_tree(name)  # derived from the bad bytes
         return VerifyReport(checked, total, tuple(corrupt), self.quarantine_dir)
 
     def _quarantine(self, p: Path) -> Path:
@@ -634,8 +736,15 @@ class Store:
                     if not dry_run:
                         p.unlink()
                 removed.append(sha)
-            tmp_removed = 0 if dry_run else self.clean_tmp()
-        return GcReport(tuple(removed), freed, kept, dry_run, tmp_removed)
+            gone = set(removed)
+            trees_removed = 0
+            for sha in list(self.iter_trees()):
+                if sha in gone or not self.has(sha):
+                    trees_removed += 1
+                    if not dry_run:
+                        self.remove_tree(sha)
+            tmp_removed = 0 if dry_run else self.clean_tmp() + self.clean_tmp_dirs()
+        return GcReport(tuple(removed), freed, kept, dry_run, tmp_removed, trees_removed)
 
     # ---------------------------------------------------------------- stats
 
@@ -731,6 +840,12 @@ class Store:
             raise FormatError(f"bundle {path} is truncated: {len(lacking)} listed object(s) missing, "
                               f"first sha256:{lacking[0]}")
         return ImportReport(tuple(added), tuple(present))
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _tmp_owner(name: str) -> int | None:

@@ -19,12 +19,13 @@ formats records a source path), umask 022, a fixed hostname, no network.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reprobuild.errors import LockError, ToolMissing
+from reprobuild.errors import BuildError, LockError, ToolMissing
 from reprobuild.image.fs import _PACKAGES as _FS_PACKAGES
 from reprobuild.image.fs import HOST, ToolRunner
 
@@ -144,15 +145,27 @@ class Tools:
 
         tools = self.lock.package_set("tools")
         epoch = self.lock.source_date_epoch
-        tree = self.work / "tools-tree"
         key = stage_key("tools", tools_inputs(tools, epoch, code_digest()))
-        entry = self.cache.get("tools", key) if self.cache is not None else None
+        versions = {p.name: p.version for p in tools.packages}
+        cache = self.cache if self.cache is not None and self.cache.enabled else None
+        entry = cache.get("tools", key) if cache is not None else None
         if entry is not None:
+            # Used in place: the sandbox mounts everything it needs on tmpfs and binds, so
+            # running a tool never writes to the tools tree.
             self.say("tools tree: cached")
-            self.cache.restore_tree(entry, tree)
-        else:
-            self.say(f"building the tools tree ({len(tools.packages)} packages from {tools.release})")
+            return TreeRunner(cache.tree_dir(entry), versions)
+        self.say(f"building the tools tree ({len(tools.packages)} packages from {tools.release})")
+        if cache is None:
+            tree = self.work / "tools-tree"
             build_tree(planned_packages(tools), self.store.path, tree, TreeSettings(), epoch, progress=self.say)
-            if self.cache is not None:
-                self.cache.put_tree("tools", key, tree, epoch)
-        return TreeRunner(tree, {p.name: p.version for p in tools.packages})
+            return TreeRunner(tree, versions)
+        scratch = cache.scratch("tools")
+        try:
+            build_tree(planned_packages(tools), self.store.path, scratch / "tree", TreeSettings(), epoch,
+                       progress=self.say)
+            entry = cache.put_tree("tools", key, scratch / "tree", epoch, keep=True)
+            if entry is None:
+                raise BuildError("the tools tree could not be cached", hint="build with --no-cache")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return TreeRunner(cache.tree_dir(entry), versions)

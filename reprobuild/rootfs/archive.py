@@ -112,6 +112,24 @@ def _xattrs(path: str) -> list[tuple[str, bytes]]:
     return [(n, os.getxattr(path, n, follow_symlinks=False)) for n in sorted(names)]
 
 
+def tar_mtime(st: os.stat_result, epoch: int) -> int:
+    """The mtime the tar records for an entry: whole seconds, clamped to [0, epoch]."""
+    return max(0, min(int(st.st_mtime), epoch))
+
+
+def tar_mtimes(tree: Path, epoch: int) -> int:
+    """Set every mtime in ``tree`` to what :func:`write_tar_stream` records for it, so that the
+    directory equals what extracting its tar gives (the cache keeps such trees). Symlinks are
+    changed themselves, never followed. Returns the number of entries changed."""
+    changed = 0
+    for e in list(walk_sorted(tree)):
+        ns = tar_mtime(e.st, epoch) * 10**9
+        if e.st.st_mtime_ns != ns:
+            os.utime(e.path, ns=(ns, ns), follow_symlinks=False)
+            changed += 1
+    return changed
+
+
 def write_tar_stream(tree: Path, out: BinaryIO, epoch: int) -> None:
     """Write the deterministic tar of ``tree`` to ``out``. Cost: one walk, one read of every file."""
     first_name: dict[tuple[int, int], bytes] = {}
@@ -125,7 +143,7 @@ def write_tar_stream(tree: Path, out: BinaryIO, epoch: int) -> None:
     for e in walk_sorted(tree):
         st = e.st
         mode = stat.S_IMODE(st.st_mode)
-        mtime = max(0, min(int(st.st_mtime), epoch))
+        mtime = tar_mtime(st, epoch)
         size, link, devmajor, devminor = 0, b"", 0, 0
         key = (st.st_dev, st.st_ino)
         if stat.S_ISDIR(st.st_mode):
