@@ -143,7 +143,8 @@ def build_initrd(spec: ImageSpec, lock: Lock, store: Store, root_tree: Path, ker
             cache.copy_out(entry, out)
             return out
     say(f"building the initrd tree ({len(package_set.packages)} packages)")
-    build_tree(planned_packages(package_set), store.path, initrd_tree, TreeSettings(machine_id=""),
+    deb_path = cache.deb_path if cache is not None else store.path
+    build_tree(planned_packages(package_set), deb_path, initrd_tree, TreeSettings(machine_id=""),
                lock.source_date_epoch, progress=say)
 
     # Modes are set explicitly: the caller's umask must not reach the image.

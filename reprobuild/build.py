@@ -110,7 +110,7 @@ def tree_keys(spec: ImageSpec, lock: Lock, code: str) -> TreeKeys:
     return TreeKeys(install, tree)
 
 
-def _install_stage(spec: ImageSpec, lock: Lock, store: Store, out: Path, say: Say) -> None:
+def _install_stage(spec: ImageSpec, lock: Lock, deb_path: Callable[[str], Path], out: Path, say: Say) -> None:
     """First half of ``rootfs.tree.build_tree`` (skeleton trees, packages) into a new ``out``."""
     from reprobuild.rootfs.sandbox import check_can_sandbox
     from reprobuild.rootfs.tree import install_packages
@@ -120,7 +120,7 @@ def _install_stage(spec: ImageSpec, lock: Lock, store: Store, out: Path, say: Sa
     old_umask = os.umask(0o022)  # as build_tree: the caller's umask must not leak into the tree
     try:
         os.chmod(out, 0o755)
-        install_packages(out, planned_packages(lock.package_set("image")), store.path, tree_settings(spec),
+        install_packages(out, planned_packages(lock.package_set("image")), deb_path, tree_settings(spec),
                          lock.source_date_epoch, say)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
@@ -171,7 +171,7 @@ def materialize_tree(spec: ImageSpec, lock: Lock, store: Store, cache, keys: Tre
         say(f"building the root tree ({count} packages)")
         scratch = cache.scratch("install")
         try:
-            _install_stage(spec, lock, store, scratch / "tree", say)
+            _install_stage(spec, lock, cache.deb_path, scratch / "tree", say)
             installed = cache.put_tree("install", keys.install, scratch / "tree", epoch, keep=True)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -200,7 +200,7 @@ def _configure_copy(spec: ImageSpec, lock: Lock, store: Store, cache, keys: Tree
         cache.restore_tree(installed, staging)
     else:
         say(f"building the root tree ({len(lock.package_set('image').packages)} packages)")
-        _install_stage(spec, lock, store, staging, say)
+        _install_stage(spec, lock, cache.deb_path, staging, say)
         cache.put_tree("install", keys.install, staging, epoch)
     try:
         _configure_stage(spec, lock, staging, say)
@@ -327,8 +327,7 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
         if fmt != "directory":
             # Hashed once: the cache hashed the output while storing or copying it.
             manifest["sha256"] = output_sha or sha256_file(target)
-            if output_sha:
-                cache.note_output(output_sha, target)
+            cache.note_output(manifest["sha256"], target)
             manifest["size"] = target.stat().st_size
         result.outputs[fmt] = target
         manifest_path = out_dir / (OUTPUT_NAMES[fmt] + ".manifest.json")

@@ -161,7 +161,7 @@ class Tools:
             return TreeRunner(tree, versions)
         scratch = cache.scratch("tools")
         try:
-            build_tree(planned_packages(tools), self.store.path, scratch / "tree", TreeSettings(), epoch,
+            build_tree(planned_packages(tools), cache.deb_path, scratch / "tree", TreeSettings(), epoch,
                        progress=self.say)
             entry = cache.put_tree("tools", key, scratch / "tree", epoch, keep=True)
             if entry is None:

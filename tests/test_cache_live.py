@@ -121,14 +121,19 @@ def test_manifest_lists_every_tool_with_its_locked_version(cache_builds: Builds)
 
 
 def test_extra_tree_edit_reuses_the_installed_packages(cache_builds: Builds) -> None:
+    root = cache_builds.directory.parent
     (cache_builds.directory / "extra/etc/reprobuild-test").write_text("edited\n")
     try:
-        edited = _build(cache_builds.directory, cache_builds.directory.parent / "out-edited", cache_builds.env)
+        edited = _build(cache_builds.directory, root / "out-edited", cache_builds.env)
+        # The same edit without the cache: the overlay over the cached tree changed nothing else.
+        edited_uncached = _build(cache_builds.directory, root / "out-edited-uncached", cache_builds.env, "--no-cache")
     finally:
         (cache_builds.directory / "extra/etc/reprobuild-test").write_text("first\n")
     assert "install" in edited["cache_hits"] and "tree" not in edited["cache_hits"]
     assert "tools" in edited["cache_hits"]
     assert edited["manifest"]["sha256"] != cache_builds.warm["manifest"]["sha256"]
+    assert edited["manifest"]["sha256"] == edited_uncached["manifest"]["sha256"]
+    assert sha256_file(root / "out-edited/image.raw") == sha256_file(root / "out-edited-uncached/image.raw")
 
 
 def test_host_mode_really_reaches_the_shadowed_tools(cache_builds: Builds) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reprobuild.debian.deb import DebFile, parse_ar_index, parse_control_stanza, read_control
+from reprobuild.debian.deb import DebFile, parse_ar_index, parse_control_stanza, read_control, write_decompressed
 from reprobuild.errors import FormatError
 
 
@@ -108,3 +108,38 @@ def test_control_stanza_continuations() -> None:
     assert f == {"Package": "x", "Description": "short\nlong line\n.", "Version": "1"}
     with pytest.raises(FormatError):
         parse_control_stanza(" starts with continuation\n")
+
+
+@pytest.mark.parametrize("compression", ["xz", "zstd", "gzip", "none"])
+@pytest.mark.parametrize("odd", [False, True])
+def test_decompressed_package_is_the_same_package_for_dpkg(tmp_path: Path, compression: str, odd: bool) -> None:
+    """write_decompressed (the build cache's per-.deb payload): dpkg-deb reads the same control,
+    scripts and file system tree from it, and its data member is a plain data.tar."""
+    deb = dpkg_deb_build(tmp_path, "hello", version="1:2.0-1", arch="amd64",
+                         files={"usr/share/hello/a.txt": b"B" * (7001 if odd else 7000), "usr/bin/hello": b"#!/bin/sh\n"},
+                         scripts={"postinst": "#!/bin/sh\necho hi\n"}, compression=compression)
+    out = tmp_path / "plain.deb"
+    with open(out, "wb") as f:
+        write_decompressed(deb, f)
+
+    def dpkg_deb(*args: str, path: Path) -> bytes:
+        return subprocess.run(["dpkg-deb", *args, str(path)], capture_output=True, check=True).stdout
+
+    assert dpkg_deb("--fsys-tarfile", path=out) == dpkg_deb("--fsys-tarfile", path=deb)
+    assert dpkg_deb("--field", path=out) == dpkg_deb("--field", path=deb)
+    assert dpkg_deb("--ctrl-tarfile", path=out) == dpkg_deb("--ctrl-tarfile", path=deb)
+    assert subprocess.run(["ar", "t", str(out)], capture_output=True, text=True, check=True).stdout.split() == \
+        ["debian-binary", next(m.name for m in DebFile(deb).members if m.name.startswith("control")), "data.tar"]
+    with DebFile(out) as d, d.open_tar("data") as tf:
+        assert any(ti.name == "./usr/share/hello/a.txt" for ti in tf)
+
+
+def test_decompressing_a_corrupt_package_is_a_format_error(tmp_path: Path) -> None:
+    deb = dpkg_deb_build(tmp_path, "hello", files={"usr/share/x": bytes(range(256)) * 400})
+    blob = bytearray(deb.read_bytes())
+    with DebFile(deb) as d:
+        data = next(m for m in d.members if m.name.startswith("data.tar"))
+    blob[data.offset + data.size // 2] ^= 0xFF
+    deb.write_bytes(bytes(blob))
+    with pytest.raises(FormatError, match="corrupt data.tar.xz"), open(tmp_path / "out.deb", "wb") as f:
+        write_decompressed(deb, f)

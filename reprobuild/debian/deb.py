@@ -204,6 +204,10 @@ class DebFile:
         found = ", ".join(m.name for m in self.members)
         raise FormatError(f"{self.path.name}: no supported {prefix}* member (members: {found})")
 
+    def member_stream(self, m: ArMember) -> BinaryIO:
+        """The raw (still compressed) bytes of member ``m``, as a read-only file object."""
+        return io.BufferedReader(_Window(self._f, m.offset, m.size))  # type: ignore[return-value]
+
     @contextmanager
     def open_tar(self, which: str) -> Iterator[tarfile.TarFile]:
         """Stream ``"control"`` or ``"data"`` as a ``tarfile`` in stream mode (``r|``): iterate once."""
@@ -240,3 +244,47 @@ def read_control(path: Path) -> DebControl:
     """Convenience: open ``path`` and return its control data."""
     with DebFile(path) as deb:
         return deb.control()
+
+
+def ar_header(name: str, size: int) -> bytes:
+    """A dpkg-deb style ar member header (mtime 0, owner 0:0, mode 100644)."""
+    fields = (name.encode("ascii").ljust(16), b"0".ljust(12), b"0".ljust(6), b"0".ljust(6), b"100644".ljust(8),
+              str(size).encode("ascii").ljust(10), AR_FMAG)
+    return b"".join(fields)
+
+
+def write_decompressed(deb: Path, out: BinaryIO) -> None:
+    """Write ``deb`` to ``out`` (seekable) with its data member decompressed into ``data.tar``.
+
+    For dpkg it is the same package — deb(5) allows an uncompressed ``data.tar``, and nothing dpkg
+    records (status, file lists, md5sums) depends on the member's compression — but unpacking it
+    costs no decompression: the build cache keeps one per ``.deb`` (``reprobuild.cache``). The other
+    members are copied byte for byte, in their order. Raises FormatError for a corrupt package.
+    Cost: one decompression of the data member."""
+    with DebFile(deb) as d:
+        out.write(AR_MAGIC)
+        for m in d.members:
+            if not m.name.startswith("data.tar"):
+                out.write(ar_header(m.name, m.size))
+                out.write(d.member_stream(m).read())
+                if m.size & 1:
+                    out.write(b"\n")
+                continue
+            header_at = out.tell()
+            out.write(ar_header("data.tar", 0))
+            stream = _decompressor(m.name, d.member_stream(m))
+            size = 0
+            try:
+                while chunk := stream.read(1 << 20):
+                    out.write(chunk)
+                    size += len(chunk)
+            except (lzma.LZMAError, EOFError, OSError) as e:
+                raise FormatError(f"{deb.name}: corrupt {m.name}: {e}") from e
+            finally:
+                stream.close()
+            if size & 1:
+                out.write(b"\n")
+            end = out.tell()
+            out.seek(header_at)
+            out.write(ar_header("data.tar", size))
+            out.seek(end)

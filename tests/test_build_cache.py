@@ -1,0 +1,171 @@
+"""The build cache end to end, hermetic: the one-package fixture definition (tests/check_fixture.py)
+with an extra tree, built as a tar through the real command line.
+
+* cached (overlay over the extracted installed tree), uncached and copy-fallback builds of the
+  same definition give the same bytes, before and after an extra-tree edit;
+* the cached installed tree below the overlay is never modified by the configuration stage;
+* an output already in place is not copied again, and any change to it is noticed;
+* ``store gc`` and ``store verify`` remove extracted trees whose object is gone or corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.make_host_base import build_host_base
+from reprobuild.store import Store
+from tests.check_fixture import make_definition
+
+REPO = Path(__file__).resolve().parent.parent
+# Runs the CLI with overlays reported unavailable: the copy fallback.
+NO_OVERLAY = ("import sys, reprobuild.rootfs.overlay as o; o.unavailable_reason = lambda *a: 'disabled by the test'; "
+              "from reprobuild.cli import main; sys.argv[0] = 'reprobuild'; main()")
+
+
+@pytest.fixture(scope="module")
+def base_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_host_base(tmp_path_factory.mktemp("hostbase"))
+
+
+def _definition(root: Path, base_deb: Path) -> tuple[Path, Path]:
+    d = make_definition(root, "http://127.0.0.1:9/unused", leak=False, base_deb=base_deb)
+    (d / "extra/etc").mkdir(parents=True)
+    (d / "extra/etc/motd").write_text("first\n")
+    (d / "extra/etc/hostname-note").write_text("kept\n")
+    with open(d / "reprobuild.conf", "a") as f:
+        f.write("\n[Content]\nExtraTrees=extra\nRemoveFiles=/etc/issue\n")
+    # The lock records the configuration's digest: re-save it for the new configuration.
+    from reprobuild.config import load_spec
+    from reprobuild.lockfile import load_lock, save_lock
+
+    spec = load_spec(d)
+    lock = load_lock(d / "reprobuild.lock")
+    from dataclasses import replace
+
+    save_lock(replace(lock, config_digest=spec.digest(), config=spec.digest_input()), d / "reprobuild.lock")
+    return d, root / "store"
+
+
+def _build(d: Path, store: Path, out: Path, *extra: str, overlay: bool = True, messages: bool = False) -> dict:
+    """Build through the CLI; returns its --json document, or (``messages``) its progress lines
+    in ``stderr`` and the manifest it wrote."""
+    head = [sys.executable, "-m", "reprobuild"] if overlay else [sys.executable, "-c", NO_OVERLAY]
+    env = {**os.environ, "REPROBUILD_STORE": str(store)}
+    env.pop("SOURCE_DATE_EPOCH", None)
+    mode = () if messages else ("--json",)
+    r = subprocess.run([*head, "build", "-C", str(d), "--locked", "--offline", "-o", str(out), *mode, *extra],
+                       env=env, text=True, capture_output=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if messages:
+        return {"stderr": r.stderr, "manifest": json.loads((out / "image.tar.manifest.json").read_text())}
+    return json.loads(r.stdout)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tree_listing(tree: Path) -> list[tuple[str, int, int, str]]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            body = hashlib.sha256(open(p, "rb").read()).hexdigest() if os.path.isfile(p) and not os.path.islink(p) else ""
+            out.append((os.path.relpath(p, tree), st.st_mode, st.st_mtime_ns, body))
+    return out
+
+
+def test_cached_uncached_and_copy_fallback_builds_agree(tmp_path: Path, base_deb: Path) -> None:
+    d, store = _definition(tmp_path / "fx", base_deb)
+    uncached = _build(d, store, tmp_path / "u", "--no-cache")
+    cold = _build(d, store, tmp_path / "c", messages=True)
+    assert "copied, not overlaid" not in cold["stderr"]
+    tar = "image.tar"
+    assert _sha(tmp_path / "u" / tar) == _sha(tmp_path / "c" / tar) == uncached["manifest"]["sha256"]
+
+    # The cached installed tree, extracted in the store, is what the overlay reads.
+    trees = list(Store(store).iter_trees())
+    assert len(trees) == 1
+    lower = Store(store).tree_path(trees[0])
+    before = _tree_listing(lower)
+
+    (d / "extra/etc/motd").write_text("edited\n")
+    (d / "extra/etc/hostname-note").unlink()
+    edited = _build(d, store, tmp_path / "e")
+    assert edited["cache_hits"] == ["install"], edited["cache_hits"]
+    edited_uncached = _build(d, store, tmp_path / "eu", "--no-cache")
+    fallback = _build(d, store, tmp_path / "ef", "--no-cache", overlay=False)
+    assert _sha(tmp_path / "e" / tar) == _sha(tmp_path / "eu" / tar) == _sha(tmp_path / "ef" / tar)
+    assert _sha(tmp_path / "e" / tar) != _sha(tmp_path / "c" / tar)
+    assert edited["manifest"]["sha256"] == _sha(tmp_path / "e" / tar)
+    assert fallback["manifest"]["sha256"] == edited_uncached["manifest"]["sha256"]
+    # The configuration stage wrote through the overlay only: the cached tree is unchanged.
+    assert _tree_listing(lower) == before
+    assert not any(Path(store, "tmp").iterdir()), "scratch directories left behind"
+
+
+def test_copy_fallback_with_the_cache_on(tmp_path: Path, base_deb: Path) -> None:
+    d, store = _definition(tmp_path / "fx", base_deb)
+    cached = _build(d, store, tmp_path / "c")
+    (d / "extra/etc/motd").write_text("edited\n")
+    fallback = _build(d, store, tmp_path / "f", overlay=False, messages=True)
+    assert "copied, not overlaid (disabled by the test)" in fallback["stderr"]
+    assert "installed packages: cached" in fallback["stderr"]
+    overlaid = _build(d, store, tmp_path / "o", "--no-cache")
+    assert _sha(tmp_path / "f/image.tar") == _sha(tmp_path / "o/image.tar") != cached["manifest"]["sha256"]
+
+
+def test_output_in_place_is_not_copied_again_unless_it_changed(tmp_path: Path, base_deb: Path) -> None:
+    d, store = _definition(tmp_path / "fx", base_deb)
+    out = tmp_path / "out"
+    first = _build(d, store, out)
+    image = out / "image.tar"
+    inode = image.stat().st_ino
+    again = _build(d, store, out, messages=True)
+    assert "image.tar: up to date" in again["stderr"] and image.stat().st_ino == inode
+    assert again["manifest"]["sha256"] == first["manifest"]["sha256"]
+
+    # Same bytes rewritten in place (new ctime): copied again.
+    image.write_bytes(image.read_bytes())
+    rewritten = _build(d, store, out, messages=True)
+    assert "image.tar: cached" in rewritten["stderr"]
+    # Damaged: repaired from the cache.
+    with open(image, "r+b") as f:
+        f.seek(100)
+        f.write(b"X")
+    repaired = _build(d, store, out, messages=True)
+    assert "image.tar: cached" in repaired["stderr"]
+    assert _sha(image) == first["manifest"]["sha256"]
+
+
+def test_gc_and_verify_drop_extracted_trees_with_their_object(tmp_path: Path, base_deb: Path) -> None:
+    d, store_path = _definition(tmp_path / "fx", base_deb)
+    _build(d, store_path, tmp_path / "out")
+    store = Store(store_path)
+    (sha,) = store.iter_trees()
+    # verify: a corrupt object takes its extracted tree with it.
+    obj = store.path(sha)
+    os.chmod(obj, 0o644)
+    with open(obj, "r+b") as f:
+        f.write(b"rot")
+    report = store.verify()
+    assert not report.ok and not store.tree_path(sha).exists()
+    # Rebuilt by the next build that needs it (the index entry's object is gone: a miss).
+    (d / "extra/etc/motd").write_text("edited\n")
+    _build(d, store_path, tmp_path / "out2")
+    (sha2,) = store.iter_trees()
+    assert sha2 == sha and store.has(sha)
+    # gc: once no root keeps the object, object and tree go together.
+    for name in list(store.roots()):
+        store.unregister_root(name)
+    report = store.gc()
+    assert sha in report.removed and report.trees_removed == 1 and not store.tree_path(sha).exists()
