@@ -114,8 +114,8 @@ def mkosi_notes() -> list[str]:
         "load modules, so a failure at that mount is reported as \"could not run here\" rather than given a",
         "number. The directory rows build the same package list with debootstrap + apt and stop where our",
         "build goes on to the tools tree, file system, initrd, UKI, ESP and DDI: compare them with our",
-        "*tree* stage. mkosi 14 has no incremental mode; `Cache=` keeps the downloaded .debs (the mirror",
-        "is close, so it saves little). `WithDocs=yes` because mkosi 14 removes documentation by running",
+        "*tree* stage. `Cache=` keeps the downloaded .debs (the mirror is close, so it saves little);",
+        "mkosi's `--incremental` is compared in the incremental section. `WithDocs=yes` because mkosi 14 removes documentation by running",
         "`rm` in systemd-nspawn, which fails here (no system bus to register the container).",
         "",
     ]
