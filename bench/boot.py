@@ -53,7 +53,8 @@ from bench._stagebench import (
 
 MARKER = b"REPROBUILD-MARKER-END"
 # The same marker unit as the live boot tests.
-from tests.live_images import MARKER_UNIT  # noqa: E402
+from tests.live_images import MARKER_UNIT
+
 # The packages lock/bootable adds to minbase; mkosi gets the same list.
 PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "linux-image-amd64", "systemd-boot-efi")
 

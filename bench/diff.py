@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.test_diff_support import make_ddi, make_keys  # noqa: E402
+from tests.test_diff_support import make_ddi, make_keys
 
 
 def run(argv: list[str], timeout: float) -> tuple[float, int, int | None, str]:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reprobuild.fetch import FetchItem, fetch_all, make_session  # noqa: E402
-from reprobuild.progress import make_progress  # noqa: E402
-from reprobuild.store import Store  # noqa: E402
+from reprobuild.fetch import FetchItem, fetch_all, make_session
+from reprobuild.progress import make_progress
+from reprobuild.store import Store
 
 # `apt-get download --print-uris` lines: 'URI' filename size SHA256:hex
 _URI_LINE = re.compile(r"^'(?P<uri>[^']+)' (?P<file>\S+) (?P<size>\d+) SHA256:(?P<sha>[0-9a-f]{64})$")
@@ -68,8 +68,9 @@ def items_from_apt(specs: list[str]) -> list[FetchItem]:
 
 
 def items_from_lock(lock_path: Path, directory: Path) -> tuple[list[FetchItem], list[str]]:
-    from reprobuild.config import load_spec
     from reprobuild.lock_urls import fetch_items
+
+    from reprobuild.config import load_spec
     from reprobuild.lockfile import load_lock
 
     lock = load_lock(lock_path)

@@ -10,7 +10,8 @@ Stages and their keys (each input builder below is a pure function, tested input
     unpacked  one .deb's sha256                                    (the .deb, data.tar decompressed)
     install   image package set, SkeletonTrees= content, sandbox hostname, epoch, code
                 → the tree after dpkg, before ExtraTrees=          (tar object)
-    tree      install key, ExtraTrees=/scripts content, settings   (tar object, = the -f tar output)
+    tree      install key, ExtraTrees=/scripts content, settings   (tar object, = the -f tar output;
+                                                                    kept for tar/directory outputs only)
     tools     tools package set, epoch, code                       (tar object)
     fs        tree key, fs type, UUID, label, layout, tools id      (image object + FsResult)
     initrd    initrd package set, digest of the modules it copies, kernel version, epoch, code
@@ -24,20 +25,29 @@ objects are written durably, as they are used by path without being rehashed.
 an extra tree — which changes the tree key — still reuses the initrd (≈30 s of dpkg).
 
 Where results live — choice and why: a cached **tree is a deterministic tar object** (the
-project's own ``rootfs.archive.write_tar``) rather than a directory under the store:
+project's own ``rootfs.archive.write_tar``), so that ``store verify`` rehashes it, ``store gc``
+frees it and ``store export`` ships it like any object. Trees that later stages *read* are also
+kept **extracted** next to their object (``<store>/trees/<object>``, see ``Store.tree_path``):
 
-* it is an ordinary content-addressed object, so ``store verify`` rehashes it and quarantines a
-  rotten one, ``store gc`` frees it, and ``store export`` can ship it — with no new store code;
-* a directory would need its own completeness marker, its own verify (owners, modes, xattrs and
-  hard links, not only bytes) and its own gc; and hard-linking it out is unsafe because later
-  stages change metadata in place (normalisation ``utime``s every inode);
-* the cost is small: writing a 128 MB minbase tree takes ≈0.4 s, restoring it ≈0.7 s (pure
-  Python, through the same safe extractor packages go through), and the tar is lossless for
-  every stage we cache: the only transformation, mtime = min(mtime, epoch), is idempotent with
-  the final clamp of normalisation (:func:`reprobuild.rootfs.normalize.clamp_mtimes`).
+* the tools tree is used in place (tools run chrooted into it and write only to binds/tmpfs);
+* the installed tree is the lower layer of an overlay (:mod:`reprobuild.rootfs.overlay`) that the
+  configuration stage writes into, so an ``ExtraTrees=`` edit copies up a few files instead of
+  rewriting ≈130–450 MB (file creation dominates on the reference VM: ≈2.5 s per 128 MB);
+* an extracted tree equals what extracting its object gives: a freshly built tree is kept only
+  after :func:`reprobuild.rootfs.archive.tar_mtimes` set its mtimes to what the tar records;
+* it is derived data: ``store gc`` removes it with its object, ``store verify`` removes it when
+  its object is corrupt or when it no longer matches the object (:meth:`Cache.verify_trees`);
+* where overlays are unavailable (no root, no overlayfs) the tree is extracted into the build's
+  work directory as before: same bytes, slower.
 
 Objects are verified *on use* at no extra I/O: restoring or copying out hashes the bytes while
-reading them, and a mismatch is a miss (the object is then left for ``store verify``).
+reading them, and a mismatch is a miss (the object is then left for ``store verify``). Output
+and tree objects are not fsynced (a crash costs a rebuild, never a wrong image: they are
+rehashed on use); ``unpacked`` packages, used by path, are.
+
+An output file already in place is not copied again when its stat (inode, size, mtime, ctime)
+is the one recorded right after this cache wrote it (``cache/outputs/``): a no-change rebuild
+then costs the key computation only.
 
 The index — ``<store>/cache/<stage>/<key>.json`` → object + metadata — is deliberately *not* the
 store's keyed area: store keys are gc roots, and the cache must be collectable. Instead each
@@ -476,6 +486,73 @@ class Cache:
         previous root of the same name, so superseded entries become collectable."""
         if self.enabled:
             self.store.register_root(name, sorted(self.used | set(extra)))
+
+    # -- extracted trees -----------------------------------------------------------------------
+    def verify_trees(self) -> list[tuple[str, str]]:
+        """Compare every extracted tree (``trees/<object>``) with its tar object — names, types,
+        modes, owners, mtimes, link targets, xattrs, hard links and file bytes — and remove any
+        that differs (it is derived data: the next build extracts it again). Returns (object,
+        reason) for each tree removed. Cost: reads every byte of the trees and their objects."""
+        removed = []
+        for sha in list(self.store.iter_trees()):
+            reason = _tree_differs(self.store, sha)
+            if reason is not None:
+                self.store.remove_tree(sha)
+                removed.append((sha, reason))
+        return removed
+
+
+def _tree_differs(store: Store, sha: str) -> str | None:
+    """Why ``trees/<sha>`` is not what extracting object ``sha`` gives, or None if it is."""
+    tree = store.tree_path(sha)
+    seen: set[str] = set()
+    try:
+        with store.open(sha) as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
+            for ti in tf:
+                name = os.path.normpath(ti.name).lstrip("/")
+                rel = "" if name == "." else name
+                path = os.path.join(tree, rel)
+                seen.add(rel)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    return f"/{rel} is missing"
+                if ti.islnk():
+                    target = os.lstat(os.path.join(tree, os.path.normpath(ti.linkname).lstrip("/")))
+                    if (target.st_dev, target.st_ino) != (st.st_dev, st.st_ino):
+                        return f"/{rel} is no longer a hard link"
+                    continue
+                kind = {tarfile.DIRTYPE: stat.S_ISDIR, tarfile.SYMTYPE: stat.S_ISLNK}.get(ti.type, stat.S_ISREG)
+                if not kind(st.st_mode):
+                    return f"/{rel} changed type"
+                if (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, int(st.st_mtime)) != (ti.mode, ti.uid, ti.gid,
+                                                                                         int(ti.mtime)):
+                    return f"/{rel} changed mode, owner or mtime"
+                if ti.issym() and os.readlink(path) != ti.linkname:
+                    return f"/{rel} points elsewhere"
+                xattrs = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
+                          for k, v in ti.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+                names = sorted(os.listxattr(path, follow_symlinks=False))
+                if names != sorted(xattrs) or any(os.getxattr(path, n, follow_symlinks=False) != xattrs[n]
+                                                  for n in names):
+                    return f"/{rel} changed extended attributes"
+                if ti.isreg():
+                    member = tf.extractfile(ti)
+                    assert member is not None
+                    with open(path, "rb") as f:
+                        while chunk := member.read(1 << 20):
+                            if f.read(len(chunk)) != chunk:
+                                return f"/{rel} changed content"
+                        if f.read(1):
+                            return f"/{rel} changed content"
+    except (OSError, tarfile.TarError, ReprobuildError) as e:
+        return f"unreadable: {e}"
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for n in dirnames + filenames:
+            rel = os.path.relpath(os.path.join(dirpath, n), tree)
+            if rel not in seen:
+                return f"/{rel} was added"
+    return None
 
 
 def root_name(directory: Path) -> str:

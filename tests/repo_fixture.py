@@ -1,8 +1,6 @@
 """Session-wide hermetic apt repository and a local HTTP server for it, with fault injection.
 
-Use from any test module::
-
-    from tests.repo_fixture import fixture_repo, repo_server  # noqa: F401
+Registered in tests/conftest.py: any test module uses them as parameters, without importing.
 
 ``fixture_repo`` is a :class:`fixtures.make_repo.FixtureRepo` built once per session from
 ``DEFAULT_SUITES``. ``repo_server`` serves it on ``127.0.0.1`` (port chosen by the kernel)::

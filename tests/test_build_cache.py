@@ -61,7 +61,7 @@ def _build(d: Path, store: Path, out: Path, *extra: str, overlay: bool = True, m
     env.pop("SOURCE_DATE_EPOCH", None)
     mode = () if messages else ("--json",)
     r = subprocess.run([*head, "build", "-C", str(d), "--locked", "--offline", "-o", str(out), *mode, *extra],
-                       env=env, text=True, capture_output=True, timeout=600, cwd=REPO)
+                       env=env, text=True, capture_output=True, timeout=600, cwd=REPO, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     if messages:
         return {"stderr": r.stderr, "manifest": json.loads((out / "image.tar.manifest.json").read_text())}
@@ -79,7 +79,7 @@ def _tree_listing(tree: Path) -> list[tuple[str, int, int, str]]:
         for name in sorted(dirnames + filenames):
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
-            body = hashlib.sha256(open(p, "rb").read()).hexdigest() if os.path.isfile(p) and not os.path.islink(p) else ""
+            body = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) and not os.path.islink(p) else ""
             out.append((os.path.relpath(p, tree), st.st_mode, st.st_mtime_ns, body))
     return out
 
@@ -120,8 +120,9 @@ def test_copy_fallback_with_the_cache_on(tmp_path: Path, base_deb: Path) -> None
     fallback = _build(d, store, tmp_path / "f", overlay=False, messages=True)
     assert "copied, not overlaid (disabled by the test)" in fallback["stderr"]
     assert "installed packages: cached" in fallback["stderr"]
-    overlaid = _build(d, store, tmp_path / "o", "--no-cache")
-    assert _sha(tmp_path / "f/image.tar") == _sha(tmp_path / "o/image.tar") != cached["manifest"]["sha256"]
+    uncached = _build(d, store, tmp_path / "o", "--no-cache")
+    assert _sha(tmp_path / "f/image.tar") == _sha(tmp_path / "o/image.tar") == uncached["manifest"]["sha256"]
+    assert uncached["manifest"]["sha256"] != cached["manifest"]["sha256"]
 
 
 def test_output_in_place_is_not_copied_again_unless_it_changed(tmp_path: Path, base_deb: Path) -> None:
@@ -169,3 +170,41 @@ def test_gc_and_verify_drop_extracted_trees_with_their_object(tmp_path: Path, ba
         store.unregister_root(name)
     report = store.gc()
     assert sha in report.removed and report.trees_removed == 1 and not store.tree_path(sha).exists()
+
+
+@pytest.mark.parametrize("damage", ["content", "mode", "added", "removed"])
+def test_store_verify_removes_an_extracted_tree_that_differs_from_its_object(tmp_path: Path, base_deb: Path,
+                                                                             damage: str) -> None:
+    d, store_path = _definition(tmp_path / "fx", base_deb)
+    _build(d, store_path, tmp_path / "out")
+    store = Store(store_path)
+    (sha,) = store.iter_trees()
+    tree = store.tree_path(sha)
+    env = {**os.environ, "REPROBUILD_STORE": str(store_path)}
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "reprobuild", "store", "verify", "--json"], env=env, text=True,
+                              capture_output=True, timeout=300, cwd=REPO, check=False)
+
+    clean = verify()
+    assert clean.returncode == 0, clean.stderr
+    assert json.loads(clean.stdout)["trees_removed"] == [] and tree.is_dir()
+
+    victim = next(p for p in sorted(tree.rglob("*")) if p.is_file() and not p.is_symlink() and p.stat().st_size > 0)
+    if damage == "content":
+        data = bytearray(victim.read_bytes())
+        data[0] ^= 1
+        victim.write_bytes(bytes(data))
+        os.utime(victim, ns=(0, int(victim.lstat().st_mtime) * 10**9))  # keep the mtime: content alone
+    elif damage == "mode":
+        victim.chmod(victim.stat().st_mode ^ 0o001)
+    elif damage == "added":
+        (victim.parent / "intruder").write_text("x\n")
+    else:
+        victim.unlink()
+    r = verify()
+    assert r.returncode == 1, r.stdout
+    doc = json.loads(r.stdout)
+    assert [t["object"] for t in doc["trees_removed"]] == [sha] and not doc["ok"]
+    assert "extracted tree(s)" in r.stderr and not tree.exists()
+    assert store.has(sha)  # the object itself was fine

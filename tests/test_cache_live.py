@@ -144,3 +144,13 @@ def test_host_mode_really_reaches_the_shadowed_tools(cache_builds: Builds) -> No
     r = _reprobuild("build", "-C", str(d), "--locked", "-o", str(d / "out"), env=cache_builds.env, check=False)
     assert r.returncode != 0
     assert "mkfs.erofs" in r.stderr and "97" in r.stderr
+
+
+def test_store_verify_finds_the_real_extracted_trees_intact(cache_builds: Builds) -> None:
+    """No false alarm on real trees (setuid files, capabilities in xattrs, hard links, symlinks):
+    every extracted tree equals its object, and nothing is removed."""
+    r = _reprobuild("store", "verify", "--json", env={**cache_builds.env, "REPROBUILD_STORE": str(cache_builds.store)})
+    doc = json.loads(r.stdout)
+    assert doc["ok"] and doc["trees_removed"] == [] and doc["corrupt"] == []
+    trees = sorted(p.name for p in (cache_builds.store / "trees").iterdir())
+    assert len(trees) >= 2  # the installed image tree and the tools tree

@@ -33,8 +33,7 @@ from reprobuild.nspawn import (
 )
 from reprobuild.x509 import generate_rsa_key_and_certificate
 from tests.test_diff_support import make_ddi, make_keys
-from tests.test_uki import debian_boot_files  # noqa: F401  (session fixture, live test only)
-from tests.test_vm import MARKER, boot_images  # noqa: F401  (module fixture, live test only)
+from tests.test_vm import MARKER
 
 _register_commands()
 
@@ -432,7 +431,7 @@ def test_vm_secure_boot_real_firmware_refuses_unsigned(disk: Path, sb_cert: Path
 @pytest.mark.live
 @pytest.mark.boot
 @pytest.mark.timeout(600)
-def test_vm_secure_boot_signed_uki(boot_images: dict[str, object], tmp_path: Path) -> None:  # noqa: F811
+def test_vm_secure_boot_signed_uki(boot_images: dict[str, object], tmp_path: Path) -> None:
     """A real signed UKI (Debian kernel, busybox initrd) through `reprobuild vm --certificate`."""
     cert = tmp_path / "sb.crt"
     cert.write_bytes(boot_images["cert"])  # type: ignore[arg-type]

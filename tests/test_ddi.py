@@ -42,8 +42,8 @@ def inputs(tmp_path_factory):
 
 def spec(inputs, out, **kw):
     d, root, esp = inputs
-    base = dict(architecture="amd64", seed=SEED, root_fs_image=root, output=out, verity="signed",
-                key=d / "key.pem", certificate=d / "cert.pem", esp_image=esp)
+    base = {"architecture": "amd64", "seed": SEED, "root_fs_image": root, "output": out, "verity": "signed",
+                "key": d / "key.pem", "certificate": d / "cert.pem", "esp_image": esp}
     base.update(kw)
     return ddi.DdiSpec(**base)
 
@@ -124,11 +124,11 @@ def test_usr_layout_arm64_4k(inputs, tmp_path):
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(key=None), "needs a key"),
-    (dict(seed=b"x"), "16 bytes"),
-    (dict(architecture="mips"), "unsupported architecture"),
-    (dict(verity="maybe"), "verity must be"),
-    (dict(root_fs_image=Path("/nonexistent")), "no such file"),
+    ({"key": None}, "needs a key"),
+    ({"seed": b"x"}, "16 bytes"),
+    ({"architecture": "mips"}, "unsupported architecture"),
+    ({"verity": "maybe"}, "verity must be"),
+    ({"root_fs_image": Path("/nonexistent")}, "no such file"),
 ])
 def test_bad_specs(inputs, tmp_path, kw, message):
     with pytest.raises(ddi.DdiError, match=message):

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from reprobuild.debian.deb import DebFile, parse_ar_index, parse_control_stanza, read_control, write_decompressed
+from reprobuild.debian.deb import (
+    DebFile,
+    parse_ar_index,
+    parse_control_stanza,
+    read_control,
+    write_decompressed,
+)
 from reprobuild.errors import FormatError
 
 

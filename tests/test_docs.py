@@ -6,7 +6,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_configuration_reference_is_current() -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "tools/gen_config_reference.py"), "--check"])
+    result = subprocess.run([sys.executable, str(ROOT / "tools/gen_config_reference.py"), "--check"], check=False)
     assert result.returncode == 0, "docs/configuration.md is stale: run tools/gen_config_reference.py"
 
 

@@ -85,7 +85,7 @@ def test_erofs(tree, tmp_path, monkeypatch):
 
 
 def test_squashfs(tree, tmp_path, monkeypatch):
-    res, img = build_twice("squashfs", tree, tmp_path, monkeypatch)
+    _res, img = build_twice("squashfs", tree, tmp_path, monkeypatch)
     out = tmp_path / "x"
     run("unsquashfs", "-d", str(out), str(img))
     assert os.stat(out / "etc/os-release").st_ino == os.stat(out / "etc/hardlink").st_ino
@@ -96,7 +96,7 @@ def test_squashfs(tree, tmp_path, monkeypatch):
 
 
 def test_ext4(tree, tmp_path, monkeypatch):
-    res, img = build_twice("ext4", tree, tmp_path, monkeypatch)
+    _res, img = build_twice("ext4", tree, tmp_path, monkeypatch)
     info = run("debugfs", "-R", "stat /etc/hardlink", str(img))
     assert "Links: 2" in info and "ctime: 0x6553f100" in info and "atime: 0x6553f100" in info
     assert CAP.hex() in run("debugfs", "-R", "ea_get -x /usr/bin/ping security.capability", str(img)).replace(
@@ -113,7 +113,7 @@ def test_vfat(tmp_path, monkeypatch):
     (esp / "EFI/BOOT/BOOTX64.EFI").write_bytes(b"MZ" + bytes(1000))
     for name in ["b.conf", "a.conf", "C.conf"]:
         (esp / "loader/entries" / name).write_text(name)
-    res, img = build_twice("vfat", esp, tmp_path, monkeypatch, label="esp")
+    _res, img = build_twice("vfat", esp, tmp_path, monkeypatch, label="esp")
     listing = run("mdir", "-i", str(img), "-/", "::")
     assert "Serial Number is 0C3A-4F1E" in listing and "2023-11-14" in listing
     assert run("mtype", "-i", str(img), "::/loader/entries/a.conf") == "a.conf"

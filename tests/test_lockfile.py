@@ -5,7 +5,16 @@ import pytest
 
 from reprobuild import keys
 from reprobuild.errors import LockError, VerificationFailed
-from reprobuild.lockfile import Lock, LockedPackage, LockSource, PackageSet, dumps, load_lock, loads, save_lock
+from reprobuild.lockfile import (
+    Lock,
+    LockedPackage,
+    LockSource,
+    PackageSet,
+    dumps,
+    load_lock,
+    loads,
+    save_lock,
+)
 from reprobuild.mirrors import Mirrors, package_urls
 
 

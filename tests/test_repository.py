@@ -45,13 +45,12 @@ from reprobuild.debian.repository import (
     snapshot_source,
 )
 from reprobuild.errors import RepositoryError, ToolMissing
-from tests.repo_fixture import fixture_repo, repo_server  # noqa: F401
 
 NOW = datetime(2025, 6, 1, tzinfo=UTC)  # inside the fixture's validity window
 
 
 @pytest.fixture
-def server(repo_server):  # noqa: F811
+def server(repo_server):
     repo_server.reset()
     yield repo_server
     repo_server.reset()
@@ -68,7 +67,7 @@ def http_source(server, suite: str = "stable", **kw) -> RepositorySource:
 
 
 @pytest.fixture
-def repo_copy(fixture_repo, tmp_path):  # noqa: F811
+def repo_copy(fixture_repo, tmp_path):
     """A private file:// copy of the fixture's dists/ (and keyring) that a test may tamper with."""
     root = tmp_path / "copy"
     shutil.copytree(fixture_repo.root / "dists", root / "dists")
@@ -106,7 +105,7 @@ def test_inrelease_is_cached_by_hash(server, session, tmp_path):
     assert cache.get(verified.inrelease_sha256).read_bytes() == verified.raw
 
 
-def test_tampered_release_body_refused(fixture_repo, repo_copy):  # noqa: F811
+def test_tampered_release_body_refused(fixture_repo, repo_copy):
     inrelease = repo_copy / "dists/stable/InRelease"
     text = inrelease.read_bytes()
     xz_line = next(line for line in text.splitlines() if line.endswith(b"main/binary-amd64/Packages.xz"))
@@ -117,7 +116,7 @@ def test_tampered_release_body_refused(fixture_repo, repo_copy):  # noqa: F811
     assert fixture_repo.key_fingerprint[-16:] in str(e.value)
 
 
-def test_wrong_key_refused(fixture_repo, tmp_path, repo_copy):  # noqa: F811
+def test_wrong_key_refused(fixture_repo, tmp_path, repo_copy):
     other_home = tmp_path / "other-gnupg"
     other_fpr = generate_key(other_home, "someone else <other@invalid>")
     try:
@@ -138,14 +137,14 @@ def test_wrong_key_refused(fixture_repo, tmp_path, repo_copy):  # noqa: F811
         stop_agent(other_home)
 
 
-def test_unsigned_inrelease_refused(fixture_repo, repo_copy):  # noqa: F811
+def test_unsigned_inrelease_refused(fixture_repo, repo_copy):
     dist = repo_copy / "dists/stable"
     (dist / "InRelease").write_bytes((dist / "Release").read_bytes())
     with pytest.raises(SignatureError, match="not an OpenPGP clearsigned message"):
         fetch_release(None, file_source(repo_copy, fixture_repo.keyring_path), now=NOW)
 
 
-def test_unsigned_release_without_any_signature_refused(fixture_repo, repo_copy):  # noqa: F811
+def test_unsigned_release_without_any_signature_refused(fixture_repo, repo_copy):
     dist = repo_copy / "dists/stable"
     (dist / "InRelease").unlink()
     (dist / "Release.gpg").unlink()
@@ -153,7 +152,7 @@ def test_unsigned_release_without_any_signature_refused(fixture_repo, repo_copy)
         fetch_release(None, file_source(repo_copy, fixture_repo.keyring_path), now=NOW)
 
 
-def test_detached_signature_fallback(fixture_repo, repo_copy):  # noqa: F811
+def test_detached_signature_fallback(fixture_repo, repo_copy):
     dist = repo_copy / "dists/stable"
     (dist / "InRelease").unlink()
     verified = fetch_release(None, file_source(repo_copy, fixture_repo.keyring_path), now=NOW)
@@ -168,7 +167,7 @@ def test_detached_signature_fallback(fixture_repo, repo_copy):  # noqa: F811
 
 
 @pytest.mark.parametrize("where", ["before", "after", "second-message"])
-def test_text_outside_the_signature_refused(fixture_repo, repo_copy, where):  # noqa: F811
+def test_text_outside_the_signature_refused(fixture_repo, repo_copy, where):
     inrelease = repo_copy / "dists/stable/InRelease"
     signed = inrelease.read_bytes()
     smuggled = b"Acquire-By-Hash: no\nSHA256:\n " + b"1" * 64 + b" 1 main/binary-amd64/Packages\n"
@@ -182,7 +181,7 @@ def test_text_outside_the_signature_refused(fixture_repo, repo_copy, where):  # 
         fetch_release(None, file_source(repo_copy, fixture_repo.keyring_path), now=NOW)
 
 
-def test_signed_content_comes_from_gpgv_not_the_envelope(fixture_repo):  # noqa: F811
+def test_signed_content_comes_from_gpgv_not_the_envelope(fixture_repo):
     """Dash-escaped lines come back unescaped: we parse gpgv's output, not our own reading."""
     home = fixture_repo.gnupg_home
     try:
@@ -206,7 +205,7 @@ def test_expired_release_refused_and_allowed_for_snapshots(server, session):
     assert verified.release.valid_until == valid_until
 
 
-def test_release_of_another_suite_refused(fixture_repo, repo_copy):  # noqa: F811
+def test_release_of_another_suite_refused(fixture_repo, repo_copy):
     dist = repo_copy / "dists"
     shutil.copy(dist / "stable/InRelease", dist / "stable-updates/InRelease")
     with pytest.raises(RepositoryError, match="is for suite 'stable'"):
@@ -334,7 +333,7 @@ def test_stalled_download_times_out(server, session):
     assert time.monotonic() - started < 2.5
 
 
-def test_packages_with_wrong_sha256_refused(fixture_repo, repo_copy):  # noqa: F811
+def test_packages_with_wrong_sha256_refused(fixture_repo, repo_copy):
     """The file served under the listed name and hash is not the one the Release signed."""
     source = file_source(repo_copy, fixture_repo.keyring_path)
     verified = fetch_release(None, source, now=NOW)
@@ -567,13 +566,13 @@ def test_parse_status_rules():
     assert parse_status(missing).problems[-1] == "no public key 1111111111111111 in the keyrings"
 
 
-def test_real_debian_keyring_rejects_fixture_signature(fixture_repo):  # noqa: F811
+def test_real_debian_keyring_rejects_fixture_signature(fixture_repo):
     data = (fixture_repo.root / "dists/stable/InRelease").read_bytes()
     with pytest.raises(SignatureError, match=fixture_repo.key_fingerprint[-16:]):
         verify_clearsigned(data, [gpg.DEFAULT_KEYRING])
 
 
-def test_armored_keyring_is_accepted(fixture_repo, tmp_path):  # noqa: F811
+def test_armored_keyring_is_accepted(fixture_repo, tmp_path):
     armored = subprocess.run(
         ["gpg", "--homedir", str(fixture_repo.gnupg_home), "--batch", "--armor", "--export",
          fixture_repo.key_fingerprint], check=True, capture_output=True).stdout  # fmt: skip
@@ -585,7 +584,7 @@ def test_armored_keyring_is_accepted(fixture_repo, tmp_path):  # noqa: F811
     assert verify_clearsigned(data, [asc]).startswith(b"Origin: Reprobuild Fixture\n")
 
 
-def test_gpgv_missing_is_toolmissing(fixture_repo, monkeypatch):  # noqa: F811
+def test_gpgv_missing_is_toolmissing(fixture_repo, monkeypatch):
     monkeypatch.setattr(gpg.shutil, "which", lambda name: None)
     with pytest.raises(ToolMissing, match="gpgv") as e:
         verify_clearsigned(
@@ -594,7 +593,7 @@ def test_gpgv_missing_is_toolmissing(fixture_repo, monkeypatch):  # noqa: F811
     assert e.value.hint == "apt-get install gpgv"
 
 
-def test_detached_signature_helper(fixture_repo):  # noqa: F811
+def test_detached_signature_helper(fixture_repo):
     release = (fixture_repo.root / "dists/stable/Release").read_bytes()
     signature = (fixture_repo.root / "dists/stable/Release.gpg").read_bytes()
     assert gpg.verify_detached(release, signature, [fixture_repo.keyring_path]) == release
@@ -605,7 +604,7 @@ def test_detached_signature_helper(fixture_repo):  # noqa: F811
 # --------------------------------------------------------------------------------------- fixture repo
 
 
-def test_fixture_debs_are_real_and_reproducible(fixture_repo):  # noqa: F811
+def test_fixture_debs_are_real_and_reproducible(fixture_repo):
     hello = next(p for p in DEFAULT_SUITES["stable"] if p.name == "hello")
     deb, _ = build_deb(hello)
     assert deb == build_deb(hello)[0]  # deterministic
@@ -634,7 +633,7 @@ def test_fixture_repo_is_fast_and_deterministic_except_signatures(tmp_path):
         assert (repo.root / rel).read_bytes() == (other.root / rel).read_bytes()
 
 
-def test_fixture_by_hash_copies_match(fixture_repo):  # noqa: F811
+def test_fixture_by_hash_copies_match(fixture_repo):
     release = parse_release((fixture_repo.root / "dists/stable/Release").read_bytes())
     for entry in release.sha256.values():
         directory = entry.path.rsplit("/", 1)[0]
@@ -675,12 +674,12 @@ def test_live_debian_mirror(tmp_path, session):
 
 def test_security_style_components_are_accepted() -> None:
     """debian-security lists "updates/main" in Components but keeps indices under main/."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from reprobuild.debian.repository import ReleaseFile, RepositorySource, fetch_packages
 
     release = ReleaseFile(suite="stable-security", codename="trixie-security",
-                          date=datetime(2026, 1, 1, tzinfo=timezone.utc), components=("updates/main",))
+                          date=datetime(2026, 1, 1, tzinfo=UTC), components=("updates/main",))
     source = RepositorySource(archive="debian-security", base_url="http://127.0.0.1:9", suite="trixie-security")
     # The component check passes; the failure comes later, from the missing index entry.
     with pytest.raises(RepositoryError) as e:

@@ -31,7 +31,6 @@ from reprobuild.vm import (
     signature_list_x509,
 )
 from reprobuild.x509 import generate_rsa_key_and_certificate
-from tests.test_uki import debian_boot_files  # noqa: F401  (session fixture)
 
 FW = Firmware(Path("/fw/CODE.fd"), Path("/tmp/VARS.fd"))
 
@@ -126,7 +125,7 @@ MARKER = b"REPROBUILD-BOOT-MARKER"
 
 
 @pytest.fixture(scope="module")
-def boot_images(tmp_path_factory: pytest.TempPathFactory, debian_boot_files: dict[str, Path]) -> dict[str, object]:  # noqa: F811
+def boot_images(tmp_path_factory: pytest.TempPathFactory, debian_boot_files: dict[str, Path]) -> dict[str, object]:
     work = tmp_path_factory.mktemp("boot")
     tree = work / "tree"
     (tree / "bin").mkdir(parents=True)

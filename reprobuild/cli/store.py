@@ -72,19 +72,30 @@ def store_stats_command(store_path: Path | None, as_json: bool) -> None:
 @store_option
 @json_option
 def store_verify_command(store_path: Path | None, as_json: bool) -> None:
-    """Rehash every object; move corrupt ones to quarantine/. Exit status 1 if any was corrupt."""
-    report = open_store(store_path).verify()
+    """Rehash every object; move corrupt ones to quarantine/. Compare every extracted tree of the
+    build cache with its object and remove any that differs. Exit status 1 if anything was wrong."""
+    from reprobuild.cache import Cache
+    from reprobuild.errors import StoreError
+
+    store = open_store(store_path)
+    report = store.verify()
+    trees = Cache(store).verify_trees()
     if as_json:
-        _echo_json(report.as_json())
+        _echo_json({**report.as_json(), "ok": report.ok and not trees,
+                    "trees_removed": [{"object": sha, "reason": why} for sha, why in trees]})
     else:
         for c in report.corrupt:
             click.echo(f"corrupt: {c.name}: {c.reason} (moved to {c.quarantined_as})")
-        click.echo(f"{report.checked} object(s) checked, {len(report.corrupt)} corrupt")
+        for sha, why in trees:
+            click.echo(f"extracted tree trees/{sha[:16]}…: {why} (removed; the next build extracts it again)")
+        click.echo(f"{report.checked} object(s) checked, {len(report.corrupt)} corrupt; "
+                   f"{len(trees)} extracted tree(s) removed")
     if not report.ok:
-        from reprobuild.errors import StoreError
-
         raise StoreError(f"{len(report.corrupt)} corrupt object(s) found and moved to {report.quarantine}",
                          hint="run `reprobuild fetch` to download good copies again")
+    if trees:
+        raise StoreError(f"{len(trees)} extracted tree(s) of the build cache differed from their object and were "
+                         "removed", hint="something wrote into the store; the next build extracts them again")
 
 
 @store_group.command("gc")
