@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from reprobuild.errors import BuildError, UsageError
+from reprobuild.fileio import sha256_file
 
 Say = Callable[[str], None]
 
@@ -263,11 +264,7 @@ def output_digest(path: Path) -> str:
             elif p.is_file():
                 h.update(hashlib.sha256(p.read_bytes()).digest())
         return "tree:" + h.hexdigest()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 # -- the check -----------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ class Signature:
         return (json.dumps(data, sort_keys=True, indent=2) + "\n").encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes, origin: str) -> "Signature":
+    def from_bytes(cls, data: bytes, origin: str) -> Signature:
         try:
             raw = json.loads(data)
             return cls(raw["algorithm"], raw["key_id"], base64.b64decode(raw["signature"], validate=True))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from reprobuild.errors import RepositoryError
 from reprobuild.lockfile import Lock, LockedPackage
 
 
@@ -40,7 +41,7 @@ def host_mirrors(
         if url is None:
             try:
                 url = host_mirror_for(archive, root=root)
-            except Exception:  # no host source for this archive: other URLs may still work
+            except (RepositoryError, ValueError, OSError):  # no host source for it: other URLs may work
                 url = None
         if url:
             archives.append((archive, url.rstrip("/")))

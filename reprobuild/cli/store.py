@@ -167,8 +167,8 @@ def fetch_command(directory: Path, store_path: Path | None, offline: bool, jobs:
     """Download and verify every object the lock of DIRECTORY needs that the store lacks."""
     from reprobuild.config import load_spec
     from reprobuild.fetch import fetch_all
-    from reprobuild.mirrors import fetch_items, mirrors_for_spec
     from reprobuild.lockfile import load_lock
+    from reprobuild.mirrors import fetch_items, mirrors_for_spec
     from reprobuild.progress import format_bytes, make_progress
 
     spec = load_spec(directory)

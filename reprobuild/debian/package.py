@@ -40,7 +40,7 @@ class BinaryPackage:
         return f"{self.name}:{self.architecture}"
 
     @classmethod
-    def from_stanza(cls, stanza: dict[str, str], origin: str = "") -> "BinaryPackage":
+    def from_stanza(cls, stanza: dict[str, str], origin: str = "") -> BinaryPackage:
         """Build from a deb822 Packages stanza (field names as in the index, case-sensitive)."""
         name = stanza["Package"]
         version = stanza["Version"]

@@ -314,16 +314,16 @@ class Extractor:
 _EXTRACTORS: dict[Kind, Extractor] = {
     # fsck.erofs 1.5 restores modes, owners (as root) and mtimes, but not xattrs.
     Kind.EROFS: Extractor("fsck.erofs", "erofs-utils", lambda t, img, out: [t, f"--extract={out}", str(img)],
-                          True, ALL_FIELDS - {"xattrs"}),  # fmt: skip
+                          True, ALL_FIELDS - {"xattrs"}),
     Kind.SQUASHFS: Extractor("unsquashfs", "squashfs-tools",
                              lambda t, img, out: [t, "-no-progress", "-quiet", "-d", str(out), str(img)],
-                             True, ALL_FIELDS),  # fmt: skip
+                             True, ALL_FIELDS),
     # debugfs rdump restores mode, owner and times of files and directories, not of symlinks.
     Kind.EXT4: Extractor("debugfs", "e2fsprogs", lambda t, img, out: [t, "-R", f"rdump / {out}", str(img)],
-                         False, ALL_FIELDS - {"xattrs"}),  # fmt: skip
+                         False, ALL_FIELDS - {"xattrs"}),
     # FAT has no modes, owners, links or xattrs; mcopy -m keeps file mtimes (2-second resolution).
     Kind.VFAT: Extractor("mcopy", "mtools", lambda t, img, out: [t, "-s", "-m", "-n", "-i", str(img), "::/*", str(out)],
-                         False, frozenset({"type", "size", "mtime"})),  # fmt: skip
+                         False, frozenset({"type", "size", "mtime"})),
 }
 
 

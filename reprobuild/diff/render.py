@@ -122,7 +122,7 @@ def _node(d: Difference, parent: tuple[str, ...]) -> dict[str, Any]:
         "status": d.status.value,
         "classification": d.classification.value,
         "fields": [{"name": f.name, "old": f.old, "new": f.new, "classification": f.classification.value}
-                   for f in d.fields],  # fmt: skip
+                   for f in d.fields],
         "comments": list(d.comments),
         "unified_diff": d.diff,
         "details": [_node(c, path) for c in d.details],

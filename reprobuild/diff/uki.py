@@ -66,7 +66,7 @@ def compare_pe(name: str, a: ByteSource, b: ByteSource, ctx: Any, depth: int, co
         Field.of("SizeOfImage", pa.size_of_image, pb.size_of_image),
         Field.of("CheckSum", f"{pa.optional['CheckSum']:#x}", f"{pb.optional['CheckSum']:#x}", METADATA),
         Field.of("Authenticode signature", "none" if sig_a is None else f"sha256 {sig_a}…",
-                 "none" if sig_b is None else f"sha256 {sig_b}…", METADATA),  # fmt: skip
+                 "none" if sig_b is None else f"sha256 {sig_b}…", METADATA),
     ]
     if (sig_a is None) != (sig_b is None):
         fields.append(Field("signed", "no" if sig_a is None else "yes", "no" if sig_b is None else "yes", CONTENT))
