@@ -27,8 +27,8 @@ from typing import Any
 
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError
-from reprobuild.fileio import sha256_file
-from reprobuild.lockfile import Lock, write_atomic
+from reprobuild.fileio import sha256_file, write_atomic
+from reprobuild.lockfile import Lock
 from reprobuild.store import Store
 
 Say = Callable[[str], None]

@@ -26,9 +26,9 @@ from typing import Any
 
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError
-from reprobuild.fileio import sha256_file, write_atomically
+from reprobuild.fileio import sha256_file, write_atomic, write_atomically
 from reprobuild.lock import check_lock_current
-from reprobuild.lockfile import Lock, PackageSet, dumps, write_atomic
+from reprobuild.lockfile import Lock, PackageSet, dumps
 from reprobuild.store import Store
 
 Say = Callable[[str], None]

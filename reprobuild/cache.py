@@ -71,7 +71,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from reprobuild.errors import BuildError, ReprobuildError
-from reprobuild.lockfile import PackageSet, write_atomic
+from reprobuild.fileio import write_atomic
+from reprobuild.lockfile import PackageSet
 from reprobuild.store import Store, check_sha256
 
 # Bump when the meaning of a key or the layout of a cached artefact changes.

@@ -15,9 +15,10 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from reprobuild.errors import ConfigError
 from reprobuild.ini import Assignment, read_with_dropins

@@ -37,3 +37,8 @@ def write_atomically(target: Path, writer: Callable[[BinaryIO], object], mode: i
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    write_atomically(path, lambda f: f.write(data), mode)

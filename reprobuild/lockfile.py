@@ -14,12 +14,13 @@ a configured mirror, or a snapshot archive.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from reprobuild.errors import LockError
-from reprobuild.fileio import write_atomically
+from reprobuild.fileio import write_atomic
 
 LOCK_VERSION = 1
 LOCK_NAME = "reprobuild.lock"
@@ -213,11 +214,6 @@ def _check_consistency(lock: Lock, origin: str) -> None:
             missing = [d for d in p.depends + p.pre_depends if d not in names]
             if missing:
                 raise LockError(f"{origin}: package {p.name} depends on {', '.join(missing)}, not in set {package_set.name}")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    write_atomically(path, lambda f: f.write(data))
 
 
 def load_lock(path: Path) -> Lock:

@@ -34,7 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from reprobuild import __version__
 from reprobuild.errors import ReprobuildError, VerificationFailed
-from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, dumps, write_atomic
+from reprobuild.fileio import write_atomic
+from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, dumps
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"

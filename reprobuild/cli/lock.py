@@ -54,8 +54,9 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     from reprobuild import keys
     from reprobuild.config import load_spec
     from reprobuild.errors import UsageError
+    from reprobuild.fileio import write_atomic
     from reprobuild.lock import LockOptions, check_lock_current, lock_spec
-    from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock, save_lock, write_atomic
+    from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock, save_lock
     from reprobuild.store import Store
 
     if packages and not update:

@@ -146,7 +146,8 @@ def sbom_command(directory: Path, lock_path: Path | None, fmt: str, tree: Path |
     licence (with --tree: from dpkg's status and the DEP-5 copyright files), and the image's
     relationships to them. Reproducible: no timestamps but the lock's SOURCE_DATE_EPOCH.
     """
-    from reprobuild.lockfile import load_lock, write_atomic
+    from reprobuild.fileio import write_atomic
+    from reprobuild.lockfile import load_lock
     from reprobuild.sbom import dumps_sbom, make_sbom
     from reprobuild.verify import hash_image
 

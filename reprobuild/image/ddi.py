@@ -11,7 +11,6 @@ into the image, one read pass for the image digest. Memory: the hash tree (~1/12
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import uuid
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from reprobuild.errors import BuildError, FormatError
+from reprobuild.fileio import sha256_file
 from reprobuild.image import gpt, ids, verity, veritysig
 from reprobuild.x509 import certificate_fingerprint, key_matches_certificate, load_certificate, load_key
 
@@ -210,7 +210,7 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
             raise DdiError(f"cannot lay out the disk: {e}") from e
         tmp_image = work / "image.raw"
         digests = gpt.write_image(disk, [p.payload for p in planned], tmp_image)
-        image_sha = _sha256_file(tmp_image)
+        image_sha = sha256_file(tmp_image)
         with open(tmp_image, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_image, out)  # never visible half-written under its final name
@@ -224,14 +224,6 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
                      root_hash.hex() if root_hash else None,
                      certificate_fingerprint(cert) if cert is not None else None, parts)  # fmt: skip
 
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(4 << 20)
-        while n := f.readinto(buf):
-            h.update(memoryview(buf)[:n])
-    return h.hexdigest()
 
 
 def extract_partition(image: Path, part: gpt.GptPartition, sector_size: int, out: Path) -> None:
