@@ -639,7 +639,9 @@ def rebuild_and_compare(image: Path, fmt: str, lock: Lock, lock_path: Path, opti
     The rebuild uses the image definition (for the settings that are not in the lock, such as
     signing keys), a fresh empty store unless ``options.store`` names one, filled from
     ``options.bundle`` or else downloaded from the lock's package URLs only (the definition's
-    substituters are dropped). On a mismatch the diff is run and its summary returned.
+    substituters are dropped). The build cache is off: with a shared store, cached stages would
+    make the "rebuild" a copy of an earlier result. On a mismatch the diff is run and its summary
+    returned.
     """
     from dataclasses import replace
 
@@ -665,7 +667,7 @@ def rebuild_and_compare(image: Path, fmt: str, lock: Lock, lock_path: Path, opti
             say(f"rebuilding from the lock in {tmp}")
             result = build_locked(spec, lock, store,
                                   BuildOptions(output_dir=Path(tmp, "out"), format=fmt, jobs=options.jobs,
-                                               offline=options.bundle is not None), say=say)  # fmt: skip
+                                               offline=options.bundle is not None, cache=False), say=say)
         except ReprobuildError as e:
             return failed(name, f"the rebuild failed: {e.message}"), None, None
         rebuilt = result.outputs[fmt]

@@ -208,3 +208,34 @@ def test_store_verify_removes_an_extracted_tree_that_differs_from_its_object(tmp
     assert [t["object"] for t in doc["trees_removed"]] == [sha] and not doc["ok"]
     assert "extracted tree(s)" in r.stderr and not tree.exists()
     assert store.has(sha)  # the object itself was fine
+
+
+def test_verify_rebuild_ignores_a_poisoned_cache_in_a_shared_store(tmp_path: Path, base_deb: Path) -> None:
+    """`verify --store S` rebuilds without the build cache: an entry of S pointing at other bytes
+    (a poisoned or stale cache) cannot make the "independent rebuild" a copy of itself."""
+    from reprobuild.lockfile import load_lock
+    from reprobuild.verify import VerifyOptions, rebuild_and_compare
+
+    d, store_path = _definition(tmp_path / "fx", base_deb)
+    first = _build(d, store_path, tmp_path / "out")
+    image = tmp_path / "out/image.tar"
+    index = store_path / "cache"
+    (install_entry,) = (index / "install").glob("*.json")
+    install = json.loads(install_entry.read_text())
+    for entry in (index / "tree").glob("*.json"):  # the tree stage is the tar output
+        doc = json.loads(entry.read_text())
+        doc.update(object=install["object"], size=install["size"])
+        entry.write_text(json.dumps(doc))
+    poisoned = _build(d, store_path, tmp_path / "poisoned")
+    assert poisoned["manifest"]["sha256"] != first["manifest"]["sha256"]  # the poison works on builds
+
+    lock_path = d / "reprobuild.lock"
+    check, summary, _ = rebuild_and_compare(image, "tar", load_lock(lock_path), lock_path,
+                                            VerifyOptions(rebuild=True, store=store_path, definition=d),
+                                            lambda _m: None)
+    assert check.passed, (check.detail, summary)
+    # …and the poisoned output is caught by the same rebuild.
+    check, summary, _ = rebuild_and_compare(tmp_path / "poisoned/image.tar", "tar", load_lock(lock_path), lock_path,
+                                            VerifyOptions(rebuild=True, store=store_path, definition=d),
+                                            lambda _m: None)
+    assert check.passed is False and summary
