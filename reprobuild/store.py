@@ -98,6 +98,7 @@ class StoreStats:
     bytes: int
     roots: int
     temporaries: int
+    trees: int = 0  # extracted trees of the build cache (trees/<object>)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -106,6 +107,7 @@ class StoreStats:
             "bytes": self.bytes,
             "roots": self.roots,
             "temporaries": self.temporaries,
+            "trees": self.trees,
         }
 
 
@@ -755,7 +757,8 @@ class Store:
                 size += self._object_file(sha).stat().st_size
                 n += 1
         tmps = len(os.listdir(self.tmp_dir)) if self.tmp_dir.is_dir() else 0
-        return StoreStats(self.root, n, size, len(list(self.roots_dir.glob("*.json"))), tmps)
+        return StoreStats(self.root, n, size, len(list(self.roots_dir.glob("*.json"))), tmps,
+                          len(list(self.iter_trees())))
 
     # ---------------------------------------------------------------- bundles
 

@@ -382,7 +382,29 @@ def test_stats(store: Store) -> None:
     fill(store, 3)
     store.register_root("r", [])
     st = store.stats()
-    assert (st.objects, st.bytes, st.roots, st.temporaries) == (3, 6000, 1, 0)
+    assert (st.objects, st.bytes, st.roots, st.temporaries, st.trees) == (3, 6000, 1, 0, 0)
+
+
+def test_extracted_trees_publish_race_and_removal(store: Store) -> None:
+    sha = fill(store, 1)[0]
+    first, second = store.new_tmp_dir("tree"), store.new_tmp_dir("tree")
+    (first / "a").write_text("1")
+    (second / "a").write_text("1")
+    final = store.publish_tree(first, sha)
+    assert final == store.tree_path(sha) and (final / "a").read_text() == "1"
+    assert store.publish_tree(second, sha) == final and not second.exists()  # the racer's copy goes
+    assert oct(store.trees_dir.stat().st_mode & 0o777) == "0o700"  # trees hold setuid programs
+    assert store.stats().trees == 1 and list(store.iter_trees()) == [sha]
+    assert store.remove_tree(sha) and not final.exists() and not store.remove_tree(sha)
+    assert not any(store.tmp_dir.iterdir())
+
+
+def test_gc_removes_tmp_dirs_of_dead_processes_only(store: Store) -> None:
+    live = store.new_tmp_dir("tree")
+    dead = store.tmp_dir / "tree.999999999.0123456789abcdef.d"
+    dead.mkdir()
+    store.gc()
+    assert live.is_dir() and not dead.exists()
 
 
 def run_cli(*args: str) -> tuple[int, str]:
