@@ -45,7 +45,7 @@ from typing import IO, BinaryIO
 
 import zstandard
 
-from reprobuild.errors import FormatError, StoreError
+from reprobuild.errors import FormatError, ReprobuildError, StoreError
 
 HASH_ALGO = "sha256"
 CHUNK_SIZE = 1 << 20
@@ -393,8 +393,21 @@ class Store:
         final = self._object_file(expected_sha256)
         if final.is_file():
             return final
-        fd, tmp = self._new_tmp(expected_sha256[:16])
+        self._write_object(stream, expected_sha256, expected_size, durable=durable, origin=f"sha256:{expected_sha256}")
+        return final
+
+    def _write_object(self, stream: BinaryIO | IO[bytes] | Iterable[bytes], expected_sha256: str | None,
+                      expected_size: int, *, durable: bool, origin: str) -> str:
+        """Stream into a temporary, hashing; check the size (and the hash, if expected); publish
+        under the hash by rename. Returns the sha256. Nothing is kept on any error."""
+        fd, tmp = self._new_tmp((expected_sha256 or "put")[:16])
         published = False
+
+        def wrong_size(reason: str, what: str) -> ReprobuildError:
+            if expected_sha256 is None:  # a local file: it changed while being copied
+                return StoreError(f"{origin} changed size while it was copied into the store")
+            return ObjectMismatch(f"{origin}: {what}", sha256=expected_sha256, reason=reason)
+
         try:
             h = hashlib.sha256()
             n = 0
@@ -402,24 +415,20 @@ class Store:
                 for chunk in _iter_chunks(stream, expected_size + 1):
                     n += len(chunk)
                     if n > expected_size:
-                        raise ObjectMismatch(
-                            f"sha256:{expected_sha256}: more than the expected {expected_size} bytes",
-                            sha256=expected_sha256, reason="long")
+                        raise wrong_size("long", f"more than the expected {expected_size} bytes")
                     h.update(chunk)
                     out.write(chunk)
                 if n < expected_size:
-                    raise ObjectMismatch(
-                        f"sha256:{expected_sha256}: only {n} of the expected {expected_size} bytes",
-                        sha256=expected_sha256, reason="short")
+                    raise wrong_size("short", f"only {n} of the expected {expected_size} bytes")
                 got = h.hexdigest()
-                if got != expected_sha256:
-                    raise ObjectMismatch(
-                        f"sha256 mismatch: expected {expected_sha256}, got {got}",
-                        sha256=expected_sha256, reason="sha256")
+                if expected_sha256 is not None and got != expected_sha256:
+                    raise ObjectMismatch(f"sha256 mismatch: expected {expected_sha256}, got {got}",
+                                         sha256=expected_sha256, reason="sha256")
                 out.flush()
                 os.fchmod(out.fileno(), 0o444)  # objects are immutable
                 if durable:
                     os.fsync(out.fileno())
+            final = self._object_file(got)
             final.parent.mkdir(parents=True, exist_ok=True)
             # Atomic publish. If a racer published first, its bytes are the same bytes (same
             # hash); replacing them is harmless, and repairs an object that rotted meanwhile.
@@ -427,7 +436,7 @@ class Store:
             published = True
             if durable:
                 _fsync_dir(final.parent)
-            return final
+            return got
         finally:
             if not published:
                 with contextlib.suppress(FileNotFoundError):
@@ -452,33 +461,7 @@ class Store:
             if expected_sha256 is not None:
                 self.put_stream(f, expected_sha256, size, durable=durable)
                 return expected_sha256
-            fd, tmp = self._new_tmp("put")
-            published = False
-            try:
-                h = hashlib.sha256()
-                with os.fdopen(os.dup(fd), "wb") as out:
-                    for chunk in _iter_chunks(f, size + 1):
-                        h.update(chunk)
-                        out.write(chunk)
-                    if out.tell() != size:
-                        raise StoreError(f"{path} changed size while it was copied into the store")
-                    out.flush()
-                    os.fchmod(out.fileno(), 0o444)
-                    if durable:
-                        os.fsync(out.fileno())
-                sha = h.hexdigest()
-                final = self._object_file(sha)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, final)
-                published = True
-                if durable:
-                    _fsync_dir(final.parent)
-                return sha
-            finally:
-                if not published:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
-                os.close(fd)
+            return self._write_object(f, None, size, durable=durable, origin=str(path))
 
     # ---------------------------------------------------------------- extracted trees
 
@@ -529,14 +512,16 @@ class Store:
         _rmtree(doomed)
         return True
 
+    def _tmp_names(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.tmp_dir))
+        except FileNotFoundError:
+            return []
+
     def clean_tmp_dirs(self) -> int:
         """Remove directories under tmp/ (``new_tmp_dir``) whose process is gone."""
         removed = 0
-        try:
-            names = sorted(os.listdir(self.tmp_dir))
-        except FileNotFoundError:
-            return 0
-        for name in names:
+        for name in self._tmp_names():
             p = self.tmp_dir / name
             if name.endswith(".d") and p.is_dir() and not p.is_symlink() and not _pid_alive(_tmp_owner(name)):
                 _rmtree(p)
@@ -552,11 +537,7 @@ class Store:
         is from another pid namespace). Live writers are never touched."""
         removed = 0
         now = time.time() if now is None else now
-        try:
-            names = sorted(os.listdir(self.tmp_dir))
-        except FileNotFoundError:
-            return 0
-        for name in names:
+        for name in self._tmp_names():
             p = self.tmp_dir / name
             try:
                 fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
