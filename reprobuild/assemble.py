@@ -205,8 +205,12 @@ def _read_os_release(tree: Path) -> str:
 
 def build_boot(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path, root_hash: str,
                layout: str, say: Say, timings: dict[str, float], *, cache=None,
-               runner=None) -> tuple[Path, dict[str, Any]]:
-    """UKI (signed when a Secure Boot key is configured) on an ESP image. Returns (esp, manifest part)."""
+               runner=None, runner_identity: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """UKI (signed when a Secure Boot key is configured) on an ESP image. Returns (esp, manifest part).
+
+    With a cache, the pair is the ``esp`` stage, keyed by every byte it is made of (command line
+    with the root hash, kernel, stub, initrd, os-release, boot loader, signing key digests, seed,
+    epoch) and ``runner_identity`` (the mtools that write the FAT)."""
     from reprobuild.image.authenticode import sign_pe
     from reprobuild.image.ddi import esp_fs_uuid
     from reprobuild.image.esp import make_esp
@@ -231,6 +235,24 @@ def build_boot(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
     hash_word = "usrhash" if layout == "usr" else "roothash"
     cmdline = " ".join((f"{hash_word}={root_hash}",) + DEFAULT_CMDLINE + tuple(spec.content.kernel_command_line))
     initrd_bytes = initrd.read_bytes()
+    esp = work / "esp.img"
+    key = None
+    if cache is not None and cache.enabled:
+        from reprobuild.cache import code_digest, esp_inputs, file_digest, stage_key
+
+        sdboot_path = tree / sdboot_rel
+        key = stage_key("esp", esp_inputs(
+            cmdline, _sha256(kernel_path.read_bytes()), _sha256(stub_path.read_bytes()), _sha256(initrd_bytes),
+            _read_os_release(tree), kernel_version, spec.build.bootloader,
+            _sha256(sdboot_path.read_bytes()) if sdboot_path.is_file() else None,
+            file_digest(spec.signing.secure_boot_key), file_digest(spec.signing.secure_boot_certificate),
+            lock.seed, lock.source_date_epoch, runner_identity, code_digest()))
+        entry = cache.get("esp", key)
+        if entry is not None:
+            say("UKI and ESP: cached")
+            cache.copy_out(entry, esp)
+            timings["uki+esp"] = round(time.monotonic() - started, 3)
+            return esp, dict(entry.meta["boot"])
     uki = build_uki(stub_path.read_bytes(), kernel_path.read_bytes(), initrd_bytes, cmdline,
                     _read_os_release(tree), kernel_version)
     unsigned_sha = _sha256(uki)
@@ -253,11 +275,9 @@ def build_boot(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
         files[f"EFI/Linux/{kernel_version}.efi"] = uki
     else:
         files[boot_path] = uki
-    esp = work / "esp.img"
     volume_id = int.from_bytes(esp_fs_uuid(bytes.fromhex(lock.seed)).bytes[:4], "big")
     make_esp(files, esp, volume_id=volume_id, label="ESP", epoch=lock.source_date_epoch, runner=runner)
-    timings["uki+esp"] = round(time.monotonic() - started, 3)
-    return esp, {
+    boot = {
         "kernel_version": kernel_version,
         "cmdline": cmdline,
         "initrd_sha256": _sha256(initrd_bytes),
@@ -269,6 +289,10 @@ def build_boot(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
         "bootloader": spec.build.bootloader,
         "esp_sha256": sha256_file(esp),
     }
+    if key is not None:
+        cache.put_file("esp", key, esp, {"boot": boot})
+    timings["uki+esp"] = round(time.monotonic() - started, 3)
+    return esp, boot
 
 
 def build_disk(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path, target: Path, say: Say,
@@ -341,7 +365,8 @@ def build_disk(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
             "verity": {params_id: root_hash} if root_hash else {}})
     if root_hash is not None:
         esp, boot = build_boot(spec, lock, store, tree, work, root_hash, layout, say, timings, cache=cache,
-                               runner=tools.runner() if tools is not None else None)
+                               runner=tools.runner() if tools is not None else None,
+                               runner_identity=tools.identity() if tools is not None else {"tree": "host"})
         manifest["boot"] = boot
 
     started = time.monotonic()

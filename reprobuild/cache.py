@@ -13,8 +13,11 @@ Stages and their keys (each input builder below is a pure function, tested input
     tree      install key, ExtraTrees=/scripts content, settings   (tar object, = the -f tar output;
                                                                     kept for tar/directory outputs only)
     tools     tools package set, epoch, code                       (tar object)
-    fs        tree key, fs type, UUID, label, layout, tools id      (image object + FsResult)
+    fs        tree key, fs type, UUID, label, layout, tools id      (image object + FsResult;
+                                                                    the verity root hash per salt)
     initrd    initrd package set, digest of the modules it copies, kernel version, epoch, code
+    esp       command line (with the root hash), kernel, stub, initrd, os-release, boot loader,
+              Secure Boot key digests, seed, epoch, tools id     (the ESP image holding the UKI)
     output    tree key, format, every disk setting, key digests     (image.raw/cpio + manifest)
 
 ``unpacked`` is per package, shared by every image, initrd and tools tree that installs it: dpkg
@@ -78,7 +81,7 @@ from reprobuild.store import Store, check_sha256
 # Bump when the meaning of a key or the layout of a cached artefact changes.
 CACHE_FORMAT = 1
 INDEX_DIR = "cache"
-STAGES = ("unpacked", "install", "tree", "tools", "fs", "initrd", "output")
+STAGES = ("unpacked", "install", "tree", "tools", "fs", "initrd", "esp", "output")
 # Bump when debian.deb.write_decompressed changes what it writes.
 UNPACKED_FORMAT = 1
 _CODE_ROOT = Path(__file__).resolve().parent
@@ -224,6 +227,17 @@ def initrd_inputs(initrd_set: PackageSet, kernel_version: str, modules_digest: s
                   wanted_modules: Sequence[str], epoch: int, code: str) -> dict[str, Any]:
     return {"packages": package_set_inputs(initrd_set), "kernel_version": kernel_version,
             "modules": modules_digest, "wanted": list(wanted_modules), "epoch": epoch, "code": code}
+
+
+def esp_inputs(cmdline: str, kernel_sha256: str, stub_sha256: str, initrd_sha256: str, os_release: str,
+               kernel_version: str, bootloader: str, sdboot_sha256: str | None, secure_boot_key: str | None,
+               secure_boot_cert: str | None, seed: str, epoch: int, tools_id: Mapping[str, Any],
+               code: str) -> dict[str, Any]:
+    """Stage ``esp``: the UKI (assembled, maybe signed) and the FAT image that carries it."""
+    return {"cmdline": cmdline, "kernel": kernel_sha256, "stub": stub_sha256, "initrd": initrd_sha256,
+            "os_release": os_release, "kernel_version": kernel_version, "bootloader": bootloader,
+            "sdboot": sdboot_sha256, "secure_boot_key": secure_boot_key, "secure_boot_cert": secure_boot_cert,
+            "seed": seed, "epoch": epoch, "tools": dict(tools_id), "code": code}
 
 
 def output_inputs(tree_key: str, fmt: str, disk: Mapping[str, Any] | None, epoch: int,

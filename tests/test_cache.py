@@ -46,6 +46,23 @@ def test_every_fs_input_changes_the_key(name: str) -> None:
     assert c.stage_key("fs", c.fs_inputs(**dict(FS_BASE))) == base
 
 
+ESP_BASE = {"cmdline": "roothash=ab quiet", "kernel_sha256": "k" * 64, "stub_sha256": "s" * 64,
+            "initrd_sha256": "i" * 64, "os_release": "ID=debian\n", "kernel_version": "6.12.1-amd64",
+            "bootloader": "uki", "sdboot_sha256": None, "secure_boot_key": None, "secure_boot_cert": None,
+            "seed": "00", "epoch": EPOCH, "tools_id": {"tree": "lock", "packages": []}, "code": "c"}
+ESP_CHANGES = {"cmdline": "roothash=cd quiet", "kernel_sha256": "K" * 64, "stub_sha256": "S" * 64,
+               "initrd_sha256": "I" * 64, "os_release": "ID=other\n", "kernel_version": "6.12.2-amd64",
+               "bootloader": "systemd-boot", "sdboot_sha256": "b" * 64, "secure_boot_key": "1" * 64,
+               "secure_boot_cert": "2" * 64, "seed": "01", "epoch": 1, "tools_id": {"tree": "host"}, "code": "d"}
+
+
+@pytest.mark.parametrize("name", sorted(ESP_CHANGES))
+def test_every_esp_input_changes_the_key(name: str) -> None:
+    assert sorted(ESP_CHANGES) == sorted(ESP_BASE)
+    base = c.stage_key("esp", c.esp_inputs(**ESP_BASE))
+    assert c.stage_key("esp", c.esp_inputs(**{**ESP_BASE, name: ESP_CHANGES[name]})) != base
+
+
 OUT_BASE = {"tree_key": "a" * 64, "fmt": "disk", "disk": {"verity": "signed", "seed": "00"}, "epoch": EPOCH,
                 "tools_id": {"tree": "host", "versions": {"mkfs.erofs": "1.5-1"}}, "code": "c"}
 OUT_CHANGES = {"tree_key": "b" * 64, "fmt": "cpio", "disk": {"verity": "hash", "seed": "00"}, "epoch": 1,

@@ -135,6 +135,50 @@ def test_bootable_disk_is_reproducible_with_signed_uki(bootable_disk: BuiltPair,
                    capture_output=True)
 
 
+def test_bootable_rebuild_with_another_verity_key_reuses_fs_initrd_and_esp(bootable_disk: BuiltPair,
+                                                                            live_root: Path,
+                                                                            tmp_path: Path) -> None:
+    """Only the verity signing key changes: the cached file system (with its root hash), initrd and
+    UKI+ESP are reused from build A's store, and the new signature partition verifies with the new
+    certificate over the same root hash."""
+    import base64
+    import shutil
+
+    d = tmp_path / "def"
+    shutil.copytree(bootable_disk.directory, d, ignore=shutil.ignore_patterns("out-*"))
+    run_reprobuild("keygen", "--verity", "--out", str(tmp_path / "v2"))
+    conf = []
+    for line in (d / "reprobuild.conf").read_text().splitlines():
+        if line.startswith("VerityKey="):
+            line = f"VerityKey={tmp_path / 'v2.key'}"
+        elif line.startswith("VerityCertificate="):
+            line = f"VerityCertificate={tmp_path / 'v2.crt'}"
+        conf.append(line)
+    (d / "reprobuild.conf").write_text("\n".join(conf) + "\n")
+    store = live_root / "store-cold-boot"  # build A's: its cache holds every stage
+    run_reprobuild("lock", "-C", str(d), "--store", str(store), "-q")  # new config digest, same pins
+    r = run_reprobuild("build", "-C", str(d), "--locked", "-o", str(tmp_path / "out"), "--store", str(store),
+                       "--json", timeout=900)
+    doc = json.loads(r.stdout)
+    assert {"install", "fs", "initrd", "esp"} <= set(doc["cache_hits"]), doc["cache_hits"]
+    before = json.loads((bootable_disk.output_a / "image.raw.manifest.json").read_text())
+    after = doc["manifest"]
+    assert after["root_hash"] == before["root_hash"] and after["boot"] == before["boot"]
+    assert after["sha256"] != before["sha256"]  # the signature partition changed
+    image = tmp_path / "out/image.raw"
+    disk = read_gpt_path(image)
+    sig_part = next(p for p in disk.partitions if p.name.endswith("verity-sig"))
+    with open(image, "rb") as f:
+        f.seek(sig_part.offset(disk.sector_size))
+        sig = json.loads(f.read(sig_part.size(disk.sector_size)).rstrip(b"\0"))
+    assert sig["rootHash"] == before["root_hash"]
+    (tmp_path / "sig.der").write_bytes(base64.b64decode(sig["signature"]))
+    (tmp_path / "content").write_text(sig["rootHash"])
+    subprocess.run(["openssl", "smime", "-verify", "-binary", "-inform", "DER", "-in", str(tmp_path / "sig.der"),
+                    "-content", str(tmp_path / "content"), "-CAfile", str(tmp_path / "v2.crt"), "-purpose", "any",
+                    "-out", "/dev/null"], check=True, capture_output=True)
+
+
 def _boot(image: Path, secure_boot: bool, cert: Path | None, log: Path) -> str:
     from reprobuild.vm import QemuConfig, run_until
 
