@@ -46,8 +46,9 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
       cpio       image.cpio — newc, sorted, renumbered inodes
     and OUTPUT.manifest.json describing what was built from which lock.
 
-    Each stage (installed packages, configured tree, file system, initrd, output) is cached in
-    the store under a key of its inputs; a rebuild re-runs only the stages whose inputs changed.
+    Each stage (package payloads, installed packages, configured tree, tools tree, file system,
+    initrd, UKI + ESP, output) is cached in the store under a key of its inputs; a rebuild
+    re-runs only the stages whose inputs changed (--no-cache: none is read or written).
 
     Without --locked a missing or out-of-date lock is (re)created first, keeping pinned versions.
     """
