@@ -239,3 +239,31 @@ def test_verify_rebuild_ignores_a_poisoned_cache_in_a_shared_store(tmp_path: Pat
                                             VerifyOptions(rebuild=True, store=store_path, definition=d),
                                             lambda _m: None)
     assert check.passed is False and summary
+
+
+def test_two_images_share_the_unpacked_package(tmp_path: Path, base_deb: Path) -> None:
+    """The per-.deb stage: the package's payload is decompressed once per store, whatever uses it."""
+    d, store_path = _definition(tmp_path / "fx", base_deb)
+    _build(d, store_path, tmp_path / "one")
+    (entry,) = (store_path / "cache/unpacked").glob("*.json")
+    doc = json.loads(entry.read_text())
+    obj = Store(store_path).path(doc["object"])
+    made = obj.stat().st_mtime_ns
+    with open(d / "reprobuild.conf", "a") as f:  # another image: other hostname, so another tree
+        f.write("\n[Content]\nHostname=other\n")
+    from dataclasses import replace
+
+    from reprobuild.config import load_spec
+    from reprobuild.lockfile import load_lock, save_lock
+
+    spec = load_spec(d)
+    save_lock(replace(load_lock(d / "reprobuild.lock"), config_digest=spec.digest(), config=spec.digest_input()),
+              d / "reprobuild.lock")
+    other = _build(d, store_path, tmp_path / "two")
+    assert other["cache_hits"] == []  # a new image: no install, tree or output entry fits
+    assert list((store_path / "cache/unpacked").glob("*.json")) == [entry]
+    assert obj.stat().st_mtime_ns == made  # not decompressed again
+    from reprobuild.debian.deb import DebFile
+
+    with DebFile(obj) as deb:
+        assert [m.name for m in deb.members][-1] == "data.tar"  # the decompressed member, for dpkg
