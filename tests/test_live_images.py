@@ -145,7 +145,7 @@ def test_bootable_rebuild_with_another_verity_key_reuses_fs_initrd_and_esp(boota
     import shutil
 
     d = tmp_path / "def"
-    shutil.copytree(bootable_disk.directory, d, ignore=shutil.ignore_patterns("out-*"))
+    shutil.copytree(bootable_disk.directory, d, symlinks=True, ignore=shutil.ignore_patterns("out-*"))
     run_reprobuild("keygen", "--verity", "--out", str(tmp_path / "v2"))
     conf = []
     for line in (d / "reprobuild.conf").read_text().splitlines():
