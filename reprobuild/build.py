@@ -184,7 +184,15 @@ def materialize_tree(spec: ImageSpec, lock: Lock, store: Store, cache, keys: Tre
     lower = cache.tree_dir(installed)
     scratch = cache.scratch("overlay")
     mounts.callback(shutil.rmtree, scratch, True)
-    mounts.enter_context(writable_view(lower, scratch, out))
+    try:
+        mounts.enter_context(writable_view(lower, scratch, out))
+    except BuildError as e:
+        # E.g. a store on a file system overlayfs refuses as upper layer (itself an overlay,
+        # NFS): the copy gives the same bytes.
+        say(f"note: {e.message}; copying the cached tree instead")
+        shutil.rmtree(out, ignore_errors=True)
+        _configure_copy(spec, lock, store, cache, keys, installed, out, say, keep_tree)
+        return
     _configure_stage(spec, lock, out, say)
     if keep_tree:
         cache.put_tree("tree", keys.tree, out, epoch)

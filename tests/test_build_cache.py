@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Runs the CLI with overlays reported unavailable: the copy fallback.
 NO_OVERLAY = ("import sys, reprobuild.rootfs.overlay as o; o.unavailable_reason = lambda *a: 'disabled by the test'; "
               "from reprobuild.cli import main; sys.argv[0] = 'reprobuild'; main()")
+# Runs the CLI with an overlay mount the kernel refuses (as on a store that overlayfs cannot use).
+FAILING_MOUNT = ("import sys, reprobuild.rootfs.overlay as o; o.OPTIONS = 'no_such_option=1'; "
+                 "from reprobuild.cli import main; sys.argv[0] = 'reprobuild'; main()")
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +56,11 @@ def _definition(root: Path, base_deb: Path) -> tuple[Path, Path]:
     return d, root / "store"
 
 
-def _build(d: Path, store: Path, out: Path, *extra: str, overlay: bool = True, messages: bool = False) -> dict:
+def _build(d: Path, store: Path, out: Path, *extra: str, overlay: bool | str = True, messages: bool = False) -> dict:
     """Build through the CLI; returns its --json document, or (``messages``) its progress lines
-    in ``stderr`` and the manifest it wrote."""
-    head = [sys.executable, "-m", "reprobuild"] if overlay else [sys.executable, "-c", NO_OVERLAY]
+    in ``stderr`` and the manifest it wrote. ``overlay``: False (unavailable) or a -c program."""
+    head = ([sys.executable, "-m", "reprobuild"] if overlay is True else
+            [sys.executable, "-c", NO_OVERLAY if overlay is False else overlay])
     env = {**os.environ, "REPROBUILD_STORE": str(store)}
     env.pop("SOURCE_DATE_EPOCH", None)
     mode = () if messages else ("--json",)
@@ -123,6 +127,17 @@ def test_copy_fallback_with_the_cache_on(tmp_path: Path, base_deb: Path) -> None
     uncached = _build(d, store, tmp_path / "o", "--no-cache")
     assert _sha(tmp_path / "f/image.tar") == _sha(tmp_path / "o/image.tar") == uncached["manifest"]["sha256"]
     assert uncached["manifest"]["sha256"] != cached["manifest"]["sha256"]
+
+
+def test_a_refused_overlay_mount_falls_back_to_a_copy(tmp_path: Path, base_deb: Path) -> None:
+    d, store = _definition(tmp_path / "fx", base_deb)
+    _build(d, store, tmp_path / "c")  # caches the installed tree
+    (d / "extra/etc/motd").write_text("edited\n")
+    refused = _build(d, store, tmp_path / "r", overlay=FAILING_MOUNT, messages=True)
+    assert "cannot mount an overlay" in refused["stderr"] and "copying the cached tree instead" in refused["stderr"]
+    uncached = _build(d, store, tmp_path / "u", "--no-cache")
+    assert refused["manifest"]["sha256"] == uncached["manifest"]["sha256"] == _sha(tmp_path / "r/image.tar")
+    assert not any(Path(store, "tmp").iterdir())
 
 
 def test_output_in_place_is_not_copied_again_unless_it_changed(tmp_path: Path, base_deb: Path) -> None:
