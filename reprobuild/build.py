@@ -351,7 +351,7 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
             say(f"note: {spec.signing.lock_key} not found: the provenance statement is not signed")
         result.outputs["provenance"] = write_provenance(lock, spec.lock_path, manifest, out_dir, key,
                                                         list(options.argv))
-    cache.register_root(root_name(spec.directory))
+    cache.register_root(root_name(spec.directory), keep_previous=cached is not None)
     result.cache_hits = list(cache.hits)
     return result
 

@@ -496,11 +496,16 @@ class Cache:
         except (OSError, ValueError):
             return False
 
-    def register_root(self, name: str, extra: Iterable[str] = ()) -> None:
+    def register_root(self, name: str, extra: Iterable[str] = (), *, keep_previous: bool = False) -> None:
         """Keep this build's cache objects (and ``extra``) alive across ``store gc``: replaces the
-        previous root of the same name, so superseded entries become collectable."""
+        previous root of the same name, so superseded entries become collectable.
+
+        ``keep_previous``: add to the previous root instead — for a build served whole from the
+        output cache, which never looked at the earlier stages: they are still the current ones,
+        and the next edit needs them."""
         if self.enabled:
-            self.store.register_root(name, sorted(self.used | set(extra)))
+            previous = self.store.roots().get(name, frozenset()) if keep_previous else frozenset()
+            self.store.register_root(name, sorted(self.used | set(extra) | previous))
 
     # -- extracted trees -----------------------------------------------------------------------
     def verify_trees(self) -> list[tuple[str, str]]:

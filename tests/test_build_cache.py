@@ -282,3 +282,16 @@ def test_two_images_share_the_unpacked_package(tmp_path: Path, base_deb: Path) -
 
     with DebFile(obj) as deb:
         assert [m.name for m in deb.members][-1] == "data.tar"  # the decompressed member, for dpkg
+
+
+def test_gc_after_an_unchanged_rebuild_keeps_what_the_next_edit_needs(tmp_path: Path, base_deb: Path) -> None:
+    """A rebuild served whole from the output cache never looks at the earlier stages; gc after it
+    must still keep them (the image directory's root keeps the previous build's objects)."""
+    d, store_path = _definition(tmp_path / "fx", base_deb)
+    out = tmp_path / "out"
+    _build(d, store_path, out)
+    assert _build(d, store_path, out)["cache_hits"] == ["tree"]  # tar: the tree entry is the output
+    report = Store(store_path).gc()
+    assert report.removed == ()
+    (d / "extra/etc/motd").write_text("edited\n")
+    assert _build(d, store_path, out)["cache_hits"] == ["install"]
