@@ -163,13 +163,9 @@ def make_definition(root: Path, reference: str, index_store: Path, extra_conf: s
             line = f"{key}={keys / _KEY_FILES[key]}"
         conf.append(line)
     (directory / "reprobuild.conf").write_text("\n".join(conf) + "\n" + extra_conf)
-    for rel, text in (extra_files or {}).items():
-        path = directory / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if text.startswith("symlink:"):
-            path.symlink_to(text.removeprefix("symlink:"))
-        else:
-            path.write_text(text)
+    from tests.live_images import write_files  # the live tests' definitions are made the same way
+
+    write_files(directory, extra_files or {})
     check(measure(reprobuild("lock", "-C", str(directory), "--store", str(index_store), "-q")), "reprobuild lock")
     return directory
 

@@ -21,7 +21,6 @@ Targets (issue 4): cold no slower than mmdebstrap; warm at least 2× faster than
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import shutil
@@ -49,6 +48,7 @@ from bench._stagebench import (
     update_docs_section,
     wait_for_quiet,
 )
+from reprobuild.fileio import sha256_file
 
 
 def tar_packages(path: Path) -> int | None:
@@ -59,14 +59,6 @@ def tar_packages(path: Path) -> int | None:
                 text = tf.extractfile(member).read().decode("utf-8", "replace")  # type: ignore[union-attr]
                 return sum(1 for line in text.splitlines() if line.startswith("Status: install ok installed"))
     return None
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run_reprobuild(directory: Path, store: Path, out: Path, *extra: str) -> tuple[Measured, dict]:
@@ -138,12 +130,12 @@ def main() -> int:
         #    that is --no-cache (otherwise the unchanged build would be a cache hit: row 3b).
         cache = has_no_cache_flag()
         m, j = run_reprobuild(directory, store, work / "out-warm", *(["--no-cache"] if cache else []))
-        same = sha256(work / "out-cold/image.tar") == sha256(work / "out-warm/image.tar")
+        same = sha256_file(work / "out-cold/image.tar") == sha256_file(work / "out-warm/image.tar")
         record("warm", "reprobuild, warm store" + (" --no-cache" if cache else ""), m, work / "out-warm/image.tar",
                stage_note(j) + f"; tar {'identical to' if same else 'DIFFERS from'} cold")
         if cache:
             m, j = run_reprobuild(directory, store, work / "out-hit")
-            same = sha256(work / "out-cold/image.tar") == sha256(work / "out-hit/image.tar")
+            same = sha256_file(work / "out-cold/image.tar") == sha256_file(work / "out-hit/image.tar")
             record("hit", "reprobuild, warm store + stage cache", m, work / "out-hit/image.tar",
                    stage_note(j) + f"; tar {'identical to' if same else 'DIFFERS from'} cold")
         # 4. mmdebstrap with a .deb cache (primed by one uncounted run).

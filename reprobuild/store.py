@@ -35,6 +35,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import stat
 import tarfile
 import time
@@ -827,8 +828,6 @@ class Store:
 
 
 def _rmtree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
 
 

@@ -289,13 +289,7 @@ def verify_disk(image: Path, manifest: dict[str, Any], lock: Lock, certificates:
     parts = list(disk.partitions) if disk else []
     sha, size, part_shas = hash_image(image, [_Extent(p.offset(ss), p.size(ss)) for p in parts])
 
-    problems = []
-    if manifest.get("sha256") != sha:
-        problems.append(f"sha256 is {sha}, the manifest says {manifest.get('sha256')}")
-    if manifest.get("size") != size:
-        problems.append(f"size is {size}, the manifest says {manifest.get('size')}")
-    checks.append(failed("image-digest", "; ".join(problems)) if problems else
-                  passed("image-digest", f"sha256 {sha}"))
+    checks.append(digest_check(manifest, sha, size))
     if disk is None:
         return checks
 
@@ -550,9 +544,14 @@ def _check_uki(image: Path, ss: int, roles: dict[str, Any], manifest: dict[str, 
 # -- tar, cpio and directory outputs -------------------------------------------------------------
 
 
-def _file_sha256(path: Path) -> tuple[str, int]:
-    sha, size, _ = hash_image(path, [])
-    return sha, size
+def digest_check(manifest: dict[str, Any], sha: str, size: int) -> Check:
+    """``image-digest``: the output's sha256 and size are the ones its manifest records."""
+    problems = []
+    if manifest.get("sha256") != sha:
+        problems.append(f"sha256 is {sha}, the manifest says {manifest.get('sha256')}")
+    if manifest.get("size") != size:
+        problems.append(f"size is {size}, the manifest says {manifest.get('size')}")
+    return failed("image-digest", "; ".join(problems)) if problems else passed("image-digest", f"sha256 {sha}")
 
 
 def dpkg_status_packages(status: str) -> list[str]:
@@ -590,14 +589,8 @@ def verify_archive(image: Path, manifest: dict[str, Any], lock: Lock, fmt: str) 
         checks.append(skipped("image-digest", "a directory output's manifest records no digest "
                                               "(the rebuild compares its content)"))  # fmt: skip
     else:
-        sha, size = _file_sha256(image)
-        problems = []
-        if manifest.get("sha256") != sha:
-            problems.append(f"sha256 is {sha}, the manifest says {manifest.get('sha256')}")
-        if manifest.get("size") != size:
-            problems.append(f"size is {size}, the manifest says {manifest.get('size')}")
-        checks.append(failed("image-digest", "; ".join(problems)) if problems else
-                      passed("image-digest", f"sha256 {sha}"))
+        sha, size, _ = hash_image(image, [])
+        checks.append(digest_check(manifest, sha, size))
     try:
         status = _read_status(image, fmt)
     except (OSError, tarfile.TarError, UnicodeDecodeError) as e:

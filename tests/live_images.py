@@ -19,7 +19,6 @@ key, plus test keys), locked fresh: the committed locks may name versions the mi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from reprobuild.fileio import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_TIMEOUT = 1500
@@ -69,14 +70,6 @@ class BuiltPair:
         return sha256_file(self.output_a / name), sha256_file(self.output_b / name)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def reprobuild_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "reprobuild", *args]
 
@@ -113,14 +106,19 @@ def make_definition(root: Path, reference: str, keys: Keys, extra_conf: str = ""
              f"VerityCertificate={keys.verity_crt}\nSecureBootKey={keys.sb_key}\n"
              f"SecureBootCertificate={keys.sb_crt}\n{extra_conf}")
     (directory / "reprobuild.conf").write_text(conf)
-    for rel, text in (extra_files or {}).items():
+    write_files(directory, extra_files or {})
+    return directory
+
+
+def write_files(directory: Path, files: dict[str, str]) -> None:
+    """Write ``files`` (relative path → text, or ``"symlink:TARGET"``) below ``directory``."""
+    for rel, text in files.items():
         path = directory / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         if text.startswith("symlink:"):
             path.symlink_to(text.removeprefix("symlink:"))
         else:
             path.write_text(text)
-    return directory
 
 
 def build_pair(directory: Path, warm_store: Path, cold_store: Path, fmt: str, name: str) -> BuiltPair:
