@@ -70,9 +70,9 @@ class Built:
 
 def split_tree(lines: list[tuple[float, str]], tree_seconds: float) -> dict[str, float]:
     """unpack / dpkg / settings+normalise from the progress lines of the root-tree stage (only the
-    lines between "building the root tree" and "normalising the tree": the tools tree and the
+    lines between "installing packages" and "normalising the tree": the tools tree and the
     initrd tree, built later, print the same kind of lines)."""
-    start = next((i for i, (_, m) in enumerate(lines) if m.startswith("building the root tree")), None)
+    start = next((i for i, (_, m) in enumerate(lines) if m.startswith("installing packages")), None)
     if start is None:
         return {"tree": tree_seconds}
     first_extract = dpkg = norm = None

@@ -64,70 +64,35 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from reprobuild.codedigest import CodeDigests
+from reprobuild.digest import json_digest
 from reprobuild.errors import BuildError, ReprobuildError
 from reprobuild.fileio import write_atomic
-from reprobuild.lockfile import PackageSet
 from reprobuild.store import Store, check_sha256
 
 # Bump when the meaning of a key or the layout of a cached artefact changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 INDEX_DIR = "cache"
-STAGES = ("unpacked", "install", "tree", "tools", "fs", "initrd", "esp", "output")
-# Bump when debian.deb.write_decompressed changes what it writes.
-UNPACKED_FORMAT = 1
-_CODE_ROOT = Path(__file__).resolve().parent
+# Stage names are file names in the index: lowercase words.
+_STAGE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+# The code that writes a decompressed package (its digest enters the ``unpacked`` keys).
+UNPACKED_CODE = "reprobuild.debian.deb"
 
 Say = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------------------------
-# Keys (pure)
-
-
-def canonical_json(value: Any) -> bytes:
-    """Sorted keys, no whitespace, UTF-8: the same inputs always give the same bytes."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def stage_key(stage: str, inputs: Mapping[str, Any]) -> str:
-    """The key of ``stage`` for ``inputs`` (JSON data): 64 hex digits. Pure."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown cache stage {stage!r}")
-    blob = canonical_json({"format": CACHE_FORMAT, "stage": stage, "inputs": inputs})
-    return hashlib.sha256(b"reprobuild cache\0" + blob).hexdigest()
-
-
-# The code that shapes stage outputs (relative to the package): a change to any of it invalidates
-# every stage. Commands, locking, fetching, diffing and verification are left out on purpose —
-# they cannot change what a stage produces from its inputs, and editing them must keep the cache.
-CODE_PATHS = ("rootfs", "image", "debian/deb.py", "build.py", "assemble.py", "cache.py", "tools.py",
-              "lockfile.py", "config.py")
-
-
-def code_digest(root: Path = _CODE_ROOT, paths: Sequence[str] = CODE_PATHS) -> str:
-    """sha256 over the sources that build stages (:data:`CODE_PATHS`), so that a change to that
-    code invalidates the cache. Conservative: every such edit invalidates every stage. Cost:
-    reads ≈0.4 MB."""
-    h = hashlib.sha256()
-    files: list[Path] = []
-    for rel in paths:
-        p = root / rel
-        files += sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.is_file() else []
-    for p in sorted(set(files)):
-        if "__pycache__" in p.parts:
-            continue
-        h.update(p.relative_to(root).as_posix().encode() + b"\0")
-        h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
+# Content digests (pure over the files they read)
 
 
 def content_digest(path: Path) -> str:
@@ -184,70 +149,6 @@ def file_digest(path: Path | None) -> str | None:
         raise BuildError(f"{path}: {e.strerror}") from e
 
 
-def package_set_inputs(package_set: PackageSet) -> dict[str, Any]:
-    """Everything of a locked set that the tree builder reads (see build.planned_packages)."""
-    return {
-        "name": package_set.name,
-        "packages": [[p.name, p.version, p.architecture, p.sha256, p.essential, p.priority,
-                      list(p.depends), list(p.pre_depends), p.reason.startswith("dependency")]
-                     for p in package_set.packages],
-    }  # fmt: skip
-
-
-def install_inputs(image_set: PackageSet, skeleton_digests: Sequence[str], hostname: str | None, epoch: int,
-                   code: str) -> dict[str, Any]:
-    """Stage ``install``: skeleton trees, then every locked package installed by dpkg.
-
-    The hostname is an input because maintainer scripts run with it as the sandbox's hostname."""
-    return {"packages": package_set_inputs(image_set), "skeleton_trees": list(skeleton_digests),
-            "hostname": hostname, "epoch": epoch, "code": code}
-
-
-def tree_inputs(install_key: str, settings: Mapping[str, Any], extra_digests: Sequence[str],
-                script_digests: Sequence[str], epoch: int, code: str) -> dict[str, Any]:
-    """Stage ``tree``: extra trees, scripts, settings, RemoveFiles=, normalisation.
-
-    ``settings`` are the TreeSettings fields other than the tree and script paths (whose content
-    digests are given instead: moving a checkout must not invalidate the cache)."""
-    return {"install": install_key, "settings": dict(settings), "extra_trees": list(extra_digests),
-            "postinst_scripts": list(script_digests), "epoch": epoch, "code": code}
-
-
-def tools_inputs(tools_set: PackageSet, epoch: int, code: str) -> dict[str, Any]:
-    return {"packages": package_set_inputs(tools_set), "epoch": epoch, "code": code}
-
-
-def fs_inputs(tree_key: str, kind: str, fs_uuid: str, label: str, read_only: bool, layout: str,
-              efi_dir: bool, epoch: int, tools_id: Mapping[str, Any], code: str) -> dict[str, Any]:
-    return {"tree": tree_key, "kind": kind, "uuid": fs_uuid, "label": label, "read_only": read_only,
-            "layout": layout, "efi_dir": efi_dir, "epoch": epoch, "tools": dict(tools_id), "code": code}
-
-
-def initrd_inputs(initrd_set: PackageSet, kernel_version: str, modules_digest: str,
-                  wanted_modules: Sequence[str], epoch: int, code: str) -> dict[str, Any]:
-    return {"packages": package_set_inputs(initrd_set), "kernel_version": kernel_version,
-            "modules": modules_digest, "wanted": list(wanted_modules), "epoch": epoch, "code": code}
-
-
-def esp_inputs(cmdline: str, kernel_sha256: str, stub_sha256: str, initrd_sha256: str, os_release: str,
-               kernel_version: str, bootloader: str, sdboot_sha256: str | None, secure_boot_key: str | None,
-               secure_boot_cert: str | None, seed: str, epoch: int, tools_id: Mapping[str, Any],
-               code: str) -> dict[str, Any]:
-    """Stage ``esp``: the UKI (assembled, maybe signed) and the FAT image that carries it."""
-    return {"cmdline": cmdline, "kernel": kernel_sha256, "stub": stub_sha256, "initrd": initrd_sha256,
-            "os_release": os_release, "kernel_version": kernel_version, "bootloader": bootloader,
-            "sdboot": sdboot_sha256, "secure_boot_key": secure_boot_key, "secure_boot_cert": secure_boot_cert,
-            "seed": seed, "epoch": epoch, "tools": dict(tools_id), "code": code}
-
-
-def output_inputs(tree_key: str, fmt: str, disk: Mapping[str, Any] | None, epoch: int,
-                  tools_id: Mapping[str, Any], code: str) -> dict[str, Any]:
-    """Stage ``output``: the requested format of the tree; for disks, ``disk`` holds every setting
-    and key digest the disk stage reads (see :func:`disk_settings`)."""
-    return {"tree": tree_key, "format": fmt, "disk": dict(disk) if disk is not None else None,
-            "epoch": epoch, "tools": dict(tools_id), "code": code}
-
-
 # --------------------------------------------------------------------------------------------
 # The cache
 
@@ -294,19 +195,23 @@ class Cache:
         self.say = say
         self.index = store.root / INDEX_DIR
         self.used: set[str] = set()
-        self.hits: list[str] = []
-        self.misses: list[str] = []
+        self._unpacked: str | None = None
+
+    def _unpacked_code(self) -> str:
+        if self._unpacked is None:
+            self._unpacked = CodeDigests().digest(UNPACKED_CODE)
+        return self._unpacked
 
     # -- index ---------------------------------------------------------------------------------
     def _index_file(self, stage: str, key: str) -> Path:
-        if stage not in STAGES:
+        if not _STAGE_NAME.fullmatch(stage):
             raise ValueError(f"unknown cache stage {stage!r}")
         check_sha256(key)
         return self.index / stage / f"{key}.json"
 
     def get(self, stage: str, key: str, *, record: bool = True) -> Entry | None:
         """The entry for ``key`` if its object (if any) is present with the recorded size.
-        ``record=False``: not listed in :attr:`hits`/:attr:`misses` (per-package lookups)."""
+        ``record=False``: a peek — the object is not counted as used by this build."""
         if not self.enabled:
             return None
         try:
@@ -319,12 +224,8 @@ class Cache:
                 if self.store.path(entry.object).stat().st_size != entry.size:
                     raise ValueError("size differs")
         except (OSError, ValueError, KeyError, TypeError, ReprobuildError):
-            if record:
-                self.misses.append(stage)
             return None
-        if record:
-            self.hits.append(stage)
-        if entry.object:
+        if entry.object and record:
             self.used.add(entry.object)
         return entry
 
@@ -339,6 +240,12 @@ class Cache:
         if not self.enabled:
             return None
         return self._record(Entry(stage, key, None, 0, dict(meta)))
+
+    def alias(self, entry: Entry, key: str) -> Entry | None:
+        """Record ``entry``'s object and metadata under a second key of the same stage."""
+        if not self.enabled or key == entry.key:
+            return None
+        return self._record(Entry(entry.stage, key, entry.object, entry.size, dict(entry.meta)))
 
     def put_file(self, stage: str, key: str, path: Path, meta: Mapping[str, Any] | None = None, *,
                  durable: bool = False) -> Entry | None:
@@ -414,7 +321,7 @@ class Cache:
         use; the store's own .deb when the cache is off. Feeds dpkg and the Essential extractor."""
         if not self.enabled:
             return self.store.path(sha256)
-        key = stage_key("unpacked", {"deb": check_sha256(sha256), "format": UNPACKED_FORMAT})
+        key = json_digest({"deb": check_sha256(sha256), "code": self._unpacked_code()}, b"reprobuild unpacked\0")
         entry = self.get("unpacked", key, record=False)
         if entry is None:
             from reprobuild.debian.deb import write_decompressed

@@ -49,6 +49,7 @@ from typing import Any
 
 from reprobuild.errors import BuildError, UsageError
 from reprobuild.fileio import sha256_file
+from reprobuild.manifest import OUTPUT_FILES
 
 Say = Callable[[str], None]
 
@@ -56,7 +57,6 @@ VARIATIONS = ("build-path", "time", "timezone", "locale", "umask", "hostname", "
 TIME_SHIFT = "+397d"  # more than a year and not a whole number of weeks: dates and weekdays move
 VARIANT_TZ = "Pacific/Kiritimati"
 VARIANT_HOSTNAME = "reprobuild-check-variant"
-OUTPUT_NAMES = {"directory": "image", "tar": "image.tar", "cpio": "image.cpio", "disk": "image.raw"}
 
 
 class CheckError(BuildError):
@@ -250,7 +250,7 @@ def run_build(run: BuildRun, fmt: str, timeout: float | None = None) -> Path:
     if r.returncode != 0:
         tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-10:])
         raise CheckError(f"a check build failed (exit status {r.returncode}):\n{tail}")
-    return run.output / OUTPUT_NAMES[fmt]
+    return run.output / OUTPUT_FILES[fmt]
 
 
 def output_digest(path: Path) -> str:

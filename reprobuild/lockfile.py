@@ -13,6 +13,7 @@ a configured mirror, or a snapshot archive.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,11 @@ class LockedPackage:
     pre_depends: tuple[str, ...]  # names of locked packages its Pre-Depends chose
     reason: str = ""
     urls: tuple[str, ...] = ()  # absolute URLs, only when a mirror is configured
+
+    @property
+    def pin(self) -> str:
+        """``name=version:architecture``, the form manifests and messages name a package in."""
+        return f"{self.name}={self.version}:{self.architecture}"
 
     @property
     def filename(self) -> str:
@@ -228,3 +234,8 @@ def save_lock(lock: Lock, path: Path) -> bytes:
     data = dumps(lock)
     write_atomic(path, data)
     return data
+
+
+def lock_digest(lock: Lock) -> str:
+    """``sha256:<hex>`` of the lock's canonical bytes: what manifests and provenance name it by."""
+    return "sha256:" + hashlib.sha256(dumps(lock)).hexdigest()

@@ -33,9 +33,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from reprobuild import __version__
+from reprobuild.digest import canonical_json
 from reprobuild.errors import ReprobuildError, VerificationFailed
 from reprobuild.fileio import write_atomic
 from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, dumps
+from reprobuild.manifest import output_file
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -45,9 +47,6 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 BUILDER_ID = "urn:reprobuild:builder"
 BUILD_TYPE = "urn:reprobuild:build-type:locked-image:v1"
 PROVENANCE_SUFFIX = ".intoto.jsonl"
-
-_OUTPUT_NAMES = {"disk": "image.raw", "ddi": "image.raw", "tar": "image.tar", "cpio": "image.cpio",
-                 "directory": "image"}  # fmt: skip
 
 
 class ProvenanceInvalid(VerificationFailed):
@@ -67,12 +66,11 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
 
 
-def canonical(data: Any) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+canonical = canonical_json
 
 
 def output_name(manifest: dict[str, Any]) -> str:
-    return _OUTPUT_NAMES[str(manifest.get("format"))]
+    return output_file(str(manifest.get("format")))
 
 
 def make_statement(lock: Lock, lock_bytes: bytes, lock_signature: dict[str, str] | None,

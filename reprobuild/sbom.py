@@ -27,7 +27,7 @@ from typing import Any
 
 from reprobuild import __version__
 from reprobuild.errors import UsageError
-from reprobuild.lockfile import Lock, LockedPackage
+from reprobuild.lockfile import Lock, LockedPackage, lock_digest
 from reprobuild.provenance import purl
 
 FORMATS = ("spdx", "cyclonedx")
@@ -173,8 +173,6 @@ def _created(lock: Lock) -> str:
 
 
 def _lock_hex(lock: Lock) -> str:
-    from reprobuild.build import lock_digest
-
     return lock_digest(lock).removeprefix("sha256:")
 
 

@@ -2,8 +2,8 @@
 
 ``[Tools] ToolsTree=lock`` (the default): the lock carries a ``tools`` package set — erofs-utils,
 squashfs-tools, e2fsprogs, dosfstools, mtools and the Essential set, from ``[Tools] Release=``
-or the image's release (``reprobuild.lock``). The build installs that set into a *tools tree*
-(``rootfs.tree.build_tree``, cached like any stage) and runs every mkfs/mtools call chrooted
+or the image's release (``reprobuild.lock``). The ``tools`` stage (:mod:`reprobuild.stages.tools`)
+installs that set into a *tools tree*; this module runs every mkfs/mtools call chrooted
 into it through the sandbox (``rootfs.sandbox.run_in_tree``), with the input directories bound
 read-only and the output directory read-write. The image bytes then depend only on the lock:
 the host's own erofs-utils, squashfs-tools or dosfstools are never run (tested by shadowing them).
@@ -19,15 +19,15 @@ formats records a source path), umask 022, a fixed hostname, no network.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reprobuild.errors import BuildError, LockError, ToolMissing
+from reprobuild.errors import ToolMissing
 from reprobuild.image.fs import _PACKAGES as _FS_PACKAGES
 from reprobuild.image.fs import HOST, ToolRunner
+from reprobuild.lockfile import Lock
 
 Say = Callable[[str], None]
 
@@ -91,81 +91,24 @@ def host_versions() -> dict[str, str]:
     return out
 
 
-class Tools:
-    """The tools of one build: their identity (for cache keys), the manifest entry, and a runner,
-    materialising the tools tree on first use (from the cache, else built: ≈10–20 s)."""
+def tool_runner(tree: Path | None, versions: Mapping[str, str]) -> ToolRunner:
+    """The runner for a ``tools`` stage artifact: the host's programs when it has no tree
+    (``ToolsTree=host``), else the locked tools tree's."""
+    return HOST if tree is None else TreeRunner(tree, dict(versions))
 
-    def __init__(self, spec, lock, store, cache, work: Path, say: Say = lambda _m: None) -> None:
-        self.mode = spec.tools.tools_tree
-        self.lock, self.store, self.cache, self.work, self.say = lock, store, cache, work, say
-        self._runner: ToolRunner | None = None
-        self._host: dict[str, str] | None = None
-        if self.mode == "lock" and not lock.has_set("tools"):
-            raise LockError("[Tools] ToolsTree=lock but the lock has no tools package set",
-                            hint="run reprobuild lock")
 
-    def _host_versions(self) -> dict[str, str]:
-        if self._host is None:
-            self._host = host_versions()
-        return self._host
-
-    def identity(self) -> dict[str, Any]:
-        """What the output bytes depend on: the locked set (name, version, sha256), or the host
-        package versions."""
-        if self.mode == "host":
-            return {"tree": "host", "versions": self._host_versions()}
-        tools = self.lock.package_set("tools")
-        return {"tree": "lock", "packages": [[p.name, p.version, p.architecture, p.sha256] for p in tools.packages]}
-
-    def manifest(self) -> dict[str, Any]:
-        """The manifest's ``tools``: every tool with the version of the package that ran it."""
-        if self.mode == "host":
-            versions = self._host_versions()
-            return {"tree": "host",
-                    "tools": {t: {"package": TOOL_PACKAGES[t], "version": versions[t]} for t in sorted(TOOL_PACKAGES)}}
-        tools = self.lock.package_set("tools")
-        by_name = tools.by_name()
-        return {
-            "tree": "lock", "release": tools.release,
-            "tools": {t: {"package": pkg, "version": by_name[pkg].version if pkg in by_name else "missing"}
-                      for t, pkg in sorted(TOOL_PACKAGES.items())},
-            "packages": [f"{p.name}={p.version}:{p.architecture}" for p in tools.packages],
-        }  # fmt: skip
-
-    def runner(self) -> ToolRunner:
-        if self._runner is None:
-            self._runner = HOST if self.mode == "host" else self._tree_runner()
-        return self._runner
-
-    def _tree_runner(self) -> TreeRunner:
-        from reprobuild.build import planned_packages
-        from reprobuild.cache import code_digest, stage_key, tools_inputs
-        from reprobuild.rootfs.plan import TreeSettings
-        from reprobuild.rootfs.tree import build_tree
-
-        tools = self.lock.package_set("tools")
-        epoch = self.lock.source_date_epoch
-        key = stage_key("tools", tools_inputs(tools, epoch, code_digest()))
-        versions = {p.name: p.version for p in tools.packages}
-        cache = self.cache if self.cache is not None and self.cache.enabled else None
-        entry = cache.get("tools", key) if cache is not None else None
-        if entry is not None:
-            # Used in place: the sandbox mounts everything it needs on tmpfs and binds, so
-            # running a tool never writes to the tools tree.
-            self.say("tools tree: cached")
-            return TreeRunner(cache.tree_dir(entry), versions)
-        self.say(f"building the tools tree ({len(tools.packages)} packages from {tools.release})")
-        if cache is None:
-            tree = self.work / "tools-tree"
-            build_tree(planned_packages(tools), self.store.path, tree, TreeSettings(), epoch, progress=self.say)
-            return TreeRunner(tree, versions)
-        scratch = cache.scratch("tools")
-        try:
-            build_tree(planned_packages(tools), cache.deb_path, scratch / "tree", TreeSettings(), epoch,
-                       progress=self.say)
-            entry = cache.put_tree("tools", key, scratch / "tree", epoch, keep=True)
-            if entry is None:
-                raise BuildError("the tools tree could not be cached", hint="build with --no-cache")
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return TreeRunner(cache.tree_dir(entry), versions)
+def tools_manifest(mode: str, lock: Lock, host: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The manifest's ``tools``: every tool with the version of the package that ran it
+    (``host``: the host's versions, see :func:`host_versions`)."""
+    if mode == "host":
+        versions = dict(host) if host is not None else host_versions()
+        return {"tree": "host",
+                "tools": {t: {"package": TOOL_PACKAGES[t], "version": versions[t]} for t in sorted(TOOL_PACKAGES)}}
+    tools = lock.package_set("tools")
+    by_name = tools.by_name()
+    return {
+        "tree": "lock", "release": tools.release,
+        "tools": {t: {"package": pkg, "version": by_name[pkg].version if pkg in by_name else "missing"}
+                  for t, pkg in sorted(TOOL_PACKAGES.items())},
+        "packages": [p.pin for p in tools.packages],
+    }  # fmt: skip

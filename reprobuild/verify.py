@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from reprobuild.errors import ReprobuildError, VerificationFailed
-from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, loads
+from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, loads, lock_digest
 
 Say = Callable[[str], None]
 
@@ -209,15 +209,9 @@ def check_lock_signature(lock_path: Path, lock_bytes: bytes, trusted_key: Path |
     return passed(name, f"signed by trusted key {signature.key_id}")
 
 
-def lock_digest(lock: Lock) -> str:
-    from reprobuild.build import lock_digest as digest
-
-    return digest(lock)
-
-
 def lock_package_list(lock: Lock) -> list[str]:
     """The manifest's ``packages`` entries as the build writes them, from the lock alone."""
-    return [f"{p.name}={p.version}:{p.architecture}" for p in lock.package_set("image").packages]
+    return [p.pin for p in lock.package_set("image").packages]
 
 
 def check_manifest_lock(manifest: dict[str, Any], lock: Lock) -> Check:

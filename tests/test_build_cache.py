@@ -123,7 +123,7 @@ def test_copy_fallback_with_the_cache_on(tmp_path: Path, base_deb: Path) -> None
     (d / "extra/etc/motd").write_text("edited\n")
     fallback = _build(d, store, tmp_path / "f", overlay=False, messages=True)
     assert "copied, not overlaid (disabled by the test)" in fallback["stderr"]
-    assert "installed packages: cached" in fallback["stderr"]
+    assert "install: cached" in fallback["stderr"]
     uncached = _build(d, store, tmp_path / "o", "--no-cache")
     assert _sha(tmp_path / "f/image.tar") == _sha(tmp_path / "o/image.tar") == uncached["manifest"]["sha256"]
     assert uncached["manifest"]["sha256"] != cached["manifest"]["sha256"]
@@ -237,7 +237,7 @@ def test_verify_rebuild_ignores_a_poisoned_cache_in_a_shared_store(tmp_path: Pat
     index = store_path / "cache"
     (install_entry,) = (index / "install").glob("*.json")
     install = json.loads(install_entry.read_text())
-    for entry in (index / "tree").glob("*.json"):  # the tree stage is the tar output
+    for entry in (index / "tar").glob("*.json"):  # the tar stage's entry is the output
         doc = json.loads(entry.read_text())
         doc.update(object=install["object"], size=install["size"])
         entry.write_text(json.dumps(doc))
@@ -290,7 +290,7 @@ def test_gc_after_an_unchanged_rebuild_keeps_what_the_next_edit_needs(tmp_path: 
     d, store_path = _definition(tmp_path / "fx", base_deb)
     out = tmp_path / "out"
     _build(d, store_path, out)
-    assert _build(d, store_path, out)["cache_hits"] == ["tree"]  # tar: the tree entry is the output
+    assert _build(d, store_path, out)["cache_hits"] == ["tar"]  # nothing but the output is looked at
     report = Store(store_path).gc()
     assert report.removed == ()
     (d / "extra/etc/motd").write_text("edited\n")

@@ -78,12 +78,8 @@ def test_run_binds_paths_and_rewrites_argv_and_env(tmp_path: Path, monkeypatch: 
     assert seen["argv"] == ["x", str(work) + "-other"]
 
 
-def test_lock_mode_identity_and_manifest_name_locked_versions(tmp_path: Path) -> None:
-    tools = t.Tools(_spec("lock"), _tools_lock(), store=None, cache=None, work=tmp_path)
-    ident = tools.identity()
-    assert ident["tree"] == "lock"
-    assert ["erofs-utils", "1.8.6-1", ident["packages"][0][2], "a" * 64] == ident["packages"][0]
-    m = tools.manifest()
+def test_lock_mode_manifest_names_locked_versions() -> None:
+    m = t.tools_manifest("lock", _tools_lock())
     assert m["tree"] == "lock" and m["release"] == "bookworm"
     assert m["tools"]["mkfs.erofs"] == {"package": "erofs-utils", "version": "1.8.6-1"}
     assert m["tools"]["mksquashfs"]["version"] == "1:4.6.1-1"
@@ -92,31 +88,22 @@ def test_lock_mode_identity_and_manifest_name_locked_versions(tmp_path: Path) ->
     assert set(m["tools"]) == set(t.TOOL_PACKAGES)
 
 
-def test_lock_mode_needs_a_tools_set(tmp_path: Path) -> None:
+def test_lock_mode_needs_a_tools_set() -> None:
+    from reprobuild.build import plan
+
     with pytest.raises(LockError):
-        t.Tools(_spec("lock"), _lock_without_tools(), None, None, tmp_path)
+        plan(_spec("lock"), _lock_without_tools(), "disk")
 
 
-def test_host_mode_names_host_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(t, "host_versions", lambda: {k: "9.9" for k in t.TOOL_PACKAGES})
-    tools = t.Tools(_spec("host"), load_lock(REPO / "lock/minimal/reprobuild.lock"), None, None, tmp_path)
-    assert tools.identity() == {"tree": "host", "versions": {k: "9.9" for k in t.TOOL_PACKAGES}}
-    assert tools.manifest()["tools"]["mkfs.erofs"] == {"package": "erofs-utils", "version": "9.9"}
+def test_host_mode_names_host_versions(monkeypatch: pytest.MonkeyPatch) -> None:
     from reprobuild.image.fs import HOST
+    from reprobuild.stages.tools import HostToolsStage
 
-    assert tools.runner() is HOST
+    monkeypatch.setattr(t, "host_versions", lambda: {k: "9.9" for k in t.TOOL_PACKAGES})
+    m = t.tools_manifest("host", load_lock(REPO / "lock/minimal/reprobuild.lock"))
+    assert m["tools"]["mkfs.erofs"] == {"package": "erofs-utils", "version": "9.9"}
+    assert t.tool_runner(None, {}) is HOST
+    import reprobuild.stages.tools as st
 
-
-def test_tools_changing_changes_fs_and_output_keys(tmp_path: Path) -> None:
-    from reprobuild.cache import fs_inputs, stage_key
-
-    a = t.Tools(_spec("lock"), _tools_lock(), None, None, tmp_path).identity()
-    lock = _tools_lock()
-    tools_set = lock.package_set("tools")
-    bumped = dataclasses.replace(tools_set, packages=(dataclasses.replace(tools_set.packages[0], version="1.8.7-1"),)
-                                 + tools_set.packages[1:])
-    lock2 = dataclasses.replace(lock, sets=tuple(bumped if s.name == "tools" else s for s in lock.sets))
-    b = t.Tools(_spec("lock"), lock2, None, None, tmp_path).identity()
-    args = {"tree_key": "0" * 64, "kind": "erofs", "fs_uuid": "u", "label": "root", "read_only": True, "layout": "root",
-                "efi_dir": False, "epoch": 1, "code": "c"}
-    assert stage_key("fs", fs_inputs(tools_id=a, **args)) != stage_key("fs", fs_inputs(tools_id=b, **args))
+    monkeypatch.setattr(st, "host_versions", lambda: {k: "9.9" for k in t.TOOL_PACKAGES})
+    assert HostToolsStage().inputs(None) == {"host": {k: "9.9" for k in t.TOOL_PACKAGES}}  # type: ignore[arg-type]

@@ -83,6 +83,7 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
         click.echo(json.dumps({"outputs": {k: str(v) for k, v in result.outputs.items()},
                                "manifest": result.manifest, "timings": result.timings,
                                "cache_hits": result.cache_hits,
+                               "stages": [r.as_dict() for r in result.stages],
                                "seconds": round(elapsed, 3)}, indent=2, sort_keys=True))
         return
     if not quiet:

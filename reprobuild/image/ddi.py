@@ -21,14 +21,12 @@ from typing import Any, Literal
 from reprobuild.errors import BuildError, FormatError
 from reprobuild.fileio import sha256_file
 from reprobuild.image import gpt, ids, verity, veritysig
+from reprobuild.image.ids import data_fs_uuid, esp_fs_uuid  # noqa: F401 (re-exported)
 from reprobuild.x509 import certificate_fingerprint, key_matches_certificate, load_certificate, load_key
 
 VerityMode = Literal["signed", "hash", "no"]
 Layout = Literal["root", "usr"]
-_ROLES: dict[str, tuple[ids.Role, ids.Role, ids.Role]] = {
-    "root": (ids.Role.ROOT, ids.Role.ROOT_VERITY, ids.Role.ROOT_VERITY_SIG),
-    "usr": (ids.Role.USR, ids.Role.USR_VERITY, ids.Role.USR_VERITY_SIG),
-}
+_ROLES = ids.LAYOUT_ROLES
 
 
 class DdiError(BuildError):
@@ -83,7 +81,7 @@ class DdiResult:
 
     def manifest(self) -> dict[str, Any]:
         """JSON-ready description; the caller adds the lock digest and the package list."""
-        return {"format": "ddi", "file": self.path.name, "size": self.size, "sha256": self.sha256,
+        return {"file": self.path.name, "size": self.size, "sha256": self.sha256,
                 "architecture": self.architecture, "sector_size": self.sector_size,
                 "disk_guid": str(self.disk_guid), "verity": self.verity, "root_hash": self.root_hash,
                 "certificate_fingerprint": self.certificate_fingerprint,
@@ -91,19 +89,6 @@ class DdiResult:
 
 
 # -- identifiers the caller needs *before* building file systems ------------------------------------
-
-
-def data_fs_uuid(seed: bytes, architecture: str, layout: Layout = "root") -> uuid.UUID:
-    """UUID to give the root/usr file system: derived from the partition's *seed-derived* UUID
-    (as repart does, because the verity UUIDs only exist after the file system is built)."""
-    arch = ids.Architecture.parse(architecture)
-    t = ids.partition_type(_ROLES[layout][0], arch)
-    return ids.fs_uuid(ids.partition_uuid(seed, t.guid, 0))
-
-
-def esp_fs_uuid(seed: bytes) -> uuid.UUID:
-    """UUID (vfat: its first 32 bits are the volume id) for the ESP file system."""
-    return ids.fs_uuid(ids.partition_uuid(seed, ids.partition_type(ids.Role.ESP).guid, 0))
 
 
 # -- assembly ------------------------------------------------------------------------------------

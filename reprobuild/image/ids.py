@@ -249,3 +249,23 @@ def partition_uuids(seed: bytes, types: list[uuid.UUID]) -> list[uuid.UUID]:
         counts[t] = k + 1
         out.append(partition_uuid(seed, t, k))
     return out
+
+
+# The roles of the data, verity and verity signature partitions, per layout.
+LAYOUT_ROLES: dict[str, tuple[Role, Role, Role]] = {
+    "root": (Role.ROOT, Role.ROOT_VERITY, Role.ROOT_VERITY_SIG),
+    "usr": (Role.USR, Role.USR_VERITY, Role.USR_VERITY_SIG),
+}
+
+
+def data_fs_uuid(seed: bytes, architecture: str, layout: str = "root") -> uuid.UUID:
+    """UUID to give the root/usr file system: derived from the partition's *seed-derived* UUID
+    (as repart does, because the verity UUIDs only exist after the file system is built)."""
+    arch = Architecture.parse(architecture)
+    t = partition_type(LAYOUT_ROLES[layout][0], arch)
+    return fs_uuid(partition_uuid(seed, t.guid, 0))
+
+
+def esp_fs_uuid(seed: bytes) -> uuid.UUID:
+    """UUID (vfat: its first 32 bits are the volume id) for the ESP file system."""
+    return fs_uuid(partition_uuid(seed, partition_type(Role.ESP).guid, 0))

@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from reprobuild.config import ImageSpec
+    from reprobuild.lockfile import PackageSet
 
 
 @dataclass(frozen=True)
@@ -94,3 +99,35 @@ def plan_from_debs(debs: Sequence[Path]) -> tuple[list[PlannedPackage], dict[str
             depends=resolve(f.get("Depends", "")), pre_depends=resolve(f.get("Pre-Depends", "")),
         ))
     return plan, paths
+
+
+def planned_packages(package_set: PackageSet) -> list[PlannedPackage]:
+    """A locked package set in the form the root-tree builder takes."""
+    return [
+        PlannedPackage(name=p.name, version=p.version, architecture=p.architecture, sha256=p.sha256,
+                       essential=p.essential, priority=p.priority, depends=p.depends, pre_depends=p.pre_depends,
+                       auto_installed=p.reason.startswith("dependency"))
+        for p in package_set.packages
+    ]
+
+
+def package_set_inputs(package_set: PackageSet) -> dict[str, Any]:
+    """Everything of a locked set that the tree builder reads (see :func:`planned_packages`), as
+    cache-key data."""
+    return {
+        "name": package_set.name,
+        "packages": [[p.name, p.version, p.architecture, p.sha256, p.essential, p.priority,
+                      list(p.depends), list(p.pre_depends), p.reason.startswith("dependency")]
+                     for p in package_set.packages],
+    }  # fmt: skip
+
+
+def tree_settings(spec: ImageSpec) -> TreeSettings:
+    """The ``[Content]`` settings the root-tree builder applies."""
+    c = spec.content
+    return TreeSettings(
+        hostname=c.hostname, root_password=c.root_password, autologin=c.autologin, locale=c.locale,
+        timezone=c.timezone, machine_id=c.machine_id, skeleton_trees=c.skeleton_trees,
+        extra_trees=c.extra_trees, postinst_scripts=c.postinst_scripts, remove_files=c.remove_files,
+        clean_package_metadata=c.clean_package_metadata,
+    )

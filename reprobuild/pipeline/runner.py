@@ -1,0 +1,297 @@
+"""The one runner of build stages: keys from declarations, cache or run, timing, explanations.
+
+For each stage (see :mod:`reprobuild.pipeline.stage`) the runner derives
+
+* the **identity key**: sha256 of the canonical JSON of the stage's name and version, its
+  declared options and inputs, the identity keys of its ``upstream`` and ``reads`` stages, and
+  the digest of its module's import closure (:mod:`reprobuild.pipeline.codedigest`). It is known
+  before anything runs, so a build whose final stage hits touches nothing else;
+* for stages that read content from upstream artifacts, the **content key**: the same, with the
+  content it reads (:meth:`Stage.content`) in place of the ``reads`` stages' identities. Looked up
+  only when the identity key misses; a hit is recorded under the identity key as well.
+
+Artifacts are made lazily: asking for the final stage asks for its upstream artifacts only if
+it must run. ``--no-cache`` is this runner with a cache that never hits and never stores.
+
+Each stage's key parts are kept per image directory (``<store>/cache/explain/``) so that a miss
+can say which declared part changed since the previous build (mkosi's cache manifest diff).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reprobuild.cache import Entry
+from reprobuild.codedigest import CodeDigests
+from reprobuild.digest import json_digest
+from reprobuild.errors import BuildError
+from reprobuild.fileio import write_atomic
+from reprobuild.pipeline.context import BuildContext
+from reprobuild.pipeline.stage import Artifact, Stage
+
+# Bump when the meaning of keys changes in a way the code digests do not capture.
+KEY_FORMAT = 2
+
+
+@dataclass
+class StageReport:
+    """What happened to one stage: ``outcome`` is ``hit`` (identity key), ``content-hit``,
+    ``built``, or ``not needed`` (a later stage was served from the cache)."""
+
+    name: str
+    key: str
+    outcome: str = "not needed"
+    seconds: float = 0.0
+    changed: list[str] = field(default_factory=list)  # on a miss: key parts that differ from last time
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stage": self.name, "key": self.key, "outcome": self.outcome, "seconds": self.seconds,
+                "changed": list(self.changed)}
+
+
+def key_parts(stage: Stage, ctx: BuildContext, linked: Mapping[str, str], code: str,
+              content: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON data a key is the digest of. Pure given the stage's declarations."""
+    parts: dict[str, Any] = {
+        "format": KEY_FORMAT, "stage": stage.name, "version": stage.version,
+        "options": stage.options(ctx), "inputs": stage.inputs(ctx),
+        "upstream": dict(sorted(linked.items())), "code": code,
+    }
+    if content is not None:
+        parts["content"] = dict(content)
+    return parts
+
+
+def part_digests(parts: Mapping[str, Any]) -> dict[str, str]:
+    """One digest per named part (``options``, ``inputs.extra_trees``, ``upstream.tree``, ``code``
+    …), the unit in which a miss is explained."""
+    out: dict[str, str] = {}
+    for name, value in parts.items():
+        if isinstance(value, dict) and name in ("options", "inputs", "upstream", "content"):
+            for sub, v in value.items():
+                out[f"{name}.{sub}"] = json_digest(v)
+        else:
+            out[name] = json_digest(value)
+    return out
+
+
+def changed_parts(previous: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
+    return sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+
+
+class Runner:
+    """Runs the planned ``stages`` of one build (in plan order; each declares its upstreams)."""
+
+    def __init__(self, ctx: BuildContext, stages: Sequence[Stage], *, explain_name: str | None = None,
+                 code: CodeDigests | None = None) -> None:
+        self.ctx = ctx
+        self.stages = {s.name: s for s in stages}
+        self.order = [s.name for s in stages]
+        self.code = code or CodeDigests()
+        self.explain_name = explain_name
+        self._keys: dict[str, str] = {}
+        self._parts: dict[str, dict[str, str]] = {}
+        self._artifacts: dict[str, Artifact] = {}
+        self.reports: dict[str, StageReport] = {}
+        self._previous = self._load_explain()
+        for s in stages:
+            for dep in (*s.upstream, *s.reads):
+                if dep not in self.stages or self.order.index(dep) >= self.order.index(s.name):
+                    raise BuildError(f"internal error: stage {s.name} depends on {dep}, which is not planned before it")
+
+    # -- keys ----------------------------------------------------------------------------------
+    def key(self, name: str) -> str:
+        """The identity key of stage ``name`` (computing its upstreams' first)."""
+        if name not in self._keys:
+            stage = self.stages[name]
+            linked = {dep: self.key(dep) for dep in (*stage.upstream, *stage.reads)}
+            parts = key_parts(stage, self.ctx, linked, self.code.digest(stage.code_module))
+            self._parts[name] = part_digests(parts)
+            self._keys[name] = json_digest(parts, b"reprobuild stage\0")
+            self.reports[name] = StageReport(name, self._keys[name])
+        return self._keys[name]
+
+    def keys(self) -> dict[str, str]:
+        """Every planned stage's identity key, in plan order (nothing is run)."""
+        return {n: self.key(n) for n in self.order}
+
+    def _content_key(self, stage: Stage) -> str | None:
+        if not stage.reads:
+            return None
+        content = stage.content(self.ctx, _Access(self, stage))
+        if content is None:
+            return None
+        linked = {dep: self.key(dep) for dep in stage.upstream}
+        parts = key_parts(stage, self.ctx, linked, self.code.digest(stage.code_module), content)
+        return json_digest(parts, b"reprobuild stage\0")
+
+    # -- artifacts -----------------------------------------------------------------------------
+    def artifact(self, name: str) -> Artifact:
+        """Stage ``name``'s artifact: from the cache if its key hits, else made (lazily, once)."""
+        if name in self._artifacts:
+            return self._artifacts[name]
+        stage = self.stages[name]
+        key = self.key(name)
+        report = self.reports[name]
+        cache = self.ctx.cache
+        cacheable = stage.cacheable(self.ctx) and stage.produces != "nothing"
+        started = time.monotonic()
+        entry = cache.get(name, key) if cacheable else None
+        outcome = "hit"
+        content_key = None
+        if entry is None and cacheable:
+            report.changed = self._changed(name)
+            content_key = self._content_key(stage)
+            if content_key is not None:
+                entry = cache.get(name, content_key)
+                if entry is not None:
+                    outcome = "content-hit"
+                    cache.alias(entry, key)
+        if entry is not None:
+            art = self._served(stage, key, entry)
+            if art is not None:
+                report.outcome = outcome
+                self.ctx.say(f"{name}: cached")
+                report.seconds = round(time.monotonic() - started, 3)
+                self._artifacts[name] = art
+                return art
+        if not cacheable:
+            report.changed = self._changed(name)
+        art = self._run(stage, key, content_key)
+        report.outcome = "built"
+        report.seconds = round(time.monotonic() - started, 3)
+        self._artifacts[name] = art
+        return art
+
+    def _served(self, stage: Stage, key: str, entry: Entry) -> Artifact | None:
+        art = Artifact(stage.name, key, dict(entry.meta), entry=entry, from_cache=True)
+        if stage.produces == "tree":
+            if stage.keep_extracted:
+                art.path = self.ctx.cache.tree_dir(entry)
+            else:
+                art.path = self.ctx.work / stage.name
+                self.ctx.cache.restore_tree(entry, art.path)
+                art.owned = True
+        return art
+
+    def _run(self, stage: Stage, key: str, content_key: str | None) -> Artifact:
+        ctx, cache = self.ctx, self.ctx.cache
+        cacheable = stage.cacheable(ctx) and stage.produces != "nothing" and cache.enabled
+        access = _Access(self, stage)
+        if stage.produces == "tree":
+            scratch = cache.scratch(stage.name) if cacheable and stage.keep_extracted else None
+            out = scratch / "tree" if scratch is not None else ctx.work / stage.name
+            try:
+                meta = stage.run(ctx, access, out)
+                art = Artifact(stage.name, key, meta, path=out, owned=True)
+                if cacheable:
+                    entry = cache.put_tree(stage.name, key, out, ctx.epoch, meta, keep=stage.keep_extracted)
+                    if entry is None and stage.keep_extracted:
+                        raise BuildError(f"the {stage.name} tree could not be cached", hint="build with --no-cache")
+                    art.entry = entry
+                    if stage.keep_extracted and entry is not None:
+                        art.path, art.owned = cache.tree_dir(entry), False
+            finally:
+                if scratch is not None:
+                    shutil.rmtree(scratch, ignore_errors=True)
+        elif stage.produces == "file":
+            out = ctx.work / (stage.file_name or stage.name)
+            meta = stage.run(ctx, access, out)
+            art = Artifact(stage.name, key, meta, path=out, owned=True)
+            if cacheable:
+                art.entry = cache.put_file(stage.name, key, out, meta)
+        else:
+            meta = stage.run(ctx, access, ctx.work / stage.name)
+            art = Artifact(stage.name, key, meta)
+        if art.entry is not None and content_key is not None:
+            cache.alias(art.entry, content_key)
+        return art
+
+    def file(self, name: str) -> Path:
+        """The artifact of file stage ``name`` as a file in the work directory (a cached one is
+        copied out once, its hash verified on the way)."""
+        art = self.artifact(name)
+        if art.path is None:
+            assert art.entry is not None
+            dest = self.ctx.work / (self.stages[name].file_name or name)
+            self.ctx.cache.copy_out(art.entry, dest)
+            art.path = dest
+        return art.path
+
+    # -- explanations --------------------------------------------------------------------------
+    def _explain_file(self) -> Path | None:
+        if self.explain_name is None or not self.ctx.cache.enabled:
+            return None
+        return self.ctx.cache.index / "explain" / f"{self.explain_name}.json"
+
+    def _load_explain(self) -> dict[str, dict[str, str]]:
+        path = self._explain_file()
+        try:
+            doc = json.loads(path.read_text()) if path is not None else {}
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def _changed(self, name: str) -> list[str]:
+        previous = self._previous.get(name)
+        if not isinstance(previous, dict):
+            return ["no previous build of this image"]
+        return changed_parts(previous, self._parts[name]) or ["nothing declared (the cached entry is gone)"]
+
+    def save_explain(self) -> None:
+        """Remember every computed stage's key parts for the next build's explanations."""
+        path = self._explain_file()
+        if path is None:
+            return
+        doc = {**self._previous, **self._parts}
+        write_atomic(path, (json.dumps(doc, sort_keys=True, indent=1) + "\n").encode())
+
+    def timings(self) -> dict[str, float]:
+        return {n: r.seconds for n, r in self.reports.items() if r.outcome != "not needed"}
+
+    def hits(self) -> list[str]:
+        return [n for n in self.order if n in self.reports and self.reports[n].outcome in ("hit", "content-hit")]
+
+    def report_list(self) -> list[StageReport]:
+        for n in self.order:
+            self.key(n)
+        return [self.reports[n] for n in self.order]
+
+
+class _Access:
+    """A running stage's view of the runner: only the stages it declared."""
+
+    def __init__(self, runner: Runner, stage: Stage) -> None:
+        self._runner = runner
+        self._stage = stage
+
+    def _check(self, name: str) -> None:
+        if name not in self._stage.upstream and name not in self._stage.reads:
+            raise BuildError(f"internal error: stage {self._stage.name} uses {name}, which it did not declare")
+
+    def artifact(self, name: str) -> Artifact:
+        self._check(name)
+        return self._runner.artifact(name)
+
+    def file(self, name: str) -> Path:
+        self._check(name)
+        return self._runner.file(name)
+
+    def meta(self, name: str) -> Mapping[str, Any]:
+        return self.artifact(name).meta
+
+
+def remove_owned(art: Artifact) -> None:
+    """Free a private scratch artifact nobody needs any more."""
+    if art.owned and art.path is not None and os.path.lexists(art.path):
+        if art.path.is_dir():
+            shutil.rmtree(art.path, ignore_errors=True)
+        else:
+            art.path.unlink(missing_ok=True)

@@ -1,0 +1,46 @@
+"""Stage ``ddi``: the Discoverable Disk Image — GPT, the root file system, its dm-verity hash and
+signature partitions and, for bootable images, the ESP — written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from reprobuild.cache import file_digest
+from reprobuild.errors import BuildError
+from reprobuild.image.ddi import DdiSpec, build_ddi
+from reprobuild.pipeline.context import BuildContext
+from reprobuild.pipeline.stage import Stage, Upstream
+from reprobuild.stages.disksettings import choose_verity
+
+
+class DdiStage(Stage):
+    name = "ddi"
+    file_name = "image.raw"
+
+    def __init__(self, *, bootable: bool) -> None:
+        self.bootable = bootable
+        self.upstream = ("fs", "esp") if bootable else ("fs",)
+
+    def options(self, ctx: BuildContext) -> dict[str, Any]:
+        return {"verity": choose_verity(ctx.spec).mode, "layout": ctx.spec.build.root_layout,
+                "architecture": ctx.spec.distribution.architecture, "seed": ctx.lock.seed}
+
+    def inputs(self, ctx: BuildContext) -> dict[str, Any]:
+        choice = choose_verity(ctx.spec)
+        return {"verity_key": file_digest(choice.key), "verity_cert": file_digest(choice.certificate)}
+
+    def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
+        choice = choose_verity(ctx.spec)
+        esp = up.file("esp") if self.bootable else None
+        ctx.say("writing the disk image")
+        result = build_ddi(DdiSpec(architecture=ctx.spec.distribution.architecture, seed=bytes.fromhex(ctx.lock.seed),
+                                   root_fs_image=up.file("fs"), output=out, verity=choice.mode, key=choice.key,
+                                   certificate=choice.certificate, esp_image=esp, layout=ctx.spec.build.root_layout))
+        meta = {**result.manifest(), "filesystem": dict(up.meta("fs")["fs"])}
+        if self.bootable:
+            boot = dict(up.meta("esp")["boot"])
+            if result.root_hash != boot["cmdline"].split()[0].split("=", 1)[1]:
+                raise BuildError("internal error: the UKI's root hash differs from the image's")
+            meta["boot"] = boot
+        return meta

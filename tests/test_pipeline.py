@@ -1,0 +1,227 @@
+"""The stage pipeline: keys derived from what each stage declares and from the code it imports.
+
+* stage keys from a real definition and lock: stable, independent of where the checkout is, and
+  changed exactly by the settings and content each stage declares;
+* the code digest is the import closure of the stage's module: editing any module of a stage's
+  closure changes that stage's key and every key after it, and no earlier one (checked for every
+  module of every closure, in a copy of the package);
+* a real disk build from a copy of the package whose ``x509.py`` was edited misses the stage
+  that writes the verity signature (and the output) and still reuses the earlier stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reprobuild.build import plan
+from reprobuild.cache import Cache
+from reprobuild.codedigest import CodeDigests, imported_modules
+from reprobuild.config import load_spec
+from reprobuild.lockfile import load_lock
+from reprobuild.pipeline.context import BuildContext
+from reprobuild.pipeline.runner import Runner
+from reprobuild.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "reprobuild"
+
+
+@pytest.fixture()
+def definition(tmp_path: Path) -> Path:
+    """lock/minimal's definition (bookworm minbase) with an extra tree, built as a disk."""
+    d = tmp_path / "def"
+    (d / "extra/etc").mkdir(parents=True)
+    (d / "extra/etc/motd").write_text("hello\n")
+    conf = (REPO / "lock/minimal/reprobuild.conf").read_text()
+    conf = "\n".join(line for line in conf.splitlines() if not line.startswith("LockKey"))
+    (d / "reprobuild.conf").write_text(conf + "\n[Content]\nExtraTrees=extra\n")
+    return d
+
+
+def _keys(d: Path, tmp: Path, lock=None, overrides=(), fmt: str = "disk", code: CodeDigests | None = None):
+    lock = lock or load_lock(REPO / "lock/minimal/reprobuild.lock")
+    spec = load_spec(d, list(overrides))
+    ctx = BuildContext(spec=spec, lock=lock, store=Store(tmp / "store"), cache=Cache(Store(tmp / "store"),
+                       enabled=False), work=tmp, format=fmt)
+    return Runner(ctx, plan(spec, lock, fmt), code=code).keys()
+
+
+def test_keys_are_stable_and_independent_of_the_checkout_place(definition: Path, tmp_path: Path) -> None:
+    a = _keys(definition, tmp_path)
+    assert list(a) == ["tools", "install", "tree", "fs", "ddi"]
+    assert a == _keys(definition, tmp_path)
+    moved = tmp_path / "elsewhere" / "def"
+    moved.parent.mkdir()
+    os.rename(definition, moved)
+    os.utime(moved / "extra/etc/motd", (1, 1))  # times and place are not inputs
+    assert _keys(moved, tmp_path) == a
+
+
+def _changed(a: dict[str, str], b: dict[str, str]) -> set[str]:
+    return {n for n in a if a[n] != b[n]}
+
+
+def test_extra_tree_edit_changes_the_tree_and_what_follows(definition: Path, tmp_path: Path) -> None:
+    a = _keys(definition, tmp_path)
+    (definition / "extra/etc/motd").write_text("edited\n")
+    b = _keys(definition, tmp_path)
+    assert _changed(a, b) == {"tree", "fs", "ddi"}
+    (definition / "extra/etc/motd").chmod(0o600)
+    assert _keys(definition, tmp_path)["tree"] not in (a["tree"], b["tree"])
+
+
+def test_package_change_changes_install_and_later(definition: Path, tmp_path: Path) -> None:
+    lock = load_lock(REPO / "lock/minimal/reprobuild.lock")
+    image = lock.package_set("image")
+    first = image.packages[0]
+    changed = dataclasses.replace(lock, sets=tuple(
+        dataclasses.replace(image, packages=(dataclasses.replace(first, sha256="0" * 64),) + image.packages[1:])
+        if s.name == "image" else s for s in lock.sets))
+    assert _changed(_keys(definition, tmp_path, lock), _keys(definition, tmp_path, changed)) == {
+        "install", "tree", "fs", "ddi"}
+
+
+def test_tools_change_changes_tools_and_what_uses_them(definition: Path, tmp_path: Path) -> None:
+    lock = load_lock(REPO / "lock/minimal/reprobuild.lock")
+    tools = lock.package_set("tools")
+    bumped = dataclasses.replace(tools, packages=(dataclasses.replace(tools.packages[0], version="99:1"),)
+                                 + tools.packages[1:])
+    lock2 = dataclasses.replace(lock, sets=tuple(bumped if s.name == "tools" else s for s in lock.sets))
+    assert _changed(_keys(definition, tmp_path, lock), _keys(definition, tmp_path, lock2)) == {"tools", "fs", "ddi"}
+
+
+@pytest.mark.parametrize("override, changed", [
+    ("Content.Hostname=other", {"install", "tree", "fs", "ddi"}),  # the hostname maintainer scripts see
+    ("Content.Locale=de_DE.UTF-8", {"tree", "fs", "ddi"}),
+    ("Content.RemoveFiles=/usr/share/doc/*", {"tree", "fs", "ddi"}),
+    ("Content.RootPassword=secret", {"tree", "fs", "ddi"}),
+    ("Build.RootFilesystem=squashfs", {"fs", "ddi"}),
+    ("Build.Verity=no", set()),  # needs ext4: checked below
+    ("Distribution.Mirror=http://mirror.invalid/debian", set()),  # where bytes come from, not which
+    ("Build.Substituters=http://cache.invalid", set()),
+])
+def test_settings_change_exactly_the_stages_that_declare_them(definition: Path, tmp_path: Path, override: str,
+                                                              changed: set[str]) -> None:
+    if override == "Build.Verity=no":
+        base = ("Build.RootFilesystem=ext4",)
+        a = _keys(definition, tmp_path, overrides=base)
+        b = _keys(definition, tmp_path, overrides=(*base, override))
+        assert _changed(a, b) == {"fs", "ddi"}  # read-only or not, and the partitions
+        return
+    assert _changed(_keys(definition, tmp_path), _keys(definition, tmp_path, overrides=(override,))) == changed
+
+
+def test_epoch_changes_every_key(definition: Path, tmp_path: Path) -> None:
+    lock = load_lock(REPO / "lock/minimal/reprobuild.lock")
+    a = _keys(definition, tmp_path, lock)
+    b = _keys(definition, tmp_path, dataclasses.replace(lock, source_date_epoch=lock.source_date_epoch + 1))
+    assert _changed(a, b) == set(a)
+
+
+def test_imported_modules_sees_every_form_of_import() -> None:
+    source = ("import reprobuild.errors\nfrom reprobuild import fileio\nfrom . import sibling\n"
+              "from ..image import gpt\nimport json\n"
+              "def f():\n    from reprobuild.image.verity import hash_file\n")
+    found = imported_modules(source, "reprobuild.stages.fs")
+    assert {"reprobuild.errors", "reprobuild.fileio", "reprobuild.stages.sibling", "reprobuild.image.gpt",
+            "reprobuild.image.verity"} <= found
+    assert not any(m == "json" for m in found)
+
+
+def _stage_closures(definition: Path, tmp: Path, code: CodeDigests) -> dict[str, list[str]]:
+    lock = load_lock(REPO / "lock/minimal/reprobuild.lock")
+    spec = load_spec(definition)
+    return {s.name: code.closure(s.code_module) for s in plan(spec, lock, "disk")}
+
+
+def test_editing_any_module_of_a_closure_changes_that_stage_and_every_later_one(definition: Path,
+                                                                               tmp_path: Path) -> None:
+    copy = tmp_path / "pkg" / "reprobuild"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    closures = _stage_closures(definition, tmp_path, CodeDigests(copy))
+    assert "reprobuild.x509" in closures["ddi"], "the verity signature's certificate fingerprint"
+    before = _keys(definition, tmp_path, code=CodeDigests(copy))
+    order = list(before)
+    modules = sorted({m for c in closures.values() for m in c})
+    assert len(modules) > 30
+    for module in modules:
+        path = copy.joinpath(*module.split(".")[1:])
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# an edit\n")
+        try:
+            after = _keys(definition, tmp_path, code=CodeDigests(copy))
+        finally:
+            path.write_bytes(original)
+        changed = _changed(before, after)
+        first = min(order.index(n) for n in order if module in closures[n])
+        own = {n for n in order if module in closures[n]}
+        assert own <= changed, module
+        # Every stage after the first one that imports it changes (their keys chain), no earlier one.
+        downstream = set(order[first:])
+        assert changed <= downstream, (module, changed)
+        for name in changed - own:
+            assert any(dep in changed for dep in _deps(definition, name)), (module, name)
+
+
+def _deps(definition: Path, name: str) -> tuple[str, ...]:
+    lock = load_lock(REPO / "lock/minimal/reprobuild.lock")
+    stage = {s.name: s for s in plan(load_spec(definition), lock, "disk")}[name]
+    return (*stage.upstream, *stage.reads)
+
+
+# -- a real build from an edited copy of the package ----------------------------------------------
+
+
+def _build(pkg_parent: Path, d: Path, store: Path, out: Path) -> dict:
+    env = {**os.environ, "REPROBUILD_STORE": str(store), "PYTHONPATH": str(pkg_parent) + os.pathsep + str(REPO)}
+    env.pop("SOURCE_DATE_EPOCH", None)
+    r = subprocess.run([sys.executable, "-m", "reprobuild", "build", "-C", str(d), "--locked", "--offline",
+                        "-o", str(out), "--json"], env=env, text=True, capture_output=True, timeout=600,
+                       cwd=pkg_parent, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def test_an_x509_edit_misses_the_verity_signature_stage(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from fixtures.make_host_base import build_host_base
+    from reprobuild.lockfile import save_lock
+    from tests.check_fixture import make_definition
+
+    if shutil.which("mkfs.erofs") is None:
+        pytest.skip("mkfs.erofs (erofs-utils) is not installed")
+    d = make_definition(tmp_path / "fx", "http://127.0.0.1:9/unused", leak=False,
+                        base_deb=build_host_base(tmp_path / "hb"))
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "reprobuild", "keygen", "--verity", "--out", str(keys / "verity")],
+                   check=True, capture_output=True, cwd=REPO)
+    conf = (d / "reprobuild.conf").read_text().replace("Format=tar", "Format=disk")
+    conf += f"\n[Signing]\nVerityKey={keys}/verity.key\nVerityCertificate={keys}/verity.crt\n"
+    (d / "reprobuild.conf").write_text(conf)
+    spec = load_spec(d)
+    save_lock(replace(load_lock(d / "reprobuild.lock"), config_digest=spec.digest(), config=spec.digest_input()),
+              d / "reprobuild.lock")
+    parent = tmp_path / "pkg"
+    shutil.copytree(PACKAGE, parent / "reprobuild", ignore=shutil.ignore_patterns("__pycache__"))
+    store = tmp_path / "fx/store"
+    first = _build(parent, d, store, tmp_path / "a")
+    assert first["cache_hits"] == []
+    assert _build(parent, d, store, tmp_path / "a")["cache_hits"] == ["ddi"]  # nothing else is looked at
+
+    with open(parent / "reprobuild/x509.py", "a") as f:
+        f.write("\n# an edit that changes no byte of the output\n")
+    edited = _build(parent, d, store, tmp_path / "b")
+    outcomes = {s["stage"]: s for s in edited["stages"]}
+    assert outcomes["ddi"]["outcome"] == "built" and outcomes["ddi"]["changed"] == ["code"]
+    assert outcomes["fs"]["outcome"] == "hit"  # its closure does not include x509
+    assert edited["manifest"]["sha256"] == first["manifest"]["sha256"]
