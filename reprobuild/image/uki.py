@@ -1,6 +1,6 @@
 """Unified Kernel Images: systemd-stub + kernel + initrd + cmdline + os-release, as ukify builds them.
 
-Spec: UAPI "Unified Kernel Image"; REFERENCE.md §5 (ukify's section order, contents and .sbat
+Spec: UAPI "Unified Kernel Image"; docs/formats.md §7 (ukify's section order, contents and .sbat
 merge). The stub comes from the locked ``systemd-boot-efi`` package. Pure: bytes in, bytes out.
 Signing is a separate step (``reprobuild.image.authenticode.sign_pe``) so the unsigned UKI can be
 compared and re-signed independently.

@@ -61,7 +61,7 @@ def build_tree(
     check_can_sandbox()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     done = False
-    # Reproducibility: modes are set explicitly everywhere; umask 022 (REFERENCE §7) is a second
+    # Reproducibility: modes are set explicitly everywhere; umask 022 (docs/formats.md §11) is a second
     # line of defence for anything created with default modes. Restored afterwards.
     old_umask = os.umask(0o022)
     try:
