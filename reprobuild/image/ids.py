@@ -68,11 +68,6 @@ def fs_uuid(part_uuid: uuid.UUID) -> uuid.UUID:
     return derive_uuid(part_uuid.bytes, "file-system-uuid")
 
 
-def luks_uuid(part_uuid: uuid.UUID) -> uuid.UUID:
-    """LUKS header UUID (kept for completeness; reprobuild does not encrypt)."""
-    return derive_uuid(part_uuid.bytes, "luks-uuid")
-
-
 def verity_salt(seed: bytes) -> bytes:
     """The 32-byte dm-verity salt; shared by every verity pair of an image."""
     _check_seed(seed)
@@ -172,7 +167,6 @@ FLAG_NO_AUTO = 1 << 63
 
 _ARCH_ROLES = frozenset(_ARCH_TYPES[Architecture.AMD64])
 _VERITY_ROLES = frozenset({Role.ROOT_VERITY, Role.USR_VERITY})
-_SIG_ROLES = frozenset({Role.ROOT_VERITY_SIG, Role.USR_VERITY_SIG})
 _GROWFS_ROLES = frozenset({Role.ROOT, Role.USR, Role.HOME, Role.SRV, Role.VAR, Role.TMP, Role.XBOOTLDR})
 
 

@@ -8,8 +8,6 @@ compared and re-signed independently.
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
-
 from reprobuild.image.pe import (
     IMAGE_SUBSYSTEM_EFI_APPLICATION,
     NewSection,
@@ -19,11 +17,6 @@ from reprobuild.image.pe import (
     section_capacity,
 )
 
-# Where the stub lives inside a root tree (x86-64; arm64 is linuxaa64.efi.stub).
-STUB_PATHS = {
-    0x8664: PurePosixPath("usr/lib/systemd/boot/efi/linuxx64.efi.stub"),
-    0xAA64: PurePosixPath("usr/lib/systemd/boot/efi/linuxaa64.efi.stub"),
-}
 SBAT_HEADER = "sbat,1,SBAT Version,sbat,1,https://github.com/rhboot/shim/blob/main/SBAT.md"
 DEFAULT_UKI_SBAT = "uki,1,UKI,uki,1,https://uapi-group.org/specifications/specs/unified_kernel_image/"
 
