@@ -1,6 +1,6 @@
 """Choose the exact set of binary packages for an image, with Debian semantics, using resolvelib.
 
-Roles, as in pip's resolver (STYLE.md, examples 1–6):
+Roles, as in pip's resolver (``pip/_internal/resolution/resolvelib/``: provider, requirements, candidates):
 
 * ``Universe`` holds every Debian rule: which versions exist (all suites merged, highest version is
   apt's candidate), Provides (also versioned), Multi-Arch qualifiers, apt's order for alternatives

@@ -131,8 +131,6 @@ VAR_ADDED = 0x3F  # the state of a live variable; deleted ones have more bits cl
 EFI_GLOBAL_VARIABLE = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
 EFI_IMAGE_SECURITY_DATABASE = uuid.UUID("d719b2cb-3d3a-4596-a3bc-dad00e67656f")
 EFI_CERT_X509_GUID = uuid.UUID("a5c059a1-94e4-4aa7-87b5-ab155c2bf072")
-# NV | BOOTSERVICE | RUNTIME | TIME_BASED_AUTHENTICATED_WRITE_ACCESS
-SECURE_BOOT_VAR_ATTRIBUTES = 0x27
 # Owner GUID recorded with our certificate in each signature list: fixed, so the store is reproducible.
 REPROBUILD_OWNER = uuid.UUID("5eb6b5c4-2a0f-4c7e-9b53-7265707262c1")
 

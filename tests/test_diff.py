@@ -16,7 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from reprobuild.cli import _register_commands, cli
-from reprobuild.diff.compare import DiffOptions, compare_paths, decompress
+from reprobuild.diff.archives import decompress
+from reprobuild.diff.compare import DiffOptions, compare_paths
 from reprobuild.diff.detect import Kind, detect
 from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field, Status, leaves, summarize
 from reprobuild.diff.render import render_html, render_json, render_text, to_json_data

@@ -1,4 +1,4 @@
-"""GPT: REFERENCE.md §0a/§1 golden layout, sfdisk cross-check, round trips and hostile inputs."""
+"""GPT: docs/formats.md §2 golden layout (repart 252), sfdisk cross-check, round trips, hostile inputs."""
 
 import io
 import json

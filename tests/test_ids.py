@@ -1,4 +1,4 @@
-"""repart-compatible identifiers: REFERENCE.md §0a vectors (verified against systemd-repart 252)."""
+"""repart-compatible identifiers: docs/formats.md §4 vectors (verified against systemd-repart 252)."""
 
 import uuid
 

@@ -81,7 +81,7 @@ def test_parse_fake() -> None:
     assert (pe.file_alignment, pe.section_alignment, pe.size_of_headers) == (FILE_ALIGN, SECT_ALIGN, 0x400)
     assert [s.name for s in pe.sections] == [".text", ".sbat"]
     assert pe.sections[1].pointer_to_raw_data == 0x600 and pe.sections[1].virtual_address == 0x2000
-    # REFERENCE.md §5 offsets: CheckSum at optional+64, certificate directory at optional+144.
+    # docs/formats.md §7 offsets: CheckSum at optional+64, certificate directory at optional+144.
     assert pe.checksum_offset == 0x40 + 24 + 64
     assert pe.cert_dir_offset == 0x40 + 24 + 144
 

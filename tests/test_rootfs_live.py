@@ -34,7 +34,7 @@ ONLY_MMDEBSTRAP = {
     "./run/lock",  # our /run is a tmpfs during the install; /run is a tmpfs at boot anyway
     "./var/cache/apt/archives/lock", "./var/lib/apt/lists/lock",  # created by running apt; we never run apt
     "./var/lib/apt/extended_states",  # apt's auto marks; we write it only when the plan marks packages
-    # dpkg/debconf backups: intermediate states, removed (REFERENCE §7)
+    # dpkg/debconf backups: intermediate states, removed (docs/formats.md §11)
     "./var/cache/debconf/config.dat-old", "./var/cache/debconf/templates.dat-old",
     "./var/lib/dpkg/diversions-old", "./var/lib/dpkg/status-old",
 }

@@ -1,4 +1,4 @@
-"""dm-verity: REFERENCE.md §0a vectors, veritysetup cross-checks, tamper detection, throughput."""
+"""dm-verity: docs/formats.md §5 vectors, veritysetup cross-checks, tamper detection, throughput."""
 
 import hashlib
 import os
@@ -58,7 +58,7 @@ def test_level_sizes():
     assert verity.level_sizes(1, PARAMS) == []
     assert verity.level_sizes(128, PARAMS) == [1]
     assert verity.level_sizes(129, PARAMS) == [2, 1]
-    assert verity.level_sizes(20000, PARAMS) == [157, 2, 1]  # 160 hash blocks (REFERENCE §4)
+    assert verity.level_sizes(20000, PARAMS) == [157, 2, 1]  # 160 hash blocks (docs/formats.md §5)
 
 
 needs_veritysetup = pytest.mark.skipif(shutil.which("veritysetup") is None,

@@ -1,4 +1,4 @@
-"""deb822 stanzas and Debian relationship fields (Policy ch. 5 and §7, REFERENCE.md §6).
+"""deb822 stanzas and Debian relationship fields (Debian Policy ch. 5 and 7, deb822(5); docs/formats.md §10).
 
 Pure functions over text: ``iter_stanzas`` splits a Packages/control file into field dicts;
 ``parse_relations``/``parse_provides`` turn a relationship field into ``Relation`` tuples.

@@ -1,6 +1,6 @@
 """Debian repository client: verified Release metadata and Packages indices, with a local cache.
 
-Trust chain (wiki.debian.org/DebianRepository/Format, REFERENCE §6)::
+Trust chain (wiki.debian.org/DebianRepository/Format, docs/formats.md §10)::
 
     keyring ──gpgv──▶ InRelease (or Release + Release.gpg) ──SHA256 + size──▶ Packages.xz ──▶ packages
 

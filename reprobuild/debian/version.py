@@ -1,4 +1,4 @@
-"""Debian version ordering, exactly as dpkg implements it (deb-version(5), REFERENCE.md §6).
+"""Debian version ordering, exactly as dpkg implements it (deb-version(7), docs/formats.md §10).
 
 A version is ``[epoch:]upstream[-revision]``. Epochs compare as integers (default 0), then the
 upstream part, then the revision (absent revision compares like ``""``, which equals ``"0"``).

@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import struct
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from reprobuild.diff.base import Comparator, DiffContext, absorb, compare_nodes
 from reprobuild.diff.detect import Kind
 from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field
 from reprobuild.diff.open import DiffInputError, Node
@@ -26,8 +26,6 @@ from reprobuild.image import gpt, ids, verity
 
 # veritysig (and with it cryptography) is imported only when a signature partition differs:
 # it costs 0.3 s, more than comparing two identical 1 GiB images takes.
-
-CompareFn = Callable[..., "Difference | None"]
 
 _DATA_OF_HASH = {ids.Role.ROOT_VERITY: ids.Role.ROOT, ids.Role.USR_VERITY: ids.Role.USR}
 _HASH_OF_SIG = {ids.Role.ROOT_VERITY_SIG: ids.Role.ROOT_VERITY, ids.Role.USR_VERITY_SIG: ids.Role.USR_VERITY}
@@ -87,7 +85,7 @@ def data_partition(src: ByteSource) -> ByteSource | None:
     return None
 
 
-def compare_disks(name: str, a: ByteSource, b: ByteSource, ctx: Any, depth: int, compare: CompareFn) -> Difference | None:
+def compare_disks(name: str, a: ByteSource, b: ByteSource, ctx: DiffContext, depth: int) -> Difference | None:
     """The disk-level difference: header fields, then one node per differing partition."""
     da, pa = read_disk(a, "first image")
     db, pb = read_disk(b, "second image")
@@ -129,12 +127,18 @@ def compare_disks(name: str, a: ByteSource, b: ByteSource, ctx: Any, depth: int,
         elif x.role in _HASH_OF_SIG:
             content.append(_sig_pair(x, y, pa, pb))
         elif not same_bytes(x.source, y.source):
-            content.append(compare(x.label, Node(x.label, None, x.source), Node(y.label, None, y.source), ctx,
-                                   depth + 1, strict=True))  # fmt: skip
-        from reprobuild.diff.compare import absorb
-
+            content.append(compare_nodes(x.label, Node(x.label, None, x.source), Node(y.label, None, y.source), ctx,
+                                         depth + 1, strict=True))  # fmt: skip
         details.append(absorb(x.label, "partition", pf, content[0] if content else None))
     return Difference.of(name, "disk", fields=fields, details=details)
+
+
+class DiskComparator(Comparator, kinds={Kind.DISK}):
+    """GPT disks: header fields, partitions matched by type and label, verity, then contents."""
+
+    def compare(self, name: str, a: Node, b: Node, ctx: DiffContext, depth: int) -> Difference | None:
+        assert a.source is not None and b.source is not None
+        return compare_disks(name, a.source, b.source, ctx, depth)
 
 
 def _describe(p: Part, ss: int) -> str:
@@ -213,6 +217,14 @@ def compare_verity(name: str, a: ByteSource, b: ByteSource, data_a: ByteSource |
         return Difference.of(name, "verity", comments=["hash partitions differ only outside the hash tree (padding)"],
                              own=METADATA)  # fmt: skip
     return d
+
+
+class VerityHashComparator(Comparator, kinds={Kind.VERITY_HASH}):
+    """Two verity hash devices on their own (without their data): superblock and root hash."""
+
+    def compare(self, name: str, a: Node, b: Node, ctx: DiffContext, depth: int) -> Difference | None:
+        assert a.source is not None and b.source is not None
+        return compare_verity(name, a.source, b.source, None, None)
 
 
 def _yes(v: bool | None) -> str | None:
@@ -295,6 +307,12 @@ def compare_verity_sig(name: str, a: ByteSource, b: ByteSource, root_a: str | No
         return Difference.of(name, "verity-sig", comments=["same signature, different JSON formatting or padding"],
                              own=METADATA)  # fmt: skip
     return d
+
+
+class VeritySigComparator(Comparator, kinds={Kind.VERITY_SIG}):
+    def compare(self, name: str, a: Node, b: Node, ctx: DiffContext, depth: int) -> Difference | None:
+        assert a.source is not None and b.source is not None
+        return compare_verity_sig(name, a.source, b.source, None, None)
 
 
 def _sig_pair(x: Part, y: Part, pa: list[Part], pb: list[Part]) -> Difference | None:

@@ -7,7 +7,10 @@ human-readable ``reason`` are metadata (they do not change the bytes that get in
 
 from __future__ import annotations
 
+from reprobuild.diff.base import Comparator, DiffContext, json_fields
+from reprobuild.diff.detect import Kind
 from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field
+from reprobuild.diff.open import Node
 from reprobuild.lockfile import Lock, LockedPackage, LockSource, loads
 
 _PACKAGE_FIELDS: tuple[tuple[str, str, object], ...] = (
@@ -44,6 +47,12 @@ def _show(v: object) -> object:
     return ", ".join(v) if isinstance(v, tuple) else v
 
 
+class LockfileComparator(Comparator, kinds={Kind.LOCKFILE}):
+    def compare(self, name: str, a: Node, b: Node, ctx: DiffContext, depth: int) -> Difference | None:
+        assert a.source is not None and b.source is not None
+        return compare_locks(name, a.source.read(ctx.options.memory_limit), b.source.read(ctx.options.memory_limit))
+
+
 def compare_locks(name: str, a: bytes, b: bytes) -> Difference | None:
     """Parse both locks (LockError on malformed input) and describe their differences."""
     la, lb = loads(a, "first lockfile"), loads(b, "second lockfile")
@@ -60,8 +69,6 @@ def diff_locks(name: str, la: Lock, lb: Lock) -> Difference | None:
         Field.of("seed", la.seed, lb.seed, METADATA),  # only identifiers (UUIDs, salt) derive from it
         Field.of("generator", la.generator, lb.generator, METADATA),
     ]
-    from reprobuild.diff.compare import json_fields
-
     config = Difference.of("config", "json", fields=json_fields(la.config, lb.config))
     sources = _diff_sources(la.sources, lb.sources)
     sets = []

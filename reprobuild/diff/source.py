@@ -159,10 +159,6 @@ def same_bytes(a: ByteSource, b: ByteSource) -> bool:
     return a.length == b.length and first_difference(a, b) is None
 
 
-def files_equal(a: Path, b: Path) -> bool:
-    return same_bytes(ByteSource.of_file(a), ByteSource.of_file(b))
-
-
 class _Window(io.RawIOBase):
     """A read-only, seekable view of ``length`` bytes at ``offset`` of a file (pread, no shared position)."""
 

@@ -11,15 +11,21 @@ whether the signature is present at all is content.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from typing import Any
 
+from reprobuild.diff.base import Comparator, DiffContext, absorb, compare_nodes
+from reprobuild.diff.detect import Kind
 from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field
 from reprobuild.diff.open import Node
 from reprobuild.diff.source import ByteSource
 from reprobuild.image.pe import PeImage, parse_pe
 
-CompareFn = Callable[[str, Node, Node, Any, int], "Difference | None"]
+
+class PeComparator(Comparator, kinds={Kind.PE}):
+    """PE images (UKIs): header fields, then sections by name (.cmdline, .osrel, .initrd …)."""
+
+    def compare(self, name: str, a: Node, b: Node, ctx: DiffContext, depth: int) -> Difference | None:
+        assert a.source is not None and b.source is not None
+        return compare_pe(name, a.source, b.source, ctx, depth)
 
 
 def _sections(pe: PeImage, src: ByteSource) -> dict[str, tuple[int, ByteSource]]:
@@ -35,9 +41,7 @@ def _sections(pe: PeImage, src: ByteSource) -> dict[str, tuple[int, ByteSource]]
     return out
 
 
-def compare_pe(name: str, a: ByteSource, b: ByteSource, ctx: Any, depth: int, compare: CompareFn) -> Difference | None:
-    from reprobuild.diff.compare import absorb
-
+def compare_pe(name: str, a: ByteSource, b: ByteSource, ctx: DiffContext, depth: int) -> Difference | None:
     limit = ctx.options.memory_limit
     # Section data is read in place; only the headers (SizeOfHeaders) need to be parsed.
     pa, pb = parse_pe(a.read(limit)), parse_pe(b.read(limit))
@@ -51,7 +55,7 @@ def compare_pe(name: str, a: ByteSource, b: ByteSource, ctx: Any, depth: int, co
             details.append(Difference.added(s, "section", [f"{sb[s][1].length} bytes"]))
             continue
         (ca, xa), (cb, xb) = sa[s], sb[s]
-        inner = None if not ctx.may_descend(depth) else compare(s, Node(s, None, xa), Node(s, None, xb), ctx, depth + 1)
+        inner = None if not ctx.may_descend(depth) else compare_nodes(s, Node(s, None, xa), Node(s, None, xb), ctx, depth + 1)
         fields = [Field.of("characteristics", f"{ca:#x}", f"{cb:#x}")]
         details.append(absorb(s, "section", fields, inner))
     order_a = [s for s in sa if s in sb]

@@ -1,6 +1,6 @@
 """Deterministic Authenticode signing of PE32+ (EFI) images, and a pure-Python verifier.
 
-Why our own signer (REFERENCE.md §5): sbsign goes through OpenSSL's PKCS7_dataFinal, which adds a
+Why our own signer (docs/formats.md §8): sbsign goes through OpenSSL's PKCS7_dataFinal, which adds a
 ``signingTime = now`` authenticated attribute, so two runs give different bytes. Here the
 signature is a pure function of (image, key, certificate): no signingTime, RSA PKCS#1 v1.5
 (deterministic), DER (canonical: SET OF elements sorted).

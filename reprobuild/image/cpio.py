@@ -6,7 +6,7 @@ NUL-terminated path, NUL padding to a multiple of 4, the data, NUL padding to 4.
 with a member named ``TRAILER!!!``. Hard links share an inode number and link count; following
 GNU cpio, only the *last* link carries the data, the earlier ones have size 0.
 
-Reproducibility decisions made here (REFERENCE.md §7): members in a sorted walk (bytes order of
+Reproducibility decisions made here (docs/formats.md §9, §11): members in a sorted walk (bytes order of
 names, parents before children), owners 0:0 unless asked to keep numeric owners, every mtime fixed
 to the caller's epoch, inode numbers renumbered 1, 2, 3… in walk order, the archive's own device
 numbers (``devmajor/devminor``) always 0, directory link counts computed from the tree (2 + number

@@ -1,7 +1,7 @@
 """Assemble a Discoverable Disk Image: [ESP] + root/usr file system + verity hash + verity signature.
 
 The result is what ``systemd-repart --seed=… --size=auto`` would write for the same partitions
-(REFERENCE.md §1-§4): GUIDs, labels and flags from `ids`, layout from `gpt`, hash tree from
+(docs/formats.md §2-§6): GUIDs, labels and flags from `ids`, layout from `gpt`, hash tree from
 `verity`, signature from `veritysig`. Every identifier comes from the 16-byte seed or the root
 hash; nothing depends on time, cwd, umask or the host.
 

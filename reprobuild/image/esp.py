@@ -1,6 +1,6 @@
 """A deterministic FAT EFI System Partition image, built without mounting (dosfstools + mtools).
 
-Reproducibility decisions (REFERENCE.md §7): ``mkfs.vfat --invariant`` (no clock or random
+Reproducibility decisions (docs/formats.md §11): ``mkfs.vfat --invariant`` (no clock or random
 values) with an explicit volume id and label; explicit FAT type and cluster size instead of the
 tool's guess; the image file is created at its final size before formatting; files and
 directories are inserted one at a time in sorted order (mtools writes directory entries in

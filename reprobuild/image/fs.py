@@ -3,7 +3,7 @@
 Each builder calls the Debian tool with every option that could otherwise leak the build host
 or the clock pinned down, in a scrubbed environment (``LC_ALL=C.UTF-8``, ``TZ=UTC``, umask 022,
 ``SOURCE_DATE_EPOCH``, a private cwd). Owners, modes, hard links and xattrs (security.capability)
-are kept as in the tree; **every timestamp becomes ``epoch``** (REFERENCE.md §7). The tree is
+are kept as in the tree; **every timestamp becomes ``epoch``** (docs/formats.md §11). The tree is
 expected to be normalised already (rootfs/); this module only guarantees that the same tree gives
 the same bytes. Output sizes are multiples of 4096.
 

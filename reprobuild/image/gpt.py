@@ -1,6 +1,6 @@
 """GUID Partition Table: layout like systemd-repart, write, and read back with full validation.
 
-Formats follow UEFI spec ch. 5 and REFERENCE.md §1 (the values libfdisk/repart write). The core
+Formats follow UEFI spec ch. 5 and docs/formats.md §2 (the values libfdisk/repart write). The core
 (`layout_disk`, `write_gpt`, `parse_*`) is pure; `write_image` and `read_gpt` are thin I/O shells
 that stream, so a multi-GiB image is never held in memory.
 """
@@ -25,7 +25,7 @@ class GptInvalid(FormatError):
     """The data is not a valid GPT disk (bad magic, CRC, geometry or partition table)."""
 
 
-# -- constants (REFERENCE.md §1, §3) --------------------------------------------------------------
+# -- constants (docs/formats.md §2) ---------------------------------------------------------------
 
 SIGNATURE = b"EFI PART"
 REVISION = 0x00010000
@@ -41,14 +41,14 @@ MAX_ARRAY_BYTES = 1 << 20
 MAX_ENTRY_SIZE = 4096
 SECTOR_SIZES = (512, 4096)
 
-# Protective MBR partition record (REFERENCE.md §1 table "LBA 0"): boot indicator, CHS start,
+# Protective MBR partition record (UEFI 5.2.3; docs/formats.md §2 "LBA 0"): boot indicator, CHS start,
 # OS type, CHS end, StartingLBA, SizeInLBA.
 MBR_RECORD = struct.Struct("<B3sB3sII")
 MBR_RECORDS_OFFSET = 446
 MBR_SIGNATURE_OFFSET = 510
 PROTECTIVE_TYPE = 0xEE
 
-# GPT header (UEFI 5.3.2; REFERENCE.md §1 table "LBA 1"): Signature, Revision, HeaderSize,
+# GPT header (UEFI 5.3.2; docs/formats.md §2 "LBA 1"): Signature, Revision, HeaderSize,
 # HeaderCRC32, Reserved, MyLBA, AlternateLBA, FirstUsableLBA, LastUsableLBA, DiskGUID (mixed-endian),
 # PartitionEntryLBA, NumberOfPartitionEntries, SizeOfPartitionEntry, PartitionEntryArrayCRC32.
 HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
@@ -127,7 +127,7 @@ def layout_disk(
 
     The first partition starts at 1 MiB; offsets and sizes are multiples of the grain
     (max(4096, sector size)); the image ends at ``round_up(end_of_last + backup_structures, grain)``
-    (REFERENCE.md §1, verified against repart 252). O(number of partitions).
+    (docs/formats.md §2, checked against repart 252 in tests/test_gpt.py). O(number of partitions).
     """
     if sector_size not in SECTOR_SIZES:
         raise ValueError(f"sector size must be 512 or 4096, not {sector_size}")

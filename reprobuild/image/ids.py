@@ -1,8 +1,8 @@
 """Identifiers of a Discoverable Disk Image, derived exactly as systemd-repart derives them.
 
 Nothing here reads the clock or a random source: every UUID and salt is a pure function of the
-16-byte image seed (or, for the verity pair, of the root hash). See REFERENCE.md §2 (type GUIDs,
-flags, labels) and §3 (derivations). All functions are O(1) HMAC-SHA256 computations.
+16-byte image seed (or, for the verity pair, of the root hash). See docs/formats.md §3 (type GUIDs,
+flags, labels) and §4 (derivations). All functions are O(1) HMAC-SHA256 computations.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-# -- §0: systemd's id128_make_v4_uuid ------------------------------------------------------------
+# -- systemd's id128_make_v4_uuid (docs/formats.md §1) ------------------------------------------
 
 
 def make_v4(b16: bytes) -> uuid.UUID:
@@ -36,7 +36,7 @@ def _check_seed(seed: bytes) -> None:
         raise ValueError(f"the image seed must be 16 bytes, got {len(seed)}")
 
 
-# -- §3: repart's derivations -------------------------------------------------------------------
+# -- repart's derivations (docs/formats.md §4) ---------------------------------------------------
 
 
 def derive_uuid(key16: bytes, token: str) -> uuid.UUID:
@@ -68,11 +68,6 @@ def fs_uuid(part_uuid: uuid.UUID) -> uuid.UUID:
     return derive_uuid(part_uuid.bytes, "file-system-uuid")
 
 
-def luks_uuid(part_uuid: uuid.UUID) -> uuid.UUID:
-    """LUKS header UUID (kept for completeness; reprobuild does not encrypt)."""
-    return derive_uuid(part_uuid.bytes, "luks-uuid")
-
-
 def verity_salt(seed: bytes) -> bytes:
     """The 32-byte dm-verity salt; shared by every verity pair of an image."""
     _check_seed(seed)
@@ -94,7 +89,7 @@ def verity_partition_uuids(root_hash: bytes) -> tuple[uuid.UUID, uuid.UUID]:
     return uuid.UUID(bytes=bytes(root_hash[:16])), uuid.UUID(bytes=bytes(root_hash[-16:]))
 
 
-# -- §2: DPS partition types, labels and flags --------------------------------------------------
+# -- DPS partition types, labels and flags (docs/formats.md §3) ----------------------------------
 
 
 class Architecture(enum.Enum):
@@ -165,14 +160,13 @@ _GENERIC_TYPES: dict[Role, uuid.UUID] = {
     Role.TMP: _U("7ec6f557-3bc5-4aca-b293-16ef5df639d1"),
 }
 
-# Attribute bits (u64 at partition entry offset 48), REFERENCE.md §2.
+# Attribute bits (u64 at partition entry offset 48), docs/formats.md §3.
 FLAG_GROWFS = 1 << 59
 FLAG_READ_ONLY = 1 << 60
 FLAG_NO_AUTO = 1 << 63
 
 _ARCH_ROLES = frozenset(_ARCH_TYPES[Architecture.AMD64])
 _VERITY_ROLES = frozenset({Role.ROOT_VERITY, Role.USR_VERITY})
-_SIG_ROLES = frozenset({Role.ROOT_VERITY_SIG, Role.USR_VERITY_SIG})
 _GROWFS_ROLES = frozenset({Role.ROOT, Role.USR, Role.HOME, Role.SRV, Role.VAR, Role.TMP, Role.XBOOTLDR})
 
 
@@ -218,8 +212,8 @@ def default_flags(role: Role, *, verity_data: bool = False) -> int:
     """repart 252 default attribute flags.
 
     Read-only is implied for verity hash partitions and for ``Verity=data`` partitions; the sig
-    partition is *not* marked (repart leaves it alone, §2). GrowFS is on for types that support it
-    unless the partition is read-only.
+    partition is *not* marked (repart leaves it alone, docs/formats.md §3). GrowFS is on for types
+    that support it unless the partition is read-only.
     """
     if role in _VERITY_ROLES or verity_data:
         return FLAG_READ_ONLY

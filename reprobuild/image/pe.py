@@ -1,7 +1,7 @@
 """PE32+ (EFI) images: parse headers, compute the Authenticode hash and PE checksum, append sections.
 
 Spec: Microsoft "PE Format" (headers, section table, certificate table) and "Windows Authenticode
-Portable Executable Signature Format"; REFERENCE.md §5 for what ukify, systemd-stub and sbsign do.
+Portable Executable Signature Format"; docs/formats.md §7-§8 for what ukify, systemd-stub and sbsign do.
 Everything here is pure: bytes in, bytes or frozen dataclasses out.
 """
 
@@ -268,7 +268,7 @@ def authenticode_ranges(data: bytes | bytearray, image: PeImage | None = None) -
 
 
 def authenticode_digest(data: bytes | bytearray, algorithm: str = "sha256") -> bytes:
-    """The Authenticode image hash (REFERENCE.md §5) of a PE32+ image; O(len(data))."""
+    """The Authenticode image hash (docs/formats.md §8) of a PE32+ image; O(len(data))."""
     padded = bytes(data) if len(data) % 8 == 0 or parse_pe(data).cert_table.size else bytes(data) + bytes(-len(data) % 8)
     h = hashlib.new(algorithm)
     view = memoryview(padded)
@@ -321,7 +321,7 @@ def _strip_symbols(buf: bytearray, pe: PeImage) -> bytearray:
 
 
 def add_sections(stub: bytes, sections: Sequence[NewSection | tuple[str, bytes, bool, int | None]]) -> bytes:
-    """Append ``sections`` to the PE32+ ``stub`` following ukify's placement (REFERENCE.md §5).
+    """Append ``sections`` to the PE32+ ``stub`` following ukify's placement (docs/formats.md §7).
 
     A section whose name the stub already has (in practice ``.sbat``) replaces that section's data
     in place; it must fit in its raw size and its virtual range. Alignments come from the stub.

@@ -1,14 +1,12 @@
 """Unified Kernel Images: systemd-stub + kernel + initrd + cmdline + os-release, as ukify builds them.
 
-Spec: UAPI "Unified Kernel Image"; REFERENCE.md §5 (ukify's section order, contents and .sbat
+Spec: UAPI "Unified Kernel Image"; docs/formats.md §7 (ukify's section order, contents and .sbat
 merge). The stub comes from the locked ``systemd-boot-efi`` package. Pure: bytes in, bytes out.
 Signing is a separate step (``reprobuild.image.authenticode.sign_pe``) so the unsigned UKI can be
 compared and re-signed independently.
 """
 
 from __future__ import annotations
-
-from pathlib import PurePosixPath
 
 from reprobuild.image.pe import (
     IMAGE_SUBSYSTEM_EFI_APPLICATION,
@@ -19,11 +17,6 @@ from reprobuild.image.pe import (
     section_capacity,
 )
 
-# Where the stub lives inside a root tree (x86-64; arm64 is linuxaa64.efi.stub).
-STUB_PATHS = {
-    0x8664: PurePosixPath("usr/lib/systemd/boot/efi/linuxx64.efi.stub"),
-    0xAA64: PurePosixPath("usr/lib/systemd/boot/efi/linuxaa64.efi.stub"),
-}
 SBAT_HEADER = "sbat,1,SBAT Version,sbat,1,https://github.com/rhboot/shim/blob/main/SBAT.md"
 DEFAULT_UKI_SBAT = "uki,1,UKI,uki,1,https://uapi-group.org/specifications/specs/unified_kernel_image/"
 

@@ -1,6 +1,6 @@
 """dm-verity (format version 1) hash trees, root hashes and superblocks, byte-compatible with veritysetup.
 
-REFERENCE.md §4: level 0 hashes every data block as ``H(salt || block)``, each higher level hashes
+docs/formats.md §5: level 0 hashes every data block as ``H(salt || block)``, each higher level hashes
 the blocks of the level below, the root hash is ``H(salt || top block)``; on disk the hash device
 holds a 512-byte superblock (padded to one hash block) and then the levels, top level first.
 
@@ -35,7 +35,7 @@ SB_MAGIC = b"verity\0\0"
 SB_VERSION = 1
 SB_SIZE = 512
 MAX_SALT = 256
-# struct verity_sb (cryptsetup lib/verity/verity.c; REFERENCE.md §4 table): signature, version,
+# struct verity_sb (cryptsetup lib/verity/verity.c; docs/formats.md §5 table): signature, version,
 # hash_type, uuid (RFC byte order), algorithm (NUL padded), data_block_size, hash_block_size,
 # data_blocks, salt_size, pad, salt, pad.
 SUPERBLOCK = struct.Struct("<8sII16s32sIIQH6s256s168s")

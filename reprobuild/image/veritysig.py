@@ -1,4 +1,4 @@
-"""The root-verity-sig partition, byte-identical to what systemd-repart writes (REFERENCE.md §3).
+"""The root-verity-sig partition, byte-identical to what systemd-repart writes (docs/formats.md §6).
 
 Content: compact JSON ``{"rootHash":…,"certificateFingerprint":…,"signature":…}`` NUL-padded to
 16 KiB, where ``signature`` is base64 of a detached PKCS#7 SignedData over the ASCII hex root hash,

@@ -1,7 +1,7 @@
 """Make a freshly installed tree reproducible: remove run-specific files, pin the rest, clamp mtimes.
 
 Every rule says why it exists. Sources: mmdebstrap 1.x ``run_cleanup`` (marked "mmdebstrap"),
-REFERENCE.md §7 and reproducible-builds.org/docs/system-images/. Rules only ever act on paths
+docs/formats.md §11 and reproducible-builds.org/docs/system-images/. Rules only ever act on paths
 inside the tree and never follow symlinks (``os.walk`` without followlinks, ``lstat``, ``lutimes``).
 """
 

@@ -1,6 +1,6 @@
 """Run a program inside a root tree: chroot in fresh mount/PID/UTS/IPC/network namespaces.
 
-What the program sees (mmdebstrap's chroot setup, tightened for reproducibility, REFERENCE §7):
+What the program sees (mmdebstrap's chroot setup, tightened for reproducibility, docs/formats.md §11):
 * ``/proc`` of a new PID namespace (the program is PID 1's child; nothing of the host is visible);
 * a minimal ``/dev`` on a tmpfs: null zero full random urandom tty bind-mounted from the host,
   ``/dev/pts`` (new devpts instance), ``/dev/shm``, and the usual fd/stdin/stdout/stderr/ptmx links;
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from reprobuild.errors import BuildError, ToolMissing
 
-# The environment every program in the tree gets (REFERENCE §7 "Environment"). Callers add
+# The environment every program in the tree gets (docs/formats.md §11 "Environment"). Callers add
 # SOURCE_DATE_EPOCH and anything specific.
 BASE_ENV: Mapping[str, str] = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",

@@ -1,4 +1,4 @@
-"""The root-tree stage: planned packages + settings → a normalised root tree (or tar / cpio).
+"""The root-tree stage: planned packages + settings → a normalised root tree (or tar).
 
 Order (mkosi's, with mmdebstrap's install): skeleton trees → packages (Essential extracted, then the
 tree's dpkg in the sandbox) → extra trees → post-installation scripts → settings (hostname,
@@ -26,7 +26,7 @@ from reprobuild.rootfs.plan import PlannedPackage, TreeSettings
 from reprobuild.rootfs.sandbox import DEFAULT_HOSTNAME, check_can_sandbox
 
 __all__ = ["PlannedPackage", "TreeSettings", "build_tree", "configure_tree", "install_packages", "sandbox_env",
-           "write_cpio", "write_tar"]
+           "write_tar"]
 
 
 def sandbox_env(epoch: int) -> dict[str, str]:
@@ -61,7 +61,7 @@ def build_tree(
     check_can_sandbox()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     done = False
-    # Reproducibility: modes are set explicitly everywhere; umask 022 (REFERENCE §7) is a second
+    # Reproducibility: modes are set explicitly everywhere; umask 022 (docs/formats.md §11) is a second
     # line of defence for anything created with default modes. Restored afterwards.
     old_umask = os.umask(0o022)
     try:
@@ -114,23 +114,3 @@ def configure_tree(tree: Path, settings: TreeSettings, epoch: int, report: Calla
     report("normalising the tree")
     normalize(tree, epoch, clean_package_metadata=settings.clean_package_metadata,
               keep_dpkg_status=settings.keep_dpkg_status)
-
-
-def write_cpio(tree: Path, out: Path, epoch: int) -> None:
-    """``-f cpio``: the tree as a newc cpio (writer in reprobuild.image.cpio), atomically."""
-    from reprobuild.image.cpio import cpio_from_tree  # written by the image helper
-
-    out = Path(out)
-    if out.exists():
-        raise BuildError(f"{out} already exists")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # keep_owners: a root file system needs its numeric owners (an initrd writer may drop them).
-            cpio_from_tree(Path(tree), f, epoch, keep_owners=True)
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
