@@ -20,22 +20,30 @@ PACKAGE = Path(__file__).resolve().parent.parent / "reprobuild"
 # The layers, lowest first. A module may import modules of its own layer and of the layers below
 # it, never above. Patterns: "x" names the module x, "x.*" every module in package x (not x).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    # errors, streaming hashes and atomic writes, INI parsing, the version: the standard library only.
-    ("core", ("reprobuild", "errors", "fileio", "ini")),
+    # errors, streaming hashes and atomic writes, INI parsing, canonical JSON, code digests:
+    # the standard library only.
+    ("core", ("reprobuild", "errors", "fileio", "ini", "digest", "codedigest")),
     # Pure formats and their thin I/O: Debian metadata and packages, image formats, keys, X.509.
     ("formats", ("debian", "debian.*", "image", "image.*", "keys", "x509")),
-    # Definitions and storage: the settings table, the lockfile, the store, downloads, progress.
-    ("data", ("config", "lockfile", "store", "fetch", "mirrors", "progress", "resolve")),
+    # Definitions and storage: the settings table, the lockfile, the manifest, the store,
+    # downloads, progress.
+    ("data", ("config", "lockfile", "manifest", "store", "fetch", "mirrors", "progress", "resolve")),
     # The root tree: extraction, sandbox, install, settings, normalisation.
     ("rootfs", ("rootfs", "rootfs.*")),
     # Comparing images (used by the commands below, never using them).
     ("diff", ("diff", "diff.*")),
-    # Stages and commands' library halves.
-    ("stages", ("lock", "build", "assemble", "tools", "cache", "provenance", "sbom", "verify", "check",
-                "vm", "nspawn")),
+    # The build pipeline: stage interface, runner, context, the cache and the tool runners.
+    ("pipeline", ("pipeline", "pipeline.*", "cache", "tools")),
+    # The build's stages, one module each (a stage never imports another stage).
+    ("stages", ("stages", "stages.*")),
+    # Commands' library halves: lock, build (plan + run + publish), verify, check, attestations.
+    ("commands", ("lock", "build", "provenance", "sbom", "verify", "check", "vm", "nspawn")),
     # The command line: parses, calls, renders.
     ("cli", ("cli", "cli.*", "__main__")),
 )
+
+# Modules under stages/ that are shared settings, not stages: the only stages.* a stage may import.
+STAGE_SHARED = ("reprobuild.stages", "reprobuild.stages.disksettings")
 
 # Third-party modules only some modules may import (same patterns as LAYERS): the command line is
 # the only user of click; progress.py is the one renderer below it.
@@ -209,7 +217,7 @@ def test_an_upward_import_is_reported(tmp_path: Path) -> None:
     (pkg / "build.py").write_text("from reprobuild.image import gpt\n")
     (pkg / "image" / "gpt.py").write_text("def f():\n    from ..build import g\n")
     assert upward_imports(*import_graph(pkg)) == [
-        "reprobuild.image.gpt:2 imports reprobuild.build (formats → stages, a higher layer)"]
+        "reprobuild.image.gpt:2 imports reprobuild.build (formats → commands, a higher layer)"]
 
 
 # -- the package ---------------------------------------------------------------------------------
@@ -274,4 +282,13 @@ def test_no_imports_by_name_outside_the_cli_group() -> None:
             called = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
             if called in ("import_module", "__import__") and name != "reprobuild.cli":
                 bad.append(f"{name}:{node.lineno} imports a module by name")
+    assert not bad, "\n".join(bad)
+
+
+def test_a_stage_never_imports_another_stage() -> None:
+    modules = module_files()
+    bad = [i.where() for name, path in modules.items()
+           if name.startswith("reprobuild.stages.") and name not in STAGE_SHARED
+           for i in imports_of(name, path, modules)
+           if i.target.startswith("reprobuild.stages.") and i.target not in STAGE_SHARED]
     assert not bad, "\n".join(bad)
