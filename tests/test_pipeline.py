@@ -225,3 +225,26 @@ def test_an_x509_edit_misses_the_verity_signature_stage(tmp_path: Path) -> None:
     assert outcomes["ddi"]["outcome"] == "built" and outcomes["ddi"]["changed"] == ["code"]
     assert outcomes["fs"]["outcome"] == "hit"  # its closure does not include x509
     assert edited["manifest"]["sha256"] == first["manifest"]["sha256"]
+    validate_manifest(first["manifest"])
+    written = json.loads((tmp_path / "a/image.raw.manifest.json").read_text())
+    assert written == first["manifest"] and written["format"] == "disk" and written["verity"] == "signed"
+
+
+def validate_manifest(doc: dict) -> None:
+    import jsonschema
+
+    schema = json.loads((PACKAGE / "manifest.schema.json").read_text())
+    jsonschema.validate(doc, schema)
+
+
+def test_manifest_schema_rejects_what_the_build_never_writes() -> None:
+    import jsonschema
+
+    good = {"format": "tar", "lock_digest": "sha256:" + "0" * 64, "config_digest": "c", "source_date_epoch": 1,
+            "release": "trixie", "architecture": "amd64", "packages": ["base-files=13:amd64"],
+            "sha256": "1" * 64, "size": 10}
+    validate_manifest(good)
+    for bad in ({**good, "format": "ddi"}, {**good, "surprise": 1}, {k: v for k, v in good.items() if k != "sha256"},
+                {**good, "packages": ["no version"]}):
+        with pytest.raises(jsonschema.ValidationError):
+            validate_manifest(bad)
