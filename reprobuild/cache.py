@@ -1,31 +1,15 @@
-"""The content-keyed build cache: each stage's result kept in the store under a key of its inputs.
+"""The build cache's storage: stage artifacts kept in the store under their stage keys.
 
-osbuild-style: a stage's key is the sha256 of the canonical JSON of everything that can change
-its output — lock entries, settings, the content of the user's trees, upstream stage keys, the
-tools' identity and reprobuild's own code — and nothing else (no paths, times or host names).
-A rebuild reuses every stage whose key is unchanged.
+The keys themselves are derived by the runner (:mod:`reprobuild.pipeline.runner`) from what each
+stage declares; this module stores and serves what they point at, and knows nothing of stages
+beyond their names. One further per-package cache lives here:
 
-Stages and their keys (each input builder below is a pure function, tested input by input)::
+    unpacked  one .deb's sha256 + the code digest of :mod:`reprobuild.debian.deb`
+              → the .deb with its data.tar decompressed
 
-    unpacked  one .deb's sha256                                    (the .deb, data.tar decompressed)
-    install   image package set, SkeletonTrees= content, sandbox hostname, epoch, code
-                → the tree after dpkg, before ExtraTrees=          (tar object)
-    tree      install key, ExtraTrees=/scripts content, settings   (tar object, = the -f tar output;
-                                                                    kept for tar/directory outputs only)
-    tools     tools package set, epoch, code                       (tar object)
-    fs        tree key, fs type, UUID, label, layout, tools id      (image object + FsResult;
-                                                                    the verity root hash per salt)
-    initrd    initrd package set, digest of the modules it copies, kernel version, epoch, code
-    esp       command line (with the root hash), kernel, stub, initrd, os-release, boot loader,
-              Secure Boot key digests, seed, epoch, tools id     (the ESP image holding the UKI)
-    output    tree key, format, every disk setting, key digests     (image.raw/cpio + manifest)
-
-``unpacked`` is per package, shared by every image, initrd and tools tree that installs it: dpkg
-is handed the package with its payload already decompressed (xz is ≈30 % of dpkg's time). The
+``unpacked`` is shared by every image, initrd and tools tree that installs the package: dpkg is
+handed the package with its payload already decompressed (xz is ≈30 % of dpkg's time). The
 objects are written durably, as they are used by path without being rehashed.
-
-``initrd`` is keyed by content read from the tree (only the modules it copies), so that editing
-an extra tree — which changes the tree key — still reuses the initrd (≈30 s of dpkg).
 
 Where results live — choice and why: a cached **tree is a deterministic tar object** (the
 project's own ``rootfs.archive.write_tar``), so that ``store verify`` rehashes it, ``store gc``
