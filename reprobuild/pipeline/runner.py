@@ -100,6 +100,7 @@ class Runner:
         self._parts: dict[str, dict[str, str]] = {}
         self._artifacts: dict[str, Artifact] = {}
         self.reports: dict[str, StageReport] = {}
+        self._nested: list[float] = []  # time spent in upstream stages, per stage being made
         self._previous = self._load_explain()
         for s in stages:
             for dep in (*s.upstream, *s.reads):
@@ -140,9 +141,23 @@ class Runner:
         stage = self.stages[name]
         key = self.key(name)
         report = self.reports[name]
-        cache = self.ctx.cache
         cacheable = stage.cacheable(self.ctx) and stage.produces != "nothing"
         started = time.monotonic()
+        self._nested.append(0.0)
+        try:
+            art = self._make(stage, key, report, cacheable)
+        finally:
+            # Stage time excludes the upstream stages it asked for (they report their own).
+            total = time.monotonic() - started
+            report.seconds = round(total - self._nested.pop(), 3)
+            if self._nested:
+                self._nested[-1] += total
+        self._artifacts[name] = art
+        return art
+
+    def _make(self, stage: Stage, key: str, report: StageReport, cacheable: bool) -> Artifact:
+        name = stage.name
+        cache = self.ctx.cache
         entry = cache.get(name, key) if cacheable else None
         outcome = "hit"
         content_key = None
@@ -156,21 +171,16 @@ class Runner:
                     cache.alias(entry, key)
         if entry is not None:
             art = self._served(stage, key, entry)
-            if art is not None:
-                report.outcome = outcome
-                self.ctx.say(f"{name}: cached")
-                report.seconds = round(time.monotonic() - started, 3)
-                self._artifacts[name] = art
-                return art
+            report.outcome = outcome
+            self.ctx.say(f"{name}: cached")
+            return art
         if not cacheable:
             report.changed = self._changed(name)
         art = self._run(stage, key, content_key)
         report.outcome = "built"
-        report.seconds = round(time.monotonic() - started, 3)
-        self._artifacts[name] = art
         return art
 
-    def _served(self, stage: Stage, key: str, entry: Entry) -> Artifact | None:
+    def _served(self, stage: Stage, key: str, entry: Entry) -> Artifact:
         art = Artifact(stage.name, key, dict(entry.meta), entry=entry, from_cache=True)
         if stage.produces == "tree":
             if stage.keep_extracted:
