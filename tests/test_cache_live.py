@@ -101,8 +101,8 @@ def test_cached_and_uncached_builds_are_identical_without_host_tools(cache_build
 
 def test_cache_hits_follow_the_stages(cache_builds: Builds) -> None:
     assert cache_builds.uncached["cache_hits"] == []
-    assert "tree" not in cache_builds.cold["cache_hits"] and "output" not in cache_builds.cold["cache_hits"]
-    assert cache_builds.warm["cache_hits"] == ["output"]  # nothing else is even looked at
+    assert "tree" not in cache_builds.cold["cache_hits"] and "ddi" not in cache_builds.cold["cache_hits"]
+    assert cache_builds.warm["cache_hits"] == ["ddi"]  # nothing else is even looked at
     assert cache_builds.warm["timings"].get("tree") is None
 
 
