@@ -3,8 +3,9 @@ owners, clamped mtimes; newc cpio: sorted, renumbered inodes, owners kept)."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from reprobuild.fileio import write_atomically
 from reprobuild.image.cpio import cpio_from_tree
@@ -13,32 +14,37 @@ from reprobuild.pipeline.stage import Stage, Upstream
 from reprobuild.rootfs.archive import write_tar_stream
 
 
-class TarStage(Stage):
+class _ArchiveStage(Stage):
+    upstream = ("tree",)
+
+    def options(self, ctx: BuildContext) -> dict[str, Any]:
+        return {"epoch": ctx.epoch}
+
+    @staticmethod
+    @abstractmethod
+    def write(tree: Path, f: BinaryIO, epoch: int) -> None: ...
+
+    def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
+        tree = up.artifact("tree").path
+        assert tree is not None
+        write_atomically(out, lambda f: self.write(tree, f, ctx.epoch))
+        return {}
+
+
+class TarStage(_ArchiveStage):
     name = "tar"
     file_name = "image.tar"
-    upstream = ("tree",)
 
-    def options(self, ctx: BuildContext) -> dict[str, Any]:
-        return {"epoch": ctx.epoch}
-
-    def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
-        tree = up.artifact("tree").path
-        assert tree is not None
-        write_atomically(out, lambda f: write_tar_stream(tree, f, ctx.epoch))
-        return {}
+    @staticmethod
+    def write(tree: Path, f: BinaryIO, epoch: int) -> None:
+        write_tar_stream(tree, f, epoch)
 
 
-class CpioStage(Stage):
+class CpioStage(_ArchiveStage):
     name = "cpio"
     file_name = "image.cpio"
-    upstream = ("tree",)
 
-    def options(self, ctx: BuildContext) -> dict[str, Any]:
-        return {"epoch": ctx.epoch}
-
-    def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
-        tree = up.artifact("tree").path
-        assert tree is not None
+    @staticmethod
+    def write(tree: Path, f: BinaryIO, epoch: int) -> None:
         # keep_owners: a root file system needs its numeric owners (an initrd writer may drop them).
-        write_atomically(out, lambda f: cpio_from_tree(tree, f, ctx.epoch, keep_owners=True))
-        return {}
+        cpio_from_tree(tree, f, epoch, keep_owners=True)
