@@ -1,13 +1,48 @@
-"""Small file helpers every stage needs: streaming sha256 and all-or-nothing writes."""
+"""Small file helpers every stage needs: streaming sha256, bounded reads and all-or-nothing writes."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+
+class ReadRefused(Exception):
+    """:func:`read_bounded` refused a file before reading it; ``reason`` fits after "PATH: "."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` (symlinks followed) if it is a regular file of at most ``limit``
+    bytes. Type and size are checked on the open descriptor before any read, and the open never
+    blocks, so a FIFO, a device (/dev/zero) or a huge sparse file is refused at once.
+    Raises FileNotFoundError, ReadRefused, or OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ReadRefused(path, "not a regular file")
+        if st.st_size > limit:
+            raise ReadRefused(path, f"larger than {limit} bytes ({st.st_size})")
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise ReadRefused(path, f"grew beyond {limit} bytes while it was read")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:

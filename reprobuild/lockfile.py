@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reprobuild.errors import LockError
-from reprobuild.fileio import write_atomic
+from reprobuild.fileio import ReadRefused, read_bounded, write_atomic
 
 LOCK_VERSION = 1
 LOCK_NAME = "reprobuild.lock"
@@ -510,22 +508,13 @@ def read_lock_bytes(path: Path) -> bytes:
     """The bytes of a lockfile: a regular file (through symlinks) of at most MAX_LOCK_BYTES,
     checked before reading, so a FIFO, a device or a huge file is refused at once."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        return read_bounded(path, MAX_LOCK_BYTES)
     except FileNotFoundError:
         raise LockError(f"{path}: no lockfile", hint="run reprobuild lock first") from None
+    except ReadRefused as e:
+        raise LockError(f"{path}: {e.reason}: not a lockfile") from None
     except OSError as e:
-        raise LockError(f"{path}: cannot open the lockfile: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise LockError(f"{path}: not a regular file: not a lockfile")
-        if st.st_size > MAX_LOCK_BYTES:
-            raise LockError(f"{path}: larger than {MAX_LOCK_BYTES >> 20} MiB: not a lockfile")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(MAX_LOCK_BYTES + 1)
-    finally:
-        os.close(fd)
-    return data
+        raise LockError(f"{path}: cannot read the lockfile: {e.strerror}") from None
 
 
 def load_lock(path: Path) -> Lock:

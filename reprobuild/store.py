@@ -46,7 +46,7 @@ from typing import IO, BinaryIO
 
 import zstandard
 
-from reprobuild.errors import FormatError, ReprobuildError, StoreError
+from reprobuild.errors import FormatError, ReprobuildError, StoreError, describe_os_error
 
 HASH_ALGO = "sha256"
 CHUNK_SIZE = 1 << 20
@@ -69,6 +69,29 @@ class ObjectMismatch(StoreError):
         super().__init__(message)
         self.sha256 = sha256
         self.reason = reason  # "sha256" | "short" | "long"
+
+
+class StoreWriteError(StoreError):
+    """Writing into the store failed on the local disk (full, read-only, no permission): not a
+    problem of the bytes or of where they came from, so nobody should retry elsewhere."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(f"cannot write to the store: {describe_os_error(error)}")
+        self.errno = error.errno
+
+
+@contextlib.contextmanager
+def _local_write(path: Path, second: Path | None = None) -> Iterator[None]:
+    """Turn an OSError of a local write into StoreWriteError naming ``path`` (and ``second``,
+    the target of a rename) when the error itself names no file (as os.write's do not)."""
+    try:
+        yield
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.filename is None:
+            e = OSError(e.errno, e.strerror, str(path), None, None if second is None else str(second))
+        raise StoreWriteError(e) from e
 
 
 class ObjectMissing(StoreError):
@@ -367,7 +390,8 @@ class Store:
         while True:
             p = self.tmp_dir / f"{tag}.{os.getpid()}.{secrets.token_hex(8)}.part"
             try:
-                fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                with _local_write(p):
+                    fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileExistsError:
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -412,31 +436,33 @@ class Store:
         try:
             h = hashlib.sha256()
             n = 0
-            with os.fdopen(os.dup(fd), "wb") as out:
-                for chunk in _iter_chunks(stream, expected_size + 1):
-                    n += len(chunk)
-                    if n > expected_size:
-                        raise wrong_size("long", f"more than the expected {expected_size} bytes")
-                    h.update(chunk)
-                    out.write(chunk)
-                if n < expected_size:
-                    raise wrong_size("short", f"only {n} of the expected {expected_size} bytes")
-                got = h.hexdigest()
-                if expected_sha256 is not None and got != expected_sha256:
-                    raise ObjectMismatch(f"sha256 mismatch: expected {expected_sha256}, got {got}",
-                                         sha256=expected_sha256, reason="sha256")
-                out.flush()
-                os.fchmod(out.fileno(), 0o444)  # objects are immutable
-                if durable:
-                    os.fsync(out.fileno())
+            for chunk in _iter_chunks(stream, expected_size + 1):
+                n += len(chunk)
+                if n > expected_size:
+                    raise wrong_size("long", f"more than the expected {expected_size} bytes")
+                h.update(chunk)
+                with _local_write(tmp):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+            if n < expected_size:
+                raise wrong_size("short", f"only {n} of the expected {expected_size} bytes")
+            got = h.hexdigest()
+            if expected_sha256 is not None and got != expected_sha256:
+                raise ObjectMismatch(f"sha256 mismatch: expected {expected_sha256}, got {got}",
+                                     sha256=expected_sha256, reason="sha256")
             final = self._object_file(got)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            # Atomic publish. If a racer published first, its bytes are the same bytes (same
-            # hash); replacing them is harmless, and repairs an object that rotted meanwhile.
-            os.replace(tmp, final)
-            published = True
-            if durable:
-                _fsync_dir(final.parent)
+            with _local_write(tmp, final):
+                os.fchmod(fd, 0o444)  # objects are immutable
+                if durable:
+                    os.fsync(fd)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                # Atomic publish. If a racer published first, its bytes are the same bytes (same
+                # hash); replacing them is harmless, and repairs an object that rotted meanwhile.
+                os.replace(tmp, final)
+                published = True
+                if durable:
+                    _fsync_dir(final.parent)
             return got
         finally:
             if not published:

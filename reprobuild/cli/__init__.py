@@ -15,7 +15,7 @@ import sys
 import click
 
 from reprobuild import __version__
-from reprobuild.errors import ReprobuildError
+from reprobuild.errors import ReprobuildError, describe_os_error
 
 # Command modules, imported for their side effect of registering commands on ``cli``.
 COMMAND_MODULES = (
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         if debug:
             raise
-        click.secho(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", fg="red", err=True)
+        click.secho(f"error: {describe_os_error(e)}", fg="red", err=True)
         sys.exit(1)
     # A command may return (or ctx.exit with) a status, such as diff's 1 for "different".
     if isinstance(exit_code, int) and exit_code != 0:
