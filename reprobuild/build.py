@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,7 +279,7 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
     keys = tree_keys(spec, lock, code)
     epoch = lock.source_date_epoch
     # store.in_use: gc waits for this build (it may remove cached trees the build reads).
-    with store.in_use(), tempfile.TemporaryDirectory(prefix=".reprobuild-work-", dir=out_dir) as work_str, \
+    with store.in_use(), store.work_dir(out_dir) as work_str, \
             contextlib.ExitStack() as mounts:
         work = Path(work_str)
         overlays = fmt in ("disk", "tar", "cpio") and _enter_overlay_namespace(cache, store, work, say)
