@@ -19,6 +19,28 @@ class ReadRefused(Exception):
         self.path, self.reason = path, reason
 
 
+FILE_TYPES = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symbolic link"}
+
+
+def check_input(path: Path, *, size: int | None = None, limit: int | None = None,
+                block_devices: bool = False) -> os.stat_result:
+    """Refuse an input before reading it: it must be a regular file (or, with
+    ``block_devices``, a block device), of exactly ``size`` bytes when given and of at most
+    ``limit`` bytes when given. One stat, no read, no open: a FIFO, /dev/zero or a sparse
+    1 TB file is refused at once. Raises FileNotFoundError/OSError or ReadRefused."""
+    st = os.stat(path)
+    if not (stat.S_ISREG(st.st_mode) or block_devices and stat.S_ISBLK(st.st_mode)):
+        kind = FILE_TYPES.get(stat.S_IFMT(st.st_mode), "an odd file")
+        raise ReadRefused(path, f"{kind}, not a regular file{', block device' if block_devices else ''}")
+    if stat.S_ISREG(st.st_mode):
+        if size is not None and st.st_size != size:
+            raise ReadRefused(path, f"{st.st_size} bytes, expected {size}")
+        if limit is not None and st.st_size > limit:
+            raise ReadRefused(path, f"larger than {limit} bytes ({st.st_size})")
+    return st
+
+
 def read_bounded(path: Path, limit: int) -> bytes:
     """The bytes of ``path`` (symlinks followed) if it is a regular file of at most ``limit``
     bytes. Type and size are checked on the open descriptor before any read, and the open never
