@@ -28,6 +28,7 @@ from reprobuild.errors import BuildError
 from reprobuild.fileio import sha256_file, write_atomic, write_atomically
 from reprobuild.lock import check_lock_current
 from reprobuild.lockfile import Lock, PackageSet, dumps
+from reprobuild.preflight import preflight
 from reprobuild.store import Store
 
 Say = Callable[[str], None]
@@ -253,6 +254,7 @@ def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOption
     fmt = options.format or spec.build.format
     if fmt not in OUTPUT_NAMES:
         raise BuildError(f"unknown output format {fmt!r}")
+    preflight(lock, options.output_dir)  # before any download, gc root or directory
     result = BuildResult()
     with _timed(result, "fetch"):
         ensure_fetched(lock, spec, store, options, fetch_progress)
