@@ -115,3 +115,21 @@ def describe_os_error(e: OSError) -> str:
         # For a rename or link both paths are on one file system; for a copy the second is written.
         text += f" (the file system at {mount_point(paths[-1])} is full)"
     return text.replace("\n", " ")
+
+
+def disk_full_note(error: BaseException) -> str | None:
+    """For an error caused (directly or down its chain) by a full disk: which file system is
+    full, as a note for the one-line message; None if the chain has no such OSError with a path,
+    or the message already says it."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL:
+            path = cause.filename2 if cause.filename2 is not None else cause.filename
+            if path is None:
+                return None
+            note = f"the file system at {mount_point(os.fsdecode(path))} is full"
+            return None if note in str(error) else note
+        cause = cause.__cause__ or cause.__context__
+    return None

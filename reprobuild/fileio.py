@@ -91,6 +91,11 @@ def write_atomically(target: Path, writer: Callable[[BinaryIO], object], mode: i
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a write or fsync names no file: name the one being written
+            e.filename = tmp
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -590,26 +590,29 @@ class Store:
         later command that holds the store (:meth:`clean_scratch`) find it after a kill -9, and
         the next work directory in the same ``parent`` removes dead siblings first."""
         clean_dead_work_dirs(parent)
-        while True:
-            path = parent.absolute() / f"{WORK_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-            try:
-                os.mkdir(path, 0o700)
-                break
-            except FileExistsError:
-                continue
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        pointer: Path | None = None
+        # The pointer first: a kill at any later moment leaves nothing that is not registered.
+        pointer = self.new_tmp_dir("work")
+        path: Path | None = None
+        fd: int | None = None
         try:
+            while path is None:
+                candidate = parent.absolute() / f"{WORK_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+                (pointer / WORK_POINTER).write_bytes(os.fsencode(candidate))
+                try:
+                    os.mkdir(candidate, 0o700)
+                    path = candidate
+                except FileExistsError:
+                    continue
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             with contextlib.suppress(OSError):  # flock on a directory: not on every network file system
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            pointer = self.new_tmp_dir("work")
-            (pointer / WORK_POINTER).write_bytes(os.fsencode(path))
             yield path
         finally:
-            _rmtree(path)
-            if pointer is not None:
-                _rmtree(pointer)
-            os.close(fd)
+            if path is not None:
+                _rmtree(path)
+            _rmtree(pointer)
+            if fd is not None:
+                os.close(fd)
 
     def clean_tmp(self, *, grace: float = TMP_GRACE_SECONDS, now: float | None = None) -> int:
         """Remove temporaries left by dead writers; returns how many were removed.
