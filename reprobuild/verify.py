@@ -204,11 +204,13 @@ def image_refusal(image: Path, fmt: str, manifest: dict[str, Any]) -> str | None
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         return f"the manifest gives no valid size for {image}"
     try:
-        check_input(image, limit=size)
+        st = check_input(image)
     except ReadRefused as e:
         return f"{e}: refused before reading"
     except OSError as e:
         return f"{image}: {e.strerror}"
+    if st.st_size > size:
+        return f"{image}: {st.st_size} bytes, but the manifest says {size}: refused before reading"
     return None
 
 

@@ -651,3 +651,83 @@ def test_full_store_stops_fetch_at_once_and_names_it(base: Base, tmp_path: Path)
         assert len(lines) <= 2 and lines[0].startswith("error: cannot write to the store"), text
         assert f"the file system at {small} is full" in lines[0] and str(store) in lines[0], text
         assert "retrying" not in text
+
+
+# -- bounded reads: verify and diff refuse what they must not read -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built_tar(slow_definition: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(image.tar, its manifest, the lock) of a hermetic build of the crash tests' definition."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("verify")
+    store = root / "store"
+    shutil.copytree(slow_definition.parent / "store", store)
+    out = root / "out"
+    r = subprocess.run(_cli("build", "-C", str(slow_definition), "--locked", "--offline", "-q", "-o", str(out)),
+                       env={**os.environ, "REPROBUILD_STORE": str(store)}, cwd=REPO, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / "image.tar", out / "image.tar.manifest.json", slow_definition / "reprobuild.lock"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "sparse-1t", "manifest-fifo", "manifest-dev-zero"])
+def test_verify_refuses_before_reading(built_tar: tuple[Path, Path, Path], tmp_path: Path, kind: str) -> None:
+    import shutil
+
+    image, manifest, lock = built_tar
+    target = tmp_path / "image.tar"
+    beside = tmp_path / "image.tar.manifest.json"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "dev-zero":
+        target.symlink_to("/dev/zero")
+    elif kind == "sparse-1t":
+        shutil.copy(image, target)
+        with open(target, "r+b") as f:
+            f.truncate(1 << 40)
+    else:
+        shutil.copy(image, target)
+    if kind == "manifest-fifo":
+        os.mkfifo(beside)
+    elif kind == "manifest-dev-zero":
+        beside.symlink_to("/dev/zero")
+    else:
+        shutil.copy(manifest, beside)
+    started = time.monotonic()
+    r = subprocess.run(_cli("verify", str(target), "--lock", str(lock), "--no-rebuild"), cwd=REPO,
+                       capture_output=True, text=True, timeout=120, check=False)
+    text = r.stdout + r.stderr
+    assert time.monotonic() - started < 60, "refused at once"
+    assert r.returncode != 0 and "Traceback" not in text, text[-2000:]
+    expected = {"fifo": "a FIFO, not a regular file", "dev-zero": "a character device, not a regular file",
+                "sparse-1t": f"{1 << 40} bytes", "manifest-fifo": "not a regular file",
+                "manifest-dev-zero": "not a regular file"}[kind]
+    assert expected in text, text[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "sparse-1t"])
+def test_diff_refuses_before_reading(tmp_path: Path, kind: str) -> None:
+    """diff checks the file type, and a disk's size against its GPT, before reading."""
+    from tests.test_diff_support import make_ddi, make_keys
+
+    ddi = make_ddi(tmp_path, "a", keys=make_keys(tmp_path))
+    other = tmp_path / "other.raw"
+    if kind == "fifo":
+        os.mkfifo(other)
+    elif kind == "dev-zero":
+        other.symlink_to("/dev/zero")
+    else:
+        import shutil
+
+        shutil.copy(ddi, other)
+        with open(other, "r+b") as f:
+            f.truncate(1 << 40)
+    started = time.monotonic()
+    code, text = _run(["diff", str(ddi), str(other)])
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert time.monotonic() - started < 30, "refused at once"
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), text
+    expected = {"fifo": "a FIFO", "dev-zero": "a character device", "sparse-1t": "backup GPT header"}[kind]
+    assert expected in lines[0], lines[0]
