@@ -482,6 +482,42 @@ def test_output_at_a_dangling_symlink_is_named(base: Base) -> None:
     assert _listing(base.store) == store_before, "refused before any download or gc root"
 
 
+def test_out_of_date_lock_is_refused_before_any_download(base: Base) -> None:
+    """A valid lock the configuration has moved away from: build --locked and lock --verify stop
+    before the store or anything else changes (fetch fetches what a valid lock pins)."""
+    d = _case_dir(base, "out-of-date", base.conf + "[Content]\nHostname=changed\n")
+    (d / "reprobuild.lock").write_bytes(dumps(load_lock(base.root / "valid" / "reprobuild.lock")))
+    Store(base.store).unregister_root("earlier-build")  # so that a registered root would show
+    try:
+        _expect_refused(base, d, commands=(COMMANDS[0], COMMANDS[2]), must_mention="out of date")
+    finally:
+        Store(base.store).register_root("earlier-build", Store(base.store).iter_objects())
+
+
+def test_lock_for_a_foreign_architecture_is_refused_before_any_download(base: Base) -> None:
+    """A consistent arm64 lock for an arm64 configuration passes validation; on a machine that
+    cannot run arm64 binaries the build stops before it fetches or registers anything."""
+    from reprobuild.preflight import binfmt_handlers
+
+    if os.uname().machine == "aarch64" or any(h.endswith("aarch64") for h in binfmt_handlers()):
+        pytest.skip("this machine can run arm64 binaries")
+    d = _case_dir(base, "arm64", base.conf + "[Distribution]\nArchitecture=arm64\n")
+    spec = load_spec(d)
+    data = copy.deepcopy(base.lock)
+    data.update(architecture="arm64", config=spec.digest_input(), config_digest=spec.digest())
+    for package_set in data["sets"]:
+        for package in package_set["packages"]:
+            if package["architecture"] != "all":
+                package["architecture"] = "arm64"
+    (d / "reprobuild.lock").write_text(json.dumps(data, indent=2, sort_keys=True))
+    assert _run(["lock", "-C", str(d), "--verify"])[0] == 0, "the lock itself is valid"
+    Store(base.store).unregister_root("earlier-build")  # so that fetching anything would show
+    try:
+        _expect_refused(base, d, commands=COMMANDS[2:], must_mention="binfmt_misc")
+    finally:
+        Store(base.store).register_root("earlier-build", Store(base.store).iter_objects())
+
+
 def test_foreign_architecture_is_refused_up_front(base: Base) -> None:
     from reprobuild.errors import BuildError
     from reprobuild.preflight import check_architecture
