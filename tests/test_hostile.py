@@ -195,11 +195,25 @@ def _nested(depth: int) -> Any:
     return value
 
 
-def _raw(text: str) -> Callable[[dict[str, Any]], None]:
-    """Marks a case whose lock file is written as raw text, not from data."""
-    def mutate(d: dict[str, Any]) -> None:
-        d["__raw__"] = text
-    return mutate
+class _Raw:
+    """A case whose lock file is raw text (not JSON data a mutation can express)."""
+
+    def __init__(self, text: Callable[[dict[str, Any]], str]) -> None:
+        self.text = text
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        raise AssertionError("raw cases are written by _lock_case")
+
+
+def _raw(text: str) -> _Raw:
+    return _Raw(lambda _data: text)
+
+
+def _token(key: str, token: str) -> _Raw:
+    """The valid lock with the top-level ``key`` set to a raw JSON token (1e400, NaN)."""
+    def text(data: dict[str, Any]) -> str:
+        return json.dumps({**data, key: "@@"}, indent=2, sort_keys=True).replace('"@@"', token)
+    return _Raw(text)
 
 
 PLANT_REL = f"../../../{PLANT}/target"
@@ -267,23 +281,16 @@ LOCK_CASES: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("top-array", _raw("[1, 2, 3]"), "top level"),
     ("not-json", _raw("\x00\x01garbage"), "not a JSON lockfile"),
     ("nested-deep", _raw("[" * 100_000 + "]" * 100_000), "nested too deeply"),
-    ("epoch-1e400", _raw('{"source_date_epoch": 1e400, "version": 1}'), "source_date_epoch"),
-    ("nan", _raw('{"source_date_epoch": NaN, "version": 1}'), "NaN"),
+    ("epoch-1e400", _token("source_date_epoch", "1e400"), "source_date_epoch"),
+    ("nan", _token("source_date_epoch", "NaN"), "NaN"),
     ("duplicate-key", _raw('{"version": 1, "version": 1}'), "appears twice"),
 ]
 
 
 def _lock_case(base: Base, name: str, mutate: Callable[[dict[str, Any]], Any]) -> Path:
-    data = copy.deepcopy(base.lock)
-    mutate(data)
-    if "__raw__" in data:
+    if isinstance(mutate, _Raw):
         d = _case_dir(base, name)
-        raw = data["__raw__"]
-        if name in ("epoch-1e400", "nan"):  # a whole lock with one raw token in it
-            whole = copy.deepcopy(base.lock)
-            whole["source_date_epoch"] = "@@"
-            raw = json.dumps(whole, indent=2, sort_keys=True).replace('"@@"', raw.split(": ")[1].split(",")[0])
-        (d / "reprobuild.lock").write_text(raw)
+        (d / "reprobuild.lock").write_text(mutate.text(copy.deepcopy(base.lock)))
         return d
     return _write_lock(base, name, mutate)
 
