@@ -774,3 +774,20 @@ def test_diff_refuses_before_reading(tmp_path: Path, kind: str) -> None:
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), text
     expected = {"fifo": "a FIFO", "dev-zero": "a character device", "sparse-1t": "backup GPT header"}[kind]
     assert expected in lines[0], lines[0]
+
+
+def test_live_scratch_is_kept_and_a_reused_pid_does_not_keep_dead_scratch(tmp_path: Path) -> None:
+    from reprobuild.store import _owner_alive
+
+    store = Store(tmp_path / "store")
+    out = tmp_path / "out"
+    out.mkdir()
+    with store.work_dir(out) as work:
+        (work / "file").write_bytes(b"x" * 4096)
+        assert store.clean_scratch() == 0 and work.is_dir(), "a live build's work directory is kept"
+        assert Store(store.root).stats().scratch == 1
+    assert not work.exists() and os.listdir(store.tmp_dir) == []
+    # Our pid made something now: alive. Something made long before this process started, named
+    # after our pid: the pid was reused, its maker is gone.
+    assert _owner_alive(os.getpid(), time.time())
+    assert not _owner_alive(os.getpid(), time.time() - 10 * 365 * 86400)
