@@ -66,8 +66,8 @@ def store_stats_command(store_path: Path | None, as_json: bool) -> None:
     else:
         click.echo(f"{st.root}: {st.objects} object(s), {format_bytes(st.bytes)} ({st.bytes} bytes), "
                    f"{st.roots} gc root(s), {st.trees} extracted tree(s) of the build cache, "
-                   f"{st.scratch} scratch director(y/ies) ({st.scratch_dead} left by killed processes), "
-                   f"{format_bytes(st.scratch_bytes)} in scratch space")
+                   f"{st.scratch} scratch dir(s) ({st.scratch_dead} left by dead processes, removed by the "
+                   f"next fetch, build or gc), {format_bytes(st.scratch_bytes)} in scratch space")
 
 
 @store_group.command("verify")
