@@ -428,11 +428,11 @@ def dumps(lock: Lock) -> bytes:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise _Invalid("JSON", f"the key {_shown(twice)} appears twice in one object")
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Invalid("JSON", f"the key {_shown(key)} appears twice in one object")
+        out[key] = value
     return out
 
 
