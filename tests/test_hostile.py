@@ -679,7 +679,7 @@ def test_full_output_file_system_is_named(slow_definition: Path, tmp_path: Path,
         assert not [n for n in os.listdir(out) if n.startswith((WORK_PREFIX, ".image"))], os.listdir(out)
 
 
-def test_full_store_stops_fetch_at_once_and_names_it(base: Base, tmp_path: Path) -> None:
+def test_full_store_stops_fetch_at_once_and_names_it(base: Base, tmp_path: Path, repo_server) -> None:
     with _tmpfs(tmp_path / "small", "256k") as small:
         store = small / "store"
         Store(store)
@@ -688,7 +688,11 @@ def test_full_store_stops_fetch_at_once_and_names_it(base: Base, tmp_path: Path)
                 f.write(b"\0" * 65536)
                 f.flush()
                 os.fsync(f.fileno())
+        repo_server.reset()
         code, text = _run(["fetch", "-C", str(base.root / "valid"), "--store", str(store), "-q"])
+        pool = repo_server.requested("/pool/")
+        packages = sum(len(s["packages"]) for s in base.lock["sets"])
+        assert len(pool) <= packages, f"the mirror was retried after a local write error: {pool}"
         lines = [line for line in text.splitlines() if line.strip()]
         assert code != 0 and "Traceback" not in text, text
         assert len(lines) <= 2 and lines[0].startswith("error: cannot write to the store"), text
@@ -791,3 +795,24 @@ def test_live_scratch_is_kept_and_a_reused_pid_does_not_keep_dead_scratch(tmp_pa
     # after our pid: the pid was reused, its maker is gone.
     assert _owner_alive(os.getpid(), time.time())
     assert not _owner_alive(os.getpid(), time.time() - 10 * 365 * 86400)
+
+
+def test_os_errors_name_both_paths_and_the_full_file_system(tmp_path: Path) -> None:
+    import errno
+
+    from reprobuild.errors import describe_os_error, disk_full_note, mount_point
+
+    assert mount_point(tmp_path / "not" / "yet") == mount_point(tmp_path)
+    text = describe_os_error(OSError(errno.EXDEV, "Invalid cross-device link", "/a/b", None, "/c/d"))
+    assert text == "Invalid cross-device link: /a/b -> /c/d"
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"), None, str(tmp_path / "y"))
+    assert describe_os_error(full).endswith(f"(the file system at {mount_point(tmp_path)} is full)")
+    from reprobuild.errors import BuildError
+
+    try:
+        try:
+            raise full
+        except OSError as e:
+            raise BuildError("cannot write the tree") from e
+    except BuildError as wrapped:
+        assert disk_full_note(wrapped) == f"the file system at {mount_point(tmp_path)} is full"
