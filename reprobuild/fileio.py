@@ -50,7 +50,7 @@ def read_bounded(path: Path, limit: int) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ReadRefused(path, "not a regular file")
+            raise ReadRefused(path, f"{FILE_TYPES.get(stat.S_IFMT(st.st_mode), 'an odd file')}, not a regular file")
         if st.st_size > limit:
             raise ReadRefused(path, f"larger than {limit} bytes ({st.st_size})")
         chunks, total = [], 0

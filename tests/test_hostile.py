@@ -719,7 +719,8 @@ def built_tar(slow_definition: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out / "image.tar", out / "image.tar.manifest.json", slow_definition / "reprobuild.lock"
 
 
-@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "sparse-1t", "manifest-fifo", "manifest-dev-zero"])
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "sparse-1t", "manifest-fifo", "manifest-dev-zero",
+                                  "provenance-fifo"])
 def test_verify_refuses_before_reading(built_tar: tuple[Path, Path, Path], tmp_path: Path, kind: str) -> None:
     import shutil
 
@@ -742,15 +743,19 @@ def test_verify_refuses_before_reading(built_tar: tuple[Path, Path, Path], tmp_p
         beside.symlink_to("/dev/zero")
     else:
         shutil.copy(manifest, beside)
+    extra: tuple[str, ...] = ()
+    if kind == "provenance-fifo":
+        os.mkfifo(tmp_path / "provenance.jsonl")
+        extra = ("--provenance", str(tmp_path / "provenance.jsonl"))
     started = time.monotonic()
-    r = subprocess.run(_cli("verify", str(target), "--lock", str(lock), "--no-rebuild"), cwd=REPO,
+    r = subprocess.run(_cli("verify", str(target), "--lock", str(lock), "--no-rebuild", *extra), cwd=REPO,
                        capture_output=True, text=True, timeout=120, check=False)
     text = r.stdout + r.stderr
     assert time.monotonic() - started < 60, "refused at once"
     assert r.returncode != 0 and "Traceback" not in text, text[-2000:]
     expected = {"fifo": "a FIFO, not a regular file", "dev-zero": "a character device, not a regular file",
                 "sparse-1t": f"{1 << 40} bytes", "manifest-fifo": "not a regular file",
-                "manifest-dev-zero": "not a regular file"}[kind]
+                "manifest-dev-zero": "not a regular file", "provenance-fifo": "a FIFO, not a regular file"}[kind]
     assert expected in text, text[-2000:]
 
 
