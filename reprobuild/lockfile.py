@@ -468,7 +468,9 @@ def loads(data: bytes, origin: str = "lock") -> Lock:
         lock = _LOCK(raw, "")
         _check_consistency(lock)
     except _Invalid as e:
-        raise LockError(f"{origin}: invalid lockfile: {e.where}: {e.why}") from None
+        raise LockError(f"{origin}: invalid lockfile: {e.where}: {e.why}",
+                        hint="reprobuild lock never writes this (edited by hand?): restore the lock, "
+                             "or remove it and run reprobuild lock") from None
     return lock
 
 
