@@ -60,7 +60,7 @@ class Base:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory, repo_server) -> Base:
+def base(tmp_path_factory: pytest.TempPathFactory, repo_server) -> Iterator[Base]:
     root = tmp_path_factory.mktemp("hostile")
     conf = (f"[Distribution]\nRelease=stable\nUpdates=no\nMirror={repo_server.url}\nKeyring={repo_server.keyring}\n"
             "[Content]\nBaseSet=none\nPackages=hello\n[Build]\nFormat=tar\n[Tools]\nToolsTree=host\n")
@@ -76,7 +76,12 @@ def base(tmp_path_factory: pytest.TempPathFactory, repo_server) -> Base:
     (root / PLANT).mkdir()
     absolute = Path("/tmp") / f"reprobuild-hostile-{os.getpid()}"
     absolute.mkdir(exist_ok=True)
-    return Base(root, conf, json.loads(dumps(lock)), store, absolute)
+    try:
+        yield Base(root, conf, json.loads(dumps(lock)), store, absolute)
+    finally:
+        import shutil
+
+        shutil.rmtree(absolute, ignore_errors=True)
 
 
 def _run(argv: list[str]) -> tuple[int, str]:
