@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from reprobuild.mirrors import fetch_items, mirrors_for_spec
 from reprobuild.pipeline.context import BuildContext
 from reprobuild.pipeline.runner import Runner, StageReport
 from reprobuild.pipeline.stage import Stage
+from reprobuild.preflight import preflight
 from reprobuild.provenance import write_provenance
 from reprobuild.rootfs.overlay import enter_private_mount_namespace, unavailable_reason
 from reprobuild.stages.archives import CpioStage, TarStage
@@ -115,6 +115,7 @@ def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOption
     check_lock_current(spec, lock)
     fmt = options.format or spec.build.format
     stages = plan(spec, lock, fmt)
+    preflight(lock, options.output_dir)  # before any download, gc root or directory
     result = BuildResult()
     started = time.monotonic()
     ensure_fetched(lock, spec, store, options, fetch_progress)
@@ -138,7 +139,7 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
     target = out_dir / OUTPUT_FILES[fmt]
     final = stages[-1].name
     # store.in_use: gc waits for this build (it may remove cached trees the build reads).
-    with store.in_use(), tempfile.TemporaryDirectory(prefix=".reprobuild-work-", dir=out_dir) as work_str, \
+    with store.in_use(), store.work_dir(out_dir) as work_str, \
             contextlib.ExitStack() as mounts:
         work = Path(work_str)
         ctx = BuildContext(spec=spec, lock=lock, store=store, cache=cache, work=work, format=fmt, say=say,

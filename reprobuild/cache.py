@@ -352,8 +352,10 @@ class Cache:
                                 hint="run reprobuild store verify")
             os.chmod(tmp, 0o644)
             os.replace(tmp, dest)
-        except BaseException:
+        except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = tmp  # a write names no file: name the one being written (a full disk)
             raise
 
     # -- outputs already in place -------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 
 from reprobuild.errors import ConfigError
 from reprobuild.ini import Assignment, read_with_dropins
+from reprobuild.lockfile import MAX_SOURCE_DATE_EPOCH
 
 CONFIG_NAME = "reprobuild.conf"
 DEFAULT_RELEASE = "trixie"  # Debian's current stable release
@@ -78,8 +79,11 @@ def parse_url(value: str) -> str:
 
 
 def parse_epoch(value: str) -> int:
-    if not value.isdigit():
+    if not value.isascii() or not value.isdigit():
         raise ValueError("expected seconds since 1970-01-01 UTC (a non-negative integer)")
+    if len(value) > 20 or int(value) > MAX_SOURCE_DATE_EPOCH:
+        raise ValueError(f"after {MAX_SOURCE_DATE_EPOCH} (2106-02-07T06:28:15Z), the newest time every output "
+                         "format can store")
     return int(value)
 
 
@@ -103,6 +107,30 @@ def parse_machine_id(value: str) -> str:
 
 
 def parse_text(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError("control characters are not allowed")
+    return value
+
+
+def parse_hostname(value: str) -> str:
+    """RFC 1123 host name (hostname(5)): dot-separated labels of letters, digits and '-'."""
+    if len(value) > 253 or not re.fullmatch(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*", value):
+        raise ValueError("not a valid host name (RFC 1123)")
+    return value
+
+
+def parse_locale(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,128}", value):
+        raise ValueError("not a locale name such as C.UTF-8 or en_US.UTF-8")
+    return value
+
+
+def parse_tree_path(value: str) -> str:
+    """A path inside the image (Timezone=, RemoveFiles= globs): no '..', no NUL or control bytes."""
+    if not value.isprintable() or len(value) > 4096:
+        raise ValueError("control characters are not allowed")
+    if ".." in value.split("/"):
+        raise ValueError("'..' is not allowed: the path must stay inside the image")
     return value
 
 
@@ -156,16 +184,17 @@ SETTINGS: tuple[Setting, ...] = (
             help="Directories copied into the tree after packages."),
     Setting("Content", "PostInstallationScripts", "postinst_scripts", parse_text, is_list=True,
             is_path=True, help="Scripts run in the sandbox with the tree as root."),
-    Setting("Content", "Hostname", "hostname", parse_text, help="/etc/hostname."),
+    Setting("Content", "Hostname", "hostname", parse_hostname, help="/etc/hostname (an RFC 1123 host name)."),
     Setting("Content", "RootPassword", "root_password", parse_text,
             help="Root password (plain, or hashed:$y$… for a crypt hash)."),
     Setting("Content", "Autologin", "autologin", parse_bool, help="Log root in on the console."),
-    Setting("Content", "Locale", "locale", parse_text, help="LANG in /etc/locale.conf."),
-    Setting("Content", "Timezone", "timezone", parse_text, help="/etc/localtime target."),
+    Setting("Content", "Locale", "locale", parse_locale, help="LANG in /etc/locale.conf (letters, digits, _ . @ -)."),
+    Setting("Content", "Timezone", "timezone", parse_tree_path,
+            help="/etc/localtime target, e.g. Europe/Berlin (no '..')."),
     Setting("Content", "MachineId", "machine_id", parse_machine_id,
             help="/etc/machine-id content: empty (default), uninitialized, or an ID."),
-    Setting("Content", "RemoveFiles", "remove_files", parse_text, is_list=True,
-            help="Globs removed from the tree after installation."),
+    Setting("Content", "RemoveFiles", "remove_files", parse_tree_path, is_list=True,
+            help="Globs removed from the tree after installation (no '..')."),
     Setting("Content", "CleanPackageMetadata", "clean_package_metadata", parse_bool,
             help="Drop apt lists and caches."),
     Setting("Content", "KernelCommandLine", "kernel_command_line", parse_text, is_list=True,
@@ -184,7 +213,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("Tools", "Packages", "packages", parse_package, is_list=True, help="Extra tools packages."),
     # [Build]
     Setting("Build", "SourceDateEpoch", "source_date_epoch", parse_epoch,
-            help="Fixed timestamp. Default: the newest Release Date of the locked suites."),
+            help="Fixed timestamp, 0 to 4294967295 (2106-02-07, the newest time cpio and squashfs "
+                 "can store). Default: the newest Release Date of the locked suites."),
     Setting("Build", "Seed", "seed", parse_seed, help="128-bit seed for UUIDs and salts. Default: from the lock."),
     Setting("Build", "Format", "format", choice("disk", "directory", "tar", "cpio"), help="Output format."),
     Setting("Build", "RootFilesystem", "root_filesystem", choice("erofs", "squashfs", "ext4"),

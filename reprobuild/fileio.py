@@ -1,13 +1,70 @@
-"""Small file helpers every stage needs: streaming sha256 and all-or-nothing writes."""
+"""Small file helpers every stage needs: streaming sha256, bounded reads and all-or-nothing writes."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+
+class ReadRefused(Exception):
+    """:func:`read_bounded` refused a file before reading it; ``reason`` fits after "PATH: "."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+FILE_TYPES = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symbolic link"}
+
+
+def check_input(path: Path, *, size: int | None = None, limit: int | None = None,
+                block_devices: bool = False) -> os.stat_result:
+    """Refuse an input before reading it: it must be a regular file (or, with
+    ``block_devices``, a block device), of exactly ``size`` bytes when given and of at most
+    ``limit`` bytes when given. One stat, no read, no open: a FIFO, /dev/zero or a sparse
+    1 TB file is refused at once. Raises FileNotFoundError/OSError or ReadRefused."""
+    st = os.stat(path)
+    if not (stat.S_ISREG(st.st_mode) or block_devices and stat.S_ISBLK(st.st_mode)):
+        kind = FILE_TYPES.get(stat.S_IFMT(st.st_mode), "an odd file")
+        raise ReadRefused(path, f"{kind}, not a regular file{', block device' if block_devices else ''}")
+    if stat.S_ISREG(st.st_mode):
+        if size is not None and st.st_size != size:
+            raise ReadRefused(path, f"{st.st_size} bytes, expected {size}")
+        if limit is not None and st.st_size > limit:
+            raise ReadRefused(path, f"larger than {limit} bytes ({st.st_size})")
+    return st
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` (symlinks followed) if it is a regular file of at most ``limit``
+    bytes. Type and size are checked on the open descriptor before any read, and the open never
+    blocks, so a FIFO, a device (/dev/zero) or a huge sparse file is refused at once.
+    Raises FileNotFoundError, ReadRefused, or OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ReadRefused(path, f"{FILE_TYPES.get(stat.S_IFMT(st.st_mode), 'an odd file')}, not a regular file")
+        if st.st_size > limit:
+            raise ReadRefused(path, f"larger than {limit} bytes ({st.st_size})")
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise ReadRefused(path, f"grew beyond {limit} bytes while it was read")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -34,6 +91,11 @@ def write_atomically(target: Path, writer: Callable[[BinaryIO], object], mode: i
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a write or fsync names no file: name the one being written
+            e.filename = tmp
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reprobuild.errors import ConfigError
+from reprobuild.fileio import ReadRefused, read_bounded
 
 MAX_INCLUDE_DEPTH = 8
+MAX_FILE_BYTES = 1 << 20  # a configuration file, drop-in or Include= target: 1 MiB is plenty
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,11 @@ def read_ini(path: Path, _depth: int = 0, _seen: tuple[Path, ...] = ()) -> list[
     if _depth > MAX_INCLUDE_DEPTH:
         raise ConfigError(f"{path}: Include= nested more than {MAX_INCLUDE_DEPTH} levels deep")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, MAX_FILE_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except ReadRefused as e:
+        raise ConfigError(f"{path}: {e.reason}: not a configuration file") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
@@ -88,6 +92,8 @@ def read_ini(path: Path, _depth: int = 0, _seen: tuple[Path, ...] = ()) -> list[
                 target = path.parent / target
             if not target.exists():
                 raise ConfigError(f"{assignment.where}: Include={assignment.value}: no such file")
+            if not target.is_file():
+                raise ConfigError(f"{assignment.where}: Include={assignment.value}: not a regular file")
             result.extend(read_ini(target, _depth + 1, _seen + (resolved,)))
         else:
             result.append(assignment)

@@ -292,6 +292,21 @@ def wants_boot(spec: ImageSpec, image_set: PackageSet) -> bool:
     return has_kernel(image_set)
 
 
+def check_update_names(previous: Lock | None, names: Sequence[str]) -> None:
+    """``lock --update NAME…``: every NAME must be a package of the existing lock."""
+    if not names:
+        return
+    if previous is None:
+        raise LockError(f"--update {' '.join(names)}: there is no lock to update",
+                        hint="run reprobuild lock first (or --update without names)")
+    locked = {p.name for s in previous.sets for p in s.packages}
+    unknown = [n for n in names if n not in locked]
+    if unknown:
+        shown = ", ".join(repr(n) if len(n) <= 60 else repr(n[:57] + "...") for n in unknown[:5])
+        raise LockError(f"--update: {shown} {'is' if len(unknown) == 1 else 'are'} not a package of the lock",
+                        hint="name packages as the lock lists them, or use --update alone to re-resolve everything")
+
+
 def lock_spec(spec: ImageSpec, previous: Lock | None = None, options: LockOptions = LockOptions(),
               session=None) -> LockResult:
     """Resolve ``spec`` against verified repository metadata into a new :class:`Lock`."""
@@ -301,6 +316,7 @@ def lock_spec(spec: ImageSpec, previous: Lock | None = None, options: LockOption
         session = requests.Session()
     release = spec.distribution.release
     progress = options.progress or (lambda _msg: None)
+    check_update_names(previous, options.update_packages)
     fetched = _fetch_release_universe(spec, release, session, options)
     universe = fetched.universe  # one universe for both sets: its dependency cache is shared
     progress("resolving")
@@ -371,3 +387,9 @@ def check_lock_current(spec: ImageSpec, lock: Lock) -> None:
         )
         detail = f" (changed: {', '.join(changed)})" if changed else ""
         raise LockError(f"lock is out of date: run reprobuild lock{detail}")
+    if lock.architecture != spec.distribution.debian_architecture:
+        raise LockError(f"the lock is for {lock.architecture}, the configuration for "
+                        f"{spec.distribution.debian_architecture}: run reprobuild lock")
+    if lock.distribution != spec.distribution.distribution or lock.release != spec.distribution.release:
+        raise LockError(f"the lock is for {lock.distribution} {lock.release}, the configuration for "
+                        f"{spec.distribution.distribution} {spec.distribution.release}: run reprobuild lock")

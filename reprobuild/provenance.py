@@ -35,9 +35,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from reprobuild import __version__
 from reprobuild.digest import canonical_json
 from reprobuild.errors import ReprobuildError, VerificationFailed
-from reprobuild.fileio import write_atomic
+from reprobuild.fileio import ReadRefused, read_bounded, write_atomic
 from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, dumps
 from reprobuild.manifest import output_file
+
+MAX_PROVENANCE_BYTES = 16 << 20  # one DSSE envelope line: a few KiB
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -206,11 +208,12 @@ def check_provenance(path: Path, lock: Lock, lock_bytes: bytes, image: Path, man
 
     name = "provenance"
     try:
-        lines = [ln for ln in Path(path).read_text("utf-8").splitlines() if ln.strip()]
+        text = read_bounded(Path(path), MAX_PROVENANCE_BYTES).decode("utf-8")  # no FIFO, device or huge file
+        lines = [ln for ln in text.splitlines() if ln.strip()]
         envelope = json.loads(lines[0])
         public = load_public_key(Path(trusted_key)) if trusted_key else None
         statement = open_envelope(envelope, public)
-    except (OSError, ValueError, IndexError) as e:
+    except (OSError, ValueError, IndexError, RecursionError, ReadRefused) as e:
         return failed(name, f"{path}: unreadable provenance ({e})")
     except ReprobuildError as e:
         return failed(name, e.message)

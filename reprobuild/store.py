@@ -46,7 +46,7 @@ from typing import IO, BinaryIO
 
 import zstandard
 
-from reprobuild.errors import FormatError, ReprobuildError, StoreError
+from reprobuild.errors import FormatError, ReprobuildError, StoreError, describe_os_error
 
 HASH_ALGO = "sha256"
 CHUNK_SIZE = 1 << 20
@@ -55,6 +55,8 @@ _ROOT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # A temporary whose flock is free is only removed once it is this old: it closes the
 # microseconds-wide window between a writer creating its temporary and locking it.
 TMP_GRACE_SECONDS = 60.0
+WORK_PREFIX = ".reprobuild-work-"  # a build's work directory beside its outputs (Store.work_dir)
+WORK_POINTER = "work-dir"  # in a tmp/work.* directory: the absolute path of that work directory
 BUNDLE_FORMAT = 1
 BUNDLE_MANIFEST = "reprobuild-bundle.json"
 # zstd level for bundles: the payload is mostly already-compressed .debs, so a high level
@@ -69,6 +71,29 @@ class ObjectMismatch(StoreError):
         super().__init__(message)
         self.sha256 = sha256
         self.reason = reason  # "sha256" | "short" | "long"
+
+
+class StoreWriteError(StoreError):
+    """Writing into the store failed on the local disk (full, read-only, no permission): not a
+    problem of the bytes or of where they came from, so nobody should retry elsewhere."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(f"cannot write to the store: {describe_os_error(error)}")
+        self.errno = error.errno
+
+
+@contextlib.contextmanager
+def _local_write(path: Path, second: Path | None = None) -> Iterator[None]:
+    """Turn an OSError of a local write into StoreWriteError naming ``path`` (and ``second``,
+    the target of a rename) when the error itself names no file (as os.write's do not)."""
+    try:
+        yield
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.filename is None:
+            e = OSError(e.errno, e.strerror, str(path), None, None if second is None else str(second))
+        raise StoreWriteError(e) from e
 
 
 class ObjectMissing(StoreError):
@@ -100,6 +125,9 @@ class StoreStats:
     roots: int
     temporaries: int
     trees: int = 0  # extracted trees of the build cache (trees/<object>)
+    scratch: int = 0  # scratch directories under tmp/ (live or left by killed processes)
+    scratch_dead: int = 0  # ... of them left by processes that are gone (the next command removes them)
+    scratch_bytes: int = 0  # bytes in tmp/ and in the work directories it points to
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -109,6 +137,9 @@ class StoreStats:
             "roots": self.roots,
             "temporaries": self.temporaries,
             "trees": self.trees,
+            "scratch": self.scratch,
+            "scratch_dead": self.scratch_dead,
+            "scratch_bytes": self.scratch_bytes,
         }
 
 
@@ -332,6 +363,7 @@ class Store:
         lock = _Flock(self.locks_dir / "store.lock", shared=True)
         lock.acquire()
         try:
+            self.clean_scratch()  # what killed processes left; never a live one's
             yield
         finally:
             lock.release()
@@ -367,7 +399,8 @@ class Store:
         while True:
             p = self.tmp_dir / f"{tag}.{os.getpid()}.{secrets.token_hex(8)}.part"
             try:
-                fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                with _local_write(p):
+                    fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileExistsError:
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -412,31 +445,33 @@ class Store:
         try:
             h = hashlib.sha256()
             n = 0
-            with os.fdopen(os.dup(fd), "wb") as out:
-                for chunk in _iter_chunks(stream, expected_size + 1):
-                    n += len(chunk)
-                    if n > expected_size:
-                        raise wrong_size("long", f"more than the expected {expected_size} bytes")
-                    h.update(chunk)
-                    out.write(chunk)
-                if n < expected_size:
-                    raise wrong_size("short", f"only {n} of the expected {expected_size} bytes")
-                got = h.hexdigest()
-                if expected_sha256 is not None and got != expected_sha256:
-                    raise ObjectMismatch(f"sha256 mismatch: expected {expected_sha256}, got {got}",
-                                         sha256=expected_sha256, reason="sha256")
-                out.flush()
-                os.fchmod(out.fileno(), 0o444)  # objects are immutable
-                if durable:
-                    os.fsync(out.fileno())
+            for chunk in _iter_chunks(stream, expected_size + 1):
+                n += len(chunk)
+                if n > expected_size:
+                    raise wrong_size("long", f"more than the expected {expected_size} bytes")
+                h.update(chunk)
+                with _local_write(tmp):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+            if n < expected_size:
+                raise wrong_size("short", f"only {n} of the expected {expected_size} bytes")
+            got = h.hexdigest()
+            if expected_sha256 is not None and got != expected_sha256:
+                raise ObjectMismatch(f"sha256 mismatch: expected {expected_sha256}, got {got}",
+                                     sha256=expected_sha256, reason="sha256")
             final = self._object_file(got)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            # Atomic publish. If a racer published first, its bytes are the same bytes (same
-            # hash); replacing them is harmless, and repairs an object that rotted meanwhile.
-            os.replace(tmp, final)
-            published = True
-            if durable:
-                _fsync_dir(final.parent)
+            with _local_write(tmp, final):
+                os.fchmod(fd, 0o444)  # objects are immutable
+                if durable:
+                    os.fsync(fd)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                # Atomic publish. If a racer published first, its bytes are the same bytes (same
+                # hash); replacing them is harmless, and repairs an object that rotted meanwhile.
+                os.replace(tmp, final)
+                published = True
+                if durable:
+                    _fsync_dir(final.parent)
             return got
         finally:
             if not published:
@@ -520,14 +555,64 @@ class Store:
             return []
 
     def clean_tmp_dirs(self) -> int:
-        """Remove directories under tmp/ (``new_tmp_dir``) whose process is gone."""
+        """Remove directories under tmp/ (``new_tmp_dir``) whose process is gone (its pid is dead,
+        or now belongs to a process started after the directory was made), and the work
+        directories of dead builds they point to (:meth:`work_dir`)."""
         removed = 0
         for name in self._tmp_names():
             p = self.tmp_dir / name
-            if name.endswith(".d") and p.is_dir() and not p.is_symlink() and not _pid_alive(_tmp_owner(name)):
-                _rmtree(p)
-                removed += 1
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            if not name.endswith(".d") or not stat.S_ISDIR(st.st_mode) or _owner_alive(_tmp_owner(name), st.st_ctime):
+                continue
+            pointer = p / WORK_POINTER
+            with contextlib.suppress(OSError, ValueError):
+                work = Path(os.fsdecode(pointer.read_bytes()))
+                if work.is_absolute() and work.name.startswith(WORK_PREFIX):
+                    removed += _remove_if_dead(work)
+            _rmtree(p)
+            removed += 1
         return removed
+
+    def clean_scratch(self) -> int:
+        """Remove what dead processes left in tmp/: temporaries, scratch directories and the
+        work directories they registered. Called by every command that holds the store."""
+        return self.clean_tmp() + self.clean_tmp_dirs()
+
+    @contextlib.contextmanager
+    def work_dir(self, parent: Path) -> Iterator[Path]:
+        """A private scratch directory ``parent/.reprobuild-work-<pid>-<random>`` for one build.
+
+        It lives in ``parent`` (the output directory) so that outputs can be renamed out of it
+        on one file system. While in use the directory is flock()ed; a pointer in tmp/ lets any
+        later command that holds the store (:meth:`clean_scratch`) find it after a kill -9, and
+        the next work directory in the same ``parent`` removes dead siblings first."""
+        clean_dead_work_dirs(parent)
+        # The pointer first: a kill at any later moment leaves nothing that is not registered.
+        pointer = self.new_tmp_dir("work")
+        path: Path | None = None
+        fd: int | None = None
+        try:
+            while path is None:
+                candidate = parent.absolute() / f"{WORK_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+                (pointer / WORK_POINTER).write_bytes(os.fsencode(candidate))
+                try:
+                    os.mkdir(candidate, 0o700)
+                    path = candidate
+                except FileExistsError:
+                    continue
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            with contextlib.suppress(OSError):  # flock on a directory: not on every network file system
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            yield path
+        finally:
+            if path is not None:
+                _rmtree(path)
+            _rmtree(pointer)
+            if fd is not None:
+                os.close(fd)
 
     def clean_tmp(self, *, grace: float = TMP_GRACE_SECONDS, now: float | None = None) -> int:
         """Remove temporaries left by dead writers; returns how many were removed.
@@ -727,7 +812,7 @@ class Store:
                     trees_removed += 1
                     if not dry_run:
                         self.remove_tree(sha)
-            tmp_removed = 0 if dry_run else self.clean_tmp() + self.clean_tmp_dirs()
+            tmp_removed = 0 if dry_run else self.clean_scratch()
         return GcReport(tuple(removed), freed, kept, dry_run, tmp_removed, trees_removed)
 
     # ---------------------------------------------------------------- stats
@@ -738,9 +823,24 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 size += self._object_file(sha).stat().st_size
                 n += 1
-        tmps = len(os.listdir(self.tmp_dir)) if self.tmp_dir.is_dir() else 0
-        return StoreStats(self.root, n, size, len(list(self.roots_dir.glob("*.json"))), tmps,
-                          len(list(self.iter_trees())))
+        names = self._tmp_names()
+        scratch = dead = scratch_bytes = 0
+        for name in names:
+            p = self.tmp_dir / name
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            scratch_bytes += _disk_usage(p)
+            if name.endswith(".d") and stat.S_ISDIR(st.st_mode):
+                scratch += 1
+                dead += not _owner_alive(_tmp_owner(name), st.st_ctime)
+                with contextlib.suppress(OSError):
+                    work = Path(os.fsdecode((p / WORK_POINTER).read_bytes()))
+                    if work.is_absolute() and work.name.startswith(WORK_PREFIX):
+                        scratch_bytes += _disk_usage(work)
+        return StoreStats(self.root, n, size, len(list(self.roots_dir.glob("*.json"))), len(names),
+                          len(list(self.iter_trees())), scratch, dead, scratch_bytes)
 
     # ---------------------------------------------------------------- bundles
 
@@ -827,6 +927,23 @@ class Store:
         return ImportReport(tuple(added), tuple(present))
 
 
+def _disk_usage(path: Path) -> int:
+    """Bytes allocated to ``path`` and everything below it (no symlinks followed)."""
+    total = 0
+    stack = [os.fspath(path)]
+    while stack:
+        p = stack.pop()
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        total += st.st_blocks * 512
+        if stat.S_ISDIR(st.st_mode):
+            with contextlib.suppress(OSError):
+                stack.extend(os.path.join(p, n) for n in os.listdir(p))
+    return total
+
+
 def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -835,6 +952,84 @@ def _tmp_owner(name: str) -> int | None:
     """The writer pid in a temporary's name ``<tag>.<pid>.<random>.part``."""
     parts = name.split(".")
     return int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from /proc; None if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _owner_alive(pid: int | None, made: float) -> bool:
+    """Whether the process that made something at time ``made`` (a ctime) still runs: its pid
+    lives and was not reused by a process started after ``made``."""
+    if not _pid_alive(pid):
+        return False
+    started = _process_start(pid) if pid else None
+    return started is None or started <= made + 2  # 2 s: clock tick and btime rounding
+
+
+def clean_dead_work_dirs(parent: Path) -> int:
+    """Remove ``parent``'s work directories (:meth:`Store.work_dir`) whose build is gone, and
+    when none is alive, the temporaries dead builds left beside their outputs (``.ddi-*``
+    directories, ``.<output>.*.tmp`` files). Returns how many entries were removed."""
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return 0
+    removed = 0
+    alive = False
+    for name in names:
+        if name.startswith(WORK_PREFIX):
+            gone = _remove_if_dead(parent / name)
+            removed += gone
+            alive = alive or not gone
+    if not alive:
+        for name in names:
+            p = parent / name
+            if name.startswith(".ddi-") and p.is_dir() and not p.is_symlink():
+                _rmtree(p)
+                removed += 1
+            elif name.startswith(".image") and name.endswith(".tmp") and p.is_file() and not p.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed += 1
+    return removed
+
+
+def _remove_if_dead(path: Path) -> int:
+    """Remove the work directory ``path`` if nobody holds its flock and its owner is gone (or it
+    is older than the grace period). 1 if removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        st = os.fstat(fd)
+        pid_text = path.name[len(WORK_PREFIX):].split("-")[0]
+        pid = int(pid_text) if pid_text.isdigit() else None
+        if _owner_alive(pid, st.st_ctime) and time.time() - st.st_mtime < TMP_GRACE_SECONDS:
+            return 0
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # a live build holds it
+        except OSError:
+            if _owner_alive(pid, st.st_ctime):
+                return 0
+        if os.stat(path, follow_symlinks=False).st_ino != st.st_ino:
+            return 0
+        _rmtree(path)
+        return 1
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
 
 
 def _pid_alive(pid: int | None) -> bool:

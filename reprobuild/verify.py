@@ -45,13 +45,15 @@ from pathlib import Path
 from typing import Any
 
 from reprobuild.errors import ReprobuildError, VerificationFailed
-from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, loads, lock_digest
+from reprobuild.fileio import ReadRefused, check_input, read_bounded
+from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, loads, lock_digest, read_lock_bytes
 
 Say = Callable[[str], None]
 
 # Build output format → the ``format`` the manifest records (build.py: disk manifests say "ddi").
 MANIFEST_FORMATS = {"ddi": "disk", "disk": "disk", "tar": "tar", "cpio": "cpio", "directory": "directory"}
 _CHUNK = 4 << 20
+MAX_MANIFEST_BYTES = 16 << 20  # an image manifest lists packages: a few hundred KiB at most
 
 
 class VerifyError(VerificationFailed):
@@ -147,7 +149,7 @@ def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
         if not p.exists():
             raise VerifyError(f"{p}: no such {what}")
     checks: list[Check] = []
-    lock_bytes = lock_path.read_bytes()
+    lock_bytes = read_lock_bytes(lock_path)
     try:
         lock: Lock | None = loads(lock_bytes, str(lock_path))
     except ReprobuildError as e:
@@ -157,10 +159,10 @@ def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
 
     manifest_file = options.manifest or manifest_path_for(image)
     try:
-        manifest = json.loads(manifest_file.read_bytes())
+        manifest = json.loads(read_bounded(manifest_file, MAX_MANIFEST_BYTES))
         if not isinstance(manifest, dict):
             raise ValueError("not a JSON object")  # noqa: TRY004 - reported like a JSON syntax error
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError, ReadRefused) as e:
         checks.append(failed("manifest", f"{manifest_file}: unreadable manifest ({e})"))
         return VerifyReport(str(image), str(lock_path), tuple(checks))
     if lock is None:
@@ -168,6 +170,10 @@ def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
     checks.append(check_manifest_lock(manifest, lock))
 
     fmt = MANIFEST_FORMATS.get(str(manifest.get("format")), "")
+    refusal = image_refusal(image, fmt, manifest)
+    if refusal is not None:  # checked before any read: no FIFO, device or oversized file is read
+        checks.append(failed("image", refusal))
+        return VerifyReport(str(image), str(lock_path), tuple(checks))
     if fmt == "disk":
         say("checking the disk image")
         checks += verify_disk(image, manifest, lock, [Path(c) for c in certificates])
@@ -186,6 +192,26 @@ def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
     else:
         checks.append(skipped("rebuild", "not requested (--no-rebuild)"))
     return VerifyReport(str(image), str(lock_path), tuple(checks), diff_summary, diff_data)
+
+
+def image_refusal(image: Path, fmt: str, manifest: dict[str, Any]) -> str | None:
+    """Why ``image`` must not be read, or None: a directory output must be a directory; any
+    other must be a regular file of at most the manifest's size (one stat, before any read; a
+    shorter file is read, and fails the digest and format checks with their own words)."""
+    if fmt == "directory":
+        return None if image.is_dir() and not image.is_symlink() else f"{image}: not a directory"
+    size = manifest.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        return f"the manifest gives no valid size for {image}"
+    try:
+        st = check_input(image)
+    except ReadRefused as e:
+        return f"{e}: refused before reading"
+    except OSError as e:
+        return f"{image}: {e.strerror}"
+    if st.st_size > size:
+        return f"{image}: {st.st_size} bytes, but the manifest says {size}: refused before reading"
+    return None
 
 
 # -- the lock ------------------------------------------------------------------------------------

@@ -309,15 +309,16 @@ def test_text_binary_and_json(tmp_path: Path) -> None:
 
 
 def _lock(version: str, date: str) -> bytes:
-    from reprobuild.lockfile import Lock, LockedPackage, LockSource, PackageSet, dumps
+    from reprobuild.lockfile import Lock, LockedPackage, LockSource, PackageSet, config_digest_of, dumps
 
     src = LockSource("bookworm/main", "debian", "bookworm", "bookworm", "main", date, "20240101T000000Z",
                      "a" * 64, "b" * 64)  # fmt: skip
     pkgs = tuple(LockedPackage(n, v, "amd64", "bookworm/main", n, v, f"pool/main/{n}_{v}.deb", 100, h * 64, 10,
                                False, "optional", "no", (), ())
                  for n, v, h in (("base-files", "12.4", "c"), ("hello", version, "d" if version == "2.10-3" else "e")))  # fmt: skip
-    return dumps(Lock("f" * 64, "debian", "bookworm", "amd64", EPOCH, "0" * 32, (src,),
-                      (PackageSet("image", "bookworm", "", ("hello",), False, pkgs),), {"packages": ["hello"]}))  # fmt: skip
+    config = {"Content": {"Packages": ["hello"]}}
+    return dumps(Lock(config_digest_of(config), "debian", "bookworm", "amd64", EPOCH, "0" * 32, (src,),
+                      (PackageSet("image", "bookworm", "minbase", ("hello",), False, pkgs),), config))  # fmt: skip
 
 
 def test_lockfiles_report_package_versions(tmp_path: Path) -> None:

@@ -59,11 +59,11 @@ def test_atomic_save_and_load(tmp_path: Path) -> None:
     "mutate, message",
     [
         (lambda d: d.update(version=99), "version 99 is not supported"),
-        (lambda d: d.pop("sources"), "malformed lockfile"),
-        (lambda d: d["sets"][0]["packages"][0].update(sha256="zz"), "malformed sha256"),
-        (lambda d: d["sets"][0]["packages"][0].update(path="../../etc/passwd"), "unsafe pool path"),
+        (lambda d: d.pop("sources"), "invalid lockfile: sources: missing"),
+        (lambda d: d["sets"][0]["packages"][0].update(sha256="zz"), r"packages\[0\]\.sha256: expected 64 lowercase hex"),
+        (lambda d: d["sets"][0]["packages"][0].update(path="../../etc/passwd"), "relative, normalised pool path"),
         (lambda d: d["sets"][0]["packages"][1].update(depends=["ghost"]), "depends on ghost"),
-        (lambda d: d["sets"][0]["packages"][1].update(source="nowhere"), "unknown source"),
+        (lambda d: d["sets"][0]["packages"][1].update(source="nowhere/main"), "unknown source"),
     ],
     ids=["version", "missing-field", "bad-sha", "path-traversal", "dangling-dep", "unknown-source"],
 )

@@ -19,6 +19,14 @@ HEADER = """# Configuration reference
 Drop-ins in `reprobuild.conf.d/*.conf` are read after it in lexical order, and `Include=PATH`
 (relative to the including file) reads another file in place.
 
+Every configuration file (the main file, drop-ins, `Include=` targets) must be a regular file
+(symlinks are followed) of at most 1 MiB, UTF-8 text; `Include=` nests at most 8 levels and
+never in a loop. Type and size are checked before the file is read, so `Include=/dev/zero`, a
+FIFO or a huge file is refused at once with the file and line that named it. A configuration may
+come from a pull request: values that end up in file names or in the image are checked when the
+file is read (package names, host name, locale, time zone and `RemoveFiles=` paths without `..`,
+no control characters in any value), not later in the build.
+
 * **List** settings append across lines and files; items are separated by spaces or commas; an
   empty assignment (`Packages=`) clears the list so far.
 * **Scalar** settings: the last assignment wins; an empty assignment restores the default.

@@ -15,7 +15,7 @@ import sys
 import click
 
 from reprobuild import __version__
-from reprobuild.errors import ReprobuildError
+from reprobuild.errors import ReprobuildError, describe_os_error, disk_full_note
 
 # Command modules, imported for their side effect of registering commands on ``cli``.
 COMMAND_MODULES = (
@@ -64,7 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     except ReprobuildError as e:
         if debug:
             raise
-        click.secho(f"error: {e.format_message()}", fg="red", err=True)
+        note = disk_full_note(e)
+        message = e.format_message()
+        if note:  # on the first line, which names what failed
+            first, newline, rest = message.partition("\n")
+            message = f"{first} ({note}){newline}{rest}"
+        click.secho(f"error: {message}", fg="red", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         if debug:
             raise
-        click.secho(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", fg="red", err=True)
+        click.secho(f"error: {describe_os_error(e)}", fg="red", err=True)
         sys.exit(1)
     # A command may return (or ctx.exit with) a status, such as diff's 1 for "different".
     if isinstance(exit_code, int) and exit_code != 0:

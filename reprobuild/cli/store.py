@@ -65,7 +65,9 @@ def store_stats_command(store_path: Path | None, as_json: bool) -> None:
         _echo_json(st.as_json())
     else:
         click.echo(f"{st.root}: {st.objects} object(s), {format_bytes(st.bytes)} ({st.bytes} bytes), "
-                   f"{st.roots} gc root(s), {st.trees} extracted tree(s) of the build cache")
+                   f"{st.roots} gc root(s), {st.trees} extracted tree(s) of the build cache, "
+                   f"{st.scratch} scratch dir(s) ({st.scratch_dead} left by dead processes, removed by the "
+                   f"next fetch, build or gc), {format_bytes(st.scratch_bytes)} in scratch space")
 
 
 @store_group.command("verify")

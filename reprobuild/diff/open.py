@@ -28,6 +28,7 @@ from reprobuild.debian.deb import parse_ar_index
 from reprobuild.diff.detect import Kind, detect
 from reprobuild.diff.source import ByteSource, rmtree_quiet
 from reprobuild.errors import FormatError, ToolMissing
+from reprobuild.fileio import ReadRefused, check_input
 from reprobuild.image.cpio import read_cpio
 
 # Hostile-input bounds. No real image needs more; each turns a runaway into a clear error.
@@ -90,13 +91,13 @@ class Node:
 def open_input(path: Path) -> Node:
     """The top-level node for a command-line argument. Raises DiffInputError if unreadable."""
     try:
-        st = path.stat()
+        if path.is_dir():
+            return Node(str(path), Kind.DIRECTORY, directory=path)
+        check_input(path, block_devices=True)
+    except ReadRefused as e:
+        raise DiffInputError(f"{path}: {e.reason} or directory") from e
     except OSError as e:
         raise DiffInputError(f"{path}: {e.strerror}") from e
-    if stat.S_ISDIR(st.st_mode):
-        return Node(str(path), Kind.DIRECTORY, directory=path)
-    if not stat.S_ISREG(st.st_mode) and not stat.S_ISBLK(st.st_mode):
-        raise DiffInputError(f"{path}: not a regular file, block device or directory")
     try:
         with open(path, "rb"):
             pass

@@ -192,29 +192,42 @@ def _mkdirs(tree: Path, rel: str, mode: int = 0o755) -> None:
             raise BuildError(f"/{path.relative_to(tree)} exists and is not a directory in the tree")
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def _deb_name(p: PlannedPackage) -> str:
-    return f"{p.name}_{p.version.replace(':', '%3a')}_{p.architecture}.deb"
+    """The staged file's name: from the sha256 only, never from a name or version (a lock's
+    strings must not reach a file name, see docs/lockfile.md)."""
+    if not _SHA256.fullmatch(p.sha256):
+        raise BuildError(f"package {p.name!r} has a malformed sha256 {p.sha256!r}")
+    return f"{p.sha256}.deb"
 
 
 def _stage_debs(packages: Sequence[PlannedPackage], deb_path: Callable[[str], Path], stage: Path) -> None:
-    """Hard-link (or copy, across file systems) each .deb into ``stage`` under a readable name."""
+    """Hard-link (or copy, across file systems) each .deb into ``stage`` as ``<sha256>.deb``.
+    The copy never follows or replaces an existing entry (O_EXCL)."""
     for p in packages:
         src, dst = Path(deb_path(p.sha256)), stage / _deb_name(p)
         try:
             os.link(src, dst)
+        except FileExistsError:
+            continue  # the same object twice: the same bytes
         except OSError:
-            shutil.copyfile(src, dst)
+            with open(src, "rb") as fin, open(dst, "xb") as fout:
+                shutil.copyfileobj(fin, fout)
 
 
-def explain_failure(result: Result, phase: str) -> BuildError:
-    """Turn dpkg's output into an error naming the package and the script that failed."""
+def explain_failure(result: Result, phase: str, names: dict[str, str] | None = None) -> BuildError:
+    """Turn dpkg's output into an error naming the package and the script that failed.
+    ``names``: staged file name (``<sha256>.deb``) → package name, for dpkg's archive errors."""
     m = _SCRIPT_FAILED.search(result.output)
     if m:
         status = f"exit status {m.group(3)}" if m.group(3) else f"killed by signal {m.group(4)}"
         return MaintainerScriptFailed(m.group(1).split(":")[0], _SCRIPT_NAMES[m.group(2)], status, phase,
                                       result.output)
     m2 = _PROCESSING.search(result.output)
-    what = f" while processing {Path(m2.group(1)).name}" if m2 else ""
+    staged = Path(m2.group(1)).name if m2 else ""
+    what = f" while processing {(names or {}).get(staged, staged)}" if m2 else ""
     tail = "\n".join(result.output.rstrip().splitlines()[-15:])
     return BuildError(f"dpkg {phase} failed with exit status {result.returncode}{what}",
                       hint="last lines of dpkg's output:\n" + tail)
@@ -228,14 +241,16 @@ class Installer:
         self.tree, self.env, self.hostname, self.progress = tree, env, hostname, progress
         self.binds = (Bind(stage, DEBS_IN_TREE, read_only=True),)
         self.log: list[str] = []
+        self.names: dict[str, str] = {}
 
     def dpkg(self, phase: str, args: Sequence[str]) -> None:
         result = run_in_tree(self.tree, [*DPKG, *args], self.env, hostname=self.hostname, binds=self.binds)
         self.log.append(result.output)
         if result.returncode != 0:
-            raise explain_failure(result, phase)
+            raise explain_failure(result, phase, self.names)
 
     def debs(self, packages: Sequence[PlannedPackage]) -> list[str]:
+        self.names.update((_deb_name(p), p.name) for p in packages)
         return [f"{DEBS_IN_TREE}/{_deb_name(p)}" for p in packages]
 
 

@@ -287,6 +287,8 @@ def extract_tar(tf: tarfile.TarFile, writer: TreeWriter, origin: str) -> list[st
         except UnsafePath as e:
             raise UnsafePath(f"{origin}: {rel}: {e.message}") from e
         except OSError as e:
+            if e.filename is None:  # os.write names no file: name the one being written
+                e.filename = os.path.join(writer.root, *parts)
             raise FormatError(f"{origin}: cannot extract {rel}: {e.strerror or e}") from e
         written.append(rel)
     return written
