@@ -29,6 +29,7 @@ from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError
 from reprobuild.fileio import sha256_file, write_atomic
 from reprobuild.lockfile import Lock
+from reprobuild.signer import is_uri, key_identity, open_signer
 from reprobuild.store import Store
 
 Say = Callable[[str], None]
@@ -56,7 +57,7 @@ INITRD_PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/l
 @dataclass(frozen=True)
 class VerityChoice:
     mode: str  # "signed" | "hash" | "no"
-    key: Path | None
+    key: Path | str | None  # a key file or a pkcs11: URI
     certificate: Path | None
 
 
@@ -70,7 +71,7 @@ def choose_verity(spec: ImageSpec) -> VerityChoice:
             if path is None:
                 raise BuildError(f"Verity=signed needs [Signing] {what}",
                                  hint="create a pair with reprobuild keygen --verity --out keys/verity")
-            if not path.exists():
+            if not is_uri(path) and not Path(path).exists():  # (#18: a pkcs11: URI is no file)
                 raise BuildError(f"[Signing] {what}{path}: no such file",
                                  hint="create a pair with reprobuild keygen --verity --out keys/verity")
     if mode == "no" and spec.build.root_filesystem != "ext4":
@@ -95,8 +96,9 @@ def disk_key_inputs(spec: ImageSpec, lock: Lock) -> dict[str, Any]:
     b, s = spec.build, spec.signing
     return {
         "root_filesystem": b.root_filesystem, "layout": b.root_layout, "bootloader": b.bootloader,
-        "verity": choice.mode, "verity_key": file_digest(choice.key), "verity_cert": file_digest(choice.certificate),
-        "secure_boot_key": file_digest(s.secure_boot_key), "secure_boot_cert": file_digest(s.secure_boot_certificate),
+        # (#18) key_identity: a key file's sha256, or a pkcs11: URI without its PIN source.
+        "verity": choice.mode, "verity_key": key_identity(choice.key), "verity_cert": file_digest(choice.certificate),
+        "secure_boot_key": key_identity(s.secure_boot_key), "secure_boot_cert": file_digest(s.secure_boot_certificate),
         "cmdline": list(spec.content.kernel_command_line), "initrd_modules": list(spec.initrd.kernel_modules),
         "bootable": is_bootable(spec, lock), "architecture": spec.distribution.architecture, "seed": lock.seed,
         "initrd": package_set_inputs(lock.package_set("initrd")) if lock.has_set("initrd") else None,
@@ -245,7 +247,7 @@ def build_boot(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
             cmdline, _sha256(kernel_path.read_bytes()), _sha256(stub_path.read_bytes()), _sha256(initrd_bytes),
             _read_os_release(tree), kernel_version, spec.build.bootloader,
             _sha256(sdboot_path.read_bytes()) if sdboot_path.is_file() else None,
-            file_digest(spec.signing.secure_boot_key), file_digest(spec.signing.secure_boot_certificate),
+            key_identity(spec.signing.secure_boot_key), file_digest(spec.signing.secure_boot_certificate),
             lock.seed, lock.source_date_epoch, runner_identity, code_digest()))
         entry = cache.get("esp", key)
         if entry is not None:
@@ -261,15 +263,15 @@ def build_boot(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
     if signing.secure_boot_key or signing.secure_boot_certificate:
         if not (signing.secure_boot_key and signing.secure_boot_certificate):
             raise BuildError("Secure Boot signing needs both SecureBootKey= and SecureBootCertificate=")
-        key_pem = signing.secure_boot_key.read_bytes()
-        cert_pem = signing.secure_boot_certificate.read_bytes()
-        uki = sign_pe(uki, key_pem, cert_pem)
+        # (#18) a Signer from the key source (file or PKCS#11 token) instead of the PEM bytes.
+        sb_signer = open_signer(signing.secure_boot_key, signing.secure_boot_certificate, os.environ)
+        uki = sign_pe(uki, sb_signer)
         signed = True
     files: dict[str, bytes] = {}
     if spec.build.bootloader == "systemd-boot":
         sdboot = (tree / sdboot_rel).read_bytes()
         if signed:
-            sdboot = sign_pe(sdboot, key_pem, cert_pem)
+            sdboot = sign_pe(sdboot, sb_signer)
         files[boot_path] = sdboot
         files[f"EFI/systemd/{Path(sdboot_rel).name}"] = sdboot
         files[f"EFI/Linux/{kernel_version}.efi"] = uki
@@ -372,8 +374,10 @@ def build_disk(spec: ImageSpec, lock: Lock, store: Store, tree: Path, work: Path
     started = time.monotonic()
     say("writing the disk image")
     result = build_ddi(DdiSpec(architecture=arch, seed=seed, root_fs_image=fs_image, output=target,
-                               verity=choice.mode, key=choice.key, certificate=choice.certificate,
-                               esp_image=esp, layout=layout))
+                               verity=choice.mode, esp_image=esp, layout=layout,
+                               # (#18) a Signer from the key source (file or PKCS#11 token)
+                               signer=(open_signer(choice.key, choice.certificate, os.environ)
+                                       if choice.mode == "signed" else None)))
     timings["ddi"] = round(time.monotonic() - started, 3)
     if esp is not None and result.root_hash != manifest["boot"]["cmdline"].split()[0].split("=", 1)[1]:
         raise BuildError("internal error: the UKI's root hash differs from the image's")

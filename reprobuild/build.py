@@ -29,6 +29,7 @@ from reprobuild.errors import BuildError
 from reprobuild.fileio import sha256_file, write_atomic, write_atomically
 from reprobuild.lock import check_lock_current
 from reprobuild.lockfile import Lock, PackageSet, dumps
+from reprobuild.signer import key_file_warnings
 from reprobuild.store import Store
 
 Say = Callable[[str], None]
@@ -251,6 +252,8 @@ def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOption
                  fetch_progress=None) -> BuildResult:
     """Build the image ``spec`` describes from ``lock`` alone. Returns the outputs written."""
     check_lock_current(spec, lock)
+    for warning in key_file_warnings(spec.signing):  # (#18) once per build and key file
+        say(warning)
     fmt = options.format or spec.build.format
     if fmt not in OUTPUT_NAMES:
         raise BuildError(f"unknown output format {fmt!r}")
@@ -344,12 +347,14 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
         result.manifest = manifest
         # The in-toto/SLSA provenance statement, signed with the lock key when it is at hand
         # (a verifier without the private key still gets an unsigned, checkable statement).
+        from reprobuild.keys import provenance_signer
         from reprobuild.provenance import write_provenance
 
-        key = spec.signing.lock_key if spec.signing.lock_key and spec.signing.lock_key.exists() else None
-        if spec.signing.lock_key and key is None:
-            say(f"note: {spec.signing.lock_key} not found: the provenance statement is not signed")
-        result.outputs["provenance"] = write_provenance(lock, spec.lock_path, manifest, out_dir, key,
+        # (#18) the lock key from a file or an ssh-agent; a note and an unsigned statement without it.
+        signer, note = provenance_signer(spec.signing.lock_key, os.environ)
+        if note:
+            say(note)
+        result.outputs["provenance"] = write_provenance(lock, spec.lock_path, manifest, out_dir, signer,
                                                         list(options.argv))
     cache.register_root(root_name(spec.directory), keep_previous=cached is not None)
     result.cache_hits = list(cache.hits)
