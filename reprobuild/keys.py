@@ -153,6 +153,8 @@ def generate_keypair(prefix: Path, comment: str = "") -> tuple[Path, Path]:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     openssh = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                     serialization.NoEncryption())  # fmt: skip
+    if comment:
+        openssh = openssh_private_key_with_comment(openssh, comment)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(openssh)
@@ -160,6 +162,29 @@ def generate_keypair(prefix: Path, comment: str = "") -> tuple[Path, Path]:
     with os.fdopen(fd, "w") as f:
         f.write(sshsig.public_key_line(sshsig.public_key_blob(private.public_key()), comment) + "\n")
     return key_path, pub_path
+
+
+def openssh_private_key_with_comment(pem: bytes, comment: str) -> bytes:
+    """Put ``comment`` into an unencrypted ``openssh-key-v1`` private key (OpenSSH's PROTOCOL.key:
+    the comment sits in the private section, which is padded 1, 2, 3… to 8 bytes). cryptography
+    writes keys without one; ssh-add shows it, and ``agent:COMMENT`` selects by it."""
+    lines = pem.decode("ascii").strip().splitlines()
+    blob = base64.b64decode("".join(lines[1:-1]))
+    magic = b"openssh-key-v1\0"
+    r = sshsig.Reader(blob[len(magic):], "OpenSSH private key")
+    cipher, kdf, kdf_options = r.string(), r.string(), r.string()
+    if blob[:len(magic)] != magic or cipher != b"none" or r.uint32() != 1:
+        raise KeyFileError("not an unencrypted single-key OpenSSH private key")
+    public, private = r.string(), sshsig.Reader(r.string(), "OpenSSH private section")
+    check1, check2 = private.uint32(), private.uint32()
+    fields = [private.string() for _ in range(3)]  # key type, public key, private key (ed25519)
+    section = (sshsig.ssh_uint32(check1) + sshsig.ssh_uint32(check2) + b"".join(map(sshsig.ssh_string, fields))
+               + sshsig.ssh_string(comment.encode()))
+    section += bytes(range(1, 1 + (-len(section) % 8)))
+    out = (magic + sshsig.ssh_string(cipher) + sshsig.ssh_string(kdf) + sshsig.ssh_string(kdf_options)
+           + sshsig.ssh_uint32(1) + sshsig.ssh_string(public) + sshsig.ssh_string(section))
+    text = base64.b64encode(out).decode()
+    return "\n".join([lines[0], *(text[i:i + 70] for i in range(0, len(text), 70)), lines[-1]]).encode() + b"\n"
 
 
 def allowed_signers_line(public_key: bytes, identity: str) -> str:
