@@ -427,7 +427,9 @@ def _parse_one(setting: Setting, raw: str, assignment: Assignment, directory: Pa
     try:
         value = setting.parse(raw)
     except ValueError as e:
-        raise ConfigError(f"{assignment.where}: {setting.key}={raw}: {e}") from None
+        # A pkcs11: URI's query may hold a PIN (pin-value=, refused): never echo it.
+        shown = raw.split("?")[0] + "?…" if raw.startswith("pkcs11:") and "?" in raw else raw
+        raise ConfigError(f"{assignment.where}: {setting.key}={shown}: {e}") from None
     if setting.is_path and not (isinstance(value, str) and value.startswith(KEY_URI_PREFIXES)):
         path = Path(value)
         if not path.is_absolute():

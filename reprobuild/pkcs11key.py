@@ -132,6 +132,8 @@ class Pkcs11Signer:
     uri: Pkcs11Uri
     certificate: x509.Certificate
     environ: Mapping[str, str] = field(repr=False)  # may hold the PIN variable: never printed
+    # False: always CKM_RSA_PKCS over the DigestInfo (what a token without CKM_SHA256_RSA_PKCS gets).
+    hash_in_token: bool = True
 
     @property
     def description(self) -> str:
@@ -162,7 +164,7 @@ class Pkcs11Signer:
         """RSA PKCS#1 v1.5 with SHA-256 over ``data``, computed in the token."""
         def sign(key: pkcs11.PrivateKey) -> bytes:
             mechanisms = key.session.token.slot.get_mechanisms()
-            if pkcs11.Mechanism.SHA256_RSA_PKCS in mechanisms:
+            if self.hash_in_token and pkcs11.Mechanism.SHA256_RSA_PKCS in mechanisms:
                 return bytes(key.sign(data, mechanism=pkcs11.Mechanism.SHA256_RSA_PKCS))
             digest_info = SHA256_DIGEST_INFO_PREFIX + hashlib.sha256(data).digest()
             return bytes(key.sign(digest_info, mechanism=pkcs11.Mechanism.RSA_PKCS))

@@ -133,7 +133,7 @@ def _check_spec(spec: DdiSpec) -> ids.Architecture:
         raise DdiError(f"verity must be 'signed', 'hash' or 'no', not {spec.verity!r}")
     if spec.layout not in _ROLES:
         raise DdiError(f"layout must be 'root' or 'usr', not {spec.layout!r}")
-    if spec.verity == "signed" and (spec.key is None or spec.certificate is None):
+    if spec.verity == "signed" and spec.signer is None and (spec.key is None or spec.certificate is None):
         raise DdiError("verity=signed needs a key and a certificate", hint="run 'reprobuild keygen'")
     for p in (spec.root_fs_image, spec.esp_image):
         if p is not None and not Path(p).is_file():
