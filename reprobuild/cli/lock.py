@@ -65,6 +65,7 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     from reprobuild.fileio import write_atomic
     from reprobuild.lock import LockOptions, check_lock_current, lock_spec
     from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock, save_lock
+    from reprobuild.signer import key_file_warning
     from reprobuild.store import Store
 
     if packages and not update:
@@ -93,6 +94,9 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
         return
 
     key_source = sign_key or spec.signing.lock_key
+    permission_warning = key_file_warning(key_source)
+    if permission_warning:
+        click.echo(permission_warning, err=True)
     if resign:
         if not key_source:
             raise UsageError("--resign needs a key: --sign-key or [Signing] LockKey=")
