@@ -201,8 +201,15 @@ def test_disk_built_with_the_token_key_is_byte_identical(token: Token, tmp_path:
     for name, source in (("token", token.uri("verity", "env:TOKEN_PIN")), ("file", str(key))):
         d, store = _disk_definition(tmp_path / name, source, cert)
         env = {**_env(token, TOKEN_PIN=PIN), "REPROBUILD_STORE": str(store)}
-        r = _cli(["build", "-C", str(d), "--locked", "--offline", "-o", str(tmp_path / name / "out")], env)
+        if name == "file":
+            key.chmod(0o644)  # a readable key file: the build warns, once
+        try:
+            r = _cli(["build", "-C", str(d), "--locked", "--offline", "-o", str(tmp_path / name / "out")], env)
+        finally:
+            key.chmod(0o600)
         assert r.returncode == 0, r.stderr[-3000:]
+        warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: private key")]
+        assert len(warnings) == (1 if name == "file" else 0), r.stderr
         outputs[name] = tmp_path / name / "out" / "image.raw"
         manifest = (tmp_path / name / "out" / "image.raw.manifest.json").read_text()
         assert PIN not in manifest and PIN not in r.stderr and PIN not in r.stdout
