@@ -285,3 +285,29 @@ def test_messages_carry_no_key_material(setup: Setup) -> None:
     assert result.returncode == 1
     body = "".join(text.splitlines()[1:-1])
     assert body[:20] not in result.stderr and hashlib.sha256(body.encode()).hexdigest() not in result.stderr
+
+
+def test_provenance_signed_through_the_agent_equals_the_key_file(setup: Setup, agent: dict[str, str]) -> None:
+    """DSSE over the statement by the agent's key: the same envelope as with the key file."""
+    from reprobuild.provenance import PAYLOAD_TYPE, open_envelope, sign_envelope
+
+    statement = {"_type": "https://in-toto.io/Statement/v1", "predicateType": "https://slsa.dev/provenance/v1",
+                 "subject": [], "predicate": {}}  # fmt: skip
+    by_file = sign_envelope(statement, keys.open_lock_signer(setup.key, {}))
+    subprocess.run(["ssh-add", "-q", str(setup.key)], env=agent, check=True, capture_output=True)
+    by_agent = sign_envelope(statement, keys.open_lock_signer("agent:", agent))
+    assert by_agent == by_file and by_agent["payloadType"] == PAYLOAD_TYPE
+    trusted = keys.load_trusted_keys(setup.allowed).keys_for(keys.LOCK_NAMESPACE)
+    assert open_envelope(by_agent, trusted) == statement
+    assert by_agent["signatures"][0]["keyid"].startswith("SHA256:")
+
+
+def test_encrypted_key_file_points_to_the_agent(setup: Setup) -> None:
+    encrypted = setup.root / "enc"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "a passphrase", "-f", str(encrypted)], check=True)
+    result = run("lock", "-C", str(setup.definition), "--resign", "--sign-key", str(encrypted), check=False)
+    assert result.returncode == 1 and "encrypted" in result.stderr and "agent:" in result.stderr
+    rsa = setup.root / "rsa"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(rsa)], check=True)
+    result = run("lock", "-C", str(setup.definition), "--resign", "--sign-key", str(rsa), check=False)
+    assert result.returncode == 1 and "needs an ed25519 key" in result.stderr
