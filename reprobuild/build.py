@@ -29,7 +29,7 @@ from reprobuild.errors import BuildError
 from reprobuild.fileio import sha256_file, write_atomic, write_atomically
 from reprobuild.lock import check_lock_current
 from reprobuild.lockfile import Lock, PackageSet, dumps
-from reprobuild.signer import key_file_warnings
+from reprobuild.signer import check_token_keys, key_file_warnings
 from reprobuild.store import Store
 
 Say = Callable[[str], None]
@@ -254,6 +254,7 @@ def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOption
     check_lock_current(spec, lock)
     for warning in key_file_warnings(spec.signing):  # (#18) once per build and key file
         say(warning)
+    check_token_keys(spec.signing, os.environ)  # (#18) a wrong token PIN fails now, not after the tree
     fmt = options.format or spec.build.format
     if fmt not in OUTPUT_NAMES:
         raise BuildError(f"unknown output format {fmt!r}")

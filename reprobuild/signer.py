@@ -107,17 +107,33 @@ def key_identity(source: KeySource | None) -> str | None:
 
 
 def key_file_warning(source: KeySource | None) -> str | None:
-    """A warning when a private key file can be read by its group or by others, else None."""
-    if source is None or is_uri(source) or str(source).startswith("agent:"):
+    """A warning when a private key file (or a token key's PIN file) can be read by its group or
+    by others, else None."""
+    if source is None or str(source).startswith("agent:"):
         return None
+    what, path = "private key", source
+    if is_uri(source):
+        pin_source = parse_uri(str(source)).pin_source
+        if pin_source is None or pin_source.startswith("env:"):
+            return None
+        what, path = "PIN file", pin_source.removeprefix("file:")
     try:
-        mode = os.stat(source).st_mode
+        mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         return None
-    if stat.S_IMODE(mode) & 0o077:
-        return (f"warning: private key {source} is readable by its group or others "
-                f"(mode {stat.S_IMODE(mode):04o}): chmod 600 it, or keep the key in a token or agent")
+    if mode & 0o077:
+        return (f"warning: {what} {path} is readable by its group or others (mode {mode:04o}): chmod 600 it"
+                + (", or keep the key in a token or agent" if what == "private key" else ""))
     return None
+
+
+def check_token_keys(signing: SigningConfig, environ: Mapping[str, str]) -> None:
+    """Log in to each configured token key once and check it against its certificate, so that a
+    wrong PIN or a missing token fails before the build starts rather than when it signs."""
+    for source, certificate in ((signing.verity_key, signing.verity_certificate),
+                                (signing.secure_boot_key, signing.secure_boot_certificate)):  # fmt: skip
+        if source is not None and is_uri(source) and certificate is not None:
+            open_signer(source, certificate, environ)
 
 
 def key_file_warnings(signing: SigningConfig) -> list[str]:

@@ -156,6 +156,18 @@ def test_config_accepts_uris_and_refuses_pins(tmp_path: Path) -> None:
     assert "pin-value" in e.value.message and "secret99" not in e.value.message
 
 
+def test_readable_pin_file_warns(token: Token, tmp_path: Path) -> None:
+    from reprobuild.config import SigningConfig
+    from reprobuild.signer import key_file_warnings
+
+    pin = tmp_path / "pin"
+    pin.write_text(PIN + "\n")
+    pin.chmod(0o640)
+    warnings = key_file_warnings(SigningConfig(verity_key=token.uri("verity", f"file:{pin}")))
+    assert len(warnings) == 1 and "PIN file" in warnings[0] and PIN not in warnings[0]
+    assert key_file_warnings(SigningConfig(verity_key=token.uri("verity"))) == []  # the fixture's is 0600
+
+
 def test_cache_identity_is_key_and_uri_never_pin(token: Token) -> None:
     a = key_identity(token.uri("verity", "file:/one"))
     assert a == key_identity(token.uri("verity", "env:OTHER")) == "pkcs11:object=verity;token=" + TOKEN
@@ -225,3 +237,4 @@ def test_disk_built_with_the_token_key_is_byte_identical(token: Token, tmp_path:
     assert r.returncode == 1 and len(errors) == 1 and "wrong PIN" in errors[0], r.stderr[-2000:]
     assert "13579" not in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "wrong" / "out" / "image.raw").exists()
+    assert "building the root tree" not in r.stderr, "the PIN is checked before the build starts"
