@@ -22,7 +22,7 @@ from typing import Any
 
 from reprobuild.errors import ConfigError
 from reprobuild.ini import Assignment, read_with_dropins
-from reprobuild.pkcs11key import parse_uri
+from reprobuild.pkcs11uri import parse_uri
 
 CONFIG_NAME = "reprobuild.conf"
 DEFAULT_RELEASE = "trixie"  # Debian's current stable release

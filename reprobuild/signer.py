@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from reprobuild.config import KeySource, SigningConfig
 from reprobuild.errors import BuildError
-from reprobuild.pkcs11key import SCHEME, open_pkcs11_signer, parse_uri
+from reprobuild.pkcs11uri import SCHEME, parse_uri
 from reprobuild.x509 import CertificateInvalid, key_matches_certificate, load_certificate, load_key
 
 
@@ -82,6 +82,9 @@ def open_signer(source: KeySource, certificate: Path, environ: Mapping[str, str]
     except CertificateInvalid as e:
         raise BuildError(f"{certificate}: {e.message}") from None
     if is_uri(source):
+        # python-pkcs11 is loaded only when a token key is used (it costs ~0.2 s at start-up).
+        from reprobuild.pkcs11key import open_pkcs11_signer
+
         return open_pkcs11_signer(str(source), cert, environ)
     try:
         key_pem = Path(source).read_bytes()

@@ -20,7 +20,8 @@ from reprobuild.config import load_spec
 from reprobuild.errors import ConfigError
 from reprobuild.image import veritysig
 from reprobuild.image.authenticode import sign_pe, verify_pe_signature
-from reprobuild.pkcs11key import Pkcs11Signer, TokenError, parse_uri
+from reprobuild.pkcs11key import Pkcs11Signer
+from reprobuild.pkcs11uri import TokenError, parse_uri
 from reprobuild.signer import key_identity, open_signer
 from reprobuild.x509 import generate_rsa_key_and_certificate
 from tests.test_pe import make_pe
