@@ -230,5 +230,6 @@ def check_provenance(path: Path, lock: Lock, lock_bytes: bytes, image: Path, man
         return failed(name, "; ".join(problems))
     if public is None:
         return skipped(name, "statement matches, but no --trusted-key was given to check its signature")
-    return passed(name, f"DSSE signed by a trusted key; SLSA provenance for this image and lock, "
+    signers = ", ".join(str(s.get("keyid")) for s in envelope.get("signatures") or [])
+    return passed(name, f"DSSE signed by trusted key {signers}; SLSA provenance for this image and lock, "
                         f"{len(deps) - 1} materials")  # fmt: skip
