@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 APT_PACKAGES := \
 	gpgv gpg debian-archive-keyring \
 	erofs-utils squashfs-tools e2fsprogs dosfstools mtools \
-	cryptsetup-bin sbsigntool openssl \
+	cryptsetup-bin sbsigntool openssl openssh-client softhsm2 \
 	systemd-container fdisk util-linux \
 	qemu-system-x86 ovmf \
 	cpio libarchive-tools binutils zstd xz-utils \

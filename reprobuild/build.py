@@ -26,6 +26,7 @@ from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError, LockError
 from reprobuild.fetch import fetch_all, make_session
 from reprobuild.fileio import sha256_file, write_atomic
+from reprobuild.keys import provenance_signer
 from reprobuild.lock import check_lock_current
 from reprobuild.lockfile import Lock, lock_digest
 from reprobuild.manifest import OUTPUT_FILES, DiskFields, Manifest, manifest_file
@@ -36,6 +37,7 @@ from reprobuild.pipeline.stage import Stage
 from reprobuild.preflight import preflight
 from reprobuild.provenance import write_provenance
 from reprobuild.rootfs.overlay import enter_private_mount_namespace, unavailable_reason
+from reprobuild.signer import check_token_keys, key_file_warnings
 from reprobuild.stages.archives import CpioStage, TarStage
 from reprobuild.stages.configure import ConfigureStage
 from reprobuild.stages.ddi import DdiStage
@@ -113,6 +115,9 @@ def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOption
                  fetch_progress=None) -> BuildResult:
     """Build the image ``spec`` describes from ``lock`` alone. Returns the outputs written."""
     check_lock_current(spec, lock)
+    for warning in key_file_warnings(spec.signing):  # (#18) once per build and key file
+        say(warning)
+    check_token_keys(spec.signing, os.environ)  # (#18) a wrong token PIN fails now, not after the tree
     fmt = options.format or spec.build.format
     stages = plan(spec, lock, fmt)
     preflight(lock, options.output_dir)  # before any download, gc root or directory
@@ -161,10 +166,11 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
         result.manifest = manifest.to_dict()
         # The in-toto/SLSA provenance statement, signed with the lock key when it is at hand
         # (a verifier without the private key still gets an unsigned, checkable statement).
-        key = spec.signing.lock_key if spec.signing.lock_key and spec.signing.lock_key.exists() else None
-        if spec.signing.lock_key and key is None:
-            say(f"note: {spec.signing.lock_key} not found: the provenance statement is not signed")
-        result.outputs["provenance"] = write_provenance(lock, spec.lock_path, result.manifest, out_dir, key,
+        # (#18) the lock key from a file or an ssh-agent; a note and an unsigned statement without it.
+        signer, note = provenance_signer(spec.signing.lock_key, os.environ)
+        if note:
+            say(note)
+        result.outputs["provenance"] = write_provenance(lock, spec.lock_path, result.manifest, out_dir, signer,
                                                         list(options.argv))
         result.stages = runner.report_list()
         result.cache_hits = runner.hits()

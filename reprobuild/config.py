@@ -23,6 +23,7 @@ from typing import Any
 from reprobuild.errors import ConfigError
 from reprobuild.ini import Assignment, read_with_dropins
 from reprobuild.lockfile import MAX_SOURCE_DATE_EPOCH
+from reprobuild.pkcs11uri import parse_uri
 
 CONFIG_NAME = "reprobuild.conf"
 DEFAULT_RELEASE = "trixie"  # Debian's current stable release
@@ -134,6 +135,29 @@ def parse_tree_path(value: str) -> str:
     return value
 
 
+def parse_lock_key(value: str) -> str:
+    """A key file path, or ``agent:[COMMENT|SHA256:…]`` (a key in the ssh-agent)."""
+    if value.startswith("pkcs11:"):
+        raise ValueError("the lock key is an ed25519 key file or agent:…; PKCS#11 is for VerityKey= / SecureBootKey=")
+    return value
+
+
+def parse_rsa_key(value: str) -> str:
+    """An RSA key file path, or a ``pkcs11:`` URI (RFC 7512) naming a key in a token."""
+    if value.startswith("agent:"):
+        raise ValueError("agent: is for LockKey=; an RSA signing key is a file or a pkcs11: URI")
+    if value.startswith("pkcs11:"):
+        parse_uri(value)  # raises ValueError with what is wrong
+    return value
+
+
+# Values of key settings that name a key somewhere else than in a file: kept as they are.
+KEY_URI_PREFIXES = ("agent:", "pkcs11:")
+
+# The type of a signing key setting: a file (resolved against the image directory) or a URI.
+KeySource = Path | str
+
+
 def parse_module(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
         raise ValueError("not a kernel module name")
@@ -227,14 +251,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("Build", "Substituters", "substituters", parse_url, is_list=True, in_digest=False,
             help="HTTP base URLs of other stores, tried after the mirrors."),
     # [Signing]
-    Setting("Signing", "LockKey", "lock_key", parse_text, is_path=True, in_digest=False,
-            help="ed25519 private key signing the lock."),
-    Setting("Signing", "VerityKey", "verity_key", parse_text, is_path=True, in_digest=False,
-            help="RSA key signing the verity root hash."),
+    Setting("Signing", "LockKey", "lock_key", parse_lock_key, is_path=True, in_digest=False,
+            help="ed25519 key signing the lock: an OpenSSH private key file, or agent:[COMMENT] for ssh-agent."),
+    Setting("Signing", "VerityKey", "verity_key", parse_rsa_key, is_path=True, in_digest=False,
+            help="RSA key signing the verity root hash: a PEM file or a pkcs11: URI."),
     Setting("Signing", "VerityCertificate", "verity_certificate", parse_text, is_path=True, in_digest=False,
             help="X.509 certificate of the verity key."),
-    Setting("Signing", "SecureBootKey", "secure_boot_key", parse_text, is_path=True, in_digest=False,
-            help="RSA key signing the UKI."),
+    Setting("Signing", "SecureBootKey", "secure_boot_key", parse_rsa_key, is_path=True, in_digest=False,
+            help="RSA key signing the UKI: a PEM file or a pkcs11: URI."),
     Setting("Signing", "SecureBootCertificate", "secure_boot_certificate", parse_text, is_path=True,
             in_digest=False, help="X.509 certificate of the Secure Boot key."),
 )
@@ -304,10 +328,10 @@ class BuildConfig:
 
 @dataclass(frozen=True)
 class SigningConfig:
-    lock_key: Path | None = None
-    verity_key: Path | None = None
+    lock_key: KeySource | None = None
+    verity_key: KeySource | None = None
     verity_certificate: Path | None = None
-    secure_boot_key: Path | None = None
+    secure_boot_key: KeySource | None = None
     secure_boot_certificate: Path | None = None
 
 
@@ -433,8 +457,10 @@ def _parse_one(setting: Setting, raw: str, assignment: Assignment, directory: Pa
     try:
         value = setting.parse(raw)
     except ValueError as e:
-        raise ConfigError(f"{assignment.where}: {setting.key}={raw}: {e}") from None
-    if setting.is_path:
+        # A pkcs11: URI's query may hold a PIN (pin-value=, refused): never echo it.
+        shown = raw.split("?")[0] + "?…" if raw.startswith("pkcs11:") and "?" in raw else raw
+        raise ConfigError(f"{assignment.where}: {setting.key}={shown}: {e}") from None
+    if setting.is_path and not (isinstance(value, str) and value.startswith(KEY_URI_PREFIXES)):
         path = Path(value)
         if not path.is_absolute():
             path = (assignment.path.parent / path).resolve()

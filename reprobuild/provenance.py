@@ -14,7 +14,12 @@ outputs; ``check_provenance`` is the ``provenance`` check of ``reprobuild verify
   reprobuild and its version.
 * Envelope (DSSE v1): ``payloadType`` application/vnd.in-toto+json, ``payload`` base64 of the
   statement, ``signatures`` = one ed25519 signature by the lock key over
-  ``PAE(type, payload)`` = ``"DSSEv1" SP len(type) SP type SP len(payload) SP payload``.
+  ``PAE(type, payload)`` = ``"DSSEv1" SP len(type) SP type SP len(payload) SP payload``, with
+  ``keyid`` the key's OpenSSH fingerprint (``SHA256:…``). The key comes from the same place as the
+  lock's (a key file or an ssh-agent, :mod:`reprobuild.keys`); DSSE is kept rather than an SSH
+  signature because in-toto verifiers read DSSE, and PAE's "DSSEv1" prefix keeps the two kinds of
+  signature by one key apart. A verifier trusts the keys its ``--trusted-key`` allows for the
+  ``reprobuild-lock`` namespace.
 
 Reproducibility: no timestamps, no host names, no invocation ids (SLSA makes them optional), JSON
 with sorted keys; ed25519 is deterministic, so the same build writes the same envelope.
@@ -30,14 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from reprobuild import __version__
 from reprobuild.digest import canonical_json
 from reprobuild.errors import ReprobuildError, VerificationFailed
 from reprobuild.fileio import ReadRefused, read_bounded, write_atomic
+from reprobuild.keys import LOCK_NAMESPACE, LockSigner, ed25519_key, load_trusted_keys, signature_record
 from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, dumps
 from reprobuild.manifest import output_file
+from reprobuild.sshsig import SshFormatError, fingerprint
 
 MAX_PROVENANCE_BYTES = 16 << 20  # one DSSE envelope line: a few KiB
 
@@ -122,24 +128,27 @@ def make_statement(lock: Lock, lock_bytes: bytes, lock_signature: dict[str, str]
     }
 
 
-def _key_id(public: Ed25519PublicKey) -> str:
-    from reprobuild.keys import key_id
-
-    return key_id(public)
-
-
-def sign_envelope(statement: dict[str, Any], key: Ed25519PrivateKey | None) -> dict[str, Any]:
-    """A DSSE envelope around ``statement``; with no key, an envelope without signatures."""
+def sign_envelope(statement: dict[str, Any], signer: LockSigner | None) -> dict[str, Any]:
+    """A DSSE envelope around ``statement``; with no signer, an envelope without signatures."""
     payload = canonical(statement)
     signatures = []
-    if key is not None:
-        signatures.append({"keyid": _key_id(key.public_key()),
-                           "sig": base64.b64encode(key.sign(pae(PAYLOAD_TYPE, payload))).decode()})
+    if signer is not None:
+        signatures.append({"keyid": fingerprint(signer.public_key),
+                           "sig": base64.b64encode(signer.sign(pae(PAYLOAD_TYPE, payload))).decode()})
     return {"payloadType": PAYLOAD_TYPE, "payload": base64.b64encode(payload).decode(), "signatures": signatures}
 
 
-def open_envelope(envelope: dict[str, Any], public: Ed25519PublicKey | None) -> dict[str, Any]:
-    """Check the envelope (a signature by ``public`` when given) and return the statement.
+def _verifies(public: bytes, sig: dict[str, Any], message: bytes) -> bool:
+    try:
+        ed25519_key(public).verify(base64.b64decode(sig["sig"], validate=True), message)
+        return True
+    except (InvalidSignature, KeyError, TypeError, binascii.Error, SshFormatError):
+        return False
+
+
+def open_envelope(envelope: dict[str, Any], trusted: list[bytes] | None) -> dict[str, Any]:
+    """Check the envelope (a signature by one of the ``trusted`` SSH key blobs, when given) and
+    return the statement.
 
     Raises ProvenanceInvalid."""
     try:
@@ -149,18 +158,13 @@ def open_envelope(envelope: dict[str, Any], public: Ed25519PublicKey | None) -> 
         signatures = envelope.get("signatures") or []
     except (KeyError, TypeError, AttributeError, binascii.Error) as e:
         raise ProvenanceInvalid(f"malformed DSSE envelope: {e}") from None
-    if public is not None:
+    if trusted is not None:
         if not signatures:
             raise ProvenanceInvalid("the provenance is not signed")
         message = pae(PAYLOAD_TYPE, payload)
-        for s in signatures:
-            try:
-                public.verify(base64.b64decode(s["sig"], validate=True), message)
-                break
-            except (InvalidSignature, KeyError, TypeError, binascii.Error):
-                continue
-        else:
-            raise ProvenanceInvalid(f"no signature by the trusted key {_key_id(public)} verifies "
+        if not any(_verifies(k, s, message) for k in trusted for s in signatures):
+            names = ", ".join(fingerprint(k) for k in trusted) or "none"
+            raise ProvenanceInvalid(f"no signature by a trusted key ({names}) verifies "
                                     f"(signed by {', '.join(str(s.get('keyid')) for s in signatures)})")  # fmt: skip
     try:
         statement = json.loads(payload)
@@ -174,27 +178,20 @@ def open_envelope(envelope: dict[str, Any], public: Ed25519PublicKey | None) -> 
 
 
 def write_provenance(lock: Lock, lock_path: Path, result_manifest: dict[str, Any], out_dir: Path,
-                     signing_key: Path | Ed25519PrivateKey | None, argv: list[str]) -> Path:  # fmt: skip
+                     signer: LockSigner | None, argv: list[str]) -> Path:  # fmt: skip
     """Write ``OUT_DIR/OUTPUT.intoto.jsonl`` for a finished build and return its path.
 
     ``lock_path`` supplies the lock's exact bytes and its ``.sig`` (recorded when present);
-    ``signing_key`` is the lock key (a PEM path or key), or None for an unsigned envelope.
+    ``signer`` is the lock key (keys.open_lock_signer), or None for an unsigned envelope.
     The manifest file must already be in ``out_dir``. Cost: hashing the lock and manifest.
     """
-    from reprobuild.keys import Signature, load_private_key
-
     lock_bytes = lock_path.read_bytes() if lock_path.exists() else dumps(lock)
     sig_path = lock_path.with_name(lock_path.name + SIGNATURE_SUFFIX)
-    lock_signature = None
-    if sig_path.exists():
-        sig = Signature.from_bytes(sig_path.read_bytes(), str(sig_path))
-        lock_signature = {"algorithm": sig.algorithm, "keyid": sig.key_id,
-                          "sig": base64.b64encode(sig.signature).decode()}  # fmt: skip
+    lock_signature = signature_record(sig_path.read_bytes(), str(sig_path)) if sig_path.exists() else None
     name = output_name(result_manifest)
     manifest_bytes = (out_dir / (name + ".manifest.json")).read_bytes()
     statement = make_statement(lock, lock_bytes, lock_signature, result_manifest, manifest_bytes, argv)
-    key = load_private_key(Path(signing_key)) if isinstance(signing_key, (str, Path)) else signing_key
-    envelope = sign_envelope(statement, key)
+    envelope = sign_envelope(statement, signer)
     path = out_dir / (name + PROVENANCE_SUFFIX)
     write_atomic(path, canonical(envelope) + b"\n")
     return path
@@ -203,7 +200,6 @@ def write_provenance(lock: Lock, lock_path: Path, result_manifest: dict[str, Any
 def check_provenance(path: Path, lock: Lock, lock_bytes: bytes, image: Path, manifest: dict[str, Any],
                      trusted_key: Path | None):  # fmt: skip
     """The ``provenance`` check: envelope signed by the trusted key, about this lock and image."""
-    from reprobuild.keys import load_public_key
     from reprobuild.verify import failed, passed, skipped
 
     name = "provenance"
@@ -211,7 +207,7 @@ def check_provenance(path: Path, lock: Lock, lock_bytes: bytes, image: Path, man
         text = read_bounded(Path(path), MAX_PROVENANCE_BYTES).decode("utf-8")  # no FIFO, device or huge file
         lines = [ln for ln in text.splitlines() if ln.strip()]
         envelope = json.loads(lines[0])
-        public = load_public_key(Path(trusted_key)) if trusted_key else None
+        public = load_trusted_keys(Path(trusted_key)).keys_for(LOCK_NAMESPACE) if trusted_key else None
         statement = open_envelope(envelope, public)
     except (OSError, ValueError, IndexError, RecursionError, ReadRefused) as e:
         return failed(name, f"{path}: unreadable provenance ({e})")
@@ -235,5 +231,6 @@ def check_provenance(path: Path, lock: Lock, lock_bytes: bytes, image: Path, man
         return failed(name, "; ".join(problems))
     if public is None:
         return skipped(name, "statement matches, but no --trusted-key was given to check its signature")
-    return passed(name, f"DSSE signed by {_key_id(public)}; SLSA provenance for this image and lock, "
+    signers = ", ".join(str(s.get("keyid")) for s in envelope.get("signatures") or [])
+    return passed(name, f"DSSE signed by trusted key {signers}; SLSA provenance for this image and lock, "
                         f"{len(deps) - 1} materials")  # fmt: skip

@@ -227,12 +227,11 @@ def check_lock_signature(lock_path: Path, lock_bytes: bytes, trusted_key: Path |
     if not sig_path.exists():
         return failed(name, f"{sig_path}: the lock is not signed")
     try:
-        public = keys.load_public_key(Path(trusted_key))
-        signature = keys.Signature.from_bytes(sig_path.read_bytes(), str(sig_path))
-        keys.verify(lock_bytes, signature, public)
+        signer = keys.verify_lock(lock_bytes, sig_path.read_bytes(), str(sig_path),
+                                  keys.load_trusted_keys(Path(trusted_key)))
     except ReprobuildError as e:
         return failed(name, e.message)
-    return passed(name, f"signed by trusted key {signature.key_id}")
+    return passed(name, f"signed by trusted key {signer}")
 
 
 def lock_package_list(lock: Lock) -> list[str]:

@@ -22,6 +22,7 @@ from reprobuild.image.authenticode import (
     verify_pe_signature,
 )
 from reprobuild.image.pe import PeInvalid, authenticode_digest, parse_pe, pe_checksum
+from reprobuild.signer import file_signer
 from reprobuild.x509 import generate_rsa_key_and_certificate
 from tests.test_pe import make_pe
 
@@ -73,7 +74,7 @@ def _sbverify(*args: str) -> subprocess.CompletedProcess[str]:
 def test_sign_verifies_with_sbverify(tmp_path: Path, keypair: tuple[bytes, bytes]) -> None:
     _, cert_path = _files(tmp_path, keypair)
     image = make_pe([(".text", b"\x90" * 3000), (".data", b"D" * 777)])
-    signed = sign_pe(image, *keypair)
+    signed = sign_pe(image, file_signer(*keypair))
     (tmp_path / "s.efi").write_bytes(signed)
     result = _sbverify("--cert", str(cert_path), str(tmp_path / "s.efi"))
     assert result.returncode == 0, result.stderr
@@ -90,12 +91,12 @@ def test_sign_verifies_with_sbverify(tmp_path: Path, keypair: tuple[bytes, bytes
 
 def test_signing_is_deterministic(keypair: tuple[bytes, bytes]) -> None:
     image = make_pe()
-    assert sign_pe(image, *keypair) == sign_pe(image, *keypair)
+    assert sign_pe(image, file_signer(*keypair)) == sign_pe(image, file_signer(*keypair))
 
 
 def test_tampered_section_fails(tmp_path: Path, keypair: tuple[bytes, bytes]) -> None:
     _, cert_path = _files(tmp_path, keypair)
-    signed = bytearray(sign_pe(make_pe([(".text", b"\x90" * 3000)]), *keypair))
+    signed = bytearray(sign_pe(make_pe([(".text", b"\x90" * 3000)]), file_signer(*keypair)))
     text = parse_pe(signed).section(".text")
     assert text is not None
     signed[text.pointer_to_raw_data + 10] ^= 0x01
@@ -105,7 +106,7 @@ def test_tampered_section_fails(tmp_path: Path, keypair: tuple[bytes, bytes]) ->
 
 
 def test_wrong_certificate_fails(tmp_path: Path, keypair: tuple[bytes, bytes], other_keypair: tuple[bytes, bytes]) -> None:
-    signed = sign_pe(make_pe(), *keypair)
+    signed = sign_pe(make_pe(), file_signer(*keypair))
     (tmp_path / "s.efi").write_bytes(signed)
     (tmp_path / "other.pem").write_bytes(other_keypair[1])
     assert _sbverify("--cert", str(tmp_path / "other.pem"), str(tmp_path / "s.efi")).returncode != 0
@@ -114,7 +115,7 @@ def test_wrong_certificate_fails(tmp_path: Path, keypair: tuple[bytes, bytes], o
 
 def test_refuses_signed_image(keypair: tuple[bytes, bytes]) -> None:
     with pytest.raises(PeInvalid, match="already signed"):
-        sign_pe(sign_pe(make_pe(), *keypair), *keypair)
+        sign_pe(sign_pe(make_pe(), file_signer(*keypair)), file_signer(*keypair))
 
 
 def test_matches_sbsign_structure_and_verifies_sbsign(tmp_path: Path, keypair: tuple[bytes, bytes]) -> None:
@@ -130,21 +131,21 @@ def test_matches_sbsign_structure_and_verifies_sbsign(tmp_path: Path, keypair: t
     ours = spc_indirect_data_content(authenticode_digest(image))
     assert der_decode(ours)[0].value == sig.idc_value
     # Everything before the signature is what sbsign produced, except CheckSum and the cert directory.
-    mine = sign_pe(image, *keypair)
+    mine = sign_pe(image, file_signer(*keypair))
     pe = parse_pe(mine)
     skip = set(range(pe.checksum_offset, pe.checksum_offset + 4)) | set(range(pe.cert_dir_offset, pe.cert_dir_offset + 8))
     assert all(mine[i] == theirs[i] for i in range(len(image)) if i not in skip)
 
 
 def test_no_signing_time_attribute(keypair: tuple[bytes, bytes]) -> None:
-    signed = sign_pe(make_pe(), *keypair)
+    signed = sign_pe(make_pe(), file_signer(*keypair))
     assert bytes.fromhex("06092a864886f70d010905") not in read_signatures(signed)[0].der  # signingTime OID
 
 
 def test_signing_time_large_image(keypair: tuple[bytes, bytes]) -> None:
     image = make_pe([(".text", b"\x90" * 1000), (".linux", bytes(range(256)) * 60000)])  # ~15 MiB
     start = time.perf_counter()
-    signed = sign_pe(image, *keypair)
+    signed = sign_pe(image, file_signer(*keypair))
     elapsed = time.perf_counter() - start
     assert verify_pe_signature(signed, x509.load_pem_x509_certificate(keypair[1]))
     assert elapsed < 5, f"signing 15 MiB took {elapsed:.2f}s"

@@ -83,16 +83,16 @@ def test_sign_and_verify(tmp_path: Path) -> None:
     key_path, pub_path = keys.generate_keypair(tmp_path / "k")
     assert oct(key_path.stat().st_mode & 0o777) == "0o600"
     data = dumps(make_lock())
-    sig = keys.sign(data, keys.load_private_key(key_path))
-    assert keys.sign(data, keys.load_private_key(key_path)) == sig, "ed25519 is deterministic"
-    parsed = keys.Signature.from_bytes(sig.to_bytes(), "sig")
-    keys.verify(data, parsed, keys.load_public_key(pub_path))
+    signer = keys.open_lock_signer(key_path, {})
+    sig = keys.sign_lock(data, signer)
+    assert keys.sign_lock(data, signer) == sig, "ed25519 is deterministic"
+    trusted = keys.load_trusted_keys(pub_path)
+    assert keys.verify_lock(data, sig, "sig", trusted).startswith("SHA256:")
     with pytest.raises(VerificationFailed, match="changed after signing"):
-        keys.verify(dumps(make_lock("1.0-2")), parsed, keys.load_public_key(pub_path))
+        keys.verify_lock(dumps(make_lock("1.0-2")), sig, "sig", trusted)
     _, other_pub = keys.generate_keypair(tmp_path / "other")
-    with pytest.raises(VerificationFailed, match="not by the trusted key"):
-        keys.verify(data, parsed, keys.load_public_key(other_pub))
-
+    with pytest.raises(VerificationFailed, match="does not trust"):
+        keys.verify_lock(data, sig, "sig", keys.load_trusted_keys(other_pub))
 
 def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
     keys.generate_keypair(tmp_path / "k")

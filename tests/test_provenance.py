@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reprobuild import keys
+from reprobuild import keys, sshsig
 from reprobuild.lockfile import save_lock
 from reprobuild.provenance import (
     PAYLOAD_TYPE,
@@ -35,13 +35,17 @@ def test_purl() -> None:
     assert purl("bsdutils", "1:2.41-5", "amd64") == "pkg:deb/debian/bsdutils@1%3A2.41-5?arch=amd64"
 
 
+def _trusted(pub: Path) -> list[bytes]:
+    return keys.load_trusted_keys(pub).keys_for(keys.LOCK_NAMESPACE)
+
+
 @pytest.fixture
 def built(tmp_path: Path):
     key_path, pub_path = keys.generate_keypair(tmp_path / "lock")
     lock = make_lock()
     lock_path = tmp_path / "reprobuild.lock"
     data = save_lock(lock, lock_path)
-    lock_path.with_name("reprobuild.lock.sig").write_bytes(keys.sign(data, keys.load_private_key(key_path)).to_bytes())
+    lock_path.with_name("reprobuild.lock.sig").write_bytes(keys.sign_lock(data, keys.open_lock_signer(key_path, {})))
     out = tmp_path / "out"
     out.mkdir()
     image = out / "image.raw"
@@ -52,7 +56,7 @@ def built(tmp_path: Path):
                 "lock_digest": "x"}
     (out / "image.raw.manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     argv = ["reprobuild", "build", "--locked"]
-    path = write_provenance(lock, lock_path, manifest, out, key_path, argv)
+    path = write_provenance(lock, lock_path, manifest, out, keys.open_lock_signer(key_path, {}), argv)
     return lock, lock_path, data, image, manifest, path, pub_path, key_path, argv
 
 
@@ -60,7 +64,7 @@ def test_statement_content(built) -> None:
     lock, lock_path, data, _image, manifest, path, pub, _, argv = built
     assert path.name == "image.raw.intoto.jsonl"
     envelope = json.loads(path.read_text())
-    statement = open_envelope(envelope, keys.load_public_key(pub))
+    statement = open_envelope(envelope, _trusted(pub))
     assert statement["_type"] == STATEMENT_TYPE and statement["predicateType"] == PREDICATE_TYPE
     assert envelope["payloadType"] == PAYLOAD_TYPE
     subject = statement["subject"][0]
@@ -70,8 +74,11 @@ def test_statement_content(built) -> None:
     import hashlib
 
     assert bd["externalParameters"]["lock"]["digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
-    sig = keys.Signature.from_bytes(lock_path.with_name("reprobuild.lock.sig").read_bytes(), "sig")
-    assert bd["externalParameters"]["lock"]["signature"]["sig"] == base64.b64encode(sig.signature).decode()
+    sig = sshsig.decode(lock_path.with_name("reprobuild.lock.sig").read_bytes(), "sig")
+    assert bd["externalParameters"]["lock"]["signature"] == {
+        "format": "sshsig", "namespace": "reprobuild-lock", "keyid": sig.fingerprint,
+        "sig": base64.b64encode(sig.signature).decode()}
+    assert envelope["signatures"][0]["keyid"] == sig.fingerprint
     assert bd["externalParameters"]["command"] == argv
     shas = {d["digest"]["sha256"] for d in bd["resolvedDependencies"]}
     assert {p.sha256 for p in lock.all_packages()} <= shas
@@ -82,7 +89,8 @@ def test_statement_content(built) -> None:
 def test_envelope_is_reproducible(built, tmp_path: Path) -> None:
     lock, lock_path, _, _, manifest, path, _, key_path, argv = built
     first = path.read_bytes()
-    assert write_provenance(lock, lock_path, manifest, path.parent, key_path, argv).read_bytes() == first
+    signer = keys.open_lock_signer(key_path, {})
+    assert write_provenance(lock, lock_path, manifest, path.parent, signer, argv).read_bytes() == first
 
 
 def test_tampered_payload_or_wrong_key_fails(built, tmp_path: Path) -> None:
@@ -92,12 +100,12 @@ def test_tampered_payload_or_wrong_key_fails(built, tmp_path: Path) -> None:
     statement["subject"][0]["digest"]["sha256"] = "0" * 64
     forged = dict(envelope, payload=base64.b64encode(json.dumps(statement).encode()).decode())
     with pytest.raises(ProvenanceInvalid, match="no signature"):
-        open_envelope(forged, keys.load_public_key(pub))
+        open_envelope(forged, _trusted(pub))
     _, other = keys.generate_keypair(tmp_path / "other")
     with pytest.raises(ProvenanceInvalid):
-        open_envelope(envelope, keys.load_public_key(other))
+        open_envelope(envelope, _trusted(other))
     with pytest.raises(ProvenanceInvalid, match="not signed"):
-        open_envelope(dict(envelope, signatures=[]), keys.load_public_key(pub))
+        open_envelope(dict(envelope, signatures=[]), _trusted(pub))
 
 
 def test_check_provenance(built, tmp_path: Path) -> None:

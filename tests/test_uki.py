@@ -18,6 +18,7 @@ from reprobuild.image.uki import (
     merge_sbat,
     normalize_cmdline,
 )
+from reprobuild.signer import file_signer
 from reprobuild.x509 import generate_rsa_key_and_certificate
 from tests.test_pe import make_pe
 
@@ -152,7 +153,7 @@ def test_real_stub_and_kernel(tmp_path: Path, debian_boot_files: dict[str, Path]
     # The stub's symbol table is stripped; the result is still a valid image sbverify can sign-check.
     assert parse_pe(uki).coff["PointerToSymbolTable"] == 0
     key, cert = generate_rsa_key_and_certificate("live UKI")
-    signed = sign_pe(uki, key, cert)
+    signed = sign_pe(uki, file_signer(key, cert))
     (tmp_path / "signed.efi").write_bytes(signed)
     (tmp_path / "cert.pem").write_bytes(cert)
     result = subprocess.run(["sbverify", "--cert", str(tmp_path / "cert.pem"), str(tmp_path / "signed.efi")],

@@ -28,8 +28,9 @@ from reprobuild.image.ddi import DdiSpec, build_ddi
 from reprobuild.image.esp import make_esp
 from reprobuild.image.uki import build_uki
 from reprobuild.lockfile import Lock, LockedPackage, LockSource, PackageSet, dumps, save_lock
+from reprobuild.signer import file_signer
 from reprobuild.verify import VerifyOptions, verify_image
-from reprobuild.x509 import generate_rsa_key_and_certificate, load_certificate, load_key
+from reprobuild.x509 import generate_rsa_key_and_certificate
 from tests.test_uki import fake_kernel, fake_stub
 
 EPOCH = 1735689600
@@ -79,7 +80,7 @@ def build_image(out: Path, lock: Lock, verity_pair: tuple[bytes, bytes], sb_pair
     root_hash = verity.hash_file(root_fs, params).root_hash.hex()
     cmdline = f"roothash={root_hash} systemd.firstboot=off"
     uki = sign_pe(build_uki(fake_stub(), fake_kernel(), b"initrd", cmdline, "ID=debian\n", "6.1.0"),
-                  sb_pair[0], sb_pair[1])
+                  file_signer(*sb_pair))
     esp = out / "esp.img"
     make_esp({"EFI/BOOT/BOOTX64.EFI": uki}, esp, volume_id=0x1234ABCD, label="ESP", epoch=EPOCH)
     (out / "verity.key").write_bytes(verity_pair[0])
@@ -114,7 +115,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
     lock = make_lock()
     lock_path = d / "def" / "reprobuild.lock"
     data = save_lock(lock, lock_path)
-    (d / "def" / "reprobuild.lock.sig").write_bytes(keys.sign(data, keys.load_private_key(lock_key)).to_bytes())
+    (d / "def" / "reprobuild.lock.sig").write_bytes(keys.sign_lock(data, keys.open_lock_signer(lock_key, {})))
     image = build_image(d / "out", lock, verity_pair, sb_pair)
     return Fixture(d, image, lock_path, pub, lock_key, d / "keys" / "verity.crt", d / "keys" / "sb.crt",
                    generate_rsa_key_and_certificate("other verity"), generate_rsa_key_and_certificate("other sb"))
@@ -244,8 +245,8 @@ def test_hash_partition_altered(fx: Fixture, capsys: pytest.CaptureFixture[str])
 def test_signature_partition_from_another_key(fx: Fixture, capsys: pytest.CaptureFixture[str]) -> None:
     p = partition(fx, "root-verity-sig")
     manifest = json.loads(fx.image.with_name("image.raw.manifest.json").read_text())
-    key, cert = load_key(fx.other_verity[0]), load_certificate(fx.other_verity[1])
-    write_at(fx.image, p.offset(512), veritysig.make_verity_sig(bytes.fromhex(manifest["root_hash"]), key, cert))
+    signer = file_signer(*fx.other_verity)
+    write_at(fx.image, p.offset(512), veritysig.make_verity_sig(bytes.fromhex(manifest["root_hash"]), signer))
     code, report = run_cli(fx, capsys)
     _expect(code, report, "verity-signature")
     assert statuses(report)["verity-root-hash"] == "passed"
@@ -254,7 +255,7 @@ def test_signature_partition_from_another_key(fx: Fixture, capsys: pytest.Captur
 def test_uki_resigned_with_another_key(fx: Fixture, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     manifest = json.loads(fx.image.with_name("image.raw.manifest.json").read_text())
     uki = sign_pe(build_uki(fake_stub(), fake_kernel(), b"initrd", manifest["boot"]["cmdline"], "ID=debian\n",
-                            "6.1.0"), fx.other_sb[0], fx.other_sb[1])
+                            "6.1.0"), file_signer(*fx.other_sb))
     esp = tmp_path / "esp.img"
     p = partition(fx, "esp")
     make_esp({"EFI/BOOT/BOOTX64.EFI": uki}, esp, size=p.size(512), volume_id=0x1234ABCD, label="ESP", epoch=EPOCH)
@@ -267,7 +268,7 @@ def test_uki_resigned_with_another_key(fx: Fixture, capsys: pytest.CaptureFixtur
 def test_uki_pinning_another_root_hash(fx: Fixture, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     other = "ab" * 32
     uki = sign_pe(build_uki(fake_stub(), fake_kernel(), b"initrd", f"roothash={other}", "ID=debian\n", "6.1.0"),
-                  *fx.other_sb)
+                  file_signer(*fx.other_sb))
     esp = tmp_path / "esp.img"
     p = partition(fx, "esp")
     make_esp({"EFI/BOOT/BOOTX64.EFI": uki}, esp, size=p.size(512), volume_id=0x1234ABCD, label="ESP", epoch=EPOCH)

@@ -8,10 +8,14 @@ import subprocess
 
 import pytest
 from cryptography import x509 as cx509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, pkcs7
 
 from reprobuild import x509
+from reprobuild.errors import BuildError
 from reprobuild.image import veritysig
+from reprobuild.signer import file_signer
 
 ROOT = bytes.fromhex("9aaa750b24ed1124a8ab9fdf60df67422c9617a9fbbedf05ae83abc758faffd1")
 
@@ -45,7 +49,7 @@ def test_load_errors_are_domain_errors():
 
 def test_sig_partition_format(keypair):
     _, key, cert = keypair
-    blob = veritysig.make_verity_sig(ROOT, key, cert)
+    blob = veritysig.make_verity_sig(ROOT, file_signer(key, cert))
     assert len(blob) == 16384
     text = blob.rstrip(b"\0")
     assert set(blob[len(text):]) == {0}
@@ -59,7 +63,7 @@ def test_sig_partition_format(keypair):
 
 def test_signature_is_deterministic(keypair):
     _, key, cert = keypair
-    assert veritysig.make_verity_sig(ROOT, key, cert) == veritysig.make_verity_sig(ROOT, key, cert)
+    assert veritysig.make_verity_sig(ROOT, file_signer(key, cert)) == veritysig.make_verity_sig(ROOT, file_signer(key, cert))
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
@@ -70,13 +74,13 @@ def test_same_bytes_as_openssl_pkcs7_sign(keypair, tmp_path):
     subprocess.run(["openssl", "smime", "-sign", "-binary", "-noattr", "-outform", "DER", "-md", "sha256",
                     "-signer", str(d / "cert.pem"), "-inkey", str(d / "key.pem"),
                     "-in", str(tmp_path / "content"), "-out", str(tmp_path / "o.der")], check=True)
-    assert (tmp_path / "o.der").read_bytes() == veritysig.sign_root_hash(ROOT, key, cert)
+    assert (tmp_path / "o.der").read_bytes() == veritysig.sign_root_hash(ROOT, file_signer(key, cert))
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
 def test_verify_native_and_openssl(keypair):
     d, key, cert = keypair
-    sig = veritysig.parse_verity_sig(veritysig.make_verity_sig(ROOT, key, cert))
+    sig = veritysig.parse_verity_sig(veritysig.make_verity_sig(ROOT, file_signer(key, cert)))
     veritysig.check_verity_sig(sig, ROOT, cert)
     veritysig.check_verity_sig_openssl(sig, d / "cert.pem")
     broken = dataclasses.replace(sig, signature=sig.signature[:-1] + bytes([sig.signature[-1] ^ 1]))
@@ -90,7 +94,7 @@ def test_verify_native_and_openssl(keypair):
 
 def test_other_certificate_rejected(keypair):
     _, key, cert = keypair
-    sig = veritysig.parse_verity_sig(veritysig.make_verity_sig(ROOT, key, cert))
+    sig = veritysig.parse_verity_sig(veritysig.make_verity_sig(ROOT, file_signer(key, cert)))
     _, other_pem = x509.generate_rsa_key_and_certificate("someone else")
     other = x509.load_certificate(other_pem)
     with pytest.raises(veritysig.VeritySigMismatch, match="names certificate"):
@@ -102,8 +106,9 @@ def test_other_certificate_rejected(keypair):
 
 def test_ecdsa_key_refused(keypair):
     _, _, cert = keypair
-    with pytest.raises(veritysig.SigningKeyUnsuitable, match="RSA"):
-        veritysig.sign_root_hash(ROOT, ec.generate_private_key(ec.SECP256R1()), cert)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(BuildError, match="RSA"):
+        file_signer(ec_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()), cert)
 
 
 @pytest.mark.parametrize("blob,message", [
@@ -127,3 +132,13 @@ def test_hostile_pkcs7(keypair, der):
     sig = veritysig.VeritySignature(ROOT.hex(), None, der)
     with pytest.raises(veritysig.VeritySigInvalid):
         veritysig.check_verity_sig(sig, ROOT, cert)
+
+
+def test_pkcs7_equals_cryptography_builder(keypair):
+    """Our DER SignedData (built around the signer's one RSA signature) is byte-identical to
+    cryptography's PKCS7SignatureBuilder with the same options (and so to OpenSSL's PKCS7_sign)."""
+    _, key, cert = keypair
+    opts = [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.NoAttributes, pkcs7.PKCS7Options.Binary]
+    theirs = (pkcs7.PKCS7SignatureBuilder().set_data(ROOT.hex().encode()).add_signer(cert, key, hashes.SHA256())
+              .sign(serialization.Encoding.DER, opts))  # fmt: skip
+    assert veritysig.sign_root_hash(ROOT, file_signer(key, cert)) == theirs

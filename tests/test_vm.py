@@ -14,6 +14,7 @@ from reprobuild.image.authenticode import sign_pe
 from reprobuild.image.esp import make_esp
 from reprobuild.image.initrd import make_initrd_cpio
 from reprobuild.image.uki import build_uki
+from reprobuild.signer import file_signer
 from reprobuild.vm import (
     EFI_GLOBAL_VARIABLE,
     EFI_IMAGE_SECURITY_DATABASE,
@@ -144,7 +145,7 @@ def boot_images(tmp_path_factory: pytest.TempPathFactory, debian_boot_files: dic
                     str(debian_boot_files["uname"]))  # fmt: skip
     key, cert = generate_rsa_key_and_certificate("reprobuild boot test")
     start = time.perf_counter()
-    signed = sign_pe(uki, key, cert)
+    signed = sign_pe(uki, file_signer(key, cert))
     sign_seconds = time.perf_counter() - start
     make_esp({"EFI/BOOT/BOOTX64.EFI": signed}, work / "signed.img", volume_id=1, epoch=1700000000)
     make_esp({"EFI/BOOT/BOOTX64.EFI": uki}, work / "unsigned.img", volume_id=1, epoch=1700000000)

@@ -42,7 +42,8 @@ def ensure_keys(spec) -> None:
              (spec.signing.secure_boot_key, spec.signing.secure_boot_certificate,
               "reprobuild Secure Boot (development)")]
     for key, cert, name in pairs:
-        if key is None or cert is None or (key.exists() and cert.exists()):
+        # A key in a token (pkcs11: URI) is not generated here; nor is an existing pair.
+        if key is None or cert is None or isinstance(key, str) or (key.exists() and cert.exists()):
             continue
         say(f"make image: generating a development key pair {key} / {cert}")
         key_pem, cert_pem = generate_rsa_key_and_certificate(name)

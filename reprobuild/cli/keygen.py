@@ -17,11 +17,15 @@ from reprobuild.cli import cli
 @click.option("--secure-boot", "kind", flag_value="secure-boot", help="RSA key + X.509 certificate for signing UKIs.")
 @click.option("--lock", "kind", flag_value="lock", default=True, help="ed25519 key pair for signing locks (default).")
 @click.option("--common-name", default=None, help="Certificate subject CN (verity / Secure Boot).")
-def keygen_command(prefix: Path, kind: str, common_name: str | None) -> None:
+@click.option("--identity", default="release@reprobuild", show_default=True,
+              help="Lock keys: the principal of the printed allowed_signers line (and the key's comment).")
+def keygen_command(prefix: Path, kind: str, common_name: str | None, identity: str) -> None:
     """Generate a key pair.
 
     \b
-    --lock (default)   PREFIX.key (ed25519, mode 0600) and PREFIX.pub, for [Signing] LockKey=
+    --lock (default)   PREFIX.key (OpenSSH ed25519 private key, mode 0600) and PREFIX.pub
+                       (OpenSSH public key), for [Signing] LockKey=; prints the
+                       allowed_signers line for verifiers (ssh-keygen -Y verify)
     --verity           PREFIX.key (RSA) and PREFIX.crt, for VerityKey= / VerityCertificate=
     --secure-boot      PREFIX.key (RSA) and PREFIX.crt, for SecureBootKey= / SecureBootCertificate=
 
@@ -29,10 +33,14 @@ def keygen_command(prefix: Path, kind: str, common_name: str | None) -> None:
     clock enters them. Existing files are never overwritten.
     """
     if kind == "lock":
-        from reprobuild.keys import generate_keypair
+        from reprobuild.keys import allowed_signers_line, generate_keypair
+        from reprobuild.sshsig import parse_public_key_line
 
-        key_path, pub_path = generate_keypair(prefix)
-        click.echo(f"wrote {key_path} (keep it secret) and {pub_path}")
+        key_path, pub_path = generate_keypair(prefix, identity)
+        blob = parse_public_key_line(pub_path.read_text(), str(pub_path))
+        click.echo(f"wrote {key_path} (keep it secret) and {pub_path}", err=True)
+        click.echo("allowed_signers line for verifiers:", err=True)
+        click.echo(allowed_signers_line(blob, identity))
         return
     from reprobuild.keys import KeyFileError
     from reprobuild.x509 import generate_rsa_key_and_certificate

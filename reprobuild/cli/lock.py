@@ -33,34 +33,45 @@ def _say(quiet: bool):
 @click.option("--verify", "verify_only", is_flag=True,
               help="Do not resolve: check the lock's signature and that it matches the configuration.")
 @click.option("--trusted-key", type=click.Path(dir_okay=False, path_type=Path),
-              help="Public key the lock signature must verify against (with --verify).")
-@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
-              help="ed25519 private key to sign the lock with (overrides [Signing] LockKey=).")
+              help="allowed_signers file or OpenSSH public key the lock signature must verify against "
+                   "(with --verify).")
+@click.option("--sign-key", metavar="KEY|agent:[NAME]",
+              help="ed25519 key to sign the lock with: an OpenSSH private key file, or agent: / agent:COMMENT / "
+                   "agent:SHA256:… for a key in the ssh-agent (overrides [Signing] LockKey=).")
+@click.option("--resign", is_flag=True,
+              help="Do not resolve: (re-)sign the existing lock as it is, e.g. to move an old JSON signature "
+                   "to the SSH format.")
 @click.option("--mirror", help="Debian archive base URL for this run (overrides Mirror=).")
 @json_option
 @quiet_option
 def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str, ...], update: bool,
-                 packages: tuple[str, ...], verify_only: bool, trusted_key: Path | None, sign_key: Path | None,
-                 mirror: str | None, as_json: bool, quiet: bool) -> None:
+                 packages: tuple[str, ...], verify_only: bool, trusted_key: Path | None, sign_key: str | None,
+                 resign: bool, mirror: str | None, as_json: bool, quiet: bool) -> None:
     """Resolve DIRECTORY/reprobuild.conf into DIRECTORY/reprobuild.lock.
 
     Fetches each suite's InRelease, verifies it against the Debian archive keyring, fetches the
     Packages indices by hash, resolves the package sets with Debian's dependency rules and
-    writes a canonical lockfile (and reprobuild.lock.sig when a key is configured).
+    writes a canonical lockfile (and reprobuild.lock.sig, an SSH signature any `ssh-keygen -Y
+    verify -n reprobuild-lock` checks, when a key is configured).
 
     An existing lock keeps its pinned versions where it can; `--update` re-resolves everything,
     `--update PKG…` frees only the named packages. Prints the package changes.
     """
+    import os
+
     from reprobuild import keys
     from reprobuild.config import load_spec
     from reprobuild.errors import UsageError
     from reprobuild.fileio import write_atomic
     from reprobuild.lock import LockOptions, check_lock_current, lock_spec
     from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock, save_lock
+    from reprobuild.signer import key_file_warning
     from reprobuild.store import Store
 
     if packages and not update:
         raise UsageError("package names are only accepted with --update")
+    if resign and (verify_only or update):
+        raise UsageError("--resign cannot be combined with --verify or --update")
     all_overrides = list(overrides) + ([f"Distribution.Mirror={mirror}"] if mirror else [])
     spec = load_spec(directory, all_overrides)
     lock_path = spec.lock_path
@@ -69,19 +80,34 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     if verify_only:
         lock = load_lock(lock_path)
         data = lock_path.read_bytes()
+        signer = None
         if trusted_key:
             if not sig_path.exists():
                 raise keys.VerificationFailed(f"{sig_path}: the lock is not signed")
-            keys.verify(data, keys.Signature.from_bytes(sig_path.read_bytes(), str(sig_path)),
-                        keys.load_public_key(trusted_key))
+            signer = keys.verify_lock(data, sig_path.read_bytes(), str(sig_path), keys.load_trusted_keys(trusted_key))
         check_lock_current(spec, lock)
-        result = {"lock": str(lock_path), "signature": "verified" if trusted_key else "not checked",
+        result = {"lock": str(lock_path), "signature": f"verified ({signer})" if signer else "not checked",
                   "config": "current", "packages": sum(len(s.packages) for s in lock.sets)}
         click.echo(json.dumps(result, indent=2) if as_json else
                    f"{lock_path}: signature {result['signature']}, configuration current, "
                    f"{result['packages']} packages")
         return
 
+    key_source = sign_key or spec.signing.lock_key
+    permission_warning = key_file_warning(key_source)
+    if permission_warning:
+        click.echo(permission_warning, err=True)
+    if resign:
+        if not key_source:
+            raise UsageError("--resign needs a key: --sign-key or [Signing] LockKey=")
+        load_lock(lock_path)  # only a well-formed lock is signed
+        lock_signer = keys.open_lock_signer(key_source, os.environ)
+        write_atomic(sig_path, keys.sign_lock(lock_path.read_bytes(), lock_signer))
+        click.echo(f"wrote {sig_path} (SSH signature by {lock_signer.description})")
+        return
+
+    # Opened before resolving, so that a missing key or agent fails before anything is written.
+    lock_signer = keys.open_lock_signer(key_source, os.environ) if key_source else None
     previous = load_lock(lock_path) if lock_path.exists() else None
     store = Store(store_path or Store.default_root())
     started = time.monotonic()
@@ -89,11 +115,9 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
                           progress=_say(quiet or as_json), index_cache=store.root / "indices")
     result = lock_spec(spec, previous, options)
     data = save_lock(result.lock, lock_path)
-    key_path = sign_key or spec.signing.lock_key
     signed = False
-    if key_path:
-        signature = keys.sign(data, keys.load_private_key(key_path))
-        write_atomic(sig_path, signature.to_bytes())
+    if lock_signer is not None:
+        write_atomic(sig_path, keys.sign_lock(data, lock_signer))
         signed = True
     elapsed = time.monotonic() - started
     summary = {

@@ -23,7 +23,8 @@ def _say(quiet: bool):
 @click.option("--lock", "lock_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The lockfile the image claims to be built from (its .sig beside it).")
 @click.option("--trusted-key", type=click.Path(dir_okay=False, path_type=Path),
-              help="ed25519 public key the lock (and provenance) signature must verify against.")
+              help="allowed_signers file or OpenSSH/PEM ed25519 public key the lock (and provenance) "
+                   "signature must verify against.")
 @click.option("--certificate", "certificates", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Trusted X.509 certificate for the verity signature and the UKI's Authenticode "
                    "signature; may repeat (e.g. the verity and the Secure Boot certificate).")

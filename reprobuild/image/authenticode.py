@@ -46,6 +46,7 @@ from reprobuild.image.pe import (
     pe_checksum,
     round_up,
 )
+from reprobuild.signer import Signer
 
 OID_SIGNED_DATA = "1.2.840.113549.1.7.2"
 OID_SPC_INDIRECT_DATA = "1.3.6.1.4.1.311.2.1.4"
@@ -204,8 +205,12 @@ def _content_value(tlv_bytes: bytes) -> bytes:
     return tlv.value
 
 
-def signed_data(image_digest: bytes, key: rsa.RSAPrivateKey, cert: x509.Certificate) -> bytes:
-    """The PKCS#7 ContentInfo (DER) signing ``image_digest``; deterministic for fixed inputs."""
+def signed_data(image_digest: bytes, signer: Signer) -> bytes:
+    """The PKCS#7 ContentInfo (DER) signing ``image_digest``; deterministic for fixed inputs.
+
+    ``signer`` computes the one RSA PKCS#1 v1.5 / SHA-256 signature (over the signed attributes),
+    from a key file or in a PKCS#11 token; the certificate comes from it too."""
+    cert = signer.certificate
     idc = spc_indirect_data_content(image_digest)
     # No signingTime: that attribute is exactly what makes sbsign's output differ run to run.
     attributes = [
@@ -213,7 +218,7 @@ def signed_data(image_digest: bytes, key: rsa.RSAPrivateKey, cert: x509.Certific
         _attribute(OID_MESSAGE_DIGEST, der_octet_string(hashlib.sha256(_content_value(idc)).digest())),
     ]
     signed_attrs = der_set(*attributes)  # signed as a universal SET (RFC 2315 9.3)
-    signature = key.sign(signed_attrs, padding.PKCS1v15(), hashes.SHA256())
+    signature = signer.sign(signed_attrs)
     cert_der = cert.public_bytes(serialization.Encoding.DER)
     issuer_and_serial = der_sequence(cert.issuer.public_bytes(), der_integer(cert.serial_number))
     signer_info = der_sequence(
@@ -234,33 +239,26 @@ def signed_data(image_digest: bytes, key: rsa.RSAPrivateKey, cert: x509.Certific
     return der_sequence(der_oid(OID_SIGNED_DATA), der_context(0, content))
 
 
-def _as_key(key: rsa.RSAPrivateKey | bytes) -> rsa.RSAPrivateKey:
-    if isinstance(key, bytes):
-        key = serialization.load_pem_private_key(key, password=None)  # type: ignore[assignment]
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise TypeError("Authenticode signing needs an RSA private key (UEFI db verification is RSA-only)")
-    return key
-
-
 def _as_cert(cert: x509.Certificate | bytes) -> x509.Certificate:
     if isinstance(cert, bytes):
         return x509.load_pem_x509_certificate(cert) if b"-----BEGIN" in cert else x509.load_der_x509_certificate(cert)
     return cert
 
 
-def sign_pe(pe: bytes, key: rsa.RSAPrivateKey | bytes, cert: x509.Certificate | bytes) -> bytes:
+def sign_pe(pe: bytes, signer: Signer) -> bytes:
     """Return ``pe`` with one Authenticode signature attached, as sbsign would lay it out.
 
     The image is zero-padded to 8 bytes, a WIN_CERTIFICATE {dwLength = 8 + len(DER), revision
     0x0200, type PKCS_SIGNED_DATA} + DER + zero padding to 8 is appended, certificate directory =
     (offset, padded length), and the PE checksum is recomputed. Refuses already-signed images.
-    Deterministic: same inputs, same bytes. Cost: one hash pass, one checksum pass, one RSA signature.
+    Deterministic: same inputs, same bytes. Cost: one hash pass, one checksum pass, one RSA signature
+    (``signer.sign``: a key file or a PKCS#11 token; UEFI db verification is RSA-only).
     """
     image = parse_pe(pe)
     if image.cert_table.size or image.cert_table.virtual_address:
         raise PeInvalid("PE: image is already signed; refusing to add a second signature")
     body = bytearray(pe) + bytes(-len(pe) % 8)
-    der = signed_data(authenticode_digest(body), _as_key(key), _as_cert(cert))
+    der = signed_data(authenticode_digest(body), signer)
     entry = WIN_CERTIFICATE.pack({"dwLength": WIN_CERTIFICATE.size + len(der), "wRevision": WIN_CERT_REVISION_2_0,
                                   "wCertificateType": WIN_CERT_TYPE_PKCS_SIGNED_DATA}) + der  # fmt: skip
     entry += bytes(-len(entry) % 8)

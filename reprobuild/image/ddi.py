@@ -22,6 +22,7 @@ from reprobuild.errors import BuildError, FormatError
 from reprobuild.fileio import sha256_file
 from reprobuild.image import gpt, ids, verity, veritysig
 from reprobuild.image.ids import data_fs_uuid, esp_fs_uuid  # noqa: F401 (re-exported)
+from reprobuild.signer import Signer, file_signer
 from reprobuild.x509 import certificate_fingerprint, key_matches_certificate, load_certificate, load_key
 
 VerityMode = Literal["signed", "hash", "no"]
@@ -35,7 +36,8 @@ class DdiError(BuildError):
 
 @dataclass(frozen=True)
 class DdiSpec:
-    """Inputs of `build_ddi`. ``key``/``certificate`` are PEM files, needed for verity="signed"."""
+    """Inputs of `build_ddi`. verity="signed" needs ``signer`` (a key file or token,
+    reprobuild.signer), or ``key``/``certificate`` PEM files."""
 
     architecture: str
     seed: bytes
@@ -45,6 +47,7 @@ class DdiSpec:
     key: Path | None = None
     certificate: Path | None = None
     esp_image: Path | None = None
+    signer: Signer | None = None
     layout: Layout = "root"
     sector_size: int = 512
 
@@ -115,7 +118,7 @@ def _check_spec(spec: DdiSpec) -> ids.Architecture:
         raise DdiError(f"verity must be 'signed', 'hash' or 'no', not {spec.verity!r}")
     if spec.layout not in _ROLES:
         raise DdiError(f"layout must be 'root' or 'usr', not {spec.layout!r}")
-    if spec.verity == "signed" and (spec.key is None or spec.certificate is None):
+    if spec.verity == "signed" and spec.signer is None and (spec.key is None or spec.certificate is None):
         raise DdiError("verity=signed needs a key and a certificate", hint="run 'reprobuild keygen'")
     for p in (spec.root_fs_image, spec.esp_image):
         if p is not None and not Path(p).is_file():
@@ -137,12 +140,12 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
     data_role, hash_role, sig_role = _ROLES[spec.layout]
     out = Path(spec.output).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    key = cert = None
-    if spec.verity == "signed":
-        key = load_key(Path(spec.key).read_bytes())
-        cert = load_certificate(Path(spec.certificate).read_bytes())
-        if not key_matches_certificate(key, cert):
+    signer = spec.signer
+    if spec.verity == "signed" and signer is None:
+        key, cert = Path(spec.key).read_bytes(), load_certificate(Path(spec.certificate).read_bytes())
+        if not key_matches_certificate(load_key(key), cert):
             raise DdiError(f"{spec.key} is not the key of certificate {spec.certificate}")
+        signer = file_signer(key, cert, str(spec.key))
 
     types = [ids.partition_type(ids.Role.ESP)] if spec.esp_image else []
     types.append(ids.partition_type(data_role, arch))
@@ -182,7 +185,7 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
             if spec.verity == "signed":
                 t_sig, u_sig = next(it)
                 sig_file = work / "verity-sig.img"
-                sig_file.write_bytes(veritysig.make_verity_sig(root_hash, key, cert))
+                sig_file.write_bytes(veritysig.make_verity_sig(root_hash, signer))
                 planned.append(_Planned(sig_role.value, t_sig, u_sig, ids.default_flags(sig_role), sig_file,
                                         veritysig.VERITY_SIG_SIZE))  # fmt: skip
 
@@ -207,7 +210,7 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
     )
     return DdiResult(out, disk_guid, disk.size_bytes, image_sha, disk.sector_size, arch.value, spec.verity,
                      root_hash.hex() if root_hash else None,
-                     certificate_fingerprint(cert) if cert is not None else None, parts)  # fmt: skip
+                     certificate_fingerprint(signer.certificate) if signer is not None and spec.verity == "signed" else None, parts)  # fmt: skip
 
 
 

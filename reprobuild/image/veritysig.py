@@ -26,12 +26,26 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.serialization import pkcs7
 
 from reprobuild.errors import BuildError, FormatError, ToolMissing, VerificationFailed
+from reprobuild.image.authenticode import (
+    OID_RSA_ENCRYPTION,
+    OID_SHA256,
+    OID_SIGNED_DATA,
+    der_context,
+    der_integer,
+    der_null,
+    der_octet_string,
+    der_oid,
+    der_sequence,
+    der_set,
+    der_tlv,
+)
+from reprobuild.signer import Signer
 from reprobuild.x509 import certificate_fingerprint
 
 VERITY_SIG_SIZE = 16384  # repart's fixed sig partition size
+OID_DATA = "1.2.840.113549.1.7.1"
 
 
 class VeritySigInvalid(FormatError):
@@ -58,20 +72,41 @@ class VeritySignature:
 # -- signing -------------------------------------------------------------------------------------
 
 
-def sign_root_hash(root_hash: bytes, key: rsa.RSAPrivateKey, certificate: x509.Certificate) -> bytes:
+def sign_root_hash(root_hash: bytes, signer: Signer) -> bytes:
     """Detached PKCS#7 (DER) over the lowercase hex root hash, no attributes, cert embedded.
 
     Same bytes as OpenSSL's ``PKCS7_sign(cert, key, NULL, data, DETACHED|NOATTR|BINARY)`` (checked
     against ``openssl smime -sign -noattr -binary``). NoAttributes matters for reproducibility:
-    with signed attributes OpenSSL would add signingTime = now.
+    with signed attributes OpenSSL would add signingTime = now. Without attributes the signature
+    is RSA PKCS#1 v1.5 / SHA-256 over the content itself, which ``signer`` computes (from a key
+    file or in a PKCS#11 token). RFC 2315 §9:
+
+        ContentInfo { signedData, [0] SignedData { version 1, digestAlgorithms { sha256 },
+            contentInfo { data }, certificates [0] { cert },
+            signerInfos { { version 1, issuerAndSerialNumber, sha256, rsaEncryption,
+                            encryptedDigest } } } }
     """
-    if not isinstance(key, rsa.RSAPrivateKey):
+    certificate = signer.certificate
+    if not isinstance(certificate.public_key(), rsa.RSAPublicKey):
         # ECDSA signatures use a random nonce: the partition would differ on every build.
         raise SigningKeyUnsuitable("verity signing key must be RSA (PKCS#1 v1.5 is deterministic; ECDSA is not)")
-    opts = [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.NoAttributes, pkcs7.PKCS7Options.Binary]
-    return (pkcs7.PKCS7SignatureBuilder().set_data(root_hash.hex().encode("ascii"))
-            .add_signer(certificate, key, hashes.SHA256())
-            .sign(serialization.Encoding.DER, opts))  # fmt: skip
+    signature = signer.sign(root_hash.hex().encode("ascii"))
+    sha256 = der_sequence(der_oid(OID_SHA256), der_null())
+    signer_info = der_sequence(
+        der_integer(1),
+        der_sequence(certificate.issuer.public_bytes(), der_integer(certificate.serial_number)),
+        sha256,
+        der_sequence(der_oid(OID_RSA_ENCRYPTION), der_null()),
+        der_octet_string(signature),
+    )
+    content = der_sequence(
+        der_integer(1),
+        der_set(sha256),
+        der_sequence(der_oid(OID_DATA)),
+        der_tlv(0xA0, certificate.public_bytes(serialization.Encoding.DER)),
+        der_set(signer_info),
+    )
+    return der_sequence(der_oid(OID_SIGNED_DATA), der_context(0, content))
 
 
 def encode_verity_sig(sig: VeritySignature, size: int = VERITY_SIG_SIZE) -> bytes:
@@ -86,11 +121,10 @@ def encode_verity_sig(sig: VeritySignature, size: int = VERITY_SIG_SIZE) -> byte
     return text.ljust(size, b"\0")
 
 
-def make_verity_sig(root_hash: bytes, key: rsa.RSAPrivateKey, certificate: x509.Certificate,
-                    size: int = VERITY_SIG_SIZE) -> bytes:  # fmt: skip
+def make_verity_sig(root_hash: bytes, signer: Signer, size: int = VERITY_SIG_SIZE) -> bytes:
     """The whole sig partition content for ``root_hash``."""
-    sig = VeritySignature(root_hash.hex(), certificate_fingerprint(certificate),
-                          sign_root_hash(root_hash, key, certificate))  # fmt: skip
+    sig = VeritySignature(root_hash.hex(), certificate_fingerprint(signer.certificate),
+                          sign_root_hash(root_hash, signer))  # fmt: skip
     return encode_verity_sig(sig, size)
 
 

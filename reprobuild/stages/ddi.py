@@ -3,6 +3,7 @@ signature partitions and, for bootable images, the ESP — written atomically.""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from reprobuild.errors import BuildError
 from reprobuild.image.ddi import DdiSpec, build_ddi
 from reprobuild.pipeline.context import BuildContext
 from reprobuild.pipeline.stage import Stage, Upstream
+from reprobuild.signer import key_identity, open_signer
 from reprobuild.stages.disksettings import choose_verity
 
 
@@ -28,15 +30,18 @@ class DdiStage(Stage):
 
     def inputs(self, ctx: BuildContext) -> dict[str, Any]:
         choice = choose_verity(ctx.spec)
-        return {"verity_key": file_digest(choice.key), "verity_cert": file_digest(choice.certificate)}
+        return {"verity_key": key_identity(choice.key), "verity_cert": file_digest(choice.certificate)}
 
     def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
         choice = choose_verity(ctx.spec)
         esp = up.file("esp") if self.bootable else None
         ctx.say("writing the disk image")
         result = build_ddi(DdiSpec(architecture=ctx.spec.distribution.architecture, seed=bytes.fromhex(ctx.lock.seed),
-                                   root_fs_image=up.file("fs"), output=out, verity=choice.mode, key=choice.key,
-                                   certificate=choice.certificate, esp_image=esp, layout=ctx.spec.build.root_layout))
+                                   root_fs_image=up.file("fs"), output=out, verity=choice.mode, esp_image=esp,
+                                   layout=ctx.spec.build.root_layout,
+                                   # a signer from the key source (file or PKCS#11 token)
+                                   signer=(open_signer(choice.key, choice.certificate, os.environ)
+                                           if choice.mode == "signed" else None)))
         meta = {**result.manifest(), "filesystem": dict(up.meta("fs")["fs"])}
         if self.bootable:
             boot = dict(up.meta("esp")["boot"])

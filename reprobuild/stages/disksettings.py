@@ -8,12 +8,13 @@ from pathlib import Path
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError
 from reprobuild.lockfile import Lock
+from reprobuild.signer import is_uri
 
 
 @dataclass(frozen=True)
 class VerityChoice:
     mode: str  # "signed" | "hash" | "no"
-    key: Path | None
+    key: Path | str | None  # a key file or a pkcs11: URI
     certificate: Path | None
 
 
@@ -28,7 +29,7 @@ def choose_verity(spec: ImageSpec) -> VerityChoice:
             if path is None:
                 raise BuildError(f"Verity=signed needs [Signing] {what}",
                                  hint="create a pair with reprobuild keygen --verity --out keys/verity")
-            if not path.exists():
+            if not is_uri(path) and not Path(path).exists():  # a pkcs11: URI is no file
                 raise BuildError(f"[Signing] {what}{path}: no such file",
                                  hint="create a pair with reprobuild keygen --verity --out keys/verity")
     if mode == "no" and spec.build.root_filesystem != "ext4":

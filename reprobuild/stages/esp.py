@@ -8,6 +8,7 @@ root hash (a new verity key) reuses it."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from reprobuild.image.initrd import find_kernel_version
 from reprobuild.image.uki import build_uki
 from reprobuild.pipeline.context import BuildContext
 from reprobuild.pipeline.stage import Stage, Upstream
+from reprobuild.signer import key_identity, open_signer
 from reprobuild.tools import tool_runner
 
 # Per DPS architecture: the systemd-stub file inside the tree, the removable-media boot path,
@@ -64,7 +66,8 @@ class EspStage(Stage):
 
     def inputs(self, ctx: BuildContext) -> dict[str, Any]:
         s = ctx.spec.signing
-        return {"secure_boot_key": file_digest(s.secure_boot_key),
+        # key_identity: a key file's sha256, or a pkcs11: URI without its PIN source.
+        return {"secure_boot_key": key_identity(s.secure_boot_key),
                 "secure_boot_cert": file_digest(s.secure_boot_certificate)}
 
     def _parts(self, ctx: BuildContext, up: Upstream) -> tuple[Path, Path, Path, str, str]:
@@ -102,16 +105,16 @@ class EspStage(Stage):
         if signing.secure_boot_key or signing.secure_boot_certificate:
             if not (signing.secure_boot_key and signing.secure_boot_certificate):
                 raise BuildError("Secure Boot signing needs both SecureBootKey= and SecureBootCertificate=")
-            key_pem = signing.secure_boot_key.read_bytes()
-            cert_pem = signing.secure_boot_certificate.read_bytes()
-            uki = sign_pe(uki, key_pem, cert_pem)
+            # A signer from the key source (file or PKCS#11 token): the key never leaves the token.
+            sb_signer = open_signer(signing.secure_boot_key, signing.secure_boot_certificate, os.environ)
+            uki = sign_pe(uki, sb_signer)
             signed = True
         files: dict[str, bytes] = {}
         bootloader = ctx.spec.build.bootloader
         if bootloader == "systemd-boot":
             sdboot = (tree / sdboot_rel).read_bytes()
             if signed:
-                sdboot = sign_pe(sdboot, key_pem, cert_pem)
+                sdboot = sign_pe(sdboot, sb_signer)
             files[boot_path] = sdboot
             files[f"EFI/systemd/{Path(sdboot_rel).name}"] = sdboot
             files[f"EFI/Linux/{kernel_version}.efi"] = uki
