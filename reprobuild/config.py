@@ -23,7 +23,7 @@ from typing import Any
 from reprobuild.errors import ConfigError
 from reprobuild.ini import Assignment, read_with_dropins
 from reprobuild.lockfile import MAX_SOURCE_DATE_EPOCH
-from reprobuild.pkcs11uri import parse_uri
+from reprobuild.pkcs11uri import KeySource, parse_uri
 
 CONFIG_NAME = "reprobuild.conf"
 DEFAULT_RELEASE = "trixie"  # Debian's current stable release
@@ -155,7 +155,6 @@ def parse_rsa_key(value: str) -> str:
 KEY_URI_PREFIXES = ("agent:", "pkcs11:")
 
 # The type of a signing key setting: a file (resolved against the image directory) or a URI.
-KeySource = Path | str
 
 
 def parse_module(value: str) -> str:

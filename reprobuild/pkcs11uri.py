@@ -25,6 +25,15 @@ from urllib.parse import unquote_to_bytes
 from reprobuild.errors import ReprobuildError
 
 SCHEME = "pkcs11:"
+# A key source: a key file, or a ``pkcs11:`` URI.
+KeySource = Path | str
+
+
+def is_uri(source: KeySource) -> bool:
+    """Whether a key source is a ``pkcs11:`` URI (else it is a key file)."""
+    return isinstance(source, str) and source.startswith(SCHEME)
+
+
 PATH_ATTRIBUTES = ("token", "object", "id", "type", "manufacturer", "serial", "model")
 QUERY_ATTRIBUTES = ("module-path", "pin-source")
 # Where Debian's p11-kit-modules puts the proxy that reaches every module p11-kit knows of.

@@ -25,10 +25,19 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from reprobuild.config import KeySource, SigningConfig
 from reprobuild.errors import BuildError
-from reprobuild.pkcs11uri import SCHEME, parse_uri
+from reprobuild.pkcs11uri import KeySource, is_uri, parse_uri
 from reprobuild.x509 import CertificateInvalid, key_matches_certificate, load_certificate, load_key
+
+
+class SigningConfig(Protocol):
+    """The ``[Signing]`` settings these helpers read (config.SigningConfig has them)."""
+
+    lock_key: KeySource | None
+    verity_key: KeySource | None
+    verity_certificate: Path | None
+    secure_boot_key: KeySource | None
+    secure_boot_certificate: Path | None
 
 
 class Signer(Protocol):
@@ -52,10 +61,6 @@ class FileSigner:
 
     def sign(self, data: bytes) -> bytes:
         return self.key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-
-
-def is_uri(source: KeySource) -> bool:
-    return isinstance(source, str) and source.startswith(SCHEME)
 
 
 def file_signer(key_pem: bytes | rsa.RSAPrivateKey, cert: bytes | x509.Certificate,

@@ -24,10 +24,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # the standard library only.
     ("core", ("reprobuild", "errors", "fileio", "ini", "digest", "codedigest")),
     # Pure formats and their thin I/O: Debian metadata and packages, image formats, keys, X.509.
-    ("formats", ("debian", "debian.*", "image", "image.*", "keys", "x509")),
+    ("formats", ("debian", "debian.*", "image", "image.*", "keys", "x509", "sshsig", "sshagent", "signer", "pkcs11uri",
+                 "pkcs11key")),
     # Definitions and storage: the settings table, the lockfile, the manifest, the store,
     # downloads, progress.
-    ("data", ("config", "lockfile", "manifest", "store", "fetch", "mirrors", "progress", "resolve")),
+    ("data", ("config", "lockfile", "manifest", "store", "fetch", "mirrors", "progress", "resolve", "preflight")),
     # The root tree: extraction, sandbox, install, settings, normalisation.
     ("rootfs", ("rootfs", "rootfs.*")),
     # Comparing images (used by the commands below, never using them).

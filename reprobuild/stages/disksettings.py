@@ -8,7 +8,7 @@ from pathlib import Path
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError
 from reprobuild.lockfile import Lock
-from reprobuild.signer import is_uri
+from reprobuild.pkcs11uri import is_uri
 
 
 @dataclass(frozen=True)
