@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from reprobuild import __version__
+from reprobuild.checkresult import Check, failed, passed, skipped
 from reprobuild.errors import ReprobuildError, VerificationFailed
 from reprobuild.fileio import write_atomic
 from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, dumps
@@ -201,10 +202,11 @@ def write_provenance(lock: Lock, lock_path: Path, result_manifest: dict[str, Any
 
 
 def check_provenance(path: Path, lock: Lock, lock_bytes: bytes, image: Path, manifest: dict[str, Any],
-                     trusted_key: Path | None):  # fmt: skip
-    """The ``provenance`` check: envelope signed by the trusted key, about this lock and image."""
+                     trusted_key: Path | None, allow_unsigned: bool = False) -> Check:  # fmt: skip
+    """The ``provenance`` check: envelope signed by the trusted key, about this lock and image.
+
+    A signed envelope with no ``trusted_key`` to check it fails unless ``allow_unsigned``."""
     from reprobuild.keys import load_public_key
-    from reprobuild.verify import failed, passed, skipped
 
     name = "provenance"
     try:
@@ -232,7 +234,13 @@ def check_provenance(path: Path, lock: Lock, lock_bytes: bytes, image: Path, man
         problems.append(f"materials lack {len(missing)} locked packages ({', '.join(missing[:3])})")
     if problems:
         return failed(name, "; ".join(problems))
+    if public is None and not envelope.get("signatures"):
+        return skipped(name, "statement matches; the provenance is not signed", "the provenance is unsigned")
+    if public is None and allow_unsigned:
+        return skipped(name, "statement matches; its signature is not checked (--allow-unsigned provenance)",
+                       "--allow-unsigned provenance")  # fmt: skip
     if public is None:
-        return skipped(name, "statement matches, but no --trusted-key was given to check its signature")
+        return failed(name, "statement matches, but it is signed and no --trusted-key was given to check "
+                            "the signature (give the lock key's .pub, or --allow-unsigned provenance)")  # fmt: skip
     return passed(name, f"DSSE signed by {_key_id(public)}; SLSA provenance for this image and lock, "
                         f"{len(deps) - 1} materials")  # fmt: skip
