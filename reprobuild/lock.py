@@ -371,3 +371,48 @@ def check_lock_current(spec: ImageSpec, lock: Lock) -> None:
         )
         detail = f" (changed: {', '.join(changed)})" if changed else ""
         raise LockError(f"lock is out of date: run reprobuild lock{detail}")
+
+
+@dataclass(frozen=True)
+class SavedLock:
+    """What :func:`save_signed_lock` did: the bytes written, whether they differ from the previous
+    lock, whether a signature over them was written, and whether a stale one was removed."""
+
+    data: bytes
+    changed: bool
+    signed: bool
+    removed_signature: bool
+
+
+def unsigned_note(sig_path: Path) -> str:
+    """The one line said when a changed lock loses its stale signature."""
+    return (f"note: the lock changed and no signing key is configured: removed the stale {sig_path.name}, "
+            "the lock is now unsigned (sign it with reprobuild lock --sign-key KEY, or [Signing] LockKey=)")
+
+
+def save_signed_lock(lock: Lock, path: Path, key_path: Path | None) -> SavedLock:
+    """Write ``lock`` to ``path`` and keep its ``.sig`` true to it: re-signed with ``key_path``
+    when one is given; otherwise, if the bytes changed, the old signature (now stale) is removed.
+
+    The key is loaded before anything is written, so a bad key leaves lock and signature as
+    they were. An unchanged lock keeps its signature."""
+    from reprobuild import keys
+    from reprobuild.fileio import write_atomic
+    from reprobuild.lockfile import SIGNATURE_SUFFIX, save_lock
+
+    private = keys.load_private_key(Path(key_path)) if key_path else None
+    sig_path = path.with_name(path.name + SIGNATURE_SUFFIX)
+    try:
+        old = path.read_bytes()
+    except FileNotFoundError:
+        old = None
+    data = save_lock(lock, path)
+    changed = old != data
+    if private is not None:
+        write_atomic(sig_path, keys.sign(data, private).to_bytes())
+        return SavedLock(data, changed, True, False)
+    removed = False
+    if changed and sig_path.exists():
+        sig_path.unlink()
+        removed = True
+    return SavedLock(data, changed, False, removed)

@@ -54,8 +54,8 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
     """
     from reprobuild.build import BuildOptions, build_locked
     from reprobuild.config import load_spec
-    from reprobuild.lock import LockOptions, lock_spec
-    from reprobuild.lockfile import load_lock, save_lock
+    from reprobuild.lock import LockOptions, lock_spec, save_signed_lock, unsigned_note
+    from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock
     from reprobuild.progress import make_progress
     from reprobuild.store import Store
 
@@ -70,7 +70,14 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
         if previous is None or previous.config_digest != spec.digest():
             say("locking: the lock is missing or out of date")
             lock = lock_spec(spec, previous, LockOptions(progress=say, index_cache=store.root / "indices")).lock
-            save_lock(lock, lock_path)
+            # As for the provenance: a configured key that is not at hand signs nothing (noted).
+            key = spec.signing.lock_key
+            if key is not None and not key.exists():
+                say(f"note: {key} not found: the new lock is not signed")
+                key = None
+            saved = save_signed_lock(lock, lock_path, key)
+            if saved.removed_signature and not as_json:
+                click.echo(unsigned_note(lock_path.with_name(lock_path.name + SIGNATURE_SUFFIX)), err=True)
         else:
             lock = previous
     started = time.monotonic()

@@ -54,9 +54,8 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     from reprobuild import keys
     from reprobuild.config import load_spec
     from reprobuild.errors import UsageError
-    from reprobuild.fileio import write_atomic
-    from reprobuild.lock import LockOptions, check_lock_current, lock_spec
-    from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock, save_lock
+    from reprobuild.lock import LockOptions, check_lock_current, lock_spec, save_signed_lock, unsigned_note
+    from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock
     from reprobuild.store import Store
 
     if packages and not update:
@@ -88,17 +87,16 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     options = LockOptions(update=update and not packages, update_packages=packages,
                           progress=_say(quiet or as_json), index_cache=store.root / "indices")
     result = lock_spec(spec, previous, options)
-    data = save_lock(result.lock, lock_path)
-    key_path = sign_key or spec.signing.lock_key
-    signed = False
-    if key_path:
-        signature = keys.sign(data, keys.load_private_key(key_path))
-        write_atomic(sig_path, signature.to_bytes())
-        signed = True
+    saved = save_signed_lock(result.lock, lock_path, sign_key or spec.signing.lock_key)
+    signed = saved.signed
+    if saved.removed_signature and not as_json:
+        click.echo(unsigned_note(sig_path), err=True)
     elapsed = time.monotonic() - started
     summary = {
         "lock": str(lock_path),
         "signed": signed,
+        "changed": saved.changed,
+        "removed_stale_signature": saved.removed_signature,
         "config_digest": result.lock.config_digest,
         "source_date_epoch": result.lock.source_date_epoch,
         "sets": {s.name: len(s.packages) for s in result.lock.sets},
