@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import Protocol, TextIO, runtime_checkable
 
 
@@ -61,6 +62,13 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def set_counts(sets: Iterable[tuple[str, int]]) -> str:
+    """Package counts per set, the one wording every message uses: ``image 79, tools 72``.
+
+    Sets share packages, so their sum counts some twice: messages give the sets, never a total."""
+    return ", ".join(f"{name} {count}" for name, count in sets)
 
 
 class PlainProgress:

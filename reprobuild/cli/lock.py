@@ -56,6 +56,7 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     from reprobuild.errors import UsageError
     from reprobuild.lock import LockOptions, check_lock_current, lock_spec, save_signed_lock, unsigned_note
     from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock
+    from reprobuild.progress import set_counts
     from reprobuild.store import Store
 
     if packages and not update:
@@ -75,10 +76,10 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
                         keys.load_public_key(trusted_key))
         check_lock_current(spec, lock)
         result = {"lock": str(lock_path), "signature": "verified" if trusted_key else "not checked",
-                  "config": "current", "packages": sum(len(s.packages) for s in lock.sets)}
+                  "config": "current", "sets": {s.name: len(s.packages) for s in lock.sets}}
         click.echo(json.dumps(result, indent=2) if as_json else
-                   f"{lock_path}: signature {result['signature']}, configuration current, "
-                   f"{result['packages']} packages")
+                   f"{lock_path}: signature {result['signature']}, configuration current; "
+                   f"packages: {set_counts(result['sets'].items())}")
         return
 
     previous = load_lock(lock_path) if lock_path.exists() else None
@@ -114,6 +115,5 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
                 click.echo(f"  - {change.name} {change.old}")
             else:
                 click.echo(f"  ~ {change.name} {change.old} -> {change.new}")
-        sets = ", ".join(f"{n}: {c} packages" for n, c in summary["sets"].items())
-        click.echo(f"wrote {lock_path}{' (signed)' if signed else ''}: {sets} in {elapsed:.1f}s",
-                   file=sys.stdout)
+        click.echo(f"wrote {lock_path}{' (signed)' if signed else ''} in {elapsed:.1f}s; "
+                   f"packages: {set_counts(summary['sets'].items())}", file=sys.stdout)
