@@ -39,7 +39,7 @@ import shutil
 import stat
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -47,6 +47,7 @@ from typing import IO, BinaryIO
 import zstandard
 
 from reprobuild.errors import FormatError, ReprobuildError, StoreError
+from reprobuild.progress import Update
 
 HASH_ALGO = "sha256"
 CHUNK_SIZE = 1 << 20
@@ -564,14 +565,17 @@ class Store:
 
     # ---------------------------------------------------------------- verify
 
-    def verify(self) -> VerifyReport:
-        """Rehash every object; move corrupt ones (and stray files) to ``quarantine/``.
+    def verify(self, say: Callable[[str], None] | None = None) -> VerifyReport:
+        """Rehash every object; move corrupt ones (and stray files) to ``quarantine/``. ``say``
+        gets a progress :class:`~reprobuild.progress.Update` per object.
 
         Cost: reads every byte of the store once."""
         checked = total = 0
         corrupt: list[CorruptObject] = []
         with self.in_use():
-            for sub in sorted(os.listdir(self.objects_dir)):
+            subs = sorted(os.listdir(self.objects_dir))
+            count = sum(len(os.listdir(self.objects_dir / s)) for s in subs if (self.objects_dir / s).is_dir())
+            for sub in subs:
                 d = self.objects_dir / sub
                 entries = sorted(os.listdir(d)) if d.is_dir() and not d.is_symlink() else [None]
                 for name in entries:
@@ -601,6 +605,10 @@ class Store:
                         corrupt.append(CorruptObject(rel, reason, self._quarantine(p)))
                         if name is not None and _HEX_RE.match(name):
                             self.remove_tree(name)  # derived from the bad bytes
+                    if say is not None:
+                        say(Update("hashing objects", checked + len(corrupt), count, "objects", name or sub))
+        if say is not None:
+            say(Update("hashing objects", count, count, "objects"))
         return VerifyReport(checked, total, tuple(corrupt), self.quarantine_dir)
 
     def _quarantine(self, p: Path) -> Path:

@@ -47,6 +47,7 @@ from typing import Any
 from reprobuild.checkresult import Check, all_passed, failed, passed, skipped, summary_line
 from reprobuild.errors import ReprobuildError, VerificationFailed
 from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, loads
+from reprobuild.progress import Update
 
 Say = Callable[[str], None]
 
@@ -123,10 +124,12 @@ def manifest_path_for(image: Path) -> Path:
 
 def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
                  certificates: Sequence[Path] = (), options: VerifyOptions = VerifyOptions(),
-                 say: Say = lambda _m: None) -> VerifyReport:  # fmt: skip
+                 say: Say = lambda _m: None, fetch_progress: Any = None) -> VerifyReport:  # fmt: skip
     """Run every applicable check on ``image`` (a DDI, tar, cpio or directory output) against
     ``lock_path``. Never raises for a failed check: failures are in the report. Raises
-    VerifyError only when the image or lock path does not exist."""
+    VerifyError only when the image or lock path does not exist. ``say`` gets messages and
+    stage updates, ``fetch_progress`` (a :class:`reprobuild.progress.Progress`) the rebuild's
+    downloads."""
     image, lock_path = Path(image), Path(lock_path)
     for what, p in (("image", image), ("lock", lock_path)):
         if not p.exists():
@@ -155,8 +158,7 @@ def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
 
     fmt = MANIFEST_FORMATS.get(str(manifest.get("format")), "")
     if fmt == "disk":
-        say("checking the disk image")
-        checks += verify_disk(image, manifest, lock, [Path(c) for c in certificates], allow)
+        checks += verify_disk(image, manifest, lock, [Path(c) for c in certificates], allow, say)
     elif fmt in ("tar", "cpio", "directory"):
         checks += verify_archive(image, manifest, lock, fmt)
     else:
@@ -168,7 +170,8 @@ def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
                                        "provenance" in allow))  # fmt: skip
     diff_summary = diff_data = None
     if options.rebuild:
-        check, diff_summary, diff_data = rebuild_and_compare(image, fmt, lock, lock_path, options, say)
+        check, diff_summary, diff_data = rebuild_and_compare(image, fmt, lock, lock_path, options, say,
+                                                             fetch_progress)  # fmt: skip
         checks.append(check)
     else:
         checks.append(skipped("rebuild", "not requested (--no-rebuild)", "--no-rebuild"))
@@ -254,14 +257,18 @@ class _Extent:
     size: int
 
 
-def hash_image(image: Path, extents: Sequence[_Extent]) -> tuple[str, int, list[str]]:
-    """(sha256 of the file, its size, sha256 of each extent) in one sequential read."""
+def hash_image(image: Path, extents: Sequence[_Extent], say: Say | None = None) -> tuple[str, int, list[str]]:
+    """(sha256 of the file, its size, sha256 of each extent) in one sequential read; ``say``
+    gets a progress update (MiB read) per chunk."""
     whole = hashlib.sha256()
     parts = [hashlib.sha256() for _ in extents]
     pos = 0
     buf = bytearray(_CHUNK)
     with open(image, "rb", buffering=0) as f:
+        mib = -(-os.fstat(f.fileno()).st_size // (1 << 20))
         while n := f.readinto(buf):
+            if say is not None:
+                say(Update("hashing", pos >> 20, mib, "MiB", image.name))
             view = memoryview(buf)[:n]
             whole.update(view)
             for h, e in zip(parts, extents):
@@ -269,11 +276,13 @@ def hash_image(image: Path, extents: Sequence[_Extent]) -> tuple[str, int, list[
                 if lo < hi:
                     h.update(view[lo - pos:hi - pos])
             pos += n
+    if say is not None:
+        say(Update("hashing", mib, mib, "MiB"))
     return whole.hexdigest(), pos, [h.hexdigest() for h in parts]
 
 
 def verify_disk(image: Path, manifest: dict[str, Any], lock: Lock, certificates: Sequence[Path],
-                allow_unsigned: frozenset[str] = frozenset()) -> list[Check]:  # fmt: skip
+                allow_unsigned: frozenset[str] = frozenset(), say: Say | None = None) -> list[Check]:  # fmt: skip
     """Every check of a DDI: digests, GPT, verity, its signature, the UKI."""
     from reprobuild.image import gpt, ids
 
@@ -285,7 +294,7 @@ def verify_disk(image: Path, manifest: dict[str, Any], lock: Lock, certificates:
         checks.append(failed("gpt", e.message))
     ss = disk.sector_size if disk else 512
     parts = list(disk.partitions) if disk else []
-    sha, size, part_shas = hash_image(image, [_Extent(p.offset(ss), p.size(ss)) for p in parts])
+    sha, size, part_shas = hash_image(image, [_Extent(p.offset(ss), p.size(ss)) for p in parts], say)
 
     checks.append(digest_check(manifest, sha, size))
     if disk is None:
@@ -321,6 +330,8 @@ def verify_disk(image: Path, manifest: dict[str, Any], lock: Lock, certificates:
     checks.append(failed("partition-hashes", "; ".join(bad)) if bad else
                   passed("partition-hashes", f"{len(parts)} partitions hash as in the manifest"))
 
+    if say is not None:
+        say("recomputing the dm-verity hash tree")
     root_hash, verity_checks = _check_verity(image, ss, roles, manifest, lock, certificates,
                                              "verity" in allow_unsigned)  # fmt: skip
     checks += verity_checks
@@ -634,7 +645,7 @@ def _same_bytes(a: Path, b: Path) -> bool:
 
 
 def rebuild_and_compare(image: Path, fmt: str, lock: Lock, lock_path: Path, options: VerifyOptions,
-                        say: Say) -> tuple[Check, str | None, dict[str, Any] | None]:  # fmt: skip
+                        say: Say, fetch_progress: Any = None) -> tuple[Check, str | None, dict[str, Any] | None]:  # fmt: skip
     """Build the lock again in a fresh directory and compare with ``image`` byte for byte.
 
     The rebuild uses the image definition (for the settings that are not in the lock, such as
@@ -668,10 +679,12 @@ def rebuild_and_compare(image: Path, fmt: str, lock: Lock, lock_path: Path, opti
             say(f"rebuilding from the lock in {tmp}")
             result = build_locked(spec, lock, store,
                                   BuildOptions(output_dir=Path(tmp, "out"), format=fmt, jobs=options.jobs,
-                                               offline=options.bundle is not None, cache=False), say=say)
+                                               offline=options.bundle is not None, cache=False), say=say,
+                                  fetch_progress=fetch_progress)  # fmt: skip
         except ReprobuildError as e:
             return failed(name, f"the rebuild failed: {e.message}"), None, None
         rebuilt = result.outputs[fmt]
+        say(f"comparing {image.name} with the rebuild")
         if fmt != "directory" and _same_bytes(image, rebuilt):
             return passed(name, f"an independent rebuild is bit-for-bit identical "
                                 f"(sha256 {result.manifest.get('sha256')})"), None, None  # fmt: skip

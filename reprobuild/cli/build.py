@@ -52,16 +52,27 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
 
     Without --locked a missing or out-of-date lock is (re)created first, keeping pinned versions.
     """
-    from reprobuild.build import BuildOptions, build_locked
     from reprobuild.config import load_spec
-    from reprobuild.lock import LockOptions, lock_spec, save_signed_lock, unsigned_note
-    from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock
-    from reprobuild.progress import make_progress
+    from reprobuild.progress import make_reporter
     from reprobuild.store import Store
 
     spec = load_spec(directory)
     store = Store(store_path or Store.default_root())
-    say = (lambda _m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
+    # One reporter for messages, stage progress and downloads: live status lines on a terminal,
+    # a few lines per stage in a log.
+    say = make_reporter(quiet or as_json)
+    try:
+        _build(spec, store, say, locked, fmt, output_dir, offline, jobs, substituters, no_cache, as_json, quiet)
+    finally:
+        say.close()
+
+
+def _build(spec, store, say, locked: bool, fmt: str | None, output_dir: Path | None, offline: bool, jobs: int,
+           substituters: tuple[str, ...], no_cache: bool, as_json: bool, quiet: bool) -> None:  # fmt: skip
+    from reprobuild.build import BuildOptions, build_locked
+    from reprobuild.lock import LockOptions, lock_spec, save_signed_lock, unsigned_note
+    from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock
+
     lock_path = spec.lock_path
     if locked:
         lock = load_lock(lock_path)
@@ -83,8 +94,8 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
     started = time.monotonic()
     options = BuildOptions(output_dir=output_dir or (spec.directory / "out"), format=fmt, offline=offline,
                            jobs=jobs, substituters=substituters, argv=tuple(sys.argv), cache=not no_cache)
-    result = build_locked(spec, lock, store, options, say=say,
-                          fetch_progress=make_progress(quiet or as_json))
+    result = build_locked(spec, lock, store, options, say=say, fetch_progress=say)
+    say.close()
     elapsed = time.monotonic() - started
     if as_json:
         click.echo(json.dumps({"outputs": {k: str(v) for k, v in result.outputs.items()},

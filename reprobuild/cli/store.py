@@ -71,15 +71,23 @@ def store_stats_command(store_path: Path | None, as_json: bool) -> None:
 @store_group.command("verify")
 @store_option
 @json_option
-def store_verify_command(store_path: Path | None, as_json: bool) -> None:
+@quiet_option
+def store_verify_command(store_path: Path | None, as_json: bool, quiet: bool) -> None:
     """Rehash every object; move corrupt ones to quarantine/. Compare every extracted tree of the
     build cache with its object and remove any that differs. Exit status 1 if anything was wrong."""
     from reprobuild.cache import Cache
     from reprobuild.errors import StoreError
+    from reprobuild.progress import make_reporter
 
     store = open_store(store_path)
-    report = store.verify()
-    trees = Cache(store).verify_trees()
+    say = make_reporter(quiet or as_json)
+    try:
+        report = store.verify(say)
+        say.stage_started("comparing extracted trees")
+        trees = Cache(store).verify_trees()
+        say.stage_finished(f"{len(trees)} removed")
+    finally:
+        say.close()
     if as_json:
         _echo_json({**report.as_json(), "ok": report.ok and not trees,
                     "trees_removed": [{"object": sha, "reason": why} for sha, why in trees]})

@@ -63,11 +63,16 @@ def verify_command(ctx: click.Context, image: Path, lock_path: Path, trusted_key
     says what was checked and what was not (with -q: only on failure).
     Exit status: 0 only if every check that applies passed.
     """
+    from reprobuild.progress import make_reporter
     from reprobuild.verify import VerifyOptions, verify_image
 
     options = VerifyOptions(manifest=manifest, rebuild=not no_rebuild, definition=definition, store=store_path,
                             bundle=bundle, provenance=provenance, allow_unsigned=frozenset(allow_unsigned))  # fmt: skip
-    report = verify_image(image, lock_path, trusted_key, certificates, options, say=_say(quiet or as_json))
+    say = make_reporter(quiet or as_json)
+    try:
+        report = verify_image(image, lock_path, trusted_key, certificates, options, say=say, fetch_progress=say)
+    finally:
+        say.close()
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
     elif not (quiet and report.ok):
