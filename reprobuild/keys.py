@@ -87,6 +87,10 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
         data = path.read_bytes()
     except FileNotFoundError:
         raise KeyFileError(f"{path}: no such public key file") from None
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        raise KeyFileError(f"{path}: this is an X.509 certificate, not the lock's ed25519 public key",
+                           hint="--trusted-key takes the .pub that reprobuild keygen wrote beside the lock key; "
+                                "certificates (verity, Secure Boot) go to --certificate")  # fmt: skip
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError:

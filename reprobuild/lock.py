@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from reprobuild.config import ImageSpec
 from reprobuild.debian.package import BinaryPackage
-from reprobuild.errors import LockError, RepositoryError
+from reprobuild.errors import LockError, LockOutOfDate, RepositoryError
 from reprobuild.lockfile import Lock, LockedPackage, LockSource, PackageSet
 
 if TYPE_CHECKING:
@@ -370,7 +370,7 @@ def check_lock_current(spec: ImageSpec, lock: Lock) -> None:
             if lock.config.get(section, {}).get(key) != value
         )
         detail = f" (changed: {', '.join(changed)})" if changed else ""
-        raise LockError(f"lock is out of date: run reprobuild lock{detail}")
+        raise LockOutOfDate(f"lock is out of date: run reprobuild lock{detail}")
 
 
 @dataclass(frozen=True)

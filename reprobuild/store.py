@@ -47,6 +47,7 @@ from typing import IO, BinaryIO
 import zstandard
 
 from reprobuild.errors import FormatError, ReprobuildError, StoreError
+from reprobuild.fileio import disk_usage
 from reprobuild.progress import Update
 
 HASH_ALGO = "sha256"
@@ -101,6 +102,9 @@ class StoreStats:
     roots: int
     temporaries: int
     trees: int = 0  # extracted trees of the build cache (trees/<object>)
+    trees_bytes: int = 0  # on disk (blocks; hard links once)
+    indices_bytes: int = 0  # the lock stage's repository index cache (indices/)
+    disk_bytes: int = 0  # everything under the root, on disk: what du reports
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -110,6 +114,9 @@ class StoreStats:
             "roots": self.roots,
             "temporaries": self.temporaries,
             "trees": self.trees,
+            "trees_bytes": self.trees_bytes,
+            "indices_bytes": self.indices_bytes,
+            "disk_bytes": self.disk_bytes,
         }
 
 
@@ -748,7 +755,8 @@ class Store:
                 n += 1
         tmps = len(os.listdir(self.tmp_dir)) if self.tmp_dir.is_dir() else 0
         return StoreStats(self.root, n, size, len(list(self.roots_dir.glob("*.json"))), tmps,
-                          len(list(self.iter_trees())))
+                          len(list(self.iter_trees())), disk_usage(self.trees_dir),
+                          disk_usage(self.root / "indices"), disk_usage(self.root))
 
     # ---------------------------------------------------------------- bundles
 

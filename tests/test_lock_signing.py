@@ -117,3 +117,15 @@ def test_build_relock_never_leaves_a_stale_signature(definition: Path, fixture_r
     else:
         assert not (definition / "reprobuild.lock.sig").exists()
         assert sum("now unsigned" in ln for ln in err.splitlines()) == 1
+
+
+def test_lock_out_of_date_is_a_configuration_error(definition: Path, fixture_repo, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The user guide: configuration errors exit 2; a lock that no longer matches its definition is one."""
+    store = ["--store", str(tmp_path / "store")]
+    assert _run(["lock", "-C", str(definition), *store]) == 0
+    _write(definition, fixture_repo, "hello mail-user")
+    capsys.readouterr()
+    assert _run(["lock", "-C", str(definition), *store, "--verify"]) == 2
+    assert "lock is out of date" in capsys.readouterr().err
+    assert _run(["build", "-C", str(definition), *store, "--locked", "-f", "tar", "-o", str(tmp_path / "o")]) == 2

@@ -383,6 +383,27 @@ def test_stats(store: Store) -> None:
     store.register_root("r", [])
     st = store.stats()
     assert (st.objects, st.bytes, st.roots, st.temporaries, st.trees) == (3, 6000, 1, 0, 0)
+    assert st.trees_bytes == st.indices_bytes == 0 and st.disk_bytes >= 6000
+
+
+def test_stats_count_trees_and_indices_on_disk(store: Store) -> None:
+    """Everything the store holds is counted: extracted trees (hard links once) and the index cache."""
+    sha = fill(store, 1)[0]
+    tmp = store.new_tmp_dir("tree")
+    (tmp / "big").write_bytes(b"t" * 300_000)
+    os.link(tmp / "big", tmp / "same")
+    store.publish_tree(tmp, sha)
+    (store.root / "indices").mkdir()
+    (store.root / "indices" / "Packages").write_bytes(b"i" * 200_000)
+    st = store.stats()
+    assert 300_000 <= st.trees_bytes < 400_000  # the hard link is not counted twice
+    assert 200_000 <= st.indices_bytes < 300_000
+    assert st.disk_bytes >= st.trees_bytes + st.indices_bytes + 2000
+    _, out = run_cli("store", "stats", "--store", str(store.root))
+    from reprobuild.progress import format_bytes
+
+    assert f"extracted tree(s) of the build cache {format_bytes(st.trees_bytes)}" in out
+    assert f"repository indices {format_bytes(st.indices_bytes)}" in out and "on disk in all" in out
 
 
 def test_extracted_trees_publish_race_and_removal(store: Store) -> None:

@@ -370,3 +370,11 @@ def test_library_report_api(fx: Fixture) -> None:
     assert report.check("verity-root-hash").passed is True
     assert report.as_json()["schema"] == "reprobuild-verify/1"
     assert lock_digest(make_lock()) == "sha256:" + hashlib.sha256(dumps(make_lock())).hexdigest()
+
+
+def test_trusted_key_given_a_certificate_says_so(fx: Fixture, capsys: pytest.CaptureFixture[str]) -> None:
+    code = call_main(["verify", str(fx.image), "--lock", str(fx.lock), "--trusted-key", str(fx.verity_crt),
+                      "--certificate", str(fx.verity_crt), "--certificate", str(fx.sb_crt), "--no-rebuild", "--json"])
+    detail = {c["name"]: c["detail"] for c in json.loads(capsys.readouterr().out)["checks"]}["lock-signature"]
+    assert code == 1 and "X.509 certificate, not the lock's ed25519 public key" in detail
+    assert "private key" not in detail

@@ -64,8 +64,10 @@ def store_stats_command(store_path: Path | None, as_json: bool) -> None:
     if as_json:
         _echo_json(st.as_json())
     else:
-        click.echo(f"{st.root}: {st.objects} object(s), {format_bytes(st.bytes)} ({st.bytes} bytes), "
-                   f"{st.roots} gc root(s), {st.trees} extracted tree(s) of the build cache")
+        click.echo(f"{st.root}: {st.objects} object(s) {format_bytes(st.bytes)}, {st.trees} extracted tree(s) "
+                   f"of the build cache {format_bytes(st.trees_bytes)}, repository indices "
+                   f"{format_bytes(st.indices_bytes)}, {st.roots} gc root(s); {format_bytes(st.disk_bytes)} "
+                   "on disk in all")
 
 
 @store_group.command("verify")
