@@ -469,3 +469,22 @@ def test_cli_via_main_exit_codes(store: Store) -> None:
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 1
     assert "corrupt" in bad.stdout and "1 corrupt object(s) found" in bad.stderr
+
+
+def test_gc_dry_run_says_what_each_object_is(store: Store, tmp_path: Path) -> None:
+    """Not bare hashes: a package by name and version, a cache entry by its stage, else the format."""
+    from tests.test_deb import dpkg_deb_build
+
+    deb = store.put_file(dpkg_deb_build(tmp_path, "libdemo"))
+    blob = store.put_bytes(b"no format at all")
+    cached = store.put_bytes(b"an initrd")
+    (store.root / "cache" / "initrd").mkdir(parents=True)
+    (store.root / "cache" / "initrd" / ("0" * 64 + ".json")).write_text(json.dumps({"object": cached, "meta": {}}))
+    _, out = run_cli("store", "gc", "--store", str(store.root), "--dry-run")
+    lines = {ln.split()[2][7:23]: ln for ln in out.splitlines() if ln.startswith("would remove sha256:")}
+    assert "package libdemo 1.0 " in lines[deb[:16]]
+    assert lines[cached[:16]].endswith("initrd (build cache)")
+    assert lines[blob[:16]].endswith("data, 16 B")
+    _, out = run_cli("store", "gc", "--store", str(store.root), "--dry-run", "--json")
+    assert json.loads(out)["objects"][deb].startswith("package libdemo 1.0 ")
+    assert store.has(deb) and store.has(cached)

@@ -120,14 +120,18 @@ def store_gc_command(store_path: Path | None, keep: tuple[Path, ...], dry_run: b
     Roots are the locks named with --keep, the locks registered by earlier builds (see
     roots/ in the store) and keyed entries such as repository indices."""
     from reprobuild.progress import format_bytes
+    from reprobuild.storeinfo import describe_objects
 
-    report = open_store(store_path).gc(_lock_shas(keep), dry_run=dry_run)
+    store = open_store(store_path)
+    report = store.gc(_lock_shas(keep), dry_run=dry_run)
+    described = describe_objects(store, report.removed) if dry_run else {}  # a dry run keeps them to look at
     if as_json:
-        _echo_json(report.as_json())
+        _echo_json({**report.as_json(), "objects": {sha: described.get(sha) for sha in report.removed}}
+                   if dry_run else report.as_json())
         return
     verb = "would remove" if dry_run else "removed"
     for sha in report.removed:
-        click.echo(f"{verb} sha256:{sha}")
+        click.echo(f"{verb} sha256:{sha[:16]}…  {described[sha]}" if sha in described else f"{verb} sha256:{sha}")
     click.echo(f"{verb} {len(report.removed)} object(s), {format_bytes(report.freed_bytes)}; "
                f"kept {report.kept}")
 
