@@ -233,7 +233,7 @@ class Reporter:
         if not summary:
             summary = stage.counts() if stage.done or stage.total else "done"
             if stage.total_bytes or stage.nbytes:
-                summary += f", {format_bytes(stage.nbytes)} in {elapsed:.1f}s ({format_rate(stage.nbytes, elapsed)})"
+                summary += f", {format_bytes(stage.nbytes)}, {format_rate(stage.nbytes, elapsed)}"
             if stage.failed:
                 summary += f", {stage.failed} failed"
         self._show_finish(stage, f"{name}: {summary} ({elapsed:.1f}s)")

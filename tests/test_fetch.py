@@ -230,7 +230,7 @@ def test_plain_progress_lines(server: FaultServer, store: Store) -> None:
     # A log gets a start line and a summary (no line per package), sizes and rate in binary units.
     assert len(lines) == 2, lines
     assert lines[0] == "fetch: 2 packages, 3.9 KiB …"
-    assert lines[1].startswith("fetch: 2/2 packages, 3.9 KiB in ") and "KiB/s)" in lines[1]
+    assert lines[1].startswith("fetch: 2/2 packages, 3.9 KiB, ") and "KiB/s (" in lines[1]
 
 
 # ---------------------------------------------------------------------------- faults

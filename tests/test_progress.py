@@ -97,7 +97,7 @@ def test_downloads_use_binary_units_in_bar_and_summary() -> None:
     assert lines[0] == "fetch: 2 packages, 4.0 MiB …"
     assert lines[1] == "fetch: 0/2 packages, 3.0 MiB/4.0 MiB, 1.5 MiB/s (2s)"
     assert "failed b" in lines
-    assert lines[-1] == "fetch: 2/2 packages, 3.0 MiB in 2.0s (1.5 MiB/s), 1 failed (2.0s)"
+    assert lines[-1] == "fetch: 2/2 packages, 3.0 MiB, 1.5 MiB/s, 1 failed (2.0s)"
     assert format_rate(3 << 20, 2.0) == "1.5 MiB/s"
 
 

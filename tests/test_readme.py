@@ -29,10 +29,28 @@ SECTION = "## A tour"
 TIMEOUT = 3600
 
 
+EXIT = re.compile(r"^\(exit status (\d+)")  # a "#> (exit status N…" line: the status the command must give
+
+
 @dataclass(frozen=True)
 class Step:
     command: str  # one shell command (with its continuation lines and heredoc)
-    expected: tuple[str, ...]  # the #> lines that follow it
+    expected: tuple[str, ...]  # the #> lines that follow it (output lines, or one "(exit status N…)")
+
+    @property
+    def status(self) -> int:
+        return next((int(m.group(1)) for e in self.expected if (m := EXIT.match(e))), 0)
+
+    @property
+    def output(self) -> tuple[str, ...]:
+        return tuple(e for e in self.expected if not EXIT.match(e))
+
+    def script(self) -> str:
+        """The command for ``bash -e``: a command expected to exit non-zero must exit with exactly that."""
+        if not self.status:
+            return self.command
+        return (f"rc=0\n{self.command} || rc=$?\n"
+                f"if [ $rc != {self.status} ]; then echo \"exit status $rc, the README says {self.status}\"; exit 1; fi")
 
 
 def tour_steps(readme: str) -> list[Step]:
@@ -97,6 +115,12 @@ def test_tour_parser_keeps_commands_heredocs_and_expectations() -> None:
     assert [s.expected for s in steps] == [(), ("out …",), ("v",)]
     assert unmatched(["out …", "v"], "x\nout 12 s\nv\n") == []
     assert unmatched(["v", "out …"], "out 1\nv\n") == ["out …"]
+    diff = tour_steps("## A tour\n```sh\nreprobuild diff a b\n#> (exit status 1: differ)\n#> x\n```\n")[0]
+    assert diff.status == 1 and diff.output == ("x",)
+    assert subprocess.run(["bash", "-ec", diff.script().replace("reprobuild diff a b", "false")],
+                          capture_output=True, check=False).returncode == 0
+    assert subprocess.run(["bash", "-ec", diff.script().replace("reprobuild diff a b", "true")],
+                          capture_output=True, check=False).returncode == 1
 
 
 def test_readme_tour_has_its_parts() -> None:
@@ -126,7 +150,7 @@ def tour(tmp_path_factory: pytest.TempPathFactory) -> TourRun:
     script = ["set -euo pipefail"]
     for step in tour_steps((REPO / "README.md").read_text()):
         # The boot step runs in its own test: here, only where it would run is recorded.
-        script.append(f"pwd > {shlex.quote(str(state / 'vm_cwd'))}" if is_boot(step) else step.command)
+        script.append(f"pwd > {shlex.quote(str(state / 'vm_cwd'))}" if is_boot(step) else step.script())
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REPROBUILD_", "VIRTUAL_ENV"))}
     env.update(REPROBUILD_STORE=str(root / "store"), XDG_CACHE_HOME=str(root / "cache"), CI="true")
     env.pop("SOURCE_DATE_EPOCH", None)
@@ -140,7 +164,7 @@ def tour(tmp_path_factory: pytest.TempPathFactory) -> TourRun:
 @pytest.mark.live
 def test_readme_tour_runs_as_written(tour: TourRun) -> None:
     steps = [s for s in tour_steps((REPO / "README.md").read_text()) if not is_boot(s)]
-    missing = unmatched([e for s in steps for e in s.expected], tour.output)
+    missing = unmatched([e for s in steps for e in s.output], tour.output)
     assert missing == [], f"README lines not printed by the tour: {missing}\n--- output ---\n{tour.output[-8000:]}"
     assert not (REPO / "demo").exists() or (REPO / "demo").is_dir()  # the tour ran in its scratch copy
 
@@ -153,4 +177,4 @@ def test_readme_tour_boots(tour: TourRun) -> None:
                         + step.command], cwd=tour.vm_cwd, env=tour.env, text=True, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, timeout=TIMEOUT, check=False)  # fmt: skip
     assert r.returncode == 0, r.stdout[-6000:]
-    assert unmatched(list(step.expected), r.stdout) == [], r.stdout[-6000:]
+    assert unmatched(list(step.output), r.stdout) == [], r.stdout[-6000:]
