@@ -62,9 +62,12 @@ def _describe_entry(store: Store, stage: str, meta: dict[str, Any]) -> str:
     if stage == "output":
         manifest = meta.get("manifest") if isinstance(meta.get("manifest"), dict) else {}
         name = _OUTPUT_NAMES.get(str(manifest.get("format")), "image")
-        digest = str(manifest.get("lock_digest", ""))
-        lock = f", lock {digest[7:19]}…" if digest.startswith("sha256:") else ""
-        return f"{name} (build output: {manifest.get('release', '?')} {manifest.get('architecture', '?')}{lock})"
+        facts = [str(manifest[k]) for k in ("architecture",) if manifest.get(k)]
+        if manifest.get("root_hash"):
+            facts.append(f"root hash {str(manifest['root_hash'])[:12]}…")
+        if isinstance(manifest.get("size"), int):
+            facts.append(format_bytes(manifest["size"]))
+        return f"{name} (build output{': ' + ', '.join(facts) if facts else ''})"
     return f"{_STAGE_WORDS.get(stage, stage)} (build cache)"
 
 
