@@ -47,7 +47,7 @@ from typing import Any
 from reprobuild.checkresult import Check, all_passed, failed, passed, skipped, summary_line
 from reprobuild.errors import ReprobuildError, VerificationFailed
 from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, loads
-from reprobuild.progress import Update
+from reprobuild.progress import Update, set_counts
 
 Say = Callable[[str], None]
 
@@ -245,7 +245,8 @@ def check_manifest_lock(manifest: dict[str, Any], lock: Lock) -> Check:
                             + ("; same packages, different order" if not extra and not missing else ""))  # fmt: skip
     if problems:
         return failed(name, "; ".join(problems))
-    return passed(name, f"built from lock {expected['lock_digest'][:19]}…, {len(packages)} packages as locked")
+    return passed(name, f"built from lock {expected['lock_digest'][:19]}…, packages as locked: "
+                        f"{set_counts([('image', len(packages))])}")  # fmt: skip
 
 
 # -- disk images ---------------------------------------------------------------------------------
@@ -621,7 +622,8 @@ def verify_archive(image: Path, manifest: dict[str, Any], lock: Lock, fmt: str) 
     installed = dpkg_status_packages(status)
     wanted = sorted(lock_package_list(lock))
     if installed == wanted:
-        checks.append(passed("installed-packages", f"dpkg lists exactly the {len(wanted)} locked packages"))
+        checks.append(passed("installed-packages", f"dpkg lists exactly the locked packages: "
+                                                   f"{set_counts([('image', len(wanted))])}"))  # fmt: skip
     else:
         extra, missing = sorted(set(installed) - set(wanted)), sorted(set(wanted) - set(installed))
         checks.append(failed("installed-packages", f"dpkg's status differs from the lock: not locked: "
