@@ -115,13 +115,15 @@ class Stage:
     failed: int = 0
 
     def counts(self) -> str:
-        """``23/59 packages`` (or ``23 packages`` with no total)."""
+        """``23/59 packages`` (or ``23 packages`` with no total; empty before anything is counted)."""
+        if self.total is None and not self.done:
+            return ""
         count = f"{self.done}/{self.total}" if self.total is not None else str(self.done)
         return f"{count} {self.unit}".rstrip()
 
     def status(self, now: float) -> str:
         """What the stage is at, in words: counts, bytes and rate when it moves bytes."""
-        parts = [self.counts()]
+        parts = [self.counts()] if self.counts() else []
         if self.total_bytes:
             parts.append(f"{format_bytes(self.nbytes)}/{format_bytes(self.total_bytes)}, "
                          f"{format_rate(self.nbytes, now - self.started)}")  # fmt: skip
@@ -231,7 +233,7 @@ class Reporter:
             self._current = next(reversed(self._stages), None)
         elapsed = self._clock() - stage.started
         if not summary:
-            summary = stage.counts() if stage.done or stage.total else "done"
+            summary = stage.counts() or "done"
             if stage.total_bytes or stage.nbytes:
                 summary += f", {format_bytes(stage.nbytes)}, {format_rate(stage.nbytes, elapsed)}"
             if stage.failed:
