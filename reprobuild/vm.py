@@ -346,12 +346,12 @@ def kvm_status(qemu: str = QEMU, timeout: float = KVM_PROBE_SECONDS) -> tuple[bo
         argv = build_qemu_argv(cfg, Firmware(code, vars_copy), "kvm")
         found, _console, errors = _watch(argv, b"BdsDxe", timeout, stop_on=(KVM_FAILED, b"failed to initialize kvm"))
     if KVM_FAILED in errors:
-        return False, "KVM fails to run the firmware (KVM internal error; nested virtualisation?)"
+        return False, "KVM fails to run the firmware: KVM internal error, as under nested virtualisation"
     if b"failed to initialize kvm" in errors:
         return False, "qemu failed to initialise KVM"
     if not found:
         return False, f"the KVM probe boot showed nothing in {timeout:.0f}s"
-    return True, "KVM runs the firmware (probed)"
+    return True, "a probe boot ran the firmware under KVM"
 
 
 def probe_kvm(qemu: str = QEMU, timeout: float = KVM_PROBE_SECONDS) -> bool:
