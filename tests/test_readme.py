@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +144,7 @@ class TourRun:
 
 
 @pytest.fixture(scope="module")
-def tour(tmp_path_factory: pytest.TempPathFactory) -> TourRun:
+def tour(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TourRun]:
     root = tmp_path_factory.mktemp("readme-tour")
     (root / ".venv").symlink_to(REPO / ".venv")
     state = root / ".tour-state"
@@ -157,8 +159,13 @@ def tour(tmp_path_factory: pytest.TempPathFactory) -> TourRun:
     r = subprocess.run(["bash", "-c", "\n".join(script)], cwd=root, env=env, text=True, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, timeout=TIMEOUT, check=False)
     (root / "tour.log").write_text(r.stdout)
-    assert r.returncode == 0, r.stdout[-6000:]
-    return TourRun(root, r.stdout, Path((state / "vm_cwd").read_text().strip()), env)
+    try:
+        assert r.returncode == 0, r.stdout[-6000:]
+        yield TourRun(root, r.stdout, Path((state / "vm_cwd").read_text().strip()), env)
+    finally:  # the store and images are gigabytes: keep only the definition, keys and tour.log
+        shutil.rmtree(root / "store", ignore_errors=True)
+        for out in root.glob("demo/out*"):
+            shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.mark.live
