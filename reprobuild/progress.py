@@ -277,7 +277,8 @@ class PlainProgress(Reporter):
         now = self._clock()
         if now - self._last.get(stage.name, stage.started) >= self._interval:
             self._last[stage.name] = now
-            self._write(f"{stage.name}: {stage.status(now)} ({now - stage.started:.0f}s)")
+            item = f": {stage.item}" if stage.item else ""
+            self._write(f"{stage.name}: {stage.status(now)} ({now - stage.started:.0f}s){item}")
 
     def _show_finish(self, stage: Stage, line: str) -> None:
         self._last.pop(stage.name, None)

@@ -59,6 +59,7 @@ def test_log_prints_at_most_one_progress_line_per_interval() -> None:
     assert lines[0] == "installing: 100 packages …" and lines[-1] == "installing: 100/100 packages (40.0s)"
     middle = lines[1:-1]
     assert 3 <= len(middle) <= 4 and all(ln.startswith("installing: ") and "/100 packages (" in ln for ln in middle)
+    assert middle[0].endswith("s): pkg25")  # what it is at
 
 
 def test_a_new_stage_ends_the_previous_one_and_messages_pass_through() -> None:
