@@ -488,3 +488,14 @@ def test_gc_dry_run_says_what_each_object_is(store: Store, tmp_path: Path) -> No
     _, out = run_cli("store", "gc", "--store", str(store.root), "--dry-run", "--json")
     assert json.loads(out)["objects"][deb].startswith("package libdemo 1.0 ")
     assert store.has(deb) and store.has(cached)
+
+
+def test_verify_reports_progress_per_object(store: Store) -> None:
+    from reprobuild.progress import Update
+
+    fill(store, 3)
+    said: list[str] = []
+    assert store.verify(said.append).ok
+    updates = [m for m in said if isinstance(m, Update)]
+    assert {u.stage for u in updates} == {"hashing objects"} and all(u.total == 3 for u in updates)
+    assert [u.done for u in updates] == [1, 2, 3, 3] and updates[-1].final
