@@ -6,11 +6,17 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from reprobuild.cli import cli
 from reprobuild.cli.options import directory_option, json_option, quiet_option, store_option
+
+if TYPE_CHECKING:
+    from reprobuild.config import ImageSpec
+    from reprobuild.progress import Reporter
+    from reprobuild.store import Store
 
 
 @cli.command("build")
@@ -67,8 +73,9 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
         say.close()
 
 
-def _build(spec, store, say, locked: bool, fmt: str | None, output_dir: Path | None, offline: bool, jobs: int,
-           substituters: tuple[str, ...], no_cache: bool, as_json: bool, quiet: bool) -> None:  # fmt: skip
+def _build(spec: ImageSpec, store: Store, say: Reporter, locked: bool, fmt: str | None, output_dir: Path | None,
+           offline: bool, jobs: int, substituters: tuple[str, ...], no_cache: bool, as_json: bool,
+           quiet: bool) -> None:  # fmt: skip
     from reprobuild.build import BuildOptions, build_locked
     from reprobuild.lock import LockOptions, lock_spec, save_signed_lock, unsigned_note
     from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock

@@ -10,6 +10,7 @@ import click
 
 from reprobuild.cli import cli
 from reprobuild.cli.options import directory_option, json_option, quiet_option, store_option
+from reprobuild.verify import UNSIGNED_KINDS
 
 _MARKS = {"passed": ("PASS", "green"), "failed": ("FAIL", "red"), "skipped": ("SKIP", "yellow")}
 
@@ -33,7 +34,7 @@ def _say(quiet: bool):
               help="Also check this in-toto provenance (DSSE envelope) against the lock and image.")
 @click.option("--no-rebuild", is_flag=True, help="Skip the independent rebuild.")
 @click.option("--allow-unsigned", "allow_unsigned", multiple=True,
-              type=click.Choice(["lock", "verity", "uki", "provenance"]),
+              type=click.Choice(UNSIGNED_KINDS),
               help="Do not fail when this signature is present but no trusted key/certificate was given to "
                    "check it (repeatable); the summary names it as not checked.")
 @click.option("-C", "--directory", "definition", type=click.Path(file_okay=False, path_type=Path),
