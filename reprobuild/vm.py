@@ -371,7 +371,8 @@ def resolve_accel(cfg: QemuConfig, say: Say | None = None) -> Accel:
         return "tcg"
     report("checking whether KVM works (booting the firmware once)")
     ok, why = kvm_status(cfg.qemu)
-    report(f"accelerator: kvm ({why})" if ok else f"accelerator: tcg, software emulation, slower ({why})")
+    report(f"accelerator: kvm ({why})" if ok else
+           f"accelerator: tcg, software emulation, slower ({why}; --kvm no skips the probe)")  # fmt: skip
     return "kvm" if ok else "tcg"
 
 

@@ -241,7 +241,7 @@ def test_resolve_accel_says_which_and_why(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr("reprobuild.vm.kvm_status", lambda qemu: (False, "there is no /dev/kvm"))
     said.clear()
     assert resolve_accel(QemuConfig(image=None, kvm="auto"), said.append) == "tcg"
-    assert said[-1] == "accelerator: tcg, software emulation, slower (there is no /dev/kvm)"
+    assert said[-1] == "accelerator: tcg, software emulation, slower (there is no /dev/kvm; --kvm no skips the probe)"
 
 
 def test_last_line() -> None:
