@@ -56,6 +56,13 @@ class LockError(ReprobuildError):
     """A lockfile is malformed, out of date, or its signature does not verify."""
 
 
+class LockOutOfDate(LockError):
+    """The lock no longer matches its image definition: a configuration error (exit code 2),
+    fixed by running ``reprobuild lock``."""
+
+    exit_code = 2
+
+
 class StoreError(ReprobuildError):
     """The content-addressed store is missing objects or holds corrupt ones."""
 

@@ -104,3 +104,27 @@ def write_atomically(target: Path, writer: Callable[[BinaryIO], object], mode: i
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
     write_atomically(path, lambda f: f.write(data), mode)
+
+
+def disk_usage(path: Path, seen: set[tuple[int, int]] | None = None) -> int:
+    """Bytes allocated on disk under ``path`` (like ``du``: blocks, hard links and the inodes in
+    ``seen`` counted once; ``seen`` is updated). 0 when ``path`` does not exist. Never follows
+    symbolic links."""
+    seen = set() if seen is None else seen
+    total = 0
+    stack = [str(path)]
+    while stack:
+        p = stack.pop()
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+        if os.path.isdir(p) and not os.path.islink(p):
+            try:
+                stack.extend(os.path.join(p, n) for n in os.listdir(p))
+            except OSError:
+                continue
+    return total

@@ -122,17 +122,19 @@ def open_lock_signer(source: str | Path, environ: Mapping[str, str]) -> LockSign
     return AgentLockSigner(socket_path, key.blob, f"ssh-agent key {key.fingerprint} ({key.comment})")
 
 
-def provenance_signer(source: str | Path | None, environ: Mapping[str, str]) -> tuple[LockSigner | None, str | None]:
-    """The lock key for signing a build's provenance, or (None, a note why the statement stays
-    unsigned): a build does not fail for want of the lock key, which often lives elsewhere."""
+def provenance_signer(source: str | Path | None, environ: Mapping[str, str],
+                      what: str = "the provenance statement") -> tuple[LockSigner | None, str | None]:
+    """The lock key for signing what a build writes (its provenance, a lock it re-made), or (None,
+    a note why ``what`` stays unsigned): a build does not fail for want of the lock key, which
+    often lives elsewhere."""
     if not source:
         return None, None
     if not str(source).startswith(AGENT_PREFIX) and not Path(source).exists():
-        return None, f"note: {source} not found: the provenance statement is not signed"
+        return None, f"note: {source} not found: {what} is not signed"
     try:
         return open_lock_signer(source, environ), None
     except ReprobuildError as e:
-        return None, f"note: the provenance statement is not signed: {e.message}"
+        return None, f"note: {what} is not signed: {e.message}"
 
 
 def sign_lock(data: bytes, signer: LockSigner) -> bytes:
@@ -213,6 +215,10 @@ def load_trusted_keys(path: Path) -> TrustedKeys:
     except OSError as e:
         raise KeyFileError(f"{path}: cannot read ({e.strerror})") from None
     origin = str(path)
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        raise KeyFileError(f"{path}: this is an X.509 certificate, not the lock's ed25519 public key",
+                           hint="--trusted-key takes the .pub or allowed_signers file of the lock key; "
+                                "certificates (verity, Secure Boot) go to --certificate")  # fmt: skip
     if b"-----BEGIN" in data:
         try:
             key = serialization.load_pem_public_key(data)

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING
 
 from reprobuild.config import ImageSpec
 from reprobuild.debian.package import BinaryPackage
-from reprobuild.errors import LockError, RepositoryError
+from reprobuild.errors import LockError, LockOutOfDate, RepositoryError
 from reprobuild.lockfile import Lock, LockedPackage, LockSource, PackageSet
 
 if TYPE_CHECKING:
     from reprobuild.debian.repository import RepositorySource
+    from reprobuild.keys import LockSigner
     from reprobuild.resolve import Universe
 
 DEFAULT_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -386,10 +387,53 @@ def check_lock_current(spec: ImageSpec, lock: Lock) -> None:
             if lock.config.get(section, {}).get(key) != value
         )
         detail = f" (changed: {', '.join(changed)})" if changed else ""
-        raise LockError(f"lock is out of date: run reprobuild lock{detail}")
+        raise LockOutOfDate(f"lock is out of date: run reprobuild lock{detail}")
     if lock.architecture != spec.distribution.debian_architecture:
         raise LockError(f"the lock is for {lock.architecture}, the configuration for "
                         f"{spec.distribution.debian_architecture}: run reprobuild lock")
     if lock.distribution != spec.distribution.distribution or lock.release != spec.distribution.release:
         raise LockError(f"the lock is for {lock.distribution} {lock.release}, the configuration for "
                         f"{spec.distribution.distribution} {spec.distribution.release}: run reprobuild lock")
+
+
+@dataclass(frozen=True)
+class SavedLock:
+    """What :func:`save_signed_lock` did: the bytes written, whether they differ from the previous
+    lock, whether a signature over them was written, and whether a stale one was removed."""
+
+    data: bytes
+    changed: bool
+    signed: bool
+    removed_signature: bool
+
+
+def unsigned_note(sig_path: Path) -> str:
+    """The one line said when a changed lock loses its stale signature."""
+    return (f"note: the lock changed and no signing key is configured: removed the stale {sig_path.name}, "
+            "the lock is now unsigned (sign it with reprobuild lock --sign-key KEY, or [Signing] LockKey=)")
+
+
+def save_signed_lock(lock: Lock, path: Path, signer: LockSigner | None) -> SavedLock:
+    """Write ``lock`` to ``path`` and keep its ``.sig`` true to it: re-signed with ``signer``
+    (opened by the caller before resolving, so a bad key fails before anything is written) when
+    one is given; otherwise, if the bytes changed, the old signature (now stale) is removed. An
+    unchanged lock keeps its signature."""
+    from reprobuild import keys
+    from reprobuild.fileio import write_atomic
+    from reprobuild.lockfile import SIGNATURE_SUFFIX, save_lock
+
+    sig_path = path.with_name(path.name + SIGNATURE_SUFFIX)
+    try:
+        old = path.read_bytes()
+    except FileNotFoundError:
+        old = None
+    data = save_lock(lock, path)
+    changed = old != data
+    if signer is not None:
+        write_atomic(sig_path, keys.sign_lock(data, signer))
+        return SavedLock(data, changed, True, False)
+    removed = False
+    if changed and sig_path.exists():
+        sig_path.unlink()
+        removed = True
+    return SavedLock(data, changed, False, removed)

@@ -243,7 +243,10 @@ def check_host(ddi: DdiFacts, host: HostFacts) -> None:
     if missing:
         raise HostCannotRun(
             f"cannot run {ddi.path} with systemd-nspawn here; this host lacks:\n  - " + "\n  - ".join(missing),
-            hint=f"boot it in a virtual machine instead: reprobuild vm {ddi.path}",
+            # Only an image with an ESP can boot in a VM (vm refuses one without and points here).
+            hint=(f"boot it in a virtual machine instead: reprobuild vm {ddi.path}" if ddi.esp else
+                  "this image has no kernel (no ESP), so it cannot boot in a VM either; run it on a host "
+                  "with what is listed, or add a kernel (Packages=linux-image-amd64 systemd-boot-efi)"),
         )
 
 

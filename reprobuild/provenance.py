@@ -37,6 +37,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 
 from reprobuild import __version__
+from reprobuild.checkresult import Check, failed, passed, skipped
 from reprobuild.digest import canonical_json
 from reprobuild.errors import ReprobuildError, VerificationFailed
 from reprobuild.fileio import ReadRefused, read_bounded, write_atomic
@@ -198,9 +199,10 @@ def write_provenance(lock: Lock, lock_path: Path, result_manifest: dict[str, Any
 
 
 def check_provenance(path: Path, lock: Lock, lock_bytes: bytes, image: Path, manifest: dict[str, Any],
-                     trusted_key: Path | None):  # fmt: skip
-    """The ``provenance`` check: envelope signed by the trusted key, about this lock and image."""
-    from reprobuild.verify import failed, passed, skipped
+                     trusted_key: Path | None, allow_unsigned: bool = False) -> Check:  # fmt: skip
+    """The ``provenance`` check: envelope signed by the trusted key, about this lock and image.
+
+    A signed envelope with no ``trusted_key`` to check it fails unless ``allow_unsigned``."""
 
     name = "provenance"
     try:
@@ -229,8 +231,14 @@ def check_provenance(path: Path, lock: Lock, lock_bytes: bytes, image: Path, man
         problems.append(f"materials lack {len(missing)} locked packages ({', '.join(missing[:3])})")
     if problems:
         return failed(name, "; ".join(problems))
+    if public is None and not envelope.get("signatures"):
+        return skipped(name, "statement matches; the provenance is not signed", "the provenance is unsigned")
+    if public is None and allow_unsigned:
+        return skipped(name, "statement matches; its signature is not checked (--allow-unsigned provenance)",
+                       "--allow-unsigned provenance")  # fmt: skip
     if public is None:
-        return skipped(name, "statement matches, but no --trusted-key was given to check its signature")
+        return failed(name, "statement matches, but it is signed and no --trusted-key was given to check "
+                            "the signature (give the lock key's .pub, or --allow-unsigned provenance)")  # fmt: skip
     signers = ", ".join(str(s.get("keyid")) for s in envelope.get("signatures") or [])
     return passed(name, f"DSSE signed by trusted key {signers}; SLSA provenance for this image and lock, "
                         f"{len(deps) - 1} materials")  # fmt: skip

@@ -39,7 +39,7 @@ import shutil
 import stat
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -47,6 +47,8 @@ from typing import IO, BinaryIO
 import zstandard
 
 from reprobuild.errors import FormatError, ReprobuildError, StoreError, describe_os_error
+from reprobuild.fileio import disk_usage
+from reprobuild.progress import Update
 
 HASH_ALGO = "sha256"
 CHUNK_SIZE = 1 << 20
@@ -128,6 +130,9 @@ class StoreStats:
     scratch: int = 0  # scratch directories under tmp/ (live or left by killed processes)
     scratch_dead: int = 0  # ... of them left by processes that are gone (the next command removes them)
     scratch_bytes: int = 0  # bytes in tmp/ and in the work directories it points to
+    trees_bytes: int = 0  # on disk (blocks; hard links once)
+    indices_bytes: int = 0  # the lock stage's repository index cache (indices/)
+    disk_bytes: int = 0  # everything under the root, on disk: what du reports
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -140,6 +145,9 @@ class StoreStats:
             "scratch": self.scratch,
             "scratch_dead": self.scratch_dead,
             "scratch_bytes": self.scratch_bytes,
+            "trees_bytes": self.trees_bytes,
+            "indices_bytes": self.indices_bytes,
+            "disk_bytes": self.disk_bytes,
         }
 
 
@@ -649,14 +657,17 @@ class Store:
 
     # ---------------------------------------------------------------- verify
 
-    def verify(self) -> VerifyReport:
-        """Rehash every object; move corrupt ones (and stray files) to ``quarantine/``.
+    def verify(self, say: Callable[[str], None] | None = None) -> VerifyReport:
+        """Rehash every object; move corrupt ones (and stray files) to ``quarantine/``. ``say``
+        gets a progress :class:`~reprobuild.progress.Update` per object.
 
         Cost: reads every byte of the store once."""
         checked = total = 0
         corrupt: list[CorruptObject] = []
         with self.in_use():
-            for sub in sorted(os.listdir(self.objects_dir)):
+            subs = sorted(os.listdir(self.objects_dir))
+            count = sum(len(os.listdir(self.objects_dir / s)) for s in subs if (self.objects_dir / s).is_dir())
+            for sub in subs:
                 d = self.objects_dir / sub
                 entries = sorted(os.listdir(d)) if d.is_dir() and not d.is_symlink() else [None]
                 for name in entries:
@@ -686,6 +697,10 @@ class Store:
                         corrupt.append(CorruptObject(rel, reason, self._quarantine(p)))
                         if name is not None and _HEX_RE.match(name):
                             self.remove_tree(name)  # derived from the bad bytes
+                    if say is not None:
+                        say(Update("hashing objects", checked + len(corrupt), count, "objects", name or sub))
+        if say is not None:
+            say(Update("hashing objects", count, count, "objects"))
         return VerifyReport(checked, total, tuple(corrupt), self.quarantine_dir)
 
     def _quarantine(self, p: Path) -> Path:
@@ -831,16 +846,18 @@ class Store:
                 st = os.lstat(p)
             except FileNotFoundError:
                 continue
-            scratch_bytes += _disk_usage(p)
+            scratch_bytes += disk_usage(p)
             if name.endswith(".d") and stat.S_ISDIR(st.st_mode):
                 scratch += 1
                 dead += not _owner_alive(_tmp_owner(name), st.st_ctime)
                 with contextlib.suppress(OSError):
                     work = Path(os.fsdecode((p / WORK_POINTER).read_bytes()))
                     if work.is_absolute() and work.name.startswith(WORK_PREFIX):
-                        scratch_bytes += _disk_usage(work)
+                        scratch_bytes += disk_usage(work)
         return StoreStats(self.root, n, size, len(list(self.roots_dir.glob("*.json"))), len(names),
-                          len(list(self.iter_trees())), scratch, dead, scratch_bytes)
+                          len(list(self.iter_trees())), scratch, dead, scratch_bytes,
+                          trees_bytes=disk_usage(self.trees_dir), indices_bytes=disk_usage(self.root / "indices"),
+                          disk_bytes=disk_usage(self.root))
 
     # ---------------------------------------------------------------- bundles
 
@@ -926,22 +943,6 @@ class Store:
                               f"first sha256:{lacking[0]}")
         return ImportReport(tuple(added), tuple(present))
 
-
-def _disk_usage(path: Path) -> int:
-    """Bytes allocated to ``path`` and everything below it (no symlinks followed)."""
-    total = 0
-    stack = [os.fspath(path)]
-    while stack:
-        p = stack.pop()
-        try:
-            st = os.lstat(p)
-        except OSError:
-            continue
-        total += st.st_blocks * 512
-        if stat.S_ISDIR(st.st_mode):
-            with contextlib.suppress(OSError):
-                stack.extend(os.path.join(p, n) for n in os.listdir(p))
-    return total
 
 
 def _rmtree(path: Path) -> None:

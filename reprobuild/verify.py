@@ -44,9 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reprobuild.checkresult import Check, all_passed, failed, passed, skipped, summary_line
 from reprobuild.errors import ReprobuildError, VerificationFailed
 from reprobuild.fileio import ReadRefused, check_input, read_bounded
 from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, loads, lock_digest, read_lock_bytes
+from reprobuild.progress import Update, set_counts
 
 Say = Callable[[str], None]
 
@@ -54,38 +56,12 @@ Say = Callable[[str], None]
 MANIFEST_FORMATS = {"ddi": "disk", "disk": "disk", "tar": "tar", "cpio": "cpio", "directory": "directory"}
 _CHUNK = 4 << 20
 MAX_MANIFEST_BYTES = 16 << 20  # an image manifest lists packages: a few hundred KiB at most
+# What ``--allow-unsigned`` may name: the signatures verify can check.
+UNSIGNED_KINDS = ("lock", "verity", "uki", "provenance")
 
 
 class VerifyError(VerificationFailed):
     """Verification could not even start (unreadable lock or manifest path)."""
-
-
-@dataclass(frozen=True)
-class Check:
-    """One named check. ``passed`` is True, False, or None when the check was skipped."""
-
-    name: str
-    passed: bool | None
-    detail: str
-
-    @property
-    def status(self) -> str:
-        return {True: "passed", False: "failed", None: "skipped"}[self.passed]
-
-    def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "detail": self.detail}
-
-
-def passed(name: str, detail: str) -> Check:
-    return Check(name, True, detail)
-
-
-def failed(name: str, detail: str) -> Check:
-    return Check(name, False, detail)
-
-
-def skipped(name: str, detail: str) -> Check:
-    return Check(name, None, detail)
 
 
 @dataclass(frozen=True)
@@ -98,7 +74,12 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return any(c.passed for c in self.checks) and all(c.passed is not False for c in self.checks)
+        return all_passed(self.checks)
+
+    @property
+    def summary(self) -> str:
+        """The last line of the report: what was checked and what was not."""
+        return summary_line(self.checks)
 
     @property
     def failures(self) -> tuple[Check, ...]:
@@ -112,8 +93,10 @@ class VerifyReport:
 
     def as_json(self) -> dict[str, Any]:
         return {"schema": "reprobuild-verify/1", "image": self.image, "lock": self.lock, "ok": self.ok,
-                "checks": [c.as_json() for c in self.checks], "diff_summary": self.diff_summary,
-                "diff": self.diff}  # fmt: skip
+                "checks": [c.as_json() for c in self.checks], "summary": self.summary,
+                "not_checked": [{"name": c.name, "reason": c.reason or "not applicable"}
+                                for c in self.checks if c.passed is None],
+                "diff_summary": self.diff_summary, "diff": self.diff}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -129,6 +112,9 @@ class VerifyOptions:
     provenance: Path | None = None
     jobs: int = 4
     work_dir: Path | None = None  # where the rebuild's temporary directory goes
+    # Signatures present but not to be checked (no trust anchor): a subset of UNSIGNED_KINDS.
+    # Without its name here, a present signature that cannot be checked fails.
+    allow_unsigned: frozenset[str] = frozenset()
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -140,10 +126,12 @@ def manifest_path_for(image: Path) -> Path:
 
 def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
                  certificates: Sequence[Path] = (), options: VerifyOptions = VerifyOptions(),
-                 say: Say = lambda _m: None) -> VerifyReport:  # fmt: skip
+                 say: Say = lambda _m: None, fetch_progress: Any = None) -> VerifyReport:  # fmt: skip
     """Run every applicable check on ``image`` (a DDI, tar, cpio or directory output) against
     ``lock_path``. Never raises for a failed check: failures are in the report. Raises
-    VerifyError only when the image or lock path does not exist."""
+    VerifyError only when the image or lock path does not exist. ``say`` gets messages and
+    stage updates, ``fetch_progress`` (a :class:`reprobuild.progress.Progress`) the rebuild's
+    downloads."""
     image, lock_path = Path(image), Path(lock_path)
     for what, p in (("image", image), ("lock", lock_path)):
         if not p.exists():
@@ -155,7 +143,8 @@ def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
     except ReprobuildError as e:
         lock = None
         checks.append(failed("lock", e.message))
-    checks.append(check_lock_signature(lock_path, lock_bytes, trusted_key))
+    allow = options.allow_unsigned
+    checks.append(check_lock_signature(lock_path, lock_bytes, trusted_key, "lock" in allow))
 
     manifest_file = options.manifest or manifest_path_for(image)
     try:
@@ -175,8 +164,7 @@ def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
         checks.append(failed("image", refusal))
         return VerifyReport(str(image), str(lock_path), tuple(checks))
     if fmt == "disk":
-        say("checking the disk image")
-        checks += verify_disk(image, manifest, lock, [Path(c) for c in certificates])
+        checks += verify_disk(image, manifest, lock, [Path(c) for c in certificates], allow, say)
     elif fmt in ("tar", "cpio", "directory"):
         checks += verify_archive(image, manifest, lock, fmt)
     else:
@@ -184,13 +172,15 @@ def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
     if options.provenance is not None:
         from reprobuild.provenance import check_provenance
 
-        checks.append(check_provenance(options.provenance, lock, lock_bytes, image, manifest, trusted_key))
+        checks.append(check_provenance(options.provenance, lock, lock_bytes, image, manifest, trusted_key,
+                                       "provenance" in allow))  # fmt: skip
     diff_summary = diff_data = None
     if options.rebuild:
-        check, diff_summary, diff_data = rebuild_and_compare(image, fmt, lock, lock_path, options, say)
+        check, diff_summary, diff_data = rebuild_and_compare(image, fmt, lock, lock_path, options, say,
+                                                             fetch_progress)  # fmt: skip
         checks.append(check)
     else:
-        checks.append(skipped("rebuild", "not requested (--no-rebuild)"))
+        checks.append(skipped("rebuild", "not requested (--no-rebuild)", "--no-rebuild"))
     return VerifyReport(str(image), str(lock_path), tuple(checks), diff_summary, diff_data)
 
 
@@ -217,13 +207,23 @@ def image_refusal(image: Path, fmt: str, manifest: dict[str, Any]) -> str | None
 # -- the lock ------------------------------------------------------------------------------------
 
 
-def check_lock_signature(lock_path: Path, lock_bytes: bytes, trusted_key: Path | None) -> Check:
+def check_lock_signature(lock_path: Path, lock_bytes: bytes, trusted_key: Path | None,
+                         allow_unsigned: bool = False) -> Check:  # fmt: skip
+    """``lock-signature``. A ``.sig`` present without a ``trusted_key`` to check it fails unless
+    ``allow_unsigned``; a lock with no ``.sig`` and no key is reported as unsigned (skipped)."""
     from reprobuild import keys
 
     name = "lock-signature"
     sig_path = lock_path.with_name(lock_path.name + SIGNATURE_SUFFIX)
     if trusted_key is None:
-        return skipped(name, "no trusted key given (--trusted-key): who made the lock is not checked")
+        if not sig_path.exists():
+            return skipped(name, f"the lock is not signed (no {sig_path.name}): who made it is not checked",
+                           "the lock is unsigned")  # fmt: skip
+        if allow_unsigned:
+            return skipped(name, f"{sig_path.name} is present but not checked (--allow-unsigned lock)",
+                           "--allow-unsigned lock")  # fmt: skip
+        return failed(name, f"{sig_path.name} is present but no --trusted-key was given to check it "
+                            "(give the lock key's .pub, or --allow-unsigned lock)")  # fmt: skip
     if not sig_path.exists():
         return failed(name, f"{sig_path}: the lock is not signed")
     try:
@@ -264,7 +264,8 @@ def check_manifest_lock(manifest: dict[str, Any], lock: Lock) -> Check:
                             + ("; same packages, different order" if not extra and not missing else ""))  # fmt: skip
     if problems:
         return failed(name, "; ".join(problems))
-    return passed(name, f"built from lock {expected['lock_digest'][:19]}…, {len(packages)} packages as locked")
+    return passed(name, f"built from lock {expected['lock_digest'][:19]}…, packages as locked: "
+                        f"{set_counts([('image', len(packages))])}")  # fmt: skip
 
 
 # -- disk images ---------------------------------------------------------------------------------
@@ -276,14 +277,18 @@ class _Extent:
     size: int
 
 
-def hash_image(image: Path, extents: Sequence[_Extent]) -> tuple[str, int, list[str]]:
-    """(sha256 of the file, its size, sha256 of each extent) in one sequential read."""
+def hash_image(image: Path, extents: Sequence[_Extent], say: Say | None = None) -> tuple[str, int, list[str]]:
+    """(sha256 of the file, its size, sha256 of each extent) in one sequential read; ``say``
+    gets a progress update (MiB read) per chunk."""
     whole = hashlib.sha256()
     parts = [hashlib.sha256() for _ in extents]
     pos = 0
     buf = bytearray(_CHUNK)
     with open(image, "rb", buffering=0) as f:
+        mib = -(-os.fstat(f.fileno()).st_size // (1 << 20))
         while n := f.readinto(buf):
+            if say is not None:
+                say(Update("hashing", pos >> 20, mib, "MiB", image.name))
             view = memoryview(buf)[:n]
             whole.update(view)
             for h, e in zip(parts, extents):
@@ -291,10 +296,13 @@ def hash_image(image: Path, extents: Sequence[_Extent]) -> tuple[str, int, list[
                 if lo < hi:
                     h.update(view[lo - pos:hi - pos])
             pos += n
+    if say is not None:
+        say(Update("hashing", mib, mib, "MiB"))
     return whole.hexdigest(), pos, [h.hexdigest() for h in parts]
 
 
-def verify_disk(image: Path, manifest: dict[str, Any], lock: Lock, certificates: Sequence[Path]) -> list[Check]:
+def verify_disk(image: Path, manifest: dict[str, Any], lock: Lock, certificates: Sequence[Path],
+                allow_unsigned: frozenset[str] = frozenset(), say: Say | None = None) -> list[Check]:  # fmt: skip
     """Every check of a DDI: digests, GPT, verity, its signature, the UKI."""
     from reprobuild.image import gpt, ids
 
@@ -306,7 +314,7 @@ def verify_disk(image: Path, manifest: dict[str, Any], lock: Lock, certificates:
         checks.append(failed("gpt", e.message))
     ss = disk.sector_size if disk else 512
     parts = list(disk.partitions) if disk else []
-    sha, size, part_shas = hash_image(image, [_Extent(p.offset(ss), p.size(ss)) for p in parts])
+    sha, size, part_shas = hash_image(image, [_Extent(p.offset(ss), p.size(ss)) for p in parts], say)
 
     checks.append(digest_check(manifest, sha, size))
     if disk is None:
@@ -342,10 +350,13 @@ def verify_disk(image: Path, manifest: dict[str, Any], lock: Lock, certificates:
     checks.append(failed("partition-hashes", "; ".join(bad)) if bad else
                   passed("partition-hashes", f"{len(parts)} partitions hash as in the manifest"))
 
-    root_hash, verity_checks = _check_verity(image, ss, roles, manifest, lock, certificates)
+    if say is not None:
+        say("recomputing the dm-verity hash tree")
+    root_hash, verity_checks = _check_verity(image, ss, roles, manifest, lock, certificates,
+                                             "verity" in allow_unsigned)  # fmt: skip
     checks += verity_checks
     if isinstance(manifest.get("boot"), dict) or "esp" in roles:
-        checks += _check_uki(image, ss, roles, manifest, root_hash, certificates)
+        checks += _check_uki(image, ss, roles, manifest, root_hash, certificates, "uki" in allow_unsigned)
     return checks
 
 
@@ -357,7 +368,7 @@ def _data_roles(roles: dict[str, Any]) -> tuple[str, str, str] | None:
 
 
 def _check_verity(image: Path, ss: int, roles: dict[str, Any], manifest: dict[str, Any], lock: Lock,
-                  certificates: Sequence[Path]) -> tuple[str | None, list[Check]]:  # fmt: skip
+                  certificates: Sequence[Path], allow_unsigned: bool = False) -> tuple[str | None, list[Check]]:  # fmt: skip
     """Returns (the root hash recomputed from the data partition, the verity checks)."""
     from reprobuild.image import ids, verity
 
@@ -368,7 +379,7 @@ def _check_verity(image: Path, ss: int, roles: dict[str, Any], manifest: dict[st
     data_role, hash_role, sig_role = names
     if hash_role not in roles:
         if mode == "no":
-            return None, [skipped("verity-root-hash", "the image has no dm-verity (Verity=no)")]
+            return None, [skipped("verity-root-hash", "the image has no dm-verity (Verity=no)", "Verity=no")]
         return None, [failed("verity-root-hash", f"no {hash_role} partition, but the manifest says verity={mode}")]
     data_part, _ = roles[data_role]
     hash_part, _ = roles[hash_role]
@@ -410,7 +421,8 @@ def _check_verity(image: Path, ss: int, roles: dict[str, Any], manifest: dict[st
                   passed("verity-root-hash", f"root hash {root} recomputed from the data partition"))
     checks.append(passed("verity-hash-tree", f"{tree.hash_blocks} hash blocks match the data") if stored_ok else
                   failed("verity-hash-tree", "the stored hash tree differs from the one the data gives"))
-    checks.append(_check_verity_sig(image, ss, roles.get(sig_role), mode, root, manifest, certificates))
+    checks.append(_check_verity_sig(image, ss, roles.get(sig_role), mode, root, manifest, certificates,
+                                    allow_unsigned))  # fmt: skip
     return root, checks
 
 
@@ -421,7 +433,7 @@ def _load_certs(certificates: Sequence[Path]) -> list:
 
 
 def _check_verity_sig(image: Path, ss: int, sig: Any, mode: Any, root: str, manifest: dict[str, Any],
-                      certificates: Sequence[Path]) -> Check:  # fmt: skip
+                      certificates: Sequence[Path], allow_unsigned: bool = False) -> Check:  # fmt: skip
     from cryptography.hazmat.primitives.serialization import pkcs7
 
     from reprobuild.image import veritysig
@@ -431,7 +443,7 @@ def _check_verity_sig(image: Path, ss: int, sig: Any, mode: Any, root: str, mani
     if sig is None:
         if mode == "signed":
             return failed(name, "the manifest says verity=signed but the image has no signature partition")
-        return skipped(name, f"the image has no verity signature (verity={mode})")
+        return skipped(name, f"the image has no verity signature (verity={mode})", "the image has none")
     part, _ = sig
     with open(image, "rb") as f:
         f.seek(part.offset(ss))
@@ -455,8 +467,12 @@ def _check_verity_sig(image: Path, ss: int, sig: Any, mode: Any, root: str, mani
             veritysig.check_verity_sig(parsed, root, embedded[0])
         except (ReprobuildError, ValueError, IndexError) as e:
             return failed(name, f"the signature does not verify even with its embedded certificate: {e}")
-        return skipped(name, f"valid for its embedded certificate {certificate_fingerprint(embedded[0])}, "
-                             "but no --certificate was given to trust it")  # fmt: skip
+        what = f"valid for its embedded certificate {certificate_fingerprint(embedded[0])}, but"
+        if allow_unsigned:
+            return skipped(name, f"{what} not checked against a trusted one (--allow-unsigned verity)",
+                           "--allow-unsigned verity")  # fmt: skip
+        return failed(name, f"{what} no --certificate was given to trust it "
+                            "(give the verity certificate, or --allow-unsigned verity)")  # fmt: skip
     errors = []
     for cert in trusted:
         try:
@@ -498,7 +514,7 @@ def uki_cmdline(uki: bytes) -> str:
 
 
 def _check_uki(image: Path, ss: int, roles: dict[str, Any], manifest: dict[str, Any], root: str | None,
-               certificates: Sequence[Path]) -> list[Check]:  # fmt: skip
+               certificates: Sequence[Path], allow_unsigned: bool = False) -> list[Check]:  # fmt: skip
     from reprobuild.image.authenticode import read_signatures, verify_pe_signature
     from reprobuild.x509 import certificate_fingerprint
 
@@ -529,7 +545,7 @@ def _check_uki(image: Path, ss: int, roles: dict[str, Any], manifest: dict[str, 
         checks.append(failed(name, f"/{path} has sha256 {digest}, the manifest says {boot.get('uki_sha256')}"))
     elif not signatures:
         checks.append(failed(name, f"/{path} is not signed") if boot.get("uki_signed") else
-                      skipped(name, f"/{path} is not signed (no SecureBootKey=)"))
+                      skipped(name, f"/{path} is not signed (no SecureBootKey=)", "the UKI is unsigned"))
     else:
         try:
             trusted = _load_certs(certificates)
@@ -540,8 +556,12 @@ def _check_uki(image: Path, ss: int, roles: dict[str, Any], manifest: dict[str, 
             checks.append(failed(name, bad))
         elif match is not None:
             checks.append(passed(name, f"/{path} signed by trusted certificate {certificate_fingerprint(match)}"))
+        elif not trusted and allow_unsigned:
+            checks.append(skipped(name, f"/{path} is signed, but not checked (--allow-unsigned uki)",
+                                  "--allow-unsigned uki"))  # fmt: skip
         elif not trusted:
-            checks.append(skipped(name, f"/{path} is signed, but no --certificate was given to check it against"))
+            checks.append(failed(name, f"/{path} is signed, but no --certificate was given to check it against "
+                                       "(give the Secure Boot certificate, or --allow-unsigned uki)"))  # fmt: skip
         else:
             checks.append(failed(name, f"/{path} is not signed by any trusted certificate (Authenticode)"))
     try:
@@ -606,7 +626,7 @@ def verify_archive(image: Path, manifest: dict[str, Any], lock: Lock, fmt: str) 
     checks = []
     if fmt == "directory":
         checks.append(skipped("image-digest", "a directory output's manifest records no digest "
-                                              "(the rebuild compares its content)"))  # fmt: skip
+                                              "(the rebuild compares its content)", "a directory has none"))  # fmt: skip
     else:
         sha, size, _ = hash_image(image, [])
         checks.append(digest_check(manifest, sha, size))
@@ -616,12 +636,13 @@ def verify_archive(image: Path, manifest: dict[str, Any], lock: Lock, fmt: str) 
         checks.append(failed("installed-packages", f"cannot read var/lib/dpkg/status: {e}"))
         return checks
     if status is None:
-        checks.append(skipped("installed-packages", "no var/lib/dpkg/status in this output"))
+        checks.append(skipped("installed-packages", "no var/lib/dpkg/status in this output", "no dpkg status"))
         return checks
     installed = dpkg_status_packages(status)
     wanted = sorted(lock_package_list(lock))
     if installed == wanted:
-        checks.append(passed("installed-packages", f"dpkg lists exactly the {len(wanted)} locked packages"))
+        checks.append(passed("installed-packages", f"dpkg lists exactly the locked packages: "
+                                                   f"{set_counts([('image', len(wanted))])}"))  # fmt: skip
     else:
         extra, missing = sorted(set(installed) - set(wanted)), sorted(set(wanted) - set(installed))
         checks.append(failed("installed-packages", f"dpkg's status differs from the lock: not locked: "
@@ -645,7 +666,7 @@ def _same_bytes(a: Path, b: Path) -> bool:
 
 
 def rebuild_and_compare(image: Path, fmt: str, lock: Lock, lock_path: Path, options: VerifyOptions,
-                        say: Say) -> tuple[Check, str | None, dict[str, Any] | None]:  # fmt: skip
+                        say: Say, fetch_progress: Any = None) -> tuple[Check, str | None, dict[str, Any] | None]:  # fmt: skip
     """Build the lock again in a fresh directory and compare with ``image`` byte for byte.
 
     The rebuild uses the image definition (for the settings that are not in the lock, such as
@@ -679,10 +700,12 @@ def rebuild_and_compare(image: Path, fmt: str, lock: Lock, lock_path: Path, opti
             say(f"rebuilding from the lock in {tmp}")
             result = build_locked(spec, lock, store,
                                   BuildOptions(output_dir=Path(tmp, "out"), format=fmt, jobs=options.jobs,
-                                               offline=options.bundle is not None, cache=False), say=say)
+                                               offline=options.bundle is not None, cache=False), say=say,
+                                  fetch_progress=fetch_progress)  # fmt: skip
         except ReprobuildError as e:
             return failed(name, f"the rebuild failed: {e.message}"), None, None
         rebuilt = result.outputs[fmt]
+        say(f"comparing {image.name} with the rebuild")
         if fmt != "directory" and _same_bytes(image, rebuilt):
             return passed(name, f"an independent rebuild is bit-for-bit identical "
                                 f"(sha256 {result.manifest.get('sha256')})"), None, None  # fmt: skip
@@ -700,7 +723,7 @@ def iter_failures(report: VerifyReport) -> Iterator[str]:
         yield f"{c.name}: {c.detail}"
 
 
-__all__ = ["Check", "VerifyError", "VerifyOptions", "VerifyReport", "check_lock_signature",
+__all__ = ["UNSIGNED_KINDS", "Check", "VerifyError", "VerifyOptions", "VerifyReport", "check_lock_signature",
            "check_manifest_lock", "hash_image", "read_esp_file", "uki_cmdline", "verify_archive",
            "verify_disk", "verify_image"]  # fmt: skip
 

@@ -14,6 +14,7 @@ Three pieces:
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -22,13 +23,14 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from reprobuild.errors import FormatError, ReprobuildError, ToolMissing
+from reprobuild.progress import Update
 
 QEMU = "qemu-system-x86_64"
 FIRMWARE_DIRS = (Path("/usr/share/OVMF"), Path("/usr/share/ovmf"), Path("/usr/share/qemu"))
@@ -43,6 +45,7 @@ KVM_PROBE_SECONDS = 15.0
 KVM_FAILED = b"KVM internal error"  # what qemu prints (stderr) when KVM cannot run the guest
 
 Accel = Literal["kvm", "tcg"]
+Say = Callable[[str], None]
 
 
 class VmError(ReprobuildError):
@@ -258,14 +261,16 @@ def _qemu_binary(cfg: QemuConfig) -> str:
 
 
 def _watch(argv: list[str], marker: bytes, timeout: float, stop_on: Sequence[bytes] = (),
-           log: Path | None = None) -> tuple[bool, bytes, bytes]:  # fmt: skip
+           log: Path | None = None, say: Say | None = None) -> tuple[bool, bytes, bytes]:  # fmt: skip
     """Run argv, read stdout (the serial console) and stderr until marker, a stop pattern,
-    exit, or timeout; always kill the process group. Returns (found, console, stderr)."""
+    exit, or timeout; always kill the process group. Returns (found, console, stderr). ``say``
+    gets a progress update (seconds waited, the console's last line) about twice a second."""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)  # fmt: skip
     console, errors = bytearray(), bytearray()
     found = False
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     sel = selectors.DefaultSelector()
     assert proc.stdout is not None and proc.stderr is not None
     sel.register(proc.stdout, selectors.EVENT_READ, console)
@@ -288,6 +293,8 @@ def _watch(argv: list[str], marker: bytes, timeout: float, stop_on: Sequence[byt
                     log_file.write(chunk)
                     log_file.flush()
             found = marker in console
+            if say is not None:
+                say(Update("booting", int(time.monotonic() - started), int(timeout), "s", last_line(console)))
             if any(p in console or p in errors for p in stop_on):
                 break
     finally:
@@ -302,32 +309,69 @@ def _watch(argv: list[str], marker: bytes, timeout: float, stop_on: Sequence[byt
     return found, bytes(console), bytes(errors)
 
 
-def probe_kvm(qemu: str = QEMU, timeout: float = KVM_PROBE_SECONDS) -> bool:
-    """Does KVM really work here? Boots plain OVMF with ``-accel kvm`` (no disk) and waits for its
-    boot manager to speak on the serial console. False when /dev/kvm is missing or unusable, qemu
-    reports "KVM internal error", or nothing appears within ``timeout`` seconds. Cost: ≤ timeout."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK) or not shutil.which(qemu):
-        return False
+_ANSI = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>c])")  # terminal control sequences
+
+
+def last_line(console: bytes, width: int = 60) -> str:
+    """The console's last non-empty line, printable and at most ``width`` characters (pure)."""
+    for raw in reversed(console[-4096:].splitlines()):
+        text = _ANSI.sub("", raw.decode("utf-8", "replace"))
+        text = "".join(c for c in text if c.isprintable()).strip()
+        if text:
+            return text[:width]
+    return ""
+
+
+def kvm_status(qemu: str = QEMU, timeout: float = KVM_PROBE_SECONDS) -> tuple[bool, str]:
+    """Does KVM really work here, and why (or why not), in a few words? Boots plain OVMF with
+    ``-accel kvm`` (no disk) and waits for its boot manager to speak on the serial console.
+    Not usable when /dev/kvm is missing or unusable, qemu reports "KVM internal error", or nothing
+    appears within ``timeout`` seconds. Cost: ≤ timeout."""
+    if not os.path.exists("/dev/kvm"):
+        return False, "there is no /dev/kvm"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is not readable and writable for this user"
+    if not shutil.which(qemu):
+        return False, f"{qemu} is not installed"
     try:
         code, template = _find(CODE_PLAIN), _find(VARS_PLAIN)
     except ToolMissing:
-        return False
+        return False, "no OVMF firmware to probe KVM with"
     with tempfile.TemporaryDirectory(prefix="reprobuild-kvm-") as tmp:
         vars_copy = Path(tmp) / "vars.fd"
         shutil.copyfile(template, vars_copy)
         cfg = QemuConfig(image=None, memory="256M", cpus=1, qemu=qemu)
         argv = build_qemu_argv(cfg, Firmware(code, vars_copy), "kvm")
         found, _console, errors = _watch(argv, b"BdsDxe", timeout, stop_on=(KVM_FAILED, b"failed to initialize kvm"))
-        return found and KVM_FAILED not in errors
+    if KVM_FAILED in errors:
+        return False, "KVM fails to run the firmware: KVM internal error, as under nested virtualisation"
+    if b"failed to initialize kvm" in errors:
+        return False, "qemu failed to initialise KVM"
+    if not found:
+        return False, f"the KVM probe boot showed nothing in {timeout:.0f}s"
+    return True, "a probe boot ran the firmware under KVM"
 
 
-def resolve_accel(cfg: QemuConfig) -> Accel:
-    """``yes`` → kvm, ``no`` → tcg, ``auto`` → kvm only if ``probe_kvm`` says it really works."""
+def probe_kvm(qemu: str = QEMU, timeout: float = KVM_PROBE_SECONDS) -> bool:
+    """Does KVM really work here? (:func:`kvm_status` without the reason.)"""
+    return kvm_status(qemu, timeout)[0]
+
+
+def resolve_accel(cfg: QemuConfig, say: Say | None = None) -> Accel:
+    """``yes`` → kvm, ``no`` → tcg, ``auto`` → kvm only if :func:`kvm_status` says it really
+    works. ``say`` is told which accelerator and why."""
+    report = say or (lambda _m: None)
     if cfg.kvm == "yes":
+        report("accelerator: kvm (--kvm yes)")
         return "kvm"
     if cfg.kvm == "no":
+        report("accelerator: tcg, software emulation (--kvm no)")
         return "tcg"
-    return "kvm" if probe_kvm(cfg.qemu) else "tcg"
+    report("checking whether KVM works (booting the firmware once)")
+    ok, why = kvm_status(cfg.qemu)
+    report(f"accelerator: kvm ({why})" if ok else
+           f"accelerator: tcg, software emulation, slower ({why}; --kvm no skips the probe)")  # fmt: skip
+    return "kvm" if ok else "tcg"
 
 
 # Console lines after which OVMF will not boot anything: stop waiting early.
@@ -335,14 +379,15 @@ FIRMWARE_GAVE_UP = (b"No bootable option or device was found",)
 
 
 def _boot_once(cfg: QemuConfig, accel: Accel, marker: bytes, timeout: float,
-               stop_on: Sequence[bytes]) -> tuple[bool, bytes, bytes]:  # fmt: skip
+               stop_on: Sequence[bytes], say: Say | None = None) -> tuple[bool, bytes, bytes]:  # fmt: skip
     with prepared_firmware(cfg) as firmware:  # a fresh variable store for every boot
         return _watch(build_qemu_argv(cfg, firmware, accel), marker, timeout,
-                      stop_on=(KVM_FAILED, *stop_on), log=cfg.serial_log)  # fmt: skip
+                      stop_on=(KVM_FAILED, *stop_on), log=cfg.serial_log, say=say)  # fmt: skip
 
 
 def run_until(
-    cfg: QemuConfig, marker: bytes, timeout: float, stop_on: Sequence[bytes] = FIRMWARE_GAVE_UP
+    cfg: QemuConfig, marker: bytes, timeout: float, stop_on: Sequence[bytes] = FIRMWARE_GAVE_UP,
+    say: Say | None = None,
 ) -> tuple[bool, bytes]:
     """Boot headless and watch the serial console for ``marker``; qemu is killed when it appears,
     when a ``stop_on`` pattern appears, at ``timeout`` seconds, or earlier if it exits. Returns
@@ -352,18 +397,20 @@ def run_until(
     nested hosts where KVM works only intermittently) is retried once under TCG.
     """
     _qemu_binary(cfg)
-    accel = resolve_accel(cfg)
-    found, console, errors = _boot_once(cfg, accel, marker, timeout, stop_on)
+    accel = resolve_accel(cfg, say)
+    found, console, errors = _boot_once(cfg, accel, marker, timeout, stop_on, say)
     if accel == "kvm" and cfg.kvm == "auto" and KVM_FAILED in errors:
-        found, console, errors = _boot_once(cfg, "tcg", marker, timeout, stop_on)
+        if say is not None:
+            say("accelerator: tcg, software emulation (KVM failed during the boot: KVM internal error); booting again")
+        found, console, errors = _boot_once(cfg, "tcg", marker, timeout, stop_on, say)
     if not found and errors.strip() and not console:
         raise VmError(f"qemu failed ({accel}): {errors.decode(errors='replace').strip()[:500]}")
     return found, console
 
 
-def run_interactive(cfg: QemuConfig) -> int:
+def run_interactive(cfg: QemuConfig, say: Say | None = None) -> int:
     """Boot with the serial console (and qemu monitor, Ctrl-A c) on this terminal; qemu's exit code."""
     _qemu_binary(cfg)
-    accel = resolve_accel(cfg)
+    accel = resolve_accel(cfg, say)
     with prepared_firmware(cfg) as firmware:
         return subprocess.run(build_qemu_argv(cfg, firmware, accel, serial="mon:stdio"), check=False).returncode

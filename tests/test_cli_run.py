@@ -207,6 +207,15 @@ def test_requirements_missing() -> None:
     assert "reprobuild vm /i/image.raw" in e.value.format_message()
 
 
+def test_host_lacks_hint_never_sends_an_image_without_esp_to_vm() -> None:
+    """vm refuses an image without an ESP and suggests shell; shell must not send it back to vm."""
+    bare = HostFacts(0, ids.Architecture.AMD64, True, True, False, frozenset({"erofs", "vfat"}), frozenset(), True)
+    with pytest.raises(HostCannotRun) as e:
+        nspawn.check_host(replace(FACTS, esp=False), bare)
+    message = e.value.format_message()
+    assert "reprobuild vm" not in message and "no kernel" in message
+
+
 def test_requirements_dm_verity_only_when_known() -> None:
     no_verity = HostFacts(0, ids.Architecture.AMD64, True, True, True, frozenset({"erofs", "vfat"}),
                           frozenset(), True)  # fmt: skip
@@ -282,11 +291,11 @@ def fake_qemu(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Replace vm.run_until / run_interactive; record the QemuConfig they get."""
     seen: dict[str, Any] = {"result": (True, b"")}
 
-    def until(cfg: Any, marker: bytes, timeout: float) -> tuple[bool, bytes]:
+    def until(cfg: Any, marker: bytes, timeout: float, say: Any = None) -> tuple[bool, bytes]:
         seen.update(cfg=cfg, marker=marker, timeout=timeout)
         return seen["result"]
 
-    def interactive(cfg: Any) -> int:
+    def interactive(cfg: Any, say: Any = None) -> int:
         seen["cfg"] = cfg
         return 7
 

@@ -111,7 +111,11 @@ def test_tampered_payload_or_wrong_key_fails(built, tmp_path: Path) -> None:
 def test_check_provenance(built, tmp_path: Path) -> None:
     lock, _lock_path, data, image, manifest, path, pub, _, _ = built
     assert check_provenance(path, lock, data, image, manifest, pub).passed is True
-    assert check_provenance(path, lock, data, image, manifest, None).passed is None
+    # Signed, but nothing to check the signature with: a failure unless the user allows it by name.
+    unchecked = check_provenance(path, lock, data, image, manifest, None)
+    assert unchecked.passed is False and "--allow-unsigned provenance" in unchecked.detail
+    allowed = check_provenance(path, lock, data, image, manifest, None, allow_unsigned=True)
+    assert allowed.passed is None and allowed.reason == "--allow-unsigned provenance"
     other_lock = make_lock(extra="hello")
     bad = check_provenance(path, other_lock, data + b" ", image, manifest, pub)
     assert bad.passed is False and "another lock" in bad.detail
@@ -119,3 +123,16 @@ def test_check_provenance(built, tmp_path: Path) -> None:
     assert bad.passed is False and "sha256" in bad.detail
     _, other = keys.generate_keypair(tmp_path / "k2")
     assert check_provenance(path, lock, data, image, manifest, other).passed is False
+
+
+def test_provenance_does_not_import_verify() -> None:
+    """verify imports provenance's check; the check-result type lives in checkresult, so the import
+    goes one way (also not through an import inside a function)."""
+    import ast
+
+    import reprobuild.provenance as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "reprobuild.verify" not in imported and "reprobuild.checkresult" in imported

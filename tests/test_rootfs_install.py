@@ -242,3 +242,29 @@ def test_interrupt_leaves_nothing(tmp_path: Path, base: Path) -> None:
         build_tree(plan, paths.__getitem__, tmp_path / "tree", TreeSettings(), EPOCH, progress=interrupt)
     assert not (tmp_path / "tree").exists()
     assert _leftovers(tmp_path) == [] and _mounts_under(tmp_path) == []
+
+
+def test_progress_in_a_log_is_a_few_lines_per_stage(tmp_path: Path, base: Path) -> None:
+    """Extraction and installation report progress updates; a log reporter collapses them to a
+    start and a summary line per stage, never a line per package."""
+    from reprobuild.progress import PlainProgress, Update
+
+    debs = [base] + [dpkg_deb_build(tmp_path, f"p{i}") for i in range(6)]
+    plan, paths = plan_from_debs(debs)
+    said: list[str] = []
+    out = io.StringIO()
+    log = PlainProgress(out, interval=3600)
+
+    def both(message: str) -> None:
+        said.append(message)
+        log(message)
+
+    build_tree(plan, paths.__getitem__, tmp_path / "tree", TreeSettings(), EPOCH, progress=both)
+    log.close()
+    stages = {m.stage for m in said if isinstance(m, Update)}
+    assert {"extracting", "installing"} <= stages
+    assert [m for m in said if isinstance(m, Update) and m.final]  # each stage says it is over
+    lines = out.getvalue().splitlines()
+    assert not any(f"p{i}" in ln for ln in lines for i in range(6)), lines
+    assert [ln for ln in lines if ln.startswith("installing: ")][-1].startswith(f"installing: {len(plan)}/{len(plan)} packages")
+    assert len(lines) <= 6, lines

@@ -383,6 +383,27 @@ def test_stats(store: Store) -> None:
     store.register_root("r", [])
     st = store.stats()
     assert (st.objects, st.bytes, st.roots, st.temporaries, st.trees) == (3, 6000, 1, 0, 0)
+    assert st.trees_bytes == st.indices_bytes == 0 and st.disk_bytes >= 6000
+
+
+def test_stats_count_trees_and_indices_on_disk(store: Store) -> None:
+    """Everything the store holds is counted: extracted trees (hard links once) and the index cache."""
+    sha = fill(store, 1)[0]
+    tmp = store.new_tmp_dir("tree")
+    (tmp / "big").write_bytes(b"t" * 300_000)
+    os.link(tmp / "big", tmp / "same")
+    store.publish_tree(tmp, sha)
+    (store.root / "indices").mkdir()
+    (store.root / "indices" / "Packages").write_bytes(b"i" * 200_000)
+    st = store.stats()
+    assert 300_000 <= st.trees_bytes < 400_000  # the hard link is not counted twice
+    assert 200_000 <= st.indices_bytes < 300_000
+    assert st.disk_bytes >= st.trees_bytes + st.indices_bytes + 2000
+    _, out = run_cli("store", "stats", "--store", str(store.root))
+    from reprobuild.progress import format_bytes
+
+    assert f"extracted tree(s) of the build cache {format_bytes(st.trees_bytes)}" in out
+    assert f"repository indices {format_bytes(st.indices_bytes)}" in out and "on disk in all" in out
 
 
 def test_extracted_trees_publish_race_and_removal(store: Store) -> None:
@@ -448,3 +469,33 @@ def test_cli_via_main_exit_codes(store: Store) -> None:
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 1
     assert "corrupt" in bad.stdout and "1 corrupt object(s) found" in bad.stderr
+
+
+def test_gc_dry_run_says_what_each_object_is(store: Store, tmp_path: Path) -> None:
+    """Not bare hashes: a package by name and version, a cache entry by its stage, else the format."""
+    from tests.test_deb import dpkg_deb_build
+
+    deb = store.put_file(dpkg_deb_build(tmp_path, "libdemo"))
+    blob = store.put_bytes(b"no format at all")
+    cached = store.put_bytes(b"an initrd")
+    (store.root / "cache" / "initrd").mkdir(parents=True)
+    (store.root / "cache" / "initrd" / ("0" * 64 + ".json")).write_text(json.dumps({"object": cached, "meta": {}}))
+    _, out = run_cli("store", "gc", "--store", str(store.root), "--dry-run")
+    lines = {ln.split()[2][7:23]: ln for ln in out.splitlines() if ln.startswith("would remove sha256:")}
+    assert "package libdemo 1.0 " in lines[deb[:16]]
+    assert lines[cached[:16]].endswith("initrd (build cache)")
+    assert lines[blob[:16]].endswith("data, 16 B")
+    _, out = run_cli("store", "gc", "--store", str(store.root), "--dry-run", "--json")
+    assert json.loads(out)["objects"][deb].startswith("package libdemo 1.0 ")
+    assert store.has(deb) and store.has(cached)
+
+
+def test_verify_reports_progress_per_object(store: Store) -> None:
+    from reprobuild.progress import Update
+
+    fill(store, 3)
+    said: list[str] = []
+    assert store.verify(said.append).ok
+    updates = [m for m in said if isinstance(m, Update)]
+    assert {u.stage for u in updates} == {"hashing objects"} and all(u.total == 3 for u in updates)
+    assert [u.done for u in updates] == [1, 2, 3, 3] and updates[-1].final

@@ -190,15 +190,62 @@ def test_text_output_names_each_check(fx: Fixture, capsys: pytest.CaptureFixture
                       "--certificate", str(fx.verity_crt), "--certificate", str(fx.sb_crt)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "PASS  verity-root-hash" in out and "SKIP  rebuild" in out and "verified" in out
+    assert "PASS  verity-root-hash" in out and "SKIP  rebuild" in out
+    assert out.strip().splitlines()[-1] == (f"{fx.image}: verified: 10 checks passed; "
+                                            "not checked: rebuild (--no-rebuild)")
 
 
-def test_without_trust_anchors_nothing_fails_but_trust_is_skipped(fx: Fixture) -> None:
+def test_without_trust_anchors_present_signatures_fail(fx: Fixture, capsys: pytest.CaptureFixture[str]) -> None:
+    """Fail closed: the lock .sig, the verity signature and the signed UKI are present, none can be
+    checked without a key/certificate, so each fails and the exit status is 1."""
     report = verify_image(fx.image, fx.lock)
     s = {c.name: c.status for c in report.checks}
-    assert s["lock-signature"] == s["verity-signature"] == s["uki-signature"] == "skipped"
+    assert s["lock-signature"] == s["verity-signature"] == s["uki-signature"] == "failed"
     assert "embedded certificate" in report.check("verity-signature").detail
-    assert report.ok  # nothing failed; the report says what was not checked
+    assert "--allow-unsigned verity" in report.check("verity-signature").detail
+    assert not report.ok
+    code = call_main(["verify", str(fx.image), "--lock", str(fx.lock), "--no-rebuild"])
+    out = capsys.readouterr().out
+    assert code == 1
+    last = out.strip().splitlines()[-1]
+    assert "NOT verified: 3 of " in last and "lock-signature, verity-signature, uki-signature" in last
+    assert last.endswith("not checked: rebuild (--no-rebuild)")
+
+
+def test_allow_unsigned_names_what_it_allows(fx: Fixture, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["verify", str(fx.image), "--lock", str(fx.lock), "--no-rebuild", "--allow-unsigned", "lock",
+            "--allow-unsigned", "verity"]
+    assert call_main(argv) == 1  # the UKI's signature is still unchecked and not allowed
+    assert "(uki-signature)" in capsys.readouterr().out
+    assert call_main([*argv, "--allow-unsigned", "uki"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (f"{fx.image}: verified: 7 checks passed; not checked: lock-signature (--allow-unsigned lock), "
+                    "verity-signature (--allow-unsigned verity), uki-signature (--allow-unsigned uki), "
+                    "rebuild (--no-rebuild)")
+    code = call_main([*argv, "--allow-unsigned", "uki", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["summary"] == last.split(": ", 1)[1]
+    assert {"name": "rebuild", "reason": "--no-rebuild"} in data["not_checked"]
+
+
+def test_unsigned_lock_without_key_is_reported_not_failed(fx: Fixture) -> None:
+    fx.lock.with_name("reprobuild.lock.sig").unlink()
+    report = verify_image(fx.image, fx.lock, None, fx.certs())
+    c = report.check("lock-signature")
+    assert c.passed is None and c.reason == "the lock is unsigned"
+    assert report.ok and "lock-signature (the lock is unsigned)" in report.summary
+
+
+def test_quiet_prints_nothing_on_success_and_the_verdict_on_failure(fx: Fixture,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    ok = ["verify", str(fx.image), "--lock", str(fx.lock), "--trusted-key", str(fx.pub), "--no-rebuild",
+          "--certificate", str(fx.verity_crt), "--certificate", str(fx.sb_crt), "-q"]
+    assert call_main(ok) == 0
+    assert capsys.readouterr().out == ""
+    assert call_main(["verify", str(fx.image), "--lock", str(fx.lock), "--no-rebuild", "-q"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(ln.startswith("FAIL") for ln in lines[:3])
+    assert "NOT verified" in lines[-1] and "not checked: rebuild (--no-rebuild)" in lines[-1]
 
 
 # -- each tamper case fails with the right check named -------------------------------------------
@@ -324,3 +371,11 @@ def test_library_report_api(fx: Fixture) -> None:
     assert report.check("verity-root-hash").passed is True
     assert report.as_json()["schema"] == "reprobuild-verify/1"
     assert lock_digest(make_lock()) == "sha256:" + hashlib.sha256(dumps(make_lock())).hexdigest()
+
+
+def test_trusted_key_given_a_certificate_says_so(fx: Fixture, capsys: pytest.CaptureFixture[str]) -> None:
+    code = call_main(["verify", str(fx.image), "--lock", str(fx.lock), "--trusted-key", str(fx.verity_crt),
+                      "--certificate", str(fx.verity_crt), "--certificate", str(fx.sb_crt), "--no-rebuild", "--json"])
+    detail = {c["name"]: c["detail"] for c in json.loads(capsys.readouterr().out)["checks"]}["lock-signature"]
+    assert code == 1 and "X.509 certificate, not the lock's ed25519 public key" in detail
+    assert "private key" not in detail

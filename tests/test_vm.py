@@ -220,8 +220,33 @@ def test_run_until_timeout(tmp_path: Path) -> None:
 
 
 def test_run_until_falls_back_to_tcg_when_kvm_breaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("reprobuild.vm.probe_kvm", lambda qemu: True)  # a probe that passed
-    found, _ = run_until(_fake_cfg(tmp_path, FAKE_QEMU, kvm="auto"), b"MARKER-42", timeout=30)
+    monkeypatch.setattr("reprobuild.vm.kvm_status", lambda qemu: (True, "probed"))  # a probe that passed
+    said: list[str] = []
+    found, _ = run_until(_fake_cfg(tmp_path, FAKE_QEMU, kvm="auto"), b"MARKER-42", timeout=30, say=said.append)
     assert found
+    lines = [m for m in said if m.startswith("accelerator")]
+    assert lines[0] == "accelerator: kvm (probed)" and "tcg" in lines[1] and "KVM internal error" in lines[1]
+    # and progress while waiting: updates of the "booting" stage with the console's last line
+    from reprobuild.progress import Update
+
+    updates = [m for m in said if isinstance(m, Update)]
+    assert updates and all(u.stage == "booting" and u.total == 30 for u in updates)
     with pytest.raises(VmError, match="KVM internal error"):
         run_until(_fake_cfg(tmp_path, FAKE_QEMU, kvm="yes"), b"MARKER-42", timeout=30)
+
+
+def test_resolve_accel_says_which_and_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    said: list[str] = []
+    assert resolve_accel(QemuConfig(image=None, kvm="no"), said.append) == "tcg"
+    assert said == ["accelerator: tcg, software emulation (--kvm no)"]
+    monkeypatch.setattr("reprobuild.vm.kvm_status", lambda qemu: (False, "there is no /dev/kvm"))
+    said.clear()
+    assert resolve_accel(QemuConfig(image=None, kvm="auto"), said.append) == "tcg"
+    assert said[-1] == "accelerator: tcg, software emulation, slower (there is no /dev/kvm; --kvm no skips the probe)"
+
+
+def test_last_line() -> None:
+    from reprobuild.vm import last_line
+
+    assert last_line(b"BdsDxe: loading\r\n\x1b[0mWelcome to Debian\r\n\r\n") == "Welcome to Debian"
+    assert last_line(b"") == ""

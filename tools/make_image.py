@@ -27,7 +27,7 @@ from reprobuild.errors import ReprobuildError
 from reprobuild.fetch import FetchFailed
 from reprobuild.lock import LockOptions, lock_spec
 from reprobuild.lockfile import load_lock, save_lock
-from reprobuild.progress import make_progress
+from reprobuild.progress import make_reporter
 from reprobuild.store import Store
 
 
@@ -57,8 +57,14 @@ def build(directory: Path, output: Path, store: Store) -> Path:
     spec = load_spec(directory)
     ensure_keys(spec)
     lock = load_lock(spec.lock_path)
-    result = build_locked(spec, lock, store, BuildOptions(output_dir=output), say=say,
-                          fetch_progress=make_progress(False))
+    # One reporter for messages, stage progress and downloads: a live status per stage on a
+    # terminal, a few lines per stage in a log.
+    reporter = make_reporter(False)
+    try:
+        result = build_locked(spec, lock, store, BuildOptions(output_dir=output), say=reporter,
+                              fetch_progress=reporter)
+    finally:
+        reporter.close()
     return result.outputs[spec.build.format]
 
 

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from reprobuild.cli import cli
 from reprobuild.cli.options import directory_option, json_option, quiet_option, store_option
+
+if TYPE_CHECKING:
+    from reprobuild.config import ImageSpec
+    from reprobuild.progress import Reporter
+    from reprobuild.store import Store
 
 
 @cli.command("build")
@@ -52,16 +59,29 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
 
     Without --locked a missing or out-of-date lock is (re)created first, keeping pinned versions.
     """
-    from reprobuild.build import BuildOptions, build_locked
     from reprobuild.config import load_spec
-    from reprobuild.lock import LockOptions, lock_spec
-    from reprobuild.lockfile import load_lock, save_lock
-    from reprobuild.progress import make_progress
+    from reprobuild.progress import make_reporter
     from reprobuild.store import Store
 
     spec = load_spec(directory)
     store = Store(store_path or Store.default_root())
-    say = (lambda _m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
+    # One reporter for messages, stage progress and downloads: live status lines on a terminal,
+    # a few lines per stage in a log.
+    say = make_reporter(quiet or as_json)
+    try:
+        _build(spec, store, say, locked, fmt, output_dir, offline, jobs, substituters, no_cache, as_json, quiet)
+    finally:
+        say.close()
+
+
+def _build(spec: ImageSpec, store: Store, say: Reporter, locked: bool, fmt: str | None, output_dir: Path | None,
+           offline: bool, jobs: int, substituters: tuple[str, ...], no_cache: bool, as_json: bool,
+           quiet: bool) -> None:  # fmt: skip
+    from reprobuild.build import BuildOptions, build_locked
+    from reprobuild.keys import provenance_signer
+    from reprobuild.lock import LockOptions, lock_spec, save_signed_lock, unsigned_note
+    from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock
+
     lock_path = spec.lock_path
     if locked:
         lock = load_lock(lock_path)
@@ -70,14 +90,20 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
         if previous is None or previous.config_digest != spec.digest():
             say("locking: the lock is missing or out of date")
             lock = lock_spec(spec, previous, LockOptions(progress=say, index_cache=store.root / "indices")).lock
-            save_lock(lock, lock_path)
+            # As for the provenance: a configured key that is not at hand signs nothing (noted).
+            signer, note = provenance_signer(spec.signing.lock_key, os.environ, "the new lock")
+            if note:
+                say(note)
+            saved = save_signed_lock(lock, lock_path, signer)
+            if saved.removed_signature and not as_json:
+                click.echo(unsigned_note(lock_path.with_name(lock_path.name + SIGNATURE_SUFFIX)), err=True)
         else:
             lock = previous
     started = time.monotonic()
     options = BuildOptions(output_dir=output_dir or (spec.directory / "out"), format=fmt, offline=offline,
                            jobs=jobs, substituters=substituters, argv=tuple(sys.argv), cache=not no_cache)
-    result = build_locked(spec, lock, store, options, say=say,
-                          fetch_progress=make_progress(quiet or as_json))
+    result = build_locked(spec, lock, store, options, say=say, fetch_progress=say)
+    say.close()
     elapsed = time.monotonic() - started
     if as_json:
         click.echo(json.dumps({"outputs": {k: str(v) for k, v in result.outputs.items()},

@@ -63,8 +63,9 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     from reprobuild.config import load_spec
     from reprobuild.errors import UsageError
     from reprobuild.fileio import write_atomic
-    from reprobuild.lock import LockOptions, check_lock_current, lock_spec
-    from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock, save_lock
+    from reprobuild.lock import LockOptions, check_lock_current, lock_spec, save_signed_lock, unsigned_note
+    from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock
+    from reprobuild.progress import set_counts
     from reprobuild.signer import key_file_warning
     from reprobuild.store import Store
 
@@ -87,10 +88,10 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
             signer = keys.verify_lock(data, sig_path.read_bytes(), str(sig_path), keys.load_trusted_keys(trusted_key))
         check_lock_current(spec, lock)
         result = {"lock": str(lock_path), "signature": f"verified ({signer})" if signer else "not checked",
-                  "config": "current", "packages": sum(len(s.packages) for s in lock.sets)}
+                  "config": "current", "sets": {s.name: len(s.packages) for s in lock.sets}}
         click.echo(json.dumps(result, indent=2) if as_json else
-                   f"{lock_path}: signature {result['signature']}, configuration current, "
-                   f"{result['packages']} packages")
+                   f"{lock_path}: signature {result['signature']}, configuration current; "
+                   f"packages: {set_counts(result['sets'].items())}")
         return
 
     key_source = sign_key or spec.signing.lock_key
@@ -114,15 +115,16 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     options = LockOptions(update=update and not packages, update_packages=packages,
                           progress=_say(quiet or as_json), index_cache=store.root / "indices")
     result = lock_spec(spec, previous, options)
-    data = save_lock(result.lock, lock_path)
-    signed = False
-    if lock_signer is not None:
-        write_atomic(sig_path, keys.sign_lock(data, lock_signer))
-        signed = True
+    saved = save_signed_lock(result.lock, lock_path, lock_signer)
+    signed = saved.signed
+    if saved.removed_signature and not as_json:
+        click.echo(unsigned_note(sig_path), err=True)
     elapsed = time.monotonic() - started
     summary = {
         "lock": str(lock_path),
         "signed": signed,
+        "changed": saved.changed,
+        "removed_stale_signature": saved.removed_signature,
         "config_digest": result.lock.config_digest,
         "source_date_epoch": result.lock.source_date_epoch,
         "sets": {s.name: len(s.packages) for s in result.lock.sets},
@@ -140,6 +142,5 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
                 click.echo(f"  - {change.name} {change.old}")
             else:
                 click.echo(f"  ~ {change.name} {change.old} -> {change.new}")
-        sets = ", ".join(f"{n}: {c} packages" for n, c in summary["sets"].items())
-        click.echo(f"wrote {lock_path}{' (signed)' if signed else ''}: {sets} in {elapsed:.1f}s",
-                   file=sys.stdout)
+        click.echo(f"wrote {lock_path}{' (signed)' if signed else ''} in {elapsed:.1f}s; "
+                   f"packages: {set_counts(summary['sets'].items())}", file=sys.stdout)

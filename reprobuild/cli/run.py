@@ -159,6 +159,7 @@ def vm_command(image: Path, secure_boot: bool, certificate: Path | None, directo
       reprobuild vm out/image.raw --secure-boot --expect 'login:' --timeout 300
     """
     from reprobuild import vm
+    from reprobuild.progress import make_reporter
 
     if (timeout is not None or console_log is not None) and expect is None:
         raise UsageError("--timeout and --console-log go with --expect TEXT")
@@ -174,10 +175,15 @@ def vm_command(image: Path, secure_boot: bool, certificate: Path | None, directo
                         serial_log=console_log, extra_args=tuple(qemu_args))  # fmt: skip
     if expect is None:
         say("serial console follows; Ctrl-A x quits, Ctrl-A c is the qemu monitor")
-        return vm.run_interactive(cfg)
+        return vm.run_interactive(cfg, say)
     limit = timeout if timeout is not None else DEFAULT_EXPECT_TIMEOUT
     started = time.monotonic()
-    found, console = vm.run_until(cfg, expect.encode(), limit)
+    # A live status while waiting (seconds, the console's last line); a few lines in a log.
+    reporter = make_reporter(False)
+    try:
+        found, console = vm.run_until(cfg, expect.encode(), limit, say=reporter)
+    finally:
+        reporter.close()
     elapsed = time.monotonic() - started
     if found:
         click.echo(f"found {expect!r} on the console after {elapsed:.1f}s")

@@ -64,24 +64,34 @@ def store_stats_command(store_path: Path | None, as_json: bool) -> None:
     if as_json:
         _echo_json(st.as_json())
     else:
-        click.echo(f"{st.root}: {st.objects} object(s), {format_bytes(st.bytes)} ({st.bytes} bytes), "
-                   f"{st.roots} gc root(s), {st.trees} extracted tree(s) of the build cache, "
+        click.echo(f"{st.root}: {st.objects} object(s) {format_bytes(st.bytes)}, {st.trees} extracted tree(s) "
+                   f"of the build cache {format_bytes(st.trees_bytes)}, repository indices "
+                   f"{format_bytes(st.indices_bytes)}, {st.roots} gc root(s), "
                    f"{st.scratch} scratch dir(s) ({st.scratch_dead} left by dead processes, removed by the "
-                   f"next fetch, build or gc), {format_bytes(st.scratch_bytes)} in scratch space")
+                   f"next fetch, build or gc) {format_bytes(st.scratch_bytes)}; "
+                   f"{format_bytes(st.disk_bytes)} on disk in all")
 
 
 @store_group.command("verify")
 @store_option
 @json_option
-def store_verify_command(store_path: Path | None, as_json: bool) -> None:
+@quiet_option
+def store_verify_command(store_path: Path | None, as_json: bool, quiet: bool) -> None:
     """Rehash every object; move corrupt ones to quarantine/. Compare every extracted tree of the
     build cache with its object and remove any that differs. Exit status 1 if anything was wrong."""
     from reprobuild.cache import Cache
     from reprobuild.errors import StoreError
+    from reprobuild.progress import make_reporter
 
     store = open_store(store_path)
-    report = store.verify()
-    trees = Cache(store).verify_trees()
+    say = make_reporter(quiet or as_json)
+    try:
+        report = store.verify(say)
+        say.stage_started("comparing extracted trees")
+        trees = Cache(store).verify_trees()
+        say.stage_finished(f"{len(trees)} removed")
+    finally:
+        say.close()
     if as_json:
         _echo_json({**report.as_json(), "ok": report.ok and not trees,
                     "trees_removed": [{"object": sha, "reason": why} for sha, why in trees]})
@@ -112,14 +122,18 @@ def store_gc_command(store_path: Path | None, keep: tuple[Path, ...], dry_run: b
     Roots are the locks named with --keep, the locks registered by earlier builds (see
     roots/ in the store) and keyed entries such as repository indices."""
     from reprobuild.progress import format_bytes
+    from reprobuild.storeinfo import describe_objects
 
-    report = open_store(store_path).gc(_lock_shas(keep), dry_run=dry_run)
+    store = open_store(store_path)
+    report = store.gc(_lock_shas(keep), dry_run=dry_run)
+    described = describe_objects(store, report.removed) if dry_run else {}  # a dry run keeps them to look at
     if as_json:
-        _echo_json(report.as_json())
+        _echo_json({**report.as_json(), "objects": {sha: described.get(sha) for sha in report.removed}}
+                   if dry_run else report.as_json())
         return
     verb = "would remove" if dry_run else "removed"
     for sha in report.removed:
-        click.echo(f"{verb} sha256:{sha}")
+        click.echo(f"{verb} sha256:{sha[:16]}…  {described[sha]}" if sha in described else f"{verb} sha256:{sha}")
     click.echo(f"{verb} {len(report.removed)} object(s), {format_bytes(report.freed_bytes)}; "
                f"kept {report.kept}")
 

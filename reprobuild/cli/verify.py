@@ -10,6 +10,7 @@ import click
 
 from reprobuild.cli import cli
 from reprobuild.cli.options import directory_option, json_option, quiet_option, store_option
+from reprobuild.verify import UNSIGNED_KINDS
 
 _MARKS = {"passed": ("PASS", "green"), "failed": ("FAIL", "red"), "skipped": ("SKIP", "yellow")}
 
@@ -33,6 +34,10 @@ def _say(quiet: bool):
 @click.option("--provenance", type=click.Path(dir_okay=False, path_type=Path),
               help="Also check this in-toto provenance (DSSE envelope) against the lock and image.")
 @click.option("--no-rebuild", is_flag=True, help="Skip the independent rebuild.")
+@click.option("--allow-unsigned", "allow_unsigned", multiple=True,
+              type=click.Choice(UNSIGNED_KINDS),
+              help="Do not fail when this signature is present but no trusted key/certificate was given to "
+                   "check it (repeatable); the summary names it as not checked.")
 @click.option("-C", "--directory", "definition", type=click.Path(file_okay=False, path_type=Path),
               help="Image definition for the rebuild [default: the lock's directory].")
 @store_option
@@ -43,8 +48,8 @@ def _say(quiet: bool):
 @click.pass_context
 def verify_command(ctx: click.Context, image: Path, lock_path: Path, trusted_key: Path | None,
                    certificates: tuple[Path, ...], manifest: Path | None, provenance: Path | None,
-                   no_rebuild: bool, definition: Path | None, store_path: Path | None, bundle: Path | None,
-                   as_json: bool, quiet: bool) -> None:  # fmt: skip
+                   no_rebuild: bool, allow_unsigned: tuple[str, ...], definition: Path | None,
+                   store_path: Path | None, bundle: Path | None, as_json: bool, quiet: bool) -> None:  # fmt: skip
     """Check IMAGE against the lock it claims to come from, and report each check.
 
     \b
@@ -55,24 +60,33 @@ def verify_command(ctx: click.Context, image: Path, lock_path: Path, trusted_key
     in a fresh directory with a fresh store (or --store/--bundle), compared byte for
     byte, with the diff's summary when it differs.
     IMAGE may also be a tar, cpio or directory output.
-    Exit status: 0 only if no check failed.
+    A signature that is present but cannot be checked (no --trusted-key or
+    --certificate for it) fails unless --allow-unsigned names it. The last line
+    says what was checked and what was not (with -q: only on failure).
+    Exit status: 0 only if every check that applies passed.
     """
+    from reprobuild.progress import make_reporter
     from reprobuild.verify import VerifyOptions, verify_image
 
     options = VerifyOptions(manifest=manifest, rebuild=not no_rebuild, definition=definition, store=store_path,
-                            bundle=bundle, provenance=provenance)  # fmt: skip
-    report = verify_image(image, lock_path, trusted_key, certificates, options, say=_say(quiet or as_json))
+                            bundle=bundle, provenance=provenance, allow_unsigned=frozenset(allow_unsigned))  # fmt: skip
+    say = make_reporter(quiet or as_json)
+    try:
+        report = verify_image(image, lock_path, trusted_key, certificates, options, say=say, fetch_progress=say)
+    finally:
+        say.close()
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
-    else:
+    elif not (quiet and report.ok):
         colour = sys.stdout.isatty()
         for c in report.checks:
+            if quiet and c.passed is not False:
+                continue
             mark, fg = _MARKS[c.status]
             click.echo(f"{click.style(mark, fg=fg, bold=True) if colour else mark}  {c.name:<20} {c.detail}")
         if report.diff_summary:
             click.echo("\nThe rebuild differs:\n" + report.diff_summary)
-        verdict = "verified" if report.ok else f"NOT verified: {len(report.failures)} check(s) failed"
-        click.echo(f"{image}: {verdict}")
+        click.echo(f"{image}: {report.summary}")
     ctx.exit(0 if report.ok else 1)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from reprobuild.debian.deb import DebFile
 from reprobuild.errors import BuildError
+from reprobuild.progress import Update
 from reprobuild.rootfs.plan import PlannedPackage
 from reprobuild.rootfs.sandbox import Bind, Result, run_in_tree
 from reprobuild.rootfs.unpack import TreeWriter, extract_tar
@@ -156,11 +157,12 @@ def extract_essential(tree: Path, essential: Sequence[PlannedPackage], deb_path:
                       progress: Callable[[str], None]) -> None:
     """Step 1: unpack the data.tar of each package of the Essential closure, in the given order (pure Python)."""
     writer = TreeWriter(tree)
-    for i, p in enumerate(essential, 1):
-        progress(f"extracting {p.name} ({i}/{len(essential)})")
+    for i, p in enumerate(essential):
+        progress(Update("extracting", i, len(essential), "packages", p.name))
         with DebFile(deb_path(p.sha256)) as deb, deb.open_tar("data") as tf:
             extract_tar(tf, writer, p.name)
     writer.finish()
+    progress(Update("extracting", len(essential), len(essential), "packages"))
 
 
 def prepare_dpkg(tree: Path, arch: str) -> None:
@@ -284,12 +286,18 @@ def install(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[
         stage = Path(stage_dir)
         _stage_debs(packages, deb_path, stage)
         inst = Installer(tree, stage, env, hostname, progress)
-        progress(f"installing {len(essential)} Essential packages")
+        total = len(packages)
+        progress(Update("installing", 0, total, "packages", f"{len(essential)} Essential",
+                        text=f"installing {len(essential)} Essential packages"))  # fmt: skip
         inst.dpkg("--install (Essential)", ["--install", "--force-depends", *inst.debs(essential)])
+        done = len(essential)
         for i, layer in enumerate(layers(others, {p.name for p in essential}), 1):
-            progress(f"installing layer {i}: {', '.join(p.name for p in layer)}")
+            names = ", ".join(p.name for p in layer)
+            progress(Update("installing", done, total, "packages", names, text=f"installing layer {i}: {names}"))
             inst.dpkg("--unpack", ["--unpack", *inst.debs(layer)])
             inst.dpkg("--configure", ["--configure", "--pending"])
+            done += len(layer)
+        progress(Update("installing", total, total, "packages"))
         # Anything left half-installed or with pending triggers is a bug in the plan: say so.
         audit = run_in_tree(tree, ["dpkg", "--audit"], env, hostname=hostname)
         if audit.returncode != 0 or audit.output.strip():
