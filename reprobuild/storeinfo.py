@@ -14,14 +14,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from reprobuild.cache import INDEX_DIR, STAGES
+from reprobuild.cache import INDEX_DIR
 from reprobuild.errors import ReprobuildError
+from reprobuild.manifest import OUTPUT_FILES
 from reprobuild.progress import format_bytes
 from reprobuild.store import Store
 
 _STAGE_WORDS = {"install": "installed packages tree", "tree": "configured root tree", "tools": "tools tree",
                 "initrd": "initrd", "esp": "ESP with the UKI"}  # fmt: skip
-_OUTPUT_NAMES = {"disk": "image.raw", "ddi": "image.raw", "tar": "image.tar", "cpio": "image.cpio"}
+# Output stages → the output format whose file their object is.
+_OUTPUT_STAGES = {"ddi": "disk", "tar": "tar", "cpio": "cpio"}
+# Index directories that hold no stage entries.
+_NOT_STAGES = ("outputs", "explain")
 
 
 def sniff(path: Path) -> str:
@@ -57,11 +61,11 @@ def _describe_entry(store: Store, stage: str, meta: dict[str, Any]) -> str:
         of = sniff(store.path(deb)) if isinstance(deb, str) and store.has(deb) else "a .deb no longer in the store"
         return f"unpacked payload of {of} (build cache)"
     if stage == "fs":
-        kind = meta.get("fs", {}).get("kind", "root") if isinstance(meta.get("fs"), dict) else "root"
+        kind = meta.get("fs", {}).get("type", "root") if isinstance(meta.get("fs"), dict) else "root"
         return f"{kind} file system (build cache)"
-    if stage == "output":
-        manifest = meta.get("manifest") if isinstance(meta.get("manifest"), dict) else {}
-        name = _OUTPUT_NAMES.get(str(manifest.get("format")), "image")
+    if stage in _OUTPUT_STAGES:
+        manifest = meta  # the output stage's metadata: what the manifest records of the disk
+        name = OUTPUT_FILES[_OUTPUT_STAGES[stage]]
         facts = [str(manifest[k]) for k in ("architecture",) if manifest.get(k)]
         if manifest.get("root_hash"):
             facts.append(f"root hash {str(manifest['root_hash'])[:12]}…")
@@ -76,7 +80,9 @@ def describe_objects(store: Store, shas: Iterable[str]) -> dict[str, str]:
     wanted = set(shas)
     out: dict[str, str] = {}
     index = store.root / INDEX_DIR
-    for stage in STAGES:
+    stages = sorted(d.name for d in index.iterdir() if d.is_dir() and d.name not in _NOT_STAGES) \
+        if index.is_dir() else []
+    for stage in stages:
         for entry in sorted((index / stage).glob("*.json")):
             try:
                 doc = json.loads(entry.read_text())
