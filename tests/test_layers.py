@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "reprobuild"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # errors, streaming hashes and atomic writes, INI parsing, canonical JSON, code digests:
     # the standard library only.
-    ("core", ("reprobuild", "errors", "fileio", "ini", "digest", "codedigest")),
+    ("core", ("reprobuild", "errors", "fileio", "ini", "digest", "codedigest", "checkresult")),
     # Pure formats and their thin I/O: Debian metadata and packages, image formats, keys, X.509.
     ("formats", ("debian", "debian.*", "image", "image.*", "keys", "x509", "sshsig", "sshagent", "signer", "pkcs11uri",
                  "pkcs11key")),
@@ -38,7 +38,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # The build's stages, one module each (a stage never imports another stage).
     ("stages", ("stages", "stages.*")),
     # Commands' library halves: lock, build (plan + run + publish), verify, check, attestations.
-    ("commands", ("lock", "build", "provenance", "sbom", "verify", "check", "vm", "nspawn")),
+    ("commands", ("lock", "build", "provenance", "sbom", "verify", "check", "vm", "nspawn", "storeinfo")),
     # The command line: parses, calls, renders.
     ("cli", ("cli", "cli.*", "__main__")),
 )
