@@ -76,7 +76,7 @@ class InitrdStage(Stage):
         modules = self._modules(ctx, up)
         package_set = ctx.lock.package_set("initrd")
         initrd_tree = ctx.work / "initrd-tree"
-        ctx.say(f"building the initrd tree (initrd {len(package_set.packages)} packages)")
+        ctx.say(f"building the initrd tree (initrd {len(package_set.packages)})")
         build_tree(planned_packages(package_set), ctx.cache.deb_path, initrd_tree, TreeSettings(machine_id=""),
                    ctx.epoch, progress=ctx.say)
         try:

@@ -28,7 +28,7 @@ class LockedToolsStage(Stage):
 
     def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
         tools = ctx.lock.package_set("tools")
-        ctx.say(f"building the tools tree (tools {len(tools.packages)} packages from {tools.release})")
+        ctx.say(f"building the tools tree (tools {len(tools.packages)}, from {tools.release})")
         build_tree(planned_packages(tools), ctx.cache.deb_path, out, TreeSettings(), ctx.epoch, progress=ctx.say)
         return {"versions": {p.name: p.version for p in tools.packages}}
 
