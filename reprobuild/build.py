@@ -37,6 +37,8 @@ from reprobuild.pipeline.stage import Stage
 from reprobuild.provenance import write_provenance
 from reprobuild.rootfs.overlay import enter_private_mount_namespace, unavailable_reason
 from reprobuild.stages.archives import CpioStage, TarStage
+from reprobuild.stages.buildenv import BuildEnvStage
+from reprobuild.stages.buildscripts import BuildScriptsStage
 from reprobuild.stages.configure import ConfigureStage
 from reprobuild.stages.ddi import DdiStage
 from reprobuild.stages.disksettings import choose_verity, is_bootable
@@ -61,6 +63,7 @@ class BuildOptions:
     jobs: int = 4
     substituters: tuple[str, ...] = ()
     cache: bool = True  # False: --no-cache (no lookups, no saves)
+    shell_on_failure: bool = False  # a failing build script opens a shell in its build environment
     argv: tuple[str, ...] = ()  # the command line, recorded in the provenance statement
 
 
@@ -77,7 +80,13 @@ def plan(spec: ImageSpec, lock: Lock, fmt: str) -> list[Stage]:
     """The stages that make ``fmt`` from ``lock``, in order; the last one's artifact is the
     output. The only place that branches on the output format."""
     tree_cached = fmt == "directory"  # only then is the configured tree itself worth storing
-    stages: list[Stage] = [InstallStage(), ConfigureStage(cacheable=tree_cached)]
+    stages: list[Stage] = []
+    builds = bool(spec.content.build_scripts)
+    if builds:
+        if not lock.has_set("build"):
+            raise LockError("BuildScripts= is set but the lock has no build package set", hint="run reprobuild lock")
+        stages += [BuildEnvStage(), BuildScriptsStage()]
+    stages += [InstallStage(), ConfigureStage(cacheable=tree_cached, build=builds)]
     if fmt == "tar":
         return stages + [TarStage()]
     if fmt == "cpio":
@@ -142,7 +151,7 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
             contextlib.ExitStack() as mounts:
         work = Path(work_str)
         ctx = BuildContext(spec=spec, lock=lock, store=store, cache=cache, work=work, format=fmt, say=say,
-                           mounts=mounts)
+                           mounts=mounts, shell_on_failure=options.shell_on_failure)
         runner = Runner(ctx, stages, explain_name=root_name(spec.directory))
         runner.keys()
         final_key_hit = cache.enabled and cache.get(final, runner.key(final), record=False) is not None

@@ -29,11 +29,14 @@ from reprobuild.cli.options import directory_option, json_option, quiet_option, 
               help="Extra binary cache (another store served over HTTP); may repeat.")
 @click.option("--no-cache", "no_cache", is_flag=True,
               help="Build every stage from scratch: no cache lookups and no cache saves.")
+@click.option("--shell-on-failure", is_flag=True,
+              help="When a BuildScripts= script fails, open a shell in its build environment "
+                   "(sources at /work/src) before reporting the failure.")
 @json_option
 @quiet_option
 def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: str | None,
                   output_dir: Path | None, offline: bool, jobs: int, substituters: tuple[str, ...],
-                  no_cache: bool, as_json: bool, quiet: bool) -> None:
+                  no_cache: bool, shell_on_failure: bool, as_json: bool, quiet: bool) -> None:
     """Build the image of DIRECTORY from its lock.
 
     \b
@@ -46,8 +49,8 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
       cpio       image.cpio — newc, sorted, renumbered inodes
     and OUTPUT.manifest.json describing what was built from which lock.
 
-    Each stage (package payloads, installed packages, configured tree, tools tree, file system,
-    initrd, UKI + ESP, output) is cached in the store under a key of its inputs; a rebuild
+    Each stage (package payloads, build environment and BuildScripts= output, installed packages,
+    configured tree, tools tree, file system, initrd, UKI + ESP, output) is cached in the store under a key of its inputs; a rebuild
     re-runs only the stages whose inputs changed (--no-cache: none is read or written).
 
     Without --locked a missing or out-of-date lock is (re)created first, keeping pinned versions.
@@ -75,7 +78,8 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
             lock = previous
     started = time.monotonic()
     options = BuildOptions(output_dir=output_dir or (spec.directory / "out"), format=fmt, offline=offline,
-                           jobs=jobs, substituters=substituters, argv=tuple(sys.argv), cache=not no_cache)
+                           jobs=jobs, substituters=substituters, argv=tuple(sys.argv), cache=not no_cache,
+                           shell_on_failure=shell_on_failure)
     result = build_locked(spec, lock, store, options, say=say,
                           fetch_progress=make_progress(quiet or as_json))
     elapsed = time.monotonic() - started
