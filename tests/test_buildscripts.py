@@ -421,3 +421,55 @@ def test_shell_on_failure_opens_a_shell_in_the_build_environment(tmp_path: Path,
         os.close(master)
     assert not (tmp_path / "out/image.tar").exists()
 
+
+
+# -- sbom and verify -----------------------------------------------------------------------------
+
+
+def _lock_with_build_only_package():
+    lock = load_lock(REPO / "lock/minimal/reprobuild.lock")
+    image = lock.package_set("image")
+    gcc = dataclasses.replace(image.packages[0], name="gcc-fixture", version="14.2.0-1", sha256="c" * 64,
+                              reason="requested")
+    build = dataclasses.replace(image, name="build", packages=tuple(sorted((*image.packages, gcc),
+                                                                           key=lambda p: p.name)))
+    return dataclasses.replace(lock, sets=(*lock.sets, build)), gcc
+
+
+@pytest.mark.parametrize("fmt", ["spdx", "cyclonedx"])
+def test_sbom_lists_build_only_packages_as_build_dependencies(fmt: str) -> None:
+    from reprobuild.sbom import make_sbom
+    from tests.test_sbom import errors
+
+    lock, gcc = _lock_with_build_only_package()
+    plain = make_sbom(load_lock(REPO / "lock/minimal/reprobuild.lock"), fmt)
+    doc = make_sbom(lock, fmt)
+    assert errors(doc, fmt) == []
+    if fmt == "spdx":
+        assert len(doc["packages"]) == len(plain["packages"]) + 1
+        (entry,) = [p for p in doc["packages"] if p["name"] == "gcc-fixture"]
+        build_deps = [r for r in doc["relationships"] if r["relationshipType"] == "BUILD_DEPENDENCY_OF"]
+        assert build_deps == [{"spdxElementId": entry["SPDXID"], "relationshipType": "BUILD_DEPENDENCY_OF",
+                               "relatedSpdxElement": "SPDXRef-Image"}]
+        assert not any(r["relatedSpdxElement"] == entry["SPDXID"] and r["relationshipType"] == "CONTAINS"
+                       for r in doc["relationships"])
+    else:
+        (entry,) = [c for c in doc["components"] if c["name"] == "gcc-fixture"]
+        assert entry["scope"] == "excluded"
+        assert {"name": "reprobuild:package-set", "value": "build"} in entry["properties"]
+        assert entry["purl"] not in doc["dependencies"][0]["dependsOn"]  # the image does not contain it
+        assert len(doc["components"]) == len(plain["components"]) + 1
+
+
+def test_verify_checks_the_build_set() -> None:
+    from reprobuild.verify import check_build_set
+
+    lock, _ = _lock_with_build_only_package()
+    check = check_build_set(lock)
+    assert check.passed is True and "and 1 to build with" in check.detail
+    build = lock.package_set("build")
+    first = build.packages[0]
+    moved = dataclasses.replace(build, packages=(dataclasses.replace(first, version="0-other"), *build.packages[1:]))
+    broken = dataclasses.replace(lock, sets=(*lock.sets[:-1], moved))
+    check = check_build_set(broken)
+    assert check.passed is False and f"{first.name} is 0-other" in check.detail
