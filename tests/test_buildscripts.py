@@ -473,3 +473,26 @@ def test_verify_checks_the_build_set() -> None:
     broken = dataclasses.replace(lock, sets=(*lock.sets[:-1], moved))
     check = check_build_set(broken)
     assert check.passed is False and f"{first.name} is 0-other" in check.detail
+
+
+# -- reprobuild check and BuildDirectory= --------------------------------------------------------
+
+
+def test_check_compares_a_kept_build_directory_with_an_empty_one(tmp_path: Path, base_deb: Path) -> None:
+    from reprobuild.check import check_reproducible
+
+    keep = tmp_path / "kept"
+    keep.mkdir()
+    (keep / "stale").write_text("left by an earlier build\n")
+    # SCRIPT lists $BUILDDIR into the image: with a kept directory the output depends on it.
+    d, store = _definition(tmp_path / "fx", base_deb, extra_conf=f"BuildDirectory={keep}\n")
+    report = check_reproducible(d, tmp_path / "work", store=store, variations=("build-directory", "umask"))
+    assert not report.reproducible
+    assert report.culprits == (("build-directory",),)
+    assert next(v for v in report.variations if v.name == "build-directory").applied
+
+    clean = SCRIPT.replace('ls "$BUILDDIR" > "$out/builddir"\n', "")
+    d2, store2 = _definition(tmp_path / "fx2", base_deb, script=clean, extra_conf=f"BuildDirectory={keep}\n")
+    report = check_reproducible(d2, tmp_path / "work2", store=store2, variations=("build-directory", "umask"))
+    assert report.reproducible, report
+    assert (keep / "stale").exists()  # the kept directory is the user's: used, never emptied

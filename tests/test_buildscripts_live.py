@@ -127,6 +127,7 @@ def test_a_source_edit_reuses_the_environment_and_diff_names_the_binary(project)
     print(f"incremental rebuild after one source edit: {seconds}")
     r = subprocess.run(reprobuild_argv("diff", str(d / "out-a/image.tar"), str(d / "out-edited/image.tar"),
                                        "--no-color"), capture_output=True, text=True, timeout=600, check=False)
+    print(f"reprobuild diff of the two builds:\n{r.stdout[:3000]}")
     assert r.returncode == 1, r.stderr
     assert "hello-reprobuild" in r.stdout, r.stdout
     # Only the program differs.
@@ -179,6 +180,7 @@ def test_a_script_cannot_reach_the_network(project, tmp_path: Path) -> None:
     finally:
         server.close()
         thread.join(10)
+    print(f"the network script's failure:\n{r.stderr[-1500:]}")
     assert r.returncode == 1, r.stderr
     assert "build script build.sh failed with exit status 1" in r.stderr, r.stderr
     assert "Network is unreachable" in r.stderr or "connect" in r.stderr, r.stderr

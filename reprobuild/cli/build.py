@@ -29,6 +29,8 @@ from reprobuild.cli.options import directory_option, json_option, quiet_option, 
               help="Extra binary cache (another store served over HTTP); may repeat.")
 @click.option("--no-cache", "no_cache", is_flag=True,
               help="Build every stage from scratch: no cache lookups and no cache saves.")
+@click.option("--build-directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="$BUILDDIR for BuildScripts= (overrides BuildDirectory=; created if missing).")
 @click.option("--shell-on-failure", is_flag=True,
               help="When a BuildScripts= script fails, open a shell in its build environment "
                    "(sources at /work/src) before reporting the failure.")
@@ -36,7 +38,8 @@ from reprobuild.cli.options import directory_option, json_option, quiet_option, 
 @quiet_option
 def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: str | None,
                   output_dir: Path | None, offline: bool, jobs: int, substituters: tuple[str, ...],
-                  no_cache: bool, shell_on_failure: bool, as_json: bool, quiet: bool) -> None:
+                  no_cache: bool, build_directory: Path | None, shell_on_failure: bool, as_json: bool,
+                  quiet: bool) -> None:
     """Build the image of DIRECTORY from its lock.
 
     \b
@@ -62,7 +65,8 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
     from reprobuild.progress import make_progress
     from reprobuild.store import Store
 
-    spec = load_spec(directory)
+    # BuildDirectory= is outside the config digest: overriding it keeps the lock current.
+    spec = load_spec(directory, [f"Build.BuildDirectory={build_directory.resolve()}"] if build_directory else None)
     store = Store(store_path or Store.default_root())
     say = (lambda _m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     lock_path = spec.lock_path
