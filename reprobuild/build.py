@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reprobuild.cache import Cache, root_name
+from reprobuild.cache import Cache, content_digest, root_name
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError, LockError
 from reprobuild.fetch import fetch_all, make_session
@@ -221,7 +221,20 @@ def _manifest(spec: ImageSpec, lock: Lock, fmt: str, meta: dict[str, Any], sha: 
         format=fmt, lock_digest=lock_digest(lock), config_digest=lock.config_digest,
         source_date_epoch=lock.source_date_epoch, release=lock.release, architecture=lock.architecture,
         packages=[p.pin for p in lock.package_set("image").packages],
-        sha256=sha, size=target.stat().st_size if sha is not None else None, tools=tools, disk=disk)
+        sha256=sha, size=target.stat().st_size if sha is not None else None, tools=tools, disk=disk,
+        build=_build_inputs(spec, lock))
+
+
+def _build_inputs(spec: ImageSpec, lock: Lock) -> dict[str, Any] | None:
+    """What BuildScripts= built the image's software from: the content digests the build stage's
+    key covers (scripts, sources relative to the definition) and the build-only packages."""
+    if not spec.content.build_scripts:
+        return None
+    image = lock.package_set("image").by_name()
+    return {"scripts": [{"name": s.name, "digest": content_digest(s)} for s in spec.content.build_scripts],
+            "sources": [{"path": (s.relative_to(spec.directory) if s.is_relative_to(spec.directory) else s).as_posix(),
+                         "digest": content_digest(s)} for s in spec.build.build_sources],
+            "packages": [p.pin for p in lock.package_set("build").packages if p.name not in image]}
 
 
 def _enter_overlay_namespace(cache: Cache, store: Store, work: Path, say: Say) -> bool:

@@ -325,6 +325,14 @@ def test_the_build_output_lands_in_the_image_and_nothing_else(tmp_path: Path, ba
         assert leaked not in members
     # The host: the definition (sources included) is untouched.
     assert _listing(d) == before_def and (d / "src/greeting.txt").read_text() == "hello\n"
+    # The manifest names what the software was built from.
+    from reprobuild.cache import content_digest
+    from tests.test_pipeline import validate_manifest
+
+    validate_manifest(first["manifest"])
+    assert first["manifest"]["build"] == {
+        "scripts": [{"name": "build.sh", "digest": content_digest(d / "build.sh")}],
+        "sources": [{"path": "src", "digest": content_digest(d / "src")}], "packages": []}
     # The cached build environment below the overlay is untouched.
     reports = {r["stage"]: r for r in first["stages"]}
     assert reports["buildenv"]["outcome"] == "built" and reports["build"]["outcome"] == "built"
@@ -347,6 +355,7 @@ def test_the_build_output_lands_in_the_image_and_nothing_else(tmp_path: Path, ba
     changed = {r["stage"]: r["changed"] for r in edited["stages"]}
     assert changed["build"] == ["inputs.sources"]
     assert _members(tmp_path / "e/image.tar")["usr/share/greeting/greeting"] == b"edited\n"
+    assert edited["manifest"]["build"]["sources"][0]["digest"] != first["manifest"]["build"]["sources"][0]["digest"]
     _build(d, store, tmp_path / "eu", "--no-cache")
     assert _sha(tmp_path / "e/image.tar") == _sha(tmp_path / "eu/image.tar")
 
@@ -448,6 +457,7 @@ def test_sbom_lists_build_only_packages_as_build_dependencies(fmt: str) -> None:
     if fmt == "spdx":
         assert len(doc["packages"]) == len(plain["packages"]) + 1
         (entry,) = [p for p in doc["packages"] if p["name"] == "gcc-fixture"]
+        assert entry["versionInfo"] == gcc.version and entry["checksums"][0]["checksumValue"] == gcc.sha256
         build_deps = [r for r in doc["relationships"] if r["relationshipType"] == "BUILD_DEPENDENCY_OF"]
         assert build_deps == [{"spdxElementId": entry["SPDXID"], "relationshipType": "BUILD_DEPENDENCY_OF",
                                "relatedSpdxElement": "SPDXRef-Image"}]
@@ -455,6 +465,7 @@ def test_sbom_lists_build_only_packages_as_build_dependencies(fmt: str) -> None:
                        for r in doc["relationships"])
     else:
         (entry,) = [c for c in doc["components"] if c["name"] == "gcc-fixture"]
+        assert entry["version"] == gcc.version
         assert entry["scope"] == "excluded"
         assert {"name": "reprobuild:package-set", "value": "build"} in entry["properties"]
         assert entry["purl"] not in doc["dependencies"][0]["dependsOn"]  # the image does not contain it
