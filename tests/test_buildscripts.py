@@ -323,8 +323,9 @@ def test_the_build_output_lands_in_the_image_and_nothing_else(tmp_path: Path, ba
     assert members["usr/share/greeting/builddir"] == b"object\n"
     for leaked in ("etc/evil", "usr/local/bin/evil", "tmp/scratch", "work", "work/build-script"):
         assert leaked not in members
-    # The host: the definition (sources included) is untouched.
+    # The host: the definition (sources included) is untouched, and nothing reached its /etc.
     assert _listing(d) == before_def and (d / "src/greeting.txt").read_text() == "hello\n"
+    assert not Path("/etc/evil").exists() and not Path("/usr/local/bin/evil").exists()
     # The manifest names what the software was built from.
     from reprobuild.cache import content_digest
     from tests.test_pipeline import validate_manifest
