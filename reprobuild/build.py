@@ -24,7 +24,7 @@ from typing import Any
 
 from reprobuild.cache import Cache, content_digest, root_name
 from reprobuild.config import ImageSpec
-from reprobuild.errors import BuildError, LockError
+from reprobuild.errors import BuildError, ConfigError, LockError
 from reprobuild.fetch import fetch_all, make_session
 from reprobuild.fileio import sha256_file, write_atomic
 from reprobuild.lock import check_lock_current
@@ -131,6 +131,7 @@ def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOption
     store.register_root(f"build-{lock_digest(lock)[7:23]}", [p.sha256 for p in lock.all_packages()])
 
     out_dir = options.output_dir
+    _check_outside_sources(spec, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Every file the build creates gets an explicit mode; umask 022 for the duration of the build
     # is the second line of defence, so a caller's umask 077 cannot reach the image.
@@ -139,6 +140,16 @@ def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOption
         return _build_in(spec, lock, store, options, fmt, stages, result, out_dir, say)
     finally:
         os.umask(old_umask)
+
+
+def _check_outside_sources(spec: ImageSpec, out_dir: Path) -> None:
+    """Refuse an output directory inside a BuildSources= directory: every build would change the
+    sources (and so the build stage's key), and the scripts would see earlier outputs."""
+    out = out_dir.resolve()
+    for src in spec.build.build_sources:
+        if out.is_relative_to(src.resolve()):
+            raise ConfigError(f"the output directory {out_dir} is inside BuildSources={src}",
+                              hint="build into another directory (-o DIR), or name a narrower source directory")
 
 
 def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, fmt: str, stages: list[Stage],

@@ -385,6 +385,13 @@ def test_a_failing_script_names_itself_and_publishes_nothing(tmp_path: Path, bas
     assert [p.name for p in out.iterdir()] == []
 
 
+def test_an_output_directory_inside_the_sources_is_refused(tmp_path: Path, base_deb: Path) -> None:
+    d, store = _definition(tmp_path / "fx", base_deb, extra_conf="BuildSources=\nBuildSources=.\n")
+    r = _run(d, store, d / "out")
+    assert r.returncode == 2 and "is inside BuildSources=" in r.stderr, r.stderr
+    assert not (d / "out").exists()
+
+
 def test_a_script_that_is_not_executable_is_a_config_error(tmp_path: Path, base_deb: Path) -> None:
     d, store = _definition(tmp_path / "fx", base_deb)
     (d / "build.sh").chmod(0o644)
