@@ -137,7 +137,7 @@ BUILD_TARGET = 5.0  # seconds on top of the compile, for the source edit (issue 
 
 
 def bench_build_scripts(root: Path, env: dict[str, str]) -> dict:
-    """lock/minimal with the fixture C project built by BuildScripts= (tar output)."""
+    """lock/minimal (a DDI) with the fixture C project built by BuildScripts=."""
     d = make_definition(root / "build-scripts", "minimal")
     shutil.copytree(REPO / "fixtures/hello-c", d / "src")
     shutil.copy2(REPO / "fixtures/hello-c/build.sh", d / "build.sh")
@@ -285,10 +285,10 @@ def main() -> int:
         update_docs_section("build-scripts", "\n".join([
             "`bench/incremental.py --only build-scripts` (issue 19): `lock/minimal` with",
             "`BuildPackages=gcc make libc6-dev` and the fixture C project `fixtures/hello-c` as",
-            "`BuildScripts=`/`BuildSources=`, tar output, in a fresh store (package files hard-linked from",
+            "`BuildScripts=`/`BuildSources=`, disk output (a DDI), in a fresh store (package files hard-linked from",
             "the user's store, no cache entries): full build, rebuild with nothing changed, rebuild after",
             "editing one source file. \"On top of the compile\" is the whole command minus the `build`",
-            "stage (the sandbox and the scripts themselves), interpreter start-up included.",
+            "stage (sandbox set-up plus the scripts, i.e. the compile), interpreter start-up included.",
             "",
             facts_line(facts),
             "",
