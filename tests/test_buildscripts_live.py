@@ -197,3 +197,16 @@ def test_two_disk_builds_are_byte_identical(project, tmp_path: Path) -> None:
     # The tar builds' stages serve the disk: the build environment is not even needed.
     assert {"build", "install"} <= set(a["cache_hits"])
     assert {r["stage"]: r["outcome"] for r in a["stages"]}["buildenv"] == "not needed"
+
+
+def test_verify_checks_the_build_set_and_rebuilds_the_same_image(project) -> None:
+    d, store, _ = project
+    r = subprocess.run(reprobuild_argv("verify", str(d / "out-a/image.tar"), "--lock", str(d / "reprobuild.lock"),
+                                       "-C", str(d), "--store", str(store), "--json"),
+                       capture_output=True, text=True, timeout=1800, check=False)
+    report = json.loads(r.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["build-set"]["status"] == "passed", checks["build-set"]
+    # An independent rebuild (no build cache) compiles the program again: the same bytes.
+    assert checks["rebuild"]["status"] == "passed", checks["rebuild"]
+    assert r.returncode == 0 and report["ok"], r.stdout[-3000:]
