@@ -212,7 +212,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
 
 
-STAGE_ORDER = ("fetch", "tools", "install", "tree", "tar", "cpio", "fs", "initrd", "esp", "ddi")
+STAGE_ORDER = ("fetch", "tools", "buildenv", "build", "install", "tree", "tar", "cpio", "fs", "initrd", "esp", "ddi")
 
 
 def stage_note(j: dict) -> str:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reprobuild.cache import Cache, root_name
+from reprobuild.cache import Cache, content_digest, root_name
 from reprobuild.config import ImageSpec
-from reprobuild.errors import BuildError, LockError
+from reprobuild.errors import BuildError, ConfigError, LockError
 from reprobuild.fetch import fetch_all, make_session
 from reprobuild.fileio import sha256_file, write_atomic
 from reprobuild.keys import provenance_signer
@@ -39,6 +39,8 @@ from reprobuild.provenance import write_provenance
 from reprobuild.rootfs.overlay import enter_private_mount_namespace, unavailable_reason
 from reprobuild.signer import check_token_keys, key_file_warnings
 from reprobuild.stages.archives import CpioStage, TarStage
+from reprobuild.stages.buildenv import BuildEnvStage
+from reprobuild.stages.buildscripts import BuildScriptsStage
 from reprobuild.stages.configure import ConfigureStage
 from reprobuild.stages.ddi import DdiStage
 from reprobuild.stages.disksettings import choose_verity, is_bootable
@@ -63,6 +65,7 @@ class BuildOptions:
     jobs: int = 4
     substituters: tuple[str, ...] = ()
     cache: bool = True  # False: --no-cache (no lookups, no saves)
+    shell_on_failure: bool = False  # a failing build script opens a shell in its build environment
     argv: tuple[str, ...] = ()  # the command line, recorded in the provenance statement
 
 
@@ -79,7 +82,13 @@ def plan(spec: ImageSpec, lock: Lock, fmt: str) -> list[Stage]:
     """The stages that make ``fmt`` from ``lock``, in order; the last one's artifact is the
     output. The only place that branches on the output format."""
     tree_cached = fmt == "directory"  # only then is the configured tree itself worth storing
-    stages: list[Stage] = [InstallStage(), ConfigureStage(cacheable=tree_cached)]
+    stages: list[Stage] = []
+    builds = bool(spec.content.build_scripts)
+    if builds:
+        if not lock.has_set("build"):
+            raise LockError("BuildScripts= is set but the lock has no build package set", hint="run reprobuild lock")
+        stages += [BuildEnvStage(), BuildScriptsStage()]
+    stages += [InstallStage(), ConfigureStage(cacheable=tree_cached, build=builds)]
     if fmt == "tar":
         return stages + [TarStage()]
     if fmt == "cpio":
@@ -128,6 +137,7 @@ def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOption
     store.register_root(f"build-{lock_digest(lock)[7:23]}", [p.sha256 for p in lock.all_packages()])
 
     out_dir = options.output_dir
+    _check_outside_sources(spec, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Every file the build creates gets an explicit mode; umask 022 for the duration of the build
     # is the second line of defence, so a caller's umask 077 cannot reach the image.
@@ -136,6 +146,16 @@ def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOption
         return _build_in(spec, lock, store, options, fmt, stages, result, out_dir, say)
     finally:
         os.umask(old_umask)
+
+
+def _check_outside_sources(spec: ImageSpec, out_dir: Path) -> None:
+    """Refuse an output directory inside a BuildSources= directory: every build would change the
+    sources (and so the build stage's key), and the scripts would see earlier outputs."""
+    out = out_dir.resolve()
+    for src in spec.build.build_sources:
+        if out.is_relative_to(src.resolve()):
+            raise ConfigError(f"the output directory {out_dir} is inside BuildSources={src}",
+                              hint="build into another directory (-o DIR), or name a narrower source directory")
 
 
 def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, fmt: str, stages: list[Stage],
@@ -148,7 +168,7 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
             contextlib.ExitStack() as mounts:
         work = Path(work_str)
         ctx = BuildContext(spec=spec, lock=lock, store=store, cache=cache, work=work, format=fmt, say=say,
-                           mounts=mounts)
+                           mounts=mounts, shell_on_failure=options.shell_on_failure)
         runner = Runner(ctx, stages, explain_name=root_name(spec.directory))
         runner.keys()
         final_key_hit = cache.enabled and cache.get(final, runner.key(final), record=False) is not None
@@ -219,7 +239,20 @@ def _manifest(spec: ImageSpec, lock: Lock, fmt: str, meta: dict[str, Any], sha: 
         format=fmt, lock_digest=lock_digest(lock), config_digest=lock.config_digest,
         source_date_epoch=lock.source_date_epoch, release=lock.release, architecture=lock.architecture,
         packages=[p.pin for p in lock.package_set("image").packages],
-        sha256=sha, size=target.stat().st_size if sha is not None else None, tools=tools, disk=disk)
+        sha256=sha, size=target.stat().st_size if sha is not None else None, tools=tools, disk=disk,
+        build=_build_inputs(spec, lock))
+
+
+def _build_inputs(spec: ImageSpec, lock: Lock) -> dict[str, Any] | None:
+    """What BuildScripts= built the image's software from: the content digests the build stage's
+    key covers (scripts, sources relative to the definition) and the build-only packages."""
+    if not spec.content.build_scripts:
+        return None
+    image = lock.package_set("image").by_name()
+    return {"scripts": [{"name": s.name, "digest": content_digest(s)} for s in spec.content.build_scripts],
+            "sources": [{"path": (s.relative_to(spec.directory) if s.is_relative_to(spec.directory) else s).as_posix(),
+                         "digest": content_digest(s)} for s in spec.build.build_sources],
+            "packages": [p.pin for p in lock.package_set("build").packages if p.name not in image]}
 
 
 def _enter_overlay_namespace(cache: Cache, store: Store, work: Path, say: Say) -> bool:

@@ -29,6 +29,9 @@ store          the given (warm) store                      a fresh empty store: 
 environment    ``SOURCE_DATE_EPOCH`` unset, ``HOME`` and   ``SOURCE_DATE_EPOCH=1``, other ``HOME``
                ``TMPDIR`` in WORK/a                        and ``TMPDIR``, ``LANGUAGE``, an
                                                            unrelated variable
+build-         ``BuildDirectory=`` as configured (kept     a new empty build directory
+directory      between builds, with what earlier builds    (``build --build-directory``); not
+               left there)                                 applied without ``BuildDirectory=``
 =============  ==========================================  ======================================
 
 Cost: two builds when reproducible; about 2·log2(n)+2 more for one culprit among n variations.
@@ -53,7 +56,8 @@ from reprobuild.manifest import OUTPUT_FILES
 
 Say = Callable[[str], None]
 
-VARIATIONS = ("build-path", "time", "timezone", "locale", "umask", "hostname", "cpus", "store", "environment")
+VARIATIONS = ("build-path", "time", "timezone", "locale", "umask", "hostname", "cpus", "store", "environment",
+              "build-directory")
 TIME_SHIFT = "+397d"  # more than a year and not a whole number of weeks: dates and weekdays move
 VARIANT_TZ = "Pacific/Kiritimati"
 VARIANT_HOSTNAME = "reprobuild-check-variant"
@@ -109,6 +113,7 @@ class BuildRun:
     hostname: str | None = None
     cpus: str | None = None  # taskset CPU list
     time_shift: str | None = None  # faketime offset
+    build_directory: Path | None = None  # overrides BuildDirectory= (an empty one)
 
 
 def relocate_definition(directory: Path, base: Path) -> Path:
@@ -162,8 +167,10 @@ def _base_env(home: Path) -> dict[str, str]:
     return env
 
 
-def plan_variations(available_cpus: int | None = None) -> tuple[VariationResult, ...]:
-    """Which variations this host can apply, and how (or why not)."""
+def plan_variations(available_cpus: int | None = None,
+                    build_directory: Path | None = None) -> tuple[VariationResult, ...]:
+    """Which variations this host (and a definition with ``build_directory`` as its
+    BuildDirectory=) can apply, and how (or why not)."""
     cpus = available_cpus if available_cpus is not None else len(os.sched_getaffinity(0))
     _, loc_detail = _variant_locale()
     out = [
@@ -185,6 +192,10 @@ def plan_variations(available_cpus: int | None = None) -> tuple[VariationResult,
         VariationResult("store", True, "a fresh empty store, filled from the lock's URLs (control: the warm store)"),
         VariationResult("environment", True, "SOURCE_DATE_EPOCH=1 (control: unset), other HOME and TMPDIR, "
                                              "LANGUAGE=fr, an unrelated variable"),
+        VariationResult("build-directory", build_directory is not None,
+                        f"a new empty build directory (control: BuildDirectory={build_directory}, kept)"
+                        if build_directory is not None else
+                        "not applied: the definition sets no BuildDirectory= (every build starts empty)"),
     ]  # fmt: skip
     return tuple(out)
 
@@ -222,7 +233,8 @@ def make_run(definition: Path, work: Path, label: str, applied: frozenset[str], 
                     umask=0o077 if "umask" in applied else 0o022,
                     hostname=VARIANT_HOSTNAME if "hostname" in applied else None,
                     cpus="0" if "cpus" in applied else None,
-                    time_shift=TIME_SHIFT if "time" in applied and shutil.which("faketime") else None)  # fmt: skip
+                    time_shift=TIME_SHIFT if "time" in applied and shutil.which("faketime") else None,
+                    build_directory=root / "empty-build-directory" if "build-directory" in applied else None)  # fmt: skip
 
 
 def build_argv(run: BuildRun, fmt: str | None) -> list[str]:
@@ -233,6 +245,8 @@ def build_argv(run: BuildRun, fmt: str | None) -> list[str]:
             "--no-cache"]  # fmt: skip
     if fmt:
         argv += ["-f", fmt]
+    if run.build_directory is not None:
+        argv += ["--build-directory", str(run.build_directory)]
     if run.time_shift:
         argv = ["faketime", "-f", run.time_shift, *argv]
     argv = ["sh", "-c", f"umask {run.umask:03o}; exec \"$@\"", "sh", *argv]
@@ -290,7 +304,7 @@ def check_reproducible(definition: Path, work: Path, fmt: str | None = None, sto
     if any(work.iterdir()):
         raise UsageError(f"{work} is not empty")
     warm = (store or Store.default_root()).resolve()
-    plan = tuple(v for v in plan_variations() if v.name in variations)
+    plan = tuple(v for v in plan_variations(build_directory=spec.build.build_directory) if v.name in variations)
     usable = tuple(v.name for v in plan if v.applied)
     builds: list[BuildRecord] = []
     outputs: dict[frozenset[str], tuple[Path, str]] = {}

@@ -177,6 +177,9 @@ class Setting:
     is_path: bool = False  # relative paths are resolved against the image directory
     in_digest: bool = True  # does it change what is locked or built?
     help: str = ""
+    # Added after locks were first written: in the digest only when set, so that the digest of a
+    # definition that does not use it (and every lock already written for one) stays the same.
+    digest_if_set: bool = False
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -218,6 +221,12 @@ SETTINGS: tuple[Setting, ...] = (
             help="/etc/machine-id content: empty (default), uninitialized, or an ID."),
     Setting("Content", "RemoveFiles", "remove_files", parse_tree_path, is_list=True,
             help="Globs removed from the tree after installation (no '..')."),
+    Setting("Content", "BuildScripts", "build_scripts", parse_text, is_list=True, is_path=True, digest_if_set=True,
+            help="Scripts run in order in the build environment (the locked build set) with "
+                 "$SRCDIR, $BUILDDIR, $DESTDIR; what they put in $DESTDIR is merged into the image."),
+    Setting("Content", "BuildPackages", "build_packages", parse_package, is_list=True, digest_if_set=True,
+            help="Packages needed only to build (compilers, headers): locked with the image's "
+                 "packages into the build set, never installed in the image."),
     Setting("Content", "CleanPackageMetadata", "clean_package_metadata", parse_bool,
             help="Drop apt lists and caches."),
     Setting("Content", "KernelCommandLine", "kernel_command_line", parse_text, is_list=True,
@@ -249,6 +258,12 @@ SETTINGS: tuple[Setting, ...] = (
             help="uki: the firmware boots the UKI; systemd-boot: signed systemd-boot + UKI."),
     Setting("Build", "Substituters", "substituters", parse_url, is_list=True, in_digest=False,
             help="HTTP base URLs of other stores, tried after the mirrors."),
+    Setting("Build", "BuildSources", "build_sources", parse_text, is_list=True, is_path=True, digest_if_set=True,
+            help="Source directories mounted read-only at /work/src ($SRCDIR) for BuildScripts=; "
+                 "with several, each at /work/src/<directory name>."),
+    Setting("Build", "BuildDirectory", "build_directory", parse_text, is_path=True, in_digest=False,
+            help="Keep $BUILDDIR here between builds (incremental compiles); default: a fresh "
+                 "empty directory per build. Must not change the output, so not in the digest."),
     # [Signing]
     Setting("Signing", "LockKey", "lock_key", parse_lock_key, is_path=True, in_digest=False,
             help="ed25519 key signing the lock: an OpenSSH private key file, or agent:[COMMENT] for ssh-agent."),
@@ -295,6 +310,8 @@ class ContentConfig:
     timezone: str | None = None
     machine_id: str = ""
     remove_files: tuple[str, ...] = ()
+    build_scripts: tuple[Path, ...] = ()
+    build_packages: tuple[str, ...] = ()
     clean_package_metadata: bool = True
     kernel_command_line: tuple[str, ...] = ()
     bootable: str = "auto"
@@ -323,6 +340,8 @@ class BuildConfig:
     root_layout: str = "root"
     bootloader: str = "uki"
     substituters: tuple[str, ...] = ()
+    build_sources: tuple[Path, ...] = ()
+    build_directory: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -367,10 +386,14 @@ class ImageSpec:
         where the definition is checked out.
         """
         data: dict[str, Any] = {}
+        defaults = ImageSpec(directory=self.directory)
         for setting in SETTINGS:
             if not setting.in_digest:
                 continue
-            value = getattr(getattr(self, SECTIONS[setting.section]), setting.dest)
+            section = SECTIONS[setting.section]
+            value = getattr(getattr(self, section), setting.dest)
+            if setting.digest_if_set and value == getattr(getattr(defaults, section), setting.dest):
+                continue
             data.setdefault(setting.section, {})[setting.key] = _jsonable(value, self.directory)
         return data
 

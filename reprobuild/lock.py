@@ -16,7 +16,7 @@ import contextlib
 import email.utils
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from reprobuild.config import ImageSpec
 from reprobuild.debian.package import BinaryPackage
 from reprobuild.errors import LockError, LockOutOfDate, RepositoryError
-from reprobuild.lockfile import Lock, LockedPackage, LockSource, PackageSet
+from reprobuild.lockfile import Lock, LockedPackage, LockSource, PackageSet, build_set_problems
 
 if TYPE_CHECKING:
     from reprobuild.debian.repository import RepositorySource
@@ -236,8 +236,6 @@ def _cached_universe(cache, key: str) -> Universe | None:
 def _with_origin(package: BinaryPackage, origin: str) -> BinaryPackage:
     if package.origin == origin:
         return package
-    from dataclasses import replace
-
     return replace(package, origin=origin)
 
 
@@ -270,6 +268,33 @@ def _resolve_set(universe, name: str, release: str, base_set: str, requested: Se
     packages = tuple(sorted((_locked(r, sources) for r in resolution.packages), key=lambda p: p.name))
     return PackageSet(name=name, release=release, base_set=base_set, requested=tuple(requested),
                       recommends=recommends, packages=packages)
+
+
+def wants_build_set(spec: ImageSpec) -> bool:
+    """Whether the lock gets a ``build`` set: the definition builds software (BuildScripts=) or
+    names build-only packages (BuildPackages=)."""
+    return bool(spec.content.build_scripts or spec.content.build_packages)
+
+
+def _resolve_build_set(universe, release: str, spec: ImageSpec, image_set: PackageSet, pins: dict[str, str],
+                       sources: dict[str, LockSource]) -> PackageSet:
+    """The build environment: the image's packages, each held at exactly its image-set version
+    (``name=version`` roots, so the headers match the libraries the image ships), plus
+    ``BuildPackages=`` and whatever they need, resolved together. Image packages keep the image
+    set's reasons (so apt's auto-installed marks agree); the rest are the resolver's."""
+    build_packages = [p for p in spec.content.build_packages if p not in image_set.requested]
+    held = [f"{p.name}={p.version}" for p in image_set.packages]
+    build_only_pins = {n: v for n, v in pins.items() if n not in image_set.by_name()}
+    resolved = _resolve_set(universe, "build", release, image_set.base_set, held + build_packages,
+                            image_set.recommends, build_only_pins, sources)
+    image = image_set.by_name()
+    packages = tuple(replace(p, reason=image[p.name].reason) if p.name in image else p for p in resolved.packages)
+    build_set = replace(resolved, requested=tuple(image_set.requested) + tuple(build_packages), packages=packages)
+    problems = build_set_problems(image_set, build_set)
+    if problems:
+        raise LockError(f"the build set does not hold the image's packages as locked: {'; '.join(problems[:5])}",
+                        hint="a BuildPackages= entry needs other versions of the image's packages")
+    return build_set
 
 
 def derive_seed(image_set: PackageSet) -> str:
@@ -336,6 +361,10 @@ def lock_spec(spec: ImageSpec, previous: Lock | None = None, options: LockOption
         initrd_requested += [p for p in spec.initrd.packages if p not in initrd_requested]
         sets.append(_resolve_set(universe, "initrd", release, "essential", initrd_requested, False,
                                  _pins(previous, "initrd", options), sources))
+
+    if wants_build_set(spec):
+        sets.append(_resolve_build_set(universe, release, spec, image_set, _pins(previous, "build", options),
+                                       sources))
 
     all_sources = list(fetched.sources)
     if spec.tools.tools_tree == "lock":

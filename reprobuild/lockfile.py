@@ -524,6 +524,22 @@ def read_lock_bytes(path: Path) -> bytes:
         raise LockError(f"{path}: cannot read the lockfile: {e.strerror}") from None
 
 
+def build_set_problems(image: PackageSet, build: PackageSet) -> list[str]:
+    """Why ``build`` is not a build environment for ``image`` (empty when it is): it must hold
+    every image package at the image's version and sha256, so that what is compiled against its
+    headers runs against the image's libraries. Pure."""
+    have = build.by_name()
+    problems = []
+    for p in image.packages:
+        other = have.get(p.name)
+        if other is None:
+            problems.append(f"{p.name} is missing")
+        elif (other.version, other.architecture, other.sha256) != (p.version, p.architecture, p.sha256):
+            problems.append(f"{p.name} is {other.version} ({other.sha256[:12]}), the image has {p.version} "
+                            f"({p.sha256[:12]})")
+    return problems
+
+
 def load_lock(path: Path) -> Lock:
     return loads(read_lock_bytes(path), str(path))
 

@@ -60,6 +60,8 @@ class Manifest:
     size: int | None = None
     tools: dict[str, Any] | None = None  # disk outputs: the tools that wrote the file systems
     disk: DiskFields | None = None
+    # BuildScripts=: the scripts and sources (content digests) and the build-only packages.
+    build: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: flat, as earlier releases wrote it (disk fields at the top level)."""
@@ -68,7 +70,7 @@ class Manifest:
             "source_date_epoch": self.source_date_epoch, "release": self.release,
             "architecture": self.architecture, "packages": list(self.packages),
         }
-        for name in ("sha256", "size", "tools"):
+        for name in ("sha256", "size", "tools", "build"):
             if getattr(self, name) is not None:
                 doc[name] = getattr(self, name)
         if self.disk is not None:

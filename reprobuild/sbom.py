@@ -6,7 +6,9 @@ version, architecture, source package, purl (``pkg:deb/debian/NAME@VERSION?arch=
 the supplier from dpkg's ``Maintainer:`` field and the licences that the package's machine-readable
 ``/usr/share/doc/PKG/copyright`` file (DEP-5) names. Relationships: the document describes the
 image, the image contains every package, and each package depends on the packages its locked
-Depends/Pre-Depends chose.
+Depends/Pre-Depends chose. With a ``build`` set (``BuildPackages=``), its packages that are not in
+the image are listed too, as build dependencies of the image (SPDX ``BUILD_DEPENDENCY_OF``;
+CycloneDX ``scope: excluded`` with the property ``reprobuild:package-set=build``).
 
 Reproducibility: no clocks. The creation time is the lock's ``SOURCE_DATE_EPOCH`` and the
 document namespace / serial number derive from the lock digest, so the same lock (and tree) gives
@@ -167,6 +169,14 @@ def _facts(read: Callable[[str], bytes | None], lock: Lock) -> dict[str, Package
 # -- shared pieces -------------------------------------------------------------------------------
 
 
+def build_only_packages(lock: Lock) -> list[LockedPackage]:
+    """The lock's ``build`` set minus the image's packages (empty without a build set)."""
+    if not lock.has_set("build"):
+        return []
+    image = lock.package_set("image").by_name()
+    return [p for p in lock.package_set("build").packages if p.name not in image]
+
+
 def _created(lock: Lock) -> str:
     # SOURCE_DATE_EPOCH, never the wall clock: the SBOM of a lock is reproducible.
     return datetime.datetime.fromtimestamp(lock.source_date_epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -227,26 +237,21 @@ def spdx_document(lock: Lock, facts: dict[str, PackageFacts] | None = None, imag
     image_set = lock.package_set("image")
     by_name = image_set.by_name()
     for p in image_set.packages:
-        f = facts.get(p.name, PackageFacts())
-        packages.append({
-            "SPDXID": _spdx_id(p), "name": p.name, "versionInfo": p.version,
-            "supplier": _supplier(f.supplier),
-            "downloadLocation": p.urls[0] if p.urls else "NOASSERTION",
-            "filesAnalyzed": False, "packageFileName": p.filename,
-            "checksums": [{"algorithm": "SHA256", "checksumValue": p.sha256}],
-            "sourceInfo": f"built from Debian source package {p.source_package} {p.source_version}",
-            "licenseConcluded": "NOASSERTION", "licenseDeclared": _spdx_license(f.licenses, refs),
-            "copyrightText": "NOASSERTION",
-            "externalRefs": [{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
-                              "referenceLocator": purl(p.name, p.version, p.architecture)}],
-            "attributionTexts": [f"architecture: {p.architecture}"],
-        })  # fmt: skip
+        packages.append(_spdx_package(p, facts.get(p.name, PackageFacts()), refs))
         relationships.append({"spdxElementId": "SPDXRef-Image", "relationshipType": "CONTAINS",
                               "relatedSpdxElement": _spdx_id(p)})  # fmt: skip
         for dep in sorted(set(p.depends + p.pre_depends)):
             if dep in by_name:
                 relationships.append({"spdxElementId": _spdx_id(p), "relationshipType": "DEPENDS_ON",
                                       "relatedSpdxElement": _spdx_id(by_name[dep])})  # fmt: skip
+    for p in build_only_packages(lock):
+        # In the build environment (BuildPackages=), not in the image: what the image's own
+        # software was compiled with.
+        entry = _spdx_package(p, PackageFacts(), refs)
+        entry["comment"] = "build set only (BuildPackages=): used to build the image's software, not installed in it"
+        packages.append(entry)
+        relationships.append({"spdxElementId": _spdx_id(p), "relationshipType": "BUILD_DEPENDENCY_OF",
+                              "relatedSpdxElement": "SPDXRef-Image"})  # fmt: skip
     doc: dict[str, Any] = {
         "spdxVersion": "SPDX-2.3", "dataLicense": "CC0-1.0", "SPDXID": "SPDXRef-DOCUMENT",
         "name": f"{image_name} ({lock.distribution} {lock.release} {lock.architecture})",
@@ -261,6 +266,22 @@ def spdx_document(lock: Lock, facts: dict[str, PackageFacts] | None = None, imag
              "extractedText": f"The Debian copyright file names the licence {name!r}; see its full text there."}
             for ref, name in sorted(refs.items())]  # fmt: skip
     return doc
+
+
+def _spdx_package(p: LockedPackage, f: PackageFacts, refs: dict[str, str]) -> dict[str, Any]:
+    return {
+        "SPDXID": _spdx_id(p), "name": p.name, "versionInfo": p.version,
+        "supplier": _supplier(f.supplier),
+        "downloadLocation": p.urls[0] if p.urls else "NOASSERTION",
+        "filesAnalyzed": False, "packageFileName": p.filename,
+        "checksums": [{"algorithm": "SHA256", "checksumValue": p.sha256}],
+        "sourceInfo": f"built from Debian source package {p.source_package} {p.source_version}",
+        "licenseConcluded": "NOASSERTION", "licenseDeclared": _spdx_license(f.licenses, refs),
+        "copyrightText": "NOASSERTION",
+        "externalRefs": [{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
+                          "referenceLocator": purl(p.name, p.version, p.architecture)}],
+        "attributionTexts": [f"architecture: {p.architecture}"],
+    }  # fmt: skip
 
 
 # -- CycloneDX 1.5 -------------------------------------------------------------------------------
@@ -314,6 +335,19 @@ def cyclonedx_document(lock: Lock, facts: dict[str, PackageFacts] | None = None,
         deps = sorted({purl(by_name[d].name, by_name[d].version, by_name[d].architecture)
                        for d in p.depends + p.pre_depends if d in by_name})  # fmt: skip
         dependencies.append({"ref": ref, "dependsOn": deps})
+    for p in build_only_packages(lock):
+        ref = purl(p.name, p.version, p.architecture)
+        components.append({
+            "type": "library" if p.name.startswith("lib") else "application",
+            "bom-ref": ref, "name": p.name, "version": p.version, "purl": ref,
+            # Not in the image: only in the environment its software was built in.
+            "scope": "excluded",
+            "hashes": [{"alg": "SHA-256", "content": p.sha256}],
+            "properties": [{"name": "deb:architecture", "value": p.architecture},
+                           {"name": "deb:source", "value": p.source_package},
+                           {"name": "deb:source-version", "value": p.source_version},
+                           {"name": "reprobuild:package-set", "value": "build"}],
+        })  # fmt: skip
     return {
         "bomFormat": "CycloneDX", "specVersion": "1.5",
         # RFC 4122 URN derived from the lock digest (name-based UUIDv5): reproducible.

@@ -8,6 +8,8 @@ runs whatever the others found, so one tampered partition shows up under every c
 ``lock-signature``   the lock's detached signature verifies against the trusted ed25519 key
 ``manifest-lock``    the manifest names this lock (digest, config digest, epoch, release,
                      architecture) and exactly the lock's ``image`` package list
+``build-set``        (locks with a ``build`` set) it holds every image package at the image's
+                     version and sha256: the image's software was built against its libraries
 ``image-digest``     sha256 and size of the image file (or archive) equal the manifest's
 ``gpt``              the GPT is valid and its disk GUID, partition types, UUIDs, labels, flags,
                      offsets and sizes equal the manifest's; the disk GUID follows from the seed
@@ -47,7 +49,7 @@ from typing import Any
 from reprobuild.checkresult import Check, all_passed, failed, passed, skipped, summary_line
 from reprobuild.errors import ReprobuildError, VerificationFailed
 from reprobuild.fileio import ReadRefused, check_input, read_bounded
-from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, loads, lock_digest, read_lock_bytes
+from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, build_set_problems, loads, lock_digest, read_lock_bytes
 from reprobuild.progress import Update, set_counts
 
 Say = Callable[[str], None]
@@ -157,6 +159,8 @@ def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
     if lock is None:
         return VerifyReport(str(image), str(lock_path), tuple(checks))
     checks.append(check_manifest_lock(manifest, lock))
+    if lock.has_set("build"):
+        checks.append(check_build_set(lock))
 
     fmt = MANIFEST_FORMATS.get(str(manifest.get("format")), "")
     refusal = image_refusal(image, fmt, manifest)
@@ -266,6 +270,22 @@ def check_manifest_lock(manifest: dict[str, Any], lock: Lock) -> Check:
         return failed(name, "; ".join(problems))
     return passed(name, f"built from lock {expected['lock_digest'][:19]}…, packages as locked: "
                         f"{set_counts([('image', len(packages))])}")  # fmt: skip
+
+
+def check_build_set(lock: Lock) -> Check:
+    """The lock's ``build`` set (BuildScripts=) holds every image package exactly as the image
+    set does, so the software built in it was compiled against the image's libraries."""
+    name = "build-set"
+    try:
+        image, build = lock.package_set("image"), lock.package_set("build")
+    except ReprobuildError as e:
+        return failed(name, e.message)
+    problems = build_set_problems(image, build)
+    if problems:
+        return failed(name, "the build set differs from the image set: " + "; ".join(problems[:5]))
+    extra = len(build.packages) - len(image.packages)
+    return passed(name, f"{len(build.packages)} packages: the {len(image.packages)} of the image as locked "
+                        f"and {extra} to build with")
 
 
 # -- disk images ---------------------------------------------------------------------------------

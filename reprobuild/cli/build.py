@@ -36,11 +36,17 @@ if TYPE_CHECKING:
               help="Extra binary cache (another store served over HTTP); may repeat.")
 @click.option("--no-cache", "no_cache", is_flag=True,
               help="Build every stage from scratch: no cache lookups and no cache saves.")
+@click.option("--build-directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="$BUILDDIR for BuildScripts= (overrides BuildDirectory=; created if missing).")
+@click.option("--shell-on-failure", is_flag=True,
+              help="When a BuildScripts= script fails, open a shell in its build environment "
+                   "(sources at /work/src) before reporting the failure.")
 @json_option
 @quiet_option
 def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: str | None,
                   output_dir: Path | None, offline: bool, jobs: int, substituters: tuple[str, ...],
-                  no_cache: bool, as_json: bool, quiet: bool) -> None:
+                  no_cache: bool, build_directory: Path | None, shell_on_failure: bool, as_json: bool,
+                  quiet: bool) -> None:
     """Build the image of DIRECTORY from its lock.
 
     \b
@@ -53,8 +59,8 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
       cpio       image.cpio — newc, sorted, renumbered inodes
     and OUTPUT.manifest.json describing what was built from which lock.
 
-    Each stage (package payloads, installed packages, configured tree, tools tree, file system,
-    initrd, UKI + ESP, output) is cached in the store under a key of its inputs; a rebuild
+    Each stage (package payloads, build environment and BuildScripts= output, installed packages,
+    configured tree, tools tree, file system, initrd, UKI + ESP, output) is cached in the store under a key of its inputs; a rebuild
     re-runs only the stages whose inputs changed (--no-cache: none is read or written).
 
     Without --locked a missing or out-of-date lock is (re)created first, keeping pinned versions.
@@ -63,7 +69,8 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
     from reprobuild.progress import make_reporter
     from reprobuild.store import Store
 
-    spec = load_spec(directory)
+    # BuildDirectory= is outside the config digest: overriding it keeps the lock current.
+    spec = load_spec(directory, [f"Build.BuildDirectory={build_directory.resolve()}"] if build_directory else None)
     store = Store(store_path or Store.default_root())
     # One reporter for messages, stage progress and downloads: live status lines on a terminal,
     # a few lines per stage in a log.
@@ -101,7 +108,8 @@ def _build(spec: ImageSpec, store: Store, say: Reporter, locked: bool, fmt: str 
             lock = previous
     started = time.monotonic()
     options = BuildOptions(output_dir=output_dir or (spec.directory / "out"), format=fmt, offline=offline,
-                           jobs=jobs, substituters=substituters, argv=tuple(sys.argv), cache=not no_cache)
+                           jobs=jobs, substituters=substituters, argv=tuple(sys.argv), cache=not no_cache,
+                           shell_on_failure=shell_on_failure)
     result = build_locked(spec, lock, store, options, say=say, fetch_progress=say)
     say.close()
     elapsed = time.monotonic() - started

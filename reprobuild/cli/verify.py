@@ -109,9 +109,10 @@ def check_command(ctx: click.Context, directory: Path, store_path: Path | None, 
     """Build the locked image twice under varied environments and compare.
 
     The second build changes the build directory, the clock, TZ, the locale, the umask, the
-    hostname, the CPU count, the store (cold instead of warm) and environment variables such
-    as SOURCE_DATE_EPOCH. When the outputs differ, builds with subsets of the variations find
-    which one causes it, and the diff is shown. Exit status: 0 reproducible, 1 not.
+    hostname, the CPU count, the store (cold instead of warm), environment variables such
+    as SOURCE_DATE_EPOCH and a kept BuildDirectory= (for an empty one). When the outputs
+    differ, builds with subsets of the variations find which one causes it, and the diff is
+    shown. Exit status: 0 reproducible, 1 not.
     """
     import tempfile
 

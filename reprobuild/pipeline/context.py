@@ -30,6 +30,8 @@ class BuildContext:
     overlays: bool = False
     # Closed by the build before the work directory is removed (overlay mounts).
     mounts: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    # build --shell-on-failure: a failing build script opens a shell in its build environment.
+    shell_on_failure: bool = False
 
     @property
     def epoch(self) -> int:

@@ -133,12 +133,15 @@ def run_in_tree(
     binds: Sequence[Bind] = (),
     stdin: bytes | None = None,
     timeout: float | None = None,
+    interactive: bool = False,
 ) -> Result:
     """Run ``argv`` chrooted into ``tree`` in the sandbox; return its exit status and output.
 
     ``env`` is added to :data:`BASE_ENV` (nothing is inherited from the caller's environment).
     Never raises for a non-zero exit status; raises BuildError if the sandbox cannot be set up
     and ToolMissing/BuildError from :func:`check_can_sandbox`. Blocks until the program exits.
+    ``interactive``: the program uses the caller's terminal (stdin, stdout, stderr; the output
+    is not captured) and stays in its process group, so Ctrl-C reaches it, not only us.
     """
     check_can_sandbox()
     full_env = dict(BASE_ENV)
@@ -155,6 +158,8 @@ def run_in_tree(
         str(Path(tree).resolve()), hostname, str(len(binds)), *bind_args,
         "--", *(f"{k}={v}" for k, v in sorted(full_env.items())), *argv,
     ]  # fmt: skip
+    if interactive:
+        return _run_interactive(cmd)
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
@@ -175,3 +180,12 @@ def run_in_tree(
         proc.wait()
         raise
     return Result(proc.returncode, out.decode("utf-8", "replace"))
+
+
+def _run_interactive(cmd: list[str]) -> Result:
+    proc = subprocess.Popen(cmd, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}, umask=0o022)
+    while True:
+        try:
+            return Result(proc.wait(), "")
+        except KeyboardInterrupt:
+            continue  # the terminal sent SIGINT to the shell as well; it decides

@@ -23,12 +23,13 @@ from reprobuild.rootfs.unpack import TreeWriter, split_member_name
 _CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
-def copy_tree_into(tree: Path, source: Path, epoch: int) -> None:
+def copy_tree_into(tree: Path, source: Path, epoch: int, *, keep_owners: bool = False) -> None:
     """Copy the contents of directory ``source`` into ``tree`` (SkeletonTrees=/ExtraTrees=).
 
     Modes and symlinks are kept; owners become 0:0 and mtimes the epoch, because a checkout's
     owners and times depend on who cloned it when (mkosi also copies without owners). Walks in
-    sorted order. Hard links inside ``source`` become separate files.
+    sorted order. Hard links inside ``source`` become separate files. ``keep_owners``: keep the
+    numeric owners (a build script's ``$DESTDIR``, made in the sandbox, where they are meant).
     """
     if not source.is_dir():
         raise ConfigError(f"tree {source} is not a directory")
@@ -42,13 +43,14 @@ def copy_tree_into(tree: Path, source: Path, epoch: int) -> None:
             parts = base + [name]
             st = os.lstat(src)
             mode = stat.S_IMODE(st.st_mode)
+            uid, gid = (st.st_uid, st.st_gid) if keep_owners else (0, 0)
             if stat.S_ISLNK(st.st_mode):
-                writer.symlink(parts, os.readlink(src), 0, 0, epoch)
+                writer.symlink(parts, os.readlink(src), uid, gid, epoch)
             elif stat.S_ISDIR(st.st_mode):
-                writer.mkdir(parts, mode, 0, 0, epoch)
+                writer.mkdir(parts, mode, uid, gid, epoch)
             elif stat.S_ISREG(st.st_mode):
                 with open(src, "rb") as f:
-                    writer.write_file(parts, f.read, mode, 0, 0, epoch)
+                    writer.write_file(parts, f.read, mode, uid, gid, epoch)
             else:
                 raise ConfigError(f"{src}: only files, directories and symlinks can be copied into the image")
     writer.finish()

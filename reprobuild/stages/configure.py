@@ -1,24 +1,23 @@
-"""Stage ``tree``: the installed tree configured — extra trees, post-installation scripts,
-settings, ``RemoveFiles=``, normalisation. Its artifact is the final root tree.
+"""Stage ``tree``: the installed tree configured — the build scripts' ``$DESTDIR`` (when
+``BuildScripts=`` is set), extra trees, post-installation scripts, settings, ``RemoveFiles=``,
+normalisation. Its artifact is the final root tree.
 
-The installed tree is taken over when it is a private copy (``--no-cache``), seen through an
-overlay when it is the shared extracted tree in the store (only the changed files are written),
-or extracted afresh where overlays are unavailable (same bytes, slower)."""
+The installed tree is made writable by :func:`reprobuild.pipeline.trees.writable_tree` (taken
+over, overlaid or copied)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from reprobuild.cache import content_digest
-from reprobuild.errors import BuildError
 from reprobuild.pipeline.context import BuildContext
 from reprobuild.pipeline.stage import Stage, Upstream
-from reprobuild.rootfs.overlay import writable_view
+from reprobuild.pipeline.trees import writable_tree
 from reprobuild.rootfs.plan import tree_settings
+from reprobuild.rootfs.settings import copy_tree_into
 from reprobuild.rootfs.tree import configure_tree
 
 _CONTENT_FIELDS = ("skeleton_trees", "extra_trees", "postinst_scripts")
@@ -29,9 +28,12 @@ class ConfigureStage(Stage):
     produces = "tree"
     upstream = ("install",)
 
-    def __init__(self, *, cacheable: bool) -> None:
+    def __init__(self, *, cacheable: bool, build: bool = False) -> None:
         # Worth storing only when the tree itself is the output (-f directory).
         self._cacheable = cacheable
+        # BuildScripts=: the build stage's $DESTDIR is merged in.
+        if build:
+            self.upstream = ("install", "build")
 
     def cacheable(self, ctx: BuildContext) -> bool:
         return self._cacheable
@@ -48,33 +50,17 @@ class ConfigureStage(Stage):
                 "postinst_scripts": [content_digest(p) for p in settings.postinst_scripts], "epoch": ctx.epoch}
 
     def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
-        installed = up.artifact("install")
-        assert installed.path is not None
-        if installed.owned:
-            os.rename(installed.path, out)
-            installed.path, installed.owned = None, False
-        elif ctx.overlays:
-            scratch = ctx.cache.scratch("overlay")
-            ctx.mounts.callback(shutil.rmtree, scratch, True)
-            try:
-                ctx.mounts.enter_context(writable_view(installed.path, scratch, out))
-            except BuildError as e:
-                # E.g. a store on a file system overlayfs refuses as upper layer (itself an
-                # overlay, NFS): the copy gives the same bytes.
-                ctx.say(f"note: {e.message}; copying the cached tree instead")
-                shutil.rmtree(out, ignore_errors=True)
-                self._copy(ctx, installed, out)
-        else:
-            self._copy(ctx, installed, out)
+        writable_tree(ctx, up.artifact("install"), out)
         old_umask = os.umask(0o022)
         try:
+            if "build" in self.upstream:
+                # What BuildScripts= installed into $DESTDIR, after the packages and before
+                # ExtraTrees= (owners and modes as the scripts left them).
+                dest = up.artifact("build").path
+                assert dest is not None
+                ctx.say("merging the build scripts' output")
+                copy_tree_into(out, dest, ctx.epoch, keep_owners=True)
             configure_tree(out, tree_settings(ctx.spec), ctx.epoch, ctx.say)
         finally:
             os.umask(old_umask)
         return {}
-
-    @staticmethod
-    def _copy(ctx: BuildContext, installed, out: Path) -> None:
-        if installed.entry is None:
-            raise BuildError("internal error: the installed tree is neither private nor cached")
-        ctx.cache.restore_tree(installed.entry, out)
