@@ -49,7 +49,14 @@ from typing import Any
 from reprobuild.checkresult import Check, all_passed, failed, passed, skipped, summary_line
 from reprobuild.errors import ReprobuildError, VerificationFailed
 from reprobuild.fileio import ReadRefused, check_input, read_bounded
-from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, build_set_problems, loads, lock_digest, read_lock_bytes
+from reprobuild.lockfile import (
+    SIGNATURE_SUFFIX,
+    Lock,
+    build_set_problems,
+    loads,
+    lock_digest,
+    read_lock_bytes,
+)
 from reprobuild.progress import Update, set_counts
 
 Say = Callable[[str], None]
