@@ -76,14 +76,15 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
     # a few lines per stage in a log.
     say = make_reporter(quiet or as_json)
     try:
-        _build(spec, store, say, locked, fmt, output_dir, offline, jobs, substituters, no_cache, as_json, quiet)
+        _build(spec, store, say, locked, fmt, output_dir, offline, jobs, substituters, no_cache, shell_on_failure,
+               as_json, quiet)
     finally:
         say.close()
 
 
 def _build(spec: ImageSpec, store: Store, say: Reporter, locked: bool, fmt: str | None, output_dir: Path | None,
-           offline: bool, jobs: int, substituters: tuple[str, ...], no_cache: bool, as_json: bool,
-           quiet: bool) -> None:  # fmt: skip
+           offline: bool, jobs: int, substituters: tuple[str, ...], no_cache: bool, shell_on_failure: bool,
+           as_json: bool, quiet: bool) -> None:  # fmt: skip
     from reprobuild.build import BuildOptions, build_locked
     from reprobuild.keys import provenance_signer
     from reprobuild.lock import LockOptions, lock_spec, save_signed_lock, unsigned_note
@@ -111,7 +112,6 @@ def _build(spec: ImageSpec, store: Store, say: Reporter, locked: bool, fmt: str 
                            jobs=jobs, substituters=substituters, argv=tuple(sys.argv), cache=not no_cache,
                            shell_on_failure=shell_on_failure)
     result = build_locked(spec, lock, store, options, say=say, fetch_progress=say)
-    say.close()
     elapsed = time.monotonic() - started
     if as_json:
         click.echo(json.dumps({"outputs": {k: str(v) for k, v in result.outputs.items()},
