@@ -148,7 +148,7 @@ ARCHITECTURES = frozenset({
     "loong64", "alpha", "hppa", "hurd-amd64", "hurd-i386", "ia64", "m68k", "powerpc", "ppc64", "sh4",
     "sparc64", "x32",
 })
-SET_NAMES = ("image", "initrd", "tools")
+SET_NAMES = ("image", "initrd", "tools", "build")
 BASE_SETS = ("essential", "minbase", "none")
 MULTI_ARCH = ("no", "same", "foreign", "allowed")
 
