@@ -485,6 +485,22 @@ def test_vm_expect(disk: Path, fake_qemu: dict[str, Any], tmp_path: Path) -> Non
     assert "l99" in out and "l59" not in out and "\x1b" not in out and "did not appear" in out
 
 
+def test_vm_credentials(disk: Path, fake_qemu: dict[str, Any], tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_bytes(b"file-secret\n")
+    code, _ = run("vm", str(disk), "--credential", "greeting=hello=world", "--credential-file", f"token={secret}")
+    assert code == 7
+    creds = fake_qemu["cfg"].credentials
+    assert [(c.name, c.value) for c in creds] == [("greeting", b"hello=world"), ("token", b"file-secret\n")]
+    for args, message in ((("--credential", "novalue"), "takes NAME=VALUE"),
+                          (("--credential-file", f"t={tmp_path / 'missing'}"), "No such file"),
+                          (("--credential", "a=1", "--credential", "a=2"), "given twice"),
+                          (("--credential", "a/b=1"), "not valid")):  # fmt: skip
+        code, out = run("vm", str(disk), *args)
+        assert code == 2 and message in out, out
+    assert "novalue" not in run("vm", str(disk), "--credential", "novalue")[1]  # never echoed
+
+
 def test_vm_timeout_needs_expect(disk: Path, fake_qemu: dict[str, Any]) -> None:
     code, out = run("vm", str(disk), "--timeout", "5")
     assert code == UsageError.exit_code and "--expect" in out

@@ -122,6 +122,32 @@ def console_tail(console: bytes, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(kept[-lines:])
 
 
+def guest_credentials(values: tuple[str, ...], files: tuple[str, ...]) -> tuple:
+    """``--credential NAME=VALUE`` and ``--credential-file NAME=PATH`` → vm.Credential tuple."""
+    from reprobuild import vm
+
+    out: dict[str, vm.Credential] = {}
+    for option, items in (("--credential", values), ("--credential-file", files)):
+        for item in items:
+            name, sep, rest = item.partition("=")
+            if not sep or not name:
+                raise UsageError(f"{option} takes NAME=" + ("VALUE" if option == "--credential" else "PATH"))
+            if name in out:
+                raise UsageError(f"credential {name!r} is given twice")
+            if option == "--credential":
+                data = rest.encode()
+            else:
+                try:
+                    data = Path(rest).read_bytes()
+                except OSError as e:
+                    raise UsageError(f"--credential-file {name}={rest}: {e.strerror}") from e
+            try:
+                out[name] = vm.Credential(name, data)
+            except vm.VmError as e:
+                raise UsageError(e.message) from e
+    return tuple(out.values())
+
+
 # ---- vm -----------------------------------------------------------------------------------------
 
 
@@ -147,10 +173,17 @@ def console_tail(console: bytes, lines: int = CONSOLE_TAIL_LINES) -> str:
               help=f"With --expect: give up after SECONDS [default: {DEFAULT_EXPECT_TIMEOUT:.0f}].")
 @click.option("--console-log", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --expect: also write the serial console to this file.")
+@click.option("--credential", "credentials", multiple=True, metavar="NAME=VALUE",
+              help="A systemd credential for the guest (SMBIOS type 11 from a private file, never on "
+                   "qemu's command line); may repeat. VALUE is on reprobuild's own command line: "
+                   "use --credential-file for secrets.")
+@click.option("--credential-file", "credential_files", multiple=True, metavar="NAME=PATH",
+              help="A systemd credential for the guest, read from PATH; may repeat.")
 @click.argument("qemu_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- QEMU ARGS...]")
 def vm_command(image: Path, secure_boot: bool, certificate: Path | None, directory: Path | None, memory: str,
                cpus: int, kvm: str, snapshot: bool, expect: str | None, timeout: float | None,
-               console_log: Path | None, qemu_args: tuple[str, ...]) -> int:  # fmt: skip
+               console_log: Path | None, credentials: tuple[str, ...], credential_files: tuple[str, ...],
+               qemu_args: tuple[str, ...]) -> int:  # fmt: skip
     """Boot IMAGE in qemu with UEFI firmware (OVMF), serial console on this terminal.
 
     \b
@@ -166,12 +199,13 @@ def vm_command(image: Path, secure_boot: bool, certificate: Path | None, directo
     def say(message: str) -> None:
         click.echo(message, err=True)
 
+    creds = guest_credentials(credentials, credential_files)
     cert = None
     if secure_boot or certificate is not None:
         cert = secure_boot_certificate(image, certificate, directory, say)
     cfg = vm.QemuConfig(image=image, memory=memory, cpus=cpus, secure_boot=cert is not None,
                         secure_boot_cert=cert, kvm=kvm, snapshot=snapshot,  # type: ignore[arg-type]
-                        serial_log=console_log, extra_args=tuple(qemu_args))  # fmt: skip
+                        serial_log=console_log, extra_args=tuple(qemu_args), credentials=creds)  # fmt: skip
     if expect is None:
         say("serial console follows; Ctrl-A x quits, Ctrl-A c is the qemu monitor")
         return vm.run_interactive(cfg)
