@@ -4,6 +4,8 @@ a directory and a tar output, and a boot to an automatic root login driven throu
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import pty
 import re
@@ -144,3 +146,42 @@ def test_shell_on_directory_and_tar_outputs(minimal_trixie: Path, minimal_tar: B
     r, t_tar2 = _reprobuild(tmp_path / "store", "shell", str(tar), "--", "true")
     assert r.returncode == 0 and "extracting" not in r.stderr, r.stderr[-3000:]
     print(f"\nshell: directory {t_dir:.1f}s, tar {t_tar:.1f}s (extracted once), then {t_tar2:.1f}s")
+
+
+def _qemu_cmdlines(image: Path) -> list[bytes]:
+    """The command lines of running qemu processes that boot ``image`` (read as any user can)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.split(b"\0", 1)[0].endswith(b"qemu-system-x86_64") and str(image).encode() in cmdline:
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.boot
+@pytest.mark.timeout(900)
+def test_vm_credential_reaches_the_guest_but_not_qemus_argv(bootable_disk: BuiltPair, tmp_path: Path) -> None:
+    image = bootable_disk.output_a / "image.raw"
+    secret = f"secret-{os.urandom(8).hex()}".encode()
+    (tmp_path / "token").write_bytes(secret)
+    (tmp_path / "token").chmod(0o600)
+    digest = hashlib.sha256(secret).hexdigest()[:16]
+    start = time.monotonic()
+    proc = subprocess.Popen(reprobuild_argv("vm", str(image), "--credential-file", f"reprobuild.test={tmp_path / 'token'}",
+                                            "--expect", f"REPROBUILD-CREDENTIAL {digest} END", "--timeout", "600"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
+    seen: list[bytes] = []
+    while proc.poll() is None and not seen and time.monotonic() - start < 600:
+        seen = _qemu_cmdlines(image)
+        time.sleep(0.2)
+    for cmdline in seen:  # while qemu runs: the value is nowhere in its arguments
+        assert secret not in cmdline and base64.b64encode(secret) not in cmdline
+        assert b"type=11,path=" in cmdline
+    _out, err = proc.communicate(timeout=700)
+    assert seen, "qemu was never seen running"
+    assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+    print(f"\nvm --credential-file: the guest's unit saw the credential after {time.monotonic() - start:.0f}s; "
+          f"qemu's argv ({len(seen[0])} bytes) holds no secret")
