@@ -212,7 +212,8 @@ def _manifest(spec: ImageSpec, lock: Lock, fmt: str, meta: dict[str, Any], sha: 
         format=fmt, lock_digest=lock_digest(lock), config_digest=lock.config_digest,
         source_date_epoch=lock.source_date_epoch, release=lock.release, architecture=lock.architecture,
         packages=[p.pin for p in lock.package_set("image").packages],
-        sha256=sha, size=target.stat().st_size if sha is not None else None, tools=tools, disk=disk)
+        sha256=sha, size=target.stat().st_size if sha is not None else None, tools=tools, disk=disk,
+        added_files=meta.get("added_files"))
 
 
 def _enter_overlay_namespace(cache: Cache, store: Store, work: Path, say: Say) -> bool:

@@ -60,6 +60,9 @@ class Manifest:
     size: int | None = None
     tools: dict[str, Any] | None = None  # disk outputs: the tools that wrote the file systems
     disk: DiskFields | None = None
+    # Every path reprobuild itself wrote, changed or removed in the tree (not a package's doing),
+    # each {"path", "action", "cause"}: the setting or rule that caused it. None: not recorded.
+    added_files: list[dict[str, str]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: flat, as earlier releases wrote it (disk fields at the top level)."""
@@ -68,7 +71,7 @@ class Manifest:
             "source_date_epoch": self.source_date_epoch, "release": self.release,
             "architecture": self.architecture, "packages": list(self.packages),
         }
-        for name in ("sha256", "size", "tools"):
+        for name in ("sha256", "size", "tools", "added_files"):
             if getattr(self, name) is not None:
                 doc[name] = getattr(self, name)
         if self.disk is not None:

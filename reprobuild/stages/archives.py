@@ -25,7 +25,7 @@ class TarStage(Stage):
         tree = up.artifact("tree").path
         assert tree is not None
         write_atomically(out, lambda f: write_tar_stream(tree, f, ctx.epoch))
-        return {}
+        return {"added_files": list(up.meta("tree").get("added_files", []))}
 
 
 class CpioStage(Stage):
@@ -41,4 +41,4 @@ class CpioStage(Stage):
         assert tree is not None
         # keep_owners: a root file system needs its numeric owners (an initrd writer may drop them).
         write_atomically(out, lambda f: cpio_from_tree(tree, f, ctx.epoch, keep_owners=True))
-        return {}
+        return {"added_files": list(up.meta("tree").get("added_files", []))}

@@ -50,6 +50,7 @@ class ConfigureStage(Stage):
     def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
         installed = up.artifact("install")
         assert installed.path is not None
+        added = list(installed.meta.get("added_files", []))
         if installed.owned:
             os.rename(installed.path, out)
             installed.path, installed.owned = None, False
@@ -68,10 +69,12 @@ class ConfigureStage(Stage):
             self._copy(ctx, installed, out)
         old_umask = os.umask(0o022)
         try:
-            configure_tree(out, tree_settings(ctx.spec), ctx.epoch, ctx.say)
+            added += [a.as_dict() for a in configure_tree(out, tree_settings(ctx.spec), ctx.epoch, ctx.say)]
         finally:
             os.umask(old_umask)
-        return {}
+        # Every file written, changed or removed by reprobuild rather than a package, and why
+        # (the manifest's added_files; later stages pass it on).
+        return {"added_files": added}
 
     @staticmethod
     def _copy(ctx: BuildContext, installed, out: Path) -> None:

@@ -37,7 +37,8 @@ class DdiStage(Stage):
         result = build_ddi(DdiSpec(architecture=ctx.spec.distribution.architecture, seed=bytes.fromhex(ctx.lock.seed),
                                    root_fs_image=up.file("fs"), output=out, verity=choice.mode, key=choice.key,
                                    certificate=choice.certificate, esp_image=esp, layout=ctx.spec.build.root_layout))
-        meta = {**result.manifest(), "filesystem": dict(up.meta("fs")["fs"])}
+        meta = {**result.manifest(), "filesystem": dict(up.meta("fs")["fs"]),
+                "added_files": list(up.meta("fs").get("added_files", []))}
         if self.bootable:
             boot = dict(up.meta("esp")["boot"])
             if result.root_hash != boot["cmdline"].split()[0].split("=", 1)[1]:
