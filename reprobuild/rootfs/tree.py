@@ -80,33 +80,43 @@ def _files(paths: Sequence[str], action: str, cause: str) -> list[AddedFile]:
     return [AddedFile("/" + p.lstrip("/"), action, cause) for p in paths]
 
 
+def _named(path: Path | str, base: Path | None) -> str:
+    """A tree or script as the manifest names it: relative to the definition's directory (so the
+    manifest does not depend on where the checkout is), else as given."""
+    return os.path.relpath(path, base) if base is not None else str(path)
+
+
 def install_packages(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[str], Path],
-                     settings: TreeSettings, epoch: int, report: Callable[[str], None]) -> list[AddedFile]:
+                     settings: TreeSettings, epoch: int, report: Callable[[str], None],
+                     base: Path | None = None) -> list[AddedFile]:  # fmt: skip
     """First half of :func:`build_tree`, in place: skeleton trees, then the packages (dpkg).
 
     The build cache keeps the result of this half apart, so that an edit of an extra tree or a
     setting re-runs only :func:`configure_tree`. Callers set umask 022 and clean up on failure.
-    Returns the files this code wrote itself (not dpkg or a maintainer script), with their cause.
+    Returns the files this code wrote itself (not dpkg or a maintainer script), with their cause
+    (trees named relative to ``base``, the definition's directory).
     """
     added: list[AddedFile] = []
     for skel in settings.skeleton_trees:
         report(f"copying skeleton tree {skel}")
-        added += _files(_settings.copy_tree_into(tree, Path(skel), epoch), "written", f"SkeletonTrees={skel}")
+        added += _files(_settings.copy_tree_into(tree, Path(skel), epoch), "written", f"SkeletonTrees={_named(skel, base)}")
     # The image's hostname is also the sandbox's, so scripts that record it see the final one.
     written = _install.install(tree, packages, deb_path, env=sandbox_env(epoch),
                                hostname=settings.hostname or DEFAULT_HOSTNAME, progress=report)
     return added + [AddedFile("/" + path, "written", f"package installation: {why}") for path, why in written]
 
 
-def configure_tree(tree: Path, settings: TreeSettings, epoch: int, report: Callable[[str], None]) -> list[AddedFile]:
+def configure_tree(tree: Path, settings: TreeSettings, epoch: int, report: Callable[[str], None],
+                   base: Path | None = None) -> list[AddedFile]:  # fmt: skip
     """Second half of :func:`build_tree`, in place on an installed tree: extra trees,
     post-installation scripts, settings, RemoveFiles=, normalisation. Returns every file it
     wrote, changed or removed, with the setting or rule that caused it (what post-installation
-    scripts do is theirs: ``reprobuild verify --audit`` finds it)."""
+    scripts do is theirs: ``reprobuild verify --audit`` finds it). Trees are named relative to
+    ``base``, the definition's directory."""
     added: list[AddedFile] = []
     for extra in settings.extra_trees:
         report(f"copying extra tree {extra}")
-        added += _files(_settings.copy_tree_into(tree, Path(extra), epoch), "written", f"ExtraTrees={extra}")
+        added += _files(_settings.copy_tree_into(tree, Path(extra), epoch), "written", f"ExtraTrees={_named(extra, base)}")
     _settings.run_postinst_scripts(tree, tuple(Path(s) for s in settings.postinst_scripts), sandbox_env(epoch),
                                    settings.hostname or DEFAULT_HOSTNAME, report)
     if settings.hostname:

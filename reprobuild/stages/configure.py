@@ -69,7 +69,8 @@ class ConfigureStage(Stage):
             self._copy(ctx, installed, out)
         old_umask = os.umask(0o022)
         try:
-            added += [a.as_dict() for a in configure_tree(out, tree_settings(ctx.spec), ctx.epoch, ctx.say)]
+            added += [a.as_dict() for a in configure_tree(out, tree_settings(ctx.spec), ctx.epoch, ctx.say,
+                                                            base=ctx.spec.directory)]
         finally:
             os.umask(old_umask)
         # Every file written, changed or removed by reprobuild rather than a package, and why

@@ -38,7 +38,7 @@ class InstallStage(Stage):
             os.mkdir(out, 0o755)
             os.chmod(out, 0o755)
             added = install_packages(out, planned_packages(image), ctx.cache.deb_path, tree_settings(ctx.spec),
-                                     ctx.epoch, ctx.say)
+                                     ctx.epoch, ctx.say, base=ctx.spec.directory)
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)
             raise
