@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import pty
 import re
@@ -185,3 +186,24 @@ def test_vm_credential_reaches_the_guest_but_not_qemus_argv(bootable_disk: Built
     assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
     print(f"\nvm --credential-file: the guest's unit saw the credential after {time.monotonic() - start:.0f}s; "
           f"qemu's argv ({len(seen[0])} bytes) holds no secret")
+
+
+def test_bootable_manifest_and_audit_leave_no_surprise(bootable_disk: BuiltPair, bootable_trixie: Path,
+                                                        warm_store: Path) -> None:  # fmt: skip
+    image = bootable_disk.output_a / "image.raw"
+    manifest = json.loads(image.with_name("image.raw.manifest.json").read_text())
+    added = {(a["path"], a["action"]): a["cause"] for a in manifest["added_files"]}
+    assert added[("/efi", "written")].startswith("bootable image")
+    assert added[("/etc/systemd/system/reprobuild-credential.service", "written")] == "ExtraTrees=extra"
+    start = time.monotonic()
+    r, _ = _reprobuild(warm_store, "verify", "--audit", str(image), "--lock", str(bootable_trixie / "reprobuild.lock"),
+                       "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    unowned = {f["path"]: f["detail"] for f in report["not_from_packages"]}
+    assert unowned["/etc/hostname"] == "Hostname=reprobuild (written)"
+    assert unowned["/etc/systemd/system/console-getty.service.d/autologin.conf"] == "Autologin=yes (written)"
+    assert unowned["/usr/local/bin/reprobuild-credential"] == "ExtraTrees=extra (written)"
+    assert "/usr/bin/systemctl" not in unowned and report["changed"] == [], report["changed"]
+    print(f"\naudit of the bootable DDI: {report['image_files']} files, {len(unowned)} from no package, "
+          f"{len(report['changed'])} changed, {len(report['missing'])} missing, {time.monotonic() - start:.0f}s")
