@@ -376,6 +376,33 @@ def test_userspace_verity_needs_a_trusted_certificate(ddis: dict[str, Path], tmp
     assert not (tmp_path / "store" / "cache").exists()
 
 
+def test_unsigned_and_unprotected_ddis(tmp_path: Path) -> None:
+    from reprobuild.image.ddi import DdiSpec, build_ddi
+    from tests.test_diff_support import SEED, make_squashfs, make_tree
+
+    root = make_squashfs(make_tree(tmp_path / "tree"), tmp_path / "root.squashfs")
+    plain = tmp_path / "plain" / "image.raw"
+    plain.parent.mkdir()
+    build_ddi(DdiSpec(architecture="amd64", seed=SEED, root_fs_image=root, output=plain, verity="no"))
+    cfg, said = _prepare(plain, tmp_path / "store")
+    facts = inspect_ddi(plain)
+    assert facts.data_extent is not None and cfg.loop == nspawn.LoopMount(plain.absolute(), "squashfs",
+                                                                           *facts.data_extent)  # fmt: skip
+    assert any("no dm-verity" in m for m in said)
+    hashed = tmp_path / "hashed" / "image.raw"  # verity without a signature: the root hash beside it
+    hashed.parent.mkdir()
+    result = build_ddi(DdiSpec(architecture="amd64", seed=SEED, root_fs_image=root, output=hashed, verity="hash"))
+    with pytest.raises(nspawn.ImageUntrusted, match="no root hash"):
+        _prepare(hashed, tmp_path / "store")
+    (hashed.parent / "image.roothash").write_text(f"{result.root_hash}\n")
+    cfg, said = _prepare(hashed, tmp_path / "store")
+    assert cfg.loop is not None and cfg.loop.file.read_bytes() == root.read_bytes()
+    assert any("not signed" in m for m in said)
+    (hashed.parent / "image.roothash").write_text("ab" * 32 + "\n")  # a wrong hash: the tree's top fails
+    with pytest.raises(nspawn.ImageUntrusted, match="does not match the root hash"):
+        _prepare(hashed, tmp_path / "store2")
+
+
 def test_shell_through_cli_finds_the_definitions_certificate(ddis: dict[str, Path], tmp_path: Path,
                                                              fake_nspawn: list[list[str]],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
