@@ -395,9 +395,9 @@ def verified_root(ddi: DdiFacts, root_hash: str, store: Store, say: Callable[[st
     cache = Cache(store)
     entry = cache.get(VERIFIED_ROOT, root_hash, record=False)
     if entry is not None and entry.object is not None and entry.meta.get("fs") == ddi.root_fs:
-        say(f"root partition: checked before against root hash {root_hash[:16]}…, using that copy")
+        say(f"{ddi.layout} partition: checked before against root hash {root_hash[:16]}…, using that copy")
         return store.path(entry.object)
-    say(f"root partition: checking every block against root hash {root_hash[:16]}… (no device-mapper here)")
+    say(f"{ddi.layout} partition: checking every block against root hash {root_hash[:16]}… (no device-mapper here)")
     tmp = store.new_tmp_dir("verified-root")
     try:
         copy = tmp / "root.img"
@@ -460,6 +460,7 @@ class LoopMount:
     fstype: str
     offset: int = 0
     size: int | None = None
+    at: str = ""  # where below the mount point: "" (the root) or "usr" (a /usr-only image)
 
     def options(self) -> str:
         opts = "ro,loop"
@@ -512,8 +513,9 @@ def build_nspawn_argv(cfg: NspawnConfig) -> list[str]:
     if cfg.loop is not None:
         if cfg.directory is None:
             raise ValueError("a loop-mounted root needs a mount point (NspawnConfig.directory)")
+        target = cfg.directory / cfg.loop.at if cfg.loop.at else cfg.directory
         argv = [UNSHARE, "--mount", "--propagation", "private", "--", "sh", "-c", MOUNT_THEN_EXEC, "sh",
-                cfg.loop.fstype, cfg.loop.options(), str(cfg.loop.file), str(cfg.directory), *argv]  # fmt: skip
+                cfg.loop.fstype, cfg.loop.options(), str(cfg.loop.file), str(target), *argv]  # fmt: skip
     return argv
 
 
@@ -552,13 +554,16 @@ def prepare(image: Path, boot: bool, command: Iterable[str] = (), options: Itera
             hint=f"boot it in a virtual machine instead: reprobuild vm {ddi.path}",
         )
     assert ddi.root_fs is not None and ddi.data_extent is not None
+    at = "usr" if ddi.layout == "usr" else ""
     if not ddi.verity:
         say(f"{image} has no dm-verity: its {ddi.layout} partition is mounted read-only as it is")
-        loop = LoopMount(image.absolute(), ddi.root_fs, *ddi.data_extent)
+        loop = LoopMount(image.absolute(), ddi.root_fs, *ddi.data_extent, at=at)
     else:
         root_hash, why = trusted_root_hash(ddi, [*certificates, *system_verity_certificates()])
         say(f"root hash {root_hash[:16]}…: {why}")
-        loop = LoopMount(verified_root(ddi, root_hash, store or Store(Store.default_root()), say), ddi.root_fs)
+        loop = LoopMount(verified_root(ddi, root_hash, store or Store(Store.default_root()), say), ddi.root_fs, at=at)
+    if at:  # a /usr-only image: the root is a fresh tmpfs around it, as nspawn --volatile=yes gives
+        base = replace(base, volatile="yes")
     if ddi.esp:
         say("note: the EFI System Partition is not mounted at /efi (only systemd-nspawn --image= does that)")
     return replace(base, loop=loop, root_hash=None)
@@ -571,4 +576,6 @@ def run_nspawn(cfg: NspawnConfig) -> int:
         return subprocess.run(build_nspawn_argv(cfg), check=False).returncode
     with tempfile.TemporaryDirectory(prefix="reprobuild-root-") as mount_point:
         os.chmod(mount_point, 0o755)
+        if cfg.loop.at:
+            os.mkdir(Path(mount_point) / cfg.loop.at, 0o755)
         return subprocess.run(build_nspawn_argv(replace(cfg, directory=Path(mount_point))), check=False).returncode

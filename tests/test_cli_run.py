@@ -320,6 +320,8 @@ def test_argv_directory_and_loop() -> None:
     assert argv[:7] == ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c"]
     assert argv[8:13] == ["sh", "erofs", "ro,loop,offset=4096,sizelimit=8192", "/s/obj", "/mnt/x"]
     assert argv[13:] == ["systemd-nspawn", "--directory=/mnt/x", "--read-only", "--volatile=state", "--boot"]
+    usr = replace(loop, at="usr")  # a /usr-only image: mounted on /usr of the (tmpfs) root
+    assert build_nspawn_argv(NspawnConfig(Path("i.raw"), loop=usr, directory=Path("/mnt/x")))[12] == "/mnt/x/usr"
 
 
 def _prepare(image: Path, store_root: Path, certificates: tuple[Path, ...] = ()) -> tuple[NspawnConfig, list[str]]:
