@@ -543,8 +543,15 @@ def prepare(image: Path, boot: bool, command: Iterable[str] = (), options: Itera
         tree = extracted_tar(image, store or Store(Store.default_root()), say)
         check_os_tree(tree, image)
         return replace(base, directory=tree)
+    trusted = [*certificates, *system_verity_certificates()]
     if not missing_requirements(ddi, host):
-        return replace(base, root_hash=ddi.root_hash)
+        # dm-verity checks the data against the root hash on every read; the hash itself must be
+        # trusted first, as in user space (a signed image: its signature, by a trusted certificate).
+        if not ddi.verity:
+            return base
+        root_hash, why = trusted_root_hash(ddi, trusted)
+        say(f"root hash {root_hash[:16]}…: {why}; dm-verity checks the data")
+        return replace(base, root_hash=root_hash)
     missing = userspace_missing(ddi, host)
     if not shutil.which(UNSHARE):
         raise ToolMissing(UNSHARE, "util-linux", "to mount the image's root in a private mount namespace")
@@ -559,7 +566,7 @@ def prepare(image: Path, boot: bool, command: Iterable[str] = (), options: Itera
         say(f"{image} has no dm-verity: its {ddi.layout} partition is mounted read-only as it is")
         loop = LoopMount(image.absolute(), ddi.root_fs, *ddi.data_extent, at=at)
     else:
-        root_hash, why = trusted_root_hash(ddi, [*certificates, *system_verity_certificates()])
+        root_hash, why = trusted_root_hash(ddi, trusted)
         say(f"root hash {root_hash[:16]}…: {why}")
         loop = LoopMount(verified_root(ddi, root_hash, store or Store(Store.default_root()), say), ddi.root_fs, at=at)
     if at:  # a /usr-only image: the root is a fresh tmpfs around it, as nspawn --volatile=yes gives

@@ -273,24 +273,34 @@ def test_boot_and_shell_argv(ddis: dict[str, Path], tmp_path: Path, fake_nspawn:
     monkeypatch.setattr(nspawn, "probe_host", lambda: SYSTEMD_HOST)
     image = tmp_path / "image.raw"
     image.symlink_to(ddis["esp"])
-    (tmp_path / "image.roothash").write_text(HASH + "\n")
-    assert run("boot", str(image), "--", "--bind=/srv", "-q") == (0, "")
+    cert = ddis["esp"].parent / "verity.crt"
+    # Even where dm-verity checks the data, a signed image's root hash must be trusted first.
+    code, out = run("boot", str(image))
+    assert code == 1 and "no certificate" in out and fake_nspawn == []
+    signed = nspawn.trusted_root_hash(inspect_ddi(image), [cert])[0]
+    (tmp_path / "image.roothash").write_text(HASH + "\n")  # not the signed one: refused
+    code, out = run("boot", "--verity-certificate", str(cert), str(image))
+    assert code == 1 and "is not the signed one" in out and fake_nspawn == []
+    (tmp_path / "image.roothash").write_text(signed + "\n")
+    assert run("boot", "--verity-certificate", str(cert), str(image), "--", "--bind=/srv", "-q")[0] == 0
     assert fake_nspawn[-1] == ["systemd-nspawn", f"--image={image}", "--read-only", "--volatile=state",
-                               f"--root-hash={HASH}", "--boot", "--bind=/srv", "-q"]  # fmt: skip
-    assert run("shell", str(image), "-o", "--bind=/x", "--", "cat", "/etc/os-release")[0] == 0
+                               f"--root-hash={signed}", "--boot", "--bind=/srv", "-q"]  # fmt: skip
+    assert run("shell", "--verity-certificate", str(cert), str(image), "-o", "--bind=/x", "--", "cat",
+               "/etc/os-release")[0] == 0  # fmt: skip
     assert fake_nspawn[-1][-4:] == ["--bind=/x", "--", "cat", "/etc/os-release"]
     assert "--boot" not in fake_nspawn[-1]
-    assert run("shell", str(image))[0] == 0
-    assert fake_nspawn[-1][-1] == f"--root-hash={HASH}"
+    assert run("shell", "--verity-certificate", str(cert), str(image))[0] == 0
+    assert fake_nspawn[-1][-1] == f"--root-hash={signed}"
 
 
 def test_no_system_bus_means_no_registration(ddis: dict[str, Path], fake_nspawn: list[list[str]],
                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    cert = str(ddis["esp"].parent / "verity.crt")
     monkeypatch.setattr(nspawn, "probe_host", lambda: replace(SYSTEMD_HOST, system_bus=False))
-    assert run("boot", str(ddis["esp"]))[0] == 0
-    assert fake_nspawn[-1][4:7] == ["--register=no", "--keep-unit", "--boot"]
+    assert run("boot", "--verity-certificate", cert, str(ddis["esp"]))[0] == 0
+    assert fake_nspawn[-1][5:8] == ["--register=no", "--keep-unit", "--boot"]
     monkeypatch.setattr(nspawn, "probe_host", lambda: replace(SYSTEMD_HOST, systemd=False))
-    assert run("shell", str(ddis["esp"]))[0] == 0
+    assert run("shell", "--verity-certificate", cert, str(ddis["esp"]))[0] == 0
     assert fake_nspawn[-1][-2:] == ["--register=no", "--keep-unit"]
 
 
