@@ -391,7 +391,8 @@ def verified_root(ddi: DdiFacts, root_hash: str, store: Store, say: Callable[[st
     bad block."""
     if not re.fullmatch(r"[0-9a-f]{64}", root_hash):
         raise ImageUntrusted(f"{ddi.path}: only sha256 verity root hashes can be checked in user space")
-    assert ddi.data_extent is not None and ddi.hash_extent is not None
+    if ddi.data_extent is None or ddi.hash_extent is None:
+        raise ImageUntrusted(f"{ddi.path}: no verity hash partition belongs to its {ddi.layout} partition")
     cache = Cache(store)
     entry = cache.get(VERIFIED_ROOT, root_hash, record=False)
     if entry is not None and entry.object is not None and entry.meta.get("fs") == ddi.root_fs:
