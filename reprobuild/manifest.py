@@ -62,6 +62,9 @@ class Manifest:
     disk: DiskFields | None = None
     # BuildScripts=: the scripts and sources (content digests) and the build-only packages.
     build: dict[str, Any] | None = None
+    # Every path reprobuild itself wrote, changed or removed in the tree (not a package's doing),
+    # each {"path", "action", "cause"}: the setting or rule that caused it. None: not recorded.
+    added_files: list[dict[str, str]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: flat, as earlier releases wrote it (disk fields at the top level)."""
@@ -70,7 +73,7 @@ class Manifest:
             "source_date_epoch": self.source_date_epoch, "release": self.release,
             "architecture": self.architecture, "packages": list(self.packages),
         }
-        for name in ("sha256", "size", "tools", "build"):
+        for name in ("sha256", "size", "tools", "build", "added_files"):
             if getattr(self, name) is not None:
                 doc[name] = getattr(self, name)
         if self.disk is not None:

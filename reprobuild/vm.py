@@ -9,10 +9,16 @@ Three pieces:
 
 ``run_until`` boots headless and watches the serial console for a marker (tests, ``verify``);
 ``run_interactive`` hands the console to the user. qemu is always killed on the way out.
+
+Credentials for systemd in the guest (``QemuConfig.credentials``) travel as SMBIOS type 11
+strings (``io.systemd.credential.binary:NAME=BASE64``) that qemu reads from private files
+(``-smbios type=11,path=FILE``, each 0600 in a 0700 temporary directory, removed after the boot),
+so no value ever appears in qemu's command line (``/proc/PID/cmdline`` is world-readable).
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import selectors
@@ -52,6 +58,48 @@ class VmError(ReprobuildError):
     """qemu could not be started or the firmware/variable store is unusable."""
 
 
+# systemd.exec(5) "Credentials": a credential name is a valid file name (no "/", not "." or
+# ".."), at most 255 bytes; we also keep out characters that could end the SMBIOS string.
+CREDENTIAL_NAME = re.compile(r"(?!\.{1,2}$)[^/\x00-\x20=\x7f]{1,255}")
+SMBIOS_CREDENTIAL_PREFIX = "io.systemd.credential.binary:"  # systemd.system-credentials(7), SMBIOS type 11
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A systemd system credential for the guest: ``name`` and its bytes."""
+
+    name: str
+    value: bytes
+
+    def __post_init__(self) -> None:
+        if not CREDENTIAL_NAME.fullmatch(self.name):
+            raise VmError(f"credential name {self.name!r} is not valid: use a file name without '/', '=' "
+                          "or blanks, at most 255 characters")  # fmt: skip
+
+    def smbios_string(self) -> bytes:
+        """The SMBIOS type 11 string systemd imports (binary form: any bytes survive)."""
+        return f"{SMBIOS_CREDENTIAL_PREFIX}{self.name}={base64.b64encode(self.value).decode()}".encode()
+
+
+@contextmanager
+def credential_args(credentials: Sequence[Credential]) -> Iterator[list[str]]:
+    """qemu arguments passing ``credentials`` through private files: ``-smbios type=11,path=FILE``
+    for each, the files 0600 in a fresh 0700 directory that is removed on exit. The values are in
+    the files only, never in the arguments."""
+    if not credentials:
+        yield []
+        return
+    with tempfile.TemporaryDirectory(prefix="reprobuild-credentials-") as tmp:
+        args = []
+        for i, cred in enumerate(credentials):
+            path = Path(tmp) / f"credential-{i}"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(cred.smbios_string())
+            args += ["-smbios", f"type=11,path={path}"]
+        yield args
+
+
 @dataclass(frozen=True)
 class QemuConfig:
     """How to boot ``image`` (a raw disk image). ``firmware_code``/``firmware_vars`` default to
@@ -70,6 +118,7 @@ class QemuConfig:
     snapshot: bool = True  # never write to the image under test
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     qemu: str = QEMU
+    credentials: tuple[Credential, ...] = ()  # passed through private files (credential_args)
 
 
 @dataclass(frozen=True)
@@ -380,8 +429,8 @@ FIRMWARE_GAVE_UP = (b"No bootable option or device was found",)
 
 def _boot_once(cfg: QemuConfig, accel: Accel, marker: bytes, timeout: float,
                stop_on: Sequence[bytes], say: Say | None = None) -> tuple[bool, bytes, bytes]:  # fmt: skip
-    with prepared_firmware(cfg) as firmware:  # a fresh variable store for every boot
-        return _watch(build_qemu_argv(cfg, firmware, accel), marker, timeout,
+    with prepared_firmware(cfg) as firmware, credential_args(cfg.credentials) as creds:  # fresh for every boot
+        return _watch(build_qemu_argv(cfg, firmware, accel) + creds, marker, timeout,
                       stop_on=(KVM_FAILED, *stop_on), log=cfg.serial_log, say=say)  # fmt: skip
 
 
@@ -412,5 +461,6 @@ def run_interactive(cfg: QemuConfig, say: Say | None = None) -> int:
     """Boot with the serial console (and qemu monitor, Ctrl-A c) on this terminal; qemu's exit code."""
     _qemu_binary(cfg)
     accel = resolve_accel(cfg, say)
-    with prepared_firmware(cfg) as firmware:
-        return subprocess.run(build_qemu_argv(cfg, firmware, accel, serial="mon:stdio"), check=False).returncode
+    with prepared_firmware(cfg) as firmware, credential_args(cfg.credentials) as creds:
+        argv = build_qemu_argv(cfg, firmware, accel, serial="mon:stdio") + creds
+        return subprocess.run(argv, check=False).returncode

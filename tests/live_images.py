@@ -48,6 +48,31 @@ WantedBy=multi-user.target
 """
 
 
+# A unit that reports a digest of the system credential "reprobuild.test" (given to the guest by
+# `reprobuild vm --credential…`), or "none", on the kernel console: the secret itself is never shown.
+CREDENTIAL_UNIT = """\
+[Unit]
+Description=Report on the kernel console the credential reprobuild.test that systemd imported
+
+[Service]
+Type=oneshot
+ImportCredential=reprobuild.test
+ExecStart=/usr/local/bin/reprobuild-credential
+
+[Install]
+WantedBy=multi-user.target
+"""
+CREDENTIAL_SCRIPT = """\
+#!/bin/sh
+if [ -r "$CREDENTIALS_DIRECTORY/reprobuild.test" ]; then
+  seen=$(sha256sum < "$CREDENTIALS_DIRECTORY/reprobuild.test" | cut -c1-16)
+else
+  seen=none
+fi
+echo "REPROBUILD-CREDENTIAL $seen END" > /dev/kmsg
+"""
+
+
 @dataclass(frozen=True)
 class Keys:
     lock_key: Path
@@ -193,7 +218,12 @@ def bootable_trixie(live_root: Path, live_keys: Keys) -> Path:
             "extra/etc/systemd/system/reprobuild-marker.service": MARKER_UNIT,
             "extra/etc/systemd/system/multi-user.target.wants/reprobuild-marker.service":
                 "symlink:../reprobuild-marker.service",
+            "extra/etc/systemd/system/reprobuild-credential.service": CREDENTIAL_UNIT,
+            "extra/etc/systemd/system/multi-user.target.wants/reprobuild-credential.service":
+                "symlink:../reprobuild-credential.service",
+            "extra/usr/local/bin/reprobuild-credential": CREDENTIAL_SCRIPT,
         })
+    (directory / "extra/usr/local/bin/reprobuild-credential").chmod(0o755)
     run_reprobuild("lock", "-C", str(directory), "--store", str(live_root / "store-warm"), "-q")
     return directory
 

@@ -31,6 +31,7 @@ from reprobuild.nspawn import (
     probe_host,
     sidecar_root_hash,
 )
+from reprobuild.store import Store
 from reprobuild.x509 import generate_rsa_key_and_certificate
 from tests.test_diff_support import make_ddi, make_keys
 from tests.test_vm import MARKER
@@ -253,34 +254,211 @@ def test_boot_shell_not_a_ddi(tmp_path: Path) -> None:
 def fake_nspawn(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Record the argv instead of running nspawn; pretend nspawn is installed."""
     calls: list[list[str]] = []
-    monkeypatch.setattr(nspawn, "run_nspawn", lambda cfg: calls.append(build_nspawn_argv(cfg)) or 0)
+    def record(cfg: NspawnConfig) -> int:  # run_nspawn gives a loop-mounted root a fresh mount point
+        calls.append(build_nspawn_argv(replace(cfg, directory=Path("/mnt/point")) if cfg.loop else cfg))
+        return 0
+
+    monkeypatch.setattr(nspawn, "run_nspawn", record)
     monkeypatch.setattr(nspawn.shutil, "which", lambda name: "/usr/bin/" + name)
     return calls
 
 
 def test_boot_host_lacks(ddis: dict[str, Path], fake_nspawn: list[list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
-    bare = HostFacts(0, ids.Architecture.AMD64, False, True, False, frozenset({"squashfs"}), frozenset(), False)
+    # Neither dm-verity through nspawn nor the user-space way can work: both lists are named.
+    bare = HostFacts(1000, ids.Architecture.AMD64, False, False, False, frozenset(), frozenset(), False)
     monkeypatch.setattr(nspawn, "probe_host", lambda: bare)
     code, out = run("boot", str(ddis["esp"]))
     assert code == 1 and fake_nspawn == []
-    assert "running udev" in out and "device-mapper" in out and "vfat" in out and "reprobuild vm" in out
+    assert "root privileges" in out and "loop devices" in out and "squashfs support" in out
+    assert "reprobuild vm" in out
+
+
+SYSTEMD_HOST = HostFacts(0, ids.Architecture.AMD64, True, True, True, frozenset({"squashfs", "vfat"}), frozenset(),
+                         False, systemd=True, system_bus=True)  # fmt: skip
 
 
 def test_boot_and_shell_argv(ddis: dict[str, Path], tmp_path: Path, fake_nspawn: list[list[str]],
                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    host = HostFacts(0, ids.Architecture.AMD64, True, True, True, frozenset({"squashfs", "vfat"}), frozenset(), False)
-    monkeypatch.setattr(nspawn, "probe_host", lambda: host)
+    monkeypatch.setattr(nspawn, "probe_host", lambda: SYSTEMD_HOST)
     image = tmp_path / "image.raw"
     image.symlink_to(ddis["esp"])
-    (tmp_path / "image.roothash").write_text(HASH + "\n")
-    assert run("boot", str(image), "--", "--bind=/srv", "-q") == (0, "")
+    cert = ddis["esp"].parent / "verity.crt"
+    # Even where dm-verity checks the data, a signed image's root hash must be trusted first.
+    code, out = run("boot", str(image))
+    assert code == 1 and "no certificate" in out and fake_nspawn == []
+    signed = nspawn.trusted_root_hash(inspect_ddi(image), [cert])[0]
+    (tmp_path / "image.roothash").write_text(HASH + "\n")  # not the signed one: refused
+    code, out = run("boot", "--verity-certificate", str(cert), str(image))
+    assert code == 1 and "is not the signed one" in out and fake_nspawn == []
+    (tmp_path / "image.roothash").write_text(signed + "\n")
+    assert run("boot", "--verity-certificate", str(cert), str(image), "--", "--bind=/srv", "-q")[0] == 0
     assert fake_nspawn[-1] == ["systemd-nspawn", f"--image={image}", "--read-only", "--volatile=state",
-                               f"--root-hash={HASH}", "--boot", "--bind=/srv", "-q"]  # fmt: skip
-    assert run("shell", str(image), "-o", "--bind=/x", "--", "cat", "/etc/os-release")[0] == 0
+                               f"--root-hash={signed}", "--boot", "--bind=/srv", "-q"]  # fmt: skip
+    assert run("shell", "--verity-certificate", str(cert), str(image), "-o", "--bind=/x", "--", "cat",
+               "/etc/os-release")[0] == 0  # fmt: skip
     assert fake_nspawn[-1][-4:] == ["--bind=/x", "--", "cat", "/etc/os-release"]
     assert "--boot" not in fake_nspawn[-1]
-    assert run("shell", str(image))[0] == 0
-    assert fake_nspawn[-1][-1] == f"--root-hash={HASH}"
+    assert run("shell", "--verity-certificate", str(cert), str(image))[0] == 0
+    assert fake_nspawn[-1][-1] == f"--root-hash={signed}"
+
+
+def test_no_system_bus_means_no_registration(ddis: dict[str, Path], fake_nspawn: list[list[str]],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    cert = str(ddis["esp"].parent / "verity.crt")
+    monkeypatch.setattr(nspawn, "probe_host", lambda: replace(SYSTEMD_HOST, system_bus=False))
+    assert run("boot", "--verity-certificate", cert, str(ddis["esp"]))[0] == 0
+    assert fake_nspawn[-1][5:8] == ["--register=no", "--keep-unit", "--boot"]
+    monkeypatch.setattr(nspawn, "probe_host", lambda: replace(SYSTEMD_HOST, systemd=False))
+    assert run("shell", "--verity-certificate", cert, str(ddis["esp"]))[0] == 0
+    assert fake_nspawn[-1][-2:] == ["--register=no", "--keep-unit"]
+
+
+def test_probe_registration(tmp_path: Path) -> None:
+    root = fake_root(tmp_path, True)
+    assert not probe_host(root, RELEASE, "x86_64", euid=0).can_register
+    (root / "run/systemd/system").mkdir(parents=True)
+    (root / "run/dbus").mkdir()
+    assert not probe_host(root, RELEASE, "x86_64", euid=0).can_register  # systemd, but no bus
+    (root / "run/dbus/system_bus_socket").touch()
+    assert probe_host(root, RELEASE, "x86_64", euid=0).can_register
+
+
+# ---- nspawn without device-mapper: the user-space verity check ----------------------------------
+
+NO_DM_HOST = HostFacts(0, ids.Architecture.AMD64, False, True, False, frozenset({"squashfs"}), frozenset(), True)
+
+
+def test_argv_directory_and_loop() -> None:
+    cfg = NspawnConfig(Path("out/image"), directory=Path("out/image"), register=False, command=("true",))
+    assert build_nspawn_argv(cfg) == ["systemd-nspawn", "--directory=out/image", "--read-only",
+                                      "--volatile=state", "--register=no", "--keep-unit", "--", "true"]  # fmt: skip
+    loop = nspawn.LoopMount(Path("/s/obj"), "erofs", 4096, 8192)
+    with pytest.raises(ValueError, match="mount point"):
+        build_nspawn_argv(NspawnConfig(Path("i.raw"), loop=loop))
+    argv = build_nspawn_argv(NspawnConfig(Path("i.raw"), loop=loop, directory=Path("/mnt/x"), boot=True))
+    assert argv[:7] == ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c"]
+    assert argv[8:13] == ["sh", "erofs", "ro,loop,offset=4096,sizelimit=8192", "/s/obj", "/mnt/x"]
+    assert argv[13:] == ["systemd-nspawn", "--directory=/mnt/x", "--read-only", "--volatile=state", "--boot"]
+    usr = replace(loop, at="usr")  # a /usr-only image: mounted on /usr of the (tmpfs) root
+    assert build_nspawn_argv(NspawnConfig(Path("i.raw"), loop=usr, directory=Path("/mnt/x")))[12] == "/mnt/x/usr"
+
+
+def _prepare(image: Path, store_root: Path, certificates: tuple[Path, ...] = ()) -> tuple[NspawnConfig, list[str]]:
+    said: list[str] = []
+    cfg = nspawn.prepare(image, boot=False, command=("true",), host=NO_DM_HOST, nspawn="sh",
+                         store=Store(store_root), certificates=certificates, say=said.append)  # fmt: skip
+    return cfg, said
+
+
+def test_userspace_verity_checks_and_keeps_a_copy(ddis: dict[str, Path], tmp_path: Path) -> None:
+    cert = ddis["esp"].parent / "verity.crt"
+    cfg, said = _prepare(ddis["esp"], tmp_path / "store", (cert,))
+    assert cfg.loop is not None and cfg.loop.fstype == "squashfs" and cfg.loop.offset == 0
+    assert cfg.root_hash is None and cfg.directory is None and not cfg.register
+    assert any("signed by" in m for m in said) and any("checking every block" in m for m in said)
+    facts = inspect_ddi(ddis["esp"])
+    assert facts.data_extent is not None
+    with open(ddis["esp"], "rb") as f:
+        f.seek(facts.data_extent[0])
+        assert cfg.loop.file.read_bytes() == f.read(cfg.loop.file.stat().st_size)  # the checked bytes
+    assert str(cfg.loop.file).startswith(str(tmp_path / "store"))
+    again, said = _prepare(ddis["esp"], tmp_path / "store", (cert,))
+    assert again.loop == cfg.loop and any("checked before" in m for m in said)
+
+
+def test_userspace_verity_refuses_a_changed_block(ddis: dict[str, Path], tmp_path: Path) -> None:
+    image = tmp_path / "image.raw"
+    image.write_bytes(ddis["plain"].read_bytes())
+    facts = inspect_ddi(image)
+    assert facts.data_extent is not None
+    with open(image, "r+b") as f:
+        f.seek(facts.data_extent[0] + 5 * 4096 + 100)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x40]))
+    with pytest.raises(nspawn.ImageUntrusted, match=r"root partition: data block 5 \(bytes 20480\.\.24575"):
+        _prepare(image, tmp_path / "store", (ddis["plain"].parent / "verity.crt",))
+    assert not list((tmp_path / "store").glob("cache/verified-root/*"))  # nothing kept of it
+
+
+def test_userspace_verity_needs_a_trusted_certificate(ddis: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(nspawn.ImageUntrusted, match="no certificate to check the signature") as e:
+        _prepare(ddis["plain"], tmp_path / "store")
+    assert "--verity-certificate" in (e.value.hint or "")
+    _, other = generate_rsa_key_and_certificate("someone else")
+    (tmp_path / "other.crt").write_bytes(other)
+    with pytest.raises(nspawn.ImageUntrusted, match="does not verify with any trusted certificate"):
+        _prepare(ddis["plain"], tmp_path / "store", (tmp_path / "other.crt",))
+    image = tmp_path / "image.raw"  # a .roothash beside the image that is not the signed one
+    image.symlink_to(ddis["plain"])
+    (tmp_path / "image.roothash").write_text(HASH + "\n")
+    with pytest.raises(nspawn.ImageUntrusted, match="is not the signed one"):
+        _prepare(image, tmp_path / "store", (ddis["plain"].parent / "verity.crt",))
+    assert not (tmp_path / "store" / "cache").exists()
+
+
+def test_unsigned_and_unprotected_ddis(tmp_path: Path) -> None:
+    from reprobuild.image.ddi import DdiSpec, build_ddi
+    from tests.test_diff_support import SEED, make_squashfs, make_tree
+
+    root = make_squashfs(make_tree(tmp_path / "tree"), tmp_path / "root.squashfs")
+    plain = tmp_path / "plain" / "image.raw"
+    plain.parent.mkdir()
+    build_ddi(DdiSpec(architecture="amd64", seed=SEED, root_fs_image=root, output=plain, verity="no"))
+    cfg, said = _prepare(plain, tmp_path / "store")
+    facts = inspect_ddi(plain)
+    assert facts.data_extent is not None and cfg.loop == nspawn.LoopMount(plain.absolute(), "squashfs",
+                                                                           *facts.data_extent)  # fmt: skip
+    assert any("no dm-verity" in m for m in said)
+    hashed = tmp_path / "hashed" / "image.raw"  # verity without a signature: the root hash beside it
+    hashed.parent.mkdir()
+    result = build_ddi(DdiSpec(architecture="amd64", seed=SEED, root_fs_image=root, output=hashed, verity="hash"))
+    with pytest.raises(nspawn.ImageUntrusted, match="no root hash"):
+        _prepare(hashed, tmp_path / "store")
+    (hashed.parent / "image.roothash").write_text(f"{result.root_hash}\n")
+    cfg, said = _prepare(hashed, tmp_path / "store")
+    assert cfg.loop is not None and cfg.loop.file.read_bytes() == root.read_bytes()
+    assert any("not signed" in m for m in said)
+    (hashed.parent / "image.roothash").write_text("ab" * 32 + "\n")  # a wrong hash: the tree's top fails
+    with pytest.raises(nspawn.ImageUntrusted, match="does not match the root hash"):
+        _prepare(hashed, tmp_path / "store2")
+
+
+def test_shell_through_cli_finds_the_definitions_certificate(ddis: dict[str, Path], tmp_path: Path,
+                                                             fake_nspawn: list[list[str]],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setattr(nspawn, "probe_host", lambda: NO_DM_HOST)
+    monkeypatch.setenv("REPROBUILD_STORE", str(tmp_path / "store"))
+    (tmp_path / "out").mkdir()
+    image = tmp_path / "out" / "image.raw"
+    image.symlink_to(ddis["plain"])
+    code, out = run("shell", str(image), "--", "true")
+    assert code == 1 and "no certificate" in out and fake_nspawn == []
+    (tmp_path / "reprobuild.conf").write_text(f"[Signing]\nVerityCertificate={ddis['plain'].parent / 'verity.crt'}\n")
+    assert run("shell", str(image), "--", "true")[0] == 0
+    assert fake_nspawn[-1][:7] == ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c"]
+    assert fake_nspawn[-1][-2:] == ["--", "true"]
+
+
+def test_directory_and_tar_images(tmp_path: Path, fake_nspawn: list[list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    from reprobuild.rootfs.archive import write_tar
+
+    monkeypatch.setattr(nspawn, "probe_host", lambda: NO_DM_HOST)
+    monkeypatch.setenv("REPROBUILD_STORE", str(tmp_path / "store"))
+    tree = tmp_path / "image"
+    (tree / "usr/lib").mkdir(parents=True)
+    (tree / "usr/lib/os-release").write_text("ID=debian\n")
+    assert run("shell", str(tree), "--", "true")[0] == 0
+    assert fake_nspawn[-1] == ["systemd-nspawn", f"--directory={tree}", "--read-only", "--volatile=state",
+                               "--register=no", "--keep-unit", "--", "true"]  # fmt: skip
+    write_tar(tree, tmp_path / "image.tar", 1700000000)
+    assert run("boot", str(tmp_path / "image.tar"))[0] == 0
+    extracted = Path(fake_nspawn[-1][1].removeprefix("--directory="))
+    assert extracted.is_relative_to(tmp_path / "store") and (extracted / "usr/lib/os-release").read_text() == "ID=debian\n"
+    assert run("boot", str(tmp_path / "image.tar"))[0] == 0 and fake_nspawn[-1] == fake_nspawn[-2]  # kept
+    (tree / "usr/lib/os-release").unlink()
+    code, out = run("shell", str(tree))
+    assert code == 1 and "not an operating system tree" in out
 
 
 # ---- vm through the CLI (qemu replaced) ---------------------------------------------------------
@@ -353,6 +531,22 @@ def test_vm_expect(disk: Path, fake_qemu: dict[str, Any], tmp_path: Path) -> Non
     code, out = run("vm", str(disk), "--expect", "login:", "--timeout", "5")
     assert code == 1 and fake_qemu["timeout"] == 5
     assert "l99" in out and "l59" not in out and "\x1b" not in out and "did not appear" in out
+
+
+def test_vm_credentials(disk: Path, fake_qemu: dict[str, Any], tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_bytes(b"file-secret\n")
+    code, _ = run("vm", str(disk), "--credential", "greeting=hello=world", "--credential-file", f"token={secret}")
+    assert code == 7
+    creds = fake_qemu["cfg"].credentials
+    assert [(c.name, c.value) for c in creds] == [("greeting", b"hello=world"), ("token", b"file-secret\n")]
+    for args, message in ((("--credential", "novalue"), "takes NAME=VALUE"),
+                          (("--credential-file", f"t={tmp_path / 'missing'}"), "No such file"),
+                          (("--credential", "a=1", "--credential", "a=2"), "given twice"),
+                          (("--credential", "a/b=1"), "not valid")):  # fmt: skip
+        code, out = run("vm", str(disk), *args)
+        assert code == 2 and message in out, out
+    assert "novalue" not in run("vm", str(disk), "--credential", "novalue")[1]  # never echoed
 
 
 def test_vm_timeout_needs_expect(disk: Path, fake_qemu: dict[str, Any]) -> None:

@@ -38,7 +38,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # The build's stages, one module each (a stage never imports another stage).
     ("stages", ("stages", "stages.*")),
     # Commands' library halves: lock, build (plan + run + publish), verify, check, attestations.
-    ("commands", ("lock", "build", "provenance", "sbom", "verify", "check", "vm", "nspawn", "storeinfo")),
+    ("commands", ("lock", "build", "provenance", "sbom", "verify", "check", "vm", "nspawn", "storeinfo",
+                  "audit")),
     # The command line: parses, calls, renders.
     ("cli", ("cli", "cli.*", "__main__")),
 )

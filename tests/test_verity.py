@@ -139,3 +139,59 @@ def test_throughput_close_to_sha256(tmp_path):
     t_sha = time.perf_counter() - t0
     print(f"verity {64 / t_verity:.0f} MB/s, plain sha256 {64 / t_sha:.0f} MB/s")
     assert t_verity < 4 * t_sha + 0.2  # generous: the CI machine is shared
+
+
+def _image_with_tree(tmp_path: Path, blocks: int, gap: int = 8192) -> tuple[Path, int, int, str]:
+    """One file holding random data, a gap, then the hash device (as a DDI holds both partitions)."""
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(blocks * 4096))
+    tree = verity.write_hash_device(data, tmp_path / "hash", PARAMS)
+    image = tmp_path / "image"
+    image.write_bytes(bytes(gap) + data.read_bytes() + bytes(4096) + (tmp_path / "hash").read_bytes())
+    return image, gap, gap + blocks * 4096 + 4096, tree.root_hash.hex()
+
+
+@pytest.mark.parametrize("blocks", [1, 7, 129, 3000])
+def test_check_blocks_accepts_and_copies(tmp_path, blocks):
+    image, data_off, hash_off, root = _image_with_tree(tmp_path, blocks)
+    copy = tmp_path / "copy"
+    with open(image, "rb") as f, open(copy, "wb") as out:
+        sb = verity.check_blocks(f, data_off, hash_off, root, copy_to=out)
+    assert sb.data_blocks == blocks
+    assert copy.read_bytes() == (tmp_path / "data").read_bytes()
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 1]))
+
+
+def test_check_blocks_names_the_tampered_block(tmp_path):
+    image, data_off, hash_off, root = _image_with_tree(tmp_path, 3000)
+    _flip(image, data_off + 2049 * 4096 + 17)
+    with open(image, "rb") as f, pytest.raises(verity.VerityMismatch, match=r"data block 2049 \(bytes 8392704"):
+        verity.check_blocks(f, data_off, hash_off, root)
+    _flip(image, data_off + 2049 * 4096 + 17)  # restore; now break the tree's level 0
+    _flip(image, hash_off + 4096 + 4096 * 1 + 5)  # top block is 1 block, then level 0 starts
+    with open(image, "rb") as f, pytest.raises(verity.VerityMismatch, match="hash tree level 0 block 0 "):
+        verity.check_blocks(f, data_off, hash_off, root)
+    _flip(image, hash_off + 4096 + 4096 * 1 + 5)
+    with open(image, "rb") as f, pytest.raises(verity.VerityMismatch, match="level 1 block 0 .*root hash"):
+        verity.check_blocks(f, data_off, hash_off, "00" * 32)
+    with open(image, "rb") as f:
+        verity.check_blocks(f, data_off, hash_off, root)
+
+
+def test_check_blocks_single_block_and_short_data(tmp_path):
+    image, data_off, hash_off, root = _image_with_tree(tmp_path, 1)
+    with open(image, "rb") as f, pytest.raises(verity.VerityMismatch, match="data block 0"):
+        verity.check_blocks(f, data_off, hash_off, "11" * 32)
+    image, data_off, hash_off, root = _image_with_tree(tmp_path, 50)
+    truncated = tmp_path / "truncated"  # the hash device first, then only half the data
+    hash_dev = (tmp_path / "hash").read_bytes()
+    truncated.write_bytes(hash_dev + (tmp_path / "data").read_bytes()[: 25 * 4096])
+    with open(truncated, "rb") as f, pytest.raises(verity.VerityInvalid, match="ended 102400 bytes early"):
+        verity.check_blocks(f, len(hash_dev), 0, root)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import re
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from reprobuild.signer import file_signer
 from reprobuild.vm import (
     EFI_GLOBAL_VARIABLE,
     EFI_IMAGE_SECURITY_DATABASE,
+    Credential,
     Firmware,
     QemuConfig,
     VarStoreInvalid,
@@ -250,3 +253,52 @@ def test_last_line() -> None:
 
     assert last_line(b"BdsDxe: loading\r\n\x1b[0mWelcome to Debian\r\n\r\n") == "Welcome to Debian"
     assert last_line(b"") == ""
+
+
+# ---- credentials for the guest: in private files, never in qemu's argv --------------------------
+
+SECRET = "s3cret-Value with spaces\nand a newline"
+
+CRED_QEMU = """#!/bin/sh
+tr '\\0' ' ' < /proc/$$/cmdline > "$(dirname "$0")/argv.txt"
+while [ $# -gt 0 ]; do
+  if [ "$1" = -smbios ]; then
+    file="${2#type=11,path=}"
+    stat -c 'MODE %a' "$file"
+    stat -c 'DIR %a' "$(dirname "$file")"
+    printf 'SMBIOS %s\\n' "$(cat "$file")"
+  fi
+  shift
+done
+echo DONE-MARKER
+exec sleep 60
+"""
+
+
+def test_credential_names_and_smbios_strings() -> None:
+    assert Credential("a.b-c_d", b"x\x00y").smbios_string() == b"io.systemd.credential.binary:a.b-c_d=eAB5"
+    for bad in ("", ".", "..", "a/b", "a=b", "a b", "x" * 256):
+        with pytest.raises(VmError, match="credential name"):
+            Credential(bad, b"v")
+
+
+def test_credentials_reach_qemu_through_private_files(tmp_path: Path) -> None:
+    cfg = _fake_cfg(tmp_path, CRED_QEMU)
+    cfg = QemuConfig(**{**cfg.__dict__, "credentials": (Credential("app.token", SECRET.encode()),
+                                                        Credential("other", b"2"))})  # fmt: skip
+    found, console = run_until(cfg, b"DONE-MARKER", timeout=30)
+    assert found, console
+    argv = (tmp_path / "argv.txt").read_text()
+    assert "type=11,path=" in argv and "app.token" not in argv
+    assert "s3cret" not in argv and base64.b64encode(SECRET.encode()).decode() not in argv
+    text = console.decode()
+    assert text.count("MODE 600") == 2 and text.count("DIR 700") == 2
+    assert f"SMBIOS io.systemd.credential.binary:app.token={base64.b64encode(SECRET.encode()).decode()}" in text
+    assert "SMBIOS io.systemd.credential.binary:other=Mg==" in text
+    path = re.search(r"type=11,path=(\S+)", argv)
+    assert path and not Path(path.group(1)).exists() and not Path(path.group(1)).parent.exists()  # removed
+
+
+def test_no_credentials_no_smbios(tmp_path: Path) -> None:
+    found, _ = run_until(_fake_cfg(tmp_path, CRED_QEMU), b"DONE-MARKER", timeout=30)
+    assert found and "-smbios" not in (tmp_path / "argv.txt").read_text()

@@ -122,6 +122,32 @@ def console_tail(console: bytes, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(kept[-lines:])
 
 
+def guest_credentials(values: tuple[str, ...], files: tuple[str, ...]) -> tuple:
+    """``--credential NAME=VALUE`` and ``--credential-file NAME=PATH`` → vm.Credential tuple."""
+    from reprobuild import vm
+
+    out: dict[str, vm.Credential] = {}
+    for option, items in (("--credential", values), ("--credential-file", files)):
+        for item in items:
+            name, sep, rest = item.partition("=")
+            if not sep or not name:
+                raise UsageError(f"{option} takes NAME=" + ("VALUE" if option == "--credential" else "PATH"))
+            if name in out:
+                raise UsageError(f"credential {name!r} is given twice")
+            if option == "--credential":
+                data = rest.encode()
+            else:
+                try:
+                    data = Path(rest).read_bytes()
+                except OSError as e:
+                    raise UsageError(f"--credential-file {name}={rest}: {e.strerror}") from e
+            try:
+                out[name] = vm.Credential(name, data)
+            except vm.VmError as e:
+                raise UsageError(e.message) from e
+    return tuple(out.values())
+
+
 # ---- vm -----------------------------------------------------------------------------------------
 
 
@@ -147,10 +173,17 @@ def console_tail(console: bytes, lines: int = CONSOLE_TAIL_LINES) -> str:
               help=f"With --expect: give up after SECONDS [default: {DEFAULT_EXPECT_TIMEOUT:.0f}].")
 @click.option("--console-log", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --expect: also write the serial console to this file.")
+@click.option("--credential", "credentials", multiple=True, metavar="NAME=VALUE",
+              help="A systemd credential for the guest (SMBIOS type 11 from a private file, never on "
+                   "qemu's command line); may repeat. VALUE is on reprobuild's own command line: "
+                   "use --credential-file for secrets.")
+@click.option("--credential-file", "credential_files", multiple=True, metavar="NAME=PATH",
+              help="A systemd credential for the guest, read from PATH; may repeat.")
 @click.argument("qemu_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- QEMU ARGS...]")
 def vm_command(image: Path, secure_boot: bool, certificate: Path | None, directory: Path | None, memory: str,
                cpus: int, kvm: str, snapshot: bool, expect: str | None, timeout: float | None,
-               console_log: Path | None, qemu_args: tuple[str, ...]) -> int:  # fmt: skip
+               console_log: Path | None, credentials: tuple[str, ...], credential_files: tuple[str, ...],
+               qemu_args: tuple[str, ...]) -> int:  # fmt: skip
     """Boot IMAGE in qemu with UEFI firmware (OVMF), serial console on this terminal.
 
     \b
@@ -167,12 +200,13 @@ def vm_command(image: Path, secure_boot: bool, certificate: Path | None, directo
     def say(message: str) -> None:
         click.echo(message, err=True)
 
+    creds = guest_credentials(credentials, credential_files)
     cert = None
     if secure_boot or certificate is not None:
         cert = secure_boot_certificate(image, certificate, directory, say)
     cfg = vm.QemuConfig(image=image, memory=memory, cpus=cpus, secure_boot=cert is not None,
                         secure_boot_cert=cert, kvm=kvm, snapshot=snapshot,  # type: ignore[arg-type]
-                        serial_log=console_log, extra_args=tuple(qemu_args))  # fmt: skip
+                        serial_log=console_log, extra_args=tuple(qemu_args), credentials=creds)  # fmt: skip
     if expect is None:
         say("serial console follows; Ctrl-A x quits, Ctrl-A c is the qemu monitor")
         return vm.run_interactive(cfg, say)
@@ -196,32 +230,78 @@ def vm_command(image: Path, secure_boot: bool, certificate: Path | None, directo
 # ---- boot / shell -------------------------------------------------------------------------------
 
 
-@cli.command("boot")
-@image_argument
-@click.argument("nspawn_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- NSPAWN ARGS...]")
-def boot_command(image: Path, nspawn_args: tuple[str, ...]) -> int:
-    """Boot IMAGE as a container: systemd-nspawn --image=IMAGE --boot.
+def verity_certificates(image: Path, certificates: tuple[Path, ...], directory: Path | None) -> list[Path]:
+    """Certificates trusted for IMAGE's verity signature: ``--verity-certificate`` if given, else
+    [Signing] VerityCertificate= of the definition in ``-C DIRECTORY`` or beside the image (if it
+    sets one). systemd's /etc/verity.d/ is added by the library."""
+    if certificates:
+        return list(certificates)
+    where = directory or _definition_beside(image)
+    if where is None:
+        return []
+    from reprobuild.config import load_spec
 
-    The image stays read-only (/var is a fresh tmpfs) and dm-verity protected, with the root hash
-    from IMAGE's .roothash file. Arguments after -- go to systemd-nspawn (options, then arguments
-    for the image's init). Needs root, udev, loop devices and, for verity images, device-mapper.
+    path = load_spec(where).signing.verity_certificate
+    return [path] if path is not None and path.is_file() else []
+
+
+def _nspawn_config(image: Path, boot: bool, command: tuple[str, ...], options: tuple[str, ...],
+                   certificates: tuple[Path, ...], directory: Path | None):  # fmt: skip
+    from reprobuild import nspawn
+
+    def say(message: str) -> None:
+        click.echo(message, err=True)
+
+    trusted = verity_certificates(image, certificates, directory) if not image.is_dir() else []
+    return nspawn.prepare(image, boot=boot, command=command, options=options, certificates=trusted, say=say)
+
+
+run_image_argument = click.argument("image", type=click.Path(exists=True, path_type=Path))
+verity_certificate_option = click.option(
+    "--verity-certificate", "certificates", multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Certificate trusted for a signed image's verity root hash; may repeat [default: the "
+         "definition's [Signing] VerityCertificate=, and /etc/verity.d/*.crt].")  # fmt: skip
+definition_option = click.option(
+    "-C", "--directory", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+    help="Image definition to take the verity certificate from [default: the one beside IMAGE or its parent].")
+
+
+@cli.command("boot")
+@run_image_argument
+@verity_certificate_option
+@definition_option
+@click.argument("nspawn_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- NSPAWN ARGS...]")
+def boot_command(image: Path, certificates: tuple[Path, ...], directory: Path | None,
+                 nspawn_args: tuple[str, ...]) -> int:  # fmt: skip
+    """Boot IMAGE (image/, image.tar or image.raw) as a container: systemd-nspawn --boot.
+
+    The image stays read-only (/var is a fresh tmpfs). A DDI's root is verity-checked: by
+    dm-verity where the host has it, else block by block in user space before it runs (a signed
+    image needs a trusted certificate). Arguments after -- go to systemd-nspawn (options, then
+    arguments for the image's init). Needs root. Power the container off from inside
+    (poweroff) or press Ctrl-] three times.
     """
     from reprobuild import nspawn
 
-    return nspawn.run_nspawn(nspawn.prepare(image, boot=True, options=nspawn_args))
+    return nspawn.run_nspawn(_nspawn_config(image, True, (), nspawn_args, certificates, directory))
 
 
 @cli.command("shell")
-@image_argument
+@run_image_argument
 @click.option("-o", "--nspawn-option", "options", multiple=True, metavar="OPTION",
               help="Extra systemd-nspawn option, e.g. -o --bind=/srv; may repeat.")
+@verity_certificate_option
+@definition_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND...]")
-def shell_command(image: Path, options: tuple[str, ...], command: tuple[str, ...]) -> int:
+def shell_command(image: Path, options: tuple[str, ...], certificates: tuple[Path, ...], directory: Path | None,
+                  command: tuple[str, ...]) -> int:  # fmt: skip
     """Run a shell (or COMMAND) inside IMAGE with systemd-nspawn, without booting it.
 
-    Without COMMAND: a login shell as root (/bin/bash, else /bin/sh). The exit status is the
-    command's. The image is opened read-only and verity-checked, as for boot.
+    IMAGE is image/, image.tar or image.raw. Without COMMAND: a login shell as root (/bin/bash,
+    else /bin/sh). The exit status is the command's. The image is opened read-only and
+    verity-checked, as for boot.
     """
     from reprobuild import nspawn
 
-    return nspawn.run_nspawn(nspawn.prepare(image, boot=False, command=command, options=options))
+    return nspawn.run_nspawn(_nspawn_config(image, False, command, options, certificates, directory))

@@ -38,6 +38,10 @@ def _say(quiet: bool):
               type=click.Choice(UNSIGNED_KINDS),
               help="Do not fail when this signature is present but no trusted key/certificate was given to "
                    "check it (repeatable); the summary names it as not checked.")
+@click.option("--audit", is_flag=True,
+              help="Instead of the checks: list the image's files that no package of the lock ships (with "
+                   "the setting that wrote them, from the manifest) and package files that differ from "
+                   "their .deb or are missing. The packages must be in the store.")
 @click.option("-C", "--directory", "definition", type=click.Path(file_okay=False, path_type=Path),
               help="Image definition for the rebuild [default: the lock's directory].")
 @store_option
@@ -48,7 +52,7 @@ def _say(quiet: bool):
 @click.pass_context
 def verify_command(ctx: click.Context, image: Path, lock_path: Path, trusted_key: Path | None,
                    certificates: tuple[Path, ...], manifest: Path | None, provenance: Path | None,
-                   no_rebuild: bool, allow_unsigned: tuple[str, ...], definition: Path | None,
+                   no_rebuild: bool, allow_unsigned: tuple[str, ...], audit: bool, definition: Path | None,
                    store_path: Path | None, bundle: Path | None, as_json: bool, quiet: bool) -> None:  # fmt: skip
     """Check IMAGE against the lock it claims to come from, and report each check.
 
@@ -68,6 +72,8 @@ def verify_command(ctx: click.Context, image: Path, lock_path: Path, trusted_key
     from reprobuild.progress import make_reporter
     from reprobuild.verify import VerifyOptions, verify_image
 
+    if audit:
+        ctx.exit(_audit(image, lock_path, manifest, store_path, as_json, quiet))
     options = VerifyOptions(manifest=manifest, rebuild=not no_rebuild, definition=definition, store=store_path,
                             bundle=bundle, provenance=provenance, allow_unsigned=frozenset(allow_unsigned))  # fmt: skip
     say = make_reporter(quiet or as_json)
@@ -88,6 +94,31 @@ def verify_command(ctx: click.Context, image: Path, lock_path: Path, trusted_key
             click.echo("\nThe rebuild differs:\n" + report.diff_summary)
         click.echo(f"{image}: {report.summary}")
     ctx.exit(0 if report.ok else 1)
+
+
+def _audit(image: Path, lock_path: Path, manifest: Path | None, store_path: Path | None, as_json: bool,
+           quiet: bool) -> int:  # fmt: skip
+    from reprobuild.audit import DPKG_DATABASE, audit_image
+    from reprobuild.store import Store
+
+    store = Store(store_path or Store.default_root())
+    report = audit_image(image, lock_path, store, manifest, say=_say(quiet or as_json))
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+        return 0
+    click.echo(f"{image}: {report.image_files} files and symlinks; {report.package_files} shipped by the "
+               f"{report.packages} packages of the lock")
+    for title, findings in (("not from any package", report.not_from_packages),
+                            ("different from the package", report.changed),
+                            ("shipped by a package, not in the image", report.missing)):  # fmt: skip
+        click.echo(f"\n{title} ({len(findings)}):")
+        dpkg = [f for f in findings if f.detail == DPKG_DATABASE]
+        for f in findings:
+            if f.detail != DPKG_DATABASE:
+                click.echo(f"  {f.path}  {f.detail}")
+        if dpkg:
+            click.echo(f"  … and {len(dpkg)} files of {DPKG_DATABASE} under /var/lib/dpkg (--json lists them)")
+    return 0
 
 
 @cli.command("check")

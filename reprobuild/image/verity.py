@@ -270,3 +270,82 @@ def verify_verity(data: Path, hash_dev: Path, root_hash: bytes | str) -> VerityS
                 level = len(tree.levels) - 1 - depth
                 raise VerityMismatch(f"hash device: level {level} of the hash tree differs from the data")
     return sb
+
+
+def check_blocks(image: BinaryIO, data_offset: int, hash_offset: int, root_hash: bytes | str,
+                 copy_to: BinaryIO | None = None) -> VeritySuperblock:
+    """Check a data area against its stored hash tree the way dm-verity does, in user space.
+
+    ``image`` holds the data at ``data_offset`` and the hash device (superblock, then the tree)
+    at ``hash_offset`` — one DDI with both partitions, or any file. The stored tree is checked
+    from the trusted ``root_hash`` down (top block → root hash, each block → its entry in the
+    level above), then every data block against its level-0 entry. The first block that differs
+    is named: ``data block N`` or ``hash tree level L block M``. With ``copy_to``, the data bytes
+    that were checked are also written there in the same pass (so a caller can use a copy that
+    cannot change after the check). Raises VerityMismatch or VerityInvalid. Cost: one pass over
+    the data, one sha256 per block.
+    """
+    expected = bytes.fromhex(root_hash) if isinstance(root_hash, str) else bytes(root_hash)
+    image.seek(hash_offset)
+    sb = parse_superblock(image.read(SB_SIZE))
+    p = sb.params
+    bs, hbs = p.data_block_size, p.hash_block_size
+    slot = hbs // p.per_block
+    base = hashlib.new(p.hash_name)
+    base.update(p.salt)
+    if len(expected) != base.digest_size:
+        raise VerityMismatch(f"the root hash has {len(expected)} bytes, {p.hash_name} gives {base.digest_size}")
+    sizes = level_sizes(sb.data_blocks, p)
+    image.seek(hash_offset + hbs)
+    stored = [b""] * len(sizes)
+    for level in reversed(range(len(sizes))):  # on disk: top level first
+        stored[level] = image.read(sizes[level] * hbs)
+        if len(stored[level]) != sizes[level] * hbs:
+            raise VerityInvalid(f"hash device ends inside level {level} of the tree")
+
+    def digest(block: bytes | memoryview) -> bytes:
+        h = base.copy()
+        h.update(block)
+        return h.digest()
+
+    def entry(level_bytes: bytes, index: int) -> bytes:
+        return level_bytes[index * slot : index * slot + base.digest_size]
+
+    if sizes and not hmac.compare_digest(digest(stored[-1]), expected):
+        raise VerityMismatch(f"hash tree level {len(sizes) - 1} block 0 (the top) does not match the root hash")
+    for level in range(len(sizes) - 1):
+        for index in range(sizes[level]):
+            block = memoryview(stored[level])[index * hbs : (index + 1) * hbs]
+            if digest(block) != entry(stored[level + 1], index):
+                raise VerityMismatch(f"hash tree level {level} block {index} does not match level {level + 1}")
+    leaves = stored[0] if sizes else b""
+    image.seek(data_offset)
+    buf = bytearray(max(bs, _READ_CHUNK - _READ_CHUNK % bs))
+    first, left = 0, sb.data_blocks * bs
+    while left:
+        n = image.readinto(memoryview(buf)[: min(len(buf), left)])
+        while n % bs:
+            m = image.readinto(memoryview(buf)[n : n + bs - n % bs])
+            if not m:
+                break
+            n += m
+        if not n or n % bs:
+            raise VerityInvalid(f"data ended {left} bytes early")
+        view = memoryview(buf)[:n]
+        got = bytearray()
+        _hash_blocks(base, view, bs, slot, got)
+        count = n // bs
+        if not sizes:  # one data block: its hash is the root hash
+            if not hmac.compare_digest(bytes(got[: base.digest_size]), expected):
+                raise VerityMismatch("data block 0 does not match the root hash")
+        elif got != leaves[first * slot : (first + count) * slot]:
+            mine = leaves[first * slot : (first + count) * slot]
+            bad = next(i for i in range(count) if got[i * slot : (i + 1) * slot] != mine[i * slot : (i + 1) * slot])
+            block = first + bad
+            raise VerityMismatch(f"data block {block} (bytes {block * bs}..{(block + 1) * bs - 1} of the data) "
+                                 "does not match the hash tree")
+        if copy_to is not None:
+            copy_to.write(view)
+        first += count
+        left -= n
+    return sb

@@ -165,9 +165,11 @@ def extract_essential(tree: Path, essential: Sequence[PlannedPackage], deb_path:
     progress(Update("extracting", len(essential), len(essential), "packages"))
 
 
-def prepare_dpkg(tree: Path, arch: str) -> None:
-    """Step 2: dpkg's and apt's directories and empty database files (mmdebstrap run_setup)."""
+def prepare_dpkg(tree: Path, arch: str) -> list[str]:
+    """Step 2: dpkg's and apt's directories and empty database files (mmdebstrap run_setup).
+    Returns the files written (relative paths)."""
     # Explicit modes everywhere: the caller's umask must not leak into the tree.
+    written: list[str] = []
     for d in SETUP_DIRS:
         _mkdirs(tree, d)
     _mkdirs(tree, "tmp", 0o1777)
@@ -179,6 +181,11 @@ def prepare_dpkg(tree: Path, arch: str) -> None:
         if not os.path.lexists(f):
             f.write_text(content)
             f.chmod(0o644)
+            written.append(name)
+    return written
+
+
+SETUP_REASONS = {"etc/fstab": "a placeholder, as mmdebstrap and debootstrap write it (a DDI mounts by GPT type)"}
 
 
 def _mkdirs(tree: Path, rel: str, mode: int = 0o755) -> None:
@@ -257,8 +264,9 @@ class Installer:
 
 
 def install(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[str], Path], *,
-            env: dict[str, str], hostname: str, progress: Callable[[str], None]) -> None:
-    """Steps 1–3 for the whole plan. Raises BuildError/MaintainerScriptFailed/FormatError."""
+            env: dict[str, str], hostname: str, progress: Callable[[str], None]) -> list[tuple[str, str]]:
+    """Steps 1–3 for the whole plan. Raises BuildError/MaintainerScriptFailed/FormatError.
+    Returns (relative path, reason) for each file written by this code rather than by dpkg."""
     names = [p.name for p in packages]
     if len(set(names)) != len(names):
         raise BuildError("the package plan lists a package twice")
@@ -275,7 +283,8 @@ def install(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[
     if not has_dpkg:
         raise BuildError("the Essential packages contain no /usr/bin/dpkg: nothing could install the packages",
                          hint="the Essential set (with dpkg) must be in the lock")
-    prepare_dpkg(tree, native_architecture(packages))
+    written = [(name, SETUP_REASONS.get(name, "dpkg's database, started empty (as mmdebstrap does)"))
+               for name in prepare_dpkg(tree, native_architecture(packages))]
     policy = tree / POLICY_RC_D
     own_policy = not policy.exists()
     if own_policy:  # invoke-rc.d and deb-systemd-invoke ask it; 101 = "action forbidden"
@@ -305,7 +314,9 @@ def install(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[
                              hint=audit.output.strip()[-2000:])
     if own_policy and policy.exists():
         policy.unlink()
-    finish_apt_state(tree, packages)
+    written += [(name, "apt's Auto-Installed marks for the locked plan (as apt would write them)")
+                for name in finish_apt_state(tree, packages)]
+    return written
 
 
 def _ids(tree: Path, name: str, file: str) -> int | None:
@@ -319,7 +330,7 @@ def _ids(tree: Path, name: str, file: str) -> int | None:
     return None
 
 
-def finish_apt_state(tree: Path, packages: Sequence[PlannedPackage]) -> None:
+def finish_apt_state(tree: Path, packages: Sequence[PlannedPackage]) -> list[str]:
     """Leave apt's state as apt itself would after installing the plan (we never run apt).
 
     * ``partial`` directories: apt makes them ``_apt:root 0700`` on its first run (mmdebstrap's
@@ -328,7 +339,7 @@ def finish_apt_state(tree: Path, packages: Sequence[PlannedPackage]) -> None:
       image knows dependencies from requested packages. Sorted by name: fixed content.
     """
     if not (tree / "var/lib/apt").is_dir() or os.path.islink(tree / "var/lib/apt"):
-        return
+        return []
     uid = _ids(tree, "_apt", "passwd")
     if uid is not None:
         for d in ("var/cache/apt/archives/partial", "var/lib/apt/lists/partial"):
@@ -344,3 +355,5 @@ def finish_apt_state(tree: Path, packages: Sequence[PlannedPackage]) -> None:
             os.unlink(f)
         f.write_text(text)
         f.chmod(0o644)
+        return ["var/lib/apt/extended_states"]
+    return []

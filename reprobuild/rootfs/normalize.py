@@ -96,13 +96,18 @@ def remove_path(p: Path) -> None:
         os.unlink(p)
 
 
-def apply_rules(tree: Path, rules: tuple[Rule, ...], report: Callable[[str], None] = lambda _m: None) -> None:
+def apply_rules(tree: Path, rules: tuple[Rule, ...],
+                report: Callable[[str], None] = lambda _m: None) -> list[tuple[str, str]]:  # fmt: skip
+    """Remove what ``rules`` match; returns (/path, reason) for each removal."""
+    removed = []
     for rule in rules:
         for p in _matches(tree, rule.pattern):
             if p.name in rule.keep:
                 continue
             report(f"normalize: removing /{p.relative_to(tree)} ({rule.reason})")
             remove_path(p)
+            removed.append((f"/{p.relative_to(tree)}", rule.reason))
+    return removed
 
 
 def pin_shadow_dates(tree: Path, epoch: int) -> None:
@@ -129,7 +134,10 @@ def pin_shadow_dates(tree: Path, epoch: int) -> None:
         os.chmod(f, stat.S_IMODE(st.st_mode))
 
 
-def remove_bytecode(tree: Path, report: Callable[[str], None] = lambda _m: None) -> None:
+BYTECODE_REASON = "Python bytecode is generated after the install, never shipped in packages"
+
+
+def remove_bytecode(tree: Path, report: Callable[[str], None] = lambda _m: None) -> list[str]:
     """Delete every ``*.pyc`` and then-empty ``__pycache__``.
 
     py3compile (python3's postinst triggers) writes .pyc headers holding the source mtime and the
@@ -137,13 +145,16 @@ def remove_bytecode(tree: Path, report: Callable[[str], None] = lambda _m: None)
     generated. Deleting is the simple, deterministic choice (imports stay correct, only slower on a
     read-only root); recompiling with ``--invalidation-mode unchecked-hash`` is the alternative.
     """
+    removed = []
     for dirpath, dirnames, filenames in os.walk(tree, topdown=False):
         for name in sorted(filenames):
             if name.endswith((".pyc", ".pyo")):
                 os.unlink(os.path.join(dirpath, name))
+                removed.append("/" + os.path.relpath(os.path.join(dirpath, name), tree))
         if os.path.basename(dirpath) == "__pycache__" and not os.listdir(dirpath):
             os.rmdir(dirpath)
             report(f"normalize: removed {dirpath}")
+    return removed
 
 
 def check_no_devices(tree: Path) -> None:
@@ -184,16 +195,18 @@ def clamp_mtimes(tree: Path, epoch: int) -> int:
 
 
 def normalize(tree: Path, epoch: int, *, clean_package_metadata: bool, keep_dpkg_status: bool,
-              report: Callable[[str], None] = lambda _m: None) -> None:
-    """All rules, in a fixed order, then the mtime clamp. Idempotent. Cost: two walks of the tree."""
+              report: Callable[[str], None] = lambda _m: None) -> list[tuple[str, str]]:
+    """All rules, in a fixed order, then the mtime clamp. Idempotent. Cost: two walks of the tree.
+    Returns (/path, reason) for every path removed."""
     if epoch < 0:
         raise BuildError(f"invalid epoch {epoch}")
-    apply_rules(tree, ALWAYS_REMOVE, report)
+    removed = apply_rules(tree, ALWAYS_REMOVE, report)
     if clean_package_metadata:
-        apply_rules(tree, PACKAGE_METADATA, report)
+        removed += apply_rules(tree, PACKAGE_METADATA, report)
         if not keep_dpkg_status:
-            apply_rules(tree, DPKG_DATABASE, report)
+            removed += apply_rules(tree, DPKG_DATABASE, report)
     pin_shadow_dates(tree, epoch)
-    remove_bytecode(tree, report)
+    removed += [(p, BYTECODE_REASON) for p in remove_bytecode(tree, report)]
     check_no_devices(tree)
     clamp_mtimes(tree, epoch)
+    return removed

@@ -28,6 +28,19 @@ class PlannedPackage:
 
 
 @dataclass(frozen=True)
+class AddedFile:
+    """A path reprobuild itself wrote, changed or removed in the tree — not a package's doing —
+    and the setting (or rule) that caused it. The manifest lists these (``added_files``)."""
+
+    path: str  # absolute, as in the image: "/etc/hostname"
+    action: str  # "written", "changed" or "removed"
+    cause: str  # "Hostname=", "ExtraTrees=extra", "normalisation: …"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "action": self.action, "cause": self.cause}
+
+
+@dataclass(frozen=True)
 class TreeSettings:
     """Image settings applied to the tree (mkosi-style names in the comments)."""
 

@@ -23,17 +23,19 @@ from reprobuild.rootfs.unpack import TreeWriter, split_member_name
 _CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
-def copy_tree_into(tree: Path, source: Path, epoch: int, *, keep_owners: bool = False) -> None:
+def copy_tree_into(tree: Path, source: Path, epoch: int, *, keep_owners: bool = False) -> list[str]:
     """Copy the contents of directory ``source`` into ``tree`` (SkeletonTrees=/ExtraTrees=).
 
     Modes and symlinks are kept; owners become 0:0 and mtimes the epoch, because a checkout's
     owners and times depend on who cloned it when (mkosi also copies without owners). Walks in
     sorted order. Hard links inside ``source`` become separate files. ``keep_owners``: keep the
-    numeric owners (a build script's ``$DESTDIR``, made in the sandbox, where they are meant).
+    numeric owners (a build script's ``$DESTDIR``, made in the sandbox, where they are meant). Returns
+    the files and symlinks written, as paths relative to the tree.
     """
     if not source.is_dir():
         raise ConfigError(f"tree {source} is not a directory")
     writer = TreeWriter(tree)
+    written = []
     for dirpath, dirnames, filenames in os.walk(source):
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, source)
@@ -46,14 +48,17 @@ def copy_tree_into(tree: Path, source: Path, epoch: int, *, keep_owners: bool = 
             uid, gid = (st.st_uid, st.st_gid) if keep_owners else (0, 0)
             if stat.S_ISLNK(st.st_mode):
                 writer.symlink(parts, os.readlink(src), uid, gid, epoch)
+                written.append("/".join(parts))
             elif stat.S_ISDIR(st.st_mode):
                 writer.mkdir(parts, mode, uid, gid, epoch)
             elif stat.S_ISREG(st.st_mode):
                 with open(src, "rb") as f:
                     writer.write_file(parts, f.read, mode, uid, gid, epoch)
+                written.append("/".join(parts))
             else:
                 raise ConfigError(f"{src}: only files, directories and symlinks can be copied into the image")
     writer.finish()
+    return written
 
 
 def run_postinst_scripts(tree: Path, scripts: tuple[Path, ...], env: Mapping[str, str], hostname: str,
@@ -75,14 +80,16 @@ def run_postinst_scripts(tree: Path, scripts: tuple[Path, ...], env: Mapping[str
                              hint=f"its output ends with:\n{tail}")
 
 
-def remove_files(tree: Path, patterns: tuple[str, ...]) -> None:
+def remove_files(tree: Path, patterns: tuple[str, ...]) -> list[tuple[str, str]]:
     """RemoveFiles=: delete paths matching each glob (relative to the root; ``**`` allowed).
 
     A match reached through a symlink leading outside the tree is an error, never a deletion.
+    Returns (path relative to the tree, pattern) for each removal.
     """
     import glob
 
     root = os.path.realpath(tree)
+    removed = []
     for pattern in patterns:
         split_member_name(pattern.lstrip("/"), "RemoveFiles= pattern")  # rejects ".."
         for match in sorted(glob.glob(os.path.join(glob.escape(root), pattern.lstrip("/")), recursive=True)):
@@ -91,6 +98,8 @@ def remove_files(tree: Path, patterns: tuple[str, ...]) -> None:
                 raise BuildError(f"RemoveFiles={pattern} matched {match}, which lies outside the tree")
             if os.path.lexists(match):
                 remove_path(Path(match))
+                removed.append((os.path.relpath(match, root), pattern))
+    return removed
 
 
 def hash_password(password: str, epoch: int) -> str:
@@ -112,7 +121,7 @@ def hash_password(password: str, epoch: int) -> str:
     return result
 
 
-def set_root_password(tree: Path, value: str, epoch: int) -> None:
+def set_root_password(tree: Path, value: str, epoch: int) -> list[str]:
     """RootPassword=: write root's hash (field 2) and the epoch's day (field 3) into /etc/shadow."""
     hashed = value[len("hashed:"):] if value.startswith("hashed:") else hash_password(value, epoch)
     if ":" in hashed or "\n" in hashed:
@@ -132,6 +141,7 @@ def set_root_password(tree: Path, value: str, epoch: int) -> None:
     mode = stat.S_IMODE(os.lstat(shadow).st_mode)
     TreeWriter(tree).write_file(["etc", "shadow"], ("\n".join(lines) + "\n").encode(), mode,
                                 0, _gid(tree, "shadow"), epoch)
+    return ["etc/shadow"]
 
 
 def _gid(tree: Path, group: str) -> int:
@@ -149,22 +159,24 @@ def _write(tree: Path, rel: str, content: str, epoch: int, mode: int = 0o644) ->
     TreeWriter(tree).write_file(rel.split("/"), content.encode(), mode, 0, 0, epoch)
 
 
-def set_hostname(tree: Path, hostname: str, epoch: int) -> None:
+def set_hostname(tree: Path, hostname: str, epoch: int) -> list[str]:
     """Hostname=: /etc/hostname (hostname(5)), validated as an RFC 1123 host name."""
     if not re.fullmatch(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*", hostname):
         raise ConfigError(f"Hostname={hostname!r} is not a valid host name")
     _write(tree, "etc/hostname", hostname + "\n", epoch)
+    return ["etc/hostname"]
 
 
-def set_locale(tree: Path, locale: str, epoch: int) -> None:
+def set_locale(tree: Path, locale: str, epoch: int) -> list[str]:
     """Locale=: /etc/locale.conf (systemd) and /etc/default/locale (Debian's pam_env) agree."""
     if not re.fullmatch(r"[A-Za-z0-9_.@-]+", locale):
         raise ConfigError(f"Locale={locale!r} is not a locale name")
     _write(tree, "etc/locale.conf", f"LANG={locale}\n", epoch)
     _write(tree, "etc/default/locale", f"LANG={locale}\n", epoch)
+    return ["etc/locale.conf", "etc/default/locale"]
 
 
-def set_timezone(tree: Path, tz: str, epoch: int) -> None:
+def set_timezone(tree: Path, tz: str, epoch: int) -> list[str]:
     """Timezone=: /etc/localtime → ../usr/share/zoneinfo/<tz> and /etc/timezone (Debian)."""
     parts = split_member_name(tz, "Timezone=")
     if not parts:
@@ -174,6 +186,7 @@ def set_timezone(tree: Path, tz: str, epoch: int) -> None:
         raise BuildError(f"Timezone={tz}: /usr/share/zoneinfo/{tz} is not in the tree", hint="add tzdata")
     TreeWriter(tree).symlink(["etc", "localtime"], "../usr/share/zoneinfo/" + "/".join(parts), 0, 0, epoch)
     _write(tree, "etc/timezone", "/".join(parts) + "\n", epoch)
+    return ["etc/localtime", "etc/timezone"]
 
 
 _AUTOLOGIN = {
@@ -185,14 +198,16 @@ _AUTOLOGIN = {
 }
 
 
-def set_autologin(tree: Path, epoch: int) -> None:
+def set_autologin(tree: Path, epoch: int) -> list[str]:
     """Autologin=: systemd drop-ins making the gettys log root in (as mkosi does)."""
+    written = []
     for unit_dir, exec_start in _AUTOLOGIN.items():
-        _write(tree, f"etc/systemd/system/{unit_dir}/autologin.conf",
-               f"[Service]\nExecStart=\n{exec_start}\n", epoch)
+        written.append(f"etc/systemd/system/{unit_dir}/autologin.conf")
+        _write(tree, written[-1], f"[Service]\nExecStart=\n{exec_start}\n", epoch)
+    return written
 
 
-def set_machine_id(tree: Path, machine_id: str, epoch: int) -> None:
+def set_machine_id(tree: Path, machine_id: str, epoch: int) -> list[str]:
     """MachineId=: "" → empty file (mmdebstrap; machine-id(5) for images), "uninitialized" (first-boot
     semantics), or an explicit 32-hex id. A generated id never ships."""
     if machine_id == "":
@@ -204,3 +219,4 @@ def set_machine_id(tree: Path, machine_id: str, epoch: int) -> None:
     else:
         raise ConfigError(f"MachineId={machine_id!r}: expected empty, 'uninitialized' or 32 hex digits")
     _write(tree, "etc/machine-id", content, epoch, 0o444)
+    return ["etc/machine-id"]

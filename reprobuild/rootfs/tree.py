@@ -22,10 +22,10 @@ from reprobuild.rootfs import install as _install
 from reprobuild.rootfs import settings as _settings
 from reprobuild.rootfs.archive import write_tar
 from reprobuild.rootfs.normalize import normalize
-from reprobuild.rootfs.plan import PlannedPackage, TreeSettings
+from reprobuild.rootfs.plan import AddedFile, PlannedPackage, TreeSettings
 from reprobuild.rootfs.sandbox import DEFAULT_HOSTNAME, check_can_sandbox
 
-__all__ = ["PlannedPackage", "TreeSettings", "build_tree", "configure_tree", "install_packages", "sandbox_env",
+__all__ = ["AddedFile", "PlannedPackage", "TreeSettings", "build_tree", "configure_tree", "install_packages", "sandbox_env",
            "write_tar"]
 
 
@@ -76,41 +76,69 @@ def build_tree(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _files(paths: Sequence[str], action: str, cause: str) -> list[AddedFile]:
+    return [AddedFile("/" + p.lstrip("/"), action, cause) for p in paths]
+
+
+def _named(path: Path | str, base: Path | None) -> str:
+    """A tree or script as the manifest names it: relative to the definition's directory (so the
+    manifest does not depend on where the checkout is), else as given."""
+    return os.path.relpath(path, base) if base is not None else str(path)
+
+
 def install_packages(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[str], Path],
-                     settings: TreeSettings, epoch: int, report: Callable[[str], None]) -> None:
+                     settings: TreeSettings, epoch: int, report: Callable[[str], None],
+                     base: Path | None = None) -> list[AddedFile]:  # fmt: skip
     """First half of :func:`build_tree`, in place: skeleton trees, then the packages (dpkg).
 
     The build cache keeps the result of this half apart, so that an edit of an extra tree or a
     setting re-runs only :func:`configure_tree`. Callers set umask 022 and clean up on failure.
+    Returns the files this code wrote itself (not dpkg or a maintainer script), with their cause
+    (trees named relative to ``base``, the definition's directory).
     """
+    added: list[AddedFile] = []
     for skel in settings.skeleton_trees:
         report(f"copying skeleton tree {skel}")
-        _settings.copy_tree_into(tree, Path(skel), epoch)
+        added += _files(_settings.copy_tree_into(tree, Path(skel), epoch), "written", f"SkeletonTrees={_named(skel, base)}")
     # The image's hostname is also the sandbox's, so scripts that record it see the final one.
-    _install.install(tree, packages, deb_path, env=sandbox_env(epoch),
-                     hostname=settings.hostname or DEFAULT_HOSTNAME, progress=report)
+    written = _install.install(tree, packages, deb_path, env=sandbox_env(epoch),
+                               hostname=settings.hostname or DEFAULT_HOSTNAME, progress=report)
+    return added + [AddedFile("/" + path, "written", f"package installation: {why}") for path, why in written]
 
 
-def configure_tree(tree: Path, settings: TreeSettings, epoch: int, report: Callable[[str], None]) -> None:
+def configure_tree(tree: Path, settings: TreeSettings, epoch: int, report: Callable[[str], None],
+                   base: Path | None = None) -> list[AddedFile]:  # fmt: skip
     """Second half of :func:`build_tree`, in place on an installed tree: extra trees,
-    post-installation scripts, settings, RemoveFiles=, normalisation."""
+    post-installation scripts, settings, RemoveFiles=, normalisation. Returns every file it
+    wrote, changed or removed, with the setting or rule that caused it (what post-installation
+    scripts do is theirs: ``reprobuild verify --audit`` finds it). Trees are named relative to
+    ``base``, the definition's directory."""
+    added: list[AddedFile] = []
     for extra in settings.extra_trees:
         report(f"copying extra tree {extra}")
-        _settings.copy_tree_into(tree, Path(extra), epoch)
+        added += _files(_settings.copy_tree_into(tree, Path(extra), epoch), "written", f"ExtraTrees={_named(extra, base)}")
     _settings.run_postinst_scripts(tree, tuple(Path(s) for s in settings.postinst_scripts), sandbox_env(epoch),
                                    settings.hostname or DEFAULT_HOSTNAME, report)
     if settings.hostname:
-        _settings.set_hostname(tree, settings.hostname, epoch)
+        added += _files(_settings.set_hostname(tree, settings.hostname, epoch), "written",
+                        f"Hostname={settings.hostname}")
     if settings.root_password is not None:
-        _settings.set_root_password(tree, settings.root_password, epoch)
+        added += _files(_settings.set_root_password(tree, settings.root_password, epoch), "changed",
+                        "RootPassword= (root's password hash)")
     if settings.locale:
-        _settings.set_locale(tree, settings.locale, epoch)
+        added += _files(_settings.set_locale(tree, settings.locale, epoch), "written", f"Locale={settings.locale}")
     if settings.timezone:
-        _settings.set_timezone(tree, settings.timezone, epoch)
+        added += _files(_settings.set_timezone(tree, settings.timezone, epoch), "written",
+                        f"Timezone={settings.timezone}")
     if settings.autologin:
-        _settings.set_autologin(tree, epoch)
-    _settings.set_machine_id(tree, settings.machine_id, epoch)
-    _settings.remove_files(tree, settings.remove_files)
+        added += _files(_settings.set_autologin(tree, epoch), "written", "Autologin=yes")
+    added += _files(_settings.set_machine_id(tree, settings.machine_id, epoch), "written",
+                    f"MachineId={settings.machine_id}" if settings.machine_id else
+                    "MachineId= (empty: systemd sets the id at first boot)")
+    for path, pattern in _settings.remove_files(tree, settings.remove_files):
+        added.append(AddedFile("/" + path, "removed", f"RemoveFiles={pattern}"))
     report("normalising the tree")
-    normalize(tree, epoch, clean_package_metadata=settings.clean_package_metadata,
-              keep_dpkg_status=settings.keep_dpkg_status)
+    removed = normalize(tree, epoch, clean_package_metadata=settings.clean_package_metadata,
+                        keep_dpkg_status=settings.keep_dpkg_status)
+    added += [AddedFile(path, "removed", f"normalisation: {why}") for path, why in removed]
+    return added

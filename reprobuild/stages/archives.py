@@ -28,7 +28,7 @@ class _ArchiveStage(Stage):
         tree = up.artifact("tree").path
         assert tree is not None
         write_atomically(out, lambda f: self.write(tree, f, ctx.epoch))
-        return {}
+        return {"added_files": list(up.meta("tree").get("added_files", []))}
 
 
 class TarStage(_ArchiveStage):

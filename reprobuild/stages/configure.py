@@ -50,7 +50,9 @@ class ConfigureStage(Stage):
                 "postinst_scripts": [content_digest(p) for p in settings.postinst_scripts], "epoch": ctx.epoch}
 
     def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
-        writable_tree(ctx, up.artifact("install"), out)
+        installed = up.artifact("install")
+        added = list(installed.meta.get("added_files", []))
+        writable_tree(ctx, installed, out)
         old_umask = os.umask(0o022)
         try:
             if "build" in self.upstream:
@@ -59,8 +61,12 @@ class ConfigureStage(Stage):
                 dest = up.artifact("build").path
                 assert dest is not None
                 ctx.say("merging the build scripts' output")
-                copy_tree_into(out, dest, ctx.epoch, keep_owners=True)
-            configure_tree(out, tree_settings(ctx.spec), ctx.epoch, ctx.say)
+                added += [{"path": "/" + p, "action": "written", "cause": "BuildScripts="}
+                          for p in copy_tree_into(out, dest, ctx.epoch, keep_owners=True)]
+            added += [a.as_dict() for a in configure_tree(out, tree_settings(ctx.spec), ctx.epoch, ctx.say,
+                                                            base=ctx.spec.directory)]
         finally:
             os.umask(old_umask)
-        return {}
+        # Every file written, changed or removed by reprobuild rather than a package, and why
+        # (the manifest's added_files; later stages pass it on).
+        return {"added_files": added}

@@ -42,7 +42,8 @@ class DdiStage(Stage):
                                    # a signer from the key source (file or PKCS#11 token)
                                    signer=(open_signer(choice.key, choice.certificate, os.environ)
                                            if choice.mode == "signed" else None)))
-        meta = {**result.manifest(), "filesystem": dict(up.meta("fs")["fs"])}
+        meta = {**result.manifest(), "filesystem": dict(up.meta("fs")["fs"]),
+                "added_files": list(up.meta("fs").get("added_files", []))}
         if self.bootable:
             boot = dict(up.meta("esp")["boot"])
             if result.root_hash != boot["cmdline"].split()[0].split("=", 1)[1]:

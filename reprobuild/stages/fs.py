@@ -41,8 +41,12 @@ class FsStage(Stage):
         o = self.options(ctx)
         tree = up.artifact("tree").path
         assert tree is not None
+        added = list(up.meta("tree").get("added_files", []))
         if o["efi_dir"]:
             efi = tree / "efi"
+            if not os.path.lexists(efi):
+                added.append({"path": "/efi", "action": "written",
+                              "cause": "bootable image: the directory the ESP is mounted on (systemd's /efi)"})
             efi.mkdir(exist_ok=True)
             efi.chmod(0o755)  # explicit: mkdir's mode is filtered by the caller's umask
             os.utime(efi, (ctx.epoch, ctx.epoch))
@@ -52,7 +56,8 @@ class FsStage(Stage):
                              label=o["layout"], read_only=o["read_only"],
                              runner=tool_runner(tools.path, tools.meta.get("versions", {})))
         meta: dict[str, Any] = {"fs": {"type": fs.kind.value, "tool": fs.tool, "version": fs.version,
-                                       "argv": list(fs.argv), "size": fs.size}}
+                                       "argv": list(fs.argv), "size": fs.size},
+                                "added_files": added}
         if o["verity"] is not None:
             params = verity.VerityParams(bytes.fromhex(o["verity"]["salt"]), uuid.UUID(o["verity"]["uuid"]))
             meta["root_hash"] = verity.hash_file(out, params).root_hash.hex()

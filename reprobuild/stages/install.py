@@ -37,11 +37,11 @@ class InstallStage(Stage):
         try:
             os.mkdir(out, 0o755)
             os.chmod(out, 0o755)
-            install_packages(out, planned_packages(image), ctx.cache.deb_path, tree_settings(ctx.spec), ctx.epoch,
-                             ctx.say)
+            added = install_packages(out, planned_packages(image), ctx.cache.deb_path, tree_settings(ctx.spec),
+                                     ctx.epoch, ctx.say, base=ctx.spec.directory)
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)
             raise
         finally:
             os.umask(old_umask)
-        return {}
+        return {"added_files": [a.as_dict() for a in added]}
