@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from reprobuild.cli import cli
-from reprobuild.cli.options import directory_option, json_option, quiet_option, store_option
+from reprobuild.cli.options import directory_option, json_option, quiet_option, rootless, store_option
 
 
 @cli.command("build")
@@ -31,6 +31,7 @@ from reprobuild.cli.options import directory_option, json_option, quiet_option, 
               help="Build every stage from scratch: no cache lookups and no cache saves.")
 @json_option
 @quiet_option
+@rootless()
 def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: str | None,
                   output_dir: Path | None, offline: bool, jobs: int, substituters: tuple[str, ...],
                   no_cache: bool, as_json: bool, quiet: bool) -> None:
