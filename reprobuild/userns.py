@@ -98,7 +98,7 @@ def suggest_start(*texts: str) -> int:
             fields = line.strip().split(":")
             if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
                 end = max(end, int(fields[1]) + int(fields[2]))
-    return -(-end // 65536) * 65536 if end > SUGGESTED_START else end
+    return end
 
 
 def usermod_command(user: str, start: int) -> str:

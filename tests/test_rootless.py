@@ -1,0 +1,293 @@
+"""Rootless mode (reprobuild.userns): an ordinary user builds the same bytes as root.
+
+The pure parts (subordinate-id files, id maps, the sysctl checks) are tested directly. The rest
+runs as real unprivileged users that the tests create (``useradd``; they need root, as ``make
+test`` runs in CI) and remove afterwards:
+
+* ``reprobuild-rl`` with a subordinate id range (``usermod --add-subuids``), its store in the
+  default place (``~/.cache/reprobuild/store``);
+* ``reprobuild-nosub`` without one.
+
+Commands run through ``runuser``, with Debian's ``/usr/bin/python3`` (the interpreter that runs
+these tests may live under root's home, where another user cannot execute it) and a venv in a
+world-readable temporary directory whose ``.pth`` names copies of this checkout's ``reprobuild``
+package and of the test interpreter's site-packages (the same dependency versions, no network).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from reprobuild import userns
+from reprobuild.fileio import sha256_file
+from tests.live_images import REPO, run_reprobuild
+
+USER = "reprobuild-rl"
+NOSUB = "reprobuild-nosub"
+SYSTEM_PYTHON = "/usr/bin/python3"
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creating test users needs root")
+
+
+# -- pure parts ----------------------------------------------------------------------------------
+SUBUID = "alice:100000:65536\n# comment\nbob:165536:1000\nbob:200000:65536\n1003:300000:70000\nbad:x:1\n"
+
+
+def test_parse_subids_by_name_and_uid() -> None:
+    assert userns.parse_subids(SUBUID, "alice", 1001) == [userns.IdRange(100000, 65536)]
+    assert userns.parse_subids(SUBUID, "bob", 1002) == [userns.IdRange(165536, 1000), userns.IdRange(200000, 65536)]
+    assert userns.parse_subids(SUBUID, "carol", 1003) == [userns.IdRange(300000, 70000)]
+    assert userns.parse_subids(SUBUID, "bad", 1004) == []
+
+
+def test_usable_range_needs_65535_ids() -> None:
+    assert userns.usable_range(userns.parse_subids(SUBUID, "bob", 1002)) == userns.IdRange(200000, 65536)
+    assert userns.usable_range([userns.IdRange(100000, 65534)]) is None
+    assert userns.usable_range([userns.IdRange(100000, 65535)]) == userns.IdRange(100000, 65535)
+
+
+def test_suggested_range_overlaps_none() -> None:
+    assert userns.suggest_start("", "") == 100000
+    assert userns.suggest_start(SUBUID, "dave:500000:65536\n") == 565536
+    assert userns.usermod_command("dave", 100000) == \
+        "usermod --add-subuids 100000-165535 --add-subgids 100000-165535 dave"
+
+
+def test_map_arguments_user_is_root_and_range_is_one_to_65535() -> None:
+    assert userns.map_arguments(1001, userns.IdRange(100000, 65536)) == ["0", "1001", "1", "1", "100000", "65535"]
+
+
+def test_initial_map() -> None:
+    assert userns.is_initial_map("         0          0 4294967295\n")
+    assert not userns.is_initial_map("         0       1001          1\n         1     100000      65535\n")
+
+
+@pytest.mark.parametrize(("path", "value", "sysctl"), [
+    ("/proc/sys/user/max_user_namespaces", "0\n", "user.max_user_namespaces"),
+    ("/proc/sys/kernel/unprivileged_userns_clone", "0\n", "kernel.unprivileged_userns_clone"),
+    ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1\n", "kernel.apparmor_restrict_unprivileged_userns"),
+])  # fmt: skip
+def test_disabled_user_namespaces_name_the_sysctl(path: str, value: str, sysctl: str) -> None:
+    files = {"/proc/sys/user/max_user_namespaces": "15000\n", path: value}
+    reason = userns.disabled_reason(files.get)
+    assert reason is not None and sysctl in reason and f"sysctl -w {sysctl}=" in reason
+    with pytest.raises(userns.RootlessUnavailable, match=sysctl.replace(".", r"\.")):
+        userns.plan(lambda p: files.get(p))
+    assert userns.disabled_reason({"/proc/sys/user/max_user_namespaces": "15000\n"}.get) is None
+
+
+# -- real users ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Env:
+    root: Path  # world-readable directory holding the venv and the copies
+    python: Path
+
+    def run(self, user: str, *args: str, cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        """``reprobuild ARGS`` as ``user``, with a clean environment."""
+        home = pwd.getpwnam(user).pw_dir
+        base = {"HOME": home, "USER": user, "LOGNAME": user, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                "LC_ALL": "C.UTF-8", **(env or {})}
+        return subprocess.run(["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in base.items()),
+                               str(self.python), "-m", "reprobuild", *args],
+                              cwd=cwd, text=True, capture_output=True, timeout=timeout, check=False)
+
+    def ok(self, user: str, *args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        result = self.run(user, *args, cwd=cwd, timeout=timeout)
+        if result.returncode != 0:
+            raise AssertionError(f"reprobuild {' '.join(args)} as {user} failed ({result.returncode}):\n"
+                                 f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        return result
+
+
+def _site_packages() -> list[Path]:
+    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    return [Path(p) for p in sorted(paths) if Path(p).is_dir()]
+
+
+@pytest.fixture(scope="module")
+def rootless_env() -> Iterator[Env]:
+    if os.geteuid() != 0:
+        pytest.skip("creating test users needs root")
+    for tool in ("useradd", "usermod", "userdel", "runuser", "newuidmap", "newgidmap"):
+        if shutil.which(tool) is None:
+            raise AssertionError(f"{tool} is missing (make setup installs uidmap and the user tools)")
+    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"], text=True,
+                             capture_output=True, check=True).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        raise AssertionError(f"{SYSTEM_PYTHON} is Python {version}, the tests run {sys.version_info[:2]}: "
+                             "the copied dependencies would not load")
+    root = Path(tempfile.mkdtemp(prefix="reprobuild-rootless-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    try:
+        shutil.copytree(REPO / "reprobuild", root / "src/reprobuild", ignore=shutil.ignore_patterns("__pycache__"))
+        for i, site in enumerate(_site_packages()):
+            shutil.copytree(site, root / f"deps{i}", symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pth", "__editable__*", "reprobuild*"))
+        subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
+        purelib = subprocess.run([str(root / "venv/bin/python"), "-c",
+                                  "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 text=True, capture_output=True, check=True).stdout.strip()
+        deps = sorted(p for p in root.iterdir() if p.name.startswith("deps"))
+        Path(purelib, "reprobuild-tests.pth").write_text("".join(f"{p}\n" for p in [root / "src", *deps]))
+        subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+        _make_user(USER, subids=True)
+        _make_user(NOSUB, subids=False)
+        yield Env(root, root / "venv/bin/python")
+    finally:
+        for user in (USER, NOSUB):
+            subprocess.run(["userdel", "-r", user], capture_output=True, check=False)
+        # The user's trees are owned by its subordinate ids: root removes them.
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _make_user(name: str, *, subids: bool) -> None:
+    subprocess.run(["userdel", "-r", name], capture_output=True, check=False)  # a leftover of a killed run
+    subprocess.run(["useradd", "-m", "-s", "/bin/sh", "-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0", name],
+                   check=True)
+    if subids:
+        text = [Path(f).read_text() if Path(f).exists() else "" for f in ("/etc/subuid", "/etc/subgid")]
+        start = userns.suggest_start(*text)
+        subprocess.run(["usermod", "--add-subuids", f"{start}-{start + 65535}", "--add-subgids",
+                        f"{start}-{start + 65535}", name], check=True)
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@needs_root
+def test_missing_subuid_range_is_one_line_with_the_usermod_command(rootless_env: Env) -> None:
+    work = Path(pwd.getpwnam(NOSUB).pw_dir)
+    result = rootless_env.run(NOSUB, "build", "--locked", "-f", "tar", "-o", "out", cwd=work)
+    line = _one_error_line(result)
+    assert f"subordinate ids for {NOSUB}" in line and "usermod --add-subuids " in line and line.endswith(NOSUB)
+    assert not (work / "out").exists() and not (work / ".cache/reprobuild").exists()
+    # The command it prints is the fix: the same build now gets past the user namespace (and
+    # stops at the missing definition, the next thing it needs).
+    fix = line.split("as root, ", 1)[1].split()
+    subprocess.run(fix, check=True)
+    result = rootless_env.run(NOSUB, "build", "--locked", "-f", "tar", "-o", "out", cwd=work)
+    assert "subordinate" not in result.stderr and "reprobuild.conf" in result.stderr, result.stderr
+    subprocess.run(["usermod", "--del-subuids", fix[2], "--del-subgids", fix[4], NOSUB], check=True)
+
+
+@needs_root
+def test_missing_newuidmap_names_the_package(rootless_env: Env) -> None:
+    work = Path(pwd.getpwnam(USER).pw_dir)
+    result = rootless_env.run(USER, "build", "--locked", "-o", "out", cwd=work, env={"PATH": "/nonexistent"})
+    assert "apt-get install uidmap" in _one_error_line(result)
+
+
+@needs_root
+def test_a_store_of_another_user_is_refused(rootless_env: Env, tmp_path: Path) -> None:
+    work = Path(pwd.getpwnam(USER).pw_dir)
+    shared = rootless_env.root / "shared-store"
+    shared.mkdir(mode=0o2775)
+    try:
+        line = _one_error_line(rootless_env.run(USER, "build", "--store", str(shared), cwd=work))
+        assert "belongs to uid 0" in line and "--store" in line
+        os.chown(shared, pwd.getpwnam(USER).pw_uid, -1)
+        os.chmod(shared, 0o2775)
+        line = _one_error_line(rootless_env.run(USER, "store", "gc", "--store", str(shared), cwd=work))
+        assert "writable by other users (mode 2775)" in line and "chmod go-w" in line
+    finally:
+        shutil.rmtree(shared)
+
+
+@needs_root
+def test_unshare_maps_the_user_to_root_and_its_range_below(rootless_env: Env) -> None:
+    work = Path(pwd.getpwnam(USER).pw_dir)
+    out = rootless_env.ok(USER, "unshare", "cat", "/proc/self/uid_map", "/proc/self/gid_map", cwd=work).stdout
+    uid = pwd.getpwnam(USER).pw_uid
+    start = userns.usable_range(userns.parse_subids(Path("/etc/subuid").read_text(), USER, uid))
+    assert start is not None
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["0", str(uid), "1"] and rows[1] == ["1", str(start.start), "65535"]
+    assert rootless_env.run(USER, "unshare", "sh", "-c", "exit 7", cwd=work).returncode == 7
+
+
+MINIMAL_SIGNING = "\n[Signing]\nLockKey={k}/lock.key\nVerityKey={k}/verity.key\nVerityCertificate={k}/verity.crt\n"
+
+
+@pytest.mark.live
+@needs_root
+def test_rootless_lock_fetch_build_verify_equal_root(rootless_env: Env, warm_store: Path, tmp_path: Path) -> None:
+    """The issue's "done when": lock/minimal's definition, locked, fetched, built (disk and tar,
+    cached and --no-cache) and verified by an ordinary user gives root's bytes."""
+    user = pwd.getpwnam(USER)
+    home = Path(user.pw_dir)
+    work = home / "minimal"
+    for d in (work, work / "keys"):
+        d.mkdir()
+        os.chown(d, user.pw_uid, user.pw_gid)
+    env = rootless_env
+    env.ok(USER, "keygen", "--out", "keys/lock", cwd=work)
+    env.ok(USER, "keygen", "--verity", "--out", "keys/verity", cwd=work)
+    conf = "\n".join(line for line in (REPO / "lock/minimal/reprobuild.conf").read_text().splitlines()
+                     if not line.startswith(("LockKey", "[Signing]")))
+    (work / "reprobuild.conf").write_text(conf + MINIMAL_SIGNING.format(k=work / "keys"))
+    os.chown(work / "reprobuild.conf", user.pw_uid, user.pw_gid)
+
+    env.ok(USER, "lock", "-q", cwd=work)
+    env.ok(USER, "fetch", "-q", cwd=work)
+    for fmt in ("disk", "tar"):
+        env.ok(USER, "build", "--locked", "-f", fmt, "-o", f"out-{fmt}", "-q", cwd=work)
+        env.ok(USER, "build", "--locked", "-f", fmt, "--no-cache", "-o", f"nocache-{fmt}", "-q", cwd=work)
+    verified = env.ok(USER, "verify", "out-disk/image.raw", "--lock", "reprobuild.lock", "--trusted-key",
+                      "keys/lock.pub", "--certificate", "keys/verity.crt", "--store",
+                      str(home / ".cache/reprobuild/store"), cwd=work)
+    assert "PASS  rebuild" in verified.stdout and "PASS  verity-signature" in verified.stdout, verified.stdout
+
+    # Root builds the same lock (its own copy of the definition, the shared warm store).
+    as_root = tmp_path / "minimal"
+    as_root.mkdir()
+    for name in ("reprobuild.conf", "reprobuild.lock", "reprobuild.lock.sig"):
+        shutil.copy(work / name, as_root / name)
+    for fmt, name in (("disk", "image.raw"), ("tar", "image.tar")):
+        run_reprobuild("build", "-C", str(as_root), "--locked", "-f", fmt, "-o", str(as_root / f"out-{fmt}"),
+                       "--store", str(warm_store), "-q", timeout=1500)
+        rootless = sha256_file(work / f"out-{fmt}" / name)
+        assert rootless == sha256_file(as_root / f"out-{fmt}" / name), f"{fmt}: rootless differs from root"
+        assert rootless == sha256_file(work / f"nocache-{fmt}" / name), f"{fmt}: cached differs from --no-cache"
+    assert env.run(USER, "diff", "out-disk/image.raw", "nocache-disk/image.raw", cwd=work).returncode == 0
+
+    # Outputs belong to the user; owners in the image are the packages' owners, not the user's.
+    for p in (work / "out-disk/image.raw", work / "out-tar/image.tar", work / "out-tar/image.tar.manifest.json"):
+        assert (p.stat().st_uid, p.stat().st_gid) == (user.pw_uid, user.pw_gid), p
+    with tarfile.open(work / "out-tar/image.tar") as tf:
+        members = {m.name.removeprefix("./"): m for m in tf.getmembers()}
+    assert (members["etc/shadow"].uid, members["etc/shadow"].gid) == (0, 42)  # root:shadow
+    assert members["usr/bin/passwd"].uid == 0 and members["usr/bin/passwd"].mode & stat.S_ISUID
+    assert all(m.uid < 65536 and m.gid < 65536 for m in members.values())
+
+    # What the host sees in the store: trees owned by the user's subordinate ids, in a 0700 directory.
+    store = home / ".cache/reprobuild/store"
+    trees = store / "trees"
+    assert stat.S_IMODE(trees.stat().st_mode) == 0o700 and trees.stat().st_uid == user.pw_uid
+    sub = userns.usable_range(userns.parse_subids(Path("/etc/subgid").read_text(), USER, user.pw_uid))
+    assert sub is not None
+    shadows = list(trees.glob("*/etc/shadow"))
+    assert shadows and all(s.stat().st_uid == user.pw_uid and s.stat().st_gid == sub.start + 41 for s in shadows)
+
+    # The user cannot remove those files directly; `reprobuild unshare` can.
+    assert env.run(USER, "unshare", "true", cwd=work).returncode == 0
+    rm = subprocess.run(["runuser", "-u", USER, "--", "rm", "-rf", str(store)], capture_output=True, check=False)
+    assert rm.returncode != 0 and store.exists()
+    env.ok(USER, "unshare", "rm", "-rf", str(home / ".cache/reprobuild"), cwd=work)
+    assert not (home / ".cache/reprobuild").exists()
