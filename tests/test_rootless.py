@@ -1,17 +1,12 @@
 """Rootless mode (reprobuild.userns): an ordinary user builds the same bytes as root.
 
 The pure parts (subordinate-id files, id maps, the sysctl checks) are tested directly. The rest
-runs as real unprivileged users that the tests create (``useradd``; they need root, as ``make
-test`` runs in CI) and remove afterwards:
+runs as real unprivileged users that the tests create and remove (:mod:`tests.rootless_users`;
+they need root, as ``make test`` runs in CI):
 
 * ``reprobuild-rl`` with a subordinate id range (``usermod --add-subuids``), its store in the
   default place (``~/.cache/reprobuild/store``);
 * ``reprobuild-nosub`` without one.
-
-Commands run through ``runuser``, with Debian's ``/usr/bin/python3`` (the interpreter that runs
-these tests may live under root's home, where another user cannot execute it) and a venv in a
-world-readable temporary directory whose ``.pth`` names copies of this checkout's ``reprobuild``
-package and of the test interpreter's site-packages (the same dependency versions, no network).
 """
 
 from __future__ import annotations
@@ -21,12 +16,8 @@ import pwd
 import shutil
 import stat
 import subprocess
-import sys
-import sysconfig
 import tarfile
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,10 +25,10 @@ import pytest
 from reprobuild import userns
 from reprobuild.fileio import sha256_file
 from tests.live_images import REPO, run_reprobuild
+from tests.rootless_users import Env, rootless_users
 
 USER = "reprobuild-rl"
 NOSUB = "reprobuild-nosub"
-SYSTEM_PYTHON = "/usr/bin/python3"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creating test users needs root")
 
 
@@ -89,79 +80,12 @@ def test_disabled_user_namespaces_name_the_sysctl(path: str, value: str, sysctl:
 
 
 # -- real users ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Env:
-    root: Path  # world-readable directory holding the venv and the copies
-    python: Path
-
-    def run(self, user: str, *args: str, cwd: Path, env: dict[str, str] | None = None,
-            timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        """``reprobuild ARGS`` as ``user``, with a clean environment."""
-        home = pwd.getpwnam(user).pw_dir
-        base = {"HOME": home, "USER": user, "LOGNAME": user, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                "LC_ALL": "C.UTF-8", **(env or {})}
-        return subprocess.run(["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in base.items()),
-                               str(self.python), "-m", "reprobuild", *args],
-                              cwd=cwd, text=True, capture_output=True, timeout=timeout, check=False)
-
-    def ok(self, user: str, *args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        result = self.run(user, *args, cwd=cwd, timeout=timeout)
-        if result.returncode != 0:
-            raise AssertionError(f"reprobuild {' '.join(args)} as {user} failed ({result.returncode}):\n"
-                                 f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-        return result
-
-
-def _site_packages() -> list[Path]:
-    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    return [Path(p) for p in sorted(paths) if Path(p).is_dir()]
-
-
 @pytest.fixture(scope="module")
 def rootless_env() -> Iterator[Env]:
     if os.geteuid() != 0:
         pytest.skip("creating test users needs root")
-    for tool in ("useradd", "usermod", "userdel", "runuser", "newuidmap", "newgidmap"):
-        if shutil.which(tool) is None:
-            raise AssertionError(f"{tool} is missing (make setup installs uidmap and the user tools)")
-    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"], text=True,
-                             capture_output=True, check=True).stdout.strip()
-    if version != str(sys.version_info[:2]):
-        raise AssertionError(f"{SYSTEM_PYTHON} is Python {version}, the tests run {sys.version_info[:2]}: "
-                             "the copied dependencies would not load")
-    root = Path(tempfile.mkdtemp(prefix="reprobuild-rootless-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    try:
-        shutil.copytree(REPO / "reprobuild", root / "src/reprobuild", ignore=shutil.ignore_patterns("__pycache__"))
-        for i, site in enumerate(_site_packages()):
-            shutil.copytree(site, root / f"deps{i}", symlinks=True,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pth", "__editable__*", "reprobuild*"))
-        subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
-        purelib = subprocess.run([str(root / "venv/bin/python"), "-c",
-                                  "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 text=True, capture_output=True, check=True).stdout.strip()
-        deps = sorted(p for p in root.iterdir() if p.name.startswith("deps"))
-        Path(purelib, "reprobuild-tests.pth").write_text("".join(f"{p}\n" for p in [root / "src", *deps]))
-        subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
-        _make_user(USER, subids=True)
-        _make_user(NOSUB, subids=False)
-        yield Env(root, root / "venv/bin/python")
-    finally:
-        for user in (USER, NOSUB):
-            subprocess.run(["userdel", "-r", user], capture_output=True, check=False)
-        # The user's trees are owned by its subordinate ids: root removes them.
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _make_user(name: str, *, subids: bool) -> None:
-    subprocess.run(["userdel", "-r", name], capture_output=True, check=False)  # a leftover of a killed run
-    subprocess.run(["useradd", "-m", "-s", "/bin/sh", "-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0", name],
-                   check=True)
-    if subids:
-        text = [Path(f).read_text() if Path(f).exists() else "" for f in ("/etc/subuid", "/etc/subgid")]
-        start = userns.suggest_start(*text)
-        subprocess.run(["usermod", "--add-subuids", f"{start}-{start + 65535}", "--add-subgids",
-                        f"{start}-{start + 65535}", name], check=True)
+    with rootless_users({USER: True, NOSUB: False}) as env:
+        yield env
 
 
 def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
