@@ -206,8 +206,10 @@ def test_rootless_lock_fetch_build_verify_equal_root(rootless_env: Env, warm_sto
     assert stat.S_IMODE(trees.stat().st_mode) == 0o700 and trees.stat().st_uid == user.pw_uid
     sub = userns.usable_range(userns.parse_subids(Path("/etc/subgid").read_text(), USER, user.pw_uid))
     assert sub is not None
-    shadows = list(trees.glob("*/etc/shadow"))
-    assert shadows and all(s.stat().st_uid == user.pw_uid and s.stat().st_gid == sub.start + 41 for s in shadows)
+    # unix_chkpwd is root:shadow (42) 2755 in the image: the user's own uid and subordinate gid 42 here.
+    chkpwd = [p.stat() for p in trees.glob("*/usr/sbin/unix_chkpwd")]
+    assert chkpwd and all((st.st_uid, st.st_gid) == (user.pw_uid, sub.start + 41) and st.st_mode & stat.S_ISGID
+                          for st in chkpwd)
 
     # The user cannot remove those files directly; `reprobuild unshare` can.
     assert env.run(USER, "unshare", "true", cwd=work).returncode == 0
@@ -215,3 +217,24 @@ def test_rootless_lock_fetch_build_verify_equal_root(rootless_env: Env, warm_sto
     assert rm.returncode != 0 and store.exists()
     env.ok(USER, "unshare", "rm", "-rf", str(home / ".cache/reprobuild"), cwd=work)
     assert not (home / ".cache/reprobuild").exists()
+
+
+@pytest.mark.live
+@pytest.mark.boot
+@needs_root
+@pytest.mark.timeout(900)
+def test_vm_as_an_ordinary_user(rootless_env: Env, boot_images: dict[str, object]) -> None:
+    """`reprobuild vm` as the user: qemu under TCG, a private copy of the OVMF variables with the
+    user's certificate enrolled, Secure Boot on, a signed UKI booting to its marker."""
+    user = pwd.getpwnam(USER)
+    work = Path(user.pw_dir) / "vm"
+    work.mkdir()
+    shutil.copy(boot_images["signed"], work / "signed.img")  # type: ignore[arg-type]
+    (work / "sb.crt").write_bytes(boot_images["cert"])  # type: ignore[arg-type]
+    for p in (work, work / "signed.img", work / "sb.crt"):
+        os.chown(p, user.pw_uid, user.pw_gid)
+    before = sha256_file(work / "signed.img")
+    result = rootless_env.run(USER, "vm", "signed.img", "--certificate", "sb.crt", "--kvm", "no", "-m", "1G",
+                              "--expect", "REPROBUILD-BOOT-MARKER", "--timeout", "600", cwd=work, timeout=800)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert sha256_file(work / "signed.img") == before
