@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -32,11 +33,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 
 
-def rootless(*, required: bool = True, default_store: bool = True):
+def rootless(*, required: bool | Callable[[dict], bool] = True, default_store: bool = True):
     """Run the command as root of a user namespace when an ordinary user invokes it (see
     :mod:`reprobuild.userns`): the process forks, the child carries on with the command inside,
-    the parent exits with the child's status. ``required=False``: without the prerequisites the
-    command runs as it is (e.g. ``diff``, which then does not compare owners). The store the
+    the parent exits with the child's status. ``required=False`` (or a function of the command's
+    arguments returning False): without the prerequisites the command runs as it is (e.g.
+    ``diff``, which then does not compare owners; ``verify --no-rebuild``). The store the
     command will use must be the user's own (``default_store``: the command falls back to the
     default store when ``--store`` is absent). Place it below the click decorators."""
 
@@ -50,7 +52,7 @@ def rootless(*, required: bool = True, default_store: bool = True):
                 try:
                     plan = userns.plan()
                 except userns.RootlessUnavailable:
-                    if required:
+                    if required(kwargs) if callable(required) else required:
                         raise
                     return command(*args, **kwargs)
                 store = kwargs.get("store_path") or (Store.default_root() if default_store else None)

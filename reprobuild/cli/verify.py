@@ -40,7 +40,7 @@ def _say(quiet: bool):
 @json_option
 @quiet_option
 @click.pass_context
-@rootless(default_store=False)
+@rootless(required=lambda kwargs: not kwargs["no_rebuild"], default_store=False)
 def verify_command(ctx: click.Context, image: Path, lock_path: Path, trusted_key: Path | None,
                    certificates: tuple[Path, ...], manifest: Path | None, provenance: Path | None,
                    no_rebuild: bool, definition: Path | None, store_path: Path | None, bundle: Path | None,
