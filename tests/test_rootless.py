@@ -151,8 +151,8 @@ mkdir -p a/etc b/etc
 echo data > a/etc/f; echo data > b/etc/f
 chown 42:42 b/etc/f
 touch -d @1700000000 a/etc/f b/etc/f a/etc b/etc a b
-mkfs.erofs -q -T 1700000000 -U 11111111-1111-1111-1111-111111111111 a.img a
-mkfs.erofs -q -T 1700000000 -U 11111111-1111-1111-1111-111111111111 b.img b
+mkfs.erofs --quiet -T 1700000000 -U 11111111-1111-1111-1111-111111111111 a.img a
+mkfs.erofs --quiet -T 1700000000 -U 11111111-1111-1111-1111-111111111111 b.img b
 """
 
 

@@ -8,6 +8,7 @@ import click
 
 from reprobuild.cli import cli
 from reprobuild.cli.options import rootless
+from reprobuild.errors import UsageError
 
 
 @cli.command("unshare", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -24,4 +25,7 @@ def unshare_command(command: tuple[str, ...]) -> None:
     As root, COMMAND simply runs. Exit status: COMMAND's.
     """
     argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
-    os.execvp(argv[0], argv)
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        raise UsageError(f"cannot run {argv[0]}: {e.strerror}") from e
