@@ -103,7 +103,7 @@ def main() -> int:
             rows.append([label, secs(m.seconds), f"{m.maxrss_kib / 1024:.0f}", mib(out.stat().st_size),
                          str(tar_packages(out) or "?"), note])
             commands.append(pretty(m.argv, {str(env.python): "python", str(home): "~", mirror: "MIRROR",
-                                            " ".join(env.command(USER)[:-1]): "runuser …"}))
+                                            " ".join(env.command(USER)): "runuser …"}))
             print(f"{label}: {m.seconds:.1f} s", file=sys.stderr)
 
         def build(name: str, *extra: str) -> tuple[Measured, Path]:
