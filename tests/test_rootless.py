@@ -109,6 +109,9 @@ def test_missing_subuid_range_is_one_line_with_the_usermod_command(rootless_env:
     result = rootless_env.run(NOSUB, "build", "--locked", "-f", "tar", "-o", "out", cwd=work)
     assert "subordinate" not in result.stderr and "reprobuild.conf" in result.stderr, result.stderr
     subprocess.run(["usermod", "--del-subuids", fix[2], "--del-subgids", fix[4], NOSUB], check=True)
+    # Commands that need no ids run without a range.
+    rootless_env.ok(NOSUB, "keygen", "--out", "k", cwd=work)
+    assert (work / "k.key").exists() and (work / "k.key").stat().st_uid == pwd.getpwnam(NOSUB).pw_uid
 
 
 @needs_root
