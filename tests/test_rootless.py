@@ -245,6 +245,14 @@ def test_rootless_lock_fetch_build_verify_equal_root(rootless_env: Env, warm_sto
     assert chkpwd and all((st.st_uid, st.st_gid) == (user.pw_uid, sub.start + 41) and st.st_mode & stat.S_ISGID
                           for st in chkpwd)
 
+    # The store's maintenance reads those trees with their owners (verify compares them with their
+    # objects), and `check` builds twice, one in a new UTS namespace with another hostname.
+    assert "0 extracted tree(s) removed" in env.ok(USER, "store", "verify", cwd=work).stdout
+    env.ok(USER, "store", "gc", "--keep", "reprobuild.lock", cwd=work)
+    checked = env.ok(USER, "check", "-f", "tar", "--variation", "umask", "--variation", "hostname", "--no-bisect",
+                     cwd=work, timeout=1500)
+    said = checked.stdout + checked.stderr
+    assert "applied  hostname" in said and "bit-for-bit identical" in said, said
     # `reprobuild unshare` removes what the user's builds left, whoever owns it in the image.
     env.ok(USER, "unshare", "rm", "-rf", str(home / ".cache/reprobuild"), cwd=work)
     assert not (home / ".cache/reprobuild").exists()
