@@ -245,6 +245,11 @@ def test_rootless_lock_fetch_build_verify_equal_root(rootless_env: Env, warm_sto
     assert chkpwd and all((st.st_uid, st.st_gid) == (user.pw_uid, sub.start + 41) and st.st_mode & stat.S_ISGID
                           for st in chkpwd)
 
+    # A directory output: the image's owners inside the namespace, the user's ids outside.
+    env.ok(USER, "build", "--locked", "-f", "directory", "-o", "out-dir", "-q", cwd=work)
+    assert env.ok(USER, "unshare", "stat", "-c", "%u:%g %a", "out-dir/image/etc/shadow", cwd=work).stdout == "0:42 640\n"
+    st = (work / "out-dir/image/etc/shadow").stat()
+    assert (st.st_uid, st.st_gid) == (user.pw_uid, sub.start + 41)
     # The store's maintenance reads those trees with their owners (verify compares them with their
     # objects), and `check` builds twice, one in a new UTS namespace with another hostname.
     assert "0 extracted tree(s) removed" in env.ok(USER, "store", "verify", cwd=work).stdout
