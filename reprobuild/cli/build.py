@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from reprobuild.cli import cli
-from reprobuild.cli.options import directory_option, json_option, quiet_option, store_option
+from reprobuild.cli.options import directory_option, json_option, quiet_option, rootless, store_option
 
 if TYPE_CHECKING:
     from reprobuild.config import ImageSpec
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
                    "(sources at /work/src) before reporting the failure.")
 @json_option
 @quiet_option
+@rootless()
 def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: str | None,
                   output_dir: Path | None, offline: bool, jobs: int, substituters: tuple[str, ...],
                   no_cache: bool, build_directory: Path | None, shell_on_failure: bool, as_json: bool,

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from reprobuild.cli import cli
+from reprobuild.cli.options import rootless
 from reprobuild.errors import ReprobuildError
 
 
@@ -35,6 +36,7 @@ class DiffError(ReprobuildError):
                    "and exits 0 if nothing else differs.")
 @click.option("--color/--no-color", default=None, help="Colour the text output (default: when a terminal).")
 @click.pass_context
+@rootless(required=False, default_store=False)
 def diff_command(ctx: click.Context, first: Path, second: Path, as_json: bool, html_file: Path | None,
                  exclude: tuple[str, ...], max_depth: int | None, metadata: bool, color: bool | None) -> None:
     """Compare FIRST and SECOND and explain every difference.

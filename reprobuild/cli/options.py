@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -28,3 +31,38 @@ store_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+
+
+def rootless(*, required: bool | Callable[[dict], bool] = True, default_store: bool = True):
+    """Run the command as root of a user namespace when an ordinary user invokes it (see
+    :mod:`reprobuild.userns`): the process forks, the child carries on with the command inside,
+    the parent exits with the child's status. ``required=False`` (or a function of the command's
+    arguments returning False): without the prerequisites the command runs as it is (e.g.
+    ``diff``, which then does not compare owners; ``verify --no-rebuild``). The store the
+    command will use must be the user's own (``default_store``: the command falls back to the
+    default store when ``--store`` is absent). Place it below the click decorators."""
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            if os.geteuid() != 0:
+                from reprobuild import userns
+                from reprobuild.store import Store
+
+                try:
+                    plan = userns.plan()
+                except userns.RootlessUnavailable:
+                    if required(kwargs) if callable(required) else required:
+                        raise
+                    return command(*args, **kwargs)
+                store = kwargs.get("store_path") or (Store.default_root() if default_store else None)
+                if store is not None and "store_path" in kwargs:
+                    userns.check_private_store(Path(store).absolute(), plan)
+                status = userns.enter(plan)
+                if status is not None:
+                    raise click.exceptions.Exit(status)
+            return command(*args, **kwargs)
+
+        return wrapper
+
+    return decorate

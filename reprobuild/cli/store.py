@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from reprobuild.cli import cli
-from reprobuild.cli.options import directory_option, json_option, quiet_option, store_option
+from reprobuild.cli.options import directory_option, json_option, quiet_option, rootless, store_option
 
 
 def open_store(store_path: Path | None):  # -> reprobuild.store.Store
@@ -76,6 +76,7 @@ def store_stats_command(store_path: Path | None, as_json: bool) -> None:
 @store_option
 @json_option
 @quiet_option
+@rootless()
 def store_verify_command(store_path: Path | None, as_json: bool, quiet: bool) -> None:
     """Rehash every object; move corrupt ones to quarantine/. Compare every extracted tree of the
     build cache with its object and remove any that differs. Exit status 1 if anything was wrong."""
@@ -116,6 +117,7 @@ def store_verify_command(store_path: Path | None, as_json: bool, quiet: bool) ->
               metavar="LOCK", help="Keep every object this lock needs (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
 @json_option
+@rootless()
 def store_gc_command(store_path: Path | None, keep: tuple[Path, ...], dry_run: bool, as_json: bool) -> None:
     """Remove objects that no kept lock references.
 

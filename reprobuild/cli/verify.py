@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from reprobuild.cli import cli
-from reprobuild.cli.options import directory_option, json_option, quiet_option, store_option
+from reprobuild.cli.options import directory_option, json_option, quiet_option, rootless, store_option
 from reprobuild.verify import UNSIGNED_KINDS
 
 _MARKS = {"passed": ("PASS", "green"), "failed": ("FAIL", "red"), "skipped": ("SKIP", "yellow")}
@@ -50,6 +50,7 @@ def _say(quiet: bool):
 @json_option
 @quiet_option
 @click.pass_context
+@rootless(required=lambda kwargs: not kwargs["no_rebuild"], default_store=False)
 def verify_command(ctx: click.Context, image: Path, lock_path: Path, trusted_key: Path | None,
                    certificates: tuple[Path, ...], manifest: Path | None, provenance: Path | None,
                    no_rebuild: bool, allow_unsigned: tuple[str, ...], audit: bool, definition: Path | None,
@@ -135,6 +136,7 @@ def _audit(image: Path, lock_path: Path, manifest: Path | None, store_path: Path
 @json_option
 @quiet_option
 @click.pass_context
+@rootless()
 def check_command(ctx: click.Context, directory: Path, store_path: Path | None, fmt: str | None, work: Path | None,
                   variations: tuple[str, ...], no_bisect: bool, as_json: bool, quiet: bool) -> None:  # fmt: skip
     """Build the locked image twice under varied environments and compare.

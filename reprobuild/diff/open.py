@@ -347,7 +347,8 @@ def extract_fs(kind: Kind, image: ByteSource, workdir: Path, what: str) -> Direc
     exe = _which(ex.tool)
     if exe is None:
         raise ToolMissing(ex.tool, ex.package, f"to read the {kind.value} file system in {what}")
-    img = image.as_file(workdir, f"{kind.value}.img")
+    # Absolute: the tool runs in workdir, and a whole-file input keeps the path it was given.
+    img = image.as_file(workdir, f"{kind.value}.img").absolute()
     out = workdir / "tree"
     if not ex.creates_dir:
         out.mkdir()

@@ -19,6 +19,14 @@ mount namespace (``unshare(CLONE_NEWNS)``, propagation ``slave``), so the overla
 the rest of the host and disappears with the process, even after ``kill -9``. Child processes
 (the sandbox, mkfs) inherit it. Needs root; :func:`unavailable_reason` says why it cannot be used,
 and callers then fall back to copying.
+
+Not in a user namespace (rootless mode, :mod:`reprobuild.userns`): there overlayfs must keep its
+attributes in ``user.overlay.*`` (``userxattr``), which the kernel refuses together with
+``redirect_dir=on``, and it turns ``index=on`` off because decoding file handles needs
+CAP_DAC_READ_SEARCH in the initial namespace (``ovl_can_decode_fh``; measured on Linux 6.18:
+"upper fs does not support file handles, falling back to index=off"). Without them a changed
+hard-linked file loses its links and a renamed lower directory fails with ``EXDEV``: the image
+would differ from a copy's, so rootless builds take the copy path.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from reprobuild.errors import BuildError
+from reprobuild.userns import in_user_namespace
 
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
@@ -54,6 +63,8 @@ def unavailable_reason(*paths: Path) -> str | None:
     or a path overlayfs' option syntax cannot carry."""
     if os.geteuid() != 0:
         return "overlay mounts need root"
+    if in_user_namespace():
+        return "in a user namespace overlayfs cannot keep hard links (index=on) or rename directories"
     try:
         with open("/proc/filesystems", encoding="ascii") as f:
             if not any(line.split()[-1:] == ["overlay"] for line in f):

@@ -12,8 +12,10 @@ All mounts live in the new mount namespace: they vanish when the last process in
 interrupted build can never leave mounts behind on the host. ``unshare --kill-child`` makes the
 namespace's init die with ``unshare``; we kill the whole process group on KeyboardInterrupt.
 
-Needs root (or CAP_SYS_ADMIN). Without it, :func:`check_can_sandbox` explains what is missing.
-This module imports nothing from reprobuild except errors.
+Needs root: real root, or root of the user namespace an ordinary user's reprobuild command enters
+(:mod:`reprobuild.userns`; the namespaces above are then owned by it, so the kernel allows these
+mounts). Without it, :func:`check_can_sandbox` explains what is missing. This module imports
+nothing from reprobuild except errors and userns.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reprobuild.errors import BuildError, ToolMissing
+from reprobuild.userns import RootlessUnavailable, plan
 
 # The environment every program in the tree gets (docs/formats.md §11 "Environment"). Callers add
 # SOURCE_DATE_EPOCH and anything specific.
@@ -100,28 +103,17 @@ def check_can_sandbox() -> None:
         if shutil.which(tool) is None:
             raise ToolMissing(tool, pkg, "to run maintainer scripts in a sandbox")
     if os.geteuid() != 0:
-        user = os.environ.get("USER") or str(os.geteuid())
-        has_subuid = any(
-            line.split(":", 1)[0] in (user, str(os.geteuid()))
-            for line in _read_lines("/etc/subuid")
-        )
-        missing = [] if has_subuid else [f"an entry for {user} in /etc/subuid and /etc/subgid"]
-        if shutil.which("newuidmap") is None:
-            missing.append("newuidmap/newgidmap (apt-get install uidmap)")
+        # The reprobuild command enters a user namespace first (reprobuild.userns); a library
+        # caller that did not gets the fix for what rootless mode lacks, if anything.
+        try:
+            plan()
+        except RootlessUnavailable as e:
+            raise BuildError(e.message) from e
         raise BuildError(
             "building a root tree needs root: dpkg must chown files to many ids and create mounts",
-            hint="run as root (e.g. sudo)"
-            + (f"; a rootless mode would also need {', '.join(missing)}" if missing else
-               "; a user-namespace mode with subordinate ids is not implemented yet"),
+            hint="run it through the reprobuild command, which enters a user namespace as root "
+                 "(rootless mode), or as root",
         )
-
-
-def _read_lines(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-    except OSError:
-        return []
 
 
 def run_in_tree(
