@@ -23,6 +23,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -307,3 +308,13 @@ def _driver(directory: str, store: str, out: str, fmt: str, cache: str) -> int:
 
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "build":
     sys.exit(_driver(*sys.argv[2:]))
+
+
+def tar_packages(path: Path) -> int | None:
+    """Installed packages per the tar's var/lib/dpkg/status (None if it has none)."""
+    with tarfile.open(path) as tf:
+        for member in tf:
+            if member.name.lstrip("./") == "var/lib/dpkg/status" and member.isfile():
+                text = tf.extractfile(member).read().decode("utf-8", "replace")  # type: ignore[union-attr]
+                return sum(1 for line in text.splitlines() if line.startswith("Status: install ok installed"))
+    return None

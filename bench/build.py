@@ -25,7 +25,6 @@ import json
 import shlex
 import shutil
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -45,20 +44,11 @@ from bench._stagebench import (
     secs,
     stage_note,
     table,
+    tar_packages,
     update_docs_section,
     wait_for_quiet,
 )
 from reprobuild.fileio import sha256_file
-
-
-def tar_packages(path: Path) -> int | None:
-    """Installed packages per the tar's var/lib/dpkg/status (None if it has none)."""
-    with tarfile.open(path) as tf:
-        for member in tf:
-            if member.name.lstrip("./") == "var/lib/dpkg/status" and member.isfile():
-                text = tf.extractfile(member).read().decode("utf-8", "replace")  # type: ignore[union-attr]
-                return sum(1 for line in text.splitlines() if line.startswith("Status: install ok installed"))
-    return None
 
 
 def run_reprobuild(directory: Path, store: Path, out: Path, *extra: str) -> tuple[Measured, dict]:

@@ -26,7 +26,6 @@ import os
 import pwd
 import shutil
 import sys
-import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,6 +42,7 @@ from bench._stagebench import (
     pretty,
     secs,
     table,
+    tar_packages,
     update_docs_section,
     wait_for_quiet,
 )
@@ -50,16 +50,6 @@ from reprobuild.fileio import sha256_file
 from tests.rootless_users import rootless_users
 
 USER = "reprobuild-bench"
-
-
-def tar_packages(path: Path) -> int | None:
-    """Installed packages per the tar's var/lib/dpkg/status (None if it has none)."""
-    with tarfile.open(path) as tf:
-        for member in tf:
-            if member.name.lstrip("./") == "var/lib/dpkg/status" and member.isfile():
-                text = tf.extractfile(member).read().decode("utf-8", "replace")  # type: ignore[union-attr]
-                return sum(1 for line in text.splitlines() if line.startswith("Status: install ok installed"))
-    return None
 
 
 def main() -> int:

@@ -45,7 +45,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 # Modules under stages/ that are shared settings, not stages: the only stages.* a stage may import.
-STAGE_SHARED = ("reprobuild.stages", "reprobuild.stages.disksettings")
+STAGE_SHARED = ("reprobuild.stages", "reprobuild.stages.disksettings", "reprobuild.stages.packagetree")
 
 # Third-party modules only some modules may import (same patterns as LAYERS): the command line is
 # the only user of click; progress.py is the one renderer below it.

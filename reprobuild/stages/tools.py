@@ -13,24 +13,14 @@ from typing import Any
 
 from reprobuild.pipeline.context import BuildContext
 from reprobuild.pipeline.stage import Stage, Upstream
-from reprobuild.rootfs.plan import TreeSettings, package_set_inputs, planned_packages
-from reprobuild.rootfs.tree import build_tree
+from reprobuild.stages.packagetree import PackageSetTreeStage
 from reprobuild.tools import host_versions
 
 
-class LockedToolsStage(Stage):
+class LockedToolsStage(PackageSetTreeStage):
     name = "tools"
-    produces = "tree"
-    keep_extracted = True
-
-    def inputs(self, ctx: BuildContext) -> dict[str, Any]:
-        return {"packages": package_set_inputs(ctx.lock.package_set("tools")), "epoch": ctx.epoch}
-
-    def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
-        tools = ctx.lock.package_set("tools")
-        ctx.say(f"building the tools tree (tools {len(tools.packages)}, from {tools.release})")
-        build_tree(planned_packages(tools), ctx.cache.deb_path, out, TreeSettings(), ctx.epoch, progress=ctx.say)
-        return {"versions": {p.name: p.version for p in tools.packages}}
+    package_set = "tools"
+    what = "the tools tree"
 
 
 class HostToolsStage(Stage):
