@@ -32,9 +32,26 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from reprobuild import sshsig
 from reprobuild.errors import LockError, ReprobuildError, VerificationFailed
+from reprobuild.fileio import ReadRefused, read_bounded
 from reprobuild.sshagent import Agent, select_key
 
 LOCK_NAMESPACE = "reprobuild-lock"
+# Key, allowed_signers and signature files are a few KiB; anything larger is not one of them
+# (and a FIFO or a device is refused before it is read).
+MAX_KEY_FILE_BYTES = 1 << 20
+
+
+def read_key_file(path: Path, what: str = "key file") -> bytes:
+    """The bytes of a key, trusted-keys or signature file, bounded; KeyFileError if it cannot be
+    one (missing, not a regular file, too large, unreadable)."""
+    try:
+        return read_bounded(Path(path), MAX_KEY_FILE_BYTES)
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: no such {what}") from None
+    except ReadRefused as e:
+        raise KeyFileError(f"{path}: not a {what} ({e.reason})") from None
+    except OSError as e:
+        raise KeyFileError(f"{path}: cannot read the {what} ({e.strerror})") from None
 AGENT_PREFIX = "agent:"
 
 
@@ -87,12 +104,9 @@ class AgentLockSigner:
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: no such key file", hint="create one with reprobuild keygen --out PREFIX") from None
-    except OSError as e:
-        raise KeyFileError(f"{path}: cannot read the key file ({e.strerror})") from None
+    if not Path(path).exists():
+        raise KeyFileError(f"{path}: no such key file", hint="create one with reprobuild keygen --out PREFIX")
+    data = read_key_file(path)
     try:
         if b"BEGIN OPENSSH PRIVATE KEY" in data:
             key = serialization.load_ssh_private_key(data, password=None)
@@ -208,12 +222,7 @@ class TrustedKeys:
 
 def load_trusted_keys(path: Path) -> TrustedKeys:
     """An allowed_signers file, an OpenSSH public key (``.pub``) or a PEM public key."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: no such public key file") from None
-    except OSError as e:
-        raise KeyFileError(f"{path}: cannot read ({e.strerror})") from None
+    data = read_key_file(path, "public key file")
     origin = str(path)
     if b"-----BEGIN CERTIFICATE-----" in data:
         raise KeyFileError(f"{path}: this is an X.509 certificate, not the lock's ed25519 public key",

@@ -41,7 +41,14 @@ from reprobuild.checkresult import Check, failed, passed, skipped
 from reprobuild.digest import canonical_json
 from reprobuild.errors import ReprobuildError, VerificationFailed
 from reprobuild.fileio import ReadRefused, read_bounded, write_atomic
-from reprobuild.keys import LOCK_NAMESPACE, LockSigner, ed25519_key, load_trusted_keys, signature_record
+from reprobuild.keys import (
+    LOCK_NAMESPACE,
+    LockSigner,
+    ed25519_key,
+    load_trusted_keys,
+    read_key_file,
+    signature_record,
+)
 from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, dumps
 from reprobuild.manifest import output_file
 from reprobuild.sshsig import SshFormatError, fingerprint
@@ -188,7 +195,7 @@ def write_provenance(lock: Lock, lock_path: Path, result_manifest: dict[str, Any
     """
     lock_bytes = lock_path.read_bytes() if lock_path.exists() else dumps(lock)
     sig_path = lock_path.with_name(lock_path.name + SIGNATURE_SUFFIX)
-    lock_signature = signature_record(sig_path.read_bytes(), str(sig_path)) if sig_path.exists() else None
+    lock_signature = signature_record(read_key_file(sig_path, "signature file"), str(sig_path)) if sig_path.exists() else None
     name = output_name(result_manifest)
     manifest_bytes = (out_dir / (name + ".manifest.json")).read_bytes()
     statement = make_statement(lock, lock_bytes, lock_signature, result_manifest, manifest_bytes, argv)

@@ -238,7 +238,7 @@ def check_lock_signature(lock_path: Path, lock_bytes: bytes, trusted_key: Path |
     if not sig_path.exists():
         return failed(name, f"{sig_path}: the lock is not signed")
     try:
-        signer = keys.verify_lock(lock_bytes, sig_path.read_bytes(), str(sig_path),
+        signer = keys.verify_lock(lock_bytes, keys.read_key_file(sig_path, "signature file"), str(sig_path),
                                   keys.load_trusted_keys(Path(trusted_key)))
     except ReprobuildError as e:
         return failed(name, e.message)

@@ -311,3 +311,23 @@ def test_encrypted_key_file_points_to_the_agent(setup: Setup) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(rsa)], check=True)
     result = run("lock", "-C", str(setup.definition), "--resign", "--sign-key", str(rsa), check=False)
     assert result.returncode == 1 and "needs an ed25519 key" in result.stderr
+
+
+def test_key_and_signature_files_are_read_bounded(tmp_path: Path) -> None:
+    """A FIFO, a device or a huge sparse file given as a signature or key is refused before it is
+    read (a crafted pull request cannot hang or exhaust `lock --verify` or `verify`)."""
+    import os
+    import time
+
+    fifo = tmp_path / "reprobuild.lock.sig"
+    os.mkfifo(fifo)
+    sparse = tmp_path / "huge.pub"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 40)
+    started = time.monotonic()
+    for path, what in ((fifo, "signature file"), (Path("/dev/zero"), "signature file"), (sparse, "public key file")):
+        with pytest.raises(keys.KeyFileError, match="not a"):
+            keys.read_key_file(path, what)
+    with pytest.raises(keys.KeyFileError, match="not a"):
+        keys.load_trusted_keys(sparse)
+    assert time.monotonic() - started < 5

@@ -64,7 +64,7 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     from reprobuild.errors import UsageError
     from reprobuild.fileio import write_atomic
     from reprobuild.lock import LockOptions, check_lock_current, lock_spec, save_signed_lock, unsigned_note
-    from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock
+    from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock, read_lock_bytes
     from reprobuild.progress import set_counts
     from reprobuild.signer import key_file_warning
     from reprobuild.store import Store
@@ -80,12 +80,12 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
 
     if verify_only:
         lock = load_lock(lock_path)
-        data = lock_path.read_bytes()
+        data = read_lock_bytes(lock_path)
         signer = None
         if trusted_key:
             if not sig_path.exists():
                 raise keys.VerificationFailed(f"{sig_path}: the lock is not signed")
-            signer = keys.verify_lock(data, sig_path.read_bytes(), str(sig_path), keys.load_trusted_keys(trusted_key))
+            signer = keys.verify_lock(data, keys.read_key_file(sig_path, "signature file"), str(sig_path), keys.load_trusted_keys(trusted_key))
         check_lock_current(spec, lock)
         result = {"lock": str(lock_path), "signature": f"verified ({signer})" if signer else "not checked",
                   "config": "current", "sets": {s.name: len(s.packages) for s in lock.sets}}
