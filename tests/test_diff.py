@@ -381,3 +381,27 @@ def test_render_text_and_html_escape(tmp_path: Path) -> None:
     assert text.index("Summary") < text.index("Details")
     assert json.loads(render_json(r))["summary"]["differences"] == 1
     _ = os
+
+
+def test_build_manifests_beside_disks_give_a_package_summary(ddis: dict[str, Path], tmp_path: Path) -> None:
+    """`image.raw.manifest.json` beside each disk (what `build` writes): the packages the two
+    images were built from are compared package by package."""
+    import shutil
+
+    from reprobuild.diff.lockdiff import diff_pins
+
+    a, b = tmp_path / "a" / "image.raw", tmp_path / "b" / "image.raw"
+    for src, dst in ((ddis["a"], a), (ddis["b"], b)):
+        dst.parent.mkdir()
+        shutil.copyfile(src, dst)
+    base = {"format": "disk", "packages": ["base-files=13.8:amd64", "less=661-1:amd64", "zlib1g=1:1.3-1:amd64"]}
+    other = {"format": "disk", "packages": ["base-files=13.9:amd64", "zlib1g=1:1.3-1:amd64", "hello=2.10-3:amd64"]}
+    (a.parent / "image.raw.manifest.json").write_text(json.dumps(base))
+    (b.parent / "image.raw.manifest.json").write_text(json.dumps(other))
+    got = by_path(compare_paths(a, b).difference)
+    packages = {k.split(" / ")[-1]: v for k, v in got.items() if " / packages / " in f" / {k}"}
+    assert packages["less:amd64"].status.value == "removed" and "was 661-1" in packages["less:amd64"].comments[0]
+    assert packages["hello:amd64"].status.value == "added"
+    assert packages["base-files:amd64"].fields == (Field("version", "13.8", "13.9", CONTENT),)
+    assert "zlib1g:amd64" not in packages  # epochs in versions are kept apart from the architecture
+    assert diff_pins("packages", base["packages"], base["packages"]) is None

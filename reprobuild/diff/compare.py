@@ -8,6 +8,7 @@ and share `base`; this module only puts them in order and dispatches (`base.comp
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,11 +24,12 @@ from reprobuild.diff.base import (
 from reprobuild.diff.detect import Kind
 from reprobuild.diff.difference import Difference, without_metadata
 from reprobuild.diff.disk import DiskComparator, VerityHashComparator, VeritySigComparator
-from reprobuild.diff.lockdiff import LockfileComparator
+from reprobuild.diff.lockdiff import LockfileComparator, diff_pins
 from reprobuild.diff.open import Node, open_input
 from reprobuild.diff.text import JsonComparator, TextComparator
 from reprobuild.diff.trees import TreeComparator
 from reprobuild.diff.uki import PeComparator
+from reprobuild.fileio import ReadRefused, read_bounded
 
 # Most specific first: a lockfile or a verity signature is also JSON, a disk's root is also a tree.
 COMPARATORS: tuple[type[Comparator], ...] = (
@@ -55,6 +57,9 @@ class DiffResult:
     def identical(self) -> bool:
         return self.difference is None
 
+# A build manifest lists packages: a few hundred KiB at most.
+MAX_MANIFEST_BYTES = 16 << 20
+
 
 def compare_paths(path1: Path, path2: Path, options: DiffOptions = DEFAULT_OPTIONS) -> DiffResult:
     """Compare two inputs given on the command line. Raises DiffInputError on unreadable input.
@@ -81,11 +86,22 @@ def compare_paths(path1: Path, path2: Path, options: DiffOptions = DEFAULT_OPTIO
 
 
 def _sibling_manifests(p1: Path, p2: Path, a: Node, b: Node, ctx: DiffContext) -> Difference | None:
-    """``image.manifest.json`` beside ``image.raw``: compared too when both inputs have one."""
+    """``image.raw.manifest.json`` beside ``image.raw`` (the build's manifest): when both disks
+    have one, the packages they were built from are compared package by package first (which
+    packages were added, removed or changed version), then the manifests themselves."""
     if a.kind is not Kind.DISK or b.kind is not Kind.DISK:
         return None
-    m1, m2 = p1.with_name(p1.name.split(".")[0] + ".manifest.json"), p2.with_name(p2.name.split(".")[0] + ".manifest.json")
+    m1, m2 = p1.with_name(p1.name + ".manifest.json"), p2.with_name(p2.name + ".manifest.json")
     if not (m1.is_file() and m2.is_file()):
         return None
-    return compare_nodes(m1.name if m1.name == m2.name else f"{m1.name} ↔ {m2.name}",
-                         open_input(m1), open_input(m2), ctx, 1)  # fmt: skip
+    name = m1.name if m1.name == m2.name else f"{m1.name} ↔ {m2.name}"
+    packages = None
+    try:
+        doc1, doc2 = (json.loads(read_bounded(m, MAX_MANIFEST_BYTES)) for m in (m1, m2))
+        if isinstance(doc1.get("packages"), list) and isinstance(doc2.get("packages"), list):
+            packages = diff_pins("packages", doc1["packages"], doc2["packages"])
+    except (OSError, ValueError, AttributeError, ReadRefused):
+        pass  # an unreadable manifest is still compared as a file below
+    manifests = compare_nodes(name, open_input(m1), open_input(m2), ctx, 1)
+    details = [d for d in (packages, manifests) if d is not None]
+    return Difference.of("build manifests", "manifests", details=details) if details else None

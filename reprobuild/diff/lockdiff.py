@@ -106,6 +106,30 @@ def _key(p: LockedPackage) -> str:
     return f"{p.name}:{p.architecture}"
 
 
+def diff_pins(name: str, a: list[str], b: list[str]) -> Difference | None:
+    """Two manifests' package lists (``name=version:architecture``), package by package: what
+    was added, removed or moved to another version. Pure."""
+
+    def split(pins: list[str]) -> dict[str, str]:
+        out = {}
+        for pin in pins:
+            pkg, _, rest = str(pin).partition("=")
+            version, _, arch = rest.rpartition(":")
+            out[f"{pkg}:{arch}"] = version
+        return out
+
+    pa, pb = split(a), split(b)
+    details: list[Difference | None] = []
+    for k in sorted(set(pa) | set(pb)):
+        if k not in pb:
+            details.append(Difference.removed(k, "package", [f"was {pa[k]}"]))
+        elif k not in pa:
+            details.append(Difference.added(k, "package", [f"now {pb[k]}"]))
+        else:
+            details.append(Difference.of(k, "package", fields=[Field.of("version", pa[k], pb[k])]))
+    return Difference.of(name, "package-set", details=details)
+
+
 def _diff_set(sa, sb) -> Difference | None:  # type: ignore[no-untyped-def]
     pa = {_key(p): p for p in sa.packages}
     pb = {_key(p): p for p in sb.packages}
