@@ -71,7 +71,8 @@ def _describe_entry(store: Store, stage: str, meta: dict[str, Any]) -> str:
             facts.append(f"root hash {str(manifest['root_hash'])[:12]}…")
         if isinstance(manifest.get("size"), int):
             facts.append(format_bytes(manifest["size"]))
-        return f"{name} (build output{': ' + ', '.join(facts) if facts else ''})"
+        of = f" of {manifest['definition']}" if isinstance(manifest.get("definition"), str) else ""
+        return f"{name}{of} (build output{': ' + ', '.join(facts) if facts else ''})"
     return f"{_STAGE_WORDS.get(stage, stage)} (build cache)"
 
 

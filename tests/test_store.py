@@ -480,10 +480,15 @@ def test_gc_dry_run_says_what_each_object_is(store: Store, tmp_path: Path) -> No
     cached = store.put_bytes(b"an initrd")
     (store.root / "cache" / "initrd").mkdir(parents=True)
     (store.root / "cache" / "initrd" / ("0" * 64 + ".json")).write_text(json.dumps({"object": cached, "meta": {}}))
+    output = store.put_bytes(b"a tar output")
+    (store.root / "cache" / "tar").mkdir(parents=True)
+    (store.root / "cache" / "tar" / ("1" * 64 + ".json")).write_text(
+        json.dumps({"object": output, "meta": {"definition": "demo", "added_files": []}}))
     _, out = run_cli("store", "gc", "--store", str(store.root), "--dry-run")
     lines = {ln.split()[2][7:23]: ln for ln in out.splitlines() if ln.startswith("would remove sha256:")}
     assert "package libdemo 1.0 " in lines[deb[:16]]
     assert lines[cached[:16]].endswith("initrd (build cache)")
+    assert lines[output[:16]].endswith("image.tar of demo (build output)")
     assert lines[blob[:16]].endswith("data, 16 B")
     _, out = run_cli("store", "gc", "--store", str(store.root), "--dry-run", "--json")
     assert json.loads(out)["objects"][deb].startswith("package libdemo 1.0 ")

@@ -28,7 +28,8 @@ class _ArchiveStage(Stage):
         tree = up.artifact("tree").path
         assert tree is not None
         write_atomically(out, lambda f: self.write(tree, f, ctx.epoch))
-        return {"added_files": list(up.meta("tree").get("added_files", []))}
+        # "definition": only for people reading the store (store gc --dry-run), never in a key.
+        return {"added_files": list(up.meta("tree").get("added_files", [])), "definition": ctx.spec.directory.name}
 
 
 class TarStage(_ArchiveStage):

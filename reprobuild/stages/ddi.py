@@ -43,7 +43,9 @@ class DdiStage(Stage):
                                    signer=(open_signer(choice.key, choice.certificate, os.environ)
                                            if choice.mode == "signed" else None)))
         meta = {**result.manifest(), "filesystem": dict(up.meta("fs")["fs"]),
-                "added_files": list(up.meta("fs").get("added_files", []))}
+                "added_files": list(up.meta("fs").get("added_files", [])),
+                # Only for people reading the store (store gc --dry-run), never in a key.
+                "definition": ctx.spec.directory.name}
         if self.bootable:
             boot = dict(up.meta("esp")["boot"])
             if result.root_hash != boot["cmdline"].split()[0].split("=", 1)[1]:
