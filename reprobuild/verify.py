@@ -62,7 +62,8 @@ from reprobuild.progress import Update, set_counts
 Say = Callable[[str], None]
 
 # Build output format → the ``format`` the manifest records (build.py: disk manifests say "ddi").
-MANIFEST_FORMATS = {"ddi": "disk", "disk": "disk", "tar": "tar", "cpio": "cpio", "directory": "directory"}
+MANIFEST_FORMATS = {"ddi": "disk", "disk": "disk", "tar": "tar", "cpio": "cpio", "directory": "directory",
+                    "oci": "oci"}
 _CHUNK = 4 << 20
 MAX_MANIFEST_BYTES = 16 << 20  # an image manifest lists packages: a few hundred KiB at most
 # What ``--allow-unsigned`` may name: the signatures verify can check.
@@ -176,7 +177,7 @@ def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
         return VerifyReport(str(image), str(lock_path), tuple(checks))
     if fmt == "disk":
         checks += verify_disk(image, manifest, lock, [Path(c) for c in certificates], allow, say)
-    elif fmt in ("tar", "cpio", "directory"):
+    elif fmt in ("tar", "cpio", "directory", "oci"):
         checks += verify_archive(image, manifest, lock, fmt)
     else:
         checks.append(failed("manifest", f"unknown output format {manifest.get('format')!r}"))
