@@ -3,7 +3,8 @@ manifest, the index, and the ``oci-archive`` form (a tar of the image layout), w
 deterministically.
 
 Specification: https://github.com/opencontainers/image-spec (``image-layout.md``,
-``manifest.md``, ``config.md``, ``layer.md``, ``annotations.md``, ``descriptor.md``).
+``manifest.md``, ``config.md``, ``layer.md``, ``annotations.md``, ``descriptor.md``);
+the byte layout is described in docs/formats.md §12.
 
 * Layer: the deterministic pax tar of the root tree (:func:`reprobuild.rootfs.archive.write_tar_stream`)
   compressed as one gzip member (RFC 1952) written here: header with MTIME 0, no file name,
