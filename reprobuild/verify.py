@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from reprobuild.checkresult import Check, all_passed, failed, passed, skipped, summary_line
-from reprobuild.errors import ReprobuildError, VerificationFailed
+from reprobuild.errors import FormatError, ReprobuildError, VerificationFailed
 from reprobuild.fileio import ReadRefused, check_input, read_bounded
 from reprobuild.lockfile import (
     SIGNATURE_SUFFIX,
@@ -58,6 +58,7 @@ from reprobuild.lockfile import (
     read_lock_bytes,
 )
 from reprobuild.progress import Update, set_counts
+from reprobuild.rootfs.oci import read_layer_file
 
 Say = Callable[[str], None]
 
@@ -646,11 +647,14 @@ def _read_status(image: Path, fmt: str) -> str | None:
                     continue
                 f = tf.extractfile(member)
                 return f.read().decode("utf-8") if f else None
+    if fmt == "oci":
+        data = read_layer_file(image, rel)
+        return data.decode("utf-8") if data is not None else None
     return None
 
 
 def verify_archive(image: Path, manifest: dict[str, Any], lock: Lock, fmt: str) -> list[Check]:
-    """Checks of a tar, cpio or directory output: its digest and the packages its dpkg lists."""
+    """Checks of a tar, cpio, oci or directory output: its digest and the packages its dpkg lists."""
     checks = []
     if fmt == "directory":
         checks.append(skipped("image-digest", "a directory output's manifest records no digest "
@@ -660,7 +664,7 @@ def verify_archive(image: Path, manifest: dict[str, Any], lock: Lock, fmt: str) 
         checks.append(digest_check(manifest, sha, size))
     try:
         status = _read_status(image, fmt)
-    except (OSError, tarfile.TarError, UnicodeDecodeError) as e:
+    except (OSError, tarfile.TarError, UnicodeDecodeError, FormatError) as e:
         checks.append(failed("installed-packages", f"cannot read var/lib/dpkg/status: {e}"))
         return checks
     if status is None:

@@ -7,7 +7,9 @@ OCI image (oci-archive) through the real command line.
   layer, which is byte for byte the ``-f tar`` output;
 * Debian's skopeo accepts it, and Debian's umoci unpacks it into the same tree as the tar output
   (names, types, modes, owners, mtimes, link targets, content digests);
-* ``verify --no-rebuild`` checks its digest against the manifest (and notices one flipped bit).
+* ``verify --no-rebuild`` checks its digest against the manifest (and notices one flipped bit)
+  and reads dpkg's status from inside the layer; a malformed archive is a FormatError, not a
+  traceback.
 """
 
 from __future__ import annotations
@@ -27,16 +29,18 @@ from pathlib import Path
 import pytest
 
 from fixtures.make_host_base import build_host_base
-from reprobuild.image.oci import (
+from reprobuild.errors import FormatError
+from reprobuild.lockfile import load_lock, lock_digest
+from reprobuild.rootfs.archive import write_tar_stream
+from reprobuild.rootfs.oci import (
     MEDIA_CONFIG,
     MEDIA_INDEX,
     MEDIA_LAYER_GZIP,
     MEDIA_MANIFEST,
+    read_layer_file,
     rfc3339,
     write_layer,
 )
-from reprobuild.lockfile import load_lock, lock_digest
-from reprobuild.rootfs.archive import write_tar_stream
 from tests.check_fixture import EPOCH, make_definition
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,7 +206,7 @@ def test_verify_checks_the_oci_outputs_digest(built: dict[str, Path], tmp_path: 
              "--no-rebuild", "--allow-unsigned", "lock", "--allow-unsigned", "provenance", "--json")  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     checks = {c["name"]: c["status"] for c in json.loads(r.stdout)["checks"]}
-    assert checks["image-digest"] == "passed"
+    assert checks["image-digest"] == "passed" and checks["installed-packages"] == "passed"
     tampered = tmp_path / "image.oci.tar"
     data = bytearray((out / "image.oci.tar").read_bytes())
     data[-20000] ^= 1
@@ -212,3 +216,29 @@ def test_verify_checks_the_oci_outputs_digest(built: dict[str, Path], tmp_path: 
              "--no-rebuild", "--allow-unsigned", "lock", "--allow-unsigned", "provenance", "--json")  # fmt: skip
     assert r.returncode != 0
     assert {c["name"]: c["status"] for c in json.loads(r.stdout)["checks"]}["image-digest"] == "failed"
+
+
+def test_reading_a_malformed_archive_is_a_format_error(built: dict[str, Path], tmp_path: Path) -> None:
+    good = built["oci"] / "image.oci.tar"
+    assert read_layer_file(good, "etc/hostname") == b"fixture\n"
+    assert read_layer_file(good, "no/such/file") is None
+    files = _layout(good)
+    index = json.loads(files["index.json"])
+    index["manifests"][0]["digest"] = "sha256:../../etc/passwd"
+    cases = {"garbage": b"not a tar" * 100, "truncated": good.read_bytes()[:30000],
+             "bad-digest": _ustar({**files, "index.json": json.dumps(index).encode()})}  # fmt: skip
+    for name, data in cases.items():
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        with pytest.raises(FormatError):
+            read_layer_file(bad, "var/lib/dpkg/status")
+
+
+def _ustar(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return out.getvalue()

@@ -1,5 +1,5 @@
 """Stage ``oci``: the root tree as an OCI image in its ``oci-archive`` form (a tar of the image
-layout: one gzip layer, config, manifest, index; formats in :mod:`reprobuild.image.oci`)."""
+layout: one gzip layer, config, manifest, index; formats in :mod:`reprobuild.rootfs.oci`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from reprobuild.fileio import write_atomically
-from reprobuild.image.oci import ImageFacts, image_blobs, write_layer, write_oci_archive
 from reprobuild.lockfile import lock_digest
 from reprobuild.pipeline.context import BuildContext
 from reprobuild.pipeline.stage import Stage, Upstream
+from reprobuild.rootfs.oci import ImageFacts, image_blobs, write_layer, write_oci_archive
 
 
 class OciStage(Stage):

@@ -25,13 +25,14 @@ import datetime
 import hashlib
 import json
 import struct
+import tarfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from reprobuild.errors import BuildError
+from reprobuild.errors import BuildError, FormatError
 from reprobuild.rootfs.archive import BLOCK, DIRTYPE, RECORD, REGTYPE, ustar_header, write_tar_stream
 
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -231,3 +232,44 @@ def write_oci_archive(out: BinaryIO, index: Blob, blobs: Iterable[Blob], epoch: 
     file("oci-layout", len(layout), [layout])
     emit(b"\0" * 2 * BLOCK)
     emit(b"\0" * (-written % RECORD))
+
+
+def read_layer_file(archive: Path, name: str, limit: int = 64 << 20) -> bytes | None:
+    """The bytes of ``name`` (``var/lib/dpkg/status``) in the single layer of the oci-archive at
+    ``archive``, or None if the layer has no such regular file. Reads hostile input: a malformed
+    archive, index or manifest is a :class:`FormatError`; the layer is streamed, never extracted."""
+    try:
+        with tarfile.open(archive) as outer:
+            index = json.loads(_member(outer, "index.json", 1 << 20))
+            [desc] = index["manifests"]
+            manifest = json.loads(_member(outer, _blob_name(desc["digest"]), 1 << 20))
+            [layer] = manifest["layers"]
+            if layer.get("mediaType") != MEDIA_LAYER_GZIP:
+                raise FormatError(f"layer type {layer.get('mediaType')!r} is not {MEDIA_LAYER_GZIP}")
+            f = outer.extractfile(outer.getmember(_blob_name(layer["digest"])))
+            if f is None:
+                raise FormatError("the layer is not a regular file")
+            with tarfile.open(fileobj=f, mode="r|gz") as tf:
+                for m in tf:
+                    if m.name.removeprefix("./") == name and m.isfile():
+                        if m.size > limit:
+                            raise FormatError(f"{name} in the layer is larger than {limit} bytes")
+                        data = tf.extractfile(m)
+                        return data.read() if data else None
+        return None
+    except (tarfile.TarError, KeyError, TypeError, ValueError, AttributeError, OSError, EOFError, zlib.error) as e:
+        raise FormatError(f"{archive}: not a readable OCI image ({e})") from e
+
+
+def _blob_name(digest: object) -> str:
+    if not isinstance(digest, str) or not digest.startswith("sha256:") or len(digest) != 71:
+        raise ValueError(f"bad digest {digest!r}")
+    return "blobs/sha256/" + digest[7:]
+
+
+def _member(tf: tarfile.TarFile, name: str, limit: int) -> bytes:
+    m = tf.getmember(name)
+    f = tf.extractfile(m)
+    if f is None or m.size > limit:
+        raise ValueError(f"{name} is not a regular file of at most {limit} bytes")
+    return f.read()
