@@ -242,3 +242,23 @@ def _ustar(files: dict[str, bytes]) -> bytes:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return out.getvalue()
+
+
+def test_a_new_lock_with_the_same_tree_gets_its_own_annotations(built: dict[str, Path], tmp_path: Path) -> None:
+    """The cache must not serve the old image: its annotations name the old lock."""
+    from dataclasses import replace
+
+    from reprobuild.lockfile import save_lock
+
+    d = tmp_path / "def"
+    shutil.copytree(built["definition"], d)
+    lock = load_lock(d / "reprobuild.lock")
+    relocked = replace(lock, sources=(replace(lock.sources[0], snapshot="20250102T000000Z"),))
+    save_lock(relocked, d / "reprobuild.lock")
+    assert lock_digest(relocked) != lock_digest(lock)
+    r = _cli(built["store"], "build", "-C", str(d), "--locked", "--offline", "-o", str(tmp_path / "out"), "-f", "oci")
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = _layout(tmp_path / "out/image.oci.tar")
+    [desc] = json.loads(files["index.json"])["manifests"]
+    manifest = json.loads(files["blobs/sha256/" + desc["digest"][7:]])
+    assert manifest["annotations"]["org.opencontainers.image.revision"] == lock_digest(relocked)

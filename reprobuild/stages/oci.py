@@ -3,6 +3,7 @@ layout: one gzip layer, config, manifest, index; formats in :mod:`reprobuild.roo
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,13 @@ class OciStage(Stage):
     upstream = ("tree",)
 
     def options(self, ctx: BuildContext) -> dict[str, Any]:
-        return {"epoch": ctx.epoch}
+        # The annotations name the lock: a new lock with the same tree is a new image config.
+        return {"epoch": ctx.epoch, "image": dataclasses.asdict(_facts(ctx))}
 
     def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
         tree = up.artifact("tree").path
         assert tree is not None
-        lock = ctx.lock
-        facts = ImageFacts(architecture=lock.architecture, epoch=ctx.epoch, release=lock.release,
-                           lock_digest=lock_digest(lock), config_digest=lock.config_digest,
-                           packages=len(lock.package_set("image").packages))
+        facts = _facts(ctx)
         layer_path = out.with_name(out.name + ".layer")
         try:
             with open(layer_path, "wb") as f:
@@ -41,3 +40,10 @@ class OciStage(Stage):
                 "oci": {"tag": facts.tag, "manifest_digest": blobs[0].digest, "config_digest": blobs[1].digest,
                         "layer_digest": layer.digest, "layer_size": layer.size, "diff_id": layer.diff_id,
                         "index_digest": manifest["digest"]}}
+
+
+def _facts(ctx: BuildContext) -> ImageFacts:
+    lock = ctx.lock
+    return ImageFacts(architecture=lock.architecture, epoch=ctx.epoch, release=lock.release,
+                      lock_digest=lock_digest(lock), config_digest=lock.config_digest,
+                      packages=len(lock.package_set("image").packages))
