@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.make_host_base import build_host_base
-from reprobuild.errors import FormatError
+from reprobuild.errors import BuildError, FormatError
 from reprobuild.lockfile import load_lock, lock_digest
 from reprobuild.rootfs.archive import write_tar_stream
 from reprobuild.rootfs.oci import (
@@ -37,6 +37,7 @@ from reprobuild.rootfs.oci import (
     MEDIA_INDEX,
     MEDIA_LAYER_GZIP,
     MEDIA_MANIFEST,
+    platform,
     read_layer_file,
     rfc3339,
     write_layer,
@@ -199,6 +200,13 @@ def test_skopeo_and_umoci_accept_it_and_unpack_the_tar_outputs_tree(built: dict[
     assert sorted(unpacked) == sorted(expected)
     assert [k for k in expected if unpacked[k] != expected[k]] == []
 
+    # skopeo copies it into a plain layout without changing a blob (the same manifest digest).
+    r = subprocess.run(["skopeo", "copy", "--quiet", f"oci-archive:{archive}", f"oci:{tmp_path / 'copy'}:x"],
+                       capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    [copied] = json.loads((tmp_path / "copy/index.json").read_text())["manifests"]
+    assert copied["digest"] == recorded["manifest_digest"]
+
 
 def test_verify_checks_the_oci_outputs_digest(built: dict[str, Path], tmp_path: Path) -> None:
     out = built["oci"]
@@ -262,3 +270,12 @@ def test_a_new_lock_with_the_same_tree_gets_its_own_annotations(built: dict[str,
     [desc] = json.loads(files["index.json"])["manifests"]
     manifest = json.loads(files["blobs/sha256/" + desc["digest"][7:]])
     assert manifest["annotations"]["org.opencontainers.image.revision"] == lock_digest(relocked)
+
+
+def test_platforms_of_debian_architectures() -> None:
+    assert platform("amd64") == {"architecture": "amd64", "os": "linux"}
+    assert platform("arm64") == {"architecture": "arm64", "os": "linux", "variant": "v8"}
+    assert platform("armhf") == {"architecture": "arm", "os": "linux", "variant": "v7"}
+    assert platform("ppc64el")["architecture"] == "ppc64le" and platform("i386")["architecture"] == "386"
+    with pytest.raises(BuildError, match="no OCI platform"):
+        platform("hurd-i386")
