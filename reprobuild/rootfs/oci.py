@@ -9,8 +9,10 @@ the byte layout is described in docs/formats.md §12.
 * Layer: the deterministic pax tar of the root tree (:func:`reprobuild.rootfs.archive.write_tar_stream`)
   compressed as one gzip member (RFC 1952) written here: header with MTIME 0, no file name,
   XFL 0, OS 255 (unknown); raw deflate at zlib level 6; CRC32 and ISIZE trailer. The bytes are a
-  function of the tree, the epoch and zlib's deflate (the host's zlib; its output at a given level
-  has not changed across zlib 1.2/1.3 releases, and the rebuild check catches it if it ever does).
+  function of the tree, the epoch and the deflate implementation behind Python's zlib module
+  (Debian's zlib; zlib-ng, which some other distributions ship as libz, compresses differently, so
+  the layer is reproduced where the same deflate runs; the uncompressed tar and so the diff_id
+  never depend on it, and ``verify``'s rebuild names the difference if the host's zlib changes).
   gzip, not zstd: ``application/vnd.oci.image.layer.v1.tar+gzip`` is the layer type every
   runtime, registry and tool reads (umoci, skopeo, podman, Docker); zstd layers are optional.
 * JSON blobs: keys sorted, no whitespace (``separators=(",", ":")``), UTF-8.

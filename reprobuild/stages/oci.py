@@ -35,11 +35,10 @@ class OciStage(Stage):
             write_atomically(out, lambda f: write_oci_archive(f, index, blobs, ctx.epoch))
         finally:
             layer_path.unlink(missing_ok=True)
-        manifest = index.descriptor()
         return {"added_files": list(up.meta("tree").get("added_files", [])),
                 "oci": {"tag": facts.tag, "manifest_digest": blobs[0].digest, "config_digest": blobs[1].digest,
                         "layer_digest": layer.digest, "layer_size": layer.size, "diff_id": layer.diff_id,
-                        "index_digest": manifest["digest"]}}
+                        "index_digest": index.digest}}
 
 
 def _facts(ctx: BuildContext) -> ImageFacts:
