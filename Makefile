@@ -21,7 +21,8 @@ APT_PACKAGES := \
 	systemd-container fdisk util-linux \
 	qemu-system-x86 ovmf \
 	cpio libarchive-tools binutils zstd xz-utils \
-	mmdebstrap nginx-light python3-venv faketime time diffoscope-minimal uidmap
+	mmdebstrap nginx-light python3-venv faketime time diffoscope-minimal uidmap \
+	skopeo umoci
 
 # Only the benchmarks run these reference tools side by side with reprobuild.
 BENCH_PACKAGES := mkosi debootstrap

@@ -48,6 +48,7 @@ from reprobuild.stages.esp import EspStage
 from reprobuild.stages.fs import FsStage
 from reprobuild.stages.initrd import InitrdStage
 from reprobuild.stages.install import InstallStage
+from reprobuild.stages.oci import OciStage
 from reprobuild.stages.tools import HostToolsStage, LockedToolsStage
 from reprobuild.store import Store
 from reprobuild.tools import tools_manifest
@@ -93,6 +94,8 @@ def plan(spec: ImageSpec, lock: Lock, fmt: str) -> list[Stage]:
         return stages + [TarStage()]
     if fmt == "cpio":
         return stages + [CpioStage()]
+    if fmt == "oci":
+        return stages + [OciStage()]
     if fmt == "directory":
         return stages
     if fmt != "disk":
@@ -240,7 +243,8 @@ def _manifest(spec: ImageSpec, lock: Lock, fmt: str, meta: dict[str, Any], sha: 
         source_date_epoch=lock.source_date_epoch, release=lock.release, architecture=lock.architecture,
         packages=[p.pin for p in lock.package_set("image").packages],
         sha256=sha, size=target.stat().st_size if sha is not None else None, tools=tools, disk=disk,
-        build=_build_inputs(spec, lock), added_files=meta.get("added_files"))
+        build=_build_inputs(spec, lock), added_files=meta.get("added_files"),
+        oci=meta.get("oci") if fmt == "oci" else None)
 
 
 def _build_inputs(spec: ImageSpec, lock: Lock) -> dict[str, Any] | None:

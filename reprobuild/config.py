@@ -248,7 +248,7 @@ SETTINGS: tuple[Setting, ...] = (
             help="Fixed timestamp, 0 to 4294967295 (2106-02-07, the newest time cpio and squashfs "
                  "can store). Default: the newest Release Date of the locked suites."),
     Setting("Build", "Seed", "seed", parse_seed, help="128-bit seed for UUIDs and salts. Default: from the lock."),
-    Setting("Build", "Format", "format", choice("disk", "directory", "tar", "cpio"), help="Output format."),
+    Setting("Build", "Format", "format", choice("disk", "directory", "tar", "cpio", "oci"), help="Output format."),
     Setting("Build", "RootFilesystem", "root_filesystem", choice("erofs", "squashfs", "ext4"),
             help="Root file system type."),
     Setting("Build", "Verity", "verity", choice("auto", "signed", "hash", "no"),

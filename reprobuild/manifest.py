@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 # Output format → the file (or directory) the build writes in the output directory.
-OUTPUT_FILES: dict[str, str] = {"directory": "image", "tar": "image.tar", "cpio": "image.cpio", "disk": "image.raw"}
+OUTPUT_FILES: dict[str, str] = {"directory": "image", "tar": "image.tar", "cpio": "image.cpio", "disk": "image.raw",
+                               "oci": "image.oci.tar"}
 # Formats older manifests recorded under another name.
 FORMAT_ALIASES: dict[str, str] = {"ddi": "disk"}
 
@@ -65,6 +66,8 @@ class Manifest:
     # Every path reprobuild itself wrote, changed or removed in the tree (not a package's doing),
     # each {"path", "action", "cause"}: the setting or rule that caused it. None: not recorded.
     added_files: list[dict[str, str]] | None = None
+    # oci outputs: the image's tag (ref.name) and the digests of its manifest, config and layer.
+    oci: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: flat, as earlier releases wrote it (disk fields at the top level)."""
@@ -73,7 +76,7 @@ class Manifest:
             "source_date_epoch": self.source_date_epoch, "release": self.release,
             "architecture": self.architecture, "packages": list(self.packages),
         }
-        for name in ("sha256", "size", "tools", "build", "added_files"):
+        for name in ("sha256", "size", "tools", "build", "added_files", "oci"):
             if getattr(self, name) is not None:
                 doc[name] = getattr(self, name)
         if self.disk is not None:

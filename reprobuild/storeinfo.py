@@ -23,7 +23,7 @@ from reprobuild.store import Store
 _STAGE_WORDS = {"install": "installed packages tree", "tree": "configured root tree", "tools": "tools tree",
                 "initrd": "initrd", "esp": "ESP with the UKI"}  # fmt: skip
 # Output stages → the output format whose file their object is.
-_OUTPUT_STAGES = {"ddi": "disk", "tar": "tar", "cpio": "cpio"}
+_OUTPUT_STAGES = {"ddi": "disk", "tar": "tar", "cpio": "cpio", "oci": "oci"}
 # Index directories that hold no stage entries.
 _NOT_STAGES = ("outputs", "explain")
 

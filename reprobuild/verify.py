@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from reprobuild.checkresult import Check, all_passed, failed, passed, skipped, summary_line
-from reprobuild.errors import ReprobuildError, VerificationFailed
+from reprobuild.errors import FormatError, ReprobuildError, VerificationFailed
 from reprobuild.fileio import ReadRefused, check_input, read_bounded
 from reprobuild.lockfile import (
     SIGNATURE_SUFFIX,
@@ -58,11 +58,13 @@ from reprobuild.lockfile import (
     read_lock_bytes,
 )
 from reprobuild.progress import Update, set_counts
+from reprobuild.rootfs.oci import read_layer_file
 
 Say = Callable[[str], None]
 
 # Build output format → the ``format`` the manifest records (build.py: disk manifests say "ddi").
-MANIFEST_FORMATS = {"ddi": "disk", "disk": "disk", "tar": "tar", "cpio": "cpio", "directory": "directory"}
+MANIFEST_FORMATS = {"ddi": "disk", "disk": "disk", "tar": "tar", "cpio": "cpio", "directory": "directory",
+                    "oci": "oci"}
 _CHUNK = 4 << 20
 MAX_MANIFEST_BYTES = 16 << 20  # an image manifest lists packages: a few hundred KiB at most
 # What ``--allow-unsigned`` may name: the signatures verify can check.
@@ -176,7 +178,7 @@ def verify_image(image: Path, lock_path: Path, trusted_key: Path | None = None,
         return VerifyReport(str(image), str(lock_path), tuple(checks))
     if fmt == "disk":
         checks += verify_disk(image, manifest, lock, [Path(c) for c in certificates], allow, say)
-    elif fmt in ("tar", "cpio", "directory"):
+    elif fmt in ("tar", "cpio", "directory", "oci"):
         checks += verify_archive(image, manifest, lock, fmt)
     else:
         checks.append(failed("manifest", f"unknown output format {manifest.get('format')!r}"))
@@ -645,11 +647,14 @@ def _read_status(image: Path, fmt: str) -> str | None:
                     continue
                 f = tf.extractfile(member)
                 return f.read().decode("utf-8") if f else None
+    if fmt == "oci":
+        data = read_layer_file(image, rel)
+        return data.decode("utf-8") if data is not None else None
     return None
 
 
 def verify_archive(image: Path, manifest: dict[str, Any], lock: Lock, fmt: str) -> list[Check]:
-    """Checks of a tar, cpio or directory output: its digest and the packages its dpkg lists."""
+    """Checks of a tar, cpio, oci or directory output: its digest and the packages its dpkg lists."""
     checks = []
     if fmt == "directory":
         checks.append(skipped("image-digest", "a directory output's manifest records no digest "
@@ -659,7 +664,7 @@ def verify_archive(image: Path, manifest: dict[str, Any], lock: Lock, fmt: str) 
         checks.append(digest_check(manifest, sha, size))
     try:
         status = _read_status(image, fmt)
-    except (OSError, tarfile.TarError, UnicodeDecodeError) as e:
+    except (OSError, tarfile.TarError, UnicodeDecodeError, FormatError) as e:
         checks.append(failed("installed-packages", f"cannot read var/lib/dpkg/status: {e}"))
         return checks
     if status is None:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 @store_option
 @click.option("--locked", is_flag=True,
               help="Build from the existing lock only; fail if it is missing or out of date.")
-@click.option("-f", "--format", "fmt", type=click.Choice(["disk", "directory", "tar", "cpio"]),
+@click.option("-f", "--format", "fmt", type=click.Choice(["disk", "directory", "tar", "cpio", "oci"]),
               help="Output format [default: [Build] Format=, disk].")
 @click.option("-o", "--output", "output_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Output directory [default: DIRECTORY/out].")

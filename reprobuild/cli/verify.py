@@ -125,7 +125,7 @@ def _audit(image: Path, lock_path: Path, manifest: Path | None, store_path: Path
 @cli.command("check")
 @directory_option
 @store_option
-@click.option("-f", "--format", "fmt", type=click.Choice(["disk", "directory", "tar", "cpio"]),
+@click.option("-f", "--format", "fmt", type=click.Choice(["disk", "directory", "tar", "cpio", "oci"]),
               help="Output format to build [default: [Build] Format=].")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Empty directory for the builds (kept) [default: a temporary one, removed].")
