@@ -240,7 +240,8 @@ def _manifest(spec: ImageSpec, lock: Lock, fmt: str, meta: dict[str, Any], sha: 
         source_date_epoch=lock.source_date_epoch, release=lock.release, architecture=lock.architecture,
         packages=[p.pin for p in lock.package_set("image").packages],
         sha256=sha, size=target.stat().st_size if sha is not None else None, tools=tools, disk=disk,
-        build=_build_inputs(spec, lock), added_files=meta.get("added_files"))
+        build=_build_inputs(spec, lock), added_files=meta.get("added_files"),
+        image_id=spec.build.image_id, image_version=spec.build.image_version)
 
 
 def _build_inputs(spec: ImageSpec, lock: Lock) -> dict[str, Any] | None:

@@ -65,6 +65,9 @@ class Manifest:
     # Every path reprobuild itself wrote, changed or removed in the tree (not a package's doing),
     # each {"path", "action", "cause"}: the setting or rule that caused it. None: not recorded.
     added_files: list[dict[str, str]] | None = None
+    # ImageId= / ImageVersion= (os-release's IMAGE_ID=, IMAGE_VERSION=); None: not set.
+    image_id: str | None = None
+    image_version: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: flat, as earlier releases wrote it (disk fields at the top level)."""
@@ -73,7 +76,7 @@ class Manifest:
             "source_date_epoch": self.source_date_epoch, "release": self.release,
             "architecture": self.architecture, "packages": list(self.packages),
         }
-        for name in ("sha256", "size", "tools", "build", "added_files"):
+        for name in ("sha256", "size", "tools", "build", "added_files", "image_id", "image_version"):
             if getattr(self, name) is not None:
                 doc[name] = getattr(self, name)
         if self.disk is not None:

@@ -50,6 +50,7 @@ class DdiSpec:
     signer: Signer | None = None
     layout: Layout = "root"
     sector_size: int = 512
+    label: str | None = None  # ``<id>_<version>`` (ImageId=, ImageVersion=) for root/usr, verity, signature
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
     if spec.verity == "signed":
         types.append(ids.partition_type(sig_role, arch))
     seeded = ids.partition_uuids(spec.seed, [t.guid for t in types])
-    labels = ids.default_labels(types)
+    labels = ids.versioned_labels(types, spec.label)
 
     with tempfile.TemporaryDirectory(prefix=".ddi-", dir=out.parent) as tmp:
         work = Path(tmp)
