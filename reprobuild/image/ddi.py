@@ -16,7 +16,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from reprobuild.errors import BuildError, FormatError
 from reprobuild.fileio import sha256_file
@@ -217,8 +217,14 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
 
 def extract_partition(image: Path, part: gpt.GptPartition, sector_size: int, out: Path) -> None:
     """Copy one partition's bytes out of an image (for verification and tests). Streams."""
+    with open(out, "wb") as dst:
+        copy_partition(image, part, sector_size, dst)
+
+
+def copy_partition(image: Path, part: gpt.GptPartition, sector_size: int, dst: BinaryIO) -> None:
+    """Stream one partition's extent (its zero padding included) from ``image`` into ``dst``."""
     left = part.size(sector_size)
-    with open(image, "rb") as src, open(out, "wb") as dst:
+    with open(image, "rb") as src:
         src.seek(part.offset(sector_size))
         while left:
             chunk = src.read(min(left, 4 << 20))
