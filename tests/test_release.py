@@ -160,3 +160,19 @@ def test_a_release_needs_image_id_and_version(released: dict, tmp_path: Path) ->
     assert r.returncode == 2
     assert r.stderr.startswith("error: a release needs [Build] ImageId= and ImageVersion=") and "Traceback" not in r.stderr
     assert not (tmp_path / "rel").exists()
+
+
+def test_compressed_release_decompresses_to_the_same_artifacts(released: dict) -> None:
+    import zstandard
+
+    tmp = released["tmp"]
+    for name in ("c", "d"):
+        _run("release", "-C", str(released["def"]), "--offline", "-o", str(tmp / name), "--build-output",
+             str(tmp / "a-build"), "--compress", "zstd", "-q", env=released["env"])
+    raw = sorted(p.name for p in (tmp / "a").glob("*.raw"))
+    assert sorted(p.name for p in (tmp / "c").iterdir()) == sorted([*(n + ".zst" for n in raw), "SHA256SUMS"])
+    for n in raw:
+        packed = (tmp / "c" / f"{n}.zst").read_bytes()
+        assert packed == (tmp / "d" / f"{n}.zst").read_bytes()  # fixed parameters: the same frame
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(packed) == (tmp / "a" / n).read_bytes()
+    subprocess.run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=tmp / "c", check=True, capture_output=True)

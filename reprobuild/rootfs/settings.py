@@ -229,7 +229,10 @@ def set_image_release(tree: Path, image_id: str | None, image_version: str | Non
     wanted = {"IMAGE_ID": image_id, "IMAGE_VERSION": image_version}
     changed = []
     for rel in ("usr/lib/os-release", "etc/os-release"):
-        path = Path(TreeWriter(tree).resolve(rel.split("/"), follow_last=False))  # never outside the tree
+        try:
+            path = Path(TreeWriter(tree).resolve(rel.split("/"), follow_last=False))  # never outside the tree
+        except (FileNotFoundError, NotADirectoryError):
+            continue
         if os.path.islink(path) or not path.is_file():
             continue
         lines = [line for line in path.read_text(encoding="utf-8").splitlines()
