@@ -101,15 +101,34 @@ def release(spec: ImageSpec, lock: Lock, store: Store, options: ReleaseOptions, 
     if options.compress not in COMPRESSIONS:
         raise ConfigError(f"unknown compression {options.compress!r}; expected one of: {', '.join(COMPRESSIONS)}")
     key = options.sign_key or spec.signing.release_key
-    gpg = _gpg() if key else None  # before the build: a missing gpg is known at once
+    gpg = _gpg() if key else None
+    if key and gpg:
+        key_created(gpg, key, os.environ)  # before the build: a missing gpg or key is known at once
     built = build_locked(spec, lock, store, replace(options.build, format="disk"), say, fetch_progress)
-    image = built.outputs["disk"]
-    out = options.release_dir
+    signature = options.release_dir / SIGNATURE_NAME
+    # An earlier release's signature would not match the new SHA256SUMS, also if signing fails.
+    signature.unlink(missing_ok=True)
+    result = write_release(built.outputs["disk"], built.manifest, options.release_dir, name, options.compress, say)
+    result.build = built
+    if key and gpg:
+        say(f"signing {SUMS_NAME} with OpenPGP key {key}")
+        assert result.sums is not None
+        sign_sums(gpg, result.sums, signature, key, lock.source_date_epoch, os.environ)
+        result.signature = signature
+    return result
+
+
+def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str, compress: str = "none",
+                  say: Say = lambda _m: None) -> ReleaseResult:
+    """Split the DDI ``image`` (described by its build ``manifest``) into ``out``: every partition
+    but the ESP as ``<name>.<role>.raw``, the UKI (read from the ESP at the manifest's
+    ``boot.uki_path``) as ``<name>.efi``, then ``SHA256SUMS``. Each partition and the UKI must
+    have the manifest's sha256."""
     out.mkdir(parents=True, exist_ok=True)
-    result = ReleaseResult(directory=out, name=name, build=built)
-    suffix = ".zst" if options.compress == "zstd" else ""
+    result = ReleaseResult(directory=out, name=name)
+    suffix = ".zst" if compress == "zstd" else ""
     disk = gpt.read_gpt_path(image)
-    recorded = {p["role"]: p for p in built.manifest["partitions"]}
+    recorded = {p["role"]: p for p in manifest["partitions"]}
     for part in disk.partitions:
         ptype = ids.type_by_guid(part.type_guid)
         if ptype is None or ptype.role in (ids.Role.ESP, ids.Role.XBOOTLDR):
@@ -117,29 +136,25 @@ def release(spec: ImageSpec, lock: Lock, store: Store, options: ReleaseOptions, 
         role = ptype.role.value
         file = f"{name}.{role}.raw{suffix}"
         say(f"writing {file}")
-        raw = _write(out / file, lambda f, p=part: copy_partition(image, p, disk.sector_size, f), options.compress)
-        if raw != recorded[role]["sha256"]:  # the manifest's digest of the same extent
-            raise BuildError(f"internal error: partition {role} of {image} differs from its manifest entry")
+        raw = _write(out / file, lambda f, p=part: copy_partition(image, p, disk.sector_size, f), compress)
+        if role not in recorded or raw != recorded[role]["sha256"]:  # the manifest's digest of the same extent
+            (out / file).unlink()
+            raise BuildError(f"partition {role} of {image} differs from its manifest entry")
         result.artifacts.append(_artifact(out / file, role))
-    boot = built.manifest.get("boot")
+    boot = manifest.get("boot")
     if boot:
-        esp = next(p for p in disk.partitions if p.type_guid == ids.partition_type(ids.Role.ESP).guid)
+        esp = next((p for p in disk.partitions if p.type_guid == ids.partition_type(ids.Role.ESP).guid), None)
+        if esp is None:
+            raise BuildError(f"{image} has no ESP, but its manifest names a UKI")
         uki = read_esp_file(image, esp.offset(disk.sector_size), boot["uki_path"])
         if hashlib.sha256(uki).hexdigest() != boot["uki_sha256"]:
-            raise BuildError(f"internal error: the UKI in {image} differs from its manifest entry")
+            raise BuildError(f"the UKI in {image} differs from its manifest entry")
         file = f"{name}.efi{suffix}"
         say(f"writing {file}")
-        _write(out / file, lambda f: f.write(uki), options.compress)
+        _write(out / file, lambda f: f.write(uki), compress)
         result.artifacts.append(_artifact(out / file, "uki"))
     result.sums = out / SUMS_NAME
     write_atomic(result.sums, format_sums({a.file: a.sha256 for a in result.artifacts}))
-    signature = out / SIGNATURE_NAME
-    if key and gpg:
-        say(f"signing {SUMS_NAME} with OpenPGP key {key}")
-        sign_sums(gpg, result.sums, signature, key, lock.source_date_epoch, os.environ)
-        result.signature = signature
-    else:
-        signature.unlink(missing_ok=True)  # an earlier release's signature no longer matches
     return result
 
 

@@ -69,3 +69,38 @@ def test_a_label_longer_than_gpt_allows_is_one_error(tmp_path: Path) -> None:
         build_ddi(DdiSpec(architecture="amd64", seed=b"\1" * 16, root_fs_image=fs, output=tmp_path / "x.raw",
                           verity="hash", label="a" * 20 + "_" + "b" * 20))
     assert not (tmp_path / "x.raw").exists()
+
+
+def test_write_release_takes_the_uki_from_the_esp_and_checks_the_manifest(tmp_path: Path) -> None:
+    """A bootable DDI made here (ESP with a stand-in UKI, root + verity) split by write_release: the
+    .efi is the ESP's file, and a manifest whose digests do not match is refused."""
+    import hashlib
+    import shutil
+
+    from reprobuild.image.esp import make_esp
+    from reprobuild.release import write_release
+
+    if shutil.which("mkfs.vfat") is None or shutil.which("mcopy") is None:
+        pytest.skip("dosfstools and mtools are needed")
+    uki = b"MZ stand-in UKI " * 1000
+    esp = tmp_path / "esp.img"
+    make_esp({"EFI/Linux/fooos_2.efi": uki}, esp, epoch=0)
+    fs = tmp_path / "root.img"
+    fs.write_bytes(bytes(range(256)) * 64)
+    result = build_ddi(DdiSpec(architecture="amd64", seed=b"\1" * 16, root_fs_image=fs, output=tmp_path / "img.raw",
+                               verity="hash", esp_image=esp, label="fooos_2"))
+    manifest = {**result.manifest(), "boot": {"uki_path": "EFI/Linux/fooos_2.efi",
+                                              "uki_sha256": hashlib.sha256(uki).hexdigest()}}
+    rel = write_release(result.path, manifest, tmp_path / "rel", "fooos_2")
+    assert [(a.file, a.source) for a in rel.artifacts] == [
+        ("fooos_2.root.raw", "root"), ("fooos_2.root-verity.raw", "root-verity"), ("fooos_2.efi", "uki")]
+    assert (tmp_path / "rel/fooos_2.efi").read_bytes() == uki
+    assert (tmp_path / "rel/fooos_2.root.raw").read_bytes() == fs.read_bytes()
+    assert sorted(p.label for p in result.partitions) == ["esp", "fooos_2", "fooos_2"]
+    lied = {**manifest, "boot": {**manifest["boot"], "uki_sha256": "0" * 64}}
+    with pytest.raises(BuildError, match="the UKI in .* differs from its manifest entry"):
+        write_release(result.path, lied, tmp_path / "rel2", "fooos_2")
+    lied = {**manifest, "partitions": [{**p, "sha256": "0" * 64} for p in manifest["partitions"]]}
+    with pytest.raises(BuildError, match="partition root of .* differs"):
+        write_release(result.path, lied, tmp_path / "rel3", "fooos_2")
+    assert not any((tmp_path / "rel3").iterdir())  # the refused artifact is not left behind

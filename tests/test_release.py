@@ -49,7 +49,7 @@ def _run(*argv: str, env: dict[str, str], check: bool = True) -> subprocess.Comp
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    for tool in ("mkfs.erofs", "gpg", "gpgv", "sfdisk", "fsck.erofs"):
+    for tool in ("mkfs.erofs", "gpg", "gpg-agent", "gpgv", "sfdisk", "fsck.erofs"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     tmp = tmp_path_factory.mktemp("release")
@@ -176,3 +176,15 @@ def test_compressed_release_decompresses_to_the_same_artifacts(released: dict) -
         assert packed == (tmp / "d" / f"{n}.zst").read_bytes()  # fixed parameters: the same frame
         assert zstandard.ZstdDecompressor().decompressobj().decompress(packed) == (tmp / "a" / n).read_bytes()
     subprocess.run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=tmp / "c", check=True, capture_output=True)
+
+
+def test_an_unknown_release_key_is_refused_before_the_build(released: dict, tmp_path: Path) -> None:
+    env = released["env"]
+    try:
+        r = _run("release", "-C", str(released["def"]), "--offline", "-o", str(tmp_path / "rel"), "--build-output",
+                 str(tmp_path / "build"), "--sign-key", "nobody@example.invalid", env=env, check=False)
+    finally:
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False, capture_output=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: release key 'nobody@example.invalid': no such secret key in the keyring of ")
+    assert not (tmp_path / "build").exists() and not (tmp_path / "rel").exists()
