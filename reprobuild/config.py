@@ -265,8 +265,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("Build", "Bootloader", "bootloader", choice("uki", "systemd-boot"),
             help="uki: the firmware boots the UKI; systemd-boot: signed systemd-boot + UKI."),
     Setting("Build", "ImageId", "image_id", parse_image_word, digest_if_set=True,
-            help="IMAGE_ID= in os-release; with ImageVersion=, the partition labels and the UKI's name "
-                 "become <id>_<version> (systemd-sysupdate's patterns) and 'reprobuild release' names artifacts so."),
+            help="IMAGE_ID= in os-release; with ImageVersion=, the root/verity/signature partition labels, "
+                 "the UKI under EFI/Linux/ (Bootloader=systemd-boot) and 'reprobuild release' artifacts are "
+                 "named `<id>_<version>` (systemd-sysupdate's patterns)."),
     Setting("Build", "ImageVersion", "image_version", parse_image_word, digest_if_set=True,
             help="IMAGE_VERSION= in os-release, and the version in labels, the UKI's name and release artifacts."),
     Setting("Build", "Substituters", "substituters", parse_url, is_list=True, in_digest=False,
