@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 # Debian packages the tool and its tests call. Each is justified in docs/architecture.md.
 APT_PACKAGES := \
-	gpgv gpg debian-archive-keyring \
+	gpgv gpg gpg-agent debian-archive-keyring \
 	erofs-utils squashfs-tools e2fsprogs dosfstools mtools \
 	cryptsetup-bin sbsigntool openssl openssh-client softhsm2 \
 	systemd-container fdisk util-linux \

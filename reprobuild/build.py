@@ -244,7 +244,8 @@ def _manifest(spec: ImageSpec, lock: Lock, fmt: str, meta: dict[str, Any], sha: 
         packages=[p.pin for p in lock.package_set("image").packages],
         sha256=sha, size=target.stat().st_size if sha is not None else None, tools=tools, disk=disk,
         build=_build_inputs(spec, lock), added_files=meta.get("added_files"),
-        oci=meta.get("oci") if fmt == "oci" else None)
+        oci=meta.get("oci") if fmt == "oci" else None,
+        image_id=spec.build.image_id, image_version=spec.build.image_version)
 
 
 def _build_inputs(spec: ImageSpec, lock: Lock) -> dict[str, Any] | None:

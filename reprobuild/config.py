@@ -157,6 +157,14 @@ KEY_URI_PREFIXES = ("agent:", "pkcs11:")
 # The type of a signing key setting: a file (resolved against the image directory) or a URI.
 
 
+def parse_image_word(value: str) -> str:
+    """IMAGE_ID= / IMAGE_VERSION= of os-release(5): lower-case letters, digits, '.', '_' and '-'."""
+    if len(value) > 34 or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", value):
+        raise ValueError("expected at most 34 of a-z, 0-9, '.', '_', '-' (os-release's IMAGE_ID=/IMAGE_VERSION=), "
+                         "starting with a letter or digit")
+    return value
+
+
 def parse_module(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
         raise ValueError("not a kernel module name")
@@ -256,6 +264,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("Build", "RootLayout", "root_layout", choice("root", "usr"), help="root or usr-only partitions."),
     Setting("Build", "Bootloader", "bootloader", choice("uki", "systemd-boot"),
             help="uki: the firmware boots the UKI; systemd-boot: signed systemd-boot + UKI."),
+    Setting("Build", "ImageId", "image_id", parse_image_word, digest_if_set=True,
+            help="IMAGE_ID= in os-release; with ImageVersion=, the root/verity/signature partition labels, "
+                 "the UKI under EFI/Linux/ (Bootloader=systemd-boot) and 'reprobuild release' artifacts are "
+                 "named `<id>_<version>` (systemd-sysupdate's patterns)."),
+    Setting("Build", "ImageVersion", "image_version", parse_image_word, digest_if_set=True,
+            help="IMAGE_VERSION= in os-release, and the version in labels, the UKI's name and release artifacts."),
     Setting("Build", "Substituters", "substituters", parse_url, is_list=True, in_digest=False,
             help="HTTP base URLs of other stores, tried after the mirrors."),
     Setting("Build", "BuildSources", "build_sources", parse_text, is_list=True, is_path=True, digest_if_set=True,
@@ -275,6 +289,9 @@ SETTINGS: tuple[Setting, ...] = (
             help="RSA key signing the UKI: a PEM file or a pkcs11: URI."),
     Setting("Signing", "SecureBootCertificate", "secure_boot_certificate", parse_text, is_path=True,
             in_digest=False, help="X.509 certificate of the Secure Boot key."),
+    Setting("Signing", "ReleaseKey", "release_key", parse_text, in_digest=False,
+            help="OpenPGP key (id, fingerprint or user id in the keyring of $GNUPGHOME) that "
+                 "'reprobuild release' signs SHA256SUMS with (SHA256SUMS.gpg)."),
 )
 
 
@@ -342,6 +359,13 @@ class BuildConfig:
     substituters: tuple[str, ...] = ()
     build_sources: tuple[Path, ...] = ()
     build_directory: Path | None = None
+    image_id: str | None = None
+    image_version: str | None = None
+
+    @property
+    def versioned_name(self) -> str | None:
+        """``<id>_<version>`` when both ImageId= and ImageVersion= are set (labels, UKI, release files)."""
+        return f"{self.image_id}_{self.image_version}" if self.image_id and self.image_version else None
 
 
 @dataclass(frozen=True)
@@ -351,6 +375,7 @@ class SigningConfig:
     verity_certificate: Path | None = None
     secure_boot_key: KeySource | None = None
     secure_boot_certificate: Path | None = None
+    release_key: str | None = None
 
 
 SECTIONS: dict[str, str] = {  # INI section → ImageSpec attribute

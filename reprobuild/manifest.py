@@ -68,6 +68,9 @@ class Manifest:
     added_files: list[dict[str, str]] | None = None
     # oci outputs: the image's tag (ref.name) and the digests of its manifest, config and layer.
     oci: dict[str, Any] | None = None
+    # ImageId= / ImageVersion= (os-release's IMAGE_ID=, IMAGE_VERSION=); None: not set.
+    image_id: str | None = None
+    image_version: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: flat, as earlier releases wrote it (disk fields at the top level)."""
@@ -76,7 +79,7 @@ class Manifest:
             "source_date_epoch": self.source_date_epoch, "release": self.release,
             "architecture": self.architecture, "packages": list(self.packages),
         }
-        for name in ("sha256", "size", "tools", "build", "added_files", "oci"):
+        for name in ("sha256", "size", "tools", "build", "added_files", "oci", "image_id", "image_version"):
             if getattr(self, name) is not None:
                 doc[name] = getattr(self, name)
         if self.disk is not None:

@@ -552,7 +552,9 @@ def _check_uki(image: Path, ss: int, roles: dict[str, Any], manifest: dict[str, 
         msg = "the manifest describes a UKI but the image has no ESP"
         return [failed("uki-signature", msg), failed("uki-roothash", msg)]
     path = boot.get("uki_path", "EFI/BOOT/BOOTX64.EFI")
-    if boot.get("bootloader") == "systemd-boot" and boot.get("kernel_version"):
+    # systemd-boot: the UKI is under EFI/Linux/ (named <id>_<version>.efi with ImageId= and
+    # ImageVersion=, else after the kernel), as uki_path says; older manifests named the loader there.
+    if boot.get("bootloader") == "systemd-boot" and not str(path).startswith("EFI/Linux/") and boot.get("kernel_version"):
         path = f"EFI/Linux/{boot['kernel_version']}.efi"
     esp, _ = roles["esp"]
     try:

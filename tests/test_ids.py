@@ -74,3 +74,11 @@ def test_default_flags_follow_repart():
 def test_bad_seed_rejected():
     with pytest.raises(ValueError):
         ids.disk_uuid(b"short")
+
+
+def test_versioned_labels_name_every_partition_but_the_esp():
+    arch = ids.Architecture.AMD64
+    types = [ids.partition_type(ids.Role.ESP), ids.partition_type(ids.Role.ROOT, arch),
+             ids.partition_type(ids.Role.ROOT_VERITY, arch), ids.partition_type(ids.Role.ROOT_VERITY_SIG, arch)]
+    assert ids.versioned_labels(types, "fooos_2") == ["esp", "fooos_2", "fooos_2", "fooos_2"]
+    assert ids.versioned_labels(types, None) == ids.default_labels(types)

@@ -107,6 +107,9 @@ def test_tools_change_changes_tools_and_what_uses_them(definition: Path, tmp_pat
     ("Build.Verity=no", set()),  # needs ext4: checked below
     ("Distribution.Mirror=http://mirror.invalid/debian", set()),  # where bytes come from, not which
     ("Build.Substituters=http://cache.invalid", set()),
+    ("Build.ImageId=fooos", {"tree", "fs", "ddi"}),  # os-release
+    ("Build.ImageVersion=2", {"tree", "fs", "ddi"}),
+    ("Signing.ReleaseKey=release@example.invalid", set()),  # only 'reprobuild release' reads it
 ])
 def test_settings_change_exactly_the_stages_that_declare_them(definition: Path, tmp_path: Path, override: str,
                                                               changed: set[str]) -> None:

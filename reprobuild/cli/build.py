@@ -125,3 +125,68 @@ def _build(spec: ImageSpec, store: Store, say: Reporter, locked: bool, fmt: str 
         main = result.outputs.get(options.format or spec.build.format)
         digest = result.manifest.get("sha256")
         click.echo(f"built {main}{f' sha256 {digest}' if digest else ''} in {elapsed:.1f}s")
+
+
+@cli.command("release")
+@directory_option
+@store_option
+@click.option("-o", "--output", "release_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Release directory: the split artifacts, SHA256SUMS and SHA256SUMS.gpg.")
+@click.option("--build-output", "build_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the disk image itself is built [default: DIRECTORY/out, as for build].")
+@click.option("--sign-key", metavar="KEY",
+              help="OpenPGP key id, fingerprint or user id (in $GNUPGHOME) signing SHA256SUMS "
+                   "[default: [Signing] ReleaseKey=; neither: no SHA256SUMS.gpg].")
+@click.option("--compress", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
+              help="Compress each artifact (zstd: NAME.zst, fixed parameters).")
+@click.option("--offline", is_flag=True, help="Use only the store; fail listing what is missing.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Parallel downloads.")
+@click.option("--substituter", "substituters", multiple=True, metavar="URL",
+              help="Extra binary cache (another store served over HTTP); may repeat.")
+@click.option("--no-cache", "no_cache", is_flag=True,
+              help="Build every stage from scratch: no cache lookups and no cache saves.")
+@json_option
+@quiet_option
+@rootless()
+def release_command(directory: Path, store_path: Path | None, release_dir: Path, build_dir: Path | None,
+                    sign_key: str | None, compress: str, offline: bool, jobs: int, substituters: tuple[str, ...],
+                    no_cache: bool, as_json: bool, quiet: bool) -> None:
+    """Build the disk image from the lock alone and write a versioned release of it.
+
+    \b
+    In the release directory (names from [Build] ImageId= and ImageVersion=):
+      ID_VERSION.root.raw            the root (or usr) partition
+      ID_VERSION.root-verity.raw     its dm-verity hash partition
+      ID_VERSION.root-verity-sig.raw its verity signature partition (Verity=signed)
+      ID_VERSION.efi                 the UKI (bootable images)
+      SHA256SUMS                     sha256sum(1) lines over them, sorted
+      SHA256SUMS.gpg                 detached OpenPGP signature (with a release key)
+    Every file is reproducible: the same lock gives the same bytes.
+    """
+    from reprobuild.build import BuildOptions
+    from reprobuild.config import load_spec
+    from reprobuild.lockfile import load_lock
+    from reprobuild.progress import make_reporter
+    from reprobuild.release import ReleaseOptions, release
+    from reprobuild.store import Store
+
+    spec = load_spec(directory)
+    store = Store(store_path or Store.default_root())
+    say = make_reporter(quiet or as_json)
+    try:
+        started = time.monotonic()
+        build = BuildOptions(output_dir=build_dir or (spec.directory / "out"), format="disk", offline=offline,
+                             jobs=jobs, substituters=substituters, argv=tuple(sys.argv), cache=not no_cache)
+        result = release(spec, load_lock(spec.lock_path), store,
+                         ReleaseOptions(release_dir=release_dir, build=build, sign_key=sign_key, compress=compress),
+                         say=say, fetch_progress=say)
+        elapsed = time.monotonic() - started
+    finally:
+        say.close()
+    if as_json:
+        click.echo(json.dumps({**result.as_dict(), "seconds": round(elapsed, 3)}, indent=2, sort_keys=True))
+    elif not quiet:
+        signed = " and SHA256SUMS.gpg" if result.signature else ""
+        click.echo(f"released {result.name}: {len(result.artifacts)} artifacts, SHA256SUMS{signed} in "
+                   f"{release_dir} ({elapsed:.1f}s)")

@@ -16,7 +16,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from reprobuild.errors import BuildError, FormatError
 from reprobuild.fileio import sha256_file
@@ -50,6 +50,7 @@ class DdiSpec:
     signer: Signer | None = None
     layout: Layout = "root"
     sector_size: int = 512
+    label: str | None = None  # ``<id>_<version>`` (ImageId=, ImageVersion=) for root/usr, verity, signature
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
     if spec.verity == "signed":
         types.append(ids.partition_type(sig_role, arch))
     seeded = ids.partition_uuids(spec.seed, [t.guid for t in types])
-    labels = ids.default_labels(types)
+    labels = ids.versioned_labels(types, spec.label)
 
     with tempfile.TemporaryDirectory(prefix=".ddi-", dir=out.parent) as tmp:
         work = Path(tmp)
@@ -216,8 +217,14 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
 
 def extract_partition(image: Path, part: gpt.GptPartition, sector_size: int, out: Path) -> None:
     """Copy one partition's bytes out of an image (for verification and tests). Streams."""
+    with open(out, "wb") as dst:
+        copy_partition(image, part, sector_size, dst)
+
+
+def copy_partition(image: Path, part: gpt.GptPartition, sector_size: int, dst: BinaryIO) -> None:
+    """Stream one partition's extent (its zero padding included) from ``image`` into ``dst``."""
     left = part.size(sector_size)
-    with open(image, "rb") as src, open(out, "wb") as dst:
+    with open(image, "rb") as src:
         src.seek(part.offset(sector_size))
         while left:
             chunk = src.read(min(left, 4 << 20))

@@ -234,6 +234,16 @@ def default_labels(types: list[PartitionType]) -> list[str]:
     return out
 
 
+def versioned_labels(types: list[PartitionType], versioned: str | None) -> list[str]:
+    """Labels with ImageId=/ImageVersion=: every partition but the ESP is labelled ``<id>_<version>``,
+    the form systemd-sysupdate's ``MatchPattern=<id>_@v`` reads the version from (sysupdate.d(5));
+    the partition type tells root, verity and signature apart. Without: :func:`default_labels`."""
+    defaults = default_labels(types)
+    if versioned is None:
+        return defaults
+    return [label if t.role in (Role.ESP, Role.XBOOTLDR) else versioned for t, label in zip(types, defaults)]
+
+
 def partition_uuids(seed: bytes, types: list[uuid.UUID]) -> list[uuid.UUID]:
     """Seed-derived partition UUIDs in definition order, with repart's per-type counter."""
     counts: dict[uuid.UUID, int] = {}

@@ -56,6 +56,8 @@ class TreeSettings:
     remove_files: tuple[str, ...] = ()  # RemoveFiles=: globs, relative to the tree root
     clean_package_metadata: bool = True  # CleanPackageMetadata=: drop apt lists and caches
     keep_dpkg_status: bool = True  # keep /var/lib/dpkg (status, info) even when cleaning
+    image_id: str | None = None  # [Build] ImageId=: IMAGE_ID= in os-release
+    image_version: str | None = None  # [Build] ImageVersion=: IMAGE_VERSION= in os-release
 
 
 def _relation_names(field: str) -> list[list[str]]:
@@ -143,4 +145,5 @@ def tree_settings(spec: ImageSpec) -> TreeSettings:
         timezone=c.timezone, machine_id=c.machine_id, skeleton_trees=c.skeleton_trees,
         extra_trees=c.extra_trees, postinst_scripts=c.postinst_scripts, remove_files=c.remove_files,
         clean_package_metadata=c.clean_package_metadata,
+        image_id=spec.build.image_id, image_version=spec.build.image_version,
     )

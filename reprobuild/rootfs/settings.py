@@ -220,3 +220,29 @@ def set_machine_id(tree: Path, machine_id: str, epoch: int) -> list[str]:
         raise ConfigError(f"MachineId={machine_id!r}: expected empty, 'uninitialized' or 32 hex digits")
     _write(tree, "etc/machine-id", content, epoch, 0o444)
     return ["etc/machine-id"]
+
+
+def set_image_release(tree: Path, image_id: str | None, image_version: str | None, epoch: int) -> list[str]:
+    """ImageId=/ImageVersion=: ``IMAGE_ID=`` and ``IMAGE_VERSION=`` in os-release(5), replacing any
+    the package wrote. Edits /usr/lib/os-release, and /etc/os-release too when it is a file of its
+    own rather than the usual symlink to it (os-release(5): /etc takes precedence)."""
+    wanted = {"IMAGE_ID": image_id, "IMAGE_VERSION": image_version}
+    changed = []
+    for rel in ("usr/lib/os-release", "etc/os-release"):
+        try:
+            path = Path(TreeWriter(tree).resolve(rel.split("/"), follow_last=False))  # never outside the tree
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if os.path.islink(path) or not path.is_file():
+            continue
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines()
+                 if line.split("=", 1)[0].strip() not in wanted]
+        # The values' grammar (a-z, 0-9, '.', '_', '-') needs no shell quoting.
+        lines += [f"{key}={value}" for key, value in wanted.items() if value]
+        mode = stat.S_IMODE(os.lstat(path).st_mode)
+        TreeWriter(tree).write_file(rel.split("/"), ("\n".join(lines) + "\n").encode(), mode, 0, 0, epoch)
+        changed.append(rel)
+    if not changed:
+        raise BuildError("ImageId=/ImageVersion= need os-release in the tree (/usr/lib/os-release)",
+                         hint="install base-files, or put usr/lib/os-release into an ExtraTrees= directory")
+    return changed

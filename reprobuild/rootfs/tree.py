@@ -132,6 +132,10 @@ def configure_tree(tree: Path, settings: TreeSettings, epoch: int, report: Calla
                         f"Timezone={settings.timezone}")
     if settings.autologin:
         added += _files(_settings.set_autologin(tree, epoch), "written", "Autologin=yes")
+    if settings.image_id or settings.image_version:
+        added += _files(_settings.set_image_release(tree, settings.image_id, settings.image_version, epoch), "changed",
+                        " ".join(f"{k}={v}" for k, v in (("ImageId", settings.image_id),
+                                                          ("ImageVersion", settings.image_version)) if v))
     added += _files(_settings.set_machine_id(tree, settings.machine_id, epoch), "written",
                     f"MachineId={settings.machine_id}" if settings.machine_id else
                     "MachineId= (empty: systemd sets the id at first boot)")

@@ -26,7 +26,8 @@ class DdiStage(Stage):
 
     def options(self, ctx: BuildContext) -> dict[str, Any]:
         return {"verity": choose_verity(ctx.spec).mode, "layout": ctx.spec.build.root_layout,
-                "architecture": ctx.spec.distribution.architecture, "seed": ctx.lock.seed}
+                "architecture": ctx.spec.distribution.architecture, "seed": ctx.lock.seed,
+                "label": ctx.spec.build.versioned_name}
 
     def inputs(self, ctx: BuildContext) -> dict[str, Any]:
         choice = choose_verity(ctx.spec)
@@ -38,7 +39,7 @@ class DdiStage(Stage):
         ctx.say("writing the disk image")
         result = build_ddi(DdiSpec(architecture=ctx.spec.distribution.architecture, seed=bytes.fromhex(ctx.lock.seed),
                                    root_fs_image=up.file("fs"), output=out, verity=choice.mode, esp_image=esp,
-                                   layout=ctx.spec.build.root_layout,
+                                   layout=ctx.spec.build.root_layout, label=ctx.spec.build.versioned_name,
                                    # a signer from the key source (file or PKCS#11 token)
                                    signer=(open_signer(choice.key, choice.certificate, os.environ)
                                            if choice.mode == "signed" else None)))

@@ -62,7 +62,13 @@ class EspStage(Stage):
     def options(self, ctx: BuildContext) -> dict[str, Any]:
         return {"bootloader": ctx.spec.build.bootloader, "layout": ctx.spec.build.root_layout,
                 "cmdline": list(ctx.spec.content.kernel_command_line), "architecture": ctx.spec.distribution.architecture,
-                "seed": ctx.lock.seed, "epoch": ctx.epoch}
+                "seed": ctx.lock.seed, "epoch": ctx.epoch, "uki_name": ctx.spec.build.versioned_name}
+
+    @staticmethod
+    def _uki_name(ctx: BuildContext, kernel_version: str) -> str:
+        """The UKI's file name in EFI/Linux/ (Bootloader=systemd-boot): ``<id>_<version>.efi`` with
+        ImageId= and ImageVersion= (what systemd-sysupdate's UKI transfer matches), else the kernel's."""
+        return f"{ctx.spec.build.versioned_name or kernel_version}.efi"
 
     def inputs(self, ctx: BuildContext) -> dict[str, Any]:
         s = ctx.spec.signing
@@ -117,7 +123,7 @@ class EspStage(Stage):
                 sdboot = sign_pe(sdboot, sb_signer)
             files[boot_path] = sdboot
             files[f"EFI/systemd/{Path(sdboot_rel).name}"] = sdboot
-            files[f"EFI/Linux/{kernel_version}.efi"] = uki
+            files[f"EFI/Linux/{self._uki_name(ctx, kernel_version)}"] = uki
         else:
             files[boot_path] = uki
         volume_id = int.from_bytes(esp_fs_uuid(bytes.fromhex(ctx.lock.seed)).bytes[:4], "big")
@@ -133,7 +139,7 @@ class EspStage(Stage):
             "uki_unsigned_sha256": unsigned_sha,
             "uki_sha256": _sha256(uki),
             "uki_signed": signed,
-            "uki_path": boot_path if bootloader == "uki" else f"EFI/Linux/{kernel_version}.efi",
+            "uki_path": boot_path if bootloader == "uki" else f"EFI/Linux/{self._uki_name(ctx, kernel_version)}",
             "bootloader": bootloader,
             "esp_sha256": sha256_file(out),
         }}

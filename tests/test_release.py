@@ -1,0 +1,190 @@
+"""``reprobuild release`` end to end, hermetic: the one-package fixture definition
+(tests/check_fixture.py) as a signed-verity disk with ImageId=/ImageVersion=, released twice
+through the real command line with a test OpenPGP key made here by gpg.
+
+* IMAGE_ID=/IMAGE_VERSION= land in os-release (read back from the released root file system),
+  the partition labels (read by sfdisk) and the manifest;
+* two releases give identical artifacts, SHA256SUMS and SHA256SUMS.gpg;
+* gpgv accepts the signature with the test key and refuses it after a one-byte edit;
+* the split root partition is byte for byte the partition inside image.raw (offsets from sfdisk);
+* sha256sum -c accepts SHA256SUMS; without ImageVersion= the release is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fixtures.make_host_base import build_host_base
+from reprobuild.config import load_spec
+from reprobuild.lockfile import load_lock, save_lock
+from reprobuild.release import format_sums
+from tests.check_fixture import make_definition
+
+REPO = Path(__file__).resolve().parent.parent
+NAME = "fixture-os_1.2"
+OS_RELEASE = 'ID=debian\nNAME="Fixture"\nIMAGE_ID=old\n'
+
+
+def _resave_lock(d: Path) -> None:
+    spec = load_spec(d)
+    save_lock(replace(load_lock(d / "reprobuild.lock"), config_digest=spec.digest(), config=spec.digest_input()),
+              d / "reprobuild.lock")
+
+
+def _run(*argv: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "reprobuild", *argv], env=env, text=True, capture_output=True,
+                       timeout=600, cwd=REPO, check=False)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    for tool in ("mkfs.erofs", "gpg", "gpg-agent", "gpgv", "sfdisk", "fsck.erofs"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    tmp = tmp_path_factory.mktemp("release")
+    d = make_definition(tmp / "fx", "http://127.0.0.1:9/unused", leak=False, base_deb=build_host_base(tmp / "hb"))
+    (d / "extra/usr/lib").mkdir(parents=True)
+    (d / "extra/usr/lib/os-release").write_text(OS_RELEASE)
+    (d / "extra/etc").mkdir()
+    os.symlink("../usr/lib/os-release", d / "extra/etc/os-release")
+    keys = tmp / "keys"
+    subprocess.run([sys.executable, "-m", "reprobuild", "keygen", "--verity", "--out", str(keys / "verity")],
+                   check=True, capture_output=True, cwd=REPO)
+    conf = (d / "reprobuild.conf").read_text().replace("Format=tar", "Format=disk\nImageId=fixture-os\nImageVersion=1.2")
+    conf += "\n[Content]\nExtraTrees=extra\n"
+    conf += f"\n[Signing]\nVerityKey={keys}/verity.key\nVerityCertificate={keys}/verity.crt\n"
+    (d / "reprobuild.conf").write_text(conf)
+    _resave_lock(d)
+    gnupg = tmp / "gnupg"
+    gnupg.mkdir(mode=0o700)
+    env = {**os.environ, "REPROBUILD_STORE": str(tmp / "fx/store"), "GNUPGHOME": str(gnupg)}
+    env.pop("SOURCE_DATE_EPOCH", None)
+    subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "Release Test <release@example.invalid>",
+                    "ed25519", "sign", "never"], env=env, check=True, capture_output=True)
+    try:
+        subprocess.run(["gpg", "--batch", "--export", "--output", str(tmp / "pub.gpg")], env=env, check=True,
+                       capture_output=True)
+        runs = [json.loads(_run("release", "-C", str(d), "--offline", "-o", str(tmp / name), "--build-output",
+                                str(tmp / f"{name}-build"), "--sign-key", "release@example.invalid", "--json",
+                                *extra, env=env).stdout)
+                for name, extra in (("a", ()), ("b", ("--no-cache",)))]  # b: every stage built again
+    finally:
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False, capture_output=True)
+    return {"tmp": tmp, "def": d, "env": env, "runs": runs, "pub": tmp / "pub.gpg"}
+
+
+def test_two_releases_are_identical_and_named_by_id_and_version(released: dict) -> None:
+    a, b = released["tmp"] / "a", released["tmp"] / "b"
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted([f"{NAME}.root.raw", f"{NAME}.root-verity.raw", f"{NAME}.root-verity-sig.raw",
+                            "SHA256SUMS", "SHA256SUMS.gpg"])
+    assert sorted(p.name for p in b.iterdir()) == files
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    # SHA256SUMS is what sha256sum(1) checks, sorted by name, and names every artifact.
+    subprocess.run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=a, check=True, capture_output=True)
+    arts = {x["file"]: x["sha256"] for x in released["runs"][0]["artifacts"]}
+    assert (a / "SHA256SUMS").read_bytes() == format_sums(arts)
+    lines = (a / "SHA256SUMS").read_text().splitlines()
+    assert [line.split("  ")[1] for line in lines] == sorted(arts)
+
+
+def test_gpgv_accepts_the_signature_and_refuses_an_edited_sums_file(released: dict, tmp_path: Path) -> None:
+    a = released["tmp"] / "a"
+    keyring = tmp_path / "trusted.gpg"
+    shutil.copy(released["pub"], keyring)
+    ok = subprocess.run(["gpgv", "--keyring", str(keyring), str(a / "SHA256SUMS.gpg"), str(a / "SHA256SUMS")],
+                        capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    edited = tmp_path / "SHA256SUMS"
+    data = bytearray((a / "SHA256SUMS").read_bytes())
+    data[0] = ord("0") if data[0] != ord("0") else ord("1")
+    edited.write_bytes(bytes(data))
+    bad = subprocess.run(["gpgv", "--keyring", str(keyring), str(a / "SHA256SUMS.gpg"), str(edited)],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode != 0 and "BAD signature" in bad.stderr
+
+
+def test_split_partitions_are_the_partitions_of_the_image_and_labelled(released: dict) -> None:
+    image = released["tmp"] / "a-build/image.raw"
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]
+    sector = table.get("sectorsize", 512)
+    by_type = {p["type"].lower(): p for p in table["partitions"]}
+    root = by_type["4f68bce3-e8cd-4db1-96e7-fbcaf984b709"]  # root x86-64 (the fixture is amd64)
+    with open(image, "rb") as f:
+        f.seek(root["start"] * sector)
+        inside = f.read(root["size"] * sector)
+    assert (released["tmp"] / f"a/{NAME}.root.raw").read_bytes() == inside
+    # Every partition of the DDI (root, verity, signature) carries <id>_<version>: sysupdate's pattern.
+    assert sorted(p["name"] for p in table["partitions"]) == [NAME] * 3
+    manifest = released["runs"][0]
+    assert {p["label"] for p in json.loads((released["tmp"] / "a-build/image.raw.manifest.json").read_text())
+            ["partitions"]} == {NAME}
+    assert manifest["name"] == NAME
+
+
+def test_image_id_and_version_in_os_release_and_manifest(released: dict, tmp_path: Path) -> None:
+    from tests.test_pipeline import validate_manifest
+
+    out = tmp_path / "root"
+    subprocess.run(["fsck.erofs", f"--extract={out}", str(released["tmp"] / f"a/{NAME}.root.raw")], check=True,
+                   capture_output=True)
+    os_release = (out / "usr/lib/os-release").read_text()
+    assert os_release == 'ID=debian\nNAME="Fixture"\nIMAGE_ID=fixture-os\nIMAGE_VERSION=1.2\n'
+    assert os.readlink(out / "etc/os-release") == "../usr/lib/os-release"
+    manifest = json.loads((released["tmp"] / "a-build/image.raw.manifest.json").read_text())
+    validate_manifest(manifest)
+    assert (manifest["image_id"], manifest["image_version"]) == ("fixture-os", "1.2")
+    assert {"path": "/usr/lib/os-release", "action": "changed",
+            "cause": "ImageId=fixture-os ImageVersion=1.2"} in manifest["added_files"]
+
+
+def test_a_release_needs_image_id_and_version(released: dict, tmp_path: Path) -> None:
+    d = tmp_path / "def"
+    shutil.copytree(released["def"], d, symlinks=True)
+    conf = (d / "reprobuild.conf").read_text().replace("ImageVersion=1.2\n", "")
+    (d / "reprobuild.conf").write_text(conf)
+    r = _run("release", "-C", str(d), "--offline", "-o", str(tmp_path / "rel"), env=released["env"], check=False)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: a release needs [Build] ImageId= and ImageVersion=") and "Traceback" not in r.stderr
+    assert not (tmp_path / "rel").exists()
+
+
+def test_compressed_release_decompresses_to_the_same_artifacts(released: dict) -> None:
+    import zstandard
+
+    tmp = released["tmp"]
+    for name in ("c", "d"):
+        _run("release", "-C", str(released["def"]), "--offline", "-o", str(tmp / name), "--build-output",
+             str(tmp / "a-build"), "--compress", "zstd", "-q", env=released["env"])
+    raw = sorted(p.name for p in (tmp / "a").glob("*.raw"))
+    assert sorted(p.name for p in (tmp / "c").iterdir()) == sorted([*(n + ".zst" for n in raw), "SHA256SUMS"])
+    for n in raw:
+        packed = (tmp / "c" / f"{n}.zst").read_bytes()
+        assert packed == (tmp / "d" / f"{n}.zst").read_bytes()  # fixed parameters: the same frame
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(packed) == (tmp / "a" / n).read_bytes()
+    subprocess.run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=tmp / "c", check=True, capture_output=True)
+
+
+def test_an_unknown_release_key_is_refused_before_the_build(released: dict, tmp_path: Path) -> None:
+    env = released["env"]
+    try:
+        r = _run("release", "-C", str(released["def"]), "--offline", "-o", str(tmp_path / "rel"), "--build-output",
+                 str(tmp_path / "build"), "--sign-key", "nobody@example.invalid", env=env, check=False)
+    finally:
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False, capture_output=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: release key 'nobody@example.invalid': no such secret key in the keyring of ")
+    assert not (tmp_path / "build").exists() and not (tmp_path / "rel").exists()
