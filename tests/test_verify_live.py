@@ -10,6 +10,7 @@ all variations, cold store re-downloading minbase) 34 s; 67 s for the module.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from reprobuild.build import BuildOptions, build_locked
 from reprobuild.config import load_spec
+from reprobuild.keys import open_lock_signer
 from reprobuild.lockfile import load_lock
 from reprobuild.provenance import write_provenance
 from reprobuild.store import Store
@@ -52,7 +54,7 @@ def minimal_image(minimal: tuple[Path, Path, Path], tmp_path_factory: pytest.Tem
     spec = load_spec(definition)
     lock = load_lock(spec.lock_path)
     result = build_locked(spec, lock, Store(Store.default_root()), BuildOptions(output_dir=out, format="disk"))
-    write_provenance(lock, spec.lock_path, result.manifest, out, key,
+    write_provenance(lock, spec.lock_path, result.manifest, out, open_lock_signer(key, os.environ),
                      ["reprobuild", "build", "-C", str(definition), "--locked"])
     return result.outputs["disk"]
 
