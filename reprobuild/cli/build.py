@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING
 import click
 
 from reprobuild.cli import cli
-from reprobuild.cli.options import directory_option, json_option, quiet_option, rootless, store_option
+from reprobuild.cli.options import (
+    build_source_options,
+    directory_option,
+    json_option,
+    quiet_option,
+    rootless,
+    store_option,
+)
+from reprobuild.manifest import OUTPUT_FILES
 
 if TYPE_CHECKING:
     from reprobuild.config import ImageSpec
@@ -25,17 +33,11 @@ if TYPE_CHECKING:
 @store_option
 @click.option("--locked", is_flag=True,
               help="Build from the existing lock only; fail if it is missing or out of date.")
-@click.option("-f", "--format", "fmt", type=click.Choice(["disk", "directory", "tar", "cpio", "oci"]),
+@click.option("-f", "--format", "fmt", type=click.Choice(list(OUTPUT_FILES)),
               help="Output format [default: [Build] Format=, disk].")
 @click.option("-o", "--output", "output_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Output directory [default: DIRECTORY/out].")
-@click.option("--offline", is_flag=True, help="Use only the store; fail listing what is missing.")
-@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Parallel downloads.")
-@click.option("--substituter", "substituters", multiple=True, metavar="URL",
-              help="Extra binary cache (another store served over HTTP); may repeat.")
-@click.option("--no-cache", "no_cache", is_flag=True,
-              help="Build every stage from scratch: no cache lookups and no cache saves.")
+@build_source_options
 @click.option("--build-directory", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="$BUILDDIR for BuildScripts= (overrides BuildDirectory=; created if missing).")
 @click.option("--shell-on-failure", is_flag=True,
@@ -58,11 +60,13 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
       directory  image/    — the root tree
       tar        image.tar — pax, sorted, numeric owners, clamped mtimes
       cpio       image.cpio — newc, sorted, renumbered inodes
+      oci        image.oci.tar — an OCI image (oci-archive), its one layer the tar
     and OUTPUT.manifest.json describing what was built from which lock.
 
     Each stage (package payloads, build environment and BuildScripts= output, installed packages,
     configured tree, tools tree, file system, initrd, UKI + ESP, output) is cached in the store under a key of its inputs; a rebuild
-    re-runs only the stages whose inputs changed (--no-cache: none is read or written).
+    re-runs only the stages whose inputs changed (--no-cache: none is read or written). --json
+    lists every stage with its outcome and, on a miss, what changed since the last build here.
 
     Without --locked a missing or out-of-date lock is (re)created first, keeping pinned versions.
     """
@@ -139,13 +143,7 @@ def _build(spec: ImageSpec, store: Store, say: Reporter, locked: bool, fmt: str 
                    "[default: [Signing] ReleaseKey=; neither: no SHA256SUMS.gpg].")
 @click.option("--compress", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
               help="Compress each artifact (zstd: NAME.zst, fixed parameters).")
-@click.option("--offline", is_flag=True, help="Use only the store; fail listing what is missing.")
-@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Parallel downloads.")
-@click.option("--substituter", "substituters", multiple=True, metavar="URL",
-              help="Extra binary cache (another store served over HTTP); may repeat.")
-@click.option("--no-cache", "no_cache", is_flag=True,
-              help="Build every stage from scratch: no cache lookups and no cache saves.")
+@build_source_options
 @json_option
 @quiet_option
 @rootless()

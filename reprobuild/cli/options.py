@@ -33,6 +33,21 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 
 
+def build_source_options(command: Callable) -> Callable:
+    """Where a build's packages come from and whether its cache is used (build, release)."""
+    for option in reversed((
+        click.option("--offline", is_flag=True, help="Use only the store; fail listing what is missing."),
+        click.option("-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
+                     help="Parallel downloads."),
+        click.option("--substituter", "substituters", multiple=True, metavar="URL",
+                     help="Extra binary cache (another store served over HTTP); may repeat."),
+        click.option("--no-cache", "no_cache", is_flag=True,
+                     help="Build every stage from scratch: no cache lookups and no cache saves."),
+    )):  # fmt: skip
+        command = option(command)
+    return command
+
+
 def rootless(*, required: bool | Callable[[dict], bool] = True, default_store: bool = True):
     """Run the command as root of a user namespace when an ordinary user invokes it (see
     :mod:`reprobuild.userns`): the process forks, the child carries on with the command inside,
