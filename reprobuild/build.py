@@ -55,9 +55,6 @@ from reprobuild.tools import tools_manifest
 
 Say = Callable[[str], None]
 
-OUTPUT_NAMES = OUTPUT_FILES  # the name earlier releases exported
-
-
 @dataclass(frozen=True)
 class BuildOptions:
     output_dir: Path

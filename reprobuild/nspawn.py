@@ -265,15 +265,21 @@ def probe_host(root: Path = Path("/"), release: str | None = None, machine: str 
     )
 
 
+def _architecture_missing(ddi: DdiFacts, host: HostFacts) -> list[str]:
+    """The host architecture an image for another one needs (empty when they match or unknown)."""
+    if host.architecture is None or host.architecture == ddi.architecture:
+        return []
+    return [(f"an {ddi.architecture.dps} host (the image's {ddi.layout} partition is for "
+             f"{ddi.architecture.dps}, this machine is {host.architecture.dps})")]
+
+
 def missing_requirements(ddi: DdiFacts, host: HostFacts) -> list[str]:
     """Everything ``host`` lacks to run ``ddi`` under nspawn, one phrase each (empty: all there).
     Only what is known to be missing is listed; a module that cannot be checked counts as present."""
     missing = []
     if host.euid != 0:
         missing.append("root privileges (systemd-nspawn --image= attaches loop devices)")
-    if host.architecture is not None and host.architecture != ddi.architecture:
-        missing.append(f"an {ddi.architecture.dps} host (the image's {ddi.layout} partition is for "
-                       f"{ddi.architecture.dps}, this machine is {host.architecture.dps})")  # fmt: skip
+    missing += _architecture_missing(ddi, host)
     if not host.udev:
         missing.append("a running udev (systemd-nspawn --image= needs /run/udev/control; "
                        "containers usually have none)")  # fmt: skip
@@ -315,9 +321,7 @@ def userspace_missing(ddi: DdiFacts, host: HostFacts) -> list[str]:
     missing = []
     if host.euid != 0:
         missing.append("root privileges (loop mounts and systemd-nspawn need them)")
-    if host.architecture is not None and host.architecture != ddi.architecture:
-        missing.append(f"an {ddi.architecture.dps} host (the image's {ddi.layout} partition is for "
-                       f"{ddi.architecture.dps}, this machine is {host.architecture.dps})")  # fmt: skip
+    missing += _architecture_missing(ddi, host)
     if not host.loop:
         missing.append("loop devices (/dev/loop-control, kernel module loop)")
     if ddi.root_fs is None:

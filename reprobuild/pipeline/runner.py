@@ -20,7 +20,6 @@ can say which declared part changed since the previous build (mkosi's cache mani
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -297,11 +296,3 @@ class _Access:
     def meta(self, name: str) -> Mapping[str, Any]:
         return self.artifact(name).meta
 
-
-def remove_owned(art: Artifact) -> None:
-    """Free a private scratch artifact nobody needs any more."""
-    if art.owned and art.path is not None and os.path.lexists(art.path):
-        if art.path.is_dir():
-            shutil.rmtree(art.path, ignore_errors=True)
-        else:
-            art.path.unlink(missing_ok=True)
