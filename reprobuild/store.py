@@ -1034,6 +1034,9 @@ def _remove_if_dead(path: Path) -> int:
 
 
 def _pid_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` exists and can still run. A zombie (killed, not yet reaped: a
+    container's PID 1 may take seconds or never reap orphans) holds no files and no locks and
+    never runs again, so it counts as dead."""
     if pid is None or pid <= 0:
         return True  # unknown owner: rely on the age grace
     try:
@@ -1041,8 +1044,17 @@ def _pid_alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return _process_state(pid) not in ("Z", "X")
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, D, Z …); None if unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0] if fields else None
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

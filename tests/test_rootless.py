@@ -258,6 +258,7 @@ def test_rootless_lock_fetch_build_verify_equal_root(rootless_env: Env, warm_sto
                      cwd=work, timeout=1500)
     said = checked.stdout + checked.stderr
     assert "applied  hostname" in said and "bit-for-bit identical" in said, said
+    _killed_build_leaves_nothing(env, work, store, sub)
     # `reprobuild unshare` removes what the user's builds left, whoever owns it in the image.
     env.ok(USER, "unshare", "rm", "-rf", str(home / ".cache/reprobuild"), cwd=work)
     assert not (home / ".cache/reprobuild").exists()
@@ -282,3 +283,33 @@ def test_vm_as_an_ordinary_user(rootless_env: Env, boot_images: dict[str, object
                               "--expect", "REPROBUILD-BOOT-MARKER", "--timeout", "600", cwd=work, timeout=800)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert sha256_file(work / "signed.img") == before
+
+
+def _killed_build_leaves_nothing(env: Env, work: Path, store: Path, sub: userns.IdRange) -> None:
+    """A rootless build killed with SIGKILL while dpkg runs leaves scratch directories (in the
+    store's tmp/ and in the output directory) holding files of the user's subordinate ids, which the
+    user alone cannot always remove; the next build removes them."""
+    argv = env.argv(USER, "build", "--locked", "-f", "tar", "--no-cache", "-o", "out-killed")
+    proc = subprocess.Popen(argv, cwd=work, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("installing: "):
+            break  # extracted; dpkg runs in the namespace
+    subprocess.run(["pkill", "-KILL", "-u", USER], check=False)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0, "".join(seen)
+
+    def leftovers() -> list[Path]:
+        return [*(work / "out-killed").glob(".reprobuild-work-*"), *(store / "tmp").iterdir()]
+
+    left = leftovers()
+    assert left, f"the killed build left no scratch directory: {''.join(seen)}"
+    foreign = [p for d in left if d.is_dir() for p in d.rglob("*") if not p.is_symlink() and p.lstat().st_gid >= sub.start]
+    assert foreign, f"the killed build's scratch ({left}) holds no file of a subordinate id"
+    assert not (work / "out-killed" / "image.tar").exists()
+
+    env.ok(USER, "build", "--locked", "-f", "tar", "-o", "out-killed", "-q", cwd=work)
+    assert sha256_file(work / "out-killed/image.tar") == sha256_file(work / "out-tar/image.tar")
+    assert not leftovers()

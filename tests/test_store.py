@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -426,6 +427,32 @@ def test_gc_removes_tmp_dirs_of_dead_processes_only(store: Store) -> None:
     dead.mkdir()
     store.gc()
     assert live.is_dir() and not dead.exists()
+
+
+def test_a_killed_but_unreaped_build_counts_as_dead(store: Store, tmp_path: Path) -> None:
+    """A build killed with SIGKILL stays a zombie until its parent (often PID 1 of a container,
+    which may be slow or never reap) collects it: its work directory and scratch are still removed,
+    while those of a process that runs are kept."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os._exit(0)
+    try:
+        for _ in range(500):  # until the child has exited (a zombie: not reaped yet)
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        out = tmp_path / "out"
+        zombie_work = out / f".reprobuild-work-{pid}-0123456789ab"
+        live_work = out / f".reprobuild-work-{os.getpid()}-0123456789ab"
+        for d in (zombie_work / "tree/etc", live_work / "tree"):
+            d.mkdir(parents=True)
+        scratch = store.tmp_dir / f"work.{pid}.0123456789abcdef.d"
+        scratch.mkdir()
+        (scratch / "work-dir").write_bytes(os.fsencode(zombie_work))
+        assert store.clean_scratch() == 2
+        assert not scratch.exists() and not zombie_work.exists() and live_work.is_dir()
+    finally:
+        os.waitpid(pid, 0)
 
 
 def run_cli(*args: str) -> tuple[int, str]:
