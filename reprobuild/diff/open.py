@@ -67,6 +67,16 @@ class FileMeta:
 
 
 @dataclass(frozen=True)
+class ChangedBlocks:
+    """Which ``unit``-byte blocks of a partition differ from the other side's (from the dm-verity
+    hash trees), so a comparator can skip everything else without reading it."""
+
+    blocks: frozenset[int]
+    unit: int
+    total: int  # blocks covered by the trees
+
+
+@dataclass(frozen=True)
 class Node:
     """Something to compare. ``kind`` None means "detect from the bytes when needed"."""
 
@@ -75,6 +85,7 @@ class Node:
     source: ByteSource | None = None
     directory: Path | None = None
     meta: FileMeta | None = None
+    changed: ChangedBlocks | None = None  # set by the disk comparator for verity-protected pairs
 
     def resolved_kind(self) -> Kind:
         if self.kind is not None:
@@ -150,6 +161,7 @@ class TreeContainer(Container):
 
     reliable: frozenset[str] = frozenset({"type", "mode", "uid", "gid", "size", "mtime", "target", "xattrs", "rdev"})
     label: str = "tree"
+    note: str | None = None  # how the tree was read, when the diff should say so
 
 
 ALL_FIELDS = TreeContainer.reliable
