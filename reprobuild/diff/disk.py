@@ -125,9 +125,9 @@ def compare_disks(name: str, a: ByteSource, b: ByteSource, ctx: DiffContext, dep
         ]
         content: list[Difference | None] = []
         tree = trees.get(x.role) if x.role is not None else None
-        if tree is not None:
+        if isinstance(tree, VerityTrees):
             content.append(_tree_pair(x, y, tree, ctx, depth))
-        elif x.role in _DATA_OF_HASH and _DATA_OF_HASH[x.role] in trees:
+        elif x.role in _DATA_OF_HASH and isinstance(trees.get(_DATA_OF_HASH[x.role]), VerityTrees):
             content.append(None if same_bytes(x.source, y.source) else
                            compare_verity("verity", x.source, y.source, None, None, trusted=True))  # fmt: skip
         elif x.role in _DATA_OF_HASH:
@@ -135,8 +135,9 @@ def compare_disks(name: str, a: ByteSource, b: ByteSource, ctx: DiffContext, dep
         elif x.role in _HASH_OF_SIG:
             content.append(_sig_pair(x, y, pa, pb))
         elif not same_bytes(x.source, y.source):
-            content.append(compare_nodes(x.label, Node(x.label, None, x.source), Node(y.label, None, y.source), ctx,
-                                         depth + 1, strict=True))  # fmt: skip
+            d = compare_nodes(x.label, Node(x.label, None, x.source), Node(y.label, None, y.source), ctx, depth + 1,
+                              strict=True)  # fmt: skip
+            content.append(replace(d, comments=(tree, *d.comments)) if d is not None and tree is not None else d)
         details.append(absorb(x.label, "partition", pf, content[0] if content else None))
     details.extend(_gaps(da, db, pa, pb))
     return Difference.of(name, "disk", fields=fields, details=details)
@@ -305,26 +306,29 @@ class VerityTrees:
     bytes_read: int  # of the two hash partitions
 
 
-def verity_trees(pa: list[Part], pb: list[Part]) -> dict[ids.Role, VerityTrees]:
+def verity_trees(pa: list[Part], pb: list[Part]) -> dict[ids.Role, VerityTrees | str]:
     """For each data role (root, usr) whose pair can be compared through its hash trees: which
     data blocks differ. That needs, on both disks, an erofs data partition (the file system read
     in place by `erofstree`) and a verity partition with the same salt, hash, block sizes and
-    data block count. Other pairs are left out (compared by bytes and extraction instead).
+    data block count. For other pairs with verity on both sides: why not (they are compared by
+    bytes and extraction instead, and the output says so).
     Cost: two superblocks, then two hash blocks per tree level per differing region.
     """
-    out: dict[ids.Role, VerityTrees] = {}
+    out: dict[ids.Role, VerityTrees | str] = {}
     for hash_role, data_role in _DATA_OF_HASH.items():
         xa, ya, ha, hb = (_partner(pa, data_role), _partner(pb, data_role), _partner(pa, hash_role),
                           _partner(pb, hash_role))  # fmt: skip
         if xa is None or ya is None or ha is None or hb is None or xa.key != ya.key or ha.key != hb.key:
             continue
         if not (_is_erofs(xa.source) and _is_erofs(ya.source)):
+            out[data_role] = "not compared through the hash trees: only erofs is read in place"
             continue
         try:
             sa = verity.parse_superblock(ha.source.head(verity.SB_SIZE))
             sb = verity.parse_superblock(hb.source.head(verity.SB_SIZE))
         except FormatError:
             continue  # reported by the verity partition's own comparison
+        out[data_role] = "not compared through the hash trees: their salt, block sizes or data sizes differ"
         if (sa.params.salt, sa.params.hash_name, sa.params.data_block_size, sa.params.hash_block_size,
                 sa.data_blocks) != (sb.params.salt, sb.params.hash_name, sb.params.data_block_size,
                                     sb.params.hash_block_size, sb.data_blocks):  # fmt: skip

@@ -73,16 +73,36 @@ class ErofsTree(TreeContainer):
         return ByteSource.of_file(out)
 
     def unchanged(self, name: str, other: ErofsTree, changed: frozenset[int], unit: int) -> bool:
-        """True when ``name`` is the same inode in both trees and none of the blocks it depends on
-        (its inode, xattrs, data) overlaps a changed ``unit``-byte block of the image."""
+        """True when ``name`` is known to be the same on both sides without reading its data.
+
+        The same inode (nid) untouched by any changed ``unit``-byte block; or, when inodes moved
+        (a file added earlier in the tree shifts every later inode), the same attributes and
+        xattrs and the same data blocks, none of them changed (an inline tail is compared)."""
         a, b = self._entries.get(name), other._entries.get(name)
-        if a is None or b is None or a.nid != b.nid:
+        if a is None or b is None:
+            return False
+        if a.nid == b.nid and not any(self._touched(blk, changed, unit) for blk in self.fs.blocks_of(a)):
+            return True
+        if (a.mode, a.uid, a.gid, a.size, a.mtime, a.rdev) != (b.mode, b.uid, b.gid, b.size, b.mtime, b.rdev):
+            return False
+        if len(a.extents) != len(b.extents):
             return False
         bs = self.fs.block_size
-        for blk in self.fs.blocks_of(a):
-            if bs == unit:
-                if blk in changed:
-                    return False
-            elif any(u in changed for u in range(blk * bs // unit, ((blk + 1) * bs - 1) // unit + 1)):
+        for x, y in zip(a.extents, b.extents, strict=True):
+            if x.length != y.length or (x.offset is None) != (y.offset is None):
                 return False
-        return True
+            if x.offset is None or y.offset is None:
+                continue
+            if x.offset == y.offset and x.offset % bs == 0:
+                first, last = x.offset // bs, (x.offset + x.length - 1) // bs
+                if not any(self._touched(blk, changed, unit) for blk in range(first, last + 1)):
+                    continue
+            if x.length > bs or self.fs.read_meta(x.offset, x.length) != other.fs.read_meta(y.offset, y.length):
+                return False  # moved or changed data: compared by the caller
+        return not (a.xattr_size or b.xattr_size) or self.fs.xattrs(a) == other.fs.xattrs(b)
+
+    def _touched(self, blk: int, changed: frozenset[int], unit: int) -> bool:
+        bs = self.fs.block_size
+        if bs == unit:
+            return blk in changed
+        return any(u in changed for u in range(blk * bs // unit, ((blk + 1) * bs - 1) // unit + 1))

@@ -117,6 +117,7 @@ class Inode:
     meta_offset: int  # byte offset of the inode
     meta_length: int  # inode + xattrs + inline tail or chunk index array
     shared_xattrs: tuple[int, ...]  # shared xattr ids
+    xattr_size: int  # bytes of the xattr area after the inode (0: no xattrs)
     extents: tuple[Extent, ...]  # the file's bytes in order; their lengths add up to `size`
 
     @property
@@ -267,7 +268,7 @@ class Erofs:
             meta_len = body + idx_len - off
         else:
             raise ErofsUnsupported(f"erofs: inode {nid} uses unknown data layout {layout}")
-        return Inode(nid, mode, uid, gid, size, mtime, nlink, rdev, layout, off, meta_len, shared, extents)
+        return Inode(nid, mode, uid, gid, size, mtime, nlink, rdev, layout, off, meta_len, shared, xsize, extents)
 
     def _plain(self, nid: int, blkaddr: int, size: int) -> tuple[Extent, ...]:
         if size == 0:
