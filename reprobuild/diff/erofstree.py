@@ -10,12 +10,13 @@ changed block — so only the files that own a changed block are compared.
 
 from __future__ import annotations
 
+import bisect
 import os
 import weakref
 from collections.abc import Callable
 from pathlib import Path
 
-from reprobuild.diff.open import FileMeta, Node, TreeContainer
+from reprobuild.diff.open import ChangedBlocks, FileMeta, Node, TreeContainer
 from reprobuild.diff.source import ByteSource
 from reprobuild.image import erofs
 
@@ -25,8 +26,13 @@ class ErofsTree(TreeContainer):
 
     label = "erofs"
 
-    def __init__(self, src: ByteSource, memory_limit: int, new_temp: Callable[[], Path]) -> None:
+    def __init__(self, src: ByteSource, memory_limit: int, new_temp: Callable[[], Path],
+                 changed: ChangedBlocks | None = None, base: ErofsTree | None = None) -> None:  # fmt: skip
+        """``changed`` with ``base`` (the other side's tree, read first): directories that are the
+        same inode on both sides and untouched by a changed block are not read again — their
+        entries, and the inodes of entries untouched too, are taken from ``base``."""
         self._src = src
+        self._hit_cache: tuple[tuple[int, int], Callable[[range], bool]] | None = None
         self._memory_limit = memory_limit
         self._new_temp = new_temp
         self._fd = -1
@@ -35,7 +41,35 @@ class ErofsTree(TreeContainer):
             self._fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
             weakref.finalize(self, os.close, self._fd)  # closed when the tree is dropped
         self.fs = erofs.Erofs(self._read_at, src.length)
-        self._entries = {os.fsdecode(e.path): e.inode for e, _parent in self.fs.walk()}
+        self._dirs: dict[bytes, erofs.Inode] = {b"": self.fs.root()}  # "a/b/" -> its inode
+        self._children: dict[bytes, list[tuple[bytes, erofs.Inode]]] = {}
+        self._entries: dict[str, erofs.Inode] = {}
+        known = None
+        if changed is not None and base is not None and base.fs.block_size == self.fs.block_size:
+            known = self._known_from(base, changed)
+        for prefix, name, ino in self.fs.walk(known):
+            self._children.setdefault(prefix, []).append((name, ino))
+            path = prefix + name
+            if ino.type == "directory":
+                self._dirs[path + b"/"] = ino
+            self._entries[os.fsdecode(path)] = ino
+
+    def _known_from(self, base: ErofsTree, changed: ChangedBlocks) -> Callable[[bytes, erofs.Inode],
+                                                                              list[tuple[bytes, erofs.Inode]] | None]:  # fmt: skip
+        def known(prefix: bytes, d: erofs.Inode) -> list[tuple[bytes, erofs.Inode]] | None:
+            other = base._dirs.get(prefix)
+            if other is None or other.nid != d.nid or d.meta_offset != other.meta_offset:
+                return None
+            if any(self._touched(b, changed.blocks, changed.unit) for b in base.fs.blocks_of(other)):
+                return None  # the directory itself changed: read it
+            out = []
+            for name, ino in base._children.get(prefix, []):
+                if any(self._touched(b, changed.blocks, changed.unit) for b in base.fs.meta_blocks(ino)):
+                    ino = self.fs.inode(ino.nid)  # same slot, other bytes: read this side's inode
+                out.append((name, ino))
+            return out
+
+        return known
 
     def _read_at(self, offset: int, n: int) -> bytes:
         if self._src.data is not None:
@@ -81,7 +115,8 @@ class ErofsTree(TreeContainer):
         a, b = self._entries.get(name), other._entries.get(name)
         if a is None or b is None:
             return False
-        if a.nid == b.nid and not any(self._touched(blk, changed, unit) for blk in self.fs.blocks_of(a)):
+        hit = self._hit(changed, unit)
+        if a.nid == b.nid and not any(hit(r) for r in self._ranges(a)):
             return True
         if (a.mode, a.uid, a.gid, a.size, a.mtime, a.rdev) != (b.mode, b.uid, b.gid, b.size, b.mtime, b.rdev):
             return False
@@ -93,16 +128,36 @@ class ErofsTree(TreeContainer):
                 return False
             if x.offset is None or y.offset is None:
                 continue
-            if x.offset == y.offset and x.offset % bs == 0:
-                first, last = x.offset // bs, (x.offset + x.length - 1) // bs
-                if not any(self._touched(blk, changed, unit) for blk in range(first, last + 1)):
-                    continue
+            if x.offset == y.offset and x.offset % bs == 0 and not hit(range(x.offset // bs,
+                                                                              (x.offset + x.length - 1) // bs + 1)):
+                continue
             if x.length > bs or self.fs.read_meta(x.offset, x.length) != other.fs.read_meta(y.offset, y.length):
                 return False  # moved or changed data: compared by the caller
         return not (a.xattr_size or b.xattr_size) or self.fs.xattrs(a) == other.fs.xattrs(b)
 
-    def _touched(self, blk: int, changed: frozenset[int], unit: int) -> bool:
+    def _ranges(self, ino: erofs.Inode) -> list[range]:
+        """The inode's blocks as ranges: its metadata, shared xattrs, then each data extent."""
         bs = self.fs.block_size
-        if bs == unit:
-            return blk in changed
-        return any(u in changed for u in range(blk * bs // unit, ((blk + 1) * bs - 1) // unit + 1))
+        if ino.shared_xattrs:  # rare: every block, one by one
+            return [range(b, b + 1) for b in self.fs.blocks_of(ino)]
+        out = [self.fs.meta_blocks(ino)]
+        out.extend(range(e.offset // bs, (e.offset + e.length - 1) // bs + 1) for e in ino.extents
+                   if e.offset is not None and e.length)  # fmt: skip
+        return out
+
+    def _hit(self, changed: frozenset[int], unit: int) -> Callable[[range], bool]:
+        """``hit(blocks)``: does a range of this image's blocks overlap a changed unit-byte block?"""
+        key = (id(changed), unit)
+        if self._hit_cache is None or self._hit_cache[0] != key:
+            bs = self.fs.block_size
+            mine = sorted({b for c in changed for b in range(c * unit // bs, ((c + 1) * unit - 1) // bs + 1)})
+
+            def hit(r: range) -> bool:
+                i = bisect.bisect_left(mine, r.start)
+                return i < len(mine) and mine[i] < r.stop
+
+            self._hit_cache = (key, hit)
+        return self._hit_cache[1]
+
+    def _touched(self, blk: int, changed: frozenset[int], unit: int) -> bool:
+        return self._hit(changed, unit)(range(blk, blk + 1))

@@ -31,7 +31,13 @@ class TreeComparator(Comparator, kinds=TREES):
         return a in tree_like and b in tree_like and (a in TREES or b in TREES)
 
     def compare(self, name: str, a: Node, b: Node, ctx: DiffContext, depth: int) -> Difference | None:
-        ta, tb = open_tree(a, ctx, name), open_tree(b, ctx, name)
+        if a.changed is not None and a.resolved_kind() is b.resolved_kind() is Kind.EROFS:
+            # Through the verity trees: the second side reuses what the first read where both agree.
+            assert a.source is not None and b.source is not None
+            ta = _erofs_tree(a, ctx, name)
+            tb = _erofs_tree(b, ctx, name, ta if isinstance(ta, ErofsTree) else None)
+        else:
+            ta, tb = open_tree(a, ctx, name), open_tree(b, ctx, name)
         notes = [n for n in dict.fromkeys((ta.note, tb.note)) if n]
         same: Callable[[str], bool] | None = None
         if a.changed is not None and isinstance(ta, ErofsTree) and isinstance(tb, ErofsTree):
@@ -91,15 +97,21 @@ def open_tree(node: Node, ctx: DiffContext, what: str) -> TreeContainer:
     if kind is Kind.CPIO:
         return CpioTree(node.source, ctx.options.memory_limit)
     if kind is Kind.EROFS:
-        try:
-            return ErofsTree(node.source, ctx.options.memory_limit, ctx.temp.new)
-        except ErofsUnsupported as e:  # read by the external tool instead, and said so
-            tree = extract_fs(kind, node.source, ctx.temp.new(), what or node.name)
-            tree.note = f"{e.message}: extracted with fsck.erofs instead"
-            return tree
+        return _erofs_tree(node, ctx, what)
     if kind in FILE_SYSTEMS:
         return extract_fs(kind, node.source, ctx.temp.new(), what or node.name)
     raise DiffInputError(f"{node.name}: a {kind.value} is not a file tree")
+
+
+def _erofs_tree(node: Node, ctx: DiffContext, what: str, base: ErofsTree | None = None) -> TreeContainer:
+    """erofs read in place; a format the reader does not support is extracted with fsck.erofs."""
+    assert node.source is not None
+    try:
+        return ErofsTree(node.source, ctx.options.memory_limit, ctx.temp.new, node.changed, base)
+    except ErofsUnsupported as e:  # read by the external tool instead, and said so
+        tree = extract_fs(Kind.EROFS, node.source, ctx.temp.new(), what or node.name)
+        tree.note = f"{e.message}: extracted with fsck.erofs instead"
+        return tree
 
 
 def compare_trees(ta: TreeContainer, tb: TreeContainer, ctx: DiffContext, depth: int,

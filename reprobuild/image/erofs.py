@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from reprobuild.errors import FormatError
 
@@ -95,16 +96,18 @@ class Superblock:
     feature_incompat: int
 
 
-@dataclass(frozen=True)
-class Extent:
+# Extent and Inode are NamedTuples rather than frozen dataclasses: a root file system has tens
+# of thousands of inodes, and a frozen dataclass's __init__ costs several times a tuple's.
+
+
+class Extent(NamedTuple):
     """``length`` bytes of file data at byte ``offset`` of the image; offset None is a hole (zeros)."""
 
     offset: int | None
     length: int
 
 
-@dataclass(frozen=True)
-class Inode:
+class Inode(NamedTuple):
     nid: int
     mode: int
     uid: int
@@ -119,10 +122,7 @@ class Inode:
     shared_xattrs: tuple[int, ...]  # shared xattr ids
     xattr_size: int  # bytes of the xattr area after the inode (0: no xattrs)
     extents: tuple[Extent, ...]  # the file's bytes in order; their lengths add up to `size`
-
-    @property
-    def type(self) -> str:
-        return _TYPE_OF_MODE.get(stat.S_IFMT(self.mode), "unknown")
+    type: str  # "file", "directory", "symlink", "char-device", "block-device", "fifo", "socket"
 
     @property
     def device(self) -> tuple[int, int]:
@@ -156,14 +156,6 @@ def parse_superblock(buf: bytes) -> Superblock:
         raise ErofsUnsupported("erofs: directory blocks larger than the block size are not supported")
     return Superblock(1 << blkszbits, root_nid, inos, build_time, blocks, meta_blkaddr, xattr_blkaddr, uuid, name,
                       compat, incompat)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One path of the tree (no leading slash; the root itself is not an entry)."""
-
-    path: bytes
-    inode: Inode
 
 
 class Erofs:
@@ -240,8 +232,9 @@ class Erofs:
             if XATTR_IBODY_HEADER + 4 * count > xsize:
                 raise ErofsInvalid(f"erofs: inode {nid}: {count} shared xattrs do not fit its xattr area")
             shared = struct.unpack_from(f"<{count}I", xh, XATTR_IBODY_HEADER)
-        kind = stat.S_IFMT(mode)
-        if kind not in _TYPE_OF_MODE:
+        kind = mode & 0o170000  # S_IFMT
+        ftype = _TYPE_OF_MODE.get(kind)
+        if ftype is None:
             raise ErofsInvalid(f"erofs: inode {nid} has an unknown file type (mode {mode:#o})")
         body = off + isize + xsize  # inline tail or chunk indexes start here
         rdev = 0
@@ -268,7 +261,8 @@ class Erofs:
             meta_len = body + idx_len - off
         else:
             raise ErofsUnsupported(f"erofs: inode {nid} uses unknown data layout {layout}")
-        return Inode(nid, mode, uid, gid, size, mtime, nlink, rdev, layout, off, meta_len, shared, xsize, extents)
+        return Inode(nid, mode, uid, gid, size, mtime, nlink, rdev, layout, off, meta_len, shared, xsize, extents,
+                     ftype)  # fmt: skip
 
     def _plain(self, nid: int, blkaddr: int, size: int) -> tuple[Extent, ...]:
         if size == 0:
@@ -398,44 +392,63 @@ class Erofs:
                     continue
                 yield name, nid, ftype
 
-    def walk(self) -> Iterator[tuple[Entry, Inode]]:
-        """Every entry below the root as (entry, its parent directory's inode), depth first, sorted.
-
-        Raises ErofsInvalid on a directory reached twice (a loop or a hard-linked directory), more
-        than MAX_ENTRIES entries or a tree deeper than MAX_DEPTH.
-        """
+    def root(self) -> Inode:
         root = self.inode(self.sb.root_nid)
         if root.type != "directory":
             raise ErofsInvalid("erofs: the root inode is not a directory")
+        return root
+
+    def children(self, d: Inode, prefix: bytes = b"") -> Iterator[tuple[bytes, Inode]]:
+        """(name, inode) of each entry of directory ``d`` (whose path is ``prefix``), checking
+        that the entry's file type agrees with its inode."""
+        for name, nid, ftype in self.dirents(d):
+            ino = self.inode(nid)
+            if ftype in FT_NAMES and FT_NAMES[ftype] != ino.type:
+                raise ErofsInvalid(f"erofs: {(prefix + name)[:200]!r}: the directory says {FT_NAMES[ftype]}, "
+                                   f"the inode is a {ino.type}")  # fmt: skip
+            yield name, ino
+
+    def walk(self, known: Callable[[bytes, Inode], Iterable[tuple[bytes, Inode]] | None] | None = None,
+             ) -> Iterator[tuple[bytes, bytes, Inode]]:  # fmt: skip
+        """Every entry below the root as (parent path with a trailing "/" or b"", name, inode),
+        directory by directory, each in on-disk (sorted) order.
+
+        ``known(prefix, dir_inode)`` may return a directory's (name, inode) pairs when the caller
+        already knows them (from an identical directory elsewhere); None reads them here.
+        Raises ErofsInvalid on a directory reached twice (a loop or a hard-linked directory), more
+        than MAX_ENTRIES entries or a tree deeper than MAX_DEPTH.
+        """
+        root = self.root()
         seen_dirs = {root.nid}
         count = 0
         stack: list[tuple[bytes, Inode, int]] = [(b"", root, 0)]
         while stack:
             prefix, d, depth = stack.pop()
             subdirs = []
-            for name, nid, ftype in self.dirents(d):
+            entries = known(prefix, d) if known is not None else None
+            for name, ino in self.children(d, prefix) if entries is None else entries:
                 count += 1
                 if count > MAX_ENTRIES:
                     raise ErofsInvalid(f"erofs: more than {MAX_ENTRIES} entries")
-                ino = self.inode(nid)
-                if ftype in FT_NAMES and FT_NAMES[ftype] != ino.type:
-                    raise ErofsInvalid(f"erofs: {(prefix + name)[:200]!r}: the directory says {FT_NAMES[ftype]}, "
-                                       f"the inode is a {ino.type}")  # fmt: skip
-                path = prefix + name
-                yield Entry(path, ino), d
+                yield prefix, name, ino
                 if ino.type == "directory":
-                    if nid in seen_dirs:
-                        raise ErofsInvalid(f"erofs: directory {path[:200]!r} is reached twice (a loop)")
+                    if ino.nid in seen_dirs:
+                        raise ErofsInvalid(f"erofs: directory {(prefix + name)[:200]!r} is reached twice (a loop)")
                     if depth + 1 >= MAX_DEPTH:
                         raise ErofsInvalid(f"erofs: directories nested deeper than {MAX_DEPTH} levels")
-                    seen_dirs.add(nid)
-                    subdirs.append((path + b"/", ino, depth + 1))
+                    seen_dirs.add(ino.nid)
+                    subdirs.append((prefix + name + b"/", ino, depth + 1))
             stack.extend(reversed(subdirs))
+
+    def meta_blocks(self, ino: Inode) -> range:
+        """The blocks holding the inode itself, its inline xattrs and inline tail or chunk table."""
+        bs = self.block_size
+        return range(ino.meta_offset // bs, (ino.meta_offset + max(ino.meta_length, 1) - 1) // bs + 1)
 
     def blocks_of(self, ino: Inode) -> Iterator[int]:
         """Every image block whose bytes this inode's content or metadata depends on."""
         bs = self.block_size
-        yield from range(ino.meta_offset // bs, (ino.meta_offset + max(ino.meta_length, 1) - 1) // bs + 1)
+        yield from self.meta_blocks(ino)
         base = self.sb.xattr_blkaddr * bs
         for xid in ino.shared_xattrs:
             off = base + xid * 4  # a shared xattr entry may span blocks: all of them count
