@@ -1,6 +1,6 @@
 """A read-only erofs reader in pure Python: superblock, inodes, directories, uncompressed data.
 
-docs/erofs.md describes the on-disk format this follows (the Linux kernel's
+docs/formats.md §13 describes the on-disk format this follows (from the Linux kernel's
 Documentation/filesystems/erofs.rst and fs/erofs/erofs_fs.h). Supported: compact and extended
 inodes; the uncompressed data layouts FLAT_PLAIN, FLAT_INLINE (tail packed after the inode) and
 CHUNK_BASED (block map or chunk indexes, holes); inline and shared xattrs with the standard name
