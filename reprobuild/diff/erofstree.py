@@ -44,6 +44,7 @@ class ErofsTree(TreeContainer):
         self._dirs: dict[bytes, erofs.Inode] = {b"": self.fs.root()}  # "a/b/" -> its inode
         self._children: dict[bytes, list[tuple[bytes, erofs.Inode]]] = {}
         self._entries: dict[str, erofs.Inode] = {}
+        self._same: set[str] = set()  # paths known equal to ``base``'s without reading them
         known = None
         if changed is not None and base is not None and base.fs.block_size == self.fs.block_size:
             known = self._known_from(base, changed)
@@ -62,9 +63,12 @@ class ErofsTree(TreeContainer):
                 return None
             if any(self._touched(b, changed.blocks, changed.unit) for b in base.fs.blocks_of(other)):
                 return None  # the directory itself changed: read it
+            hit = self._hit(changed.blocks, changed.unit)
             out = []
             for name, ino in base._children.get(prefix, []):
-                if any(self._touched(b, changed.blocks, changed.unit) for b in base.fs.meta_blocks(ino)):
+                if not any(hit(r) for r in base._ranges(ino)):
+                    self._same.add(os.fsdecode(prefix + name))  # nothing it depends on changed
+                elif hit(base.fs.meta_blocks(ino)):
                     ino = self.fs.inode(ino.nid)  # same slot, other bytes: read this side's inode
                 out.append((name, ino))
             return out
@@ -112,6 +116,8 @@ class ErofsTree(TreeContainer):
         The same inode (nid) untouched by any changed ``unit``-byte block; or, when inodes moved
         (a file added earlier in the tree shifts every later inode), the same attributes and
         xattrs and the same data blocks, none of them changed (an inline tail is compared)."""
+        if name in other._same:
+            return True
         a, b = self._entries.get(name), other._entries.get(name)
         if a is None or b is None:
             return False

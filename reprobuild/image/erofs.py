@@ -209,18 +209,23 @@ class Erofs:
     def inode(self, nid: int) -> Inode:
         bs = self.block_size
         off = self.sb.meta_blkaddr * bs + nid * SLOT
-        head = self.read_meta(off, COMPACT.size)
-        fmt = struct.unpack_from("<H", head)[0]
+        pos = off % bs
+        if off + EXTENDED.size <= self.length and pos + EXTENDED.size <= bs:  # the usual case: one block
+            head = self._block(off // bs)[pos:pos + EXTENDED.size]
+        else:
+            head = self.read_meta(off, COMPACT.size)
+        fmt = head[0] | head[1] << 8
         extended = fmt & 1
         layout = (fmt >> 1) & 0x7
         if fmt >> 4:
             raise ErofsUnsupported(f"erofs: inode {nid} uses unknown format bits {fmt:#x}")
         if extended:
-            (_f, xcount, mode, _r, size, i_u, _ino, uid, gid, mtime, _ns, nlink, _r2) = EXTENDED.unpack(
-                self.read_meta(off, EXTENDED.size))
+            if len(head) < EXTENDED.size:
+                head = self.read_meta(off, EXTENDED.size)
+            (_f, xcount, mode, _r, size, i_u, _ino, uid, gid, mtime, _ns, nlink, _r2) = EXTENDED.unpack_from(head)
             isize = EXTENDED.size
         else:
-            (_f, xcount, mode, nlink, size, _r, i_u, _ino, uid, gid, _r2) = COMPACT.unpack(head)
+            (_f, xcount, mode, nlink, size, _r, i_u, _ino, uid, gid, _r2) = COMPACT.unpack_from(head)
             mtime, isize = self.sb.build_time, COMPACT.size
         xsize = 0 if xcount == 0 else XATTR_IBODY_HEADER + (xcount - 1) * 4
         if xsize > MAX_XATTR_BYTES:
