@@ -490,3 +490,31 @@ def test_erofs_ddis_report_the_changed_files_via_the_hash_trees(erofs_ddis: dict
 def test_squashfs_ddis_say_why_the_hash_trees_were_not_used(ddis: dict[str, Path]) -> None:
     root = by_path(compare_paths(ddis["a"], ddis["b"]).difference)["root-x86-64"]
     assert any("only erofs is read in place" in c for c in root.comments)
+
+
+def test_hostile_erofs_in_a_ddi_is_a_clear_error(tmp_path: Path) -> None:
+    """A looping directory in an erofs root whose verity tree covers it, against the same image
+    without the loop (same tree shape: the hash-tree path reads it): exit 2 naming the partition
+    and the loop, no traceback."""
+    import struct
+
+    from reprobuild.image import erofs
+    from reprobuild.image.fs import make_filesystem
+
+    tree = make_tree(tmp_path / "tree")
+    img = tmp_path / "root.erofs"
+    make_filesystem("erofs", tree, img, uuid.UUID(int=7), EPOCH, "root")
+    data = bytearray(img.read_bytes())
+    fs = erofs.Erofs(lambda off, n: bytes(data[off:off + n]), len(data))
+    usr = next(ino for p, n, ino in fs.walk() if p + n == b"usr")
+    # Point usr/bin's directory entry back at usr: a loop.
+    bin_entry = next(off for ext in usr.extents for off in range(ext.offset, ext.offset + ext.length - 12, 12)
+                     if struct.unpack_from("<H", data, off + 8)[0] < ext.length
+                     and data[ext.offset + struct.unpack_from("<H", data, off + 8)[0]:][:3] == b"bin")  # fmt: skip
+    struct.pack_into("<Q", data, bin_entry, usr.nid)
+    keys = make_keys(tmp_path)
+    good = make_ddi(tmp_path, "good", keys=keys, root_fs=img, esp=False)
+    img.write_bytes(data)
+    bad = make_ddi(tmp_path, "bad", keys=keys, root_fs=img, esp=False)
+    code, msg = cli_exit(str(good), str(bad))
+    assert code == 2 and "root-x86-64" in msg and "reached twice" in msg, msg

@@ -86,12 +86,13 @@ def make_keys(d: Path) -> tuple[Path, Path]:
 
 
 def make_ddi(work: Path, name: str, changes: frozenset[str] = frozenset(), keys: tuple[Path, Path] | None = None,
-             extra_bytes: int = 0, esp: bool = True, fs: str = "squashfs", tree: Path | None = None) -> Path:  # fmt: skip
+             extra_bytes: int = 0, esp: bool = True, fs: str = "squashfs", tree: Path | None = None,
+             root_fs: Path | None = None) -> Path:  # fmt: skip
     """Build ``work/name.raw``: [ESP (vfat)] + root + verity + signature.
 
     The root is squashfs (per-file mtimes kept) or, with ``fs="erofs"``, erofs as the build makes
     it (`make_filesystem`). ``tree``: a root tree to use instead of `make_tree`'s (``changes``
-    and ``extra_bytes`` then do not apply)."""
+    and ``extra_bytes`` then do not apply). ``root_fs``: a ready root file-system image."""
     from reprobuild.image.ddi import DdiSpec, build_ddi
     from reprobuild.image.fs import make_filesystem
 
@@ -99,7 +100,9 @@ def make_ddi(work: Path, name: str, changes: frozenset[str] = frozenset(), keys:
     d.mkdir(parents=True)
     if tree is None:
         tree = make_tree(d / "tree", changes, extra_bytes)
-    if fs == "erofs":
+    if root_fs is not None:
+        root_img = root_fs
+    elif fs == "erofs":
         from reprobuild.image.fs import make_filesystem
 
         root_img = d / "root.erofs"

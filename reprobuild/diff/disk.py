@@ -139,21 +139,18 @@ def compare_disks(name: str, a: ByteSource, b: ByteSource, ctx: DiffContext, dep
                               strict=True)  # fmt: skip
             content.append(replace(d, comments=(tree, *d.comments)) if d is not None and tree is not None else d)
         details.append(absorb(x.label, "partition", pf, content[0] if content else None))
-    details.extend(_gaps(da, db, pa, pb))
+    details.extend(_gaps(a, b, da, db, pa, pb))
     return Difference.of(name, "disk", fields=fields, details=details)
 
 
-def _gaps(da: gpt.GptDisk, db: gpt.GptDisk, pa: list[Part], pb: list[Part]) -> list[Difference | None]:
+def _gaps(whole_a: ByteSource, whole_b: ByteSource, da: gpt.GptDisk, db: gpt.GptDisk, pa: list[Part],
+          pb: list[Part]) -> list[Difference | None]:  # fmt: skip
     """Bytes of the usable area outside every partition, when both disks share one layout
     (the whole disks are not compared byte by byte: see `compare_nodes`)."""
     layout = [(p.entry.first_lba, p.entry.last_lba) for p in pa]
     if (da.sector_size, da.first_usable, da.last_usable, layout) != \
             (db.sector_size, db.first_usable, db.last_usable, [(p.entry.first_lba, p.entry.last_lba) for p in pb]):
         return []  # a different layout is reported by the header and partition fields
-    src_a, src_b = pa[0].source if pa else None, pb[0].source if pb else None
-    if src_a is None or src_b is None or src_a.path is None or src_b.path is None:
-        return []
-    whole_a, whole_b = ByteSource.of_file(src_a.path), ByteSource.of_file(src_b.path)
     out: list[Difference | None] = []
     lba = da.first_usable
     for first, last in sorted(layout) + [(da.last_usable + 1, da.last_usable + 1)]:
