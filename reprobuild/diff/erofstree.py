@@ -105,6 +105,9 @@ class ErofsTree(TreeContainer):
             return self._src.slice(ext[0].offset, ext[0].length)  # in place, never copied
         if ino.size <= self._memory_limit:
             return ByteSource.of_bytes(self.fs.read_data(ino, self._memory_limit))
+        limit = max(1 << 30, 64 * self._src.length)  # as for extraction tools (diff/open.py)
+        if ino.size > limit:  # sparse (chunk holes): never write more than this to disk
+            raise erofs.ErofsInvalid(f"erofs: {name} claims {ino.size} bytes, more than {limit} for this image")
         out = self._new_temp() / "file"
         with open(out, "wb") as f:
             f.writelines(self.fs.iter_data(ino))
