@@ -105,6 +105,7 @@ def compare_disks(name: str, a: ByteSource, b: ByteSource, ctx: DiffContext, dep
         fields.append(Field("partition order", ", ".join(k[1] for k in common_a), ", ".join(k[1] for k in common_b),
                             METADATA))  # fmt: skip
     trees = verity_trees(pa, pb)
+    same = _SameBytes()  # a data partition is compared once, also when its verity pair asks again
     details: list[Difference | None] = []
     for p in pa:
         if p.key not in by_b:
@@ -128,19 +129,32 @@ def compare_disks(name: str, a: ByteSource, b: ByteSource, ctx: DiffContext, dep
         if isinstance(tree, VerityTrees):
             content.append(_tree_pair(x, y, tree, ctx, depth))
         elif x.role in _DATA_OF_HASH and isinstance(trees.get(_DATA_OF_HASH[x.role]), VerityTrees):
-            content.append(None if same_bytes(x.source, y.source) else
+            content.append(None if same(x.source, y.source) else
                            compare_verity("verity", x.source, y.source, None, None, trusted=True))  # fmt: skip
         elif x.role in _DATA_OF_HASH:
-            content.append(_verity_pair(x, y, pa, pb))
+            content.append(_verity_pair(x, y, pa, pb, same))
         elif x.role in _HASH_OF_SIG:
-            content.append(_sig_pair(x, y, pa, pb))
-        elif not same_bytes(x.source, y.source):
+            content.append(_sig_pair(x, y, pa, pb, same))
+        elif not same(x.source, y.source):
             d = compare_nodes(x.label, Node(x.label, None, x.source), Node(y.label, None, y.source), ctx, depth + 1,
                               strict=True)  # fmt: skip
             content.append(replace(d, comments=(tree, *d.comments)) if d is not None and tree is not None else d)
         details.append(absorb(x.label, "partition", pf, content[0] if content else None))
     details.extend(_gaps(a, b, da, db, pa, pb))
     return Difference.of(name, "disk", fields=fields, details=details)
+
+
+class _SameBytes:
+    """`same_bytes` remembered per pair of byte ranges, for one disk comparison."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[ByteSource, ByteSource], bool] = {}
+
+    def __call__(self, a: ByteSource, b: ByteSource) -> bool:
+        key = (a, b)
+        if key not in self._known:
+            self._known[key] = same_bytes(a, b)
+        return self._known[key]
 
 
 def _gaps(whole_a: ByteSource, whole_b: ByteSource, da: gpt.GptDisk, db: gpt.GptDisk, pa: list[Part],
@@ -268,11 +282,12 @@ def _yes(v: bool | None) -> str | None:
     return None if v is None else ("yes" if v else "no")
 
 
-def _verity_pair(x: Part, y: Part, pa: list[Part], pb: list[Part]) -> Difference | None:
+def _verity_pair(x: Part, y: Part, pa: list[Part], pb: list[Part],
+                 same: Callable[[ByteSource, ByteSource], bool] = same_bytes) -> Difference | None:  # fmt: skip
     role = _DATA_OF_HASH[x.role]  # type: ignore[index]
     xa, ya = _partner(pa, role), _partner(pb, role)
-    hash_same = same_bytes(x.source, y.source)
-    data_same = xa is not None and ya is not None and same_bytes(xa.source, ya.source)
+    hash_same = same(x.source, y.source)
+    data_same = xa is not None and ya is not None and same(xa.source, ya.source)
     if hash_same and data_same:
         return None
     sig_role = next(k for k, v in _HASH_OF_SIG.items() if v is x.role)
@@ -441,10 +456,11 @@ class VeritySigComparator(Comparator, kinds={Kind.VERITY_SIG}):
         return compare_verity_sig(name, a.source, b.source, None, None)
 
 
-def _sig_pair(x: Part, y: Part, pa: list[Part], pb: list[Part]) -> Difference | None:
+def _sig_pair(x: Part, y: Part, pa: list[Part], pb: list[Part],
+              same: Callable[[ByteSource, ByteSource], bool] = same_bytes) -> Difference | None:  # fmt: skip
     hash_role = _HASH_OF_SIG[x.role]  # type: ignore[index]
     ha, hb = _partner(pa, hash_role), _partner(pb, hash_role)
-    if same_bytes(x.source, y.source) and (ha is None or hb is None or same_bytes(ha.source, hb.source)):
+    if same(x.source, y.source) and (ha is None or hb is None or same(ha.source, hb.source)):
         return None
     ra = verity_state(ha.source, None).root_hash if ha else None
     rb = verity_state(hb.source, None).root_hash if hb else None
