@@ -518,3 +518,17 @@ def test_hostile_erofs_in_a_ddi_is_a_clear_error(tmp_path: Path) -> None:
     bad = make_ddi(tmp_path, "bad", keys=keys, root_fs=img, esp=False)
     code, msg = cli_exit(str(good), str(bad))
     assert code == 2 and "root-x86-64" in msg and "reached twice" in msg, msg
+
+
+def test_compressed_erofs_falls_back_to_fsck_erofs_and_says_so(tmp_path: Path) -> None:
+    import subprocess
+
+    ta = make_tree(tmp_path / "ta")
+    tb = make_tree(tmp_path / "tb", frozenset({"content"}))
+    for t, img in ((ta, "a.img"), (tb, "b.img")):
+        (t / "usr/share/doc/long").write_bytes(b"compress me " * 4000)  # lz4 only stores what shrinks
+        os.utime(t / "usr/share/doc/long", (EPOCH, EPOCH))
+        subprocess.run(["mkfs.erofs", "--quiet", "-zlz4", f"-T{EPOCH}", str(tmp_path / img), str(t)], check=True)
+    d = compare_paths(tmp_path / "a.img", tmp_path / "b.img").difference
+    assert d is not None and set(by_path(d)) == {"etc/hostname"}
+    assert any("compressed" in c and "extracted with fsck.erofs instead" in c for c in d.comments), d.comments
