@@ -6,6 +6,12 @@ either side of it differs: the root hash is read from the hash partition (``H(sa
 block)``) and the whole tree is recomputed from the data to say whether each hash partition
 still matches its data. When both do, a changed root hash only *follows* from the data
 partition's change (reported on its own) and is classified metadata.
+
+Verity-protected erofs pairs take the hash-tree path instead (`verity_trees`): the two stored
+trees are compared top down to find the data blocks that differ, without reading the data or
+recomputing the trees (each tree is trusted to describe its data), and the file systems are
+compared only where those blocks lie (`diff/erofstree.py`). The bytes between partitions are
+compared on their own, since two disks are never read whole.
 """
 
 from __future__ import annotations

@@ -352,15 +352,14 @@ def check_blocks(image: BinaryIO, data_offset: int, hash_offset: int, root_hash:
 
 
 def changed_data_blocks(read_a: Callable[[int, int], bytes], read_b: Callable[[int, int], bytes],
-                        sb: VeritySuperblock, limit: int | None = None) -> list[int] | None:  # fmt: skip
+                        sb: VeritySuperblock) -> list[int] | None:  # fmt: skip
     """The data blocks whose level-0 digests differ between two hash devices of the same shape.
 
     ``read_x(offset, n)`` reads hash device x; both devices must have superblock ``sb`` (same
     parameters and data block count — the caller checks). The stored trees are compared top
     down: a hash block that is equal on both sides is not descended into, so two trees that
     differ in k data blocks cost about k × (tree height) block reads instead of a pass over the
-    data. Returns None when there is no tree on disk (a single data block) or more than
-    ``limit`` blocks differ. Nothing is recomputed: each tree is trusted to describe its data
+    data. Returns None when there is no tree on disk (a single data block). Nothing is recomputed: each tree is trusted to describe its data
     (`check_blocks` / `verify_verity` check that).
     """
     p = sb.params
@@ -391,7 +390,5 @@ def changed_data_blocks(read_a: Callable[[int, int], bytes], read_b: Callable[[i
                     break
                 if x[j * slot:(j + 1) * slot] != y[j * slot:(j + 1) * slot]:
                     nxt.append(child)
-            if limit is not None and len(nxt) > limit:
-                return None
         todo = nxt
     return todo
