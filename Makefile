@@ -25,7 +25,7 @@ APT_PACKAGES := \
 	skopeo umoci
 
 # Only the benchmarks run these reference tools side by side with reprobuild.
-BENCH_PACKAGES := mkosi debootstrap time
+BENCH_PACKAGES := mkosi debootstrap
 
 .PHONY: setup apt venv test test-fast image lint bench clean
 
