@@ -11,9 +11,9 @@ made (e.g. ``lock/minimal``'s minbase image; the tree is taken out with ``fsck.e
 before timing). The root is erofs as the build makes it (``--fs squashfs``: the old fixture). The
 changed pair differs in ``etc/hostname`` (fixture), or in ``etc/hostname``, ``etc/issue`` and
 one file's mode (``--from-ddi``). Each tool runs as a child process; wall time comes from a
-monotonic clock and peak memory from GNU time's ``%M`` (Debian package `time`, in the Makefile's APT_PACKAGES). "found" means the expected exit status; "located" means the output names
-``etc/hostname``; "path" says how reprobuild compared the root (its output names the verity
-tree path). Python byte code is compiled first (as an installed package has it). Prints a
+monotonic clock and peak memory from GNU time's ``%M`` (Debian package ``time``). "found" means
+the expected exit status; "located" means the output names ``etc/hostname``; "path" says how
+reprobuild compared the root (its output names the verity tree path). Python byte code is compiled first (as an installed package has it). Prints a
 Markdown table for docs/benchmarks.md.
 """
 
