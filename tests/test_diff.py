@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import uuid
@@ -405,3 +406,129 @@ def test_build_manifests_beside_disks_give_a_package_summary(ddis: dict[str, Pat
     assert packages["base-files:amd64"].fields == (Field("version", "13.8", "13.9", CONTENT),)
     assert "zlib1g:amd64" not in packages  # epochs in versions are kept apart from the architecture
     assert diff_pins("packages", base["packages"], base["packages"]) is None
+
+
+# -- erofs DDIs: compared through the verity hash trees, erofs read in place ----------------------
+
+
+@pytest.fixture(scope="module")
+def erofs_ddis(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    w = tmp_path_factory.mktemp("erofs-ddis")
+    keys = make_keys(w)
+    changes = frozenset(CHANGES) - {"mtime"}  # the build's erofs clamps every time to the epoch
+    return {"a": make_ddi(w, "a", keys=keys, fs="erofs", extra_bytes=8 << 20),
+            "a2": make_ddi(w, "a2", keys=keys, fs="erofs", extra_bytes=8 << 20),
+            "b": make_ddi(w, "b", changes, keys=keys, fs="erofs", extra_bytes=8 << 20)}  # fmt: skip
+
+
+def _root_range(image: Path) -> tuple[int, int]:
+    from reprobuild.image.gpt import read_gpt_path
+
+    disk = read_gpt_path(image)
+    root = next(p for p in disk.partitions if p.name == "root-x86-64")
+    return root.offset(disk.sector_size), root.offset(disk.sector_size) + root.size(disk.sector_size)
+
+
+@pytest.fixture
+def root_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Bytes read through os.pread (every read of the diff's byte sources and readers) inside
+    ``[lo, hi)`` — the root partition of both images; and no file system may be extracted."""
+    seen = {"lo": 0, "hi": 0, "bytes": 0}
+    real = os.pread
+
+    def counting(fd: int, n: int, off: int) -> bytes:
+        buf = real(fd, n, off)
+        seen["bytes"] += max(0, min(off + len(buf), seen["hi"]) - max(off, seen["lo"]))
+        return buf
+
+    def no_extraction(*a: object, **k: object) -> None:
+        raise AssertionError("a file system was extracted")
+
+    monkeypatch.setattr(os, "pread", counting)
+    monkeypatch.setattr("reprobuild.diff.trees.extract_fs", no_extraction)
+    return seen
+
+
+def test_identical_erofs_ddis_do_not_read_the_root_data(erofs_ddis: dict[str, Path],
+                                                        root_reads: dict[str, int]) -> None:  # fmt: skip
+    assert erofs_ddis["a"].read_bytes() == erofs_ddis["a2"].read_bytes()
+    root_reads["lo"], root_reads["hi"] = _root_range(erofs_ddis["a"])
+    assert compare_paths(erofs_ddis["a"], erofs_ddis["a2"]).identical
+    # Equal top hash blocks: of the data partitions only the erofs superblock magic is read.
+    assert root_reads["bytes"] <= 2 * 4096, root_reads
+
+
+def test_erofs_ddis_report_the_changed_files_via_the_hash_trees(erofs_ddis: dict[str, Path],
+                                                                 root_reads: dict[str, int]) -> None:  # fmt: skip
+    lo, hi = root_reads["lo"], root_reads["hi"] = _root_range(erofs_ddis["a"])
+    assert _root_range(erofs_ddis["b"]) == (lo, hi)
+    code, out = run_cli("--json", str(erofs_ddis["a"]), str(erofs_ddis["b"]))
+    assert code == 1
+    jsonschema.validate(json.loads(out), SCHEMA)
+    assert "compared through the dm-verity hash trees" in out
+    # The CLI run read a small part of the two root partitions (metadata and the changed files).
+    assert 0 < root_reads["bytes"] < 2 * (hi - lo) // 20, (root_reads["bytes"], hi - lo)
+    result = compare_paths(erofs_ddis["a"], erofs_ddis["b"])
+    got = by_path(result.difference)
+    fs = "root-x86-64"
+    want = {f"{fs} / {path}" for name, (path, _, _) in CHANGES.items() if name != "mtime"}
+    assert {k for k in got if k.startswith(fs + " / ")} == want
+    assert "-alpha" in (got[f"{fs} / etc/hostname"].diff or "")
+    assert [f.name for f in got[f"{fs} / usr/bin/tool"].fields] == ["mode"]
+    root = next(d for d in result.difference.details if d.name == fs)
+    tree_note = next(c for c in root.comments if c.startswith("compared through the dm-verity hash trees"))
+    m = re.match(r".*: (\d+) of (\d+) data blocks differ", tree_note)
+    assert m is not None
+    changed, total = int(m.group(1)), int(m.group(2))
+    assert 0 < changed < total // 100  # a few blocks of an 8 MiB+ file system
+    assert any(c.startswith("erofs read in place") for c in root.comments)
+    verity = got[f"{fs}-verity"]
+    assert {f.name for f in verity.fields} == {"UUID", "root hash"} and verity.classification is METADATA
+    assert summarize(result.difference).content == 4
+
+
+def test_squashfs_ddis_say_why_the_hash_trees_were_not_used(ddis: dict[str, Path]) -> None:
+    root = by_path(compare_paths(ddis["a"], ddis["b"]).difference)["root-x86-64"]
+    assert any("only erofs is read in place" in c for c in root.comments)
+
+
+def test_hostile_erofs_in_a_ddi_is_a_clear_error(tmp_path: Path) -> None:
+    """A looping directory in an erofs root whose verity tree covers it, against the same image
+    without the loop (same tree shape: the hash-tree path reads it): exit 2 naming the partition
+    and the loop, no traceback."""
+    import struct
+
+    from reprobuild.image import erofs
+    from reprobuild.image.fs import make_filesystem
+
+    tree = make_tree(tmp_path / "tree")
+    img = tmp_path / "root.erofs"
+    make_filesystem("erofs", tree, img, uuid.UUID(int=7), EPOCH, "root")
+    data = bytearray(img.read_bytes())
+    fs = erofs.Erofs(lambda off, n: bytes(data[off:off + n]), len(data))
+    usr = next(ino for p, n, ino in fs.walk() if p + n == b"usr")
+    # Point usr/bin's directory entry back at usr: a loop.
+    bin_entry = next(off for ext in usr.extents for off in range(ext.offset, ext.offset + ext.length - 12, 12)
+                     if struct.unpack_from("<H", data, off + 8)[0] < ext.length
+                     and data[ext.offset + struct.unpack_from("<H", data, off + 8)[0]:][:3] == b"bin")  # fmt: skip
+    struct.pack_into("<Q", data, bin_entry, usr.nid)
+    keys = make_keys(tmp_path)
+    good = make_ddi(tmp_path, "good", keys=keys, root_fs=img, esp=False)
+    img.write_bytes(data)
+    bad = make_ddi(tmp_path, "bad", keys=keys, root_fs=img, esp=False)
+    code, msg = cli_exit(str(good), str(bad))
+    assert code == 2 and "root-x86-64" in msg and "reached twice" in msg, msg
+
+
+def test_compressed_erofs_falls_back_to_fsck_erofs_and_says_so(tmp_path: Path) -> None:
+    import subprocess
+
+    ta = make_tree(tmp_path / "ta")
+    tb = make_tree(tmp_path / "tb", frozenset({"content"}))
+    for t, img in ((ta, "a.img"), (tb, "b.img")):
+        (t / "usr/share/doc/long").write_bytes(b"compress me " * 4000)  # lz4 only stores what shrinks
+        os.utime(t / "usr/share/doc/long", (EPOCH, EPOCH))
+        subprocess.run(["mkfs.erofs", "--quiet", "-zlz4", f"-T{EPOCH}", str(tmp_path / img), str(t)], check=True)
+    d = compare_paths(tmp_path / "a.img", tmp_path / "b.img").difference
+    assert d is not None and set(by_path(d)) == {"etc/hostname"}
+    assert any("compressed" in c and "extracted with fsck.erofs instead" in c for c in d.comments), d.comments

@@ -86,15 +86,29 @@ def make_keys(d: Path) -> tuple[Path, Path]:
 
 
 def make_ddi(work: Path, name: str, changes: frozenset[str] = frozenset(), keys: tuple[Path, Path] | None = None,
-             extra_bytes: int = 0, esp: bool = True) -> Path:  # fmt: skip
-    """Build ``work/name.raw``: [ESP (vfat)] + squashfs root + verity + signature."""
+             extra_bytes: int = 0, esp: bool = True, fs: str = "squashfs", tree: Path | None = None,
+             root_fs: Path | None = None) -> Path:  # fmt: skip
+    """Build ``work/name.raw``: [ESP (vfat)] + root + verity + signature.
+
+    The root is squashfs (per-file mtimes kept) or, with ``fs="erofs"``, erofs as the build makes
+    it (`make_filesystem`). ``tree``: a root tree to use instead of `make_tree`'s (``changes``
+    and ``extra_bytes`` then do not apply). ``root_fs``: a ready root file-system image."""
     from reprobuild.image.ddi import DdiSpec, build_ddi
     from reprobuild.image.fs import make_filesystem
 
     d = work / name
     d.mkdir(parents=True)
-    tree = make_tree(d / "tree", changes, extra_bytes)
-    root_img = make_squashfs(tree, d / "root.squashfs")
+    if tree is None:
+        tree = make_tree(d / "tree", changes, extra_bytes)
+    if root_fs is not None:
+        root_img = root_fs
+    elif fs == "erofs":
+        from reprobuild.image.fs import make_filesystem
+
+        root_img = d / "root.erofs"
+        make_filesystem("erofs", tree, root_img, uuid.UUID(int=7), EPOCH, "root")
+    else:
+        root_img = make_squashfs(tree, d / "root.squashfs")
     esp_img = None
     if esp:
         esp_tree = d / "esp"

@@ -195,3 +195,37 @@ def test_check_blocks_single_block_and_short_data(tmp_path):
     truncated.write_bytes(hash_dev + (tmp_path / "data").read_bytes()[: 25 * 4096])
     with open(truncated, "rb") as f, pytest.raises(verity.VerityInvalid, match="ended 102400 bytes early"):
         verity.check_blocks(f, len(hash_dev), 0, root)
+
+
+@pytest.mark.parametrize("blocks", [2, 129, 20000])
+def test_changed_data_blocks_walks_the_trees_top_down(tmp_path, blocks):
+    """Two hash devices of the same shape: exactly the changed data blocks, reading few blocks."""
+    params = verity.VerityParams(salt=bytes(range(32)), uuid=uuid.UUID(int=3))
+    data = bytearray(hashlib.shake_256(b"d").digest(blocks * 4096))
+    changed = sorted({0, blocks - 1, blocks // 2})
+    other = bytearray(data)
+    for b in changed:
+        other[b * 4096 + 7] ^= 0xFF
+    (tmp_path / "a").write_bytes(data)
+    (tmp_path / "b").write_bytes(other)
+    verity.write_hash_device(tmp_path / "a", tmp_path / "a.hash", params)
+    verity.write_hash_device(tmp_path / "b", tmp_path / "b.hash", params)
+    ha, hb = (tmp_path / "a.hash").read_bytes(), (tmp_path / "b.hash").read_bytes()
+    reads = []
+
+    def reader(buf):
+        def read_at(off, n):
+            reads.append(n)
+            return buf[off:off + n]
+
+        return read_at
+
+    sb = verity.parse_superblock(ha[:verity.SB_SIZE])
+    assert verity.changed_data_blocks(reader(ha), reader(hb), sb) == changed
+    levels = len(verity.level_sizes(blocks, params))
+    assert sum(reads) <= 2 * 4096 * levels * len(changed)  # only the paths to the changed blocks
+    reads.clear()
+    assert verity.changed_data_blocks(reader(ha), reader(ha), sb) == []
+    assert sum(reads) == 2 * 4096  # identical: the two top blocks
+    with pytest.raises(verity.VerityInvalid):
+        verity.changed_data_blocks(reader(ha[:4096 + 10]), reader(hb), sb)

@@ -64,9 +64,11 @@ MAX_MANIFEST_BYTES = 16 << 20
 def compare_paths(path1: Path, path2: Path, options: DiffOptions = DEFAULT_OPTIONS) -> DiffResult:
     """Compare two inputs given on the command line. Raises DiffInputError on unreadable input.
 
-    Cost: one streaming compare of the inputs when identical; otherwise, for disks, one compare
-    per partition, verity checks over differing data partitions, and extraction of the file
-    systems whose bytes differ.
+    Cost: for two disks, one compare per partition, except verity-protected erofs partitions:
+    their hash trees are compared top down (two blocks when identical) and only the file-system
+    metadata and the files owning changed blocks are read; other verity pairs are checked over
+    their data, and other differing file systems are extracted. Other inputs: one streaming
+    compare when identical.
     """
     a, b = open_input(path1), open_input(path2)
     ctx = DiffContext(options, COMPARATORS)

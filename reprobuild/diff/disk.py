@@ -6,6 +6,12 @@ either side of it differs: the root hash is read from the hash partition (``H(sa
 block)``) and the whole tree is recomputed from the data to say whether each hash partition
 still matches its data. When both do, a changed root hash only *follows* from the data
 partition's change (reported on its own) and is classified metadata.
+
+Verity-protected erofs pairs take the hash-tree path instead (`verity_trees`): the two stored
+trees are compared top down to find the data blocks that differ, without reading the data or
+recomputing the trees (each tree is trusted to describe its data), and the file systems are
+compared only where those blocks lie (`diff/erofstree.py`). The bytes between partitions are
+compared on their own, since two disks are never read whole.
 """
 
 from __future__ import annotations
@@ -13,16 +19,17 @@ from __future__ import annotations
 import hashlib
 import struct
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from reprobuild.diff.base import Comparator, DiffContext, absorb, compare_nodes
 from reprobuild.diff.detect import Kind
 from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field
-from reprobuild.diff.open import DiffInputError, Node
+from reprobuild.diff.open import ChangedBlocks, DiffInputError, Node
 from reprobuild.diff.source import ByteSource, same_bytes
 from reprobuild.errors import FormatError
-from reprobuild.image import gpt, ids, verity
+from reprobuild.image import erofs, gpt, ids, verity
 
 # veritysig (and with it cryptography) is imported only when a signature partition differs:
 # it costs 0.3 s, more than comparing two identical 1 GiB images takes.
@@ -103,6 +110,8 @@ def compare_disks(name: str, a: ByteSource, b: ByteSource, ctx: DiffContext, dep
     if common_a != common_b:
         fields.append(Field("partition order", ", ".join(k[1] for k in common_a), ", ".join(k[1] for k in common_b),
                             METADATA))  # fmt: skip
+    trees = verity_trees(pa, pb)
+    same = _SameBytes()  # a data partition is compared once, also when its verity pair asks again
     details: list[Difference | None] = []
     for p in pa:
         if p.key not in by_b:
@@ -122,15 +131,57 @@ def compare_disks(name: str, a: ByteSource, b: ByteSource, ctx: DiffContext, dep
             Field.of("attributes", _attrs(x.entry.attributes), _attrs(y.entry.attributes)),
         ]
         content: list[Difference | None] = []
-        if x.role in _DATA_OF_HASH:
-            content.append(_verity_pair(x, y, pa, pb))
+        tree = trees.get(x.role) if x.role is not None else None
+        if isinstance(tree, VerityTrees):
+            content.append(_tree_pair(x, y, tree, ctx, depth))
+        elif x.role in _DATA_OF_HASH and isinstance(trees.get(_DATA_OF_HASH[x.role]), VerityTrees):
+            content.append(None if same(x.source, y.source) else
+                           compare_verity("verity", x.source, y.source, None, None, trusted=True))  # fmt: skip
+        elif x.role in _DATA_OF_HASH:
+            content.append(_verity_pair(x, y, pa, pb, same))
         elif x.role in _HASH_OF_SIG:
-            content.append(_sig_pair(x, y, pa, pb))
-        elif not same_bytes(x.source, y.source):
-            content.append(compare_nodes(x.label, Node(x.label, None, x.source), Node(y.label, None, y.source), ctx,
-                                         depth + 1, strict=True))  # fmt: skip
+            content.append(_sig_pair(x, y, pa, pb, same))
+        elif not same(x.source, y.source):
+            d = compare_nodes(x.label, Node(x.label, None, x.source), Node(y.label, None, y.source), ctx, depth + 1,
+                              strict=True)  # fmt: skip
+            content.append(replace(d, comments=(tree, *d.comments)) if d is not None and tree is not None else d)
         details.append(absorb(x.label, "partition", pf, content[0] if content else None))
+    details.extend(_gaps(a, b, da, db, pa, pb))
     return Difference.of(name, "disk", fields=fields, details=details)
+
+
+class _SameBytes:
+    """`same_bytes` remembered per pair of byte ranges, for one disk comparison."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[ByteSource, ByteSource], bool] = {}
+
+    def __call__(self, a: ByteSource, b: ByteSource) -> bool:
+        key = (a, b)
+        if key not in self._known:
+            self._known[key] = same_bytes(a, b)
+        return self._known[key]
+
+
+def _gaps(whole_a: ByteSource, whole_b: ByteSource, da: gpt.GptDisk, db: gpt.GptDisk, pa: list[Part],
+          pb: list[Part]) -> list[Difference | None]:  # fmt: skip
+    """Bytes of the usable area outside every partition, when both disks share one layout
+    (the whole disks are not compared byte by byte: see `compare_nodes`)."""
+    layout = [(p.entry.first_lba, p.entry.last_lba) for p in pa]
+    if (da.sector_size, da.first_usable, da.last_usable, layout) != \
+            (db.sector_size, db.first_usable, db.last_usable, [(p.entry.first_lba, p.entry.last_lba) for p in pb]):
+        return []  # a different layout is reported by the header and partition fields
+    out: list[Difference | None] = []
+    lba = da.first_usable
+    for first, last in sorted(layout) + [(da.last_usable + 1, da.last_usable + 1)]:
+        if first > lba:
+            off, n = lba * da.sector_size, (first - lba) * da.sector_size
+            if off + n <= min(whole_a.length, whole_b.length) and not same_bytes(whole_a.slice(off, n),
+                                                                                  whole_b.slice(off, n)):
+                out.append(Difference.of(f"unpartitioned bytes at offset {off}", "bytes",
+                                         comments=[f"{n} bytes outside every partition differ"], own=CONTENT))
+        lba = max(lba, last + 1)
+    return out
 
 
 class DiskComparator(Comparator, kinds={Kind.DISK}):
@@ -193,10 +244,13 @@ def verity_state(hash_src: ByteSource, data_src: ByteSource | None, signed_root:
 
 
 def compare_verity(name: str, a: ByteSource, b: ByteSource, data_a: ByteSource | None, data_b: ByteSource | None,
-                   signed_a: str | None = None, signed_b: str | None = None) -> Difference | None:  # fmt: skip
+                   signed_a: str | None = None, signed_b: str | None = None,
+                   trusted: bool = False) -> Difference | None:  # fmt: skip
+    """``trusted``: the data partitions were compared through these hash trees (`verity_trees`), so
+    the trees are taken to describe their data and are not recomputed."""
     sa, sb_ = verity_state(a, data_a, signed_a), verity_state(b, data_b, signed_b)
     pa, pb = sa.sb.params, sb_.sb.params
-    consistent = sa.matches_data is True and sb_.matches_data is True
+    consistent = trusted or (sa.matches_data is True and sb_.matches_data is True)
     # With both trees matching their data, the root hash only follows from the data partition.
     root_class = METADATA if consistent else CONTENT
     fields = [
@@ -210,7 +264,10 @@ def compare_verity(name: str, a: ByteSource, b: ByteSource, data_a: ByteSource |
         Field.of("data blocks", sa.sb.data_blocks, sb_.sb.data_blocks),
     ]
     comments = [f"{side}: {s.problem}" for side, s in (("first", sa), ("second", sb_)) if s.problem]
-    if consistent and sa.root_hash != sb_.root_hash:
+    if trusted and sa.root_hash != sb_.root_hash:
+        comments.append("the root hash change follows from the data partition (hash trees compared, not recomputed "
+                        "from the data: `reprobuild verify` checks an image against its tree)")
+    elif consistent and sa.root_hash != sb_.root_hash:
         comments.append("both hash trees match their data: the root hash change follows from the data partition")
     d = Difference.of(name, "verity", fields=fields, comments=comments)
     if d is None and not same_bytes(a, b):
@@ -231,11 +288,12 @@ def _yes(v: bool | None) -> str | None:
     return None if v is None else ("yes" if v else "no")
 
 
-def _verity_pair(x: Part, y: Part, pa: list[Part], pb: list[Part]) -> Difference | None:
+def _verity_pair(x: Part, y: Part, pa: list[Part], pb: list[Part],
+                 same: Callable[[ByteSource, ByteSource], bool] = same_bytes) -> Difference | None:  # fmt: skip
     role = _DATA_OF_HASH[x.role]  # type: ignore[index]
     xa, ya = _partner(pa, role), _partner(pb, role)
-    hash_same = same_bytes(x.source, y.source)
-    data_same = xa is not None and ya is not None and same_bytes(xa.source, ya.source)
+    hash_same = same(x.source, y.source)
+    data_same = xa is not None and ya is not None and same(xa.source, ya.source)
     if hash_same and data_same:
         return None
     sig_role = next(k for k, v in _HASH_OF_SIG.items() if v is x.role)
@@ -253,6 +311,95 @@ def _signed_root(parts: list[Part], sig_role: ids.Role) -> str | None:
         return veritysig.parse_verity_sig(p.source.read(1 << 20)).root_hash
     except FormatError:
         return None  # reported when the signature partitions are compared
+
+
+# -- verity hash trees as an index of changed blocks ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerityTrees:
+    """A data partition pair whose hash trees have the same shape: the blocks that differ."""
+
+    changed: ChangedBlocks
+    bytes_read: int  # of the two hash partitions
+
+
+def verity_trees(pa: list[Part], pb: list[Part]) -> dict[ids.Role, VerityTrees | str]:
+    """For each data role (root, usr) whose pair can be compared through its hash trees: which
+    data blocks differ. That needs, on both disks, an erofs data partition (the file system read
+    in place by `erofstree`) and a verity partition with the same salt, hash, block sizes and
+    data block count. For other pairs with verity on both sides: why not (they are compared by
+    bytes and extraction instead, and the output says so).
+    Cost: two superblocks, then two hash blocks per tree level per differing region.
+    """
+    out: dict[ids.Role, VerityTrees | str] = {}
+    for hash_role, data_role in _DATA_OF_HASH.items():
+        xa, ya, ha, hb = (_partner(pa, data_role), _partner(pb, data_role), _partner(pa, hash_role),
+                          _partner(pb, hash_role))  # fmt: skip
+        if xa is None or ya is None or ha is None or hb is None or xa.key != ya.key or ha.key != hb.key:
+            continue
+        if not (_is_erofs(xa.source) and _is_erofs(ya.source)):
+            out[data_role] = "not compared through the hash trees: only erofs is read in place"
+            continue
+        try:
+            sa = verity.parse_superblock(ha.source.head(verity.SB_SIZE))
+            sb = verity.parse_superblock(hb.source.head(verity.SB_SIZE))
+        except FormatError:
+            continue  # reported by the verity partition's own comparison
+        out[data_role] = "not compared through the hash trees: their salt, block sizes or data sizes differ"
+        if (sa.params.salt, sa.params.hash_name, sa.params.data_block_size, sa.params.hash_block_size,
+                sa.data_blocks) != (sb.params.salt, sb.params.hash_name, sb.params.data_block_size,
+                                    sb.params.hash_block_size, sb.data_blocks):  # fmt: skip
+            continue
+        bs = sa.params.data_block_size
+        covered = sa.data_blocks * bs
+        tree_end = (1 + sum(verity.level_sizes(sa.data_blocks, sa.params))) * sa.params.hash_block_size
+        if min(xa.source.length, ya.source.length) < covered or min(ha.source.length, hb.source.length) < tree_end:
+            continue
+        counter = [0]
+        try:
+            blocks = verity.changed_data_blocks(_reader(ha.source, counter), _reader(hb.source, counter), sa)
+        except FormatError:
+            continue
+        if blocks is None:
+            continue
+        changed = set(blocks)
+        # Bytes after the protected area (padding): compared directly; a difference there is
+        # reported as changed blocks that no file owns.
+        tail_a = xa.source.slice(covered, xa.source.length - covered)
+        tail_b = ya.source.slice(covered, ya.source.length - covered)
+        if not same_bytes(tail_a, tail_b):
+            changed.update(range(sa.data_blocks, -(-max(xa.source.length, ya.source.length) // bs)))
+        out[data_role] = VerityTrees(ChangedBlocks(frozenset(changed), bs, sa.data_blocks), counter[0])
+    return out
+
+
+def _reader(src: ByteSource, counter: list[int]) -> Callable[[int, int], bytes]:
+    """``read_at(offset, n)`` over ``src`` that adds what it reads to ``counter[0]``."""
+
+    def read_at(off: int, n: int) -> bytes:
+        counter[0] += n
+        return src.slice(off, n).head(n)
+
+    return read_at
+
+
+def _is_erofs(src: ByteSource) -> bool:
+    head = src.head(erofs.SUPER_OFFSET + 4)
+    return len(head) == erofs.SUPER_OFFSET + 4 and int.from_bytes(head[erofs.SUPER_OFFSET:], "little") == erofs.MAGIC
+
+
+def _tree_pair(x: Part, y: Part, tree: VerityTrees, ctx: DiffContext, depth: int) -> Difference | None:
+    ch = tree.changed
+    if not ch.blocks and x.source.length == y.source.length:
+        return None
+    note = (f"compared through the dm-verity hash trees: {len(ch.blocks)} of {ch.total} data blocks differ "
+            f"({tree.bytes_read // 1024} KiB of hash tree read)")  # fmt: skip
+    d = compare_nodes(x.label, Node(x.label, Kind.EROFS, x.source, changed=ch),
+                      Node(y.label, Kind.EROFS, y.source, changed=ch), ctx, depth + 1, strict=True)  # fmt: skip
+    if d is None:
+        return None
+    return replace(d, comments=(note, *d.comments))
 
 
 # -- verity signature ----------------------------------------------------------------------------
@@ -315,10 +462,11 @@ class VeritySigComparator(Comparator, kinds={Kind.VERITY_SIG}):
         return compare_verity_sig(name, a.source, b.source, None, None)
 
 
-def _sig_pair(x: Part, y: Part, pa: list[Part], pb: list[Part]) -> Difference | None:
+def _sig_pair(x: Part, y: Part, pa: list[Part], pb: list[Part],
+              same: Callable[[ByteSource, ByteSource], bool] = same_bytes) -> Difference | None:  # fmt: skip
     hash_role = _HASH_OF_SIG[x.role]  # type: ignore[index]
     ha, hb = _partner(pa, hash_role), _partner(pb, hash_role)
-    if same_bytes(x.source, y.source) and (ha is None or hb is None or same_bytes(ha.source, hb.source)):
+    if same(x.source, y.source) and (ha is None or hb is None or same(ha.source, hb.source)):
         return None
     ra = verity_state(ha.source, None).root_hash if ha else None
     rb = verity_state(hb.source, None).root_hash if hb else None

@@ -5,9 +5,11 @@ directory, with file metadata when it is a member of a file tree. A :class:`Cont
 ``member_names()`` and opens ``member(name)``; file trees (directories, extracted file systems,
 tar and cpio archives) are `TreeContainer`s whose member names are relative paths.
 
-File systems are read without mounting and without root: the standard tools extract them into
-a temporary directory (``fsck.erofs --extract``, ``unsquashfs``, ``debugfs rdump``, ``mcopy``),
-bounded in time and in file size; a missing tool raises `ToolMissing` naming its package.
+File systems are read without mounting and without root. erofs is read in place by
+`diff/erofstree.py`; the others (and an erofs that reader refuses, e.g. a compressed one) are
+extracted by the standard tools into a temporary directory (``fsck.erofs --extract``,
+``unsquashfs``, ``debugfs rdump``, ``mcopy``), bounded in time and in file size; a missing tool
+raises `ToolMissing` naming its package.
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ class FileMeta:
 
 
 @dataclass(frozen=True)
+class ChangedBlocks:
+    """Which ``unit``-byte blocks of a partition differ from the other side's (from the dm-verity
+    hash trees), so a comparator can skip everything else without reading it."""
+
+    blocks: frozenset[int]
+    unit: int
+    total: int  # blocks covered by the trees
+
+
+@dataclass(frozen=True)
 class Node:
     """Something to compare. ``kind`` None means "detect from the bytes when needed"."""
 
@@ -75,6 +87,7 @@ class Node:
     source: ByteSource | None = None
     directory: Path | None = None
     meta: FileMeta | None = None
+    changed: ChangedBlocks | None = None  # set by the disk comparator for verity-protected pairs
 
     def resolved_kind(self) -> Kind:
         if self.kind is not None:
@@ -150,6 +163,7 @@ class TreeContainer(Container):
 
     reliable: frozenset[str] = frozenset({"type", "mode", "uid", "gid", "size", "mtime", "target", "xattrs", "rdev"})
     label: str = "tree"
+    note: str | None = None  # how the tree was read, when the diff should say so
 
 
 ALL_FIELDS = TreeContainer.reliable

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from reprobuild.diff import disk as disk_mod
 from reprobuild.diff.base import Comparator, DiffContext, absorb, bytes_difference, compare_nodes
 from reprobuild.diff.detect import FILE_SYSTEMS, TREES, Kind
-from reprobuild.diff.difference import METADATA, Difference, Field
+from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field
+from reprobuild.diff.erofstree import ErofsTree
 from reprobuild.diff.open import (
     CpioTree,
     DiffInputError,
@@ -17,6 +19,7 @@ from reprobuild.diff.open import (
     TreeContainer,
     extract_fs,
 )
+from reprobuild.image.erofs import ErofsUnsupported
 
 
 class TreeComparator(Comparator, kinds=TREES):
@@ -28,8 +31,37 @@ class TreeComparator(Comparator, kinds=TREES):
         return a in tree_like and b in tree_like and (a in TREES or b in TREES)
 
     def compare(self, name: str, a: Node, b: Node, ctx: DiffContext, depth: int) -> Difference | None:
-        ta, tb = open_tree(a, ctx, name), open_tree(b, ctx, name)
-        details = compare_trees(ta, tb, ctx, depth)
+        if a.changed is not None and a.resolved_kind() is b.resolved_kind() is Kind.EROFS:
+            # Through the verity trees: the second side reuses what the first read where both agree.
+            assert a.source is not None and b.source is not None
+            ta = _erofs_tree(a, ctx, name)
+            tb = _erofs_tree(b, ctx, name, ta if isinstance(ta, ErofsTree) else None)
+        else:
+            ta, tb = open_tree(a, ctx, name), open_tree(b, ctx, name)
+        notes = [n for n in dict.fromkeys((ta.note, tb.note)) if n]
+        same: Callable[[str], bool] | None = None
+        if a.changed is not None and isinstance(ta, ErofsTree) and isinstance(tb, ErofsTree):
+            ch = a.changed
+
+            def same(rel: str) -> bool:
+                return ta.unchanged(rel, tb, ch.blocks, ch.unit)
+
+        details = compare_trees(ta, tb, ctx, depth, same)
+        if isinstance(ta, ErofsTree) and isinstance(tb, ErofsTree):
+            notes.append(f"erofs read in place: {_kib(ta.bytes_read + tb.bytes_read)} of metadata read "
+                         f"({len(ta.member_names())} + {len(tb.member_names())} entries)")  # fmt: skip
+        if not details and a.changed is not None:
+            # The trees say blocks differ, yet no file, directory or inode owning one of them does:
+            # the blocks are unused space or the superblock.
+            assert a.source is not None and b.source is not None
+            kind = a.resolved_kind()
+            fields = [f for f in disk_mod.superblock_fields(kind, a.source, b.source) if f is not None]
+            blocks = sorted(a.changed.blocks)
+            shown = ", ".join(map(str, blocks[:8])) + (" …" if len(blocks) > 8 else "")
+            comment = f"no file differs; {len(blocks)} changed block(s) ({shown}) belong to no file or inode"
+            if fields and blocks == [0]:
+                return Difference.of(name, kind.value, fields=fields, comments=[*notes, "only the superblock differs"])
+            return Difference.of(name, kind.value, fields=fields, comments=[*notes, comment], own=CONTENT)
         if not details and a.source is not None and b.source is not None:
             kind = a.resolved_kind()
             fields = [f for f in disk_mod.superblock_fields(kind, a.source, b.source) if f is not None]
@@ -42,7 +74,11 @@ class TreeComparator(Comparator, kinds=TREES):
                        "differs (xattrs, hard links or layout?)")
             return bytes_difference(name, a.source, b.source, [comment])
         kind = a.resolved_kind().value if a.resolved_kind() is b.resolved_kind() else "tree"
-        return Difference.of(name, kind, details=details)
+        return Difference.of(name, kind, details=details, comments=notes if details else ())
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.0f} KiB" if n < 10 << 20 else f"{n / (1 << 20):.1f} MiB"
 
 
 def open_tree(node: Node, ctx: DiffContext, what: str) -> TreeContainer:
@@ -60,13 +96,29 @@ def open_tree(node: Node, ctx: DiffContext, what: str) -> TreeContainer:
         return TarTree(node.source)
     if kind is Kind.CPIO:
         return CpioTree(node.source, ctx.options.memory_limit)
+    if kind is Kind.EROFS:
+        return _erofs_tree(node, ctx, what)
     if kind in FILE_SYSTEMS:
         return extract_fs(kind, node.source, ctx.temp.new(), what or node.name)
     raise DiffInputError(f"{node.name}: a {kind.value} is not a file tree")
 
 
-def compare_trees(ta: TreeContainer, tb: TreeContainer, ctx: DiffContext, depth: int) -> list[Difference]:
-    """Added, removed and changed files, in path order; each changed file is one node."""
+def _erofs_tree(node: Node, ctx: DiffContext, what: str, base: ErofsTree | None = None) -> TreeContainer:
+    """erofs read in place; a format the reader does not support is extracted with fsck.erofs."""
+    assert node.source is not None
+    try:
+        return ErofsTree(node.source, ctx.options.memory_limit, ctx.temp.new, node.changed, base)
+    except ErofsUnsupported as e:  # read by the external tool instead, and said so
+        tree = extract_fs(Kind.EROFS, node.source, ctx.temp.new(), what or node.name)
+        tree.note = f"{e.message}: extracted with fsck.erofs instead"
+        return tree
+
+
+def compare_trees(ta: TreeContainer, tb: TreeContainer, ctx: DiffContext, depth: int,
+                  same: Callable[[str], bool] | None = None) -> list[Difference]:  # fmt: skip
+    """Added, removed and changed files, in path order; each changed file is one node.
+
+    ``same(path)`` True means the path is known to be equal on both sides (not compared)."""
     reliable = ta.reliable & tb.reliable
     names_a, names_b = ta.member_names(), tb.member_names()
     set_a, set_b = set(names_a), set(names_b)
@@ -86,6 +138,8 @@ def compare_trees(ta: TreeContainer, tb: TreeContainer, ctx: DiffContext, depth:
                 inside = sum(1 for n in (names_a if tree is ta else names_b) if n.startswith(gone))
                 note = f"directory with {inside} entries" if inside else "empty directory"
             out.append(make(rel, "file", [note]))
+            continue
+        if same is not None and same(rel):
             continue
         d = compare_files(rel, ta.member(rel), tb.member(rel), reliable, ctx, depth)
         if d is not None:

@@ -15,7 +15,7 @@ import hmac
 import os
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -349,3 +349,46 @@ def check_blocks(image: BinaryIO, data_offset: int, hash_offset: int, root_hash:
         first += count
         left -= n
     return sb
+
+
+def changed_data_blocks(read_a: Callable[[int, int], bytes], read_b: Callable[[int, int], bytes],
+                        sb: VeritySuperblock) -> list[int] | None:  # fmt: skip
+    """The data blocks whose level-0 digests differ between two hash devices of the same shape.
+
+    ``read_x(offset, n)`` reads hash device x; both devices must have superblock ``sb`` (same
+    parameters and data block count — the caller checks). The stored trees are compared top
+    down: a hash block that is equal on both sides is not descended into, so two trees that
+    differ in k data blocks cost about k × (tree height) block reads instead of a pass over the
+    data. Returns None when there is no tree on disk (a single data block). Nothing is recomputed: each tree is trusted to describe its data
+    (`check_blocks` / `verify_verity` check that).
+    """
+    p = sb.params
+    hbs, per = p.hash_block_size, p.per_block
+    slot = hbs // per
+    sizes = level_sizes(sb.data_blocks, p)
+    if not sizes:
+        return None
+    starts = [0] * len(sizes)  # byte offset of each level on the hash device: top level first
+    off = hbs
+    for level in reversed(range(len(sizes))):
+        starts[level] = off
+        off += sizes[level] * hbs
+    todo = [0]  # differing block indices of the current level, starting with the single top block
+    for level in reversed(range(len(sizes))):
+        below = sizes[level - 1] if level else sb.data_blocks
+        nxt: list[int] = []
+        for index in todo:
+            x = read_a(starts[level] + index * hbs, hbs)
+            y = read_b(starts[level] + index * hbs, hbs)
+            if len(x) != hbs or len(y) != hbs:
+                raise VerityInvalid(f"hash device ends inside level {level} of the tree")
+            if x == y:
+                continue
+            for j in range(per):
+                child = index * per + j
+                if child >= below:
+                    break
+                if x[j * slot:(j + 1) * slot] != y[j * slot:(j + 1) * slot]:
+                    nxt.append(child)
+        todo = nxt
+    return todo

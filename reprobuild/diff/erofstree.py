@@ -1,0 +1,172 @@
+"""An erofs image as a file tree, read in place with `reprobuild.image.erofs` (no extraction).
+
+Every field of `FileMeta` is known (modes, owners, times, xattrs, devices), whoever runs the
+diff. File contents are byte ranges of the image where the file is contiguous, else read into
+memory up to the diff's memory limit, else copied to a temporary file. With ``changed_blocks``
+(the image blocks the dm-verity hash trees say differ from the other image), `unchanged` tells,
+without reading any data, that a path holds the same inode on both sides untouched by any
+changed block — so only the files that own a changed block are compared.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+from reprobuild.diff.open import ChangedBlocks, FileMeta, Node, TreeContainer
+from reprobuild.diff.source import ByteSource
+from reprobuild.image import erofs
+
+
+class ErofsTree(TreeContainer):
+    """The erofs file system in ``src``; raises ErofsInvalid / ErofsUnsupported (FormatErrors)."""
+
+    label = "erofs"
+
+    def __init__(self, src: ByteSource, memory_limit: int, new_temp: Callable[[], Path],
+                 changed: ChangedBlocks | None = None, base: ErofsTree | None = None) -> None:  # fmt: skip
+        """``changed`` with ``base`` (the other side's tree, read first): directories that are the
+        same inode on both sides and untouched by a changed block are not read again — their
+        entries, and the inodes of entries untouched too, are taken from ``base``."""
+        self._src = src
+        self._hit_cache: tuple[tuple[int, int], Callable[[range], bool]] | None = None
+        self._memory_limit = memory_limit
+        self._new_temp = new_temp
+        self._fd = -1
+        if src.data is None:
+            assert src.path is not None
+            self._fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
+            weakref.finalize(self, os.close, self._fd)  # closed when the tree is dropped
+        self.fs = erofs.Erofs(self._read_at, src.length)
+        self._dirs: dict[bytes, erofs.Inode] = {b"": self.fs.root()}  # "a/b/" -> its inode
+        self._children: dict[bytes, list[tuple[bytes, erofs.Inode]]] = {}
+        self._entries: dict[str, erofs.Inode] = {}
+        self._same: set[str] = set()  # paths known equal to ``base``'s without reading them
+        known = None
+        if changed is not None and base is not None and base.fs.block_size == self.fs.block_size:
+            known = self._known_from(base, changed)
+        for prefix, name, ino in self.fs.walk(known):
+            self._children.setdefault(prefix, []).append((name, ino))
+            path = prefix + name
+            if ino.type == "directory":
+                self._dirs[path + b"/"] = ino
+            self._entries[os.fsdecode(path)] = ino
+
+    def _known_from(self, base: ErofsTree, changed: ChangedBlocks) -> Callable[[bytes, erofs.Inode],
+                                                                              list[tuple[bytes, erofs.Inode]] | None]:  # fmt: skip
+        def known(prefix: bytes, d: erofs.Inode) -> list[tuple[bytes, erofs.Inode]] | None:
+            other = base._dirs.get(prefix)
+            if other is None or other.nid != d.nid or d.meta_offset != other.meta_offset:
+                return None
+            if any(self._touched(b, changed.blocks, changed.unit) for b in base.fs.blocks_of(other)):
+                return None  # the directory itself changed: read it
+            hit = self._hit(changed.blocks, changed.unit)
+            out = []
+            for name, ino in base._children.get(prefix, []):
+                if not any(hit(r) for r in base._ranges(ino)):
+                    self._same.add(os.fsdecode(prefix + name))  # nothing it depends on changed
+                elif hit(base.fs.meta_blocks(ino)):
+                    ino = self.fs.inode(ino.nid)  # same slot, other bytes: read this side's inode
+                out.append((name, ino))
+            return out
+
+        return known
+
+    def _read_at(self, offset: int, n: int) -> bytes:
+        if self._src.data is not None:
+            return self._src.data[offset:offset + n]
+        return os.pread(self._fd, n, self._src.offset + offset)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of the image read so far (metadata; file contents go through `member` sources)."""
+        return self.fs.bytes_read
+
+    def member_names(self) -> list[str]:
+        return sorted(self._entries, key=lambda n: n.encode("utf-8", "surrogateescape"))
+
+    def member(self, name: str) -> Node:
+        ino = self._entries[name]
+        ftype = ino.type
+        target = os.fsdecode(self.fs.readlink(ino)) if ftype == "symlink" else None
+        xattrs = self.fs.xattrs(ino)
+        meta = FileMeta(ftype, ino.mode & 0o7777, ino.uid, ino.gid, ino.size if ftype == "file" else 0, ino.mtime,
+                        target, xattrs, ino.device if ftype.endswith("device") else None)  # fmt: skip
+        return Node(name, None, self._content(name, ino) if ftype == "file" else None, meta=meta)
+
+    def _content(self, name: str, ino: erofs.Inode) -> ByteSource:
+        ext = ino.extents
+        if not ext:
+            return ByteSource.of_bytes(b"")
+        if len(ext) == 1 and ext[0].offset is not None:
+            return self._src.slice(ext[0].offset, ext[0].length)  # in place, never copied
+        if ino.size <= self._memory_limit:
+            return ByteSource.of_bytes(self.fs.read_data(ino, self._memory_limit))
+        limit = max(1 << 30, 64 * self._src.length)  # as for extraction tools (diff/open.py)
+        if ino.size > limit:  # sparse (chunk holes): never write more than this to disk
+            raise erofs.ErofsInvalid(f"erofs: {name} claims {ino.size} bytes, more than {limit} for this image")
+        out = self._new_temp() / "file"
+        with open(out, "wb") as f:
+            f.writelines(self.fs.iter_data(ino))
+        return ByteSource.of_file(out)
+
+    def unchanged(self, name: str, other: ErofsTree, changed: frozenset[int], unit: int) -> bool:
+        """True when ``name`` is known to be the same on both sides without reading its data.
+
+        The same inode (nid) untouched by any changed ``unit``-byte block; or, when inodes moved
+        (a file added earlier in the tree shifts every later inode), the same attributes and
+        xattrs and the same data blocks, none of them changed (an inline tail is compared)."""
+        if name in other._same:
+            return True
+        a, b = self._entries.get(name), other._entries.get(name)
+        if a is None or b is None:
+            return False
+        hit = self._hit(changed, unit)
+        if a.nid == b.nid and not any(hit(r) for r in self._ranges(a)):
+            return True
+        if (a.mode, a.uid, a.gid, a.size, a.mtime, a.rdev) != (b.mode, b.uid, b.gid, b.size, b.mtime, b.rdev):
+            return False
+        if len(a.extents) != len(b.extents):
+            return False
+        bs = self.fs.block_size
+        for x, y in zip(a.extents, b.extents, strict=True):
+            if x.length != y.length or (x.offset is None) != (y.offset is None):
+                return False
+            if x.offset is None or y.offset is None:
+                continue
+            if x.offset == y.offset and x.offset % bs == 0 and not hit(range(x.offset // bs,
+                                                                              (x.offset + x.length - 1) // bs + 1)):
+                continue
+            if x.length > bs or self.fs.read_meta(x.offset, x.length) != other.fs.read_meta(y.offset, y.length):
+                return False  # moved or changed data: compared by the caller
+        return not (a.xattr_size or b.xattr_size) or self.fs.xattrs(a) == other.fs.xattrs(b)
+
+    def _ranges(self, ino: erofs.Inode) -> list[range]:
+        """The inode's blocks as ranges: its metadata, shared xattrs, then each data extent."""
+        bs = self.fs.block_size
+        if ino.shared_xattrs:  # rare: every block, one by one
+            return [range(b, b + 1) for b in self.fs.blocks_of(ino)]
+        out = [self.fs.meta_blocks(ino)]
+        out.extend(range(e.offset // bs, (e.offset + e.length - 1) // bs + 1) for e in ino.extents
+                   if e.offset is not None and e.length)  # fmt: skip
+        return out
+
+    def _hit(self, changed: frozenset[int], unit: int) -> Callable[[range], bool]:
+        """``hit(blocks)``: does a range of this image's blocks overlap a changed unit-byte block?"""
+        key = (id(changed), unit)
+        if self._hit_cache is None or self._hit_cache[0] != key:
+            bs = self.fs.block_size
+            mine = sorted({b for c in changed for b in range(c * unit // bs, ((c + 1) * unit - 1) // bs + 1)})
+
+            def hit(r: range) -> bool:
+                i = bisect.bisect_left(mine, r.start)
+                return i < len(mine) and mine[i] < r.stop
+
+            self._hit_cache = (key, hit)
+        return self._hit_cache[1]
+
+    def _touched(self, blk: int, changed: frozenset[int], unit: int) -> bool:
+        return self._hit(changed, unit)(range(blk, blk + 1))
