@@ -1,0 +1,347 @@
+"""OCI registries: references, credentials, the pushed layout, and ``publish``/``verify REFERENCE``
+end to end against Debian's real docker-registry (tests/registry_fixture.py), once over plain
+HTTP on 127.0.0.1 and once over TLS (a CA made by the test) with basic auth (htpasswd, bcrypt).
+
+* an ``oci`` output built hermetically (the one-package fixture definition) is published, Debian's
+  skopeo inspects it (same digest) and copies it into an OCI layout, and ``verify REFERENCE`` pulls
+  it by digest and passes every check, the rebuild included;
+* a signed DDI (tests/test_verify.py's miniature) with its provenance is published as an artifact
+  with the lock, the SBOMs and the provenance attached through the OCI 1.1 fallback tag (this
+  registry has no referrers API), and verified by reference over TLS with the password on stdin
+  or from REGISTRY_AUTH_FILE;
+* a blob altered in the registry's storage directory makes verify fail with a one-line message,
+  a wrong password gives the one-line 401 error, a non-loopback registry without TLS is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from fixtures.make_host_base import build_host_base
+from reprobuild import keys
+from reprobuild.errors import FormatError, UsageError
+from reprobuild.lockfile import save_lock
+from reprobuild.provenance import write_provenance
+from reprobuild.registry.auth import credentials_from_auths, find_credentials, parse_challenge
+from reprobuild.registry.layout import (
+    ARTIFACT_CYCLONEDX,
+    ARTIFACT_DDI,
+    ARTIFACT_LOCK,
+    ARTIFACT_PROVENANCE,
+    ARTIFACT_SPDX,
+    fallback_tag,
+    merge_referrers,
+    parse_index,
+)
+from reprobuild.registry.reference import Reference, is_loopback, looks_like_reference, parse_reference
+from reprobuild.x509 import generate_rsa_key_and_certificate
+from tests.check_fixture import make_definition
+from tests.registry_fixture import PASSWORD, USER, Registry, needs_registry, start_registry
+from tests.test_verify import build_image, make_lock
+
+REPO = Path(__file__).resolve().parent.parent
+HEX = "ab" * 32
+
+
+# -- pure parts ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("127.0.0.1:5000/images/demo:1", Reference("127.0.0.1:5000", "images/demo", "1")),
+    ("oci://localhost/demo", Reference("localhost", "demo")),
+    (f"registry.example.org/a/b-c_d@sha256:{HEX}", Reference("registry.example.org", "a/b-c_d", None, f"sha256:{HEX}")),
+    (f"[::1]:5000/x:v1.2@sha256:{HEX}", Reference("[::1]:5000", "x", "v1.2", f"sha256:{HEX}")),
+    ("docker.io/debian:trixie", Reference("docker.io", "library/debian", "trixie")),
+])  # fmt: skip
+def test_parse_reference(text: str, expected: Reference) -> None:
+    assert parse_reference(text) == expected
+    assert str(parse_reference(str(expected))) == str(expected)
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("demo:1", "no repository"),
+    ("images/demo:1", "does not name a registry"),
+    ("127.0.0.1:5000/Images/demo", "lowercase"),
+    ("127.0.0.1:5000/demo:-bad", "tag"),
+    ("127.0.0.1:5000/demo@sha256:1234", "digest"),
+    ("127.0.0.1:5000/", "no repository"),
+])  # fmt: skip
+def test_bad_references_are_one_line_errors(text: str, why: str) -> None:
+    with pytest.raises(UsageError, match=why) as e:
+        parse_reference(text)
+    assert "\n" not in e.value.message
+    assert not looks_like_reference(text) or text.startswith("oci://")
+
+
+def test_loopback() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("127.1.2.3") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("192.0.2.2") and not is_loopback("localhost.example.org") and not is_loopback("::2")
+    assert parse_reference("[::1]:5000/x").loopback and not parse_reference("example.org/x").loopback
+
+
+def test_credentials_from_auth_files(tmp_path: Path) -> None:
+    auth = base64.b64encode(b"alice:pa:ss").decode()
+    doc = {"auths": {"https://registry.example.org:5000/v2/": {"auth": auth}, "other.org": {"auth": "x"}}}
+    creds = credentials_from_auths(doc, "registry.example.org:5000", "f")
+    assert (creds.username, creds.password) == ("alice", "pa:ss") and "pa:ss" not in repr(creds)
+    assert credentials_from_auths(doc, "registry.example.org", "f") is None
+    docker = {"auths": {"https://index.docker.io/v1/": {"username": "bob", "password": "pw"}}}
+    assert credentials_from_auths(docker, "docker.io", "f").username == "bob"
+    with pytest.raises(UsageError, match="not base64"):
+        credentials_from_auths({"auths": {"r.org": {"auth": "!!"}}}, "r.org", "f")
+    # REGISTRY_AUTH_FILE first, then ~/.docker/config.json
+    (tmp_path / ".docker").mkdir()
+    (tmp_path / ".docker" / "config.json").write_text(json.dumps({"auths": {"r.org": {"auth": auth}}}))
+    (tmp_path / "auth.json").write_text(json.dumps({"auths": {"r.org": {"username": "carol", "password": "x"}}}))
+    assert find_credentials("r.org", {"HOME": str(tmp_path)}).username == "alice"
+    env = {"HOME": str(tmp_path), "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
+    assert find_credentials("r.org", env).username == "carol"
+    assert find_credentials("s.org", env) is None
+    (tmp_path / "auth.json").write_text("{")
+    with pytest.raises(UsageError, match="unreadable registry credentials"):
+        find_credentials("r.org", env)
+
+
+def test_challenges() -> None:
+    c = parse_challenge('Bearer realm="https://auth.example.org/token",service="registry.example.org",'
+                        'scope="repository:a/b:pull"')  # fmt: skip
+    assert c.scheme == "bearer" and c.params == {"realm": "https://auth.example.org/token",
+                                                 "service": "registry.example.org", "scope": "repository:a/b:pull"}
+    assert parse_challenge('Basic realm="test"').scheme == "basic"
+    assert parse_challenge("") is None
+
+
+def test_fallback_index() -> None:
+    assert fallback_tag(f"sha256:{HEX}") == f"sha256-{HEX}"
+    a = {"mediaType": "m", "digest": "sha256:" + "2" * 64, "size": 1, "artifactType": "t"}
+    b = {**a, "digest": "sha256:" + "1" * 64}
+    one = merge_referrers(None, [a])
+    both = merge_referrers(one, [b, a])
+    assert [d["digest"] for d in parse_index(both)] == [b["digest"], a["digest"]]
+    assert merge_referrers(both, [a]) == both  # pushing again changes nothing
+    with pytest.raises(FormatError):
+        parse_index(b'{"manifests": 3}')
+
+
+# -- against docker-registry ---------------------------------------------------------------------
+
+
+def _cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, **(env or {})}
+    full.pop("SOURCE_DATE_EPOCH", None)
+    full.pop("REQUESTS_CA_BUNDLE", None)
+    full["HOME"] = full.get("TEST_HOME", full.get("HOME", "/nonexistent"))
+    return subprocess.run([sys.executable, "-m", "reprobuild", *args], env=full, text=True, capture_output=True,
+                          timeout=600, cwd=REPO, input=stdin, check=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory):
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry is not installed (make apt)")
+    registry = start_registry(tmp_path_factory.mktemp("registry-plain"), tls=False)
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory):
+    if shutil.which("docker-registry") is None or shutil.which("htpasswd") is None:
+        pytest.skip("docker-registry and htpasswd are not installed (make apt)")
+    registry = start_registry(tmp_path_factory.mktemp("registry-tls"), tls=True)
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="module")
+def oci_output(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The fixture definition built -f oci (offline, from its store) with a LockKey= that signs the
+    provenance; the lock signed with it too."""
+    root = tmp_path_factory.mktemp("oci-publish")
+    d = make_definition(root, "http://127.0.0.1:9/unused", leak=False, base_deb=build_host_base(root / "base"))
+    key, pub = keys.generate_keypair(root / "keys" / "lock")
+    with open(d / "reprobuild.conf", "a") as conf:  # LockKey= is not in the lock's config digest
+        conf.write(f"\n[Signing]\nLockKey={key}\n")
+    store = root / "store"
+    r = _cli("build", "-C", str(d), "--locked", "--offline", "-f", "oci", "--store", str(store),
+             "-o", str(d / "out"))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    lock = d / "reprobuild.lock"
+    lock.with_name("reprobuild.lock.sig").write_bytes(keys.sign_lock(lock.read_bytes(), keys.open_lock_signer(key, {})))
+    return {"definition": d, "out": d / "out", "store": store, "pub": pub}
+
+
+@pytest.fixture(scope="module")
+def ddi_output(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """tests/test_verify.py's signed miniature DDI with its signed lock and provenance."""
+    d = tmp_path_factory.mktemp("ddi-publish")
+    key, pub = keys.generate_keypair(d / "keys" / "lock")
+    verity_pair = generate_rsa_key_and_certificate("test verity")
+    sb_pair = generate_rsa_key_and_certificate("test secure boot")
+    (d / "keys" / "verity.crt").write_bytes(verity_pair[1])
+    (d / "keys" / "sb.crt").write_bytes(sb_pair[1])
+    lock = make_lock()
+    lock_path = d / "reprobuild.lock"
+    data = save_lock(lock, lock_path)
+    lock_path.with_name("reprobuild.lock.sig").write_bytes(keys.sign_lock(data, keys.open_lock_signer(key, {})))
+    image = build_image(d / "out", lock, verity_pair, sb_pair)
+    manifest = json.loads((d / "out" / "image.raw.manifest.json").read_text())
+    write_provenance(lock, lock_path, manifest, d / "out", keys.open_lock_signer(key, {}), ["reprobuild", "build"])
+    return {"out": image.parent, "pub": pub, "verity": d / "keys" / "verity.crt", "sb": d / "keys" / "sb.crt",
+            "image": image}
+
+
+@needs_registry
+def test_publish_and_verify_oci_image(plain: Registry, oci_output: dict[str, Path], tmp_path: Path) -> None:
+    ref = f"{plain.address}/reprobuild/fixture:1"
+    r = _cli("publish", str(oci_output["out"]), ref, "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    manifest = json.loads((oci_output["out"] / "image.oci.tar.manifest.json").read_text())
+    assert result["digest"] == "sha256:" + manifest["oci"]["index_digest"].removeprefix("sha256:")
+    assert result["kind"] == "oci" and result["referrers_api"] is False
+    assert {p["artifactType"] for p in result["referrers"]} == {ARTIFACT_LOCK, ARTIFACT_SPDX, ARTIFACT_CYCLONEDX,
+                                                                ARTIFACT_PROVENANCE}  # fmt: skip
+    # Publishing again uploads nothing and gives the same digest.
+    again = json.loads(_cli("publish", str(oci_output["out"]), ref, "--json").stdout)
+    assert again["digest"] == result["digest"] and again["uploaded_blobs"] == 0
+
+    # Debian's skopeo reads it as an image (the tag names the archive's index, whose one manifest
+    # is the archive's), and copies it into an OCI layout with the same layer.
+    inspect = subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+    info = json.loads(inspect.stdout)
+    assert info["Digest"] == result["digest"] and info["Layers"] == [manifest["oci"]["layer_digest"]]
+    assert info["Architecture"] == "amd64" and info["Os"] == "linux"
+    subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}",
+                    f"oci:{tmp_path / 'layout'}:copied"], check=True, capture_output=True)  # fmt: skip
+    layer = manifest["oci"]["layer_digest"].removeprefix("sha256:")
+    copied = tmp_path / "layout" / "blobs" / "sha256" / layer
+    assert hashlib.sha256(copied.read_bytes()).hexdigest() == layer
+
+    # verify by reference: pulled by digest, the attached lock, every local check, the rebuild.
+    v = _cli("verify", ref, "--trusted-key", str(oci_output["pub"]), "-C", str(oci_output["definition"]),
+             "--store", str(oci_output["store"]), "--json")  # fmt: skip
+    report = json.loads(v.stdout)
+    status = {c["name"]: c["status"] for c in report["checks"]}
+    assert v.returncode == 0, (v.stderr, status)
+    assert status["registry"] == "passed" and status["lock-signature"] == "passed"
+    assert status["image-digest"] == "passed" and status["installed-packages"] == "passed"
+    assert status["rebuild"] == "passed" and status["provenance"] == "passed"
+    assert report["image"] == f"{ref}@{result['digest']}"
+
+
+@needs_registry
+def test_publish_and_verify_ddi_over_tls(tls: Registry, ddi_output: dict[str, Path], tmp_path: Path) -> None:
+    ref = f"{tls.address}/reprobuild/ddi:v1"
+    access = ("--ca-cert", str(tls.ca))
+    r = _cli("publish", str(ddi_output["out"]), ref, "--lock", str(ddi_output["out"].parent / "reprobuild.lock"),
+             *access, "--username", USER, "--password-stdin", "--json", stdin=PASSWORD + "\n")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["kind"] == "disk" and result["fallback_tag"] == fallback_tag(result["digest"])
+    assert len(result["referrers"]) == 4
+
+    # skopeo sees the artifact and the fallback referrers index (raw manifests).
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    shutil.copy(tls.ca, certs / "ca.crt")
+    skopeo = ["skopeo", "inspect", "--raw", "--cert-dir", str(certs), "--creds", f"{USER}:{PASSWORD}"]
+    raw = subprocess.run([*skopeo, f"docker://{ref}"], capture_output=True, check=True).stdout
+    assert json.loads(raw)["artifactType"] == ARTIFACT_DDI
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == result["digest"]
+    fallback = json.loads(subprocess.run([*skopeo, f"docker://{tls.address}/reprobuild/ddi:{result['fallback_tag']}"],
+                                         capture_output=True, check=True).stdout)  # fmt: skip
+    assert sorted(d["digest"] for d in fallback["manifests"]) == sorted(p["digest"] for p in result["referrers"])
+
+    # Credentials from REGISTRY_AUTH_FILE; verify pinned by digest.
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"auths": {tls.address: {"auth": base64.b64encode(
+        f"{USER}:{PASSWORD}".encode()).decode()}}}))  # fmt: skip
+    args = ("--trusted-key", str(ddi_output["pub"]), "--certificate", str(ddi_output["verity"]),
+            "--certificate", str(ddi_output["sb"]), "--no-rebuild", *access)  # fmt: skip
+    for target in (ref, f"oci://{tls.address}/reprobuild/ddi@{result['digest']}"):
+        v = _cli("verify", target, *args, "--json", env={"REGISTRY_AUTH_FILE": str(auth)})
+        report = json.loads(v.stdout)
+        status = {c["name"]: c["status"] for c in report["checks"]}
+        assert v.returncode == 0, (v.stderr, status)
+        for name in ("registry", "lock-signature", "manifest-lock", "image-digest", "gpt", "partition-hashes",
+                     "verity-root-hash", "verity-signature", "uki-signature", "provenance"):
+            assert status[name] == "passed", (name, report)
+
+    # A wrong password: one line naming the 401.
+    bad = _cli("verify", ref, *args, "--username", USER, "--password-stdin", stdin="wrong\n")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert bad.stderr.count("\n") <= 2 and "401 Unauthorized" in bad.stderr, bad.stderr
+    # No credentials at all.
+    none = _cli("verify", ref, *args)
+    assert none.returncode != 0 and "no credentials found" in none.stderr, none.stderr
+    # Without the CA the TLS check fails (one line, no fallback to HTTP: 127.0.0.1 would allow it,
+    # but the registry speaks only TLS).
+    no_ca = _cli("verify", ref, *args[:-2], env={"REGISTRY_AUTH_FILE": str(auth)})
+    assert no_ca.returncode != 0 and "Traceback" not in no_ca.stderr and "certificate" in no_ca.stderr.lower()
+
+    # Tampering with the disk's blob in the registry's storage: verify refuses it.
+    disk_digest = "sha256:" + json.loads((ddi_output["out"] / "image.raw.manifest.json").read_text())["sha256"]
+    blob = tls.blob_file(disk_digest)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 1
+    blob.write_bytes(bytes(data))
+    t = _cli("verify", ref, *args, env={"REGISTRY_AUTH_FILE": str(auth)})
+    assert t.returncode != 0 and "Traceback" not in t.stderr
+    assert f"blob {disk_digest}" in t.stderr and "corrupt or tampered" in t.stderr, t.stderr
+
+
+def _non_loopback_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing address
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_plain_http_refused_off_loopback(tmp_path: Path) -> None:
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    server = http.server.ThreadingHTTPServer((address, 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        ref = f"{address}:{server.server_address[1]}/x/y:1"
+        r = _cli("verify", ref, "--no-rebuild")
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert "TLS failed" in r.stderr and "--insecure" in r.stderr, r.stderr
+        # With --insecure it speaks plain HTTP (and finds no registry there: this server answers 501).
+        r = _cli("verify", ref, "--no-rebuild", "--insecure")
+        assert r.returncode != 0 and "TLS failed" not in r.stderr and "server error 501" in r.stderr, r.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_usage_errors() -> None:
+    r = _cli("verify", "no-such-file.raw", "--no-rebuild")
+    assert r.returncode == 2 and "not a registry reference" in r.stderr
+    r = _cli("verify", "127.0.0.1:1/x:y", "--lock", "x.lock", "--no-rebuild")
+    assert r.returncode == 2 and "attached lock" in r.stderr
+    r = _cli("verify", "127.0.0.1:1/x:y")
+    assert r.returncode == 2 and "-C DIR" in r.stderr
+    r = _cli("publish", str(REPO / "docs"), "127.0.0.1:1/x:y")
+    assert r.returncode == 2 and "holds no image.oci.tar" in r.stderr
+    r = _cli("verify", "127.0.0.1:1/x:y", "--no-rebuild")
+    assert r.returncode == 1 and "cannot connect" in r.stderr and r.stderr.count("\n") <= 2, r.stderr
