@@ -31,6 +31,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data", ("config", "lockfile", "manifest", "store", "fetch", "mirrors", "progress", "resolve", "preflight")),
     # The root tree: extraction, sandbox, install, settings, normalisation.
     ("rootfs", ("rootfs", "rootfs.*")),
+    # OCI registries: references, credentials, the HTTP client, the pushed layout (uses rootfs.oci's
+    # blob and JSON helpers).
+    ("registry", ("registry", "registry.*")),
     # Comparing images (used by the commands below, never using them).
     ("diff", ("diff", "diff.*")),
     # The build pipeline: stage interface, runner, context, the cache and the tool runners.
@@ -39,7 +42,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("stages", ("stages", "stages.*")),
     # Commands' library halves: lock, build (plan + run + publish), verify, check, attestations.
     ("commands", ("lock", "build", "provenance", "sbom", "verify", "check", "vm", "nspawn", "storeinfo",
-                  "audit", "release")),
+                  "audit", "release", "publish", "verifyref")),
     # The command line: parses, calls, renders.
     ("cli", ("cli", "cli.*", "__main__")),
 )
