@@ -8,7 +8,9 @@
   SBOM as SPDX and as CycloneDX, and the in-toto provenance when the output directory holds it.
 
 A registry that answers the subject's ``PUT`` without ``OCI-Subject`` has no referrers API: the
-referrers are then listed in the fallback index tagged ``sha256-<hex>``. Layout: docs/registry.md.
+referrers are then listed in the fallback index tagged ``sha256-<hex>``. Everything is pushed by
+digest first; the reference's tag is set last, so it never names a subject without its
+attachments. Layout: docs/registry.md.
 """
 
 from __future__ import annotations
@@ -123,8 +125,8 @@ class _Pusher:
             self.say(f"uploaded {blob.digest[:19]}… ({blob.size} bytes)")
 
 
-def _push_oci(pusher: _Pusher, archive_path: Path, tag: str) -> Blob:
-    """Push the archive's blobs, its manifest, and its index under ``tag``; the index's Blob."""
+def _push_oci(pusher: _Pusher, archive_path: Path) -> Blob:
+    """Push the archive's blobs, its manifest and its index (by digest); the index's Blob."""
     try:
         with tarfile.open(archive_path) as tf:
             index_data = tf.extractfile("index.json").read()  # type: ignore[union-attr]
@@ -145,7 +147,7 @@ def _push_oci(pusher: _Pusher, archive_path: Path, tag: str) -> Blob:
         raise FormatError(f"{archive_path}: the manifest's sha256 is not the index's {desc['digest']}")
     pusher.client.put_manifest(manifest_blob.digest, manifest_data, MEDIA_MANIFEST)
     index_blob = _bytes_blob(MEDIA_INDEX, index_data)
-    pusher.client.put_manifest(tag, index_data, MEDIA_INDEX)
+    pusher.client.put_manifest(index_blob.digest, index_data, MEDIA_INDEX)
     return index_blob
 
 
@@ -170,7 +172,7 @@ def publish(output_dir: Path, ref: Reference, lock_path: Path, client: RegistryC
     epoch = lock.source_date_epoch
     say(f"pushing {image.name} to {ref.registry}/{ref.repository}:{tag}")
     if kind == "oci":
-        subject = _push_oci(pusher, image, tag)
+        subject = _push_oci(pusher, image)
     else:
         digest, size = _sha256_file(image)
         disk = FileBlob(Blob(MEDIA_DDI_DISK, digest, size, path=image), image.name)
@@ -179,7 +181,7 @@ def publish(output_dir: Path, ref: Reference, lock_path: Path, client: RegistryC
             pusher.blob(b)
         subject = artifact_manifest(ARTIFACT_DDI, [disk, man], epoch)
         assert subject.data is not None
-        client.put_manifest(tag, subject.data, MEDIA_MANIFEST)
+        client.put_manifest(subject.digest, subject.data, MEDIA_MANIFEST)
     result = PublishResult(f"{ref.registry}/{ref.repository}:{tag}@{subject.digest}", subject.digest,
                            subject.media_type, kind)  # fmt: skip
     subject_desc = subject.descriptor()
@@ -224,6 +226,9 @@ def publish(output_dir: Path, ref: Reference, lock_path: Path, client: RegistryC
         index = merge_referrers(existing.data if existing else None, descriptors)
         client.put_manifest(tag_name, index, MEDIA_INDEX)
         say(f"no referrers API: referrers listed under the tag {tag_name}")
+    # The tag moves last: a tag never names a subject whose attachments are not in place.
+    assert subject.data is not None
+    client.put_manifest(tag, subject.data, subject.media_type)
     result.referrers_api = api
     result.uploaded = pusher.uploaded
     return result

@@ -266,12 +266,10 @@ class RegistryClient:
         """GET a manifest by tag or digest. By digest its sha256 must match."""
         ok = (200, 404) if missing_ok else (200,)
         r = self._request("GET", f"manifests/{reference}", f"GET manifest {reference}", ok,
-                          headers={"Accept": MANIFEST_ACCEPT})  # fmt: skip
+                          headers={"Accept": MANIFEST_ACCEPT}, stream=True)  # fmt: skip
         if r.status_code == 404:
             return None
-        data = r.content
-        if len(data) > MAX_MANIFEST:
-            raise RegistryError(f"{self._where()}: manifest {reference} is larger than {MAX_MANIFEST} bytes")
+        data = self._bounded(r, f"manifest {reference}")
         digest = sha256_digest(data)
         if reference.startswith("sha256:") and digest != reference:
             raise RegistryError(f"{self._where()}: manifest {reference} has sha256 {digest[7:]}: corrupt or "
@@ -283,12 +281,21 @@ class RegistryClient:
         """The referrers API's index for ``digest``, or None if the registry has no such API
         (404: distribution spec "Listing Referrers" — then the fallback tag is read)."""
         r = self._request("GET", f"referrers/{digest}", f"GET referrers of {digest[:19]}…", (200, 404),
-                          headers={"Accept": "application/vnd.oci.image.index.v1+json"})  # fmt: skip
+                          headers={"Accept": "application/vnd.oci.image.index.v1+json"}, stream=True)  # fmt: skip
         if r.status_code == 404:
+            r.close()
             return None
-        if len(r.content) > MAX_MANIFEST:
-            raise RegistryError(f"{self._where()}: referrers index of {digest} is too large")
-        return r.content
+        return self._bounded(r, f"referrers index of {digest}")
+
+    def _bounded(self, r: requests.Response, what: str) -> bytes:
+        """A JSON response's body, refused beyond :data:`MAX_MANIFEST` bytes (read no further)."""
+        with r:
+            data = bytearray()
+            for chunk in r.iter_content(64 << 10):
+                data += chunk
+                if len(data) > MAX_MANIFEST:
+                    raise RegistryError(f"{self._where()}: {what} is larger than {MAX_MANIFEST} bytes, refused")
+        return bytes(data)
 
 
 def open_client(reference: str, env: Mapping[str, str], *, insecure: bool = False, ca_cert: Path | None = None,
