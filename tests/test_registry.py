@@ -345,3 +345,125 @@ def test_usage_errors() -> None:
     assert r.returncode == 2 and "holds no image.oci.tar" in r.stderr
     r = _cli("verify", "127.0.0.1:1/x:y", "--no-rebuild")
     assert r.returncode == 1 and "cannot connect" in r.stderr and r.stderr.count("\n") <= 2, r.stderr
+
+
+class _TokenRegistry(http.server.BaseHTTPRequestHandler):
+    """A minimal registry with Bearer token auth and the referrers API, for the client's flows that
+    Debian's docker-registry 2.8 does not offer (token auth needs a token server; it has no
+    referrers API). It records requests; manifests live in ``self.server.manifests``."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _authorized(self) -> bool:
+        if self.headers.get("Authorization") == "Bearer T0KEN":
+            return True
+        realm = f"http://{self.server.server_address[0]}:{self.server.server_address[1]}/token"  # type: ignore[attr-defined]
+        self._send(401, b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
+                   {"WWW-Authenticate": f'Bearer realm="{realm}",service="fake"'})  # fmt: skip
+        return False
+
+    def do_GET(self) -> None:
+        srv = self.server
+        if self.path.startswith("/token"):
+            srv.token_requests.append(self.path)  # type: ignore[attr-defined]
+            good = "Basic " + base64.b64encode(b"alice:pw").decode()
+            if self.headers.get("Authorization") != good:
+                self._send(401)
+                return
+            self._send(200, b'{"token": "T0KEN"}')
+            return
+        if not self._authorized():
+            return
+        if self.path == "/v2/":
+            self._send(200, b"{}")
+        elif self.path.startswith("/v2/x/y/referrers/"):
+            subject = self.path.rsplit("/", 1)[1]
+            found = [d for d, (data, _t) in srv.manifests.items()  # type: ignore[attr-defined]
+                     if json.loads(data).get("subject", {}).get("digest") == subject]
+            index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d,
+                 "size": len(srv.manifests[d][0]), "artifactType": json.loads(srv.manifests[d][0])["artifactType"]}  # type: ignore[attr-defined]
+                for d in found]}  # fmt: skip
+            self._send(200, json.dumps(index).encode(), {"Content-Type": "application/vnd.oci.image.index.v1+json"})
+        elif self.path.startswith("/v2/x/y/manifests/"):
+            ref = self.path.rsplit("/", 1)[1]
+            if ref not in srv.manifests:  # type: ignore[attr-defined]
+                self._send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}')
+                return
+            data, media = srv.manifests[ref]  # type: ignore[attr-defined]
+            self._send(200, data, {"Content-Type": media})
+        else:
+            self._send(404)
+
+    def do_PUT(self) -> None:
+        if not self._authorized():
+            return
+        data = self.rfile.read(int(self.headers["Content-Length"]))
+        ref = self.path.rsplit("/", 1)[1]
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        media = self.headers["Content-Type"]
+        self.server.manifests[ref] = self.server.manifests[digest] = (data, media)  # type: ignore[attr-defined]
+        subject = json.loads(data).get("subject")
+        headers = {"Docker-Content-Digest": digest, **({"OCI-Subject": subject["digest"]} if subject else {})}
+        self._send(201, b"", headers)
+
+
+def test_bearer_token_and_referrers_api() -> None:
+    """The Bearer challenge is answered with a token fetched with the user's credentials; a
+    referrer's PUT answered with OCI-Subject is listed by the referrers API (no fallback tag)."""
+    from reprobuild.registry.client import RegistryError, open_client
+    from reprobuild.registry.layout import artifact_manifest, referrer_descriptor
+    from reprobuild.verifyref import list_referrers
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TokenRegistry)
+    server.manifests = {}  # type: ignore[attr-defined]
+    server.token_requests = []  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        _ref, client = open_client(f"{address}/x/y:1", {}, username="alice", password="pw", push=True)
+        subject = artifact_manifest(ARTIFACT_DDI, [], 0)
+        client.put_manifest(subject.digest, subject.data, subject.media_type)
+        referrer = artifact_manifest(ARTIFACT_LOCK, [], 0, subject.descriptor())
+        r = client.put_manifest(referrer.digest, referrer.data, referrer.media_type)
+        assert r.headers["OCI-Subject"] == subject.digest
+        assert [d["digest"] for d in list_referrers(client, subject.digest)] == [referrer.digest]
+        assert referrer_descriptor(referrer)["artifactType"] == ARTIFACT_LOCK
+        assert len(server.token_requests) == 1  # type: ignore[attr-defined]
+        assert "scope=repository%3Ax%2Fy%3Apull%2Cpush" in server.token_requests[0]  # type: ignore[attr-defined]
+        assert "service=fake" in server.token_requests[0]  # type: ignore[attr-defined]
+        # Wrong credentials: the token service's 401, one line.
+        _ref, bad = open_client(f"{address}/x/y:1", {}, username="alice", password="no")
+        with pytest.raises(RegistryError, match="401 Unauthorized") as e:
+            bad.get_manifest(subject.digest)
+        assert "\n" not in e.value.message
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@needs_registry
+def test_two_publishers_at_once(plain: Registry, oci_output: dict[str, Path]) -> None:
+    """Two builders publishing the same output to one new repository at the same time both succeed
+    (blob uploads and manifest PUTs of equal bytes are idempotent) and agree on the digest."""
+    ref = f"{plain.address}/reprobuild/concurrent:1"
+    env = {**os.environ, "HOME": "/nonexistent"}
+    env.pop("REQUESTS_CA_BUNDLE", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "reprobuild", "publish", str(oci_output["out"]), ref, "--json"],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _out, err in results]
+    digests = {json.loads(out)["digest"] for out, _err in results}
+    assert len(digests) == 1
+    v = _cli("verify", ref, "--trusted-key", str(oci_output["pub"]), "--no-rebuild")
+    assert v.returncode == 0, v.stdout + v.stderr

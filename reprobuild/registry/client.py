@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urljoin
 
 import requests
@@ -28,6 +29,7 @@ from reprobuild.errors import ReprobuildError
 from reprobuild.registry.auth import Challenge, Credentials, find_credentials, parse_challenge
 from reprobuild.registry.reference import Reference, parse_reference
 
+T = TypeVar("T")
 MAX_MANIFEST = 4 << 20  # the distribution spec lets registries refuse manifests over 4 MiB
 MANIFEST_ACCEPT = ("application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, "
                    "application/vnd.docker.distribution.manifest.list.v2+json, "
@@ -37,6 +39,14 @@ _CHUNK = 1 << 20
 
 class RegistryError(ReprobuildError):
     """A registry refused a request, could not be reached, or sent bytes that do not match."""
+
+
+class TransientRegistryError(RegistryError):
+    """A write the registry may accept when repeated: a 5xx, or DIGEST_INVALID, which Debian's
+    docker-registry 2.8 answers when two clients write the same content at the same moment."""
+
+
+RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -194,7 +204,20 @@ class RegistryClient:
             message = f"{what} {target}: server error {code} {response.reason}"
         else:
             message = f"{what} {target}: HTTP {code} {response.reason}"
-        raise RegistryError(f"{self._where()}: {message}" + (f" ({detail})" if detail else ""))
+        error = TransientRegistryError if code >= 500 or detail.startswith("DIGEST_INVALID") else RegistryError
+        raise error(f"{self._where()}: {message}" + (f" ({detail})" if detail else ""))
+
+    def _retrying(self, write: Callable[[], T]) -> T:
+        """``write`` again (up to :data:`RETRIES` times, 0.2 s, 0.4 s apart) on a transient error;
+        every write reprobuild makes is idempotent (content-addressed blobs, manifests of equal bytes)."""
+        for attempt in range(RETRIES):
+            try:
+                return write()
+            except TransientRegistryError:
+                if attempt == RETRIES - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     # -- blobs --------------------------------------------------------------------------------
 
@@ -205,6 +228,17 @@ class RegistryClient:
     def push_blob(self, digest: str, size: int, data: bytes | None = None, path: Path | None = None,
                   stream: BinaryIO | None = None) -> bool:  # fmt: skip
         """Upload one blob (monolithic POST + PUT) unless the registry has it; True if uploaded."""
+        start = stream.tell() if stream is not None else 0
+
+        def attempt() -> bool:
+            if stream is not None:
+                stream.seek(start)
+            return self._push_blob(digest, size, data, path, stream)
+
+        return self._retrying(attempt)
+
+    def _push_blob(self, digest: str, size: int, data: bytes | None, path: Path | None,
+                   stream: BinaryIO | None) -> bool:  # fmt: skip
         if self.blob_exists(digest):
             return False
         r = self._request("POST", "blobs/uploads/", "start upload", (202,), headers={"Content-Length": "0"})
@@ -254,8 +288,8 @@ class RegistryClient:
     def put_manifest(self, reference: str, data: bytes, media_type: str) -> requests.Response:
         """PUT a manifest by tag or digest; the response's ``OCI-Subject`` header tells whether
         the registry processed a ``subject`` (referrers API)."""
-        r = self._request("PUT", f"manifests/{reference}", f"push manifest {reference}", (201,),
-                          headers={"Content-Type": media_type}, data=data)  # fmt: skip
+        r = self._retrying(lambda: self._request("PUT", f"manifests/{reference}", f"push manifest {reference}",
+                                                 (201,), headers={"Content-Type": media_type}, data=data))  # fmt: skip
         digest = sha256_digest(data)
         sent = r.headers.get("Docker-Content-Digest")
         if sent and sent != digest:
