@@ -14,7 +14,6 @@ the build manifest's when every blob is the original); a DDI as ``image.raw``. T
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,19 +98,28 @@ def _fetch_to(client: RegistryClient, desc: dict[str, Any], path: Path, max_size
 
 
 def pull(client: RegistryClient, ref: Reference, work: Path, say: Say = lambda _m: None) -> Pulled:
-    """Pull ``ref`` (by digest) and its lock and provenance referrers into ``work``."""
+    """Pull ``ref`` (by digest) and its lock and provenance referrers into ``work``. What the
+    registry sends is hostile input: a manifest without the fields it needs is a FormatError."""
+    try:
+        return _pull(client, ref, work, say)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise FormatError(f"{ref}: not an image reprobuild published (malformed manifest: {e!r})") from e
+
+
+def _pull(client: RegistryClient, ref: Reference, work: Path, say: Say) -> Pulled:
     digest = resolve(client, ref)
     say(f"{ref} is {digest}; pulling by digest")
     top = client.get_manifest(digest)
     assert top is not None
     count = 1
-    doc = json.loads(top.data) if top.data else {}
+    doc = parse_manifest(top.data)
     media_type = doc.get("mediaType") or top.media_type
     if media_type == MEDIA_INDEX:
         kind = "oci"
-        [desc] = parse_index(top.data)[:1] or [None]
-        if desc is None or desc.get("mediaType") != MEDIA_MANIFEST:
-            raise FormatError(f"{ref}: the index does not name an image manifest")
+        entries = parse_index(top.data)
+        if len(entries) != 1 or entries[0].get("mediaType") != MEDIA_MANIFEST:
+            raise FormatError(f"{ref}: the index does not name exactly one image manifest, as reprobuild's do")
+        desc = entries[0]
         manifest = client.get_manifest(desc["digest"])
         assert manifest is not None
         count += 1

@@ -242,6 +242,12 @@ def test_publish_and_verify_oci_image(plain: Registry, oci_output: dict[str, Pat
     assert status["rebuild"] == "passed" and status["provenance"] == "passed"
     assert report["image"] == f"{ref}@{result['digest']}"
 
+    # Not something reprobuild published (the referrers index itself), and a tag that does not exist.
+    other = _cli("verify", f"{plain.address}/reprobuild/fixture:{result['fallback_tag']}", "--no-rebuild")
+    assert other.returncode == 1 and "exactly one image manifest" in other.stderr, other.stderr
+    missing = _cli("verify", f"{plain.address}/reprobuild/fixture:nope", "--no-rebuild")
+    assert missing.returncode == 1 and "not found: 404" in missing.stderr and missing.stderr.count("\n") == 1
+
 
 @needs_registry
 def test_publish_and_verify_ddi_over_tls(tls: Registry, ddi_output: dict[str, Path], tmp_path: Path) -> None:
