@@ -2,7 +2,8 @@
 
 For each missing object the lock's URLs are tried in order, then every substituter (a plain
 HTTP base URL serving another store's ``objects/sha256/ab/<hex>`` layout, so any static web
-server over a store directory is a binary cache). A download is kept only if its size and
+server over a store directory is a binary cache; or ``oci://registry/repository``, whose blobs
+``reprobuild store push`` wrote, read anonymously). A download is kept only if its size and
 sha256 match; :meth:`reprobuild.store.Store.put_stream` checks both while streaming and never
 reads more than the expected size plus one chunk, so a hostile or broken server can neither
 place a wrong object in the store nor make us read forever.
@@ -26,6 +27,8 @@ import urllib3.exceptions
 from reprobuild import __version__
 from reprobuild.errors import FetchError
 from reprobuild.progress import NullProgress, Progress, format_bytes
+from reprobuild.registry.reference import PREFIX as OCI_PREFIX
+from reprobuild.registry.reference import substituter_blob_url
 from reprobuild.store import ObjectMismatch, Store, check_sha256, object_relpath
 
 NET_CHUNK = 256 * 1024
@@ -160,7 +163,10 @@ def make_session(jobs: int = 4) -> requests.Session:
 
 
 def substituter_url(base: str, sha256: str) -> str:
-    """Where a substituter serves an object: ``<base>/objects/sha256/ab/<hex>``."""
+    """Where a substituter serves an object: ``<base>/objects/sha256/ab/<hex>``, or for an OCI
+    registry (``oci://registry/repository``, docs/registry.md) the blob ``sha256:<hex>``."""
+    if base.startswith(OCI_PREFIX):
+        return substituter_blob_url(base, sha256)
     return f"{base.rstrip('/')}/{object_relpath(sha256)}"
 
 

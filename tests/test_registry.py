@@ -473,3 +473,47 @@ def test_two_publishers_at_once(plain: Registry, oci_output: dict[str, Path]) ->
     assert len(digests) == 1
     v = _cli("verify", ref, "--trusted-key", str(oci_output["pub"]), "--no-rebuild")
     assert v.returncode == 0, v.stdout + v.stderr
+
+
+@needs_registry
+def test_store_push_and_oci_substituter(oci_output: dict[str, Path], tmp_path: Path) -> None:
+    """``store push`` puts the lock's objects in a repository; a second builder with an empty store
+    fetches them through ``--substituter oci://…`` (the lock's own URL is dead) and builds the same
+    image offline; a blob altered in the registry's storage is refused by the fetch."""
+    registry = start_registry(tmp_path / "registry", tls=False)
+    try:
+        definition, lock = oci_output["definition"], oci_output["definition"] / "reprobuild.lock"
+        repo = f"{registry.address}/reprobuild/store"
+        pushed = [_cli("store", "push", repo, "--lock", str(lock), "--store", str(oci_output["store"]), "--json")
+                  for _ in range(2)]  # fmt: skip
+        assert [p.returncode for p in pushed] == [0, 0], pushed[0].stderr
+        first, second = (json.loads(p.stdout) for p in pushed)
+        assert first["objects"] == first["uploaded"] == 1 and second["uploaded"] == 0
+        assert first["digest"] == second["digest"] and ":lock-" in first["reference"]
+        manifest = json.loads(subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                                              f"docker://{first['reference'].split('@')[0]}"],
+                                             capture_output=True, check=True).stdout)  # fmt: skip
+        assert manifest["artifactType"] == "application/vnd.reprobuild.store.v1"
+        [layer] = manifest["layers"]
+        assert layer["mediaType"] == "application/vnd.debian.binary-package"
+        assert layer["annotations"]["org.opencontainers.image.title"].endswith(".deb")
+
+        fresh = tmp_path / "store2"
+        f = _cli("fetch", "-C", str(definition), "--store", str(fresh), "--substituter", f"oci://{repo}", "--json")
+        assert f.returncode == 0, f.stderr
+        b = _cli("build", "-C", str(definition), "--locked", "--offline", "-f", "oci", "--store", str(fresh),
+                 "-o", str(tmp_path / "out"))  # fmt: skip
+        assert b.returncode == 0, b.stderr[-2000:]
+        assert (tmp_path / "out" / "image.oci.tar").read_bytes() == (oci_output["out"] / "image.oci.tar").read_bytes()
+
+        blob = registry.blob_file(layer["digest"])
+        data = bytearray(blob.read_bytes())
+        data[100] ^= 0xFF
+        blob.write_bytes(bytes(data))
+        t = _cli("fetch", "-C", str(definition), "--store", str(tmp_path / "store3"), "--substituter", f"oci://{repo}")
+        assert t.returncode != 0 and "Traceback" not in t.stderr
+        assert "sha256 mismatch" in t.stderr, t.stderr
+        assert not [p for p in (tmp_path / "store3").rglob("*") if p.is_file() and p.parent.name != "tmp"
+                    and len(p.name) == 64]  # no object stored
+    finally:
+        registry.stop()

@@ -18,7 +18,15 @@ from pathlib import Path
 import click
 
 from reprobuild.cli import cli
-from reprobuild.cli.options import directory_option, json_option, quiet_option, rootless, store_option
+from reprobuild.cli.options import (
+    directory_option,
+    json_option,
+    quiet_option,
+    registry_client,
+    registry_options,
+    rootless,
+    store_option,
+)
 
 
 def open_store(store_path: Path | None):  # -> reprobuild.store.Store
@@ -153,6 +161,36 @@ def store_export_command(store_path: Path | None, lock_path: Path, output: Path,
     report = open_store(store_path).export_bundle(_lock_shas((lock_path,)), output)
     if not quiet:
         click.echo(f"{report.path}: {report.objects} object(s), {format_bytes(report.bytes)}", err=True)
+
+
+@store_group.command("push")
+@store_option
+@click.argument("reference")
+@click.option("--lock", "lock_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The lock whose package objects to push.")
+@registry_options
+@json_option
+@quiet_option
+def store_push_command(store_path: Path | None, reference: str, lock_path: Path, as_json: bool, quiet: bool,
+                       **registry: object) -> None:  # fmt: skip
+    """Push the package objects LOCK needs to the OCI repository REFERENCE (registry/repository[:tag]),
+    for builders with Substituters=oci://registry/repository. The tag defaults to lock-<lock digest>."""
+    from reprobuild.lockfile import load_lock
+    from reprobuild.progress import format_bytes, make_reporter
+    from reprobuild.storepush import push_store
+
+    ref, client = registry_client(reference, registry, push=True)
+    lock = load_lock(lock_path)
+    say = make_reporter(quiet or as_json)
+    try:
+        result = push_store(open_store(store_path), lock, ref, client, say)
+    finally:
+        say.close()
+    if as_json:
+        _echo_json(result.as_json())
+        return
+    click.echo(f"pushed {result.reference}: {result.objects} objects, {result.uploaded} uploaded "
+               f"({format_bytes(result.bytes_uploaded)})")
 
 
 @store_group.command("import")

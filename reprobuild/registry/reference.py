@@ -83,6 +83,16 @@ def looks_like_reference(text: str) -> bool:
     return True
 
 
+def substituter_blob_url(base: str, sha256: str) -> str:
+    """The URL of blob ``sha256:<hex>`` in the substituter ``oci://registry[:port]/repository``
+    (distribution spec ``GET /v2/<name>/blobs/<digest>``): HTTPS, plain HTTP on loopback."""
+    ref = parse_reference(base)
+    if ref.tag or ref.digest:
+        raise UsageError(f"{base}: a substituter names a repository, without a tag or digest")
+    scheme = "http" if ref.loopback else "https"
+    return f"{scheme}://{ref.endpoint}/v2/{ref.repository}/blobs/sha256:{sha256}"
+
+
 def parse_reference(text: str) -> Reference:
     """Parse ``text``; a malformed reference is a one-line :class:`UsageError`."""
     original = text
