@@ -139,10 +139,11 @@ def test_fallback_index() -> None:
 
 
 def _cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, **(env or {})}
-    full.pop("SOURCE_DATE_EPOCH", None)
-    full.pop("REQUESTS_CA_BUNDLE", None)
-    full["HOME"] = full.get("TEST_HOME", full.get("HOME", "/nonexistent"))
+    # The caller's registry settings never leak in: no CA bundle, no auth file, no Docker config.
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("SOURCE_DATE_EPOCH", "REQUESTS_CA_BUNDLE", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
+    full["DOCKER_CONFIG"] = "/nonexistent"
+    full.update(env or {})
     return subprocess.run([sys.executable, "-m", "reprobuild", *args], env=full, text=True, capture_output=True,
                           timeout=600, cwd=REPO, input=stdin, check=False)  # fmt: skip
 
@@ -286,6 +287,14 @@ def test_publish_and_verify_ddi_over_tls(tls: Registry, ddi_output: dict[str, Pa
         for name in ("registry", "lock-signature", "manifest-lock", "image-digest", "gpt", "partition-hashes",
                      "verity-root-hash", "verity-signature", "uki-signature", "provenance"):
             assert status[name] == "passed", (name, report)
+
+    # The CA from REQUESTS_CA_BUNDLE, the credentials from ~/.docker/config.json.
+    home = tmp_path / "home"
+    (home / ".docker").mkdir(parents=True)
+    shutil.copy(auth, home / ".docker" / "config.json")
+    v = _cli("verify", ref, *args[:-2], "--json", env={"HOME": str(home), "DOCKER_CONFIG": "",
+                                                       "REQUESTS_CA_BUNDLE": str(tls.ca)})  # fmt: skip
+    assert v.returncode == 0, v.stderr
 
     # A wrong password: one line naming the 401.
     bad = _cli("verify", ref, *args, "--username", USER, "--password-stdin", stdin="wrong\n")
