@@ -114,6 +114,19 @@ def test_credentials_from_auth_files(tmp_path: Path) -> None:
         find_credentials("r.org", env)
 
 
+def test_oci_substituters() -> None:
+    from reprobuild.config import parse_substituter
+    from reprobuild.fetch import substituter_url
+
+    assert parse_substituter("oci://127.0.0.1:5000/cache/debs") == "oci://127.0.0.1:5000/cache/debs"
+    assert substituter_url("oci://127.0.0.1:5000/cache/debs", HEX) == \
+        f"http://127.0.0.1:5000/v2/cache/debs/blobs/sha256:{HEX}"
+    assert substituter_url("oci://registry.example.org/c", HEX).startswith("https://registry.example.org/v2/c/")
+    for bad in ("oci://registry.example.org/c:tag", "oci://registry.example.org", "oci://Registry/x"):
+        with pytest.raises(ValueError, match="substituter|OCI reference"):
+            parse_substituter(bad)
+
+
 def test_challenges() -> None:
     c = parse_challenge('Bearer realm="https://auth.example.org/token",service="registry.example.org",'
                         'scope="repository:a/b:pull"')  # fmt: skip

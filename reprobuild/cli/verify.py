@@ -105,11 +105,12 @@ def verify_command(ctx: click.Context, image: str, lock_path: Path | None, trust
         ctx.exit(_audit(Path(image), lock_path, manifest, store_path, as_json, quiet))
     options = VerifyOptions(manifest=manifest, rebuild=not no_rebuild, definition=definition, store=store_path,
                             bundle=bundle, provenance=provenance, allow_unsigned=frozenset(allow_unsigned))  # fmt: skip
-    client = registry_client(image, registry) if remote else None
+    ref_and_client = registry_client(image, registry) if remote else None
     say = make_reporter(quiet or as_json)
     try:
-        if client is not None:
-            report = verify_reference(client[1], client[0], trusted_key, list(certificates), options, say=say,
+        if ref_and_client is not None:
+            ref, client = ref_and_client
+            report = verify_reference(client, ref, trusted_key, list(certificates), options, say=say,
                                       fetch_progress=say)  # fmt: skip
         else:
             assert lock_path is not None
