@@ -25,7 +25,7 @@ from reprobuild.ini import Assignment, read_with_dropins
 from reprobuild.lockfile import MAX_SOURCE_DATE_EPOCH
 from reprobuild.pkcs11uri import KeySource, parse_uri
 from reprobuild.registry.reference import PREFIX as OCI_PREFIX
-from reprobuild.registry.reference import substituter_blob_url
+from reprobuild.registry.reference import substituter_blob_urls
 
 CONFIG_NAME = "reprobuild.conf"
 DEFAULT_RELEASE = "trixie"  # Debian's current stable release
@@ -85,7 +85,7 @@ def parse_substituter(value: str) -> str:
     """An http(s):// or file:// store URL, or ``oci://registry[:port]/repository`` (docs/registry.md)."""
     if value.startswith(OCI_PREFIX):
         try:
-            substituter_blob_url(value, "0" * 64)
+            substituter_blob_urls(value, "0" * 64)
         except UsageError as e:
             raise ValueError(e.message) from None
         return value

@@ -116,12 +116,12 @@ def test_credentials_from_auth_files(tmp_path: Path) -> None:
 
 def test_oci_substituters() -> None:
     from reprobuild.config import parse_substituter
-    from reprobuild.fetch import substituter_url
+    from reprobuild.fetch import substituter_urls
 
     assert parse_substituter("oci://127.0.0.1:5000/cache/debs") == "oci://127.0.0.1:5000/cache/debs"
-    assert substituter_url("oci://127.0.0.1:5000/cache/debs", HEX) == \
-        f"http://127.0.0.1:5000/v2/cache/debs/blobs/sha256:{HEX}"
-    assert substituter_url("oci://registry.example.org/c", HEX).startswith("https://registry.example.org/v2/c/")
+    path = f"127.0.0.1:5000/v2/cache/debs/blobs/sha256:{HEX}"
+    assert substituter_urls("oci://127.0.0.1:5000/cache/debs", HEX) == (f"http://{path}", f"https://{path}")
+    assert substituter_urls("oci://registry.example.org/c", HEX) == (f"https://registry.example.org/v2/c/blobs/sha256:{HEX}",)
     for bad in ("oci://registry.example.org/c:tag", "oci://registry.example.org", "oci://Registry/x"):
         with pytest.raises(ValueError, match="substituter|OCI reference"):
             parse_substituter(bad)
@@ -422,6 +422,9 @@ class _TokenRegistry(http.server.BaseHTTPRequestHandler):
                  "size": len(srv.manifests[d][0]), "artifactType": json.loads(srv.manifests[d][0])["artifactType"]}  # type: ignore[attr-defined]
                 for d in found]}  # fmt: skip
             self._send(200, json.dumps(index).encode(), {"Content-Type": "application/vnd.oci.image.index.v1+json"})
+        elif self.path.startswith("/v2/x/y/blobs/"):
+            data = srv.blobs.get(self.path.rsplit("/", 1)[1])  # type: ignore[attr-defined]
+            self._send(200, data) if data is not None else self._send(404)
         elif self.path.startswith("/v2/x/y/manifests/"):
             ref = self.path.rsplit("/", 1)[1]
             if ref not in srv.manifests:  # type: ignore[attr-defined]
@@ -445,9 +448,10 @@ class _TokenRegistry(http.server.BaseHTTPRequestHandler):
         self._send(201, b"", headers)
 
 
-def test_bearer_token_and_referrers_api() -> None:
-    """The Bearer challenge is answered with a token fetched with the user's credentials; a
-    referrer's PUT answered with OCI-Subject is listed by the referrers API (no fallback tag)."""
+def test_bearer_token_and_referrers_api(tmp_path: Path) -> None:
+    """The Bearer challenge is answered with a token fetched with the user's credentials (by the
+    client, and by fetch for an ``oci://`` substituter); a referrer's PUT answered with
+    OCI-Subject is listed by the referrers API (no fallback tag)."""
     from reprobuild.registry.client import RegistryError, open_client
     from reprobuild.registry.layout import artifact_manifest, referrer_descriptor
     from reprobuild.verifyref import list_referrers
@@ -455,6 +459,7 @@ def test_bearer_token_and_referrers_api() -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TokenRegistry)
     server.manifests = {}  # type: ignore[attr-defined]
     server.token_requests = []  # type: ignore[attr-defined]
+    server.blobs = {}  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         address = f"127.0.0.1:{server.server_address[1]}"
@@ -469,6 +474,19 @@ def test_bearer_token_and_referrers_api() -> None:
         assert len(server.token_requests) == 1  # type: ignore[attr-defined]
         assert "scope=repository%3Ax%2Fy%3Apull%2Cpush" in server.token_requests[0]  # type: ignore[attr-defined]
         assert "service=fake" in server.token_requests[0]  # type: ignore[attr-defined]
+        # The oci:// substituter answers the same challenge (credentials from REGISTRY_AUTH_FILE).
+        from reprobuild.fetch import FetchItem, fetch_all
+        from reprobuild.store import Store
+
+        deb = b"a package's bytes"
+        sha = hashlib.sha256(deb).hexdigest()
+        server.blobs = {f"sha256:{sha}": deb}  # type: ignore[attr-defined]
+        auth_file = tmp_path / "auth.json"
+        auth_file.write_text(json.dumps({"auths": {address: {"username": "alice", "password": "pw"}}}))
+        report = fetch_all(Store(tmp_path / "store"), [FetchItem("p", sha, len(deb), ())], [f"oci://{address}/x/y"],
+                           env={"REGISTRY_AUTH_FILE": str(auth_file)})  # fmt: skip
+        assert len(report.fetched) == 1 and len(server.token_requests) == 2  # type: ignore[attr-defined]
+        assert "scope=repository%3Ax%2Fy%3Apull&" in server.token_requests[1] + "&"  # type: ignore[attr-defined]
         # Wrong credentials: the token service's 401, one line.
         _ref, bad = open_client(f"{address}/x/y:1", {}, username="alice", password="no")
         with pytest.raises(RegistryError, match="401 Unauthorized") as e:
@@ -539,3 +557,31 @@ def test_store_push_and_oci_substituter(oci_output: dict[str, Path], tmp_path: P
                     and len(p.name) == 64]  # no object stored
     finally:
         registry.stop()
+
+
+@needs_registry
+def test_oci_substituter_with_basic_auth_over_tls(tls: Registry, oci_output: dict[str, Path], tmp_path: Path) -> None:
+    """The substituter of a registry that needs credentials: REGISTRY_AUTH_FILE answers its Basic
+    challenge, REQUESTS_CA_BUNDLE trusts its CA; without credentials fetch names the 401."""
+    definition, lock = oci_output["definition"], oci_output["definition"] / "reprobuild.lock"
+    repo = f"{tls.address}/reprobuild/cache"
+    p = _cli("store", "push", repo, "--lock", str(lock), "--store", str(oci_output["store"]), "--ca-cert",
+             str(tls.ca), "--username", USER, "--password-stdin", stdin=PASSWORD + "\n")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"auths": {tls.address: {"username": USER, "password": PASSWORD}}}))
+    env = {"REGISTRY_AUTH_FILE": str(auth), "REQUESTS_CA_BUNDLE": str(tls.ca)}
+    f = _cli("fetch", "-C", str(definition), "--store", str(tmp_path / "s1"), "--substituter", f"oci://{repo}",
+             "--json", env=env)  # fmt: skip
+    assert f.returncode == 0, f.stderr
+    assert [u for _name, u in ((x["name"], x["url"]) for x in json.loads(f.stdout)["fetched"])] \
+        == [f"https://{tls.address}/v2/reprobuild/cache/blobs/sha256:{next(iter(_lock_shas(lock)))}"]
+    f = _cli("fetch", "-C", str(definition), "--store", str(tmp_path / "s2"), "--substituter", f"oci://{repo}",
+             env={"REQUESTS_CA_BUNDLE": str(tls.ca)})  # fmt: skip
+    assert f.returncode != 0 and "401" in f.stderr and "Traceback" not in f.stderr, f.stderr
+
+
+def _lock_shas(lock: Path) -> set[str]:
+    from reprobuild.lockfile import load_lock
+
+    return {p.sha256 for p in load_lock(lock).all_packages()}

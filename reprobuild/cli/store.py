@@ -13,6 +13,7 @@ What these commands need from the lock side (imported lazily):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -232,7 +233,7 @@ def fetch_command(directory: Path, store_path: Path | None, offline: bool, jobs:
     items = fetch_items(lock, mirrors_for_spec(spec))
     subs = tuple(dict.fromkeys(tuple(spec.build.substituters) + substituters))
     report = fetch_all(open_store(store_path), items, subs, jobs=jobs, offline=offline,
-                       progress=make_progress(quiet or as_json))
+                       progress=make_progress(quiet or as_json), env=os.environ)
     if as_json:
         _echo_json(report.as_json())
     elif not quiet:

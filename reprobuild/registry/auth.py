@@ -15,12 +15,18 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-from reprobuild.errors import UsageError
+import requests
+import requests.auth
+
+from reprobuild.errors import ReprobuildError, UsageError
 from reprobuild.fileio import ReadRefused, read_bounded
+from reprobuild.registry.reference import PREFIX, parse_reference
 
 MAX_AUTH_FILE = 1 << 20
 _PARAM = re.compile(r'([A-Za-z_]+)="((?:[^"\\]|\\.)*)"|([A-Za-z_]+)=([^,\s]+)')
@@ -105,3 +111,99 @@ def find_credentials(registry: str, env: Mapping[str, str], home: Path | None = 
             return found
     return None
 
+
+
+def bearer_token(challenge: Challenge, scope: str, credentials: Credentials | None, verify: bool | str | None,
+                 timeout: float) -> str:  # fmt: skip
+    """A token from the challenge's ``realm`` for ``scope`` (the distribution project's token
+    authentication); basic credentials go to the realm when there are any, else the token is
+    anonymous (public repositories). Raises RegistryAuthError."""
+    realm = challenge.params.get("realm")
+    if not realm:
+        raise RegistryAuthError("Bearer challenge without a realm")
+    params = {"scope": scope, **({"service": challenge.params["service"]} if "service" in challenge.params else {})}
+    auth = (credentials.username, credentials.password) if credentials else None
+    try:
+        r = requests.get(realm, params=params, auth=auth, timeout=timeout, verify=verify)
+    except requests.exceptions.RequestException as e:
+        raise RegistryAuthError(f"token service {realm} unreachable ({type(e).__name__})") from e
+    if r.status_code != 200:
+        who = f" as {credentials.username!r} ({credentials.source})" if credentials else " (no credentials found)"
+        raise RegistryAuthError(f"token from {realm}: authentication failed{who}: {r.status_code} {r.reason}",
+                                status=r.status_code)  # fmt: skip
+    try:
+        doc = r.json()
+        token = doc.get("token") or doc.get("access_token")
+    except (ValueError, AttributeError):
+        token = None
+    if not isinstance(token, str) or not token:
+        raise RegistryAuthError(f"the token service {realm} sent no token")
+    return token
+
+
+class RegistryAuthError(ReprobuildError):
+    """A challenge could not be answered (no realm, token service down or refusing)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SubstituterAuth(requests.auth.AuthBase):
+    """requests authentication for the blob GETs of ``oci://`` substituters: a ``401`` from one of
+    their registries is answered once per registry — ``Basic`` with its credentials, ``Bearer``
+    with a token for ``repository:<name>:pull`` (anonymous when there are no credentials) — and
+    the request sent again; later requests carry the answer. Other hosts are left alone."""
+
+    def __init__(self, credentials: Mapping[str, Credentials | None], timeout: float = 30.0) -> None:
+        self.credentials = dict(credentials)  # endpoint host[:port] → credentials (None: none found)
+        self.timeout = timeout
+        self.answers: dict[str, str] = {}  # endpoint → Authorization header
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        host = urlsplit(r.url or "").netloc
+        if host in self.credentials:
+            if host in self.answers:
+                r.headers["Authorization"] = self.answers[host]
+            r.register_hook("response", self._on_response)
+        return r
+
+    def _on_response(self, response: requests.Response, **kwargs: Any) -> requests.Response:
+        request = response.request
+        host = urlsplit(request.url or "").netloc
+        challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
+        if response.status_code != 401 or challenge is None or request.headers.get("Authorization"):
+            return response
+        creds = self.credentials.get(host)
+        if challenge.scheme == "basic" and creds is not None:
+            answer = requests.auth._basic_auth_str(creds.username, creds.password)
+        elif challenge.scheme == "bearer":
+            path = urlsplit(request.url or "").path
+            repository = path.removeprefix("/v2/").split("/blobs/", 1)[0]
+            try:
+                answer = "Bearer " + bearer_token(challenge, f"repository:{repository}:pull", creds,
+                                                  kwargs.get("verify"), self.timeout)  # fmt: skip
+            except RegistryAuthError:
+                return response  # the 401 stands; fetch reports it with the URL
+        else:
+            return response
+        self.answers[host] = answer
+        response.content  # noqa: B018 - read the small error body so the connection can be reused
+        response.close()
+        again = request.copy()
+        again.headers["Authorization"] = answer
+        assert response.connection is not None
+        retried = response.connection.send(again, **kwargs)
+        retried.history.append(response)
+        retried.request = again
+        return retried
+
+
+def substituter_auth(substituters: Sequence[str], env: Mapping[str, str]) -> SubstituterAuth | None:
+    """The authentication of the ``oci://`` substituters among ``substituters`` (None if none)."""
+    credentials: dict[str, Credentials | None] = {}
+    for base in substituters:
+        if base.startswith(PREFIX):
+            ref = parse_reference(base)
+            credentials[ref.endpoint] = find_credentials(ref.registry, env)
+    return SubstituterAuth(credentials) if credentials else None

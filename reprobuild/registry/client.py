@@ -26,7 +26,14 @@ from urllib.parse import urljoin
 import requests
 
 from reprobuild.errors import ReprobuildError
-from reprobuild.registry.auth import Challenge, Credentials, find_credentials, parse_challenge
+from reprobuild.registry.auth import (
+    Challenge,
+    Credentials,
+    RegistryAuthError,
+    bearer_token,
+    find_credentials,
+    parse_challenge,
+)
 from reprobuild.registry.reference import Reference, parse_reference
 
 T = TypeVar("T")
@@ -148,29 +155,12 @@ class RegistryClient:
             raise RegistryError(f"{self._where()}: unsupported authentication scheme {challenge.scheme!r}")
 
     def _token(self, challenge: Challenge) -> str:
-        realm = challenge.params.get("realm")
-        if not realm:
-            raise RegistryError(f"{self._where()}: Bearer challenge without a realm")
         actions = "pull,push" if self.options.push else "pull"
-        params = {"scope": f"repository:{self.ref.repository}:{actions}"}
-        if "service" in challenge.params:
-            params["service"] = challenge.params["service"]
-        creds = self.options.credentials
-        auth = (creds.username, creds.password) if creds else None
         try:
-            r = self.session.get(realm, params=params, auth=auth, timeout=self.options.timeout, verify=self._verify)
-        except requests.exceptions.RequestException as e:
-            raise RegistryError(f"{self._where()}: token service {realm} unreachable ({_short(e)})") from e
-        if r.status_code != 200:
-            self._fail(r, f"token from {realm}")
-        try:
-            doc = r.json()
-            token = doc.get("token") or doc.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
-        if not isinstance(token, str) or not token:
-            raise RegistryError(f"{self._where()}: the token service {realm} sent no token")
-        return token
+            return bearer_token(challenge, f"repository:{self.ref.repository}:{actions}", self.options.credentials,
+                                self._verify, self.options.timeout)  # fmt: skip
+        except RegistryAuthError as e:
+            raise RegistryError(f"{self._where()}: {e.message}") from e
 
     def _request(self, method: str, path: str, what: str, ok: tuple[int, ...], **kw: Any) -> requests.Response:
         """``method`` on ``/v2/<repository>/<path>`` (or an absolute upload URL); a status not in

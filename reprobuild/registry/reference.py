@@ -83,14 +83,15 @@ def looks_like_reference(text: str) -> bool:
     return True
 
 
-def substituter_blob_url(base: str, sha256: str) -> str:
-    """The URL of blob ``sha256:<hex>`` in the substituter ``oci://registry[:port]/repository``
-    (distribution spec ``GET /v2/<name>/blobs/<digest>``): HTTPS, plain HTTP on loopback."""
+def substituter_blob_urls(base: str, sha256: str) -> tuple[str, ...]:
+    """The URLs of blob ``sha256:<hex>`` in the substituter ``oci://registry[:port]/repository``
+    (distribution spec ``GET /v2/<name>/blobs/<digest>``): HTTPS; for a loopback registry plain
+    HTTP first, then HTTPS (a TLS registry answers the plain request at once with 400)."""
     ref = parse_reference(base)
     if ref.tag or ref.digest:
         raise UsageError(f"{base}: a substituter names a repository, without a tag or digest")
-    scheme = "http" if ref.loopback else "https"
-    return f"{scheme}://{ref.endpoint}/v2/{ref.repository}/blobs/sha256:{sha256}"
+    path = f"{ref.endpoint}/v2/{ref.repository}/blobs/sha256:{sha256}"
+    return (f"http://{path}", f"https://{path}") if ref.loopback else (f"https://{path}",)
 
 
 def parse_reference(text: str) -> Reference:
