@@ -3,8 +3,8 @@
 For each missing object the lock's URLs are tried in order, then every substituter (a plain
 HTTP base URL serving another store's ``objects/sha256/ab/<hex>`` layout, so any static web
 server over a store directory is a binary cache; or ``oci://registry/repository``, whose blobs
-``reprobuild store push`` wrote, with the credentials of REGISTRY_AUTH_FILE or ~/.docker/config.json). A download is kept only if its size and
-sha256 match; :meth:`reprobuild.store.Store.put_stream` checks both while streaming and never
+``reprobuild store push`` wrote, read with the credentials of REGISTRY_AUTH_FILE or
+~/.docker/config.json). A download is kept only if its size and sha256 match; :meth:`reprobuild.store.Store.put_stream` checks both while streaming and never
 reads more than the expected size plus one chunk, so a hostile or broken server can neither
 place a wrong object in the store nor make us read forever.
 
