@@ -25,7 +25,7 @@ from typing import Any
 
 from reprobuild.errors import FormatError, UsageError
 from reprobuild.fileio import ReadRefused, read_bounded
-from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, loads, read_lock_bytes
+from reprobuild.lockfile import SIGNATURE_SUFFIX, Lock, loads, lock_digest, read_lock_bytes
 from reprobuild.manifest import manifest_file, output_file
 from reprobuild.provenance import PROVENANCE_SUFFIX
 from reprobuild.registry.client import RegistryClient, RegistryError
@@ -165,6 +165,9 @@ def publish(output_dir: Path, ref: Reference, lock_path: Path, client: RegistryC
         raise UsageError(f"{lock_path}: no such lock", hint="name the image's lock with --lock")
     lock_bytes = read_lock_bytes(lock_path)
     lock: Lock = loads(lock_bytes, str(lock_path))
+    if manifest.get("lock_digest") != lock_digest(lock):
+        raise UsageError(f"{manifest_path.name} names lock {manifest.get('lock_digest')}, not {lock_path} "
+                         f"({lock_digest(lock)})", hint="give the lock the output was built from: --lock")  # fmt: skip
     tag = ref.tag or "latest"
     if ref.digest:
         raise UsageError(f"{ref}: publish pushes to a tag; leave out the @digest")

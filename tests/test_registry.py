@@ -362,7 +362,7 @@ def test_plain_http_refused_off_loopback(tmp_path: Path) -> None:
         server.server_close()
 
 
-def test_usage_errors() -> None:
+def test_usage_errors(ddi_output: dict[str, Path]) -> None:
     r = _cli("verify", "no-such-file.raw", "--no-rebuild")
     assert r.returncode == 2 and "not a registry reference" in r.stderr
     r = _cli("verify", "127.0.0.1:1/x:y", "--lock", "x.lock", "--no-rebuild")
@@ -371,6 +371,8 @@ def test_usage_errors() -> None:
     assert r.returncode == 2 and "-C DIR" in r.stderr
     r = _cli("publish", str(REPO / "docs"), "127.0.0.1:1/x:y")
     assert r.returncode == 2 and "holds no image.oci.tar" in r.stderr
+    r = _cli("publish", str(ddi_output["out"]), "127.0.0.1:1/x:y", "--lock", str(REPO / "lock/minimal/reprobuild.lock"))
+    assert r.returncode == 2 and "names lock sha256:" in r.stderr and "--lock" in r.stderr, r.stderr
     r = _cli("verify", "127.0.0.1:1/x:y", "--no-rebuild")
     assert r.returncode == 1 and "cannot connect" in r.stderr and r.stderr.count("\n") <= 2, r.stderr
 
