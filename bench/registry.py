@@ -4,7 +4,7 @@
 Debian's docker-registry on 127.0.0.1 (plain HTTP, a fresh storage directory per round; the test
 fixture in tests/registry_fixture.py starts it). Per round, with a monotonic clock:
 
-  1. ``reprobuild store push`` of every object of lock/bootable's lock (one upload after another);
+  1. ``reprobuild store push`` of every object of lock/bootable's lock (4 uploads at a time);
   2. the same again (every blob present: HEAD requests only);
   3. reprobuild's fetch into an empty store with only ``oci://`` as the source (4 parallel jobs,
      each object's size and sha256 checked);

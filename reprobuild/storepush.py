@@ -14,6 +14,7 @@ objects at once both succeed. Layout: docs/registry.md.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +50,9 @@ def deb_title(name: str, version: str, architecture: str) -> str:
 
 
 def push_store(store: Store, lock: Lock, ref: Reference, client: RegistryClient,
-               say: Say = lambda _m: None) -> StorePushResult:  # fmt: skip
-    """Push every package object of ``lock`` from ``store`` and the manifest listing them."""
+               say: Say = lambda _m: None, jobs: int = 4) -> StorePushResult:  # fmt: skip
+    """Push every package object of ``lock`` from ``store`` (``jobs`` uploads at a time, over the
+    client's one pooled session) and then the manifest listing them."""
     if ref.digest:
         raise UsageError(f"{ref}: store push pushes to a tag; leave out the @digest")
     packages = sorted(lock.all_packages(), key=lambda p: p.sha256)
@@ -60,14 +62,17 @@ def push_store(store: Store, lock: Lock, ref: Reference, client: RegistryClient,
                          f"{', …' if len(missing) > 3 else ''})", hint="run reprobuild fetch first")  # fmt: skip
     files = [FileBlob(Blob(MEDIA_DEB, "sha256:" + p.sha256, p.size, path=store.path(p.sha256)),
                       deb_title(p.name, p.version, p.architecture)) for p in packages]  # fmt: skip
-    uploaded = sent = 0
-    for i, f in enumerate(files, 1):
-        if client.push_blob(f.blob.digest, f.blob.size, path=f.blob.path):
-            uploaded += 1
-            sent += f.blob.size
-            say(f"[{i}/{len(files)}] uploaded {f.title}")
     config = empty_config()
-    client.push_blob(config.digest, config.size, data=config.data)
+    client.push_blob(config.digest, config.size, data=config.data)  # also connects and authenticates once
+    uploaded = sent = 0
+    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="reprobuild-push") as pool:
+        futures = {pool.submit(client.push_blob, f.blob.digest, f.blob.size, path=f.blob.path): f for f in files}
+        for done, future in enumerate(as_completed(futures), 1):
+            f = futures[future]
+            if future.result():
+                uploaded += 1
+                sent += f.blob.size
+                say(f"[{done}/{len(files)}] uploaded {f.title}")
     manifest = artifact_manifest(ARTIFACT_STORE, files, lock.source_date_epoch)
     assert manifest.data is not None
     tag = ref.tag or "lock-" + lock_digest(lock).removeprefix("sha256:")

@@ -169,11 +169,12 @@ def store_export_command(store_path: Path | None, lock_path: Path, output: Path,
 @click.argument("reference")
 @click.option("--lock", "lock_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="The lock whose package objects to push.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True, help="Parallel uploads.")
 @registry_options
 @json_option
 @quiet_option
-def store_push_command(store_path: Path | None, reference: str, lock_path: Path, as_json: bool, quiet: bool,
-                       **registry: object) -> None:  # fmt: skip
+def store_push_command(store_path: Path | None, reference: str, lock_path: Path, jobs: int, as_json: bool,
+                       quiet: bool, **registry: object) -> None:  # fmt: skip
     """Push the package objects LOCK needs to the OCI repository REFERENCE (registry/repository[:tag]),
     for builders with Substituters=oci://registry/repository. The tag defaults to lock-<lock digest>."""
     from reprobuild.lockfile import load_lock
@@ -184,7 +185,7 @@ def store_push_command(store_path: Path | None, reference: str, lock_path: Path,
     lock = load_lock(lock_path)
     say = make_reporter(quiet or as_json)
     try:
-        result = push_store(open_store(store_path), lock, ref, client, say)
+        result = push_store(open_store(store_path), lock, ref, client, say, jobs)
     finally:
         say.close()
     if as_json:
