@@ -415,6 +415,10 @@ class _TokenRegistry(http.server.BaseHTTPRequestHandler):
             return
         if self.path == "/v2/":
             self._send(200, b"{}")
+        elif self.path.startswith("/v2/x/forbidden/"):
+            self._send(403, b'{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}')
+        elif self.path.startswith("/v2/x/broken/"):
+            self._send(503, b"upstream storage unavailable")
         elif self.path.startswith("/v2/x/y/referrers/"):
             subject = self.path.rsplit("/", 1)[1]
             found = [d for d, (data, _t) in srv.manifests.items()  # type: ignore[attr-defined]
@@ -489,6 +493,15 @@ def test_bearer_token_and_referrers_api(tmp_path: Path) -> None:
                            env={"REGISTRY_AUTH_FILE": str(auth_file)})  # fmt: skip
         assert len(report.fetched) == 1 and len(server.token_requests) == 2  # type: ignore[attr-defined]
         assert "scope=repository%3Ax%2Fy%3Apull&" in server.token_requests[1] + "&"  # type: ignore[attr-defined]
+        # 403 and 5xx: one line each, naming the status (and the registry's error code when it sends one).
+        _ref, forbidden = open_client(f"{address}/x/forbidden:1", {}, username="alice", password="pw")
+        with pytest.raises(RegistryError, match=r"access denied: 403 Forbidden \(DENIED: requested access") as e:
+            forbidden.get_manifest("1")
+        assert "\n" not in e.value.message
+        _ref, broken = open_client(f"{address}/x/broken:1", {}, username="alice", password="pw")
+        with pytest.raises(RegistryError, match="server error 503 Service Unavailable") as e:
+            broken.get_manifest("1")
+        assert "\n" not in e.value.message
         # Wrong credentials: the token service's 401, one line.
         _ref, bad = open_client(f"{address}/x/y:1", {}, username="alice", password="no")
         with pytest.raises(RegistryError, match="401 Unauthorized") as e:
