@@ -22,7 +22,7 @@ APT_PACKAGES := \
 	qemu-system-x86 ovmf \
 	cpio libarchive-tools binutils zstd xz-utils \
 	mmdebstrap nginx-light python3-venv faketime time diffoscope-minimal uidmap \
-	skopeo umoci
+	skopeo umoci docker-registry apache2-utils
 
 # Only the benchmarks run these reference tools side by side with reprobuild.
 BENCH_PACKAGES := mkosi debootstrap

@@ -24,7 +24,7 @@ from typing import Any
 from reprobuild.cache import Cache, content_digest, root_name
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError, ConfigError, LockError
-from reprobuild.fetch import fetch_all, make_session
+from reprobuild.fetch import fetch_all
 from reprobuild.fileio import sha256_file, write_atomic
 from reprobuild.keys import provenance_signer
 from reprobuild.lock import check_lock_current
@@ -116,8 +116,9 @@ def ensure_fetched(lock: Lock, spec: ImageSpec | None, store: Store, options: Bu
     missing = [i for i in items if not store.has(i.sha256)]
     if not missing:
         return
-    fetch_all(store, missing, substituters=substituters, session=None if options.offline else make_session(options.jobs),
-              jobs=options.jobs, offline=options.offline, progress=progress)
+    # os.environ: the oci:// substituters' credentials (REGISTRY_AUTH_FILE, ~/.docker/config.json).
+    fetch_all(store, missing, substituters=substituters, jobs=options.jobs, offline=options.offline,
+              progress=progress, env=os.environ)
 
 
 def build_locked(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, say: Say = lambda _m: None,

@@ -20,10 +20,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from reprobuild.errors import ConfigError
+from reprobuild.errors import ConfigError, UsageError
 from reprobuild.ini import Assignment, read_with_dropins
 from reprobuild.lockfile import MAX_SOURCE_DATE_EPOCH
 from reprobuild.pkcs11uri import KeySource, parse_uri
+from reprobuild.registry.reference import PREFIX as OCI_PREFIX
+from reprobuild.registry.reference import substituter_blob_urls
 
 CONFIG_NAME = "reprobuild.conf"
 DEFAULT_RELEASE = "trixie"  # Debian's current stable release
@@ -77,6 +79,17 @@ def parse_url(value: str) -> str:
     if not re.match(r"^(https?|file)://", value):
         raise ValueError("expected an http://, https:// or file:// URL")
     return value.rstrip("/")
+
+
+def parse_substituter(value: str) -> str:
+    """An http(s):// or file:// store URL, or ``oci://registry[:port]/repository`` (docs/registry.md)."""
+    if value.startswith(OCI_PREFIX):
+        try:
+            substituter_blob_urls(value, "0" * 64)
+        except UsageError as e:
+            raise ValueError(e.message) from None
+        return value
+    return parse_url(value)
 
 
 def parse_epoch(value: str) -> int:
@@ -270,8 +283,9 @@ SETTINGS: tuple[Setting, ...] = (
                  "named `<id>_<version>` (systemd-sysupdate's patterns)."),
     Setting("Build", "ImageVersion", "image_version", parse_image_word, digest_if_set=True,
             help="IMAGE_VERSION= in os-release, and the version in labels, the UKI's name and release artifacts."),
-    Setting("Build", "Substituters", "substituters", parse_url, is_list=True, in_digest=False,
-            help="HTTP base URLs of other stores, tried after the mirrors."),
+    Setting("Build", "Substituters", "substituters", parse_substituter, is_list=True, in_digest=False,
+            help="HTTP base URLs of other stores, or oci://registry/repository (blobs pushed by "
+                 "reprobuild store push), tried after the mirrors."),
     Setting("Build", "BuildSources", "build_sources", parse_text, is_list=True, is_path=True, digest_if_set=True,
             help="Source directories mounted read-only at /work/src ($SRCDIR) for BuildScripts=; "
                  "with several, each at /work/src/<directory name>."),

@@ -2,8 +2,9 @@
 
 For each missing object the lock's URLs are tried in order, then every substituter (a plain
 HTTP base URL serving another store's ``objects/sha256/ab/<hex>`` layout, so any static web
-server over a store directory is a binary cache). A download is kept only if its size and
-sha256 match; :meth:`reprobuild.store.Store.put_stream` checks both while streaming and never
+server over a store directory is a binary cache; or ``oci://registry/repository``, whose blobs
+``reprobuild store push`` wrote, read with the credentials of REGISTRY_AUTH_FILE or
+~/.docker/config.json). A download is kept only if its size and sha256 match; :meth:`reprobuild.store.Store.put_stream` checks both while streaming and never
 reads more than the expected size plus one chunk, so a hostile or broken server can neither
 place a wrong object in the store nor make us read forever.
 
@@ -15,17 +16,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import requests
+import requests.auth
 import urllib3.exceptions
 
 from reprobuild import __version__
 from reprobuild.errors import FetchError
 from reprobuild.progress import NullProgress, Progress, format_bytes
+from reprobuild.registry.auth import substituter_auth
+from reprobuild.registry.reference import PREFIX as OCI_PREFIX
+from reprobuild.registry.reference import substituter_blob_urls
 from reprobuild.store import ObjectMismatch, Store, check_sha256, object_relpath
 
 NET_CHUNK = 256 * 1024
@@ -147,9 +152,12 @@ class _Deadline(Exception):
     pass
 
 
-def make_session(jobs: int = 4) -> requests.Session:
-    """A pooled session for ``jobs`` concurrent downloads (connections are reused per host)."""
+def make_session(jobs: int = 4, auth: requests.auth.AuthBase | None = None) -> requests.Session:
+    """A pooled session for ``jobs`` concurrent downloads (connections are reused per host);
+    ``auth`` answers the ``oci://`` substituters' challenges
+    (:func:`reprobuild.registry.auth.substituter_auth`)."""
     s = requests.Session()
+    s.auth = auth
     # Retries are ours (per URL, with backoff, and visible in errors), not urllib3's.
     adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=max(jobs, 1), max_retries=0)
     s.mount("http://", adapter)
@@ -160,13 +168,21 @@ def make_session(jobs: int = 4) -> requests.Session:
 
 
 def substituter_url(base: str, sha256: str) -> str:
-    """Where a substituter serves an object: ``<base>/objects/sha256/ab/<hex>``."""
+    """Where a store substituter serves an object: ``<base>/objects/sha256/ab/<hex>``."""
     return f"{base.rstrip('/')}/{object_relpath(sha256)}"
+
+
+def substituter_urls(base: str, sha256: str) -> tuple[str, ...]:
+    """Where a substituter serves an object: a store's URL, or for an OCI registry
+    (``oci://registry/repository``, docs/registry.md) the blob ``sha256:<hex>``."""
+    if base.startswith(OCI_PREFIX):
+        return substituter_blob_urls(base, sha256)
+    return (substituter_url(base, sha256),)
 
 
 def candidate_urls(item: FetchItem, substituters: Sequence[str]) -> tuple[str, ...]:
     """The lock's URLs in order, then each substituter; duplicates dropped."""
-    urls = list(item.urls) + [substituter_url(b, item.sha256) for b in substituters]
+    urls = list(item.urls) + [u for b in substituters for u in substituter_urls(b, item.sha256)]
     return tuple(dict.fromkeys(urls))
 
 
@@ -329,6 +345,7 @@ def fetch_all(
     offline: bool = False,
     progress: Progress | None = None,
     config: FetchConfig | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> FetchReport:
     """Make every object of ``items`` present in ``store``; return what was done.
 
@@ -336,7 +353,8 @@ def fetch_all(
     ``jobs`` threads sharing ``session`` (a pooled one is made if None), biggest first. Raises
     ObjectsMissing if ``offline`` and anything is missing; FetchFailed (naming each object, each
     URL tried and what it answered) if some objects could not be fetched — every object that
-    could be fetched is kept. Holds the store lock shared for the whole run, so gc waits.
+    could be fetched is kept. Holds the store lock shared for the whole run, so gc waits. ``env``
+    gives the ``oci://`` substituters' credentials when the session is made here.
     Cost: one stat per object, then network-bound; memory O(jobs × NET_CHUNK).
     """
     config = config or FetchConfig()
@@ -354,7 +372,7 @@ def fetch_all(
             return FetchReport((), tuple(present), 0, time.monotonic() - t0)
         store.clean_tmp()  # leftovers of killed processes; never a live writer's
         own_session = session is None
-        session = session or make_session(jobs)
+        session = session or make_session(jobs, substituter_auth(substituters, env or {}))
         cancel = threading.Event()
         health = _HostHealth()
         outcomes: list[_Outcome] = []

@@ -28,9 +28,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                  "pkcs11key")),
     # Definitions and storage: the settings table, the lockfile, the manifest, the store,
     # downloads, progress.
-    ("data", ("config", "lockfile", "manifest", "store", "fetch", "mirrors", "progress", "resolve", "preflight")),
+    ("data", ("config", "lockfile", "manifest", "store", "fetch", "mirrors", "progress", "resolve", "preflight",
+              "registry", "registry.reference", "registry.auth", "registry.client")),
     # The root tree: extraction, sandbox, install, settings, normalisation.
     ("rootfs", ("rootfs", "rootfs.*")),
+    # What is pushed to OCI registries (uses rootfs.oci's blob and JSON helpers); references,
+    # credentials and the HTTP client are data (fetch reads oci:// substituters).
+    ("registry", ("registry.*",)),
     # Comparing images (used by the commands below, never using them).
     ("diff", ("diff", "diff.*")),
     # The build pipeline: stage interface, runner, context, the cache and the tool runners.
@@ -39,7 +43,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("stages", ("stages", "stages.*")),
     # Commands' library halves: lock, build (plan + run + publish), verify, check, attestations.
     ("commands", ("lock", "build", "provenance", "sbom", "verify", "check", "vm", "nspawn", "storeinfo",
-                  "audit", "release")),
+                  "audit", "release", "publish", "verifyref", "storepush")),
     # The command line: parses, calls, renders.
     ("cli", ("cli", "cli.*", "__main__")),
 )

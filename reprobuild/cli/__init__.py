@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "run",
     "diff",
     "verify",
+    "registry",
     "unshare",
 )
 

@@ -81,3 +81,30 @@ def rootless(*, required: bool | Callable[[dict], bool] = True, default_store: b
         return wrapper
 
     return decorate
+
+
+def registry_options(command: Callable) -> Callable:
+    """How to reach an OCI registry (publish, verify REFERENCE): TLS, CA, credentials."""
+    for option in reversed((
+        click.option("--insecure", is_flag=True,
+                     help="Allow plain HTTP and unverified TLS to a registry that is not on a loopback address."),
+        click.option("--ca-cert", type=click.Path(dir_okay=False, path_type=Path),
+                     help="CA certificate (PEM) the registry's TLS certificate must chain to "
+                          "[default: the system's, or REQUESTS_CA_BUNDLE]."),
+        click.option("--username", help="Registry user name (with --password-stdin) [default: from "
+                                         "REGISTRY_AUTH_FILE or ~/.docker/config.json]."),
+        click.option("--password-stdin", is_flag=True, help="Read the registry password from standard input."),
+    )):  # fmt: skip
+        command = option(command)
+    return command
+
+
+def registry_client(reference: str, kwargs: dict, push: bool = False):
+    """The parsed reference and its client from the :func:`registry_options` (popped from ``kwargs``)."""
+    import sys
+
+    from reprobuild.registry.client import open_client
+
+    password = sys.stdin.readline().rstrip("\r\n") if kwargs.pop("password_stdin") else None
+    return open_client(reference, os.environ, insecure=kwargs.pop("insecure"), ca_cert=kwargs.pop("ca_cert"),
+                       username=kwargs.pop("username"), password=password, push=push)  # fmt: skip

@@ -13,12 +13,21 @@ What these commands need from the lock side (imported lazily):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
 
 from reprobuild.cli import cli
-from reprobuild.cli.options import directory_option, json_option, quiet_option, rootless, store_option
+from reprobuild.cli.options import (
+    directory_option,
+    json_option,
+    quiet_option,
+    registry_client,
+    registry_options,
+    rootless,
+    store_option,
+)
 
 
 def open_store(store_path: Path | None):  # -> reprobuild.store.Store
@@ -155,6 +164,37 @@ def store_export_command(store_path: Path | None, lock_path: Path, output: Path,
         click.echo(f"{report.path}: {report.objects} object(s), {format_bytes(report.bytes)}", err=True)
 
 
+@store_group.command("push")
+@store_option
+@click.argument("reference")
+@click.option("--lock", "lock_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The lock whose package objects to push.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True, help="Parallel uploads.")
+@registry_options
+@json_option
+@quiet_option
+def store_push_command(store_path: Path | None, reference: str, lock_path: Path, jobs: int, as_json: bool,
+                       quiet: bool, **registry: object) -> None:  # fmt: skip
+    """Push the package objects LOCK needs to the OCI repository REFERENCE (registry/repository[:tag]),
+    for builders with Substituters=oci://registry/repository. The tag defaults to lock-<lock digest>."""
+    from reprobuild.lockfile import load_lock
+    from reprobuild.progress import format_bytes, make_reporter
+    from reprobuild.storepush import push_store
+
+    ref, client = registry_client(reference, registry, push=True)
+    lock = load_lock(lock_path)
+    say = make_reporter(quiet or as_json)
+    try:
+        result = push_store(open_store(store_path), lock, ref, client, say, jobs)
+    finally:
+        say.close()
+    if as_json:
+        _echo_json(result.as_json())
+        return
+    click.echo(f"pushed {result.reference}: {result.objects} objects, {result.uploaded} uploaded "
+               f"({format_bytes(result.bytes_uploaded)})")
+
+
 @store_group.command("import")
 @store_option
 @click.argument("bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
@@ -194,7 +234,7 @@ def fetch_command(directory: Path, store_path: Path | None, offline: bool, jobs:
     items = fetch_items(lock, mirrors_for_spec(spec))
     subs = tuple(dict.fromkeys(tuple(spec.build.substituters) + substituters))
     report = fetch_all(open_store(store_path), items, subs, jobs=jobs, offline=offline,
-                       progress=make_progress(quiet or as_json))
+                       progress=make_progress(quiet or as_json), env=os.environ)
     if as_json:
         _echo_json(report.as_json())
     elif not quiet:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from reprobuild.cli import cli
-from reprobuild.cli.options import directory_option, json_option, quiet_option, rootless, store_option
+from reprobuild.cli.options import (
+    directory_option,
+    json_option,
+    quiet_option,
+    registry_client,
+    registry_options,
+    rootless,
+    store_option,
+)
 from reprobuild.verify import UNSIGNED_KINDS
 
 _MARKS = {"passed": ("PASS", "green"), "failed": ("FAIL", "red"), "skipped": ("SKIP", "yellow")}
@@ -20,9 +29,10 @@ def _say(quiet: bool):
 
 
 @cli.command("verify")
-@click.argument("image", type=click.Path(exists=True, path_type=Path))
-@click.option("--lock", "lock_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The lockfile the image claims to be built from (its .sig beside it).")
+@click.argument("image")
+@click.option("--lock", "lock_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="The lockfile the image claims to be built from (its .sig beside it); required for a "
+                   "local image, a REFERENCE brings its attached lock.")
 @click.option("--trusted-key", type=click.Path(dir_okay=False, path_type=Path),
               help="allowed_signers file or OpenSSH/PEM ed25519 public key the lock (and provenance) "
                    "signature must verify against.")
@@ -47,14 +57,16 @@ def _say(quiet: bool):
 @store_option
 @click.option("--bundle", type=click.Path(dir_okay=False, path_type=Path),
               help="Store bundle to rebuild from (offline) instead of downloading.")
+@registry_options
 @json_option
 @quiet_option
 @click.pass_context
 @rootless(required=lambda kwargs: not kwargs["no_rebuild"], default_store=False)
-def verify_command(ctx: click.Context, image: Path, lock_path: Path, trusted_key: Path | None,
+def verify_command(ctx: click.Context, image: str, lock_path: Path | None, trusted_key: Path | None,
                    certificates: tuple[Path, ...], manifest: Path | None, provenance: Path | None,
                    no_rebuild: bool, allow_unsigned: tuple[str, ...], audit: bool, definition: Path | None,
-                   store_path: Path | None, bundle: Path | None, as_json: bool, quiet: bool) -> None:  # fmt: skip
+                   store_path: Path | None, bundle: Path | None, as_json: bool, quiet: bool,
+                   **registry: object) -> None:  # fmt: skip
     """Check IMAGE against the lock it claims to come from, and report each check.
 
     \b
@@ -64,22 +76,46 @@ def verify_command(ctx: click.Context, image: Path, lock_path: Path, trusted_key
     its roothash=; then (unless --no-rebuild) an independent rebuild from the lock
     in a fresh directory with a fresh store (or --store/--bundle), compared byte for
     byte, with the diff's summary when it differs.
-    IMAGE may also be a tar, cpio or directory output.
+    IMAGE may also be a tar, cpio, directory or oci output, or a REFERENCE
+    (registry[:port]/repository:tag or @sha256:…) that reprobuild publish pushed:
+    it is pulled by digest, every blob's sha256 checked, and its attached lock
+    (and provenance) used; the rebuild then needs the definition (-C DIR).
     A signature that is present but cannot be checked (no --trusted-key or
     --certificate for it) fails unless --allow-unsigned names it. The last line
     says what was checked and what was not (with -q: only on failure).
     Exit status: 0 only if every check that applies passed.
     """
+    from reprobuild.errors import UsageError
     from reprobuild.progress import make_reporter
+    from reprobuild.registry.reference import looks_like_reference
     from reprobuild.verify import VerifyOptions, verify_image
+    from reprobuild.verifyref import verify_reference
 
+    remote = image.startswith("oci://") or (not os.path.lexists(image) and looks_like_reference(image))
+    if not remote and not os.path.lexists(image):
+        raise UsageError(f"{image}: no such file, and not a registry reference (registry[:port]/repository:tag)")
+    if not remote and lock_path is None:
+        raise UsageError("verify of a local image needs --lock LOCKFILE")
+    if remote and (audit or manifest is not None or lock_path is not None):
+        raise UsageError("verify REFERENCE uses the attached lock and manifest: drop --lock, --manifest, --audit")
+    if remote and not no_rebuild and definition is None:
+        raise UsageError("verify REFERENCE rebuilds from the image definition: give -C DIR (or --no-rebuild)")
     if audit:
-        ctx.exit(_audit(image, lock_path, manifest, store_path, as_json, quiet))
+        assert lock_path is not None
+        ctx.exit(_audit(Path(image), lock_path, manifest, store_path, as_json, quiet))
     options = VerifyOptions(manifest=manifest, rebuild=not no_rebuild, definition=definition, store=store_path,
                             bundle=bundle, provenance=provenance, allow_unsigned=frozenset(allow_unsigned))  # fmt: skip
+    ref_and_client = registry_client(image, registry) if remote else None
     say = make_reporter(quiet or as_json)
     try:
-        report = verify_image(image, lock_path, trusted_key, certificates, options, say=say, fetch_progress=say)
+        if ref_and_client is not None:
+            ref, client = ref_and_client
+            report = verify_reference(client, ref, trusted_key, list(certificates), options, say=say,
+                                      fetch_progress=say)  # fmt: skip
+        else:
+            assert lock_path is not None
+            report = verify_image(Path(image), lock_path, trusted_key, certificates, options, say=say,
+                                  fetch_progress=say)  # fmt: skip
     finally:
         say.close()
     if as_json:
