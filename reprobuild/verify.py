@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reprobuild.checkresult import Check, all_passed, failed, passed, skipped, summary_line
+from reprobuild.checkresult import UNSIGNED_KINDS, Check, all_passed, failed, passed, skipped, summary_line
 from reprobuild.errors import FormatError, ReprobuildError, VerificationFailed
 from reprobuild.fileio import ReadRefused, check_input, read_bounded
 from reprobuild.lockfile import (
@@ -68,7 +68,6 @@ MANIFEST_FORMATS = {"ddi": "disk", "disk": "disk", "tar": "tar", "cpio": "cpio",
 _CHUNK = 4 << 20
 MAX_MANIFEST_BYTES = 16 << 20  # an image manifest lists packages: a few hundred KiB at most
 # What ``--allow-unsigned`` may name: the signatures verify can check.
-UNSIGNED_KINDS = ("lock", "verity", "uki", "provenance")
 
 
 class VerifyError(VerificationFailed):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from reprobuild.checkresult import UNSIGNED_KINDS
 from reprobuild.cli import cli
 from reprobuild.cli.options import (
     directory_option,
@@ -19,7 +20,6 @@ from reprobuild.cli.options import (
     rootless,
     store_option,
 )
-from reprobuild.verify import UNSIGNED_KINDS
 
 _MARKS = {"passed": ("PASS", "green"), "failed": ("FAIL", "red"), "skipped": ("SKIP", "yellow")}
 
