@@ -65,8 +65,21 @@ def _site_packages() -> list[Path]:
     return [Path(p) for p in sorted(paths) if Path(p).is_dir()]
 
 
+def remove_user(name: str) -> None:
+    """Remove ``name``, its processes and its home (userdel -r keeps the home of a user whose
+    processes still run, and a later useradd -m would reuse it)."""
+    try:
+        home = Path(pwd.getpwnam(name).pw_dir)
+    except KeyError:
+        home = Path("/home") / name
+    subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, check=False)
+    subprocess.run(["userdel", "-r", name], capture_output=True, check=False)
+    if home.name == name:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def make_user(name: str, *, subids: bool) -> None:
-    subprocess.run(["userdel", "-r", name], capture_output=True, check=False)  # a leftover of a killed run
+    remove_user(name)  # a leftover of a killed run
     subprocess.run(["useradd", "-m", "-s", "/bin/sh", "-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0", name],
                    check=True)
     if subids:
@@ -108,6 +121,6 @@ def rootless_users(users: Mapping[str, bool]) -> Iterator[Env]:
         yield Env(root, root / "venv/bin/python")
     finally:
         for name in users:
-            subprocess.run(["userdel", "-r", name], capture_output=True, check=False)
+            remove_user(name)
         # Files the users' builds left here belong to their subordinate ids: root removes them.
         shutil.rmtree(root, ignore_errors=True)
