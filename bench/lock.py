@@ -76,6 +76,8 @@ class Row:
     rb_relock: float
     apt_cold: float
     apt_warm: float
+    rb_cold_rss: int  # peak RSS in bytes
+    rb_warm_rss: int  # the largest of the warm runs
     rb_packages: dict[str, int]  # set name -> count (image, initrd)
     apt_packages: int
     same_as_apt: bool
@@ -95,10 +97,18 @@ def write_definition(directory: Path, packages: tuple[str, ...]) -> None:
     )
 
 
-def reprobuild_lock(directory: Path, store: Path) -> dict:
-    out = subprocess.run([*REPROBUILD, "lock", "-C", str(directory), "--store", str(store), "--json"],
-                         check=True, capture_output=True, text=True).stdout  # fmt: skip
-    return json.loads(out)
+def reprobuild_lock(directory: Path, store: Path, peaks: list[int]) -> dict:
+    """One ``reprobuild lock --json``; appends its peak RSS (bytes, from wait4) to ``peaks``."""
+    with tempfile.TemporaryFile() as out:
+        process = subprocess.Popen([*REPROBUILD, "lock", "-C", str(directory), "--store", str(store), "--json"],
+                                   stdout=out, stderr=subprocess.DEVNULL)  # fmt: skip
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            raise subprocess.CalledProcessError(process.returncode, process.args)
+        peaks.append(usage.ru_maxrss * 1024)  # Linux reports KiB
+        out.seek(0)
+        return json.loads(out.read())
 
 
 def locked_image_set(directory: Path) -> dict[str, str]:
@@ -114,16 +124,18 @@ def bench_set(name: str, packages: tuple[str, ...], work: Path, rounds: int, say
     lock_path = directory / "reprobuild.lock"
 
     say(f"{name}: reprobuild cold")
-    rb_cold, summary = timed(lambda: reprobuild_lock(directory, store))
+    cold_peaks: list[int] = []
+    warm_peaks: list[int] = []
+    rb_cold, summary = timed(lambda: reprobuild_lock(directory, store, cold_peaks))
     warm = []
     for i in range(rounds):
         say(f"{name}: reprobuild warm {i + 1}/{rounds}")
         lock_path.unlink()
-        warm.append(timed(lambda: reprobuild_lock(directory, store))[0])
+        warm.append(timed(lambda: reprobuild_lock(directory, store, warm_peaks))[0])
     relock = []
     for i in range(rounds):
         say(f"{name}: reprobuild re-lock {i + 1}/{rounds}")
-        relock.append(timed(lambda: reprobuild_lock(directory, store))[0])
+        relock.append(timed(lambda: reprobuild_lock(directory, store, []))[0])
     ours = locked_image_set(directory)
 
     apt = CachingAptRoot(work / name / "aptroot", RELEASE, host_mirror_for("debian"), host_mirror_for("debian-security"))
@@ -138,7 +150,8 @@ def bench_set(name: str, packages: tuple[str, ...], work: Path, rounds: int, say
         apt_warm.append(seconds)
     return Row(
         name=name, rb_cold=rb_cold, rb_warm=statistics.median(warm), rb_relock=statistics.median(relock),
-        apt_cold=apt_cold, apt_warm=statistics.median(apt_warm), rb_packages=dict(summary["sets"]),
+        apt_cold=apt_cold, apt_warm=statistics.median(apt_warm), rb_cold_rss=cold_peaks[0],
+        rb_warm_rss=max(warm_peaks, default=0), rb_packages=dict(summary["sets"]),
         apt_packages=len(theirs), same_as_apt=ours == theirs,
     )  # fmt: skip
 
@@ -147,16 +160,18 @@ def table(rows: list[Row], rounds: int) -> str:
     lines = [
         (
             f"| set | reprobuild cold | reprobuild warm (median of {rounds}) | reprobuild re-lock (median of {rounds}) "
-            f"| apt cold (update + simulate) | apt warm (simulate, median of {rounds}) | packages: reprobuild / apt |"
+            f"| apt cold (update + simulate) | apt warm (simulate, median of {rounds}) "
+            "| cold: reprobuild / apt | packages: reprobuild / apt |"
         ),
-        "|---|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         sets = " + ".join(f"{n} {c}" for n, c in r.rb_packages.items())
         same = "same set" if r.same_as_apt else "**sets differ**"
         lines.append(
-            f"| {r.name} | {r.rb_cold:.2f} s | {r.rb_warm:.2f} s | {r.rb_relock:.2f} s | {r.apt_cold:.2f} s "
-            f"| {r.apt_warm:.2f} s | {sets} / {r.apt_packages} ({same}) |"
+            f"| {r.name} | {r.rb_cold:.2f} s, {r.rb_cold_rss / 1e6:.0f} MB | {r.rb_warm:.2f} s, {r.rb_warm_rss / 1e6:.0f} MB "
+            f"| {r.rb_relock:.2f} s | {r.apt_cold:.2f} s | {r.apt_warm:.2f} s | {r.rb_cold / r.apt_cold:.2f}× "
+            f"| {sets} / {r.apt_packages} ({same}) |"
         )
     return "\n".join(lines)
 

@@ -22,11 +22,10 @@ never by hash or input order, so the same universe and request always give the s
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import itertools
 import marshal
-import operator
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -38,8 +37,9 @@ from resolvelib.resolvers import ResolutionImpossible, ResolutionTooDeep
 
 from reprobuild.debian.control import Relation, parse_provides, parse_relations
 from reprobuild.debian.package import BinaryPackage
+from reprobuild.debian.stanzaindex import decode_stanza, scan_stanzas
 from reprobuild.debian.version import check_relation, version_key
-from reprobuild.errors import ResolutionFailed
+from reprobuild.errors import FormatError, RepositoryError, ResolutionFailed
 
 __all__ = [
     "BASE_SETS",
@@ -51,6 +51,7 @@ __all__ = [
     "ConflictRequirement",
     "DebProvider",
     "InconsistentResolution",
+    "IndexText",
     "PackageKey",
     "PinnedRequirement",
     "ProgressReporter",
@@ -318,43 +319,92 @@ def _arch_allows(package: BinaryPackage, qualifier: str) -> bool:
 
 # Bump when the universe's content rules (which records are kept, their order) or the cached
 # layout change: cached universes of another format are then rebuilt from the indices.
-UNIVERSE_FORMAT: Final = 1
+UNIVERSE_FORMAT: Final = 2
 _UNIVERSE_MAGIC: Final = "reprobuild-universe"
-_PACKAGE_FIELDS: Final = tuple(f.name for f in dataclasses.fields(BinaryPackage))
+# A Provides field in its common form (names, optional :arch and "(= version)"): the provided
+# names are then read with _PROVIDED_NAME; any other text goes through parse_provides.
+_PROVIDES_COMMON: Final = re.compile(
+    r"\s*[a-zA-Z0-9][a-zA-Z0-9+.\-]*(?::[a-zA-Z0-9\-]+)?\s*(?:\(\s*=\s*[0-9A-Za-z][^\s()]*\s*\)\s*)?"
+    r"(?:,\s*[a-zA-Z0-9][a-zA-Z0-9+.\-]*(?::[a-zA-Z0-9\-]+)?\s*(?:\(\s*=\s*[0-9A-Za-z][^\s()]*\s*\)\s*)?)*,?\s*"
+)
+_PROVIDED_NAME: Final = re.compile(r"(?:^|,)\s*([a-zA-Z0-9][a-zA-Z0-9+.\-]*)")
 
 
-class _LazyVersions(Mapping[str, tuple[RepoCandidate, ...]]):
-    """name → candidates (highest first), decoded from that name's marshal'd blob on first lookup
-    and kept, so every lookup of a name returns the same candidate objects (identity matters:
-    requirement memos and the dependency cache key on them)."""
+@dataclass(frozen=True)
+class IndexText:
+    """One Packages index as its (normalized, verified) text, for :meth:`Universe.from_indices`."""
 
-    def __init__(self, blobs: dict[str, bytes]) -> None:
-        self.blobs = blobs
+    origin: str  # the suite/component its packages carry (BinaryPackage.origin)
+    text: Any = field(repr=False)  # bytes, bytearray or a read-only mmap of the text
+    what: str = "Packages"  # names the index in error messages
+    binary_all: bool = False  # a binary-all index: its entries yield to the same origin's arch index
+
+
+class _IndexedVersions(Mapping[str, tuple[RepoCandidate, ...]]):
+    """name → candidates (highest first), decoded from that name's stanzas in the index texts on
+    first lookup and kept, so every lookup of a name returns the same candidate objects (identity
+    matters: requirement memos and the dependency cache key on them).
+
+    ``spans[name]`` is a flat tuple ``(index, start, end, index, start, end, …)``: the stanzas of
+    the name's native and ``all`` entries in the indices, in index order."""
+
+    def __init__(self, indices: Sequence[IndexText], spans: dict[str, tuple[int, ...]]) -> None:
+        self.indices = tuple(indices)
+        self.spans = spans
         self._decoded: dict[str, tuple[RepoCandidate, ...]] = {}
 
     def __getitem__(self, name: str) -> tuple[RepoCandidate, ...]:
         found = self._decoded.get(name)
         if found is None:
-            blob = self.blobs[name]  # KeyError for an unknown name, as a dict
-            try:
-                rows = marshal.loads(blob)
-                found = tuple(RepoCandidate(BinaryPackage(*row)) for row in rows)
-            except (EOFError, ValueError, TypeError) as e:
-                raise ValueError(f"cached universe: damaged record for {name!r}: {e}") from None
-            self._decoded[name] = found
+            flat = self.spans[name]  # KeyError for an unknown name, as a dict
+            records = []
+            for k in range(0, len(flat), 3):
+                index = self.indices[flat[k]]
+                records.append((index.binary_all, decode_stanza(index.text, (flat[k + 1], flat[k + 2]),
+                                                                index.origin, index.what)))  # fmt: skip
+            if any(package.name != name for _, package in records):
+                raise ValueError(f"universe table: the stanzas listed for {name!r} are another package's")
+            found = self._decoded[name] = _ordered_versions(_without_binary_all_duplicates(records))
         return found
 
     def get(self, name: str, default: Any = None) -> Any:
-        return self[name] if name in self.blobs else default
+        return self[name] if name in self.spans else default
 
     def __contains__(self, name: object) -> bool:
-        return name in self.blobs
+        return name in self.spans
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.blobs)
+        return iter(self.spans)
 
     def __len__(self) -> int:
-        return len(self.blobs)
+        return len(self.spans)
+
+
+def _without_binary_all_duplicates(records: list[tuple[bool, BinaryPackage]]) -> list[BinaryPackage]:
+    """Drop the binary-all entries the same origin's arch index lists too (same name, version and
+    architecture), as apt reads the two indices of one suite."""
+    if not any(binary_all for binary_all, _ in records):
+        return [package for _, package in records]
+    listed = {(p.origin, p.version, p.architecture) for binary_all, p in records if not binary_all}
+    return [p for binary_all, p in records if not binary_all or (p.origin, p.version, p.architecture) not in listed]
+
+
+def _ordered_versions(records: Sequence[BinaryPackage]) -> tuple[RepoCandidate, ...]:
+    """One candidate per version, highest first. The same version from several records (suites)
+    is one version, as in apt; which record is kept is decided by (origin, filename, sha256),
+    never by input order."""
+    if len(records) == 1:  # the common case: no version parsing needed
+        return (RepoCandidate(records[0]),)
+    versions: dict[tuple, BinaryPackage] = {}
+    for package in sorted(records, key=lambda p: (p.origin, p.filename, p.sha256)):
+        versions.setdefault(version_key(package.version), package)
+    return tuple(RepoCandidate(versions[k]) for k in sorted(versions, reverse=True))
+
+
+def _provided_names(provides: str) -> list[str]:
+    if _PROVIDES_COMMON.fullmatch(provides):
+        return _PROVIDED_NAME.findall(provides)
+    return [relation.name for relation in parse_provides(provides)]
 
 
 class Universe:
@@ -370,44 +420,83 @@ class Universe:
         self._versions = versions
         self._dependency_cache: dict[tuple[int, bool], tuple[Requirement, ...]] = {}
 
-    # --- cached form
+    # --- from index texts, and the cached form
+
+    @classmethod
+    def from_indices(cls, indices: Sequence[IndexText], architecture: str) -> Universe:
+        """The universe of the native and ``all`` entries of ``indices`` (in suite order), equal in
+        every answer to :meth:`from_packages` of their parsed packages.
+
+        Each text is scanned once (``stanzaindex.scan_stanzas``: bounds, names, Architecture,
+        Essential, Priority, Provides); a stanza is decoded only when its name is looked up. The
+        Essential/required names and the Provides index are computed here, decoding only the
+        names they need. Cost: ~0.4 s for trixie (56 MB of text). Raises RepositoryError for a
+        malformed index (a malformed stanza nobody looks up is never decoded).
+        """
+        spans: dict[str, list[int]] = {}
+        provides: dict[str, list[str]] = {}
+        flagged: set[str] = set()  # names with an entry that is Essential or Priority: required
+        for number, index in enumerate(indices):
+            for head in scan_stanzas(index.text, index.what):
+                if head.architecture != architecture and head.architecture != "all":
+                    continue
+                spans.setdefault(head.name, []).extend((number, head.start, head.end))
+                if head.provides:
+                    provides.setdefault(head.name, []).append(head.provides)
+                if head.essential or head.required:
+                    flagged.add(head.name)
+        versions = _IndexedVersions(indices, {name: tuple(spans[name]) for name in sorted(spans)})
+        providers: dict[str, set[str]] = {}
+        for name in versions:
+            if name not in provides:
+                continue
+            if len(versions.spans[name]) == 3:  # one entry: its scanned Provides is the candidate's
+                try:
+                    provided = _provided_names(provides[name][0])
+                except FormatError as e:
+                    raise RepositoryError(f"{name}: {e.message}") from None
+            else:  # several entries: only the versions kept count
+                provided = [p.name for version in versions[name] for p in version.provides]
+            for virtual in provided:
+                providers.setdefault(virtual, set()).add(name)
+        universe = cls(versions, architecture)
+        universe.__dict__.update(
+            _providers={virtual: tuple(sorted(names)) for virtual, names in providers.items()},
+            essential_names=tuple(n for n in versions if n in flagged and versions[n][0].package.essential),
+            required_names=tuple(n for n in versions if n in flagged and versions[n][0].package.priority == "required"),
+        )  # fmt: skip
+        return universe
 
     def to_bytes(self) -> bytes:
-        """This universe as bytes for :meth:`from_bytes`: each name's versions as one marshal'd
-        blob, plus the Provides index and the Essential/required names, precomputed.
-
-        Cost: ~1 s for trixie (every record is visited once). The point is the load: a warm lock
-        decodes only the names its resolution touches (~1-2k of ~65k), instead of building a
-        candidate, and parsing Provides, for every record.
-        """
-        if isinstance(self._versions, _LazyVersions):
-            blobs = self._versions.blobs
-        else:
-            row = operator.attrgetter(*_PACKAGE_FIELDS)
-            blobs = {
-                name: marshal.dumps(tuple(row(c.package) for c in versions))
-                for name, versions in self._versions.items()
-            }
+        """The table of a universe made by :meth:`from_indices`, for :meth:`from_bytes`: the
+        stanza offsets of every name, the Provides index and the Essential/required names — not
+        the index texts, which the caller keeps (and must hand back unchanged)."""
+        if not isinstance(self._versions, _IndexedVersions):
+            raise TypeError("only a universe made from index texts has a cached form")
+        indices = [(i.origin, i.what, i.binary_all, len(i.text)) for i in self._versions.indices]
         return marshal.dumps((
-            _UNIVERSE_MAGIC, UNIVERSE_FORMAT, _PACKAGE_FIELDS, self.architecture, blobs,
+            _UNIVERSE_MAGIC, UNIVERSE_FORMAT, self.architecture, indices, self._versions.spans,
             dict(self._providers), self.essential_names, self.required_names,
         ))  # fmt: skip
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Universe:
-        """The universe :meth:`to_bytes` wrote: equal to the original in every answer (same
-        candidates, same order). Cost: one marshal load (~50 ms for trixie); each name's
-        candidates are built on first lookup. Raises ValueError for anything else (another
-        format version, other BinaryPackage fields, damaged data)."""
+    def from_bytes(cls, data: bytes, texts: Sequence[Any]) -> Universe:
+        """The universe :meth:`to_bytes` wrote, over the same index ``texts`` (in order): equal to
+        the original in every answer. Cost: one marshal load (~30 ms for trixie); each name's
+        stanzas are decoded on first lookup. Raises ValueError for anything else (another format
+        version, damaged data, texts of other lengths)."""
         try:
-            magic, version, fields, architecture, blobs, providers, essential, required = marshal.loads(data)
+            magic, version, architecture, indices, spans, providers, essential, required = marshal.loads(data)
         except (EOFError, ValueError, TypeError) as e:
             raise ValueError(f"not a cached universe: {e}") from None
-        shape = (type(architecture), type(blobs), type(providers))
-        expected = (_UNIVERSE_MAGIC, UNIVERSE_FORMAT, _PACKAGE_FIELDS, (str, dict, dict))
-        if (magic, version, tuple(fields), shape) != expected:
+        shape = (type(architecture), type(indices), type(spans), type(providers))
+        if (magic, version, shape) != (_UNIVERSE_MAGIC, UNIVERSE_FORMAT, (str, list, dict, dict)):
             raise ValueError("cached universe of another format, or malformed")
-        universe = cls(_LazyVersions(blobs), architecture)
+        if len(indices) != len(texts) or any(len(t) != i[3] for t, i in zip(texts, indices, strict=False)):
+            raise ValueError("cached universe of other index texts")
+        index_texts = [IndexText(origin, text, what, binary_all)
+                       for (origin, what, binary_all, _), text in zip(indices, texts, strict=True)]  # fmt: skip
+        universe = cls(_IndexedVersions(index_texts, spans), architecture)
         # Seed the cached properties with the precomputed values (they are derived data only).
         universe.__dict__.update(
             _providers=providers, essential_names=tuple(essential), required_names=tuple(required)
@@ -425,17 +514,7 @@ class Universe:
         for package in packages:
             if package.architecture == architecture or package.architecture == "all":
                 by_name.setdefault(package.name, []).append(package)
-        ordered: dict[str, tuple[RepoCandidate, ...]] = {}
-        for name in sorted(by_name):
-            records = by_name[name]
-            if len(records) == 1:  # the common case: no version parsing needed
-                ordered[name] = (RepoCandidate(records[0]),)
-                continue
-            versions: dict[tuple, BinaryPackage] = {}
-            for package in sorted(records, key=lambda p: (p.origin, p.filename, p.sha256)):
-                versions.setdefault(version_key(package.version), package)
-            ordered[name] = tuple(RepoCandidate(versions[k]) for k in sorted(versions, reverse=True))
-        return cls(ordered, architecture)
+        return cls({name: _ordered_versions(by_name[name]) for name in sorted(by_name)}, architecture)
 
     # --- lookups
 

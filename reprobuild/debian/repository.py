@@ -29,6 +29,7 @@ import gzip
 import hashlib
 import lzma
 import marshal
+import mmap
 import os
 import tempfile
 import zlib
@@ -43,6 +44,7 @@ from urllib.parse import unquote, urlsplit
 from reprobuild.debian.control import iter_stanzas
 from reprobuild.debian.gpg import DEFAULT_KEYRING, SignatureError, verify_clearsigned, verify_detached
 from reprobuild.debian.package import BinaryPackage
+from reprobuild.debian.stanzaindex import normalize_text
 from reprobuild.errors import FormatError, RepositoryError
 
 Progress = Callable[[str], None]
@@ -58,6 +60,11 @@ _CACHE_MAGIC = "reprobuild-packages-index"
 # The BinaryPackage fields kept in the parsed cache, in constructor order; ``origin`` is added at
 # load time because one index (same sha256) may serve several suites.
 _ROW_FIELDS = tuple(f.name for f in dataclasses.fields(BinaryPackage) if f.name != "origin")
+# Bump when the kept index text changes (stanzaindex.normalize_text): texts/<sha256>.<TEXT_FORMAT>.
+TEXT_FORMAT = 1
+# The largest decompressed index accepted when the Release does not list the plain size (sid's
+# main/binary-amd64/Packages is ~60 MB): bounds what a hostile compressed index can expand to.
+MAX_INDEX_TEXT_BYTES = 1 << 31
 _ROW_KEY = hashlib.sha256(f"{PARSER_VERSION}:{','.join(_ROW_FIELDS)}".encode()).hexdigest()[:16]
 
 
@@ -330,6 +337,27 @@ class IndexCache:
     def put_parsed(self, sha256: str, rows: list[tuple[Any, ...]]) -> Path:
         path = self.parsed_path(sha256)
         _atomic_write(path, marshal.dumps((_CACHE_MAGIC, PARSER_VERSION, _ROW_FIELDS, sha256, rows)))
+        return path
+
+    def text_path(self, sha256: str) -> Path:
+        return self.root / "texts" / f"{_check_hex(sha256)}.{TEXT_FORMAT}"
+
+    def get_text(self, sha256: str) -> Any:
+        """The text of the index whose verified (compressed) file has ``sha256``, as a read-only
+        mmap (pages are read as stanzas are decoded), or None when absent."""
+        try:
+            with self.text_path(sha256).open("rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return b""
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError:
+            return None
+
+    def put_text(self, sha256: str, text: bytes) -> Path:
+        """Keep the text :func:`fetch_index_text` made of the index file with ``sha256`` (which it
+        verified before decompressing was trusted)."""
+        path = self.text_path(sha256)
+        _atomic_write(path, text)
         return path
 
     def derived_path(self, kind: str, key: str) -> Path:
@@ -606,6 +634,37 @@ def load_universe_packages(
     return packages, releases
 
 
+def fetch_index_text(
+    session: Any,
+    source: RepositorySource,
+    release: VerifiedRelease | ReleaseFile,
+    entry: ReleaseEntry,
+    cache: IndexCache | None = None,
+    *,
+    progress: Progress | None = None,
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+) -> Any:
+    """The text of the index ``entry`` of ``release`` (an entry of :func:`index_entries`):
+    decompressed while it downloads, normalized (``stanzaindex.normalize_text``), and used only
+    once the downloaded file's size and SHA-256 match the signed Release (and the text's size
+    the plain file's, when the Release lists it).
+
+    With a cache, the text is kept under the verified file's hash (``texts/``) and returned from
+    there as a read-only mmap on later calls: nothing is downloaded or decompressed.
+    """
+    rel = release.release if isinstance(release, VerifiedRelease) else release
+    if cache is not None:
+        text = cache.get_text(entry.sha256)
+        if text is not None:
+            if progress:
+                progress(f"using the cached {source.suite} {entry.path}")
+            return text
+    text = normalize_text(_download_index(session, source, rel, entry, progress, timeout, decompress=True))
+    if cache is not None:
+        cache.put_text(entry.sha256, text)
+    return text
+
+
 def _index_rows(
     session: Any,
     source: RepositorySource,
@@ -652,7 +711,12 @@ def _download_index(
     entry: ReleaseEntry,
     progress: Progress | None,
     timeout: tuple[float, float],
+    *,
+    decompress: bool = False,
 ) -> bytes:
+    """The index file ``entry`` — or with ``decompress``, its decompressed content, made while
+    the file downloads — once its size and SHA-256 match the signed Release. A file that does
+    not match is refused as such, even when it did not decompress either."""
     directory, _, _ = entry.path.rpartition("/")
     urls = []
     if rel.acquire_by_hash:
@@ -663,24 +727,99 @@ def _download_index(
     if progress:
         how = " (by-hash)" if rel.acquire_by_hash else ""
         progress(f"fetching {source.suite} {entry.path}{how}, {entry.size / (1 << 20):.1f} MiB…")
+    plain = _plain_entry(rel, entry)
+    limit = plain.size if plain is not None else MAX_INDEX_TEXT_BYTES
     for url in urls:
-        # One byte more than listed, so an over-long answer is detected without reading it all.
-        data = _download(session, url, entry.size + 1, timeout)
-        if data is None:
-            continue
-        if len(data) != entry.size:
+        sink = _Decompressing(entry.path, limit) if decompress else _Keeping()
+        digest = hashlib.sha256()
+        size = 0
+        with _opened(session, url, timeout) as chunks:
+            if chunks is None:
+                continue
+            for chunk in chunks:
+                size += len(chunk)
+                if size > entry.size:  # stop at once: an over-long answer is never read to its end
+                    raise CorruptIndex(f"{url}: the response is larger than the {entry.size} bytes the signed Release lists")
+                digest.update(chunk)
+                sink.feed(chunk)
+        if size != entry.size:
             raise CorruptIndex(
-                f"{url}: got {len(data)} bytes, the signed Release lists {entry.size}",
+                f"{url}: got {size} bytes, the signed Release lists {entry.size}",
                 hint="the mirror is inconsistent or the download was cut; try again or another mirror",
             )
-        actual = hashlib.sha256(data).hexdigest()
+        actual = digest.hexdigest()
         if actual != entry.sha256:
             raise CorruptIndex(
                 f"{url}: SHA-256 {actual} does not match the signed Release ({entry.sha256})",
                 hint="the index was altered or the mirror is inconsistent",
             )
+        data = sink.result()
+        if plain is not None and decompress and len(data) != plain.size:
+            raise CorruptIndex(f"{url}: decompresses to {len(data)} bytes, the signed Release lists {plain.size}")
         return data
     raise RepositoryError(f"{source.suite}: {entry.path} not found on the mirror ({' nor '.join(urls)})")
+
+
+def _plain_entry(rel: ReleaseFile, entry: ReleaseEntry) -> ReleaseEntry | None:
+    """The Release's entry of the uncompressed file ``entry`` is a compressed form of, if listed."""
+    for ext in INDEX_VARIANTS:
+        if ext and entry.path.endswith(ext):
+            return rel.sha256.get(entry.path[: -len(ext)])
+    return None
+
+
+class _Keeping:
+    """Download sink: keeps the bytes as they are."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self.buf += chunk
+
+    def result(self) -> bytes:
+        return bytes(self.buf)
+
+
+class _Decompressing:
+    """Download sink: decompresses (xz, gzip or none, by the file name) as chunks arrive, at most
+    ``limit`` bytes of output. A decompression error is kept, not raised, until :meth:`result`:
+    the caller checks the file's hash first, so a damaged download is named as such."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        if path.endswith(".xz"):
+            self.decompressor: Any = lzma.LZMADecompressor()
+        elif path.endswith(".gz"):
+            self.decompressor = zlib.decompressobj(wbits=47)  # gzip header, any window size
+        else:
+            self.decompressor = None
+        self.buf = bytearray()
+        self.error: str | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            if self.decompressor is None:
+                self.buf += chunk
+            else:
+                self.buf += self.decompressor.decompress(chunk, self.limit + 1 - len(self.buf))
+        except (lzma.LZMAError, zlib.error, EOFError) as e:
+            self.error = str(e)
+        if len(self.buf) > self.limit:
+            self.error = f"it decompresses to more than {self.limit} bytes"
+
+    def result(self) -> bytes:
+        if self.error is None and self.decompressor is not None:
+            if not self.decompressor.eof:
+                self.error = "the compressed stream is truncated"
+            elif self.decompressor.unused_data:
+                self.error = "data follows the compressed stream"
+        if self.error is not None:
+            raise RepositoryError(f"cannot decompress {self.path}: {self.error}")
+        return bytes(self.buf)
 
 
 def _decompress(data: bytes, entry: ReleaseEntry) -> str:
@@ -698,33 +837,47 @@ def _decompress(data: bytes, entry: ReleaseEntry) -> str:
 
 def _download(session: Any, url: str, max_bytes: int, timeout: tuple[float, float]) -> bytes | None:
     """The body of ``url``; None on 404/410. At most ``max_bytes`` are read (RepositoryError beyond)."""
+    with _opened(session, url, timeout) as chunks:
+        if chunks is None:
+            return None
+        buf = bytearray()
+        for chunk in chunks:
+            buf += chunk
+            if len(buf) > max_bytes:
+                raise RepositoryError(f"{url}: response is larger than the {max_bytes} bytes expected")
+        return bytes(buf)
+
+
+@contextlib.contextmanager
+def _opened(session: Any, url: str, timeout: tuple[float, float]) -> Iterator[Iterator[bytes] | None]:
+    """The body of ``url`` as an iterator of chunks, or None on 404/410 (a missing file).
+    Network and read errors while the caller iterates become RepositoryError."""
     parts = urlsplit(url)
     if parts.scheme == "file":
         path = Path(unquote(parts.path))
         try:
-            with path.open("rb") as f:
-                data = f.read(max_bytes + 1)
+            f = path.open("rb")
         except FileNotFoundError:
-            return None
+            yield None
+            return
         except OSError as e:
             raise RepositoryError(f"cannot read {url}: {e}") from e
-        if len(data) > max_bytes:
-            raise RepositoryError(f"{url} is larger than {max_bytes} bytes")
-        return data
+        with f:
+            try:
+                yield iter(lambda: f.read(1 << 20), b"")
+            except OSError as e:
+                raise RepositoryError(f"cannot read {url}: {e}") from e
+        return
     import requests  # deferred: importing requests costs ~0.1 s
 
     try:
         with session.get(url, stream=True, timeout=timeout) as response:
             if response.status_code in (404, 410):
-                return None
+                yield None
+                return
             if response.status_code != 200:
                 raise RepositoryError(f"{url}: HTTP {response.status_code} {response.reason}")
-            buf = bytearray()
-            for chunk in response.iter_content(chunk_size=1 << 16):
-                buf += chunk
-                if len(buf) > max_bytes:
-                    raise RepositoryError(f"{url}: response is larger than the {max_bytes} bytes expected")
-            return bytes(buf)
+            yield response.iter_content(chunk_size=1 << 16)
     except requests.RequestException as e:
         raise RepositoryError(f"fetching {url} failed: {e}") from e
 
