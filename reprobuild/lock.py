@@ -188,19 +188,32 @@ def _fetch_release_universe(spec: ImageSpec, release: str, session, options: Loc
     universe = guessed if key == guessed_key else _cached_universe(cache, key, indices)
     if universe is None:
         texts: list[IndexText] = []
-        for source, verified in zip(repo_sources, verified_releases, strict=True):
-            for component in spec.distribution.repositories:
-                entry, all_entry = repository.index_entries(source, verified, component, arch)
-                for index_entry, binary_all in ((entry, False), (all_entry, True)):
-                    if index_entry is not None:
-                        text = repository.fetch_index_text(session, source, verified, index_entry, cache,
-                                                           progress=options.progress)
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Texts are written to the cache (and fsync'd) while the next index downloads and the
+        # universe is built; every write has finished before the universe is cached.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-text") as writer:
+            writes = []
+            for source, verified in zip(repo_sources, verified_releases, strict=True):
+                for component in spec.distribution.repositories:
+                    entry, all_entry = repository.index_entries(source, verified, component, arch)
+                    for index_entry, binary_all in ((entry, False), (all_entry, True)):
+                        if index_entry is None:
+                            continue
+                        text = cache.get_text(index_entry.sha256) if cache is not None else None
+                        if text is None:
+                            text = repository.fetch_index_text(session, source, verified, index_entry,
+                                                               progress=options.progress)
+                            if cache is not None:
+                                writes.append(writer.submit(cache.put_text, index_entry.sha256, text))
                         texts.append(IndexText(source.origin(component), text,
                                                f"{source.suite} {index_entry.path}", binary_all))
-        if options.progress:
-            options.progress(f"building the universe of {len(texts)} indices "
-                             f"({sum(len(t.text) for t in texts) / (1 << 20):.0f} MiB)")
-        universe = Universe.from_indices(texts, arch)
+            if options.progress:
+                options.progress(f"building the universe of {len(texts)} indices "
+                                 f"({sum(len(t.text) for t in texts) / (1 << 20):.0f} MiB)")
+            universe = Universe.from_indices(texts, arch)
+            for write in writes:
+                write.result()
         if cache is not None:
             cache.put_derived("universe", key, universe.to_bytes())
     elif options.progress:

@@ -22,6 +22,8 @@ never by hash or input order, so the same universe and request always give the s
 
 from __future__ import annotations
 
+import array
+import bisect
 import difflib
 import itertools
 import marshal
@@ -340,23 +342,54 @@ class IndexText:
     binary_all: bool = False  # a binary-all index: its entries yield to the same origin's arch index
 
 
+@dataclass(frozen=True)
+class StanzaTable:
+    """Where each name's stanzas are in the index texts: ``names`` sorted, and for the name at
+    position ``i`` the stanzas ``records[3*first[i] : 3*first[i+1]]`` as (index, start, end)
+    triples, in index order. Flat arrays, so the cached form loads as a few memory copies."""
+
+    names: list[str]
+    first: array.array  # "q", len(names) + 1
+    records: array.array  # "q", 3 per stanza
+
+    @classmethod
+    def of(cls, spans: Mapping[str, Sequence[int]]) -> StanzaTable:
+        """From ``name → (index, start, end, index, start, end, …)``."""
+        names = sorted(spans)
+        first = array.array("q", [0])
+        records = array.array("q")
+        for name in names:
+            records.extend(spans[name])
+            first.append(len(records) // 3)
+        return cls(names, first, records)
+
+    def position(self, name: str) -> int:
+        """The position of ``name`` in ``names``, or -1."""
+        i = bisect.bisect_left(self.names, name)
+        return i if i < len(self.names) and self.names[i] == name else -1
+
+    def stanzas(self, i: int) -> array.array:
+        return self.records[3 * self.first[i] : 3 * self.first[i + 1]]
+
+
 class _IndexedVersions(Mapping[str, tuple[RepoCandidate, ...]]):
     """name → candidates (highest first), decoded from that name's stanzas in the index texts on
     first lookup and kept, so every lookup of a name returns the same candidate objects (identity
-    matters: requirement memos and the dependency cache key on them).
+    matters: requirement memos and the dependency cache key on them). Only the native and
+    ``all`` entries of the indices are in the table."""
 
-    ``spans[name]`` is a flat tuple ``(index, start, end, index, start, end, …)``: the stanzas of
-    the name's native and ``all`` entries in the indices, in index order."""
-
-    def __init__(self, indices: Sequence[IndexText], spans: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, indices: Sequence[IndexText], table: StanzaTable) -> None:
         self.indices = tuple(indices)
-        self.spans = spans
+        self.table = table
         self._decoded: dict[str, tuple[RepoCandidate, ...]] = {}
 
     def __getitem__(self, name: str) -> tuple[RepoCandidate, ...]:
         found = self._decoded.get(name)
         if found is None:
-            flat = self.spans[name]  # KeyError for an unknown name, as a dict
+            i = self.table.position(name)
+            if i < 0:
+                raise KeyError(name)
+            flat = self.table.stanzas(i)
             records = []
             for k in range(0, len(flat), 3):
                 index = self.indices[flat[k]]
@@ -368,16 +401,19 @@ class _IndexedVersions(Mapping[str, tuple[RepoCandidate, ...]]):
         return found
 
     def get(self, name: str, default: Any = None) -> Any:
-        return self[name] if name in self.spans else default
+        try:
+            return self[name]
+        except KeyError:
+            return default
 
     def __contains__(self, name: object) -> bool:
-        return name in self.spans
+        return name in self._decoded or (isinstance(name, str) and self.table.position(name) >= 0)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.spans)
+        return iter(self.table.names)
 
     def __len__(self) -> int:
-        return len(self.spans)
+        return len(self.table.names)
 
 
 def _without_binary_all_duplicates(records: list[tuple[bool, BinaryPackage]]) -> list[BinaryPackage]:
@@ -445,12 +481,12 @@ class Universe:
                     provides.setdefault(head.name, []).append(head.provides)
                 if head.essential or head.required:
                     flagged.add(head.name)
-        versions = _IndexedVersions(indices, {name: tuple(spans[name]) for name in sorted(spans)})
+        versions = _IndexedVersions(indices, StanzaTable.of(spans))
         providers: dict[str, set[str]] = {}
         for name in versions:
             if name not in provides:
                 continue
-            if len(versions.spans[name]) == 3:  # one entry: its scanned Provides is the candidate's
+            if len(spans[name]) == 3:  # one entry: its scanned Provides is the candidate's
                 try:
                     provided = _provided_names(provides[name][0])
                 except FormatError as e:
@@ -474,9 +510,10 @@ class Universe:
         if not isinstance(self._versions, _IndexedVersions):
             raise TypeError("only a universe made from index texts has a cached form")
         indices = [(i.origin, i.what, i.binary_all, len(i.text)) for i in self._versions.indices]
+        table = self._versions.table
         return marshal.dumps((
-            _UNIVERSE_MAGIC, UNIVERSE_FORMAT, self.architecture, indices, self._versions.spans,
-            dict(self._providers), self.essential_names, self.required_names,
+            _UNIVERSE_MAGIC, UNIVERSE_FORMAT, self.architecture, indices, table.names, table.first.tobytes(),
+            table.records.tobytes(), dict(self._providers), self.essential_names, self.required_names,
         ))  # fmt: skip
 
     @classmethod
@@ -486,17 +523,27 @@ class Universe:
         stanzas are decoded on first lookup. Raises ValueError for anything else (another format
         version, damaged data, texts of other lengths)."""
         try:
-            magic, version, architecture, indices, spans, providers, essential, required = marshal.loads(data)
+            magic, version, architecture, indices, names, first, records, providers, essential, required = (
+                marshal.loads(data)
+            )
         except (EOFError, ValueError, TypeError) as e:
             raise ValueError(f"not a cached universe: {e}") from None
-        shape = (type(architecture), type(indices), type(spans), type(providers))
-        if (magic, version, shape) != (_UNIVERSE_MAGIC, UNIVERSE_FORMAT, (str, list, dict, dict)):
+        shape = (type(architecture), type(indices), type(names), type(first), type(records), type(providers))
+        if (magic, version, shape) != (_UNIVERSE_MAGIC, UNIVERSE_FORMAT, (str, list, list, bytes, bytes, dict)):
             raise ValueError("cached universe of another format, or malformed")
+        table = StanzaTable(names, array.array("q"), array.array("q"))
+        try:
+            table.first.frombytes(first)
+            table.records.frombytes(records)
+        except ValueError as e:
+            raise ValueError(f"cached universe: damaged table: {e}") from None
+        if len(table.first) != len(names) + 1 or len(table.records) != 3 * table.first[-1]:
+            raise ValueError("cached universe: damaged table")
         if len(indices) != len(texts) or any(len(t) != i[3] for t, i in zip(texts, indices, strict=False)):
             raise ValueError("cached universe of other index texts")
         index_texts = [IndexText(origin, text, what, binary_all)
                        for (origin, what, binary_all, _), text in zip(indices, texts, strict=True)]  # fmt: skip
-        universe = cls(_IndexedVersions(index_texts, spans), architecture)
+        universe = cls(_IndexedVersions(index_texts, table), architecture)
         # Seed the cached properties with the precomputed values (they are derived data only).
         universe.__dict__.update(
             _providers=providers, essential_names=tuple(essential), required_names=tuple(required)

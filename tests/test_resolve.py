@@ -613,15 +613,18 @@ def test_cached_universe_rejects_other_data() -> None:
 
     text = index_text(pkg("a"), pkg("b"))
     good = indexed(pkg("a"), pkg("b")).to_bytes()
-    magic, version, arch, indices, spans, providers, essential, required = marshal.loads(good)
+    magic, version, arch, indices, names, first, records, providers, essential, required = marshal.loads(good)
     others = [
         b"",
         b"not marshal data",
         good[: len(good) // 2],
-        marshal.dumps((magic, version + 1, arch, indices, spans, providers, essential, required)),
-        marshal.dumps(("another-magic", version, arch, indices, spans, providers, essential, required)),
-        marshal.dumps((magic, version, arch, indices, list(spans), providers, essential, required)),
-        marshal.dumps((magic, version, arch, indices, spans)),
+        marshal.dumps((magic, version + 1, arch, indices, names, first, records, providers, essential, required)),
+        marshal.dumps(("another-magic", version, arch, indices, names, first, records, providers, essential, required)),
+        marshal.dumps((magic, version, arch, indices, tuple(names), first, records, providers, essential, required)),
+        marshal.dumps((magic, version, arch, indices, names, first[:-8], records, providers, essential, required)),
+        marshal.dumps((magic, version, arch, indices, names, first, records[:-1], providers, essential, required)),
+        marshal.dumps((magic, version, arch, indices, names, first, records[:-8], providers, essential, required)),
+        marshal.dumps((magic, version, arch, indices, names)),
     ]
     for data in others:
         with pytest.raises(ValueError):

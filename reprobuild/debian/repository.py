@@ -639,30 +639,18 @@ def fetch_index_text(
     source: RepositorySource,
     release: VerifiedRelease | ReleaseFile,
     entry: ReleaseEntry,
-    cache: IndexCache | None = None,
     *,
     progress: Progress | None = None,
     timeout: tuple[float, float] = DEFAULT_TIMEOUT,
-) -> Any:
+) -> bytes:
     """The text of the index ``entry`` of ``release`` (an entry of :func:`index_entries`):
-    decompressed while it downloads, normalized (``stanzaindex.normalize_text``), and used only
-    once the downloaded file's size and SHA-256 match the signed Release (and the text's size
-    the plain file's, when the Release lists it).
-
-    With a cache, the text is kept under the verified file's hash (``texts/``) and returned from
-    there as a read-only mmap on later calls: nothing is downloaded or decompressed.
+    decompressed while it downloads, normalized (``stanzaindex.normalize_text``), and returned
+    only once the downloaded file's size and SHA-256 match the signed Release (and the text's
+    size the plain file's, when the Release lists it). Callers keep it with
+    :meth:`IndexCache.put_text` under ``entry.sha256``.
     """
     rel = release.release if isinstance(release, VerifiedRelease) else release
-    if cache is not None:
-        text = cache.get_text(entry.sha256)
-        if text is not None:
-            if progress:
-                progress(f"using the cached {source.suite} {entry.path}")
-            return text
-    text = normalize_text(_download_index(session, source, rel, entry, progress, timeout, decompress=True))
-    if cache is not None:
-        cache.put_text(entry.sha256, text)
-    return text
+    return normalize_text(_download_index(session, source, rel, entry, progress, timeout, decompress=True))
 
 
 def _index_rows(
