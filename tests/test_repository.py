@@ -35,6 +35,7 @@ from reprobuild.debian.repository import (
     ExpiredRelease,
     IndexCache,
     RepositorySource,
+    fetch_index_text,
     fetch_packages,
     fetch_release,
     fetch_releases,
@@ -687,3 +688,95 @@ def test_security_style_components_are_accepted() -> None:
     assert "has no component" not in str(e.value)
     with pytest.raises(RepositoryError, match="has no component 'contrib'"):
         fetch_packages(None, source, release, "contrib", "amd64")
+
+
+# --------------------------------------------------------------------------------------- index texts
+
+
+def test_index_text_is_the_verified_decompressed_index(server, session):
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    entry = verified.release.sha256["main/binary-amd64/Packages.xz"]
+    text = fetch_index_text(session, source, verified, entry)
+    assert text == lzma.decompress((server.root / "dists/stable/main/binary-amd64/Packages.xz").read_bytes())
+    assert server.requests[-1] == f"/dists/stable/main/binary-amd64/by-hash/SHA256/{entry.sha256}"
+
+
+@pytest.mark.parametrize("fault, message", [("corrupt", "does not match the signed Release"),
+                                            ("truncate", "fetching .* failed|got [0-9]+ bytes"), ("endless", "larger than"),
+                                            ("500", "HTTP 500")])  # fmt: skip
+def test_bad_index_text_download_refused(server, session, fault, message):
+    """Decompressing while downloading never judges a damaged file by its decompression: the
+    size and hash against the signed Release come first."""
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    entry = verified.release.sha256["main/binary-amd64/Packages.xz"]
+    by_hash = f"/dists/stable/main/binary-amd64/by-hash/SHA256/{entry.sha256}"
+    with server.fault(by_hash, fault), pytest.raises(RepositoryError, match=message):
+        fetch_index_text(session, source, verified, entry)
+
+
+def _with_plain_size(verified, size: int):
+    """``verified``'s Release with the plain Packages entry claiming ``size`` bytes."""
+    release = verified.release
+    plain = release.sha256["main/binary-amd64/Packages"]
+    entries = {**release.sha256, plain.path: dataclasses.replace(plain, size=size)}
+    return dataclasses.replace(release, sha256=entries)
+
+
+def test_index_text_is_bounded_by_the_plain_size(server, session):
+    """A compressed index that expands beyond the plain size the Release lists (a decompression
+    bomb, or another file) is refused without holding more than that in memory."""
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    entry = verified.release.sha256["main/binary-amd64/Packages.xz"]
+    plain_size = verified.release.sha256["main/binary-amd64/Packages"].size
+    with pytest.raises(RepositoryError, match=f"cannot decompress .*more than {plain_size - 10} bytes"):
+        fetch_index_text(session, source, _with_plain_size(verified, plain_size - 10), entry)
+    with pytest.raises(CorruptIndex, match=f"decompresses to {plain_size} bytes, the signed Release lists"):
+        fetch_index_text(session, source, _with_plain_size(verified, plain_size + 10), entry)
+
+
+def test_index_text_of_a_damaged_stream_with_the_right_hash(fixture_repo, repo_copy, tmp_path):
+    """A file that matches its (signed) hash but is no valid xz stream: a clear error, no traceback."""
+    source = file_source(repo_copy, fixture_repo.keyring_path)
+    verified = fetch_release(None, source, now=NOW)
+    junk = b"\xfd7zXZ\x00 not really xz"
+    entry = repository.ReleaseEntry("main/binary-amd64/Packages.xz", len(junk), hashlib.sha256(junk).hexdigest())
+    (repo_copy / "dists/stable/main/binary-amd64/Packages.xz").write_bytes(junk)
+    release = dataclasses.replace(verified.release, acquire_by_hash=False)
+    with pytest.raises(RepositoryError, match="cannot decompress main/binary-amd64/Packages.xz"):
+        fetch_index_text(None, source, release, entry)
+
+
+def test_index_texts_with_arch_all_split_out_give_the_parsed_universe(tmp_path):
+    from reprobuild.resolve import IndexText, Universe
+
+    suites = {"stable": [FixturePackage("native", "1", arch="amd64"), FixturePackage("indep", "1", arch="all")]}
+    repo = make_repo(tmp_path / "repo", suites, gnupg_home=tmp_path / "gnupg", split_arch_all=True)
+    source = file_source(repo.root, repo.keyring_path)
+    verified = fetch_release(None, source, now=NOW)
+    entry, all_entry = index_entries(source, verified, "main", "amd64")
+    assert all_entry is not None
+    texts = [IndexText("stable/main", fetch_index_text(None, source, verified, e), e.path, e is all_entry)
+             for e in (entry, all_entry)]  # fmt: skip
+    indexed = Universe.from_indices(texts, "amd64")
+    parsed = Universe.from_packages(
+        [dataclasses.replace(p, origin="stable/main")
+         for p in fetch_packages(None, source, verified, "main", "amd64").packages], "amd64")  # fmt: skip
+    assert list(indexed._versions) == list(parsed._versions) == ["indep", "native"]
+    assert [c.package for n in ("indep", "native") for c in indexed.versions(n)] == [
+        c.package for n in ("indep", "native") for c in parsed.versions(n)
+    ]
+
+
+def test_index_text_cache_round_trip(tmp_path):
+    cache = IndexCache(tmp_path)
+    sha = "ab" * 32
+    assert cache.get_text(sha) is None
+    cache.put_text(sha, b"Package: a\nVersion: 1\n")
+    assert cache.get_text(sha)[:] == b"Package: a\nVersion: 1\n"
+    cache.put_text(sha, b"")
+    assert cache.get_text(sha) == b""
+    with pytest.raises(ValueError):
+        cache.text_path("../../etc/passwd")
