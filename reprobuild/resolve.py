@@ -497,7 +497,8 @@ class Universe:
                 providers.setdefault(virtual, set()).add(name)
         universe = cls(versions, architecture)
         universe.__dict__.update(
-            _providers={virtual: tuple(sorted(names)) for virtual, names in providers.items()},
+            _providers={virtual: tuple(sorted(names)) if len(names) > 1 else tuple(names)
+                        for virtual, names in providers.items()},
             essential_names=tuple(n for n in versions if n in flagged and versions[n][0].package.essential),
             required_names=tuple(n for n in versions if n in flagged and versions[n][0].package.priority == "required"),
         )  # fmt: skip

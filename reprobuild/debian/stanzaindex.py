@@ -28,7 +28,11 @@ _HAS_BLANK_WITH_SPACES: Final = re.compile(rb"\n[ \t]+(?:\n|$)")
 # "\n" in C): a stanza separator (an empty line follows), or one of the fields every stanza is
 # summarised by, with its continuation lines (control._FIELD, for five names only). The text's
 # first line has no "\n" before it: _FIRST reads it.
-_NAMES: Final = rb"(Package|Architecture|Essential|Priority|Provides):[ \t]*(.*(?:\n[ \t].*)*)"
+# Essential and Priority matter only as "yes" and "required" (any case): the lookaheads skip the
+# other values (most stanzas say "Priority: optional") before any Python code sees them.
+_NAMES: Final = (
+    rb"(Package|Architecture|Provides|Essential(?=:[ \t]*[yY])|Priority(?=:[ \t]*[rR])):[ \t]*(.*(?:\n[ \t].*)*)"
+)
 _TOKEN: Final = re.compile(rb"\n(?:(?=\n)|" + _NAMES + rb")")
 _FIRST: Final = re.compile(_NAMES)
 
