@@ -10,9 +10,13 @@ Trust chain (wiki.debian.org/DebianRepository/Format, docs/formats.md §10)::
 * ``fetch_packages`` picks ``Packages.xz`` (then ``.gz``, then plain) listed in that Release,
   downloads it **by hash** when the Release says ``Acquire-By-Hash: yes`` (no race with a mirror
   update), and checks size and SHA-256 before anything is parsed.
-* ``IndexCache`` keeps raw indices under ``indices/sha256/<hex>`` and their parsed form under
-  ``parsed/<hex>.<key>``, so a second lock against the same metadata parses nothing; data derived
-  from indices (the resolver's universe) goes under ``derived/<kind>/<hex of its inputs>``.
+* ``fetch_index_text`` is what a lock reads: the index decompressed while it downloads, used
+  once the file's size and SHA-256 match the Release (the stanzas are then scanned, not parsed:
+  ``stanzaindex``).
+* ``IndexCache`` keeps index texts under ``texts/<hex>.<format>`` (``<hex>`` = the verified
+  file's SHA-256; read back as mmaps), raw indices under ``indices/sha256/<hex>`` and their
+  parsed form under ``parsed/<hex>.<key>`` (``fetch_packages``); data derived from indices (the
+  resolver's universe table) goes under ``derived/<kind>/<hex of its inputs>``.
 * ``fetch_releases`` checks several suites' InRelease concurrently (a warm lock's only network work).
 
 All network access goes through a ``requests.Session``-like object (``get(url, stream=True,
