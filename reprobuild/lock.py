@@ -200,14 +200,14 @@ def _fetch_release_universe(spec: ImageSpec, release: str, session, options: Loc
                     for index_entry, binary_all in ((entry, False), (all_entry, True)):
                         if index_entry is None:
                             continue
-                        text = cache.get_text(index_entry.sha256) if cache is not None else None
+                        text, heads = cache.get_text(index_entry.sha256) if cache is not None else None, None
                         if text is None:
-                            text = repository.fetch_index_text(session, source, verified, index_entry,
-                                                               progress=options.progress)
+                            text, heads = repository.fetch_index_text(session, source, verified, index_entry,
+                                                                      progress=options.progress)
                             if cache is not None:
                                 writes.append(writer.submit(cache.put_text, index_entry.sha256, text))
                         texts.append(IndexText(source.origin(component), text,
-                                               f"{source.suite} {index_entry.path}", binary_all))
+                                               f"{source.suite} {index_entry.path}", binary_all, heads))
             if options.progress:
                 options.progress(f"building the universe of {len(texts)} indices "
                                  f"({sum(len(t.text) for t in texts) / (1 << 20):.0f} MiB)")

@@ -39,7 +39,7 @@ from resolvelib.resolvers import ResolutionImpossible, ResolutionTooDeep
 
 from reprobuild.debian.control import Relation, parse_provides, parse_relations
 from reprobuild.debian.package import BinaryPackage
-from reprobuild.debian.stanzaindex import decode_stanza, scan_stanzas
+from reprobuild.debian.stanzaindex import StanzaHead, decode_stanza, scan_stanzas
 from reprobuild.debian.version import check_relation, version_key
 from reprobuild.errors import FormatError, RepositoryError, ResolutionFailed
 
@@ -340,6 +340,7 @@ class IndexText:
     text: Any = field(repr=False)  # bytes, bytearray or a read-only mmap of the text
     what: str = "Packages"  # names the index in error messages
     binary_all: bool = False  # a binary-all index: its entries yield to the same origin's arch index
+    heads: list[StanzaHead] | None = field(default=None, repr=False)  # scan_stanzas(text), if done already
 
 
 @dataclass(frozen=True)
@@ -464,7 +465,8 @@ class Universe:
         every answer to :meth:`from_packages` of their parsed packages.
 
         Each text is scanned once (``stanzaindex.scan_stanzas``: bounds, names, Architecture,
-        Essential, Priority, Provides); a stanza is decoded only when its name is looked up. The
+        Essential, Priority, Provides), unless its ``heads`` are given; a stanza is decoded only
+        when its name is looked up. The
         Essential/required names and the Provides index are computed here, decoding only the
         names they need. Cost: ~0.4 s for trixie (56 MB of text). Raises RepositoryError for a
         malformed index (a malformed stanza nobody looks up is never decoded).
@@ -473,7 +475,7 @@ class Universe:
         provides: dict[str, list[str]] = {}
         flagged: set[str] = set()  # names with an entry that is Essential or Priority: required
         for number, index in enumerate(indices):
-            for head in scan_stanzas(index.text, index.what):
+            for head in index.heads if index.heads is not None else scan_stanzas(index.text, index.what):
                 if head.architecture != architecture and head.architecture != "all":
                     continue
                 spans.setdefault(head.name, []).extend((number, head.start, head.end))

@@ -45,6 +45,7 @@ from reprobuild.debian.repository import (
     snapshot_id,
     snapshot_source,
 )
+from reprobuild.debian.stanzaindex import scan_stanzas
 from reprobuild.errors import RepositoryError, ToolMissing
 
 NOW = datetime(2025, 6, 1, tzinfo=UTC)  # inside the fixture's validity window
@@ -697,7 +698,8 @@ def test_index_text_is_the_verified_decompressed_index(server, session):
     source = http_source(server)
     verified = fetch_release(session, source, now=NOW)
     entry = verified.release.sha256["main/binary-amd64/Packages.xz"]
-    text = fetch_index_text(session, source, verified, entry)
+    text, heads = fetch_index_text(session, source, verified, entry)
+    assert heads == scan_stanzas(text)
     assert text == lzma.decompress((server.root / "dists/stable/main/binary-amd64/Packages.xz").read_bytes())
     assert server.requests[-1] == f"/dists/stable/main/binary-amd64/by-hash/SHA256/{entry.sha256}"
 
@@ -758,8 +760,10 @@ def test_index_texts_with_arch_all_split_out_give_the_parsed_universe(tmp_path):
     verified = fetch_release(None, source, now=NOW)
     entry, all_entry = index_entries(source, verified, "main", "amd64")
     assert all_entry is not None
-    texts = [IndexText("stable/main", fetch_index_text(None, source, verified, e), e.path, e is all_entry)
-             for e in (entry, all_entry)]  # fmt: skip
+    texts = []
+    for e in (entry, all_entry):
+        text, heads = fetch_index_text(None, source, verified, e)
+        texts.append(IndexText("stable/main", text, e.path, binary_all=e is all_entry, heads=heads))
     indexed = Universe.from_indices(texts, "amd64")
     parsed = Universe.from_packages(
         [dataclasses.replace(p, origin="stable/main")

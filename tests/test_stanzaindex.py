@@ -10,7 +10,13 @@ import pytest
 
 from reprobuild.debian.control import iter_stanzas
 from reprobuild.debian.package import BinaryPackage
-from reprobuild.debian.stanzaindex import decode_stanza, normalize_text, scan_stanzas
+from reprobuild.debian.stanzaindex import (
+    StanzaScanner,
+    decode_stanza,
+    normalize_text,
+    scan_stanzas,
+    trailing_space,
+)
 from reprobuild.errors import RepositoryError
 
 DATA = Path(__file__).parent / "data"
@@ -82,3 +88,18 @@ def test_decoding_checks_the_whole_stanza(text: bytes, message: str) -> None:
     (head,) = scan_stanzas(text)  # the scan reads five fields only: the rest is checked here
     with pytest.raises(RepositoryError, match=message):
         decode_stanza(text, head, "o", "test index")
+
+
+@pytest.mark.parametrize("text", [(DATA / "resolve_scenario.Packages").read_bytes(), ODD.encode()], ids=["scenario", "odd"])
+def test_scan_in_steps_equals_one_scan(text: bytes) -> None:
+    """The steps a download allows (each ending just after an empty line) give one scan's result."""
+    text = normalize_text(text)
+    whole = scan_stanzas(text)
+    cuts = [i + 2 for i in range(len(text) - 1) if text[i : i + 2] == b"\n\n"]
+    assert len(cuts) > 3
+    for step in (1, 2, 3):
+        scanner = StanzaScanner(trailing_space=trailing_space(text))  # the caller checks it in the end
+        for end in cuts[::step]:
+            scanner.scan(text, end)
+        scanner.scan(text, len(text))
+        assert scanner.finish(text) == whole

@@ -35,6 +35,7 @@ import lzma
 import marshal
 import mmap
 import os
+import queue
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,7 +49,13 @@ from urllib.parse import unquote, urlsplit
 from reprobuild.debian.control import iter_stanzas
 from reprobuild.debian.gpg import DEFAULT_KEYRING, SignatureError, verify_clearsigned, verify_detached
 from reprobuild.debian.package import BinaryPackage
-from reprobuild.debian.stanzaindex import normalize_text
+from reprobuild.debian.stanzaindex import (
+    StanzaHead,
+    StanzaScanner,
+    normalize_text,
+    scan_stanzas,
+    trailing_space,
+)
 from reprobuild.errors import FormatError, RepositoryError
 
 Progress = Callable[[str], None]
@@ -646,15 +653,57 @@ def fetch_index_text(
     *,
     progress: Progress | None = None,
     timeout: tuple[float, float] = DEFAULT_TIMEOUT,
-) -> bytes:
-    """The text of the index ``entry`` of ``release`` (an entry of :func:`index_entries`):
-    decompressed while it downloads, normalized (``stanzaindex.normalize_text``), and returned
-    only once the downloaded file's size and SHA-256 match the signed Release (and the text's
-    size the plain file's, when the Release lists it). Callers keep it with
-    :meth:`IndexCache.put_text` under ``entry.sha256``.
+) -> tuple[bytes, list[StanzaHead]]:
+    """The text of the index ``entry`` of ``release`` (an entry of :func:`index_entries`) and its
+    stanzas (``stanzaindex.scan_stanzas``): decompressed while it downloads, normalized
+    (``stanzaindex.normalize_text``), and returned only once the downloaded file's size and
+    SHA-256 match the signed Release (and the text's size the plain file's, when the Release
+    lists it). Callers keep the text with :meth:`IndexCache.put_text` under ``entry.sha256``.
+
+    When the Release lists the plain file's size (Debian's do), the text is scanned while it is
+    still arriving: the download and decompression run in a thread (zlib and lzma release the
+    GIL), the scan in the caller's, on the stanzas decompressed so far. A scan error on a file
+    that then fails its hash check is reported as the hash mismatch.
     """
     rel = release.release if isinstance(release, VerifiedRelease) else release
-    return normalize_text(_download_index(session, source, rel, entry, progress, timeout, decompress=True))
+    what = f"{source.suite} {entry.path}"
+    plain = _plain_entry(rel, entry)
+    if plain is None:
+        sink = _Decompressing(entry.path, MAX_INDEX_TEXT_BYTES)
+        text = normalize_text(_download_index(session, source, rel, entry, progress, timeout, sink))
+        return text, scan_stanzas(text, what)
+    from concurrent.futures import ThreadPoolExecutor  # deferred: only needed here
+
+    sizes: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    sink = _Decompressing(entry.path, plain.size, fixed=True, written=sizes.put)
+    scanner = StanzaScanner(what)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index") as pool:
+        download = pool.submit(_download_then, sizes.put, _download_index, session, source, rel, entry,
+                               progress, timeout, sink)  # fmt: skip
+        try:
+            scanned = 0
+            while (size := sizes.get()) is not None:
+                cut = sink.buf.rfind(b"\n\n", scanned, size)
+                if cut >= 0:
+                    scanner.scan(sink.buf, cut + 2)
+                    scanned = cut + 1
+        except RepositoryError:
+            download.result()  # a file that does not match the Release is named as such
+            raise
+        text = download.result()
+    normalized = normalize_text(text)
+    if normalized is not text or trailing_space(text):  # rare: scan the whole text again
+        return normalized, scan_stanzas(normalized, what)
+    scanner.scan(text, len(text))
+    return text, scanner.finish(text)
+
+
+def _download_then(done: Callable[[None], None], function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, then ``done(None)`` whatever happened."""
+    try:
+        return function(*args)
+    finally:
+        done(None)
 
 
 def _index_rows(
@@ -703,12 +752,11 @@ def _download_index(
     entry: ReleaseEntry,
     progress: Progress | None,
     timeout: tuple[float, float],
-    *,
-    decompress: bool = False,
+    sink: _Keeping | _Decompressing | None = None,
 ) -> bytes:
-    """The index file ``entry`` — or with ``decompress``, its decompressed content, made while
-    the file downloads — once its size and SHA-256 match the signed Release. A file that does
-    not match is refused as such, even when it did not decompress either."""
+    """The index file ``entry`` — or what ``sink`` makes of it while it downloads (its
+    decompressed content) — once its size and SHA-256 match the signed Release. A file that
+    does not match is refused as such, even when it did not decompress either."""
     directory, _, _ = entry.path.rpartition("/")
     urls = []
     if rel.acquire_by_hash:
@@ -719,10 +767,8 @@ def _download_index(
     if progress:
         how = " (by-hash)" if rel.acquire_by_hash else ""
         progress(f"fetching {source.suite} {entry.path}{how}, {entry.size / (1 << 20):.1f} MiB…")
-    plain = _plain_entry(rel, entry)
-    limit = plain.size if plain is not None else MAX_INDEX_TEXT_BYTES
-    for url in urls:
-        sink = _Decompressing(entry.path, limit) if decompress else _Keeping()
+    sink = sink or _Keeping()
+    for url in urls:  # data reaches the sink only from the one that answers
         digest = hashlib.sha256()
         size = 0
         with _opened(session, url, timeout) as chunks:
@@ -746,7 +792,8 @@ def _download_index(
                 hint="the index was altered or the mirror is inconsistent",
             )
         data = sink.result()
-        if plain is not None and decompress and len(data) != plain.size:
+        plain = _plain_entry(rel, entry)
+        if isinstance(sink, _Decompressing) and plain is not None and len(data) != plain.size:
             raise CorruptIndex(f"{url}: decompresses to {len(data)} bytes, the signed Release lists {plain.size}")
         return data
     raise RepositoryError(f"{source.suite}: {entry.path} not found on the mirror ({' nor '.join(urls)})")
@@ -775,10 +822,14 @@ class _Keeping:
 
 class _Decompressing:
     """Download sink: decompresses (xz, gzip or none, by the file name) as chunks arrive, at most
-    ``limit`` bytes of output. A decompression error is kept, not raised, until :meth:`result`:
-    the caller checks the file's hash first, so a damaged download is named as such."""
+    ``limit`` bytes of output, into ``buf``: a bytearray of exactly ``limit`` bytes when
+    ``fixed`` (the size the Release lists: it is never resized, so another thread may scan what
+    is written while it grows), else one that grows. ``size`` bytes are written; ``written`` is
+    called with it after each chunk. A decompression error is kept, not raised, until
+    :meth:`result`: the caller checks the file's hash first, so a damaged download is named as such."""
 
-    def __init__(self, path: str, limit: int) -> None:
+    def __init__(self, path: str, limit: int, fixed: bool = False,
+                 written: Callable[[int], None] | None = None) -> None:  # fmt: skip
         self.path = path
         self.limit = limit
         if path.endswith(".xz"):
@@ -787,23 +838,32 @@ class _Decompressing:
             self.decompressor = zlib.decompressobj(wbits=47)  # gzip header, any window size
         else:
             self.decompressor = None
-        self.buf = bytearray()
+        self.fixed = fixed
+        self.buf = bytearray(limit) if fixed else bytearray()
+        self.size = 0
+        self.written = written
         self.error: str | None = None
 
     def feed(self, chunk: bytes) -> None:
         if self.error is not None:
             return
         try:
-            if self.decompressor is None:
-                self.buf += chunk
-            else:
-                self.buf += self.decompressor.decompress(chunk, self.limit + 1 - len(self.buf))
+            out = chunk if self.decompressor is None else self.decompressor.decompress(chunk, self.limit + 1 - self.size)
         except (lzma.LZMAError, zlib.error, EOFError) as e:
             self.error = str(e)
-        if len(self.buf) > self.limit:
+            return
+        if self.size + len(out) > self.limit:
             self.error = f"it decompresses to more than {self.limit} bytes"
+            return
+        if self.fixed:
+            self.buf[self.size : self.size + len(out)] = out  # same length: no resize
+        else:
+            self.buf += out
+        self.size += len(out)
+        if self.written is not None:
+            self.written(self.size)
 
-    def result(self) -> bytes:
+    def result(self) -> bytearray:
         if self.error is None and self.decompressor is not None:
             if not self.decompressor.eof:
                 self.error = "the compressed stream is truncated"
@@ -811,7 +871,7 @@ class _Decompressing:
                 self.error = "data follows the compressed stream"
         if self.error is not None:
             raise RepositoryError(f"cannot decompress {self.path}: {self.error}")
-        return bytes(self.buf)
+        return self.buf if not self.fixed or self.size == self.limit else self.buf[: self.size]
 
 
 def _decompress(data: bytes, entry: ReleaseEntry) -> str:

@@ -19,7 +19,7 @@ from reprobuild.debian.control import iter_stanzas
 from reprobuild.debian.package import BinaryPackage
 from reprobuild.errors import FormatError, RepositoryError
 
-__all__ = ["StanzaHead", "decode_stanza", "normalize_text", "scan_stanzas"]
+__all__ = ["StanzaHead", "StanzaScanner", "decode_stanza", "normalize_text", "scan_stanzas", "trailing_space"]
 
 # As control.iter_stanzas: CRLF line ends, and lines of only blanks separate stanzas like empty ones.
 _BLANK_WITH_SPACES: Final = re.compile(rb"^[ \t]+$", re.MULTILINE)
@@ -63,38 +63,71 @@ def normalize_text(text: bytes) -> bytes:
 
 
 def scan_stanzas(text: bytes, what: str = "Packages") -> list[StanzaHead]:
-    """Every stanza of a normalized index text, in order (pure; ~0.3 s for trixie's 56 MB).
+    """Every stanza of a normalized index text, in order (pure; ~0.4 s for trixie's 56 MB).
 
     Raises RepositoryError for a stanza without ``Package`` (unless it holds only comments), a
     field given twice among the five scanned, or a scanned value that is not UTF-8. The other
     fields are checked when the stanza is decoded (:func:`decode_stanza`).
     """
-    trailing_space = text.find(b" \n") >= 0 or text.find(b"\t\n") >= 0 or _last_byte(text) in (b" ", b"\t")
-    heads: list[StanzaHead] = []
-    fields: dict[bytes, bytes] = {}
-    first = _FIRST.match(text)
-    if first is not None:
-        fields[first.group(1)] = first.group(2)
-    start = 0
-    for match in _TOKEN.finditer(text):
-        name = match.group(1)
-        if name is not None:
-            if name in fields:
-                raise RepositoryError(f"{what}: field {name.decode()!r} repeated in the stanza at byte {start}")
-            fields[name] = match.group(2)
-            continue
-        here = match.start()  # an empty line follows: the stanza ends here, the next one starts after it
-        if fields:
-            heads.append(_head(text, fields, start, here, trailing_space, what))
-            fields = {}
-        elif start < here:
-            _check_no_stanza(text, start, here, what)
-        start = here + 2
-    if fields:
-        heads.append(_head(text, fields, start, len(text), trailing_space, what))
-    elif start < len(text):
-        _check_no_stanza(text, start, len(text), what)
-    return heads
+    scanner = StanzaScanner(what, trailing_space(text))
+    scanner.scan(text, len(text))
+    return scanner.finish(text)
+
+
+def trailing_space(text: bytes) -> bool:
+    """Whether some line of ``text`` ends in a space or tab: then values lose trailing blanks,
+    as in ``iter_stanzas`` (``text`` may be an mmap: no ``in`` or ``rstrip``)."""
+    return text.find(b" \n") >= 0 or text.find(b"\t\n") >= 0 or _last_byte(text) in (b" ", b"\t")
+
+
+class StanzaScanner:
+    """:func:`scan_stanzas` in steps, over a text that grows (an index decompressed while it
+    downloads): :meth:`scan` up to the end of an empty line, again as the text grows, then
+    :meth:`finish`. The result is what one :func:`scan_stanzas` of the whole text gives, for
+    the ``trailing_space`` of the whole text (the caller checks it in the end)."""
+
+    def __init__(self, what: str = "Packages", trailing_space: bool = False) -> None:
+        self.what = what
+        self.trailing_space = trailing_space
+        self.heads: list[StanzaHead] = []
+        self._fields: dict[bytes, bytes] = {}
+        self._start = 0  # of the current stanza
+        self._pos = 0  # where the next scan starts: a "\n" (or 0)
+
+    def scan(self, text: bytes, end: int) -> None:
+        """Scan ``text[:end]`` on from where the last scan stopped; ``end`` is ``len(text)`` or
+        just after an empty line (``text[end-2:end] == b"\n\n"``)."""
+        fields, start, what = self._fields, self._start, self.what
+        if self._pos == 0:
+            first = _FIRST.match(text, 0, end)
+            if first is not None:
+                fields[first.group(1)] = first.group(2)
+        for match in _TOKEN.finditer(text, self._pos, end):
+            name = match.group(1)
+            if name is not None:
+                if name in fields:
+                    raise RepositoryError(f"{what}: field {name.decode()!r} repeated in the stanza at byte {start}")
+                fields[name] = match.group(2)
+                continue
+            here = match.start()  # an empty line follows: the stanza ends here, the next one starts after it
+            if fields:
+                self.heads.append(_head(text, fields, start, here, self.trailing_space, what))
+                fields = {}
+            elif start < here:
+                _check_no_stanza(text, start, here, what)
+            start = here + 2
+        # The next scan starts at the empty line's "\n", so a field on the next stanza's first
+        # line is found as "\n<name>:" (no token can start there within text[:end]).
+        self._fields, self._start, self._pos = fields, start, max(end - 1, self._pos)
+
+    def finish(self, text: bytes) -> list[StanzaHead]:
+        """The heads, once ``text`` is complete and scanned to its end."""
+        if self._fields:
+            self.heads.append(_head(text, self._fields, self._start, len(text), self.trailing_space, self.what))
+        elif self._start < len(text):
+            _check_no_stanza(text, self._start, len(text), self.what)
+        self._fields = {}
+        return self.heads
 
 
 def _last_byte(text: bytes) -> bytes:
