@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import dataclasses
 import difflib
 import itertools
 import marshal
@@ -354,15 +355,24 @@ class StanzaTable:
     records: array.array  # "q", 3 per stanza
 
     @classmethod
-    def of(cls, spans: Mapping[str, Sequence[int]]) -> StanzaTable:
-        """From ``name → (index, start, end, index, start, end, …)``."""
-        names = sorted(spans)
-        first = array.array("q", [0])
+    def of(cls, stanzas: list[tuple[str, int, int, int]]) -> StanzaTable:
+        """From ``(name, index, start, end)`` rows, which it sorts (so each name's stanzas are
+        in index order)."""
+        stanzas.sort()
+        names: list[str] = []
+        first = array.array("q")
         records = array.array("q")
-        for name in names:
-            records.extend(spans[name])
-            first.append(len(records) // 3)
+        for k, (name, number, start, end) in enumerate(stanzas):
+            if not names or names[-1] != name:
+                names.append(name)
+                first.append(k)
+            records.extend((number, start, end))
+        first.append(len(stanzas))
         return cls(names, first, records)
+
+    def count(self, i: int) -> int:
+        """How many stanzas the name at position ``i`` has."""
+        return self.first[i + 1] - self.first[i]
 
     def position(self, name: str) -> int:
         """The position of ``name`` in ``names``, or -1."""
@@ -466,31 +476,32 @@ class Universe:
 
         Each text is scanned once (``stanzaindex.scan_stanzas``: bounds, names, Architecture,
         Essential, Priority, Provides), unless its ``heads`` are given; a stanza is decoded only
-        when its name is looked up. The
-        Essential/required names and the Provides index are computed here, decoding only the
-        names they need. Cost: ~0.4 s for trixie (56 MB of text). Raises RepositoryError for a
+        when its name is looked up. The Essential/required names and the Provides index are
+        computed here, decoding only the names they need. Cost: ~0.4 s for trixie (56 MB of text). Raises RepositoryError for a
         malformed index (a malformed stanza nobody looks up is never decoded).
         """
-        spans: dict[str, list[int]] = {}
-        provides: dict[str, list[str]] = {}
+        stanzas: list[tuple[str, int, int, int]] = []
+        provides: dict[str, str] = {}  # a Provides of each name that has one
         flagged: set[str] = set()  # names with an entry that is Essential or Priority: required
         for number, index in enumerate(indices):
             for head in index.heads if index.heads is not None else scan_stanzas(index.text, index.what):
                 if head.architecture != architecture and head.architecture != "all":
                     continue
-                spans.setdefault(head.name, []).extend((number, head.start, head.end))
+                stanzas.append((head.name, number, head.start, head.end))
                 if head.provides:
-                    provides.setdefault(head.name, []).append(head.provides)
+                    provides[head.name] = head.provides
                 if head.essential or head.required:
                     flagged.add(head.name)
-        versions = _IndexedVersions(indices, StanzaTable.of(spans))
+        table = StanzaTable.of(stanzas)
+        del stanzas
+        versions = _IndexedVersions([dataclasses.replace(i, heads=None) for i in indices], table)
         providers: dict[str, set[str]] = {}
-        for name in versions:
+        for i, name in enumerate(table.names):
             if name not in provides:
                 continue
-            if len(spans[name]) == 3:  # one entry: its scanned Provides is the candidate's
+            if table.count(i) == 1:  # one entry: its scanned Provides is the candidate's
                 try:
-                    provided = _provided_names(provides[name][0])
+                    provided = _provided_names(provides[name])
                 except FormatError as e:
                     raise RepositoryError(f"{name}: {e.message}") from None
             else:  # several entries: only the versions kept count

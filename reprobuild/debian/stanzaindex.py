@@ -35,6 +35,9 @@ _NAMES: Final = (
 )
 _TOKEN: Final = re.compile(rb"\n(?:(?=\n)|" + _NAMES + rb")")
 _FIRST: Final = re.compile(_NAMES)
+# One str object for the common values (70k stanzas would each hold a copy).
+_ARCHITECTURES: Final = {a.encode(): a for a in ("all", "amd64", "arm64", "armel", "armhf", "i386", "ppc64el",
+                                                  "riscv64", "s390x", "mips64el", "loong64")}  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -141,7 +144,8 @@ def _last_byte(text: bytes) -> bytes:
 def _head(text: bytes, fields: dict[bytes, bytes], start: int, end: int, trailing_space: bool, what: str) -> StanzaHead:
     try:
         name = fields[b"Package"].decode("utf-8")
-        architecture = fields.get(b"Architecture", b"all").decode("utf-8")
+        raw_architecture = fields.get(b"Architecture", b"all")
+        architecture = _ARCHITECTURES.get(raw_architecture) or raw_architecture.decode("utf-8")
         essential = fields.get(b"Essential")
         priority = fields.get(b"Priority")
         provides = fields.get(b"Provides", b"").decode("utf-8")
