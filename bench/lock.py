@@ -212,11 +212,13 @@ indicative. Debian {RELEASE} amd64 (main, -updates, -security) from the mirror o
 Commands: `bench/lock.py --write-docs` (this table); one warm lock by hand:
 `time reprobuild lock -C lock/bootable -q` (after one cold run has filled `~/.cache/reprobuild`).
 
-Where a cold lock's time goes (trixie, `lock/minimal`'s definition, measured in-process): xz
-decompression of main's 9.7 MB index into 56 MB of text (~0.9 s, overlapped with the download);
-the stanza scan of that text (~0.4 s: C-level regex searches, one Python step per stanza and
-scanned field); start-up and imports (~0.25 s); the InReleases (~0.15 s); resolving the image and
-tools sets (~0.2 s). The texts are written to the cache in the background.
+Where a cold lock's time goes (trixie, `lock/minimal`'s definition, measured in-process on a
+quiet machine these are roughly halved): main's 9.2 MiB Packages.xz is downloaded and
+xz-decompressed (56 MB of text, ~0.9 s of CPU) in a thread while the stanza scan (~0.4 s: C-level
+regex searches, one Python step per stanza and scanned field) follows on the stanzas decompressed
+so far; building the universe table from the scanned stanzas (sort, Provides index, the
+Essential/required names) ~0.3 s; start-up and imports ~0.2 s; the InReleases ~0.15 s;
+resolving the image and tools sets ~0.1 s. The texts are written to the cache in the background.
 
 Before the offset-table work (same machine, 2026-11-30, load ~1.3): cold 5.9 s and 409 MB
 (every stanza of every index parsed into a record in Python, ~4.7 s under a profiler, then a
