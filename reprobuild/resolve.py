@@ -407,7 +407,8 @@ class _IndexedVersions(Mapping[str, tuple[RepoCandidate, ...]]):
                 records.append((index.binary_all, decode_stanza(index.text, (flat[k + 1], flat[k + 2]),
                                                                 index.origin, index.what)))  # fmt: skip
             if any(package.name != name for _, package in records):
-                raise ValueError(f"universe table: the stanzas listed for {name!r} are another package's")
+                raise RepositoryError(f"the cached universe lists another package's stanzas for {name!r}",
+                                      hint="the index cache (the store's indices/ directory) is damaged: remove it")
             found = self._decoded[name] = _ordered_versions(_without_binary_all_duplicates(records))
         return found
 

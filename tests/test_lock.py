@@ -136,3 +136,24 @@ def test_changed_mirror_content_is_never_served_from_the_cache(image, tmp_path, 
     assert _versions(after)["image"]["hello"] == "2.10-3+deb12u2"
     assert after.sources[2].packages_sha256 != before.sources[2].packages_sha256
     assert len(list((cache / "derived" / "universe").iterdir())) == 2
+
+
+def test_warm_lock_resolves_while_the_inreleases_are_checked(image, tmp_path, monkeypatch):
+    """On a warm lock the image set is resolved on the guessed universe in the loader thread,
+    and that resolution is the one used (the same lock as a cold one)."""
+    import threading
+
+    from reprobuild import resolve as resolve_module
+
+    cache = tmp_path / "cache"
+    cold = _lock(image, cache)
+    threads: list[str] = []
+    real_resolve = resolve_module.resolve
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_resolve(*args, **kwargs)
+
+    monkeypatch.setattr(resolve_module, "resolve", spy)
+    assert _lock(image, cache) == cold
+    assert len(threads) == 1 and threads[0].startswith("universe")  # one set (ToolsTree=host), speculated

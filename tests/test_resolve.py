@@ -13,7 +13,7 @@ import pytest
 
 from reprobuild.debian.control import Relation, iter_stanzas
 from reprobuild.debian.package import BinaryPackage
-from reprobuild.errors import ResolutionFailed
+from reprobuild.errors import RepositoryError, ResolutionFailed
 from reprobuild.resolve import (
     AbsentCandidate,
     DebProvider,
@@ -636,5 +636,5 @@ def test_cached_universe_rejects_other_data() -> None:
     with pytest.raises(TypeError):
         universe(pkg("a")).to_bytes()  # a universe of parsed packages has no table
     swapped = Universe.from_bytes(good, [index_text(pkg("b"), pkg("a"))])  # same length, other order
-    with pytest.raises(ValueError, match="another package's"):
+    with pytest.raises(RepositoryError, match="another package's"):
         swapped.versions("a")
