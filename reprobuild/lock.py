@@ -131,7 +131,6 @@ def _fetch_release_universe(spec: ImageSpec, release: str, session, options: Loc
     give the same universe.
     """
     from reprobuild.debian import repository
-    from reprobuild.resolve import IndexText, Universe
 
     keyrings = list(spec.distribution.keyring) or [DEFAULT_KEYRING]
     arch = spec.distribution.debian_architecture
@@ -194,33 +193,7 @@ def _fetch_release_universe(spec: ImageSpec, release: str, session, options: Loc
     if universe is None:
         universe = _cached_universe(cache, key, indices)
     if universe is None:
-        texts: list[IndexText] = []
-        from concurrent.futures import ThreadPoolExecutor
-
-        # Texts are written to the cache (and fsync'd) while the next index downloads and the
-        # universe is built; every write has finished before the universe is cached.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-text") as writer:
-            writes = []
-            for source, verified in zip(repo_sources, verified_releases, strict=True):
-                for component in spec.distribution.repositories:
-                    entry, all_entry = repository.index_entries(source, verified, component, arch)
-                    for index_entry, binary_all in ((entry, False), (all_entry, True)):
-                        if index_entry is None:
-                            continue
-                        text, heads = cache.get_text(index_entry.sha256) if cache is not None else None, None
-                        if text is None:
-                            text, heads = repository.fetch_index_text(session, source, verified, index_entry,
-                                                                      progress=options.progress)
-                            if cache is not None:
-                                writes.append(writer.submit(cache.put_text, index_entry.sha256, text))
-                        texts.append(IndexText(source.origin(component), text,
-                                               f"{source.suite} {index_entry.path}", binary_all, heads))
-            if options.progress:
-                options.progress(f"building the universe of {len(texts)} indices "
-                                 f"({sum(len(t.text) for t in texts) / (1 << 20):.0f} MiB)")
-            universe = Universe.from_indices(texts, arch)
-            for write in writes:
-                write.result()
+        universe = _build_universe(session, spec, repo_sources, verified_releases, cache, options.progress)
         if cache is not None:
             cache.put_derived("universe", key, universe.to_bytes())
     elif options.progress:
@@ -228,6 +201,43 @@ def _fetch_release_universe(spec: ImageSpec, release: str, session, options: Loc
     if cache is not None and key != guessed_key:
         cache.put_derived("latest", origins_key, json.dumps(indices).encode())
     return _Fetched(universe, sources, dates, resolved)
+
+
+def _build_universe(session, spec: ImageSpec, repo_sources: Sequence[RepositorySource], verified_releases,
+                    cache, progress: Progress | None) -> Universe:
+    """Cold path: every index text from the cache or the mirror (then kept in the cache), and the
+    universe over them. Texts are written to the cache (and fsync'd) while the next index
+    downloads and the universe is built; every write has finished when this returns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from reprobuild.debian import repository
+    from reprobuild.resolve import IndexText, Universe
+
+    arch = spec.distribution.debian_architecture
+    texts: list[IndexText] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-text") as writer:
+        writes = []
+        for source, verified in zip(repo_sources, verified_releases, strict=True):
+            for component in spec.distribution.repositories:
+                entry, all_entry = repository.index_entries(source, verified, component, arch)
+                for index_entry, binary_all in ((entry, False), (all_entry, True)):
+                    if index_entry is None:
+                        continue
+                    text, heads = cache.get_text(index_entry.sha256) if cache is not None else None, None
+                    if text is None:
+                        text, heads = repository.fetch_index_text(session, source, verified, index_entry,
+                                                                  progress=progress)
+                        if cache is not None:
+                            writes.append(writer.submit(cache.put_text, index_entry.sha256, text))
+                    texts.append(IndexText(source.origin(component), text, f"{source.suite} {index_entry.path}",
+                                           binary_all, heads))
+        if progress:
+            progress(f"building the universe of {len(texts)} indices "
+                     f"({sum(len(t.text) for t in texts) / (1 << 20):.0f} MiB)")
+        universe = Universe.from_indices(texts, arch)
+        for write in writes:
+            write.result()
+    return universe
 
 
 def _origins_key(architecture: str, sources: Sequence[RepositorySource]) -> str:
