@@ -212,13 +212,18 @@ indicative. Debian {RELEASE} amd64 (main, -updates, -security) from the mirror o
 Commands: `bench/lock.py --write-docs` (this table); one warm lock by hand:
 `time reprobuild lock -C lock/bootable -q` (after one cold run has filled `~/.cache/reprobuild`).
 
-Where a cold lock's time goes (trixie, `lock/minimal`'s definition, measured in-process on a
-quiet machine these are roughly halved): main's 9.2 MiB Packages.xz is downloaded and
+Where a cold lock's time goes (trixie, `lock/minimal`'s definition, measured in-process at load
+~4, so indicative): main's 9.2 MiB Packages.xz is downloaded and
 xz-decompressed (56 MB of text, ~0.9 s of CPU) in a thread while the stanza scan (~0.4 s: C-level
 regex searches, one Python step per stanza and scanned field) follows on the stanzas decompressed
 so far; building the universe table from the scanned stanzas (sort, Provides index, the
 Essential/required names) ~0.3 s; start-up and imports ~0.2 s; the InReleases ~0.15 s;
 resolving the image and tools sets ~0.1 s. The texts are written to the cache in the background.
+Decompression is the longest step; Debian's Packages.xz holds independent xz blocks (trixie main:
+three, of 24, 24 and 6 MiB), which two threads decompress in 1.2 s instead of 2.0 s (load 3.6) —
+not done yet (it would also hold the compressed file and a second decoder, ~+20 MB at the peak).
+A warm lock resolves the image and tools sets on the guessed universe while the InReleases are
+checked (used only when the verified Releases name the same indices).
 
 Before the offset-table work (same machine, 2026-11-30, load ~1.3): cold 5.9 s and 409 MB
 (every stanza of every index parsed into a record in Python, ~4.7 s under a profiler, then a
