@@ -10,8 +10,8 @@ name is written here):
 
 For each set and tool:
 
-* cold: nothing cached. reprobuild: a fresh ``--store`` (InReleases, Packages indices downloaded,
-  parsed, universe built). apt: a fresh throw-away root (fixtures/apt_reference.AptRoot: empty
+* cold: nothing cached. reprobuild: a fresh ``--store`` (InReleases, Packages indices downloaded
+  and scanned, universe table built). apt: a fresh throw-away root (fixtures/apt_reference.AptRoot: empty
   dpkg status), ``apt-get update`` + ``apt-get install --simulate``.
 * warm: everything cached, median of ``--rounds`` runs. reprobuild: the same store again, with
   the lock file removed before each run so the set is resolved from scratch as apt does (the
@@ -76,6 +76,8 @@ class Row:
     rb_relock: float
     apt_cold: float
     apt_warm: float
+    rb_cold_rss: int  # peak RSS in bytes
+    rb_warm_rss: int  # the largest of the warm runs
     rb_packages: dict[str, int]  # set name -> count (image, initrd)
     apt_packages: int
     same_as_apt: bool
@@ -95,10 +97,18 @@ def write_definition(directory: Path, packages: tuple[str, ...]) -> None:
     )
 
 
-def reprobuild_lock(directory: Path, store: Path) -> dict:
-    out = subprocess.run([*REPROBUILD, "lock", "-C", str(directory), "--store", str(store), "--json"],
-                         check=True, capture_output=True, text=True).stdout  # fmt: skip
-    return json.loads(out)
+def reprobuild_lock(directory: Path, store: Path, peaks: list[int]) -> dict:
+    """One ``reprobuild lock --json``; appends its peak RSS (bytes, from wait4) to ``peaks``."""
+    with tempfile.TemporaryFile() as out:
+        process = subprocess.Popen([*REPROBUILD, "lock", "-C", str(directory), "--store", str(store), "--json"],
+                                   stdout=out, stderr=subprocess.DEVNULL)  # fmt: skip
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            raise subprocess.CalledProcessError(process.returncode, process.args)
+        peaks.append(usage.ru_maxrss * 1024)  # Linux reports KiB
+        out.seek(0)
+        return json.loads(out.read())
 
 
 def locked_image_set(directory: Path) -> dict[str, str]:
@@ -114,16 +124,18 @@ def bench_set(name: str, packages: tuple[str, ...], work: Path, rounds: int, say
     lock_path = directory / "reprobuild.lock"
 
     say(f"{name}: reprobuild cold")
-    rb_cold, summary = timed(lambda: reprobuild_lock(directory, store))
+    cold_peaks: list[int] = []
+    warm_peaks: list[int] = []
+    rb_cold, summary = timed(lambda: reprobuild_lock(directory, store, cold_peaks))
     warm = []
     for i in range(rounds):
         say(f"{name}: reprobuild warm {i + 1}/{rounds}")
         lock_path.unlink()
-        warm.append(timed(lambda: reprobuild_lock(directory, store))[0])
+        warm.append(timed(lambda: reprobuild_lock(directory, store, warm_peaks))[0])
     relock = []
     for i in range(rounds):
         say(f"{name}: reprobuild re-lock {i + 1}/{rounds}")
-        relock.append(timed(lambda: reprobuild_lock(directory, store))[0])
+        relock.append(timed(lambda: reprobuild_lock(directory, store, []))[0])
     ours = locked_image_set(directory)
 
     apt = CachingAptRoot(work / name / "aptroot", RELEASE, host_mirror_for("debian"), host_mirror_for("debian-security"))
@@ -138,7 +150,8 @@ def bench_set(name: str, packages: tuple[str, ...], work: Path, rounds: int, say
         apt_warm.append(seconds)
     return Row(
         name=name, rb_cold=rb_cold, rb_warm=statistics.median(warm), rb_relock=statistics.median(relock),
-        apt_cold=apt_cold, apt_warm=statistics.median(apt_warm), rb_packages=dict(summary["sets"]),
+        apt_cold=apt_cold, apt_warm=statistics.median(apt_warm), rb_cold_rss=cold_peaks[0],
+        rb_warm_rss=max(warm_peaks, default=0), rb_packages=dict(summary["sets"]),
         apt_packages=len(theirs), same_as_apt=ours == theirs,
     )  # fmt: skip
 
@@ -147,59 +160,75 @@ def table(rows: list[Row], rounds: int) -> str:
     lines = [
         (
             f"| set | reprobuild cold | reprobuild warm (median of {rounds}) | reprobuild re-lock (median of {rounds}) "
-            f"| apt cold (update + simulate) | apt warm (simulate, median of {rounds}) | packages: reprobuild / apt |"
+            f"| apt cold (update + simulate) | apt warm (simulate, median of {rounds}) "
+            "| cold: reprobuild / apt | packages: reprobuild / apt |"
         ),
-        "|---|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         sets = " + ".join(f"{n} {c}" for n, c in r.rb_packages.items())
         same = "same set" if r.same_as_apt else "**sets differ**"
         lines.append(
-            f"| {r.name} | {r.rb_cold:.2f} s | {r.rb_warm:.2f} s | {r.rb_relock:.2f} s | {r.apt_cold:.2f} s "
-            f"| {r.apt_warm:.2f} s | {sets} / {r.apt_packages} ({same}) |"
+            f"| {r.name} | {r.rb_cold:.2f} s, {r.rb_cold_rss / 1e6:.0f} MB | {r.rb_warm:.2f} s, {r.rb_warm_rss / 1e6:.0f} MB "
+            f"| {r.rb_relock:.2f} s | {r.apt_cold:.2f} s | {r.apt_warm:.2f} s | {r.rb_cold / r.apt_cold:.2f}× "
+            f"| {sets} / {r.apt_packages} ({same}) |"
         )
     return "\n".join(lines)
 
 
-def docs_body(rows: list[Row], rounds: int) -> str:
+def docs_body(rows: list[Row], rounds: int, load_at_start: str) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown CPU")  # fmt: skip
     apt_version = subprocess.run(["apt-get", "--version"], check=False, capture_output=True, text=True).stdout.split("\n")[0]
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=False,
+                            capture_output=True, text=True).stdout.strip() or "unknown"  # fmt: skip
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"""Written by `bench/lock.py --write-docs` on {datetime.date.today().isoformat()}: {os.cpu_count()} cores
-({cpu}), shared with other work (load average {load} when written), so numbers are indicative. Debian {RELEASE} amd64 (main, -updates,
--security) from the mirror of the host's apt sources; {apt_version}.
+    return f"""Written by `bench/lock.py --write-docs` on {datetime.date.today().isoformat()} at commit {commit}: {os.cpu_count()} cores
+({cpu}), shared with other work (load average {load_at_start} at the start, {load} when written), so numbers are
+indicative. Debian {RELEASE} amd64 (main, -updates, -security) from the mirror of the host's apt sources; {apt_version}.
 
 {table(rows, rounds)}
 
 * **cold**: nothing cached. reprobuild: `reprobuild lock -C DIR --store FRESH` (fetch and gpgv-verify
-  3 InReleases, download the Packages indices by hash, parse them, build and cache the resolver
-  universe, resolve, write the lock). apt: a throw-away root with an empty dpkg status
-  (`fixtures/apt_reference.AptRoot`): `apt-get update` + `apt-get install --simulate`.
+  3 InReleases; download the Packages indices by hash, xz-decompressing while they download, and
+  use them once their size and SHA-256 match the signed Release; scan each index text for its
+  stanzas' offsets and the few fields every stanza is summarised by; resolve, decoding only the
+  stanzas of the names the resolution touches; write the lock). apt: a throw-away root with an
+  empty dpkg status (`fixtures/apt_reference.AptRoot`): `apt-get update` + `apt-get install --simulate`.
 * **warm**: reprobuild with the same store, lock file removed before each run so the set is resolved
   from scratch like apt; it still fetches and verifies the 3 InReleases (concurrently) to learn the
-  current index hashes, then loads the universe cached under those hashes, decoding only the package
-  names the resolution touches. apt: `apt-get install --simulate` alone (no network), with its
-  binary caches (`pkgcache.bin`) enabled as on a stock host (this container's apt.conf.d turns them
-  off; the benchmark turns them back on for the throw-away root).
+  current index hashes, then loads the offset table cached under those hashes over the cached index
+  texts (mmap'd), decoding only the stanzas the resolution touches. apt: `apt-get install --simulate`
+  alone (no network), with its binary caches (`pkgcache.bin`) enabled as on a stock host (this
+  container's apt.conf.d turns them off; the benchmark turns them back on for the throw-away root).
 * **re-lock**: reprobuild warm with the previous lock in place (its versions are kept as pins).
-* reprobuild's bootable numbers include a second resolution, the initrd set; apt resolves the image
-  set only. "same set" compares reprobuild's image set with apt's `Inst` lines (name and version).
-* Each figure is the wall time of the whole command, process start included.
+* Memory is reprobuild's peak resident set (`wait4`'s `ru_maxrss`); for warm, the largest of the runs.
+* reprobuild resolves the image set and the tools set (`ToolsTree=lock`, the default), and for
+  bootable the initrd set too; apt resolves the image set only. "same set" compares reprobuild's
+  image set with apt's `Inst` lines (name and version).
+* Each figure is the wall time of the whole command, process start included; reprobuild runs from
+  byte code, as an installed package does (the benchmark compiles it first).
 
 Commands: `bench/lock.py --write-docs` (this table); one warm lock by hand:
 `time reprobuild lock -C lock/bootable -q` (after one cold run has filled `~/.cache/reprobuild`).
 
-Cold is where apt wins: reprobuild xz-decompresses trixie's main index (~1.4 s) and parses its
-47 MiB of stanzas in Python (~3.5 s), then builds the universe and writes its cache (~2-3 s); apt
-does the equivalent in C++. Every later lock against the same indices is warm.
+Where a cold lock's time goes (trixie, `lock/minimal`'s definition, measured in-process at load
+~4, so indicative): main's 9.2 MiB Packages.xz is downloaded and
+xz-decompressed (56 MB of text, ~0.9 s of CPU) in a thread while the stanza scan (~0.4 s: C-level
+regex searches, one Python step per stanza and scanned field) follows on the stanzas decompressed
+so far; building the universe table from the scanned stanzas (sort, Provides index, the
+Essential/required names) ~0.3 s; start-up and imports ~0.2 s; the InReleases ~0.15 s;
+resolving the image and tools sets ~0.1 s. The texts are written to the cache in the background.
+Decompression is the longest step; Debian's Packages.xz holds independent xz blocks (trixie main:
+three, of 24, 24 and 6 MiB), which two threads decompress in 1.2 s instead of 2.0 s (load 3.6) —
+not done yet (it would also hold the compressed file and a second decoder, ~+20 MB at the peak).
+A warm lock resolves the image and tools sets on the guessed universe while the InReleases are
+checked (used only when the verified Releases name the same indices).
 
-Before the warm-path work (same machine, same day), a warm re-lock of `lock/bootable` took
-3.1-3.6 s (`lock/minimal` 2.5-4.2 s): every run loaded all 71k cached index records, built a
-resolver candidate and parsed Provides for each (~2.5 s under a profiler), and fetched the 3
-InReleases one after another. Now the universe is cached under the hashes of the indices the
-verified InReleases name, loaded while the InReleases are on the wire (speculatively, from the
-last lock of the same suites; used only when the keys match), and decoded name by name."""
+Before the offset-table work (same machine, 2026-11-30, load ~1.3): cold 5.9 s and 409 MB
+(every stanza of every index parsed into a record in Python, ~4.7 s under a profiler, then a
+universe of 70k candidates built and cached), warm 0.54 s and 139 MB, apt cold 3.5 s. Before
+the warm-path work (2026-11-22), a warm re-lock of `lock/bootable` took 3.1-3.6 s."""
 
 
 def main() -> int:
@@ -214,6 +243,10 @@ def main() -> int:
         print("apt-get is needed for the reference runs", file=sys.stderr)
         return 2
 
+    # Run reprobuild as an installed package runs: from byte code (this container sets
+    # PYTHONDONTWRITEBYTECODE=1, which would make every run compile ~40 modules, ~0.1 s).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "reprobuild")], check=True)
+    load_at_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     work = Path(tempfile.mkdtemp(prefix="reprobuild-bench-lock-"))
     try:
         rows = [bench_set(name, SETS[name], work, args.rounds, lambda m: print(m, file=sys.stderr))
@@ -228,7 +261,7 @@ def main() -> int:
     else:
         print(table(rows, args.rounds))
     if args.write_docs:
-        update_docs_section("lock", docs_body(rows, args.rounds))
+        update_docs_section("lock", docs_body(rows, args.rounds, load_at_start))
     return 0
 
 

@@ -15,21 +15,21 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import hashlib
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reprobuild.config import ImageSpec
-from reprobuild.debian.package import BinaryPackage
-from reprobuild.errors import LockError, LockOutOfDate, RepositoryError
+from reprobuild.errors import LockError, LockOutOfDate, RepositoryError, ReprobuildError
 from reprobuild.lockfile import Lock, LockedPackage, LockSource, PackageSet, build_set_problems
 
 if TYPE_CHECKING:
     from reprobuild.debian.repository import RepositorySource
     from reprobuild.keys import LockSigner
-    from reprobuild.resolve import Universe
+    from reprobuild.resolve import Resolution, ResolveRequest, Universe
 
 DEFAULT_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 
@@ -76,11 +76,13 @@ class LockResult:
 
 @dataclass
 class _Fetched:
-    """One release's verified metadata: the resolver universe plus the lock sources it came from."""
+    """One release's verified metadata: the resolver universe plus the lock sources it came from,
+    and the resolutions already made on it (while the InReleases were on the wire)."""
 
     universe: Universe
     sources: list[LockSource]
     dates: list[datetime]
+    resolved: list[tuple[ResolveRequest, Resolution]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -116,17 +118,19 @@ def universe_key(architecture: str, indices: Sequence[tuple[str, str, str | None
     return h.hexdigest()
 
 
-def _fetch_release_universe(spec: ImageSpec, release: str, session, options: LockOptions) -> _Fetched:
+def _fetch_release_universe(spec: ImageSpec, release: str, session, options: LockOptions,
+                            speculative: Sequence[ResolveRequest] = ()) -> _Fetched:
     """Verify every suite's InRelease (concurrently: on a warm lock these round trips are all the
     network work) and load the universe of their Packages indices.
 
-    Warm path: the universe cached under :func:`universe_key` of the indices the verified
-    Releases name is loaded as is (~50 ms) — no index is read or parsed, and only the names the
-    resolution touches are ever decoded. Cold path: every index is fetched (or read from the
-    cache) and parsed, the universe is built and then cached. Both give the same universe.
+    Warm path: the universe table cached under :func:`universe_key` of the indices the verified
+    Releases name is loaded (~30 ms) over the cached index texts (mmap'd) — no index is read or
+    parsed, and only the stanzas of the names the resolution touches are ever decoded. Cold
+    path: every index is fetched (decompressed while it downloads) or read from the cache,
+    scanned for its stanzas' offsets (``Universe.from_indices``), and the table is cached. Both
+    give the same universe.
     """
     from reprobuild.debian import repository
-    from reprobuild.resolve import Universe
 
     keyrings = list(spec.distribution.keyring) or [DEFAULT_KEYRING]
     arch = spec.distribution.debian_architecture
@@ -149,17 +153,20 @@ def _fetch_release_universe(spec: ImageSpec, release: str, session, options: Loc
         ))
         configured.append(named)
     # Speculation: while the InReleases are on the wire, load the universe the previous lock of
-    # these same sources used. It is used only if the verified Releases name exactly its indices
-    # (same key), so the result never depends on the guess: only the waiting is overlapped.
+    # these same sources used and resolve the ``speculative`` requests on it. It is used only if
+    # the verified Releases name exactly its indices (same key), so the result never depends on
+    # the guess (a resolution is a function of the universe and the request): only the waiting
+    # is overlapped.
     origins_key = _origins_key(arch, repo_sources)
-    guessed_key = _last_universe_key(cache, origins_key)
+    guessed_indices = _last_universe_indices(cache, origins_key)
+    guessed_key = universe_key(arch, guessed_indices) if guessed_indices is not None else None
     with contextlib.ExitStack() as stack:
         guess = None
         if guessed_key is not None:
             from concurrent.futures import ThreadPoolExecutor
 
             loader = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="universe"))
-            guess = loader.submit(_cached_universe, cache, guessed_key)
+            guess = loader.submit(_guess, cache, guessed_key, guessed_indices, speculative)
         verified_releases = repository.fetch_releases(session, repo_sources, cache, options.now,
                                                       progress=options.progress)
         guessed = guess.result() if guess is not None else None
@@ -182,25 +189,55 @@ def _fetch_release_universe(spec: ImageSpec, release: str, session, options: Loc
                 mirror=source.base_url if named else None,
             ))
     key = universe_key(arch, indices)
-    universe = guessed if key == guessed_key else _cached_universe(cache, key)
+    universe, resolved = guessed if guessed is not None and key == guessed_key else (None, [])
     if universe is None:
-        packages: list[BinaryPackage] = []
-        for source, verified in zip(repo_sources, verified_releases, strict=True):
-            for component in spec.distribution.repositories:
-                index = repository.fetch_packages(session, source, verified, component, arch, cache,
-                                                  progress=options.progress)
-                source_id = source.origin(component)
-                packages.extend(_with_origin(p, source_id) for p in index.packages)
-        if options.progress:
-            options.progress(f"building the universe of {len(packages)} index entries")
-        universe = Universe.from_packages(packages, arch)
+        universe = _cached_universe(cache, key, indices)
+    if universe is None:
+        universe = _build_universe(session, spec, repo_sources, verified_releases, cache, options.progress)
         if cache is not None:
             cache.put_derived("universe", key, universe.to_bytes())
     elif options.progress:
         options.progress(f"using the cached universe ({len(universe)} package names)")
     if cache is not None and key != guessed_key:
-        cache.put_derived("latest", origins_key, key.encode())
-    return _Fetched(universe, sources, dates)
+        cache.put_derived("latest", origins_key, json.dumps(indices).encode())
+    return _Fetched(universe, sources, dates, resolved)
+
+
+def _build_universe(session, spec: ImageSpec, repo_sources: Sequence[RepositorySource], verified_releases,
+                    cache, progress: Progress | None) -> Universe:
+    """Cold path: every index text from the cache or the mirror (then kept in the cache), and the
+    universe over them. Texts are written to the cache (and fsync'd) while the next index
+    downloads and the universe is built; every write has finished when this returns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from reprobuild.debian import repository
+    from reprobuild.resolve import IndexText, Universe
+
+    arch = spec.distribution.debian_architecture
+    texts: list[IndexText] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-text") as writer:
+        writes = []
+        for source, verified in zip(repo_sources, verified_releases, strict=True):
+            for component in spec.distribution.repositories:
+                entry, all_entry = repository.index_entries(source, verified, component, arch)
+                for index_entry, binary_all in ((entry, False), (all_entry, True)):
+                    if index_entry is None:
+                        continue
+                    text, heads = cache.get_text(index_entry.sha256) if cache is not None else None, None
+                    if text is None:
+                        text, heads = repository.fetch_index_text(session, source, verified, index_entry,
+                                                                  progress=progress)
+                        if cache is not None:
+                            writes.append(writer.submit(cache.put_text, index_entry.sha256, text))
+                    texts.append(IndexText(source.origin(component), text, f"{source.suite} {index_entry.path}",
+                                           binary_all, heads))
+        if progress:
+            progress(f"building the universe of {len(texts)} indices "
+                     f"({sum(len(t.text) for t in texts) / (1 << 20):.0f} MiB)")
+        universe = Universe.from_indices(texts, arch)
+        for write in writes:
+            write.result()
+    return universe
 
 
 def _origins_key(architecture: str, sources: Sequence[RepositorySource]) -> str:
@@ -212,31 +249,66 @@ def _origins_key(architecture: str, sources: Sequence[RepositorySource]) -> str:
     return h.hexdigest()
 
 
-def _last_universe_key(cache, origins_key: str) -> str | None:
+def _last_universe_indices(cache, origins_key: str) -> list[tuple[str, str, str | None]] | None:
+    """The indices (as :func:`universe_key` takes them) of the last universe of these suites, or
+    None when there is none or the record is unreadable."""
     data = cache.get_derived("latest", origins_key) if cache is not None else None
     if data is None:
         return None
-    text = data.decode("ascii", "replace")
-    return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else None
+    try:
+        indices = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(indices, list) or not all(
+        isinstance(i, list) and len(i) == 3 and isinstance(i[0], str) and _is_hex(i[1])
+        and (i[2] is None or _is_hex(i[2])) for i in indices
+    ):  # fmt: skip
+        return None
+    return [(origin, sha256, all_sha256) for origin, sha256, all_sha256 in indices]
 
 
-def _cached_universe(cache, key: str) -> Universe | None:
-    """The universe cached under ``key``, or None when absent or unreadable (then rebuilt)."""
+def _is_hex(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _guess(cache, key: str, indices: Sequence[tuple[str, str, str | None]],
+           requests: Sequence[ResolveRequest]) -> tuple[Universe, list[tuple[ResolveRequest, Resolution]]] | None:
+    """The universe cached under ``key`` and the resolutions of ``requests`` on it, as far as
+    they succeed (a failing one is left to the real resolution, which raises it again)."""
+    from reprobuild.resolve import resolve
+
+    universe = _cached_universe(cache, key, indices)
+    if universe is None:
+        return None
+    resolved = []
+    for request in requests:
+        try:
+            resolved.append((request, resolve(universe, request)))
+        except ReprobuildError:
+            break
+    return universe, resolved
+
+
+def _cached_universe(cache, key: str, indices: Sequence[tuple[str, str, str | None]]) -> Universe | None:
+    """The universe cached under ``key`` over its index texts, or None when absent or unreadable
+    (then rebuilt). ``indices`` are the (origin, sha256, binary-all sha256) the key was made of."""
     from reprobuild.resolve import Universe
 
     data = cache.get_derived("universe", key) if cache is not None else None
     if data is None:
         return None
+    texts = []
+    for _, sha256, all_sha256 in indices:
+        for index_sha256 in (sha256, all_sha256):
+            if index_sha256 is not None:
+                text = cache.get_text(index_sha256)
+                if text is None:
+                    return None
+                texts.append(text)
     try:
-        return Universe.from_bytes(data)
+        return Universe.from_bytes(data, texts)
     except ValueError:
         return None
-
-
-def _with_origin(package: BinaryPackage, origin: str) -> BinaryPackage:
-    if package.origin == origin:
-        return package
-    return replace(package, origin=origin)
 
 
 def _locked(resolved, universe_sources: dict[str, LockSource]) -> LockedPackage:
@@ -259,12 +331,21 @@ def _pins(previous: Lock | None, set_name: str, options: LockOptions) -> dict[st
     return {p.name: p.version for p in previous.package_set(set_name).packages if p.name not in freed}
 
 
-def _resolve_set(universe, name: str, release: str, base_set: str, requested: Sequence[str], recommends: bool,
-                 pins: dict[str, str], sources: dict[str, LockSource]) -> PackageSet:
-    from reprobuild.resolve import ResolveRequest, resolve
+def _request(base_set: str, requested: Sequence[str], recommends: bool, pins: dict[str, str]) -> ResolveRequest:
+    from reprobuild.resolve import ResolveRequest
 
-    resolution = resolve(universe, ResolveRequest(packages=tuple(requested), base_set=base_set,
-                                                  recommends=recommends, pins=pins))
+    return ResolveRequest(packages=tuple(requested), base_set=base_set, recommends=recommends, pins=pins)
+
+
+def _resolve_set(universe, name: str, release: str, base_set: str, requested: Sequence[str], recommends: bool,
+                 pins: dict[str, str], sources: dict[str, LockSource],
+                 resolved: Sequence[tuple[ResolveRequest, Resolution]] = ()) -> PackageSet:
+    """Resolve one set; a resolution of the same request on the same universe in ``resolved``
+    (made while the InReleases were on the wire) is the same result and is used as it is."""
+    from reprobuild.resolve import resolve
+
+    request = _request(base_set, requested, recommends, pins)
+    resolution = next((r for known, r in resolved if known == request), None) or resolve(universe, request)
     packages = tuple(sorted((_locked(r, sources) for r in resolution.packages), key=lambda p: p.name))
     return PackageSet(name=name, release=release, base_set=base_set, requested=tuple(requested),
                       recommends=recommends, packages=packages)
@@ -343,13 +424,18 @@ def lock_spec(spec: ImageSpec, previous: Lock | None = None, options: LockOption
     release = spec.distribution.release
     progress = options.progress or (lambda _msg: None)
     check_update_names(previous, options.update_packages)
-    fetched = _fetch_release_universe(spec, release, session, options)
+    tools_requested = list(TOOLS_PACKAGES) + [p for p in spec.tools.packages if p not in TOOLS_PACKAGES]
+    speculative = [_request(spec.content.base_set, spec.content.packages, spec.content.recommends,
+                            _pins(previous, "image", options))]
+    if spec.tools.tools_tree == "lock" and (spec.tools.release or release) == release:
+        speculative.append(_request("essential", tools_requested, False, _pins(previous, "tools", options)))
+    fetched = _fetch_release_universe(spec, release, session, options, speculative)
     universe = fetched.universe  # one universe for both sets: its dependency cache is shared
     progress("resolving")
     sources = {s.id: s for s in fetched.sources}
 
     image_set = _resolve_set(universe, "image", release, spec.content.base_set, spec.content.packages,
-                             spec.content.recommends, _pins(previous, "image", options), sources)
+                             spec.content.recommends, _pins(previous, "image", options), sources, fetched.resolved)
     sets = [image_set]
     if wants_boot(spec, image_set):
         if not has_kernel(image_set):
@@ -377,9 +463,9 @@ def lock_spec(spec: ImageSpec, previous: Lock | None = None, options: LockOption
             tools_universe = other.universe
             tools_sources = {s.id: s for s in other.sources}
             all_sources += [s for s in other.sources if s.id not in sources]
-        requested = list(TOOLS_PACKAGES) + [p for p in spec.tools.packages if p not in TOOLS_PACKAGES]
-        sets.append(_resolve_set(tools_universe, "tools", tools_release, "essential", requested, False,
-                                 _pins(previous, "tools", options), tools_sources))
+        sets.append(_resolve_set(tools_universe, "tools", tools_release, "essential", tools_requested, False,
+                                 _pins(previous, "tools", options), tools_sources,
+                                 fetched.resolved if tools_universe is universe else ()))
 
     # The epoch comes from the image's release only: the tools' release does not date the image.
     epoch = spec.build.source_date_epoch

@@ -22,11 +22,13 @@ never by hash or input order, so the same universe and request always give the s
 
 from __future__ import annotations
 
+import array
+import bisect
 import dataclasses
 import difflib
 import itertools
 import marshal
-import operator
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -38,8 +40,9 @@ from resolvelib.resolvers import ResolutionImpossible, ResolutionTooDeep
 
 from reprobuild.debian.control import Relation, parse_provides, parse_relations
 from reprobuild.debian.package import BinaryPackage
+from reprobuild.debian.stanzaindex import StanzaHead, decode_stanza, scan_stanzas
 from reprobuild.debian.version import check_relation, version_key
-from reprobuild.errors import ResolutionFailed
+from reprobuild.errors import FormatError, RepositoryError, ResolutionFailed
 
 __all__ = [
     "BASE_SETS",
@@ -51,6 +54,7 @@ __all__ = [
     "ConflictRequirement",
     "DebProvider",
     "InconsistentResolution",
+    "IndexText",
     "PackageKey",
     "PinnedRequirement",
     "ProgressReporter",
@@ -318,43 +322,137 @@ def _arch_allows(package: BinaryPackage, qualifier: str) -> bool:
 
 # Bump when the universe's content rules (which records are kept, their order) or the cached
 # layout change: cached universes of another format are then rebuilt from the indices.
-UNIVERSE_FORMAT: Final = 1
+UNIVERSE_FORMAT: Final = 2
 _UNIVERSE_MAGIC: Final = "reprobuild-universe"
-_PACKAGE_FIELDS: Final = tuple(f.name for f in dataclasses.fields(BinaryPackage))
+# A Provides field in its common form (names, optional :arch and "(= version)"): the provided
+# names are then read with _PROVIDED_NAME; any other text goes through parse_provides.
+_PROVIDES_COMMON: Final = re.compile(
+    r"\s*[a-zA-Z0-9][a-zA-Z0-9+.\-]*(?::[a-zA-Z0-9\-]+)?\s*(?:\(\s*=\s*[0-9A-Za-z][^\s()]*\s*\)\s*)?"
+    r"(?:,\s*[a-zA-Z0-9][a-zA-Z0-9+.\-]*(?::[a-zA-Z0-9\-]+)?\s*(?:\(\s*=\s*[0-9A-Za-z][^\s()]*\s*\)\s*)?)*,?\s*"
+)
+_PROVIDED_NAME: Final = re.compile(r"(?:^|,)\s*([a-zA-Z0-9][a-zA-Z0-9+.\-]*)")
 
 
-class _LazyVersions(Mapping[str, tuple[RepoCandidate, ...]]):
-    """name → candidates (highest first), decoded from that name's marshal'd blob on first lookup
-    and kept, so every lookup of a name returns the same candidate objects (identity matters:
-    requirement memos and the dependency cache key on them)."""
+@dataclass(frozen=True)
+class IndexText:
+    """One Packages index as its (normalized, verified) text, for :meth:`Universe.from_indices`."""
 
-    def __init__(self, blobs: dict[str, bytes]) -> None:
-        self.blobs = blobs
+    origin: str  # the suite/component its packages carry (BinaryPackage.origin)
+    text: Any = field(repr=False)  # bytes, bytearray or a read-only mmap of the text
+    what: str = "Packages"  # names the index in error messages
+    binary_all: bool = False  # a binary-all index: its entries yield to the same origin's arch index
+    heads: list[StanzaHead] | None = field(default=None, repr=False)  # scan_stanzas(text), if done already
+
+
+@dataclass(frozen=True)
+class StanzaTable:
+    """Where each name's stanzas are in the index texts: ``names`` sorted, and for the name at
+    position ``i`` the stanzas ``records[3*first[i] : 3*first[i+1]]`` as (index, start, end)
+    triples, in index order. Flat arrays, so the cached form loads as a few memory copies."""
+
+    names: list[str]
+    first: array.array  # "q", len(names) + 1
+    records: array.array  # "q", 3 per stanza
+
+    @classmethod
+    def of(cls, stanzas: list[tuple[str, int, int, int]]) -> StanzaTable:
+        """From ``(name, index, start, end)`` rows, which it sorts (so each name's stanzas are
+        in index order)."""
+        stanzas.sort()
+        names: list[str] = []
+        first = array.array("q")
+        records = array.array("q")
+        for k, (name, number, start, end) in enumerate(stanzas):
+            if not names or names[-1] != name:
+                names.append(name)
+                first.append(k)
+            records.extend((number, start, end))
+        first.append(len(stanzas))
+        return cls(names, first, records)
+
+    def count(self, i: int) -> int:
+        """How many stanzas the name at position ``i`` has."""
+        return self.first[i + 1] - self.first[i]
+
+    def position(self, name: str) -> int:
+        """The position of ``name`` in ``names``, or -1."""
+        i = bisect.bisect_left(self.names, name)
+        return i if i < len(self.names) and self.names[i] == name else -1
+
+    def stanzas(self, i: int) -> array.array:
+        return self.records[3 * self.first[i] : 3 * self.first[i + 1]]
+
+
+class _IndexedVersions(Mapping[str, tuple[RepoCandidate, ...]]):
+    """name → candidates (highest first), decoded from that name's stanzas in the index texts on
+    first lookup and kept, so every lookup of a name returns the same candidate objects (identity
+    matters: requirement memos and the dependency cache key on them). Only the native and
+    ``all`` entries of the indices are in the table."""
+
+    def __init__(self, indices: Sequence[IndexText], table: StanzaTable) -> None:
+        self.indices = tuple(indices)
+        self.table = table
         self._decoded: dict[str, tuple[RepoCandidate, ...]] = {}
 
     def __getitem__(self, name: str) -> tuple[RepoCandidate, ...]:
         found = self._decoded.get(name)
         if found is None:
-            blob = self.blobs[name]  # KeyError for an unknown name, as a dict
-            try:
-                rows = marshal.loads(blob)
-                found = tuple(RepoCandidate(BinaryPackage(*row)) for row in rows)
-            except (EOFError, ValueError, TypeError) as e:
-                raise ValueError(f"cached universe: damaged record for {name!r}: {e}") from None
-            self._decoded[name] = found
+            i = self.table.position(name)
+            if i < 0:
+                raise KeyError(name)
+            flat = self.table.stanzas(i)
+            records = []
+            for k in range(0, len(flat), 3):
+                index = self.indices[flat[k]]
+                records.append((index.binary_all, decode_stanza(index.text, (flat[k + 1], flat[k + 2]),
+                                                                index.origin, index.what)))  # fmt: skip
+            if any(package.name != name for _, package in records):
+                raise RepositoryError(f"the cached universe lists another package's stanzas for {name!r}",
+                                      hint="the index cache (the store's indices/ directory) is damaged: remove it")
+            found = self._decoded[name] = _ordered_versions(_without_binary_all_duplicates(records))
         return found
 
     def get(self, name: str, default: Any = None) -> Any:
-        return self[name] if name in self.blobs else default
+        try:
+            return self[name]
+        except KeyError:
+            return default
 
     def __contains__(self, name: object) -> bool:
-        return name in self.blobs
+        return name in self._decoded or (isinstance(name, str) and self.table.position(name) >= 0)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.blobs)
+        return iter(self.table.names)
 
     def __len__(self) -> int:
-        return len(self.blobs)
+        return len(self.table.names)
+
+
+def _without_binary_all_duplicates(records: list[tuple[bool, BinaryPackage]]) -> list[BinaryPackage]:
+    """Drop the binary-all entries the same origin's arch index lists too (same name, version and
+    architecture), as apt reads the two indices of one suite."""
+    if not any(binary_all for binary_all, _ in records):
+        return [package for _, package in records]
+    listed = {(p.origin, p.version, p.architecture) for binary_all, p in records if not binary_all}
+    return [p for binary_all, p in records if not binary_all or (p.origin, p.version, p.architecture) not in listed]
+
+
+def _ordered_versions(records: Sequence[BinaryPackage]) -> tuple[RepoCandidate, ...]:
+    """One candidate per version, highest first. The same version from several records (suites)
+    is one version, as in apt; which record is kept is decided by (origin, filename, sha256),
+    never by input order."""
+    if len(records) == 1:  # the common case: no version parsing needed
+        return (RepoCandidate(records[0]),)
+    versions: dict[tuple, BinaryPackage] = {}
+    for package in sorted(records, key=lambda p: (p.origin, p.filename, p.sha256)):
+        versions.setdefault(version_key(package.version), package)
+    return tuple(RepoCandidate(versions[k]) for k in sorted(versions, reverse=True))
+
+
+def _provided_names(provides: str) -> list[str]:
+    if _PROVIDES_COMMON.fullmatch(provides):
+        return _PROVIDED_NAME.findall(provides)
+    return [relation.name for relation in parse_provides(provides)]
 
 
 class Universe:
@@ -370,44 +468,97 @@ class Universe:
         self._versions = versions
         self._dependency_cache: dict[tuple[int, bool], tuple[Requirement, ...]] = {}
 
-    # --- cached form
+    # --- from index texts, and the cached form
+
+    @classmethod
+    def from_indices(cls, indices: Sequence[IndexText], architecture: str) -> Universe:
+        """The universe of the native and ``all`` entries of ``indices`` (in suite order), equal in
+        every answer to :meth:`from_packages` of their parsed packages.
+
+        Each text is scanned once (``stanzaindex.scan_stanzas``: bounds, names, Architecture,
+        Essential, Priority, Provides), unless its ``heads`` are given; a stanza is decoded only
+        when its name is looked up. The Essential/required names and the Provides index are
+        computed here, decoding only the names they need. Cost: ~0.4 s for trixie (56 MB of text). Raises RepositoryError for a
+        malformed index (a malformed stanza nobody looks up is never decoded).
+        """
+        stanzas: list[tuple[str, int, int, int]] = []
+        provides: dict[str, str] = {}  # a Provides of each name that has one
+        flagged: set[str] = set()  # names with an entry that is Essential or Priority: required
+        for number, index in enumerate(indices):
+            for head in index.heads if index.heads is not None else scan_stanzas(index.text, index.what):
+                if head.architecture != architecture and head.architecture != "all":
+                    continue
+                stanzas.append((head.name, number, head.start, head.end))
+                if head.provides:
+                    provides[head.name] = head.provides
+                if head.essential or head.required:
+                    flagged.add(head.name)
+        table = StanzaTable.of(stanzas)
+        del stanzas
+        versions = _IndexedVersions([dataclasses.replace(i, heads=None) for i in indices], table)
+        providers: dict[str, set[str]] = {}
+        for i, name in enumerate(table.names):
+            if name not in provides:
+                continue
+            if table.count(i) == 1:  # one entry: its scanned Provides is the candidate's
+                try:
+                    provided = _provided_names(provides[name])
+                except FormatError as e:
+                    raise RepositoryError(f"{name}: {e.message}") from None
+            else:  # several entries: only the versions kept count
+                provided = [p.name for version in versions[name] for p in version.provides]
+            for virtual in provided:
+                providers.setdefault(virtual, set()).add(name)
+        universe = cls(versions, architecture)
+        universe.__dict__.update(
+            _providers={virtual: tuple(sorted(names)) if len(names) > 1 else tuple(names)
+                        for virtual, names in providers.items()},
+            essential_names=tuple(n for n in versions if n in flagged and versions[n][0].package.essential),
+            required_names=tuple(n for n in versions if n in flagged and versions[n][0].package.priority == "required"),
+        )  # fmt: skip
+        return universe
 
     def to_bytes(self) -> bytes:
-        """This universe as bytes for :meth:`from_bytes`: each name's versions as one marshal'd
-        blob, plus the Provides index and the Essential/required names, precomputed.
-
-        Cost: ~1 s for trixie (every record is visited once). The point is the load: a warm lock
-        decodes only the names its resolution touches (~1-2k of ~65k), instead of building a
-        candidate, and parsing Provides, for every record.
-        """
-        if isinstance(self._versions, _LazyVersions):
-            blobs = self._versions.blobs
-        else:
-            row = operator.attrgetter(*_PACKAGE_FIELDS)
-            blobs = {
-                name: marshal.dumps(tuple(row(c.package) for c in versions))
-                for name, versions in self._versions.items()
-            }
+        """The table of a universe made by :meth:`from_indices`, for :meth:`from_bytes`: the
+        stanza offsets of every name, the Provides index and the Essential/required names — not
+        the index texts, which the caller keeps (and must hand back unchanged)."""
+        if not isinstance(self._versions, _IndexedVersions):
+            raise TypeError("only a universe made from index texts has a cached form")
+        indices = [(i.origin, i.what, i.binary_all, len(i.text)) for i in self._versions.indices]
+        table = self._versions.table
         return marshal.dumps((
-            _UNIVERSE_MAGIC, UNIVERSE_FORMAT, _PACKAGE_FIELDS, self.architecture, blobs,
-            dict(self._providers), self.essential_names, self.required_names,
+            _UNIVERSE_MAGIC, UNIVERSE_FORMAT, self.architecture, indices, table.names, table.first.tobytes(),
+            table.records.tobytes(), dict(self._providers), self.essential_names, self.required_names,
         ))  # fmt: skip
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Universe:
-        """The universe :meth:`to_bytes` wrote: equal to the original in every answer (same
-        candidates, same order). Cost: one marshal load (~50 ms for trixie); each name's
-        candidates are built on first lookup. Raises ValueError for anything else (another
-        format version, other BinaryPackage fields, damaged data)."""
+    def from_bytes(cls, data: bytes, texts: Sequence[Any]) -> Universe:
+        """The universe :meth:`to_bytes` wrote, over the same index ``texts`` (in order): equal to
+        the original in every answer. Cost: one marshal load (~30 ms for trixie); each name's
+        stanzas are decoded on first lookup. Raises ValueError for anything else (another format
+        version, damaged data, texts of other lengths)."""
         try:
-            magic, version, fields, architecture, blobs, providers, essential, required = marshal.loads(data)
+            magic, version, architecture, indices, names, first, records, providers, essential, required = (
+                marshal.loads(data)
+            )
         except (EOFError, ValueError, TypeError) as e:
             raise ValueError(f"not a cached universe: {e}") from None
-        shape = (type(architecture), type(blobs), type(providers))
-        expected = (_UNIVERSE_MAGIC, UNIVERSE_FORMAT, _PACKAGE_FIELDS, (str, dict, dict))
-        if (magic, version, tuple(fields), shape) != expected:
+        shape = (type(architecture), type(indices), type(names), type(first), type(records), type(providers))
+        if (magic, version, shape) != (_UNIVERSE_MAGIC, UNIVERSE_FORMAT, (str, list, list, bytes, bytes, dict)):
             raise ValueError("cached universe of another format, or malformed")
-        universe = cls(_LazyVersions(blobs), architecture)
+        table = StanzaTable(names, array.array("q"), array.array("q"))
+        try:
+            table.first.frombytes(first)
+            table.records.frombytes(records)
+        except ValueError as e:
+            raise ValueError(f"cached universe: damaged table: {e}") from None
+        if len(table.first) != len(names) + 1 or len(table.records) != 3 * table.first[-1]:
+            raise ValueError("cached universe: damaged table")
+        if len(indices) != len(texts) or any(len(t) != i[3] for t, i in zip(texts, indices, strict=False)):
+            raise ValueError("cached universe of other index texts")
+        index_texts = [IndexText(origin, text, what, binary_all)
+                       for (origin, what, binary_all, _), text in zip(indices, texts, strict=True)]  # fmt: skip
+        universe = cls(_IndexedVersions(index_texts, table), architecture)
         # Seed the cached properties with the precomputed values (they are derived data only).
         universe.__dict__.update(
             _providers=providers, essential_names=tuple(essential), required_names=tuple(required)
@@ -425,17 +576,7 @@ class Universe:
         for package in packages:
             if package.architecture == architecture or package.architecture == "all":
                 by_name.setdefault(package.name, []).append(package)
-        ordered: dict[str, tuple[RepoCandidate, ...]] = {}
-        for name in sorted(by_name):
-            records = by_name[name]
-            if len(records) == 1:  # the common case: no version parsing needed
-                ordered[name] = (RepoCandidate(records[0]),)
-                continue
-            versions: dict[tuple, BinaryPackage] = {}
-            for package in sorted(records, key=lambda p: (p.origin, p.filename, p.sha256)):
-                versions.setdefault(version_key(package.version), package)
-            ordered[name] = tuple(RepoCandidate(versions[k]) for k in sorted(versions, reverse=True))
-        return cls(ordered, architecture)
+        return cls({name: _ordered_versions(by_name[name]) for name in sorted(by_name)}, architecture)
 
     # --- lookups
 

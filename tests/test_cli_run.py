@@ -677,3 +677,21 @@ def test_vm_interactive_console_on_a_terminal(tmp_path: Path) -> None:
             os.killpg(proc.pid, 9)
             proc.wait()
         os.close(controller)
+
+
+def test_main_imports_the_module_that_registers_the_named_command() -> None:
+    """main() imports only the module COMMANDS names for a command: the table must name every
+    command and the module that really registers it (all modules are registered above)."""
+    import subprocess
+    import sys
+
+    from reprobuild.cli import COMMANDS
+
+    assert set(cli.commands) == set(COMMANDS)
+    for name, command in cli.commands.items():
+        assert command.callback.__module__ == f"reprobuild.cli.{COMMANDS[name]}", name
+    program = ("import sys\nfrom reprobuild.cli import main\nsys.argv = ['reprobuild', 'lock', '--help']\n"
+               "try:\n    main()\nexcept SystemExit:\n    pass\n"
+               "print(sorted(m for m in sys.modules if m.startswith('reprobuild.cli.')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", program], check=True, capture_output=True, text=True).stdout
+    assert out.strip().splitlines()[-1] == "['reprobuild.cli.lock', 'reprobuild.cli.options']"

@@ -9,6 +9,7 @@ that no longer matches the verified Releases, never changes the result.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from fixtures.make_repo import DEFAULT_SUITES, FixturePackage, make_repo
 from reprobuild.config import load_spec
 from reprobuild.debian import repository
-from reprobuild.lock import LockOptions, lock_spec
+from reprobuild.lock import LockOptions, lock_spec, universe_key
 
 SECURITY = [FixturePackage("hello", "2.10-3+deb12u1", depends="libc6 (>= 2.36)")]
 
@@ -62,6 +63,7 @@ def _forbid_index_reads(monkeypatch) -> None:
         raise AssertionError("a Packages index was read on a warm lock")
 
     monkeypatch.setattr(repository, "fetch_packages", no_index)
+    monkeypatch.setattr(repository, "fetch_index_text", no_index)
 
 
 def test_warm_lock_reads_no_index_and_resolves_the_same(image, tmp_path, monkeypatch):
@@ -102,9 +104,16 @@ def test_stale_guess_is_not_used(image, tmp_path, monkeypatch):
     cold = _lock(image, cache)
     (pointer,) = (cache / "derived" / "latest").iterdir()
     (real_key,) = (p.name for p in (cache / "derived" / "universe").iterdir())
-    other = "0" * 64
+    real_indices = json.loads(pointer.read_text())
+    # The pointer names another -security index (its text and universe are cached too, so the
+    # guess loads: it must still be dropped, because the verified Releases name other indices).
+    stale = [*real_indices[:-1], [real_indices[-1][0], "0" * 64, None]]
+    other = universe_key("amd64", [tuple(i) for i in stale])
+    assert other != real_key
     shutil.copy(cache / "derived" / "universe" / real_key, cache / "derived" / "universe" / other)
-    pointer.write_text(other)
+    shutil.copy(repository.IndexCache(cache).text_path(real_indices[-1][1]),
+                repository.IndexCache(cache).text_path("0" * 64))
+    pointer.write_text(json.dumps(stale))
     loaded: list[str] = []
     real_get = repository.IndexCache.get_derived
     monkeypatch.setattr(repository.IndexCache, "get_derived",
@@ -112,7 +121,7 @@ def test_stale_guess_is_not_used(image, tmp_path, monkeypatch):
     _forbid_index_reads(monkeypatch)
     assert _lock(image, cache) == cold
     assert other in loaded and real_key in loaded
-    assert pointer.read_text() == real_key  # the pointer follows the verified key again
+    assert json.loads(pointer.read_text()) == real_indices  # the pointer follows the verified indices again
 
 
 def test_changed_mirror_content_is_never_served_from_the_cache(image, tmp_path, repo):
@@ -127,3 +136,24 @@ def test_changed_mirror_content_is_never_served_from_the_cache(image, tmp_path, 
     assert _versions(after)["image"]["hello"] == "2.10-3+deb12u2"
     assert after.sources[2].packages_sha256 != before.sources[2].packages_sha256
     assert len(list((cache / "derived" / "universe").iterdir())) == 2
+
+
+def test_warm_lock_resolves_while_the_inreleases_are_checked(image, tmp_path, monkeypatch):
+    """On a warm lock the image set is resolved on the guessed universe in the loader thread,
+    and that resolution is the one used (the same lock as a cold one)."""
+    import threading
+
+    from reprobuild import resolve as resolve_module
+
+    cache = tmp_path / "cache"
+    cold = _lock(image, cache)
+    threads: list[str] = []
+    real_resolve = resolve_module.resolve
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_resolve(*args, **kwargs)
+
+    monkeypatch.setattr(resolve_module, "resolve", spy)
+    assert _lock(image, cache) == cold
+    assert len(threads) == 1 and threads[0].startswith("universe")  # one set (ToolsTree=host), speculated

@@ -35,15 +35,16 @@ from reprobuild.debian.repository import (
     ExpiredRelease,
     IndexCache,
     RepositorySource,
+    fetch_index_text,
     fetch_packages,
     fetch_release,
     fetch_releases,
     index_entries,
-    load_universe_packages,
     parse_release,
     snapshot_id,
     snapshot_source,
 )
+from reprobuild.debian.stanzaindex import scan_stanzas
 from reprobuild.errors import RepositoryError, ToolMissing
 
 NOW = datetime(2025, 6, 1, tzinfo=UTC)  # inside the fixture's validity window
@@ -318,8 +319,8 @@ def test_bad_packages_download_refused(server, session, tmp_path, fault, message
     by_hash = f"/dists/stable/main/binary-amd64/by-hash/SHA256/{entry.sha256}"
     with server.fault(by_hash, fault), pytest.raises(RepositoryError, match=message):
         fetch_packages(session, source, verified, "main", "amd64", cache)
-    assert cache.get(entry.sha256) is None  # nothing unverified was kept
-    assert not (tmp_path / "parsed").exists()
+    assert cache.get_text(entry.sha256) is None  # nothing unverified was kept
+    assert not (tmp_path / "texts").exists()
 
 
 def test_stalled_download_times_out(server, session):
@@ -347,20 +348,6 @@ def test_packages_with_wrong_sha256_refused(fixture_repo, repo_copy):
         fetch_packages(None, source, verified, "main", "amd64")
 
 
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        ("Package: a\nVersion: 1\nnot a field\n", "not a 'Field: value' line"),
-        ("Package: a\n\nPackage: b\nVersion: 1\n", "without Package/Version"),
-        ("Package: a\nVersion: 1\nSize: many\n", "bad stanza for 'a'"),
-    ],
-    ids=["no-colon", "no-version", "bad-size"],
-)
-def test_parse_packages_hostile(text, message):
-    with pytest.raises(RepositoryError, match=message):
-        repository.parse_packages(text)
-
-
 def test_missing_component_or_arch(server, session):
     source = http_source(server)
     verified = fetch_release(session, source, now=NOW)
@@ -370,58 +357,24 @@ def test_missing_component_or_arch(server, session):
         fetch_packages(session, source, verified, "main", "arm64")
 
 
-def test_parsed_cache_hit_parses_and_downloads_nothing(server, session, tmp_path, monkeypatch):
+def test_text_cache_hit_downloads_nothing(server, session, tmp_path):
     source = http_source(server)
     verified = fetch_release(session, source, now=NOW)
     cache = IndexCache(tmp_path / "cache")
     first = fetch_packages(session, source, verified, "main", "amd64", cache)
-    assert cache.parsed_path(first.sha256).is_file()
-
-    def no_parse(*args, **kwargs):
-        raise AssertionError("parsed again")
+    assert cache.text_path(first.sha256).is_file()
 
     class NoNetwork:
         def get(self, *args, **kwargs):
             raise AssertionError("downloaded again")
 
-    monkeypatch.setattr(repository, "parse_packages", no_parse)
     second = fetch_packages(NoNetwork(), source, verified, "main", "amd64", cache)
     assert second.packages == first.packages
     assert second.sha256 == first.sha256
 
 
-def test_raw_cache_hit_downloads_nothing(server, session, tmp_path, monkeypatch):
-    source = http_source(server)
-    verified = fetch_release(session, source, now=NOW)
-    cache = IndexCache(tmp_path / "cache")
-    first = fetch_packages(session, source, verified, "main", "amd64", cache)
-    cache.parsed_path(first.sha256).write_bytes(b"garbage, not marshal")  # stale/damaged parsed form
-
-    class NoNetwork:
-        def get(self, *args, **kwargs):
-            raise AssertionError("downloaded again")
-
-    calls = []
-    real_parse = repository.parse_packages
-    monkeypatch.setattr(repository, "parse_packages", lambda *a, **k: calls.append(1) or real_parse(*a, **k))
-    second = fetch_packages(NoNetwork(), source, verified, "main", "amd64", cache)
-    assert calls == [1] and second.packages == first.packages
-
-
-def test_damaged_raw_cache_is_refetched(server, session, tmp_path):
-    source = http_source(server)
-    verified = fetch_release(session, source, now=NOW)
-    cache = IndexCache(tmp_path / "cache")
-    first = fetch_packages(session, source, verified, "main", "amd64", cache)
-    cache.parsed_path(first.sha256).unlink()
-    cache.get(first.sha256).write_bytes(b"bit rot")
-    server.reset()
-    second = fetch_packages(session, source, verified, "main", "amd64", cache)
-    assert len(server.requested("by-hash")) == 1 and second.packages == first.packages
-
-
 def test_one_index_in_two_suites_keeps_each_origin(server, session, tmp_path):
-    """The parsed cache is keyed by content; the origin comes from the source asking."""
+    """The text cache is keyed by content; the origin comes from the source asking."""
     cache = IndexCache(tmp_path / "cache")
     source = http_source(server)
     verified = fetch_release(session, source, now=NOW)
@@ -458,19 +411,6 @@ def test_arch_all_only_in_binary_all(tmp_path, session):
     index = fetch_packages(None, source, verified, "main", "amd64")
     assert sorted((p.name, p.architecture) for p in index.packages) == [("indep", "all"), ("native", "amd64")]
     assert index.all_sha256 == verified.release.sha256["main/binary-all/Packages.xz"].sha256
-
-
-def test_load_universe_packages(server, session, tmp_path):
-    messages: list[str] = []
-    sources = [http_source(server, "stable"), http_source(server, "stable-updates")]
-    packages, releases = load_universe_packages(
-        session, sources, IndexCache(tmp_path), "amd64", messages.append, now=NOW
-    )
-    assert [r.release.suite for r in releases] == ["stable", "stable-updates"]
-    tz = sorted((p.version, p.origin) for p in packages if p.name == "tzdata")
-    assert tz == [("2024a-0+deb12u1", "stable/main"), ("2025a-0+deb12u1", "stable-updates/main")]
-    assert "fetching stable InRelease…" in messages
-    assert any("by-hash" in m for m in messages)
 
 
 def test_fetch_releases_runs_concurrently_in_source_order(server, session, tmp_path):
@@ -646,8 +586,11 @@ def test_fixture_by_hash_copies_match(fixture_repo):
 
 @pytest.mark.live
 def test_live_debian_mirror(tmp_path, session):
-    """trixie and bookworm from the host's mirror: verified, fetched cold, then loaded from cache."""
+    """trixie and bookworm from the host's mirror: verified, fetched cold (scanned while it
+    downloads), then read from the text cache; a universe over the cached text answers as the
+    fully decoded index does."""
     from reprobuild.debian.sources import host_mirror_for
+    from reprobuild.resolve import IndexText, Universe
 
     base = host_mirror_for("debian")
     cache = IndexCache(tmp_path / "cache")
@@ -657,18 +600,27 @@ def test_live_debian_mirror(tmp_path, session):
         started = time.perf_counter()
         verified = fetch_release(session, source, cache)
         release_s = time.perf_counter() - started
+        entry, _ = index_entries(source, verified, "main", "amd64")
         started = time.perf_counter()
-        cold = fetch_packages(session, source, verified, "main", "amd64", cache)
+        text, heads = fetch_index_text(session, source, verified, entry)
         cold_s = time.perf_counter() - started
+        cache.put_text(entry.sha256, text)
+        cached = cache.get_text(entry.sha256)
+        assert cached[:] == text and heads == scan_stanzas(cached)
         started = time.perf_counter()
-        warm = fetch_packages(None, source, verified, "main", "amd64", cache)
+        universe = Universe.from_bytes(Universe.from_indices([IndexText("o", text, heads=heads)], "amd64").to_bytes(),
+                                       [cached])  # fmt: skip
+        dpkg = universe.candidate("dpkg")
         warm_s = time.perf_counter() - started
+        decoded = fetch_packages(None, source, verified, "main", "amd64", cache)  # every stanza, from the cache
         assert verified.release.codename == suite
-        assert len(cold.packages) > 50000 and warm.packages == cold.packages
-        assert any(p.name == "dpkg" and p.essential for p in warm.packages)
-        timings.append(f"{suite}: InRelease {release_s:.2f}s, cold index {cold_s:.2f}s "
-                       f"({len(cold.packages)} packages), cached load {warm_s:.2f}s")  # fmt: skip
-        assert warm_s < 1.5, timings[-1]
+        assert len(heads) > 50000 and len(decoded.packages) == len(heads)
+        assert "dpkg" in universe.essential_names and dpkg.package.essential
+        assert [c.package for c in universe.versions("dpkg")] == [
+            dataclasses.replace(p, origin="o") for p in decoded.packages if p.name == "dpkg"
+        ]
+        timings.append(f"{suite}: InRelease {release_s:.2f}s, cold index text {cold_s:.2f}s "
+                       f"({len(heads)} stanzas), table and one lookup {warm_s:.2f}s")  # fmt: skip
     print("\n" + "\n".join(timings))
 
 
@@ -687,3 +639,98 @@ def test_security_style_components_are_accepted() -> None:
     assert "has no component" not in str(e.value)
     with pytest.raises(RepositoryError, match="has no component 'contrib'"):
         fetch_packages(None, source, release, "contrib", "amd64")
+
+
+# --------------------------------------------------------------------------------------- index texts
+
+
+def test_index_text_is_the_verified_decompressed_index(server, session):
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    entry = verified.release.sha256["main/binary-amd64/Packages.xz"]
+    text, heads = fetch_index_text(session, source, verified, entry)
+    assert heads == scan_stanzas(text)
+    assert text == lzma.decompress((server.root / "dists/stable/main/binary-amd64/Packages.xz").read_bytes())
+    assert server.requests[-1] == f"/dists/stable/main/binary-amd64/by-hash/SHA256/{entry.sha256}"
+
+
+@pytest.mark.parametrize("fault, message", [("corrupt", "does not match the signed Release"),
+                                            ("truncate", "fetching .* failed|got [0-9]+ bytes"), ("endless", "larger than"),
+                                            ("500", "HTTP 500")])  # fmt: skip
+def test_bad_index_text_download_refused(server, session, fault, message):
+    """Decompressing while downloading never judges a damaged file by its decompression: the
+    size and hash against the signed Release come first."""
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    entry = verified.release.sha256["main/binary-amd64/Packages.xz"]
+    by_hash = f"/dists/stable/main/binary-amd64/by-hash/SHA256/{entry.sha256}"
+    with server.fault(by_hash, fault), pytest.raises(RepositoryError, match=message):
+        fetch_index_text(session, source, verified, entry)
+
+
+def _with_plain_size(verified, size: int):
+    """``verified``'s Release with the plain Packages entry claiming ``size`` bytes."""
+    release = verified.release
+    plain = release.sha256["main/binary-amd64/Packages"]
+    entries = {**release.sha256, plain.path: dataclasses.replace(plain, size=size)}
+    return dataclasses.replace(release, sha256=entries)
+
+
+def test_index_text_is_bounded_by_the_plain_size(server, session):
+    """A compressed index that expands beyond the plain size the Release lists (a decompression
+    bomb, or another file) is refused without holding more than that in memory."""
+    source = http_source(server)
+    verified = fetch_release(session, source, now=NOW)
+    entry = verified.release.sha256["main/binary-amd64/Packages.xz"]
+    plain_size = verified.release.sha256["main/binary-amd64/Packages"].size
+    with pytest.raises(RepositoryError, match=f"cannot decompress .*more than {plain_size - 10} bytes"):
+        fetch_index_text(session, source, _with_plain_size(verified, plain_size - 10), entry)
+    with pytest.raises(CorruptIndex, match=f"decompresses to {plain_size} bytes, the signed Release lists"):
+        fetch_index_text(session, source, _with_plain_size(verified, plain_size + 10), entry)
+
+
+def test_index_text_of_a_damaged_stream_with_the_right_hash(fixture_repo, repo_copy, tmp_path):
+    """A file that matches its (signed) hash but is no valid xz stream: a clear error, no traceback."""
+    source = file_source(repo_copy, fixture_repo.keyring_path)
+    verified = fetch_release(None, source, now=NOW)
+    junk = b"\xfd7zXZ\x00 not really xz"
+    entry = repository.ReleaseEntry("main/binary-amd64/Packages.xz", len(junk), hashlib.sha256(junk).hexdigest())
+    (repo_copy / "dists/stable/main/binary-amd64/Packages.xz").write_bytes(junk)
+    release = dataclasses.replace(verified.release, acquire_by_hash=False)
+    with pytest.raises(RepositoryError, match="cannot decompress main/binary-amd64/Packages.xz"):
+        fetch_index_text(None, source, release, entry)
+
+
+def test_index_texts_with_arch_all_split_out_give_the_parsed_universe(tmp_path):
+    from reprobuild.resolve import IndexText, Universe
+
+    suites = {"stable": [FixturePackage("native", "1", arch="amd64"), FixturePackage("indep", "1", arch="all")]}
+    repo = make_repo(tmp_path / "repo", suites, gnupg_home=tmp_path / "gnupg", split_arch_all=True)
+    source = file_source(repo.root, repo.keyring_path)
+    verified = fetch_release(None, source, now=NOW)
+    entry, all_entry = index_entries(source, verified, "main", "amd64")
+    assert all_entry is not None
+    texts = []
+    for e in (entry, all_entry):
+        text, heads = fetch_index_text(None, source, verified, e)
+        texts.append(IndexText("stable/main", text, e.path, binary_all=e is all_entry, heads=heads))
+    indexed = Universe.from_indices(texts, "amd64")
+    parsed = Universe.from_packages(
+        [dataclasses.replace(p, origin="stable/main")
+         for p in fetch_packages(None, source, verified, "main", "amd64").packages], "amd64")  # fmt: skip
+    assert list(indexed._versions) == list(parsed._versions) == ["indep", "native"]
+    assert [c.package for n in ("indep", "native") for c in indexed.versions(n)] == [
+        c.package for n in ("indep", "native") for c in parsed.versions(n)
+    ]
+
+
+def test_index_text_cache_round_trip(tmp_path):
+    cache = IndexCache(tmp_path)
+    sha = "ab" * 32
+    assert cache.get_text(sha) is None
+    cache.put_text(sha, b"Package: a\nVersion: 1\n")
+    assert cache.get_text(sha)[:] == b"Package: a\nVersion: 1\n"
+    cache.put_text(sha, b"")
+    assert cache.get_text(sha) == b""
+    with pytest.raises(ValueError):
+        cache.text_path("../../etc/passwd")

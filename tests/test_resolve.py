@@ -13,11 +13,12 @@ import pytest
 
 from reprobuild.debian.control import Relation, iter_stanzas
 from reprobuild.debian.package import BinaryPackage
-from reprobuild.errors import ResolutionFailed
+from reprobuild.errors import RepositoryError, ResolutionFailed
 from reprobuild.resolve import (
     AbsentCandidate,
     DebProvider,
     InconsistentResolution,
+    IndexText,
     PackageKey,
     ProgressReporter,
     RepoCandidate,
@@ -541,35 +542,66 @@ def _answers(u: Universe, names: list[str]) -> list[Any]:
     ]
 
 
-def test_cached_universe_answers_as_the_original() -> None:
-    original = Universe.from_packages(
-        [
-            *(BinaryPackage.from_stanza(s, origin="test") for s in iter_stanzas(
-                (DATA / "resolve_scenario.Packages").read_text())),
-            pkg("multi", "2.0", provides="virt (= 2.0), other", origin="updates"),
-            pkg("multi", "1.0", provides="virt (= 1.0)", origin="main"),
-            pkg("multi", "2.0", provides="virt (= 2.0), other", origin="main"),  # same version, 2nd origin
-            pkg("ess", "1", essential=True, priority="required"),
-        ],
-        "amd64",
-    )  # fmt: skip
-    data = original.to_bytes()
-    cached = Universe.from_bytes(data)
-    names = sorted(original._versions) + ["virt", "other", "nonexistent"]
-    assert _answers(cached, names) == _answers(original, names)
-    assert [c.package.origin for c in cached.versions("multi")] == ["main", "main"]
-    assert cached.essential_names == original.essential_names and "ess" in cached.essential_names
-    assert cached.required_names == original.required_names
-    assert len(cached) == len(original)
-    again = Universe.from_bytes(cached.to_bytes())  # re-serialised as is, without decoding
-    assert _answers(again, names) == _answers(original, names)
+def stanza(p: BinaryPackage) -> str:
+    """``p`` as a Packages stanza (the fields BinaryPackage.from_stanza reads)."""
+    fields = {
+        "Package": p.name, "Version": p.version, "Architecture": p.architecture,
+        "Source": f"{p.source} ({p.source_version})", "Filename": p.filename, "Size": str(p.size),
+        "SHA256": p.sha256, "Installed-Size": str(p.installed_size), "Multi-Arch": p.multi_arch,
+        "Essential": "yes" if p.essential else "no", "Priority": p.priority, "Section": p.section,
+        "Depends": p.depends, "Pre-Depends": p.pre_depends, "Recommends": p.recommends,
+        "Conflicts": p.conflicts, "Breaks": p.breaks, "Provides": p.provides, "Replaces": p.replaces,
+    }  # fmt: skip
+    return "".join(f"{k}: {v}\n" for k, v in fields.items() if v)
+
+
+def index_text(*packages: BinaryPackage) -> bytes:
+    return "\n".join(stanza(p) for p in packages).encode()
+
+
+def indexed(*packages: BinaryPackage) -> Universe:
+    return Universe.from_indices([IndexText("test", index_text(*packages))], "amd64")
+
+
+def test_indexed_universe_answers_as_from_packages() -> None:
+    scenario = (DATA / "resolve_scenario.Packages").read_bytes()
+    updates = [pkg("multi", "2.0", provides="virt (= 2.0), other", origin="updates")]
+    main = [
+        pkg("multi", "1.0", provides="virt (= 1.0)", origin="main"),
+        pkg("multi", "2.0", provides="virt (= 2.0), other", origin="main"),  # same version, 2nd origin
+        pkg("ess", "1", essential=True, priority="required", origin="main"),
+        pkg("ess", "0.9", origin="main"),
+        pkg("foreign", architecture="arm64", provides="virt", origin="main"),  # not this architecture
+        pkg("indep", architecture="all", origin="main"),
+    ]
+    main_all = [  # binary-all of main: "indep" is listed in the arch index too, "only-all" is not
+        pkg("indep", architecture="all", origin="main", provides="never-seen"),
+        pkg("only-all", architecture="all", origin="main", provides="virt"),
+    ]
+    texts = [IndexText("test", scenario), IndexText("updates", index_text(*updates)),
+             IndexText("main", index_text(*main)), IndexText("main", index_text(*main_all), binary_all=True)]
+    indexed_universe = Universe.from_indices(texts, "amd64")
+    parsed = [BinaryPackage.from_stanza(s, origin="test") for s in iter_stanzas(scenario.decode())]
+    original = Universe.from_packages([*parsed, *updates, *main, main_all[1]], "amd64")
+    names = sorted(original._versions) + ["virt", "other", "never-seen", "foreign", "nonexistent"]
+    assert _answers(indexed_universe, names) == _answers(original, names)
+    assert [c.package.origin for c in indexed_universe.versions("multi")] == ["main", "main"]
+    assert indexed_universe.essential_names == original.essential_names and "ess" in original.essential_names
+    assert indexed_universe.required_names == original.required_names
+    assert indexed_universe.providers("virt") == original.providers("virt") == ("multi", "only-all")
+    assert len(indexed_universe) == len(original)
     request = ResolveRequest(("app", "mailx", "init"), base_set="minbase", recommends=True)
+    assert resolve(indexed_universe, request) == resolve(original, request)
+
+    cached = Universe.from_bytes(indexed_universe.to_bytes(), [t.text for t in texts])
+    assert _answers(cached, names) == _answers(original, names)
+    assert (cached.essential_names, cached.required_names) == (original.essential_names, original.required_names)
     assert resolve(cached, request) == resolve(original, request)
 
 
 def test_cached_universe_decodes_only_what_is_looked_up() -> None:
-    u = universe(pkg("a", depends="b"), pkg("b"), *(pkg(f"unused{i}") for i in range(50)))
-    cached = Universe.from_bytes(u.to_bytes())
+    u = indexed(pkg("a", depends="b"), pkg("b"), *(pkg(f"unused{i}") for i in range(50)))
+    cached = Universe.from_bytes(u.to_bytes(), [t.text for t in u._versions.indices])  # type: ignore[attr-defined]
     assert run(cached, "a") == {"a": "1.0", "b": "1.0"}
     decoded = cached._versions._decoded  # type: ignore[attr-defined]
     assert set(decoded) == {"a", "b"}
@@ -579,23 +611,30 @@ def test_cached_universe_decodes_only_what_is_looked_up() -> None:
 def test_cached_universe_rejects_other_data() -> None:
     import marshal
 
-    good = universe(pkg("a")).to_bytes()
-    magic, version, fields, arch, blobs, providers, essential, required = marshal.loads(good)
+    text = index_text(pkg("a"), pkg("b"))
+    good = indexed(pkg("a"), pkg("b")).to_bytes()
+    magic, version, arch, indices, names, first, records, providers, essential, required = marshal.loads(good)
     others = [
         b"",
         b"not marshal data",
         good[: len(good) // 2],
-        marshal.dumps((magic, version + 1, fields, arch, blobs, providers, essential, required)),
-        marshal.dumps((magic, version, fields[:-1], arch, blobs, providers, essential, required)),
-        marshal.dumps(("another-magic", version, fields, arch, blobs, providers, essential, required)),
-        marshal.dumps((magic, version, fields, arch, list(blobs), providers, essential, required)),
-        marshal.dumps((magic, version, fields, arch, blobs)),
+        marshal.dumps((magic, version + 1, arch, indices, names, first, records, providers, essential, required)),
+        marshal.dumps(("another-magic", version, arch, indices, names, first, records, providers, essential, required)),
+        marshal.dumps((magic, version, arch, indices, tuple(names), first, records, providers, essential, required)),
+        marshal.dumps((magic, version, arch, indices, names, first[:-8], records, providers, essential, required)),
+        marshal.dumps((magic, version, arch, indices, names, first, records[:-1], providers, essential, required)),
+        marshal.dumps((magic, version, arch, indices, names, first, records[:-8], providers, essential, required)),
+        marshal.dumps((magic, version, arch, indices, names)),
     ]
     for data in others:
         with pytest.raises(ValueError):
-            Universe.from_bytes(data)
-    damaged = Universe.from_bytes(
-        marshal.dumps((magic, version, fields, arch, {"a": b"\xff"}, providers, essential, required))
-    )
-    with pytest.raises(ValueError, match="damaged record for 'a'"):
-        damaged.versions("a")
+            Universe.from_bytes(data, [text])
+    with pytest.raises(ValueError, match="other index texts"):
+        Universe.from_bytes(good, [text + b"\n"])
+    with pytest.raises(ValueError, match="other index texts"):
+        Universe.from_bytes(good, [])
+    with pytest.raises(TypeError):
+        universe(pkg("a")).to_bytes()  # a universe of parsed packages has no table
+    swapped = Universe.from_bytes(good, [index_text(pkg("b"), pkg("a"))])  # same length, other order
+    with pytest.raises(RepositoryError, match="another package's"):
+        swapped.versions("a")

@@ -47,8 +47,18 @@ def cli() -> None:
     """
 
 
-def _register_commands() -> None:
-    for name in COMMAND_MODULES:
+# The module that registers each command: main() imports only the one the command line names
+# (all of them cost ~0.1 s of imports, a good part of a warm ``lock``); no command, --help or
+# an unknown name imports them all. tests/test_cli_run.py checks this against the modules.
+COMMANDS = {
+    "lock": "lock", "keygen": "keygen", "store": "store", "fetch": "store", "build": "build",
+    "release": "build", "vm": "run", "boot": "run", "shell": "run", "diff": "diff", "verify": "verify",
+    "check": "verify", "sbom": "verify", "publish": "registry", "unshare": "unshare",
+}  # fmt: skip
+
+
+def _register_commands(modules: tuple[str, ...] = COMMAND_MODULES) -> None:
+    for name in modules:
         try:
             importlib.import_module(f"reprobuild.cli.{name}")
         except ModuleNotFoundError as e:
@@ -59,7 +69,9 @@ def _register_commands() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning library errors into one-line messages."""
-    _register_commands()
+    args = sys.argv[1:] if argv is None else argv
+    named = next((a for a in args if not a.startswith("-")), None)  # the group takes no option values
+    _register_commands((COMMANDS[named],) if named in COMMANDS else COMMAND_MODULES)
     debug = os.environ.get("REPROBUILD_DEBUG") == "1"
     try:
         exit_code = cli.main(args=argv, prog_name="reprobuild", standalone_mode=False)

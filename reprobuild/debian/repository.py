@@ -7,12 +7,14 @@ Trust chain (wiki.debian.org/DebianRepository/Format, docs/formats.md §10)::
 * ``fetch_release`` downloads ``dists/<suite>/InRelease``, verifies it with gpgv and parses only
   the bytes gpgv says were signed. It refuses a Release for another suite (replay of a signed
   file from elsewhere) and one past its ``Valid-Until`` unless ``allow_expired`` (snapshots).
-* ``fetch_packages`` picks ``Packages.xz`` (then ``.gz``, then plain) listed in that Release,
+* ``fetch_index_text`` picks ``Packages.xz`` (then ``.gz``, then plain) listed in that Release,
   downloads it **by hash** when the Release says ``Acquire-By-Hash: yes`` (no race with a mirror
-  update), and checks size and SHA-256 before anything is parsed.
-* ``IndexCache`` keeps raw indices under ``indices/sha256/<hex>`` and their parsed form under
-  ``parsed/<hex>.<key>``, so a second lock against the same metadata parses nothing; data derived
-  from indices (the resolver's universe) goes under ``derived/<kind>/<hex of its inputs>``.
+  update), decompresses it while it downloads and scans its stanzas (``stanzaindex``) as they
+  arrive, and returns them only once the file's size and SHA-256 match the Release. A lock
+  decodes only the stanzas it resolves (``Universe.from_indices``); ``fetch_packages`` decodes all.
+* ``IndexCache`` keeps index texts under ``texts/<hex>.<format>`` (``<hex>`` = the verified
+  file's SHA-256; read back as mmaps), raw InReleases under ``indices/sha256/<hex>``, and data
+  derived from indices (the resolver's universe table) under ``derived/<kind>/<hex of its inputs>``.
 * ``fetch_releases`` checks several suites' InRelease concurrently (a warm lock's only network work).
 
 All network access goes through a ``requests.Session``-like object (``get(url, stream=True,
@@ -24,12 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
-import gzip
 import hashlib
 import lzma
-import marshal
+import mmap
 import os
+import queue
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,10 +41,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from reprobuild.debian.control import iter_stanzas
 from reprobuild.debian.gpg import DEFAULT_KEYRING, SignatureError, verify_clearsigned, verify_detached
 from reprobuild.debian.package import BinaryPackage
-from reprobuild.errors import FormatError, RepositoryError
+from reprobuild.debian.stanzaindex import (
+    StanzaHead,
+    StanzaScanner,
+    decode_stanza,
+    normalize_text,
+    scan_stanzas,
+    trailing_space,
+)
+from reprobuild.errors import RepositoryError
 
 Progress = Callable[[str], None]
 
@@ -52,36 +60,13 @@ DEFAULT_TIMEOUT = (15.0, 60.0)
 MAX_RELEASE_BYTES = 16 << 20  # sid's InRelease is ~0.3 MiB; anything this large is hostile
 # Preference order for index compression: smallest download first (what apt does too).
 INDEX_VARIANTS = (".xz", ".gz", "")
-# Bump when the parsed-cache layout or parsing rules change; old cache entries are then ignored.
-PARSER_VERSION = 2
-_CACHE_MAGIC = "reprobuild-packages-index"
-# The BinaryPackage fields kept in the parsed cache, in constructor order; ``origin`` is added at
-# load time because one index (same sha256) may serve several suites.
-_ROW_FIELDS = tuple(f.name for f in dataclasses.fields(BinaryPackage) if f.name != "origin")
-_ROW_KEY = hashlib.sha256(f"{PARSER_VERSION}:{','.join(_ROW_FIELDS)}".encode()).hexdigest()[:16]
-
-
-def _row_constructor() -> Callable[[tuple[Any, ...], str], BinaryPackage]:
-    """A fast ``(row, origin) -> BinaryPackage`` for rows this module produced itself.
-
-    A frozen dataclass's ``__init__`` sets each of the 22 fields through ``object.__setattr__``;
-    for 65k packages that is ~0.5 s of a cached load. Rows come from BinaryPackage objects we
-    built (``parse_packages``), so we set the slots directly through their descriptors instead,
-    in code generated once here the way ``dataclasses`` generates ``__init__`` (measured: 2x faster).
-    """
-    names = (*_ROW_FIELDS, "origin")
-    namespace: dict[str, Any] = {"new": object.__new__, "cls": BinaryPackage}
-    lines = ["def make(row, origin):", "    obj = new(cls)"]
-    for i, name in enumerate(names):
-        namespace[f"set{i}"] = getattr(BinaryPackage, name).__set__  # the slot's member descriptor
-        value = "origin" if name == "origin" else f"row[{i}]"
-        lines.append(f"    set{i}(obj, {value})")
-    lines.append("    return obj")
-    exec("\n".join(lines), namespace)  # noqa: S102 - generated from the dataclass's own field names
-    return namespace["make"]
-
-
-_make_package = _row_constructor()
+# Bump when the rules for reading an index change (stanzaindex): cached universes are then rebuilt.
+PARSER_VERSION = 3
+# Bump when the kept index text changes (stanzaindex.normalize_text): texts/<sha256>.<TEXT_FORMAT>.
+TEXT_FORMAT = 1
+# The largest decompressed index accepted when the Release does not list the plain size (sid's
+# main/binary-amd64/Packages is ~60 MB): bounds what a hostile compressed index can expand to.
+MAX_INDEX_TEXT_BYTES = 1 << 31
 
 
 class ExpiredRelease(RepositoryError):
@@ -276,13 +261,14 @@ def check_valid_until(release: ReleaseFile, suite: str, now: datetime, allow_exp
 
 
 class IndexCache:
-    """Raw indices by SHA-256 plus their parsed form, in a plain directory.
+    """Index files and what is made of them, in a plain directory.
 
-    Layout: ``indices/sha256/<hex>`` (raw bytes, exactly as listed in a Release) and
-    ``parsed/<hex>.<key>`` (marshal'd rows; ``key`` changes with the parser version and the
-    BinaryPackage fields). Every write is atomic (temporary file, fsync, rename): a crash never
-    leaves a truncated file under a final name. Not a security boundary: whoever can write the
-    directory can feed the parsed cache (marshal, not pickle, so at least no code runs on load).
+    Layout: ``indices/sha256/<hex>`` (raw bytes, exactly as listed or served: the InReleases),
+    ``texts/<hex>.<TEXT_FORMAT>`` (the text of the index file with SHA-256 ``<hex>``, as
+    :func:`fetch_index_text` made it once the file was verified) and ``derived/<kind>/<key>``.
+    Every write is atomic (temporary file, fsync, rename): a crash never leaves a truncated file
+    under a final name. Not a security boundary: whoever can write the directory can feed the
+    lock its texts and tables (read as data only: no code runs on load).
     """
 
     def __init__(self, root: Path) -> None:
@@ -290,9 +276,6 @@ class IndexCache:
 
     def raw_path(self, sha256: str) -> Path:
         return self.root / "indices" / "sha256" / _check_hex(sha256)
-
-    def parsed_path(self, sha256: str, key: str = _ROW_KEY) -> Path:
-        return self.root / "parsed" / f"{_check_hex(sha256)}.{key}"
 
     def get(self, sha256: str) -> Path | None:
         """Path of the raw object if cached (not re-hashed here: readers verify what they use)."""
@@ -309,27 +292,25 @@ class IndexCache:
             _atomic_write(path, data)
         return path
 
-    def get_parsed(self, sha256: str) -> list[tuple[Any, ...]] | None:
-        """The parsed rows for an index, or None when absent, stale or unreadable."""
-        path = self.parsed_path(sha256)
+    def text_path(self, sha256: str) -> Path:
+        return self.root / "texts" / f"{_check_hex(sha256)}.{TEXT_FORMAT}"
+
+    def get_text(self, sha256: str) -> Any:
+        """The text of the index whose verified (compressed) file has ``sha256``, as a read-only
+        mmap (pages are read as stanzas are decoded), or None when absent."""
         try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
-            return None
+            with self.text_path(sha256).open("rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return b""
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError:
             return None
-        try:
-            with _gc_paused():
-                magic, version, fields, digest, rows = marshal.loads(blob)
-        except (EOFError, ValueError, TypeError):
-            return None
-        if (magic, version, tuple(fields), digest) != (_CACHE_MAGIC, PARSER_VERSION, _ROW_FIELDS, sha256):
-            return None
-        return rows
 
-    def put_parsed(self, sha256: str, rows: list[tuple[Any, ...]]) -> Path:
-        path = self.parsed_path(sha256)
-        _atomic_write(path, marshal.dumps((_CACHE_MAGIC, PARSER_VERSION, _ROW_FIELDS, sha256, rows)))
+    def put_text(self, sha256: str, text: bytes) -> Path:
+        """Keep the text :func:`fetch_index_text` made of the index file with ``sha256`` (which it
+        verified before decompressing was trusted)."""
+        path = self.text_path(sha256)
+        _atomic_write(path, text)
         return path
 
     def derived_path(self, kind: str, key: str) -> Path:
@@ -353,19 +334,6 @@ class IndexCache:
         path = self.derived_path(kind, key)
         _atomic_write(path, data)
         return path
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC while building ~65k acyclic objects (it would rescan them repeatedly:
-    ~30% of a cached load). Restores the previous state, so nesting and callers' settings are kept."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _check_hex(sha256: str) -> str:
@@ -555,94 +523,98 @@ def fetch_packages(
     progress: Progress | None = None,
     timeout: tuple[float, float] = DEFAULT_TIMEOUT,
 ) -> PackagesIndex:
-    """The packages of ``component`` for ``arch`` (arch:all included), verified against ``release``.
-
-    With a cache holding the parsed form of the index named in the Release, nothing is
-    downloaded or parsed (cost: one marshal load, ~0.2 s for trixie main amd64). Otherwise the
-    index is downloaded (by-hash when the Release allows), checked, cached and parsed (~2-4 s).
-    Every package's ``origin`` is ``"<suite>/<component>"``.
+    """Every package of ``component`` for ``arch`` (arch:all included), verified against
+    ``release``, each stanza decoded (a lock decodes only the names it resolves instead:
+    ``Universe.from_indices``). The texts come from the cache when it has them, else from
+    :func:`fetch_index_text` (and are kept there). Every package's ``origin`` is
+    ``"<suite>/<component>"``.
     """
     rel = release.release if isinstance(release, VerifiedRelease) else release
     entry, all_entry = index_entries(source, rel, component, arch)
     origin = source.origin(component)
-    rows = _index_rows(session, source, rel, entry, cache, progress, timeout)
+    packages = _index_packages(session, source, rel, entry, cache, origin, progress, timeout)
     all_sha256 = None
     if all_entry is not None:
-        all_rows = _index_rows(session, source, rel, all_entry, cache, progress, timeout)
+        all_packages = _index_packages(session, source, rel, all_entry, cache, origin, progress, timeout)
         all_sha256 = all_entry.sha256
-        seen = {(r[0], r[1], r[2]) for r in rows}  # (name, version, architecture)
-        rows = rows + [r for r in all_rows if (r[0], r[1], r[2]) not in seen]
-    with _gc_paused():
-        packages = [_make_package(row, origin) for row in rows]
+        seen = {(p.name, p.version, p.architecture) for p in packages}
+        packages += [p for p in all_packages if (p.name, p.version, p.architecture) not in seen]
     return PackagesIndex(packages, entry.sha256, entry.path, all_sha256)
 
 
-def load_universe_packages(
-    session: Any,
-    sources: Sequence[RepositorySource],
-    cache: IndexCache | None,
-    arch: str | None = None,
-    progress: Progress | None = None,
-    *,
-    now: datetime | None = None,
-    allow_expired: bool = False,
-    timeout: tuple[float, float] = DEFAULT_TIMEOUT,
-) -> tuple[list[BinaryPackage], list[VerifiedRelease]]:
-    """Every package of every component of every source, plus the verified Releases (in order).
-
-    ``arch`` overrides each source's own ``architecture``.
-    """
-    packages: list[BinaryPackage] = []
-    releases = fetch_releases(
-        session, sources, cache, now, allow_expired=allow_expired, progress=progress, timeout=timeout
-    )
-    for source, verified in zip(sources, releases, strict=True):
-        for component in source.components:
-            index = fetch_packages(
-                session, source, verified, component, arch or source.architecture, cache,
-                progress=progress, timeout=timeout,
-            )  # fmt: skip
-            packages.extend(index.packages)
-    return packages, releases
+def _index_packages(session: Any, source: RepositorySource, rel: ReleaseFile, entry: ReleaseEntry,
+                    cache: IndexCache | None, origin: str, progress: Progress | None,
+                    timeout: tuple[float, float]) -> list[BinaryPackage]:  # fmt: skip
+    what = f"{source.suite} {entry.path}"
+    text = cache.get_text(entry.sha256) if cache is not None else None
+    if text is not None:
+        heads = scan_stanzas(text, what)
+    else:
+        text, heads = fetch_index_text(session, source, rel, entry, progress=progress, timeout=timeout)
+        if cache is not None:
+            cache.put_text(entry.sha256, text)
+    return [decode_stanza(text, head, origin, what) for head in heads]
 
 
-def _index_rows(
+def fetch_index_text(
     session: Any,
     source: RepositorySource,
-    rel: ReleaseFile,
+    release: VerifiedRelease | ReleaseFile,
     entry: ReleaseEntry,
-    cache: IndexCache | None,
-    progress: Progress | None,
-    timeout: tuple[float, float],
-) -> list[tuple[Any, ...]]:
-    if cache is not None:
-        rows = cache.get_parsed(entry.sha256)
-        if rows is not None:
-            if progress:
-                progress(f"using cached {source.suite} {entry.path} ({len(rows)} packages)")
-            return rows
-    data = _cached_raw(cache, entry)
-    if data is None:
-        data = _download_index(session, source, rel, entry, progress, timeout)
-        if cache is not None:
-            cache.put_bytes(entry.sha256, data)
-    if progress:
-        progress(f"parsing {source.suite} {entry.path}…")
-    rows = parse_packages(_decompress(data, entry), what=f"{source.suite} {entry.path}")
-    if cache is not None:
-        cache.put_parsed(entry.sha256, rows)
-    return rows
+    *,
+    progress: Progress | None = None,
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+) -> tuple[bytes, list[StanzaHead]]:
+    """The text of the index ``entry`` of ``release`` (an entry of :func:`index_entries`) and its
+    stanzas (``stanzaindex.scan_stanzas``): decompressed while it downloads, normalized
+    (``stanzaindex.normalize_text``), and returned only once the downloaded file's size and
+    SHA-256 match the signed Release (and the text's size the plain file's, when the Release
+    lists it). Callers keep the text with :meth:`IndexCache.put_text` under ``entry.sha256``.
+
+    When the Release lists the plain file's size (Debian's do), the text is scanned while it is
+    still arriving: the download and decompression run in a thread (zlib and lzma release the
+    GIL), the scan in the caller's, on the stanzas decompressed so far. A scan error on a file
+    that then fails its hash check is reported as the hash mismatch.
+    """
+    rel = release.release if isinstance(release, VerifiedRelease) else release
+    what = f"{source.suite} {entry.path}"
+    plain = _plain_entry(rel, entry)
+    if plain is None:
+        sink = _Decompressing(entry.path, MAX_INDEX_TEXT_BYTES)
+        text = normalize_text(_download_index(session, source, rel, entry, progress, timeout, sink))
+        return text, scan_stanzas(text, what)
+    from concurrent.futures import ThreadPoolExecutor  # deferred: only needed here
+
+    sizes: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    sink = _Decompressing(entry.path, plain.size, fixed=True, written=sizes.put)
+    scanner = StanzaScanner(what)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index") as pool:
+        download = pool.submit(_download_then, sizes.put, _download_index, session, source, rel, entry,
+                               progress, timeout, sink)  # fmt: skip
+        try:
+            scanned = 0
+            while (size := sizes.get()) is not None:
+                cut = sink.buf.rfind(b"\n\n", scanned, size)
+                if cut >= 0:
+                    scanner.scan(sink.buf, cut + 2)
+                    scanned = cut + 1
+        except RepositoryError:
+            download.result()  # a file that does not match the Release is named as such
+            raise
+        text = download.result()
+    normalized = normalize_text(text)
+    if normalized is not text or trailing_space(text):  # rare: scan the whole text again
+        return normalized, scan_stanzas(normalized, what)
+    scanner.scan(text, len(text))
+    return text, scanner.finish(text)
 
 
-def _cached_raw(cache: IndexCache | None, entry: ReleaseEntry) -> bytes | None:
-    path = cache.get(entry.sha256) if cache is not None else None
-    if path is None:
-        return None
-    data = path.read_bytes()
-    # Re-verify: a damaged cache file must not be parsed (it is then fetched again).
-    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
-        return None
-    return data
+def _download_then(done: Callable[[None], None], function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, then ``done(None)`` whatever happened."""
+    try:
+        return function(*args)
+    finally:
+        done(None)
 
 
 def _download_index(
@@ -652,7 +624,11 @@ def _download_index(
     entry: ReleaseEntry,
     progress: Progress | None,
     timeout: tuple[float, float],
-) -> bytes:
+    sink: _Decompressing,
+) -> bytearray:
+    """What ``sink`` makes of the index file ``entry`` while it downloads (its decompressed
+    content), once the file's size and SHA-256 match the signed Release. A file that does not
+    match is refused as such, even when it did not decompress either."""
     directory, _, _ = entry.path.rpartition("/")
     urls = []
     if rel.acquire_by_hash:
@@ -663,103 +639,141 @@ def _download_index(
     if progress:
         how = " (by-hash)" if rel.acquire_by_hash else ""
         progress(f"fetching {source.suite} {entry.path}{how}, {entry.size / (1 << 20):.1f} MiB…")
-    for url in urls:
-        # One byte more than listed, so an over-long answer is detected without reading it all.
-        data = _download(session, url, entry.size + 1, timeout)
-        if data is None:
-            continue
-        if len(data) != entry.size:
+    for url in urls:  # data reaches the sink only from the one that answers
+        digest = hashlib.sha256()
+        size = 0
+        with _opened(session, url, timeout) as chunks:
+            if chunks is None:
+                continue
+            for chunk in chunks:
+                size += len(chunk)
+                if size > entry.size:  # stop at once: an over-long answer is never read to its end
+                    raise CorruptIndex(f"{url}: the response is larger than the {entry.size} bytes the signed Release lists")
+                digest.update(chunk)
+                sink.feed(chunk)
+        if size != entry.size:
             raise CorruptIndex(
-                f"{url}: got {len(data)} bytes, the signed Release lists {entry.size}",
+                f"{url}: got {size} bytes, the signed Release lists {entry.size}",
                 hint="the mirror is inconsistent or the download was cut; try again or another mirror",
             )
-        actual = hashlib.sha256(data).hexdigest()
+        actual = digest.hexdigest()
         if actual != entry.sha256:
             raise CorruptIndex(
                 f"{url}: SHA-256 {actual} does not match the signed Release ({entry.sha256})",
                 hint="the index was altered or the mirror is inconsistent",
             )
+        data = sink.result()
+        plain = _plain_entry(rel, entry)
+        if plain is not None and len(data) != plain.size:
+            raise CorruptIndex(f"{url}: decompresses to {len(data)} bytes, the signed Release lists {plain.size}")
         return data
     raise RepositoryError(f"{source.suite}: {entry.path} not found on the mirror ({' nor '.join(urls)})")
 
 
-def _decompress(data: bytes, entry: ReleaseEntry) -> str:
-    try:
-        if entry.path.endswith(".xz"):
-            raw = lzma.decompress(data)
-        elif entry.path.endswith(".gz"):
-            raw = gzip.decompress(data)
+def _plain_entry(rel: ReleaseFile, entry: ReleaseEntry) -> ReleaseEntry | None:
+    """The Release's entry of the uncompressed file ``entry`` is a compressed form of, if listed."""
+    for ext in INDEX_VARIANTS:
+        if ext and entry.path.endswith(ext):
+            return rel.sha256.get(entry.path[: -len(ext)])
+    return None
+
+
+class _Decompressing:
+    """Download sink: decompresses (xz, gzip or none, by the file name) as chunks arrive, at most
+    ``limit`` bytes of output, into ``buf``: a bytearray of exactly ``limit`` bytes when
+    ``fixed`` (the size the Release lists: it is never resized, so another thread may scan what
+    is written while it grows), else one that grows. ``size`` bytes are written; ``written`` is
+    called with it after each chunk. A decompression error is kept, not raised, until
+    :meth:`result`: the caller checks the file's hash first, so a damaged download is named as such."""
+
+    def __init__(self, path: str, limit: int, fixed: bool = False,
+                 written: Callable[[int], None] | None = None) -> None:  # fmt: skip
+        self.path = path
+        self.limit = limit
+        if path.endswith(".xz"):
+            self.decompressor: Any = lzma.LZMADecompressor()
+        elif path.endswith(".gz"):
+            self.decompressor = zlib.decompressobj(wbits=47)  # gzip header, any window size
         else:
-            raw = data
-        return raw.decode("utf-8")
-    except (lzma.LZMAError, OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-        raise RepositoryError(f"cannot decompress {entry.path}: {e}") from e
+            self.decompressor = None
+        self.fixed = fixed
+        self.buf = bytearray(limit) if fixed else bytearray()
+        self.size = 0
+        self.written = written
+        self.error: str | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            out = chunk if self.decompressor is None else self.decompressor.decompress(chunk, self.limit + 1 - self.size)
+        except (lzma.LZMAError, zlib.error, EOFError) as e:
+            self.error = str(e)
+            return
+        if self.size + len(out) > self.limit:
+            self.error = f"it decompresses to more than {self.limit} bytes"
+            return
+        if self.fixed:
+            self.buf[self.size : self.size + len(out)] = out  # same length: no resize
+        else:
+            self.buf += out
+        self.size += len(out)
+        if self.written is not None:
+            self.written(self.size)
+
+    def result(self) -> bytearray:
+        if self.error is None and self.decompressor is not None:
+            if not self.decompressor.eof:
+                self.error = "the compressed stream is truncated"
+            elif self.decompressor.unused_data:
+                self.error = "data follows the compressed stream"
+        if self.error is not None:
+            raise RepositoryError(f"cannot decompress {self.path}: {self.error}")
+        return self.buf if not self.fixed or self.size == self.limit else self.buf[: self.size]
 
 
 def _download(session: Any, url: str, max_bytes: int, timeout: tuple[float, float]) -> bytes | None:
     """The body of ``url``; None on 404/410. At most ``max_bytes`` are read (RepositoryError beyond)."""
+    with _opened(session, url, timeout) as chunks:
+        if chunks is None:
+            return None
+        buf = bytearray()
+        for chunk in chunks:
+            buf += chunk
+            if len(buf) > max_bytes:
+                raise RepositoryError(f"{url}: response is larger than the {max_bytes} bytes expected")
+        return bytes(buf)
+
+
+@contextlib.contextmanager
+def _opened(session: Any, url: str, timeout: tuple[float, float]) -> Iterator[Iterator[bytes] | None]:
+    """The body of ``url`` as an iterator of chunks, or None on 404/410 (a missing file).
+    Network and read errors while the caller iterates become RepositoryError."""
     parts = urlsplit(url)
     if parts.scheme == "file":
         path = Path(unquote(parts.path))
         try:
-            with path.open("rb") as f:
-                data = f.read(max_bytes + 1)
+            f = path.open("rb")
         except FileNotFoundError:
-            return None
+            yield None
+            return
         except OSError as e:
             raise RepositoryError(f"cannot read {url}: {e}") from e
-        if len(data) > max_bytes:
-            raise RepositoryError(f"{url} is larger than {max_bytes} bytes")
-        return data
+        with f:
+            try:
+                yield iter(lambda: f.read(1 << 20), b"")
+            except OSError as e:
+                raise RepositoryError(f"cannot read {url}: {e}") from e
+        return
     import requests  # deferred: importing requests costs ~0.1 s
 
     try:
         with session.get(url, stream=True, timeout=timeout) as response:
             if response.status_code in (404, 410):
-                return None
+                yield None
+                return
             if response.status_code != 200:
                 raise RepositoryError(f"{url}: HTTP {response.status_code} {response.reason}")
-            buf = bytearray()
-            for chunk in response.iter_content(chunk_size=1 << 16):
-                buf += chunk
-                if len(buf) > max_bytes:
-                    raise RepositoryError(f"{url}: response is larger than the {max_bytes} bytes expected")
-            return bytes(buf)
+            yield response.iter_content(chunk_size=1 << 16)
     except requests.RequestException as e:
         raise RepositoryError(f"fetching {url} failed: {e}") from e
-
-
-# --------------------------------------------------------------------------------------- parsing
-
-
-def parse_packages(text: str, what: str = "Packages") -> list[tuple[Any, ...]]:
-    """Packages text → rows of BinaryPackage fields (without origin), in index order (pure).
-
-    Cost: ~2 s for trixie main amd64 (69k stanzas, 47 MiB); that is why the rows are cached.
-    """
-    rows = []
-    # Share equal short strings ("optional", "amd64", versions…): the marshal'd cache then stores
-    # each once and a cached load allocates far fewer objects (26 vs 28 MiB, ~20% faster load).
-    shared: dict[str, str] = {}
-    try:
-        for stanza in iter_stanzas(text):  # streamed: the 69k stanza dicts never coexist
-            rows.append(_row(stanza, shared, what))
-    except FormatError as e:
-        raise RepositoryError(f"{what}: {e.message}") from e
-    return rows
-
-
-def _row(stanza: dict[str, str], shared: dict[str, str], what: str) -> tuple[Any, ...]:
-    if "Package" not in stanza or "Version" not in stanza:
-        raise RepositoryError(f"{what}: stanza without Package/Version: {sorted(stanza)[:5]}")
-    try:
-        package = BinaryPackage.from_stanza(stanza)
-    except (KeyError, ValueError) as e:
-        raise RepositoryError(f"{what}: bad stanza for {stanza.get('Package')!r}: {e}") from e
-    row = []
-    for name in _ROW_FIELDS:
-        value = getattr(package, name)
-        if type(value) is str and len(value) < 40:
-            value = shared.setdefault(value, value)
-        row.append(value)
-    return tuple(row)
