@@ -616,6 +616,9 @@ def test_kill_9_leaves_no_scratch_after_the_next_command(slow_definition: Path, 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+    # The sandbox (its own session, so not in the killed group) dies with the build: nothing goes
+    # on writing into the scratch tree that the next command removes.
+    assert _wait_for(lambda: not _sandboxes_under(tmp_path), timeout=2), _sandboxes_under(tmp_path)
     left = _scratch(store, out)
     assert left, "the kill left nothing to clean up (the test would prove nothing)"
     stats = json.loads(subprocess.run(_cli("store", "stats", "--json"), env=env, cwd=REPO, capture_output=True,
@@ -629,6 +632,19 @@ def test_kill_9_leaves_no_scratch_after_the_next_command(slow_definition: Path, 
     stats = json.loads(subprocess.run(_cli("store", "stats", "--json"), env=env, cwd=REPO, capture_output=True,
                                       text=True, check=True).stdout)
     assert stats["scratch"] == 0 and stats["scratch_dead"] == 0, stats
+
+
+def _sandboxes_under(top: Path) -> list[str]:
+    """Command lines of running (not zombie) sandbox processes whose tree is below ``top``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "reprobuild-sandbox" in cmdline and str(top) in cmdline:
+                found.append(f"{pid}: {cmdline[:200]}")
+    return found
 
 
 def _listing_has(*roots_and_rel: Any) -> bool:

@@ -99,7 +99,8 @@ class Result:
 
 def check_can_sandbox() -> None:
     """Raise a clear error if this process cannot create the sandbox."""
-    for tool, pkg in (("unshare", "util-linux"), ("chroot", "coreutils"), ("mount", "mount")):
+    for tool, pkg in (("unshare", "util-linux"), ("setpriv", "util-linux"), ("chroot", "coreutils"),
+                      ("mount", "mount")):
         if shutil.which(tool) is None:
             raise ToolMissing(tool, pkg, "to run maintainer scripts in a sandbox")
     if os.geteuid() != 0:
@@ -144,6 +145,10 @@ def run_in_tree(
             raise BuildError(f"bad bind target {b.target!r}")
         bind_args += [str(Path(b.source).resolve()), b.target, "ro" if b.read_only else "rw"]
     cmd = [
+        # The sandbox runs in its own session (so that an interrupt can kill all of it), hence
+        # outside the caller's process group: without a parent-death signal a build killed with
+        # SIGKILL would leave dpkg running and writing into a tree that the next command removes.
+        "setpriv", "--pdeathsig", "KILL",
         "unshare", "--mount", "--pid", "--fork", "--kill-child", "--uts", "--ipc", "--net",
         "--propagation", "private",
         "/bin/sh", "-c", _SETUP, "reprobuild-sandbox",
