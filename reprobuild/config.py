@@ -165,6 +165,25 @@ def parse_image_word(value: str) -> str:
     return value
 
 
+def parse_update_source(value: str) -> str:
+    """[Updates] Source=: an http(s):// or file:// URL (systemd-sysupdate's url-file source) or an
+    absolute, normalised directory path in the running image (its regular-file source)."""
+    if not value.isprintable() or " " in value or len(value) > 4096:
+        raise ValueError("spaces and control characters are not allowed")
+    if value.startswith(("http://", "https://", "file://")):
+        return value.rstrip("/") + "/"
+    if not value.startswith("/") or any(part in ("", ".", "..") for part in value.rstrip("/").split("/")[1:]):
+        raise ValueError("expected an http://, https:// or file:// URL, or a normalised absolute directory path "
+                         "inside the image")
+    return value.rstrip("/") or "/"
+
+
+def parse_instances_max(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 2 <= int(value) <= 64:
+        raise ValueError("expected a number from 2 to 64 (the running version and at least one more)")
+    return int(value)
+
+
 def parse_module(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
         raise ValueError("not a kernel module name")
@@ -292,6 +311,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("Signing", "ReleaseKey", "release_key", parse_text, in_digest=False,
             help="OpenPGP key (id, fingerprint or user id in the keyring of $GNUPGHOME) that "
                  "'reprobuild release' signs SHA256SUMS with (SHA256SUMS.gpg)."),
+    # [Updates]
+    Setting("Updates", "Source", "source", parse_update_source, digest_if_set=True,
+            help="Where systemd-sysupdate finds new releases: an http(s):// or file:// URL (url-file: "
+                 "SHA256SUMS and SHA256SUMS.gpg are checked) or an absolute directory in the running image "
+                 "(regular-file: read as it is). Setting it writes /usr/lib/sysupdate.d/*.transfer."),
+    Setting("Updates", "InstancesMax", "instances_max", parse_instances_max, digest_if_set=True,
+            help="Versions kept of each resource (the running one included), 2 to 64."),
+    Setting("Updates", "PublicKey", "public_key", parse_text, is_path=True, in_digest=False,
+            help="Binary OpenPGP public key(s) (gpg --export KEY) the image trusts for SHA256SUMS.gpg: "
+                 "written to /etc/systemd/import-pubring.gpg."),
 )
 
 
@@ -378,6 +407,13 @@ class SigningConfig:
     release_key: str | None = None
 
 
+@dataclass(frozen=True)
+class UpdatesConfig:
+    source: str | None = None
+    instances_max: int = 2
+    public_key: Path | None = None
+
+
 SECTIONS: dict[str, str] = {  # INI section → ImageSpec attribute
     "Distribution": "distribution",
     "Content": "content",
@@ -385,6 +421,7 @@ SECTIONS: dict[str, str] = {  # INI section → ImageSpec attribute
     "Tools": "tools",
     "Build": "build",
     "Signing": "signing",
+    "Updates": "updates",
 }
 
 
@@ -399,6 +436,7 @@ class ImageSpec:
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
+    updates: UpdatesConfig = field(default_factory=UpdatesConfig)
 
     @property
     def lock_path(self) -> Path:

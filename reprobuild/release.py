@@ -3,8 +3,9 @@ with a ``SHA256SUMS`` and, given an OpenPGP key, its detached signature ``SHA256
 
 The artifacts are what systemd-sysupdate transfers: the root (or ``/usr``) partition, its
 dm-verity hash partition, its verity signature partition — each the partition's whole extent as
-it lies in ``image.raw`` — and the UKI, named ``<id>_<version>.<role>.raw`` and
-``<id>_<version>.efi`` from ``ImageId=`` and ``ImageVersion=``. Everything is derived from the
+it lies in ``image.raw`` — and the UKI, named ``<id>_<version>_<partition uuid>.<role>.raw`` and
+``<id>_<version>.efi`` from ``ImageId=`` and ``ImageVersion=`` (the patterns of the image's
+transfer files, :mod:`reprobuild.image.sysupdate`: ``@u`` gives the new partition its UUID). Everything is derived from the
 built image, so a release rebuilt from the same lock is byte-identical; the signature is too
 (its time is pinned, see :func:`sign_sums`). Every file is written atomically.
 """
@@ -28,6 +29,7 @@ from reprobuild.errors import BuildError, ConfigError, ToolMissing
 from reprobuild.fileio import sha256_file, write_atomic, write_atomically
 from reprobuild.image import gpt, ids
 from reprobuild.image.ddi import copy_partition
+from reprobuild.image.sysupdate import artifact_name, uki_name
 from reprobuild.lockfile import Lock
 from reprobuild.store import Store
 from reprobuild.verify import read_esp_file
@@ -121,7 +123,7 @@ def release(spec: ImageSpec, lock: Lock, store: Store, options: ReleaseOptions, 
 def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str, compress: str = "none",
                   say: Say = lambda _m: None) -> ReleaseResult:
     """Split the DDI ``image`` (described by its build ``manifest``) into ``out``: every partition
-    but the ESP as ``<name>.<role>.raw``, the UKI (read from the ESP at the manifest's
+    but the ESP as ``<name>_<partition uuid>.<role>.raw``, the UKI (read from the ESP at the manifest's
     ``boot.uki_path``) as ``<name>.efi``, then ``SHA256SUMS``. Each partition and the UKI must
     have the manifest's sha256."""
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,7 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
         if ptype is None or ptype.role in (ids.Role.ESP, ids.Role.XBOOTLDR):
             continue
         role = ptype.role.value
-        file = f"{name}.{role}.raw{suffix}"
+        file = artifact_name(name, role, str(part.unique_guid)) + suffix
         say(f"writing {file}")
         raw = _write(out / file, lambda f, p=part: copy_partition(image, p, disk.sector_size, f), compress)
         if role not in recorded or raw != recorded[role]["sha256"]:  # the manifest's digest of the same extent
@@ -149,7 +151,7 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
         uki = read_esp_file(image, esp.offset(disk.sector_size), boot["uki_path"])
         if hashlib.sha256(uki).hexdigest() != boot["uki_sha256"]:
             raise BuildError(f"the UKI in {image} differs from its manifest entry")
-        file = f"{name}.efi{suffix}"
+        file = uki_name(name) + suffix
         say(f"writing {file}")
         _write(out / file, lambda f: f.write(uki), compress)
         result.artifacts.append(_artifact(out / file, "uki"))

@@ -1,0 +1,196 @@
+"""[Updates]: systemd-sysupdate transfer files (sysupdate.d(5), systemd 257) generated from the
+definition, the keyring the image trusts, and the settings' grammar and digest. No build: the
+release end to end (transfers inside the released root) is in tests/test_release.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from reprobuild.config import load_spec
+from reprobuild.errors import ConfigError
+from reprobuild.image.sysupdate import (
+    UpdatePlan,
+    artifact_name,
+    artifact_pattern,
+    source_type_of,
+    transfer_files,
+)
+from reprobuild.rootfs.settings import set_updates
+from reprobuild.stages.disksettings import update_plan
+
+PLAN = UpdatePlan(image_id="fooos", source="https://updates.example.invalid/fooos/", source_type="url-file",
+                  instances_max=2, architecture="x86-64", layout="root", verity="signed", uki=True)
+
+# sysupdate.d(5) of systemd 257: the settings each section knows (a subset: what we may write).
+KNOWN = {"Transfer": {"MinVersion", "ProtectVersion", "Verify", "InstancesMax", "RemoveTemporary", "CurrentSymlink"},
+         "Source": {"Type", "Path", "PathRelativeTo", "MatchPattern"},
+         "Target": {"Type", "Path", "PathRelativeTo", "MatchPattern", "MatchPartitionType", "PartitionUUID",
+                    "PartitionFlags", "PartitionNoAuto", "PartitionGrowFileSystem", "ReadOnly", "Mode", "TriesDone",
+                    "TriesLeft", "InstancesMax", "RemoveTemporary", "CurrentSymlink"}}
+
+
+def _parse(data: bytes) -> dict[str, dict[str, str]]:
+    sections: dict[str, dict[str, str]] = {}
+    current = None
+    for line in data.decode().splitlines():
+        if not line:
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        assert current is not None and key not in current, line
+        current[key] = value
+    return sections
+
+
+def _matches(pattern: str, name: str) -> dict[str, str] | None:
+    """sysupdate's pattern matching for the fields we use: @v (version), @u (UUID), @l/@d (tries)."""
+    fields = {"@v": r"(?P<v>[A-Za-z0-9._+~^-]+?)", "@u": r"(?P<u>[0-9a-f-]{36})", "@l": r"(?P<l>[0-9]+)",
+              "@d": r"(?P<d>[0-9]+)"}
+    regex = "".join(fields.get(tok, re.escape(tok)) for tok in re.split(r"(@[vuld])", pattern))
+    m = re.fullmatch(regex, name)
+    return m.groupdict() if m else None
+
+
+def test_signed_root_with_uki_gives_four_transfers_in_install_order() -> None:
+    files = transfer_files(PLAN)
+    assert list(files) == ["usr/lib/sysupdate.d/40-root-verity-sig.transfer", "usr/lib/sysupdate.d/50-root-verity.transfer",
+                           "usr/lib/sysupdate.d/60-root.transfer", "usr/lib/sysupdate.d/70-uki.transfer"]
+    assert files["usr/lib/sysupdate.d/60-root.transfer"] == (
+        b"[Transfer]\nProtectVersion=%A\nVerify=yes\nInstancesMax=2\n\n"
+        b"[Source]\nType=url-file\nPath=https://updates.example.invalid/fooos/\nMatchPattern=fooos_@v_@u.root.raw\n\n"
+        b"[Target]\nType=partition\nPath=auto\nMatchPattern=fooos_@v\nMatchPartitionType=root-x86-64\nReadOnly=yes\n")
+    for data in files.values():
+        for section, pairs in _parse(data).items():
+            assert set(pairs) <= KNOWN[section], (section, pairs)
+    types = {name: _parse(data)["Target"].get("MatchPartitionType") for name, data in files.items()}
+    assert sorted(filter(None, types.values())) == ["root-x86-64", "root-x86-64-verity", "root-x86-64-verity-sig"]
+    sig = _parse(files["usr/lib/sysupdate.d/40-root-verity-sig.transfer"])["Target"]
+    assert "ReadOnly" not in sig  # the signature partition has no read-only flag (ids.default_flags)
+    uki = _parse(files["usr/lib/sysupdate.d/70-uki.transfer"])
+    assert uki["Target"] == {"Type": "regular-file", "Path": "/EFI/Linux", "PathRelativeTo": "boot",
+                             "MatchPattern": "fooos_@v.efi fooos_@v+@l-@d.efi fooos_@v+@l.efi", "Mode": "0444"}
+    assert _matches(uki["Target"]["MatchPattern"].split()[1], "fooos_3+2-1.efi") == {"v": "3", "l": "2", "d": "1"}
+
+
+def test_source_patterns_match_the_release_file_names() -> None:
+    uuid = "0b7a16f4-42f2-4f1e-8b2a-3c1d5e6f7a8b"
+    for role in ("root", "root-verity", "root-verity-sig"):
+        assert _matches(artifact_pattern("fooos", role), artifact_name("fooos_2.1", role, uuid)) == {"v": "2.1", "u": uuid}
+        assert _matches(artifact_pattern("fooos", role), artifact_name("baros_2.1", role, uuid)) is None
+    assert _matches(artifact_pattern("fooos", None), "fooos_7.efi") == {"v": "7"}
+    # The partition target pattern reads the version from the <id>_<version> label.
+    assert _matches(_parse(transfer_files(PLAN)["usr/lib/sysupdate.d/60-root.transfer"])["Target"]["MatchPattern"],
+                    "fooos_2.1") == {"v": "2.1"}
+
+
+def test_layouts_verity_modes_and_sources() -> None:
+    local = replace(PLAN, source="/run/updates", source_type="regular-file", verity="hash", layout="usr", uki=False,
+                    instances_max=3)
+    files = transfer_files(local)
+    assert list(files) == ["usr/lib/sysupdate.d/50-usr-verity.transfer", "usr/lib/sysupdate.d/60-usr.transfer"]
+    usr = _parse(files["usr/lib/sysupdate.d/60-usr.transfer"])
+    assert usr["Transfer"] == {"ProtectVersion": "%A", "Verify": "no", "InstancesMax": "3"}
+    assert usr["Source"]["Type"] == "regular-file" and usr["Target"]["MatchPartitionType"] == "usr-x86-64"
+    arm = transfer_files(replace(PLAN, architecture="arm64", verity="no", uki=False))
+    assert list(arm) == ["usr/lib/sysupdate.d/60-root.transfer"]
+    assert b"MatchPartitionType=root-arm64\n" in arm["usr/lib/sysupdate.d/60-root.transfer"]
+    assert b"ReadOnly" not in arm["usr/lib/sysupdate.d/60-root.transfer"]  # Verity=no: a writable ext4 root
+    assert source_type_of("file:///srv/rel/") == "url-file" and source_type_of("/srv/rel") == "regular-file"
+    with pytest.raises(ValueError):
+        source_type_of("srv/rel")
+    with pytest.raises(ValueError, match="no regular-file source"):
+        transfer_files(replace(PLAN, source_type="regular-file"))
+    with pytest.raises(ValueError, match="at least 2"):
+        transfer_files(replace(PLAN, instances_max=1))
+
+
+def _spec(tmp_path: Path, text: str):
+    (tmp_path / "reprobuild.conf").write_text(text)
+    return load_spec(tmp_path)
+
+
+class _Lock:
+    """What update_plan reads of a lock: whether it has a kernel (an initrd set)."""
+
+    def __init__(self, kernel: bool) -> None:
+        self.kernel = kernel
+
+    def has_set(self, name: str) -> bool:
+        return self.kernel and name == "initrd"
+
+
+def test_settings_grammar_digest_and_requirements(tmp_path: Path) -> None:
+    plain = _spec(tmp_path, "[Build]\nImageId=fooos\nImageVersion=1\n")
+    assert "Updates" not in plain.digest_input() and update_plan(plain, _Lock(False)) is None
+    spec = _spec(tmp_path, "[Build]\nImageId=fooos\nImageVersion=1\n[Updates]\nSource=file:///run/rel\nInstancesMax=3\n")
+    assert spec.digest_input()["Updates"] == {"Source": "file:///run/rel/", "InstancesMax": 3}
+    assert spec.digest() != plain.digest()
+    plan = update_plan(spec, _Lock(False))
+    assert plan is not None and (plan.source_type, plan.instances_max, plan.uki, plan.verity) == (
+        "url-file", 3, False, "hash")
+    for bad, message in (("Source=rel", "normalised absolute directory"), ("Source=/a/../b", "normalised"),
+                         ("Source=/a b", "spaces"), ("InstancesMax=1", "from 2 to 64")):
+        with pytest.raises(ConfigError, match=message):
+            _spec(tmp_path, f"[Updates]\n{bad}\n")
+    with pytest.raises(ConfigError, match="needs .Build. ImageId= and ImageVersion="):
+        update_plan(_spec(tmp_path, "[Updates]\nSource=/run/rel\n"), _Lock(False))
+    with pytest.raises(ConfigError, match="settings without Source="):
+        update_plan(_spec(tmp_path, "[Updates]\nInstancesMax=3\n"), _Lock(False))
+    booted = "[Build]\nImageId=fooos\nImageVersion=1\n[Updates]\nSource=/run/rel\n"
+    with pytest.raises(ConfigError, match="needs .Build. Bootloader=systemd-boot"):
+        update_plan(_spec(tmp_path, booted), _Lock(True))
+    plan = update_plan(_spec(tmp_path, booted + "[Build]\nBootloader=systemd-boot\n"), _Lock(True))
+    assert plan is not None and plan.uki and plan.source == "/run/rel"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A test OpenPGP key made here: its binary public export, armored export and secret export."""
+    if shutil.which("gpg") is None:
+        pytest.skip("gpg is not installed")
+    tmp = tmp_path_factory.mktemp("gpg")
+    home = tmp / "home"
+    home.mkdir(mode=0o700)
+    env = {**os.environ, "GNUPGHOME": str(home)}
+    try:
+        subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "Up <up@example.invalid>", "ed25519",
+                        "sign", "never"], env=env, check=True, capture_output=True)
+        out = {}
+        for name, args in (("pub", ["--export"]), ("asc", ["--export", "--armor"]),
+                           ("sec", ["--pinentry-mode", "loopback", "--passphrase", "", "--export-secret-keys"])):
+            out[name] = tmp / f"{name}.gpg"
+            subprocess.run(["gpg", "--batch", *args, "--output", str(out[name])], env=env, check=True,
+                           capture_output=True)
+    finally:
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False, capture_output=True)
+    return out
+
+
+def test_set_updates_writes_transfers_and_the_keyring(tmp_path: Path, keys: dict[str, Path]) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    written = set_updates(tree, PLAN, keys["pub"], 86400)
+    assert written == [*sorted(transfer_files(PLAN)), "etc/systemd/import-pubring.gpg"]
+    assert (tree / "etc/systemd/import-pubring.gpg").read_bytes() == keys["pub"].read_bytes()
+    for rel in written:
+        st = os.stat(tree / rel)
+        assert (st.st_mode & 0o7777, st.st_mtime) == (0o644, 86400)
+    # What gpg --keyring reads: the keyring verifies nothing by itself, but gpg lists the key from it.
+    r = subprocess.run(["gpg", "--batch", "--no-default-keyring", "--homedir", str(tmp_path), "--keyring",
+                        str(tree / "etc/systemd/import-pubring.gpg"), "--list-keys"], capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 0 and "up@example.invalid" in r.stdout
+    (tmp_path / "t2").mkdir()
+    for name, message in (("asc", "armored"), ("sec", "a secret key")):
+        with pytest.raises(ConfigError, match=message):
+            set_updates(tmp_path / "t2", PLAN, keys[name], 0)
+    assert not any((tmp_path / "t2").iterdir())  # refused before anything is written
