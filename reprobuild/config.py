@@ -184,6 +184,20 @@ def parse_instances_max(value: str) -> int:
     return int(value)
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_slot_size(value: str) -> int:
+    """A size in bytes with an optional K, M, G or T suffix (powers of 1024), a multiple of 4 KiB."""
+    m = re.fullmatch(r"([0-9]{1,15})([KMGT]?)", value.upper())
+    if not m:
+        raise ValueError("expected a size such as 2G, 1536M or 1073741824 (bytes)")
+    size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    if size == 0 or size % 4096 or size > (1 << 50):
+        raise ValueError("expected a positive multiple of 4 KiB (dm-verity's block size), at most 1 PiB")
+    return size
+
+
 def parse_module(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
         raise ValueError("not a kernel module name")
@@ -318,6 +332,9 @@ SETTINGS: tuple[Setting, ...] = (
                  "(regular-file: read as it is). Setting it writes /usr/lib/sysupdate.d/*.transfer."),
     Setting("Updates", "InstancesMax", "instances_max", parse_instances_max, digest_if_set=True,
             help="Versions kept of each resource (the running one included), 2 to 64."),
+    Setting("Updates", "SlotSize", "slot_size", parse_slot_size, digest_if_set=True,
+            help="Size of each of the two root (or /usr) partition slots (K/M/G suffixes); the verity and "
+                 "signature slots follow from it. The image gets empty '_empty' second slots (A/B)."),
     Setting("Updates", "PublicKey", "public_key", parse_text, is_path=True, in_digest=False,
             help="Binary OpenPGP public key(s) (gpg --export KEY) the image trusts for SHA256SUMS.gpg: "
                  "written to /etc/systemd/import-pubring.gpg."),
@@ -411,6 +428,7 @@ class SigningConfig:
 class UpdatesConfig:
     source: str | None = None
     instances_max: int = 2
+    slot_size: int = 1 << 30  # 1 GiB
     public_key: Path | None = None
 
 

@@ -130,16 +130,21 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
     result = ReleaseResult(directory=out, name=name)
     suffix = ".zst" if compress == "zstd" else ""
     disk = gpt.read_gpt_path(image)
-    recorded = {p["role"]: p for p in manifest["partitions"]}
+    recorded = {p["uuid"]: p for p in manifest["partitions"]}
     for part in disk.partitions:
         ptype = ids.type_by_guid(part.type_guid)
-        if ptype is None or ptype.role in (ids.Role.ESP, ids.Role.XBOOTLDR):
-            continue
+        if ptype is None or ptype.role in (ids.Role.ESP, ids.Role.XBOOTLDR) or part.name == ids.EMPTY_LABEL:
+            continue  # the ESP (its UKI follows), and the empty A/B slots
         role = ptype.role.value
         file = artifact_name(name, role, str(part.unique_guid)) + suffix
         say(f"writing {file}")
-        raw = _write(out / file, lambda f, p=part: copy_partition(image, p, disk.sector_size, f), compress)
-        if role not in recorded or raw != recorded[role]["sha256"]:  # the manifest's digest of the same extent
+        entry = recorded.get(str(part.unique_guid), {})
+        # The payload only: an A/B slot ([Updates] SlotSize=) is larger than what was written into it.
+        keep = int(entry.get("payload_size") or part.size(disk.sector_size))
+        extent = hashlib.sha256()
+        _write(out / file, lambda f, p=part, k=keep, h=extent: copy_partition(image, p, disk.sector_size, _Prefix(f, k, h)),
+               compress)
+        if entry.get("role") != role or extent.hexdigest() != entry.get("sha256"):  # the manifest's digest of the extent
             (out / file).unlink()
             raise BuildError(f"partition {role} of {image} differs from its manifest entry")
         result.artifacts.append(_artifact(out / file, role))
@@ -162,6 +167,20 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
 
 def _artifact(path: Path, source: str) -> ReleaseArtifact:
     return ReleaseArtifact(path.name, sha256_file(path), path.stat().st_size, source)
+
+
+class _Prefix:
+    """A write-only file that passes on the first ``keep`` bytes and hashes all of them into ``extent``."""
+
+    def __init__(self, inner: Any, keep: int, extent: Any) -> None:
+        self.inner, self.left, self.extent = inner, keep, extent
+
+    def write(self, data: bytes) -> int:
+        self.extent.update(data)
+        if self.left > 0:
+            self.inner.write(data[:self.left])
+            self.left -= min(len(data), self.left)
+        return len(data)
 
 
 class _Hashing:

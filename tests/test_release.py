@@ -71,7 +71,7 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> dict:
     conf = (d / "reprobuild.conf").read_text().replace("Format=tar", "Format=disk\nImageId=fixture-os\nImageVersion=1.2")
     conf += "\n[Content]\nExtraTrees=extra\n"
     conf += f"\n[Signing]\nVerityKey={keys}/verity.key\nVerityCertificate={keys}/verity.crt\n"
-    conf += f"\n[Updates]\nSource={SOURCE}\nPublicKey={tmp}/pub.gpg\n"
+    conf += f"\n[Updates]\nSource={SOURCE}\nPublicKey={tmp}/pub.gpg\nSlotSize=64M\n"
     (d / "reprobuild.conf").write_text(conf)
     _resave_lock(d)
     try:
@@ -95,7 +95,7 @@ def test_two_releases_are_identical_and_named_by_id_and_version(released: dict) 
     a, b = released["tmp"] / "a", released["tmp"] / "b"
     files = sorted(p.name for p in a.iterdir())
     uuids = {p["role"]: p["uuid"] for p in json.loads((released["tmp"] / "a-build/image.raw.manifest.json")
-                                                       .read_text())["partitions"]}
+                                                       .read_text())["partitions"] if p["label"] == NAME}
     assert files == sorted([f"{NAME}_{uuids['root']}.root.raw", f"{NAME}_{uuids['root-verity']}.root-verity.raw",
                             f"{NAME}_{uuids['root-verity-sig']}.root-verity-sig.raw", "SHA256SUMS", "SHA256SUMS.gpg"])
     assert sorted(p.name for p in b.iterdir()) == files
@@ -130,18 +130,22 @@ def test_split_partitions_are_the_partitions_of_the_image_and_labelled(released:
     table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], capture_output=True, text=True,
                                       check=True).stdout)["partitiontable"]
     sector = table.get("sectorsize", 512)
-    by_type = {p["type"].lower(): p for p in table["partitions"]}
-    root = by_type["4f68bce3-e8cd-4db1-96e7-fbcaf984b709"]  # root x86-64 (the fixture is amd64)
+    manifest = json.loads((released["tmp"] / "a-build/image.raw.manifest.json").read_text())
+    by_uuid = {p["uuid"]: p for p in manifest["partitions"]}
+    roots = [p for p in table["partitions"] if p["type"].lower() == "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"]
+    assert [p["name"] for p in roots] == [NAME, "_empty"]  # root x86-64 (the fixture is amd64): slots A and B
+    root = roots[0]
+    assert root["size"] * sector == 64 << 20  # SlotSize=64M
     with open(image, "rb") as f:
         f.seek(root["start"] * sector)
-        inside = f.read(root["size"] * sector)
+        inside = f.read(by_uuid[root["uuid"].lower()]["payload_size"])
+    # The artifact is what was written into the slot (the file system), not the slot's padding.
     assert _root_artifact(released).read_bytes() == inside
-    # Every partition of the DDI (root, verity, signature) carries <id>_<version>: sysupdate's pattern.
-    assert sorted(p["name"] for p in table["partitions"]) == [NAME] * 3
-    manifest = released["runs"][0]
-    assert {p["label"] for p in json.loads((released["tmp"] / "a-build/image.raw.manifest.json").read_text())
-            ["partitions"]} == {NAME}
-    assert manifest["name"] == NAME
+    assert len(inside) == manifest["filesystem"]["size"]
+    # Root, verity, signature carry <id>_<version> (sysupdate's pattern); their twins are free slots.
+    assert sorted(p["name"] for p in table["partitions"]) == ["_empty"] * 3 + [NAME] * 3
+    assert sorted(p["label"] for p in manifest["partitions"]) == ["_empty"] * 3 + [NAME] * 3
+    assert released["runs"][0]["name"] == NAME
 
 
 def test_image_id_and_version_in_os_release_and_manifest(released: dict, tmp_path: Path) -> None:

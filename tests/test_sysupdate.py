@@ -194,3 +194,58 @@ def test_set_updates_writes_transfers_and_the_keyring(tmp_path: Path, keys: dict
         with pytest.raises(ConfigError, match=message):
             set_updates(tmp_path / "t2", PLAN, keys[name], 0)
     assert not any((tmp_path / "t2").iterdir())  # refused before anything is written
+
+
+def test_ab_slots_are_empty_twins_of_fixed_size_and_the_release_is_the_payload(tmp_path: Path) -> None:
+    """[Updates] SlotSize=: root and verity padded to their slot, an `_empty` twin of each (same
+    type, the type's second seed-derived UUID), verity still verifying over the padded data
+    partition, and the release cutting each partition to what was written into it."""
+    import hashlib
+    import json
+
+    from reprobuild.image import ids, verity
+    from reprobuild.image.ddi import DdiError, DdiSpec, build_ddi, extract_partition, slot_sizes
+    from reprobuild.image.gpt import read_gpt_path
+    from reprobuild.release import write_release
+
+    fs = tmp_path / "root.img"
+    fs.write_bytes(bytes(range(256)) * 16 * 20)  # 80 KiB
+    slot = 1 << 20
+    result = build_ddi(DdiSpec(architecture="amd64", seed=b"\1" * 16, root_fs_image=fs, output=tmp_path / "img.raw",
+                               verity="hash", label="fooos_2", slot_size=slot))
+    sizes = slot_sizes(slot)
+    # 256 data blocks, 128 sha256 digests per hash block: superblock, 2 leaf blocks, the top block.
+    assert sizes["hash"] == 4 * 4096
+    assert [(p.role, p.label, p.size, p.payload_size) for p in result.partitions] == [
+        ("root", "fooos_2", slot, fs.stat().st_size), ("root-verity", "fooos_2", sizes["hash"], 2 * 4096),
+        ("root", "_empty", slot, 0), ("root-verity", "_empty", sizes["hash"], 0)]
+    root_a, hash_a, root_b, hash_b = result.partitions
+    assert (root_b.type_guid, hash_b.type_guid) == (root_a.type_guid, hash_a.type_guid)
+    assert root_b.uuid == ids.partition_uuid(b"\1" * 16, root_a.type_guid, 1)
+    assert root_b.attributes == root_a.attributes == ids.FLAG_READ_ONLY
+    # What sfdisk (util-linux) reads: the labels systemd-sysupdate matches (`_empty`: a free slot).
+    if shutil.which("sfdisk"):
+        table = json.loads(subprocess.run(["sfdisk", "--json", str(result.path)], capture_output=True, text=True,
+                                          check=True).stdout)["partitiontable"]
+        assert [p["name"] for p in table["partitions"]] == ["fooos_2", "fooos_2", "_empty", "_empty"]
+    disk = read_gpt_path(result.path)
+    extract_partition(result.path, disk.partitions[0], 512, tmp_path / "a.root")
+    extract_partition(result.path, disk.partitions[1], 512, tmp_path / "a.verity")
+    verity.verify_verity(tmp_path / "a.root", tmp_path / "a.verity", result.root_hash)  # padding is not covered
+    rel = write_release(result.path, result.manifest(), tmp_path / "rel", "fooos_2")
+    assert [a.source for a in rel.artifacts] == ["root", "root-verity"]  # the empty slots are no artifacts
+    assert (tmp_path / "rel" / rel.artifacts[0].file).read_bytes() == fs.read_bytes()
+    assert rel.artifacts[1].size == 2 * 4096
+    assert rel.artifacts[0].sha256 == hashlib.sha256(fs.read_bytes()).hexdigest()
+    with pytest.raises(DdiError, match="larger than a slot"):
+        build_ddi(DdiSpec(architecture="amd64", seed=b"\1" * 16, root_fs_image=fs, output=tmp_path / "big.raw",
+                          verity="hash", label="fooos_2", slot_size=64 * 1024))
+    assert not (tmp_path / "big.raw").exists()
+
+
+def test_slot_size_grammar(tmp_path: Path) -> None:
+    assert _spec(tmp_path, "[Updates]\nSlotSize=2G\n").updates.slot_size == 2 << 30
+    assert _spec(tmp_path, "[Updates]\nSlotSize=1536m\n").updates.slot_size == 1536 << 20
+    for bad in ("0", "1000", "2X", "-1G"):
+        with pytest.raises(ConfigError, match="SlotSize="):
+            _spec(tmp_path, f"[Updates]\nSlotSize={bad}\n")

@@ -244,6 +244,10 @@ def versioned_labels(types: list[PartitionType], versioned: str | None) -> list[
     return [label if t.role in (Role.ESP, Role.XBOOTLDR) else versioned for t, label in zip(types, defaults)]
 
 
+# The label systemd-sysupdate gives a partition slot that holds no version yet (sysupdate.d(5)).
+EMPTY_LABEL = "_empty"
+
+
 def partition_uuids(seed: bytes, types: list[uuid.UUID]) -> list[uuid.UUID]:
     """Seed-derived partition UUIDs in definition order, with repart's per-type counter."""
     counts: dict[uuid.UUID, int] = {}

@@ -49,7 +49,7 @@ def update_plan(spec: ImageSpec, lock: Lock) -> UpdatePlan | None:
     UKI has the firmware's fixed path (``Bootloader=uki``) instead of a versioned entry."""
     updates = spec.updates
     if updates.source is None:
-        if updates.public_key is not None or updates.instances_max != 2:
+        if updates.public_key is not None or updates.instances_max != 2 or updates.slot_size != 1 << 30:
             raise ConfigError("[Updates] settings without Source=", hint="set [Updates] Source= (a URL or a directory)")
         return None
     if spec.build.versioned_name is None:
