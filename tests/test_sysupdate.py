@@ -28,9 +28,10 @@ from reprobuild.stages.disksettings import update_plan
 PLAN = UpdatePlan(image_id="fooos", source="https://updates.example.invalid/fooos/", source_type="url-file",
                   instances_max=2, architecture="x86-64", layout="root", verity="signed", uki=True)
 
-# sysupdate.d(5) of systemd 257: the settings each section knows (a subset: what we may write).
-KNOWN = {"Transfer": {"MinVersion", "ProtectVersion", "Verify", "InstancesMax", "RemoveTemporary", "CurrentSymlink"},
-         "Source": {"Type", "Path", "PathRelativeTo", "MatchPattern"},
+# sysupdate.d(5) of systemd 257 (Debian trixie's systemd-container): the settings of each section.
+KNOWN = {"Transfer": {"MinVersion", "ProtectVersion", "Verify", "ChangeLog", "AppStream", "Features",
+                      "RequisiteFeatures"},
+         "Source": {"Type", "Path", "MatchPattern"},
          "Target": {"Type", "Path", "PathRelativeTo", "MatchPattern", "MatchPartitionType", "PartitionUUID",
                     "PartitionFlags", "PartitionNoAuto", "PartitionGrowFileSystem", "ReadOnly", "Mode", "TriesDone",
                     "TriesLeft", "InstancesMax", "RemoveTemporary", "CurrentSymlink"}}
@@ -65,9 +66,10 @@ def test_signed_root_with_uki_gives_four_transfers_in_install_order() -> None:
     assert list(files) == ["usr/lib/sysupdate.d/40-root-verity-sig.transfer", "usr/lib/sysupdate.d/50-root-verity.transfer",
                            "usr/lib/sysupdate.d/60-root.transfer", "usr/lib/sysupdate.d/70-uki.transfer"]
     assert files["usr/lib/sysupdate.d/60-root.transfer"] == (
-        b"[Transfer]\nProtectVersion=%A\nVerify=yes\nInstancesMax=2\n\n"
+        b"[Transfer]\nProtectVersion=%A\nVerify=yes\n\n"
         b"[Source]\nType=url-file\nPath=https://updates.example.invalid/fooos/\nMatchPattern=fooos_@v_@u.root.raw\n\n"
-        b"[Target]\nType=partition\nPath=auto\nMatchPattern=fooos_@v\nMatchPartitionType=root-x86-64\nReadOnly=yes\n")
+        b"[Target]\nType=partition\nPath=auto\nMatchPattern=fooos_@v\nMatchPartitionType=root-x86-64\nReadOnly=yes\n"
+        b"InstancesMax=2\n")
     for data in files.values():
         for section, pairs in _parse(data).items():
             assert set(pairs) <= KNOWN[section], (section, pairs)
@@ -77,7 +79,8 @@ def test_signed_root_with_uki_gives_four_transfers_in_install_order() -> None:
     assert "ReadOnly" not in sig  # the signature partition has no read-only flag (ids.default_flags)
     uki = _parse(files["usr/lib/sysupdate.d/70-uki.transfer"])
     assert uki["Target"] == {"Type": "regular-file", "Path": "/EFI/Linux", "PathRelativeTo": "boot",
-                             "MatchPattern": "fooos_@v.efi fooos_@v+@l-@d.efi fooos_@v+@l.efi", "Mode": "0444"}
+                             "MatchPattern": "fooos_@v.efi fooos_@v+@l-@d.efi fooos_@v+@l.efi", "Mode": "0444",
+                             "InstancesMax": "2"}
     assert _matches(uki["Target"]["MatchPattern"].split()[1], "fooos_3+2-1.efi") == {"v": "3", "l": "2", "d": "1"}
 
 
@@ -98,7 +101,7 @@ def test_layouts_verity_modes_and_sources() -> None:
     files = transfer_files(local)
     assert list(files) == ["usr/lib/sysupdate.d/50-usr-verity.transfer", "usr/lib/sysupdate.d/60-usr.transfer"]
     usr = _parse(files["usr/lib/sysupdate.d/60-usr.transfer"])
-    assert usr["Transfer"] == {"ProtectVersion": "%A", "Verify": "no", "InstancesMax": "3"}
+    assert usr["Transfer"] == {"ProtectVersion": "%A", "Verify": "no"} and usr["Target"]["InstancesMax"] == "3"
     assert usr["Source"]["Type"] == "regular-file" and usr["Target"]["MatchPartitionType"] == "usr-x86-64"
     arm = transfer_files(replace(PLAN, architecture="arm64", verity="no", uki=False))
     assert list(arm) == ["usr/lib/sysupdate.d/60-root.transfer"]

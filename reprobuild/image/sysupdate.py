@@ -1,5 +1,8 @@
 """systemd-sysupdate transfer definitions for an image (sysupdate.d(5), systemd 257), pure.
 
+In systemd 257 ``[Transfer]`` holds ``ProtectVersion=`` and ``Verify=``, ``[Target]`` holds
+``InstancesMax=`` (the manual page shipped in Debian trixie's systemd-container).
+
 An image built with ``[Updates]`` carries one ``/usr/lib/sysupdate.d/*.transfer`` file per
 resource that ``reprobuild release`` publishes: the root (or ``/usr``) partition, its dm-verity
 hash partition, its verity signature partition and, for bootable images, the UKI. Each source
@@ -81,8 +84,7 @@ def _render(sections: list[tuple[str, list[tuple[str, str]]]]) -> bytes:
 
 def _transfer(plan: UpdatePlan) -> list[tuple[str, str]]:
     # %A: the IMAGE_VERSION= of the running system (os-release), never removed.
-    return [("ProtectVersion", "%A"), ("Verify", "yes" if plan.source_type == "url-file" else "no"),
-            ("InstancesMax", str(plan.instances_max))]
+    return [("ProtectVersion", "%A"), ("Verify", "yes" if plan.source_type == "url-file" else "no")]
 
 
 def _source(plan: UpdatePlan, pattern: str) -> list[tuple[str, str]]:
@@ -110,6 +112,7 @@ def transfer_files(plan: UpdatePlan) -> dict[str, bytes]:
                   ("MatchPartitionType", ptype.default_label)]
         if read_only:
             target.append(("ReadOnly", "yes"))
+        target.append(("InstancesMax", str(plan.instances_max)))
         files[f"{TRANSFER_DIR}/{number}-{role.value}.transfer"] = _render(
             [("Transfer", _transfer(plan)), ("Source", _source(plan, artifact_pattern(plan.image_id, role.value))),
              ("Target", target)])
@@ -118,5 +121,6 @@ def transfer_files(plan: UpdatePlan) -> dict[str, bytes]:
         files[f"{TRANSFER_DIR}/70-uki.transfer"] = _render(
             [("Transfer", _transfer(plan)), ("Source", _source(plan, artifact_pattern(plan.image_id, None))),
              ("Target", [("Type", "regular-file"), ("Path", UKI_DIR), ("PathRelativeTo", "boot"),
-                         ("MatchPattern", f"{base}.efi {base}+@l-@d.efi {base}+@l.efi"), ("Mode", "0444")])])
+                         ("MatchPattern", f"{base}.efi {base}+@l-@d.efi {base}+@l.efi"), ("Mode", "0444"),
+                         ("InstancesMax", str(plan.instances_max))])])
     return files
