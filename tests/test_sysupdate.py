@@ -252,3 +252,33 @@ def test_slot_size_grammar(tmp_path: Path) -> None:
     for bad in ("0", "1000", "2X", "-1G"):
         with pytest.raises(ConfigError, match="SlotSize="):
             _spec(tmp_path, f"[Updates]\nSlotSize={bad}\n")
+
+
+def test_ab_signature_partitions_of_two_versions_never_share_a_uuid(tmp_path: Path) -> None:
+    """Every version of one definition shares the seed; systemd-sysupdate copies a released
+    partition's UUID (@u) onto the disk. So in an A/B image the signature partition's UUID comes
+    from the root hash (as the root and verity UUIDs do), else version 2 would repeat version 1's."""
+    from reprobuild.image import ids
+    from reprobuild.image.ddi import DdiSpec, build_ddi
+    from reprobuild.signer import file_signer
+    from reprobuild.x509 import generate_rsa_key_and_certificate
+
+    key, cert = generate_rsa_key_and_certificate("ab test")
+    signer = file_signer(key, cert)
+    sig_uuids = []
+    for version, fill in (("1", b"\1"), ("2", b"\2")):
+        fs = tmp_path / f"root{version}.img"
+        fs.write_bytes(fill * 8192)
+        result = build_ddi(DdiSpec(architecture="amd64", seed=b"\7" * 16, root_fs_image=fs, signer=signer,
+                                   output=tmp_path / f"v{version}.raw", label=f"fooos_{version}", slot_size=1 << 20))
+        sig = [p for p in result.partitions if p.role == "root-verity-sig"]
+        assert [p.label for p in sig] == [f"fooos_{version}", "_empty"]
+        assert sig[0].uuid == ids.versioned_sig_uuid(bytes.fromhex(result.root_hash))
+        sig_uuids += [p.uuid for p in sig]
+    assert len(set(sig_uuids)) == 3  # v1's, v2's, and the (same) empty slot's
+    # Without slots the signature partition keeps systemd-repart's seed-derived UUID.
+    plain = build_ddi(DdiSpec(architecture="amd64", seed=b"\7" * 16, root_fs_image=tmp_path / "root1.img",
+                              signer=signer, output=tmp_path / "plain.raw", label="fooos_1"))
+    sig_type = ids.partition_type(ids.Role.ROOT_VERITY_SIG, ids.Architecture.AMD64).guid
+    assert [p.uuid for p in plain.partitions if p.role == "root-verity-sig"] == [
+        ids.partition_uuid(b"\7" * 16, sig_type, 0)]

@@ -18,7 +18,6 @@ made here). Then, under qemu + OVMF (TCG is fine):
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -50,9 +49,10 @@ UPDATE_SCRIPT = """\
 #!/bin/sh
 say() { echo "$*" > /dev/kmsg; }
 . /usr/lib/os-release
-dm=$(basename "$(readlink -f /dev/mapper/root)")
-say "AB-""RUNNING version=$IMAGE_VERSION root=$(findmnt -no SOURCE /) slaves=$(ls /sys/block/$dm/slaves | tr '\\n' ' ')\
- efi=$(ls /efi/EFI/Linux | tr '\\n' ' ') note=$(cat /etc/ab-note) END"
+slaves=$(cd /sys/block && for s in dm-*/slaves/*; do printf '%s ' "${s##*/}"; done)
+efi=$(ls /efi/EFI/Linux | tr '\n' ' ')
+root=$(findmnt -no SOURCE /)
+say "AB-""RUNNING version=$IMAGE_VERSION root=$root slaves=${slaves}efi=$efi note=$(cat /etc/ab-note) END"
 [ "$IMAGE_VERSION" = 1 ] || exec systemctl poweroff
 mkdir -p /run/updates
 mount -o ro LABEL=updates /run/updates || say "AB-""MOUNT-FAILED"
@@ -154,14 +154,15 @@ def test_sysupdate_updates_v1_to_v2_in_the_guest_and_v2_boots_from_the_b_slot(ve
     updates = _updates_disk(versions["rel"], tmp / "updates.img")
     first = _boot(disk, updates, tmp / "boot1.log", b"AB-NEVER-SEEN")  # runs until the guest reboots
     running = _line(first, "RUNNING")
-    assert "version=1 root=/dev/mapper/root" in running and "slaves=vda2" in running, running
+    # The verity device's data and hash partitions: slot A.
+    assert "version=1 root=/dev/mapper/root slaves=vda2 vda3 efi=" in running, running
     assert "AB-UPDATE rc=0 END" in first, first[-6000:]
     assert "Successfully installed update '2'" in first
     labels = [p.name for p in read_gpt_path(disk).partitions]
     assert labels == ["esp", "abtest_1", "abtest_1", "abtest_1", "abtest_2", "abtest_2", "abtest_2"], labels
     second = _boot(disk, None, tmp / "boot2.log", b"AB-NEVER-SEEN")  # v2 reports, then powers off
     running = _line(second, "RUNNING")
-    assert re.search(r"version=2 root=/dev/mapper/root slaves=vda5 ", running), running
+    assert "version=2 root=/dev/mapper/root slaves=vda5 vda6 efi=" in running, running  # slot B
     assert "efi=abtest_1.efi abtest_2.efi " in running and "note=note of version 2 " in running, running
     assert _esp_files(disk) == ["abtest_1.efi", "abtest_2.efi"]
 

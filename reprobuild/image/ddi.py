@@ -206,6 +206,8 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
                                     tree.hash_device_size))  # fmt: skip
             if spec.verity == "signed":
                 t_sig, u_sig = next(it)
+                if spec.slot_size is not None:  # A/B: unique across versions (ids.versioned_sig_uuid)
+                    u_sig = ids.versioned_sig_uuid(root_hash)
                 sig_file = work / "verity-sig.img"
                 sig_file.write_bytes(veritysig.make_verity_sig(root_hash, signer))
                 planned.append(_Planned(sig_role.value, t_sig, u_sig, ids.default_flags(sig_role), sig_file,
