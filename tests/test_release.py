@@ -227,3 +227,16 @@ def test_the_released_root_carries_transfers_and_the_release_key(released: dict,
     manifest = json.loads((released["tmp"] / "a-build/image.raw.manifest.json").read_text())
     assert {"path": "/etc/systemd/import-pubring.gpg", "action": "written",
             "cause": f"[Updates] Source={SOURCE}"} in manifest["added_files"]
+
+
+def test_verify_checks_an_ab_image_against_its_manifest(released: dict) -> None:
+    """reprobuild verify on the image with A/B slots: the GPT (empty slots included) and every
+    partition's hash as in the manifest, and the verity checks on slot A, not on its empty twin."""
+    from reprobuild.verify import VerifyOptions, verify_image
+
+    report = verify_image(released["tmp"] / "a-build/image.raw", released["def"] / "reprobuild.lock",
+                          certificates=[released["tmp"] / "keys/verity.crt"],
+                          options=VerifyOptions(allow_unsigned=frozenset({"lock"})))
+    status = {c.name: c.status for c in report.checks}
+    for name in ("gpt", "partition-hashes", "verity-root-hash", "verity-signature"):
+        assert status.get(name) == "passed", (name, report.check(name).detail if name in status else status)
