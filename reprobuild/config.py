@@ -178,6 +178,39 @@ def parse_image_word(value: str) -> str:
     return value
 
 
+def parse_update_source(value: str) -> str:
+    """[Updates] Source=: an http(s):// or file:// URL (systemd-sysupdate's url-file source) or an
+    absolute, normalised directory path in the running image (its regular-file source)."""
+    if not value.isprintable() or " " in value or len(value) > 4096:
+        raise ValueError("spaces and control characters are not allowed")
+    if value.startswith(("http://", "https://", "file://")):
+        return value.rstrip("/") + "/"
+    if not value.startswith("/") or any(part in ("", ".", "..") for part in value.rstrip("/").split("/")[1:]):
+        raise ValueError("expected an http://, https:// or file:// URL, or a normalised absolute directory path "
+                         "inside the image")
+    return value.rstrip("/") or "/"
+
+
+def parse_instances_max(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 2 <= int(value) <= 64:
+        raise ValueError("expected a number from 2 to 64 (the running version and at least one more)")
+    return int(value)
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_slot_size(value: str) -> int:
+    """A size in bytes with an optional K, M, G or T suffix (powers of 1024), a multiple of 4 KiB."""
+    m = re.fullmatch(r"([0-9]{1,15})([KMGT]?)", value.upper())
+    if not m:
+        raise ValueError("expected a size such as 2G, 1536M or 1073741824 (bytes)")
+    size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    if size == 0 or size % 4096 or size > (1 << 50):
+        raise ValueError("expected a positive multiple of 4 KiB (dm-verity's block size), at most 1 PiB")
+    return size
+
+
 def parse_module(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
         raise ValueError("not a kernel module name")
@@ -306,6 +339,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("Signing", "ReleaseKey", "release_key", parse_text, in_digest=False,
             help="OpenPGP key (id, fingerprint or user id in the keyring of $GNUPGHOME) that "
                  "'reprobuild release' signs SHA256SUMS with (SHA256SUMS.gpg)."),
+    # [Updates]
+    Setting("Updates", "Source", "source", parse_update_source, digest_if_set=True,
+            help="Where systemd-sysupdate finds new releases: an http(s):// or file:// URL (url-file: "
+                 "SHA256SUMS and SHA256SUMS.gpg are checked) or an absolute directory in the running image "
+                 "(regular-file: read as it is). Setting it writes /usr/lib/sysupdate.d/*.transfer."),
+    Setting("Updates", "InstancesMax", "instances_max", parse_instances_max, digest_if_set=True,
+            help="Versions kept of each resource (the running one included), 2 to 64."),
+    Setting("Updates", "SlotSize", "slot_size", parse_slot_size, digest_if_set=True,
+            help="Size of each of the two root (or /usr) partition slots (K/M/G suffixes); the verity and "
+                 "signature slots follow from it. The image gets empty '_empty' second slots (A/B)."),
+    Setting("Updates", "PublicKey", "public_key", parse_text, is_path=True, in_digest=False,
+            help="Binary OpenPGP public key(s) (gpg --export KEY) the image trusts for SHA256SUMS.gpg: "
+                 "written to /etc/systemd/import-pubring.gpg."),
 )
 
 
@@ -392,6 +438,14 @@ class SigningConfig:
     release_key: str | None = None
 
 
+@dataclass(frozen=True)
+class UpdatesConfig:
+    source: str | None = None
+    instances_max: int = 2
+    slot_size: int = 1 << 30  # 1 GiB
+    public_key: Path | None = None
+
+
 SECTIONS: dict[str, str] = {  # INI section → ImageSpec attribute
     "Distribution": "distribution",
     "Content": "content",
@@ -399,6 +453,7 @@ SECTIONS: dict[str, str] = {  # INI section → ImageSpec attribute
     "Tools": "tools",
     "Build": "build",
     "Signing": "signing",
+    "Updates": "updates",
 }
 
 
@@ -413,6 +468,7 @@ class ImageSpec:
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
+    updates: UpdatesConfig = field(default_factory=UpdatesConfig)
 
     @property
     def lock_path(self) -> Path:

@@ -3,8 +3,9 @@ with a ``SHA256SUMS`` and, given an OpenPGP key, its detached signature ``SHA256
 
 The artifacts are what systemd-sysupdate transfers: the root (or ``/usr``) partition, its
 dm-verity hash partition, its verity signature partition — each the partition's whole extent as
-it lies in ``image.raw`` — and the UKI, named ``<id>_<version>.<role>.raw`` and
-``<id>_<version>.efi`` from ``ImageId=`` and ``ImageVersion=``. Everything is derived from the
+it lies in ``image.raw`` — and the UKI, named ``<id>_<version>_<partition uuid>.<role>.raw`` and
+``<id>_<version>.efi`` from ``ImageId=`` and ``ImageVersion=`` (the patterns of the image's
+transfer files, :mod:`reprobuild.image.sysupdate`: ``@u`` gives the new partition its UUID). Everything is derived from the
 built image, so a release rebuilt from the same lock is byte-identical; the signature is too
 (its time is pinned, see :func:`sign_sums`). Every file is written atomically.
 """
@@ -28,6 +29,7 @@ from reprobuild.errors import BuildError, ConfigError, ToolMissing
 from reprobuild.fileio import sha256_file, write_atomic, write_atomically
 from reprobuild.image import gpt, ids
 from reprobuild.image.ddi import copy_partition
+from reprobuild.image.sysupdate import artifact_name, uki_name
 from reprobuild.lockfile import Lock
 from reprobuild.store import Store
 from reprobuild.verify import read_esp_file
@@ -121,23 +123,28 @@ def release(spec: ImageSpec, lock: Lock, store: Store, options: ReleaseOptions, 
 def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str, compress: str = "none",
                   say: Say = lambda _m: None) -> ReleaseResult:
     """Split the DDI ``image`` (described by its build ``manifest``) into ``out``: every partition
-    but the ESP as ``<name>.<role>.raw``, the UKI (read from the ESP at the manifest's
+    but the ESP as ``<name>_<partition uuid>.<role>.raw``, the UKI (read from the ESP at the manifest's
     ``boot.uki_path``) as ``<name>.efi``, then ``SHA256SUMS``. Each partition and the UKI must
     have the manifest's sha256."""
     out.mkdir(parents=True, exist_ok=True)
     result = ReleaseResult(directory=out, name=name)
     suffix = ".zst" if compress == "zstd" else ""
     disk = gpt.read_gpt_path(image)
-    recorded = {p["role"]: p for p in manifest["partitions"]}
+    recorded = {p["uuid"]: p for p in manifest["partitions"]}
     for part in disk.partitions:
         ptype = ids.type_by_guid(part.type_guid)
-        if ptype is None or ptype.role in (ids.Role.ESP, ids.Role.XBOOTLDR):
-            continue
+        if ptype is None or ptype.role in (ids.Role.ESP, ids.Role.XBOOTLDR) or part.name == ids.EMPTY_LABEL:
+            continue  # the ESP (its UKI follows), and the empty A/B slots
         role = ptype.role.value
-        file = f"{name}.{role}.raw{suffix}"
+        file = artifact_name(name, role, str(part.unique_guid)) + suffix
         say(f"writing {file}")
-        raw = _write(out / file, lambda f, p=part: copy_partition(image, p, disk.sector_size, f), compress)
-        if role not in recorded or raw != recorded[role]["sha256"]:  # the manifest's digest of the same extent
+        entry = recorded.get(str(part.unique_guid), {})
+        # The payload only: an A/B slot ([Updates] SlotSize=) is larger than what was written into it.
+        keep = int(entry.get("payload_size") or part.size(disk.sector_size))
+        extent = hashlib.sha256()
+        _write(out / file, lambda f, p=part, k=keep, h=extent: copy_partition(image, p, disk.sector_size, _Prefix(f, k, h)),
+               compress)
+        if entry.get("role") != role or extent.hexdigest() != entry.get("sha256"):  # the manifest's digest of the extent
             (out / file).unlink()
             raise BuildError(f"partition {role} of {image} differs from its manifest entry")
         result.artifacts.append(_artifact(out / file, role))
@@ -149,7 +156,7 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
         uki = read_esp_file(image, esp.offset(disk.sector_size), boot["uki_path"])
         if hashlib.sha256(uki).hexdigest() != boot["uki_sha256"]:
             raise BuildError(f"the UKI in {image} differs from its manifest entry")
-        file = f"{name}.efi{suffix}"
+        file = uki_name(name) + suffix
         say(f"writing {file}")
         _write(out / file, lambda f: f.write(uki), compress)
         result.artifacts.append(_artifact(out / file, "uki"))
@@ -160,6 +167,20 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
 
 def _artifact(path: Path, source: str) -> ReleaseArtifact:
     return ReleaseArtifact(path.name, sha256_file(path), path.stat().st_size, source)
+
+
+class _Prefix:
+    """A write-only file that passes on the first ``keep`` bytes and hashes all of them into ``extent``."""
+
+    def __init__(self, inner: Any, keep: int, extent: Any) -> None:
+        self.inner, self.left, self.extent = inner, keep, extent
+
+    def write(self, data: bytes) -> int:
+        self.extent.update(data)
+        if self.left > 0:
+            self.inner.write(data[:self.left])
+            self.left -= min(len(data), self.left)
+        return len(data)
 
 
 class _Hashing:

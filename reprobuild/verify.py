@@ -368,8 +368,8 @@ def verify_disk(image: Path, manifest: dict[str, Any], lock: Lock, certificates:
                 problems.append(f"partition {i + 1} ({m.get('role', '?')}): {key} is {value}, "
                                 f"the manifest says {m.get(key)}")  # fmt: skip
         t = ids.type_by_guid(p.type_guid)
-        if t is not None:
-            roles[t.role.value] = (p, m)
+        if t is not None and p.name != ids.EMPTY_LABEL:  # not an empty A/B slot ([Updates])
+            roles.setdefault(t.role.value, (p, m))
     checks.append(failed("gpt", "; ".join(problems)) if problems else
                   passed("gpt", f"{len(parts)} partitions as in the manifest, disk GUID from the seed"))
 

@@ -76,6 +76,7 @@ def test_write_release_takes_the_uki_from_the_esp_and_checks_the_manifest(tmp_pa
     .efi is the ESP's file, and a manifest whose digests do not match is refused."""
     import hashlib
     import shutil
+    import uuid
 
     from reprobuild.image.esp import make_esp
     from reprobuild.release import write_release
@@ -92,10 +93,14 @@ def test_write_release_takes_the_uki_from_the_esp_and_checks_the_manifest(tmp_pa
     manifest = {**result.manifest(), "boot": {"uki_path": "EFI/Linux/fooos_2.efi",
                                               "uki_sha256": hashlib.sha256(uki).hexdigest()}}
     rel = write_release(result.path, manifest, tmp_path / "rel", "fooos_2")
+    # Partitions carry their UUID in the name (sysupdate's @u); root and verity UUIDs are the root
+    # hash's halves (DPS), which the UKI's roothash= finds them by.
+    root_uuid, verity_uuid = (str(uuid.UUID(h)) for h in (result.root_hash[:32], result.root_hash[-32:]))
     assert [(a.file, a.source) for a in rel.artifacts] == [
-        ("fooos_2.root.raw", "root"), ("fooos_2.root-verity.raw", "root-verity"), ("fooos_2.efi", "uki")]
+        (f"fooos_2_{root_uuid}.root.raw", "root"), (f"fooos_2_{verity_uuid}.root-verity.raw", "root-verity"),
+        ("fooos_2.efi", "uki")]
     assert (tmp_path / "rel/fooos_2.efi").read_bytes() == uki
-    assert (tmp_path / "rel/fooos_2.root.raw").read_bytes() == fs.read_bytes()
+    assert (tmp_path / f"rel/fooos_2_{root_uuid}.root.raw").read_bytes() == fs.read_bytes()
     assert sorted(p.label for p in result.partitions) == ["esp", "fooos_2", "fooos_2"]
     lied = {**manifest, "boot": {**manifest["boot"], "uki_sha256": "0" * 64}}
     with pytest.raises(BuildError, match="the UKI in .* differs from its manifest entry"):

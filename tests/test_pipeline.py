@@ -122,6 +122,23 @@ def test_settings_change_exactly_the_stages_that_declare_them(definition: Path, 
     assert _changed(_keys(definition, tmp_path), _keys(definition, tmp_path, overrides=(override,))) == changed
 
 
+def test_updates_settings_and_key_content_change_the_tree_and_what_follows(definition: Path, tmp_path: Path) -> None:
+    base = ("Build.ImageId=fooos", "Build.ImageVersion=1")
+    plain = _keys(definition, tmp_path, overrides=base)
+    source = (*base, "Updates.Source=/run/releases")
+    updated = _keys(definition, tmp_path, overrides=source)
+    assert _changed(plain, updated) == {"tree", "fs", "ddi"}
+    assert _changed(updated, _keys(definition, tmp_path, overrides=(*source, "Updates.InstancesMax=3"))) == {
+        "tree", "fs", "ddi"}
+    key = tmp_path / "release.gpg"
+    key.write_bytes(b"\x98one")
+    with_key = _keys(definition, tmp_path, overrides=(*source, f"Updates.PublicKey={key}"))
+    assert _changed(updated, with_key) == {"tree", "fs", "ddi"}
+    key.write_bytes(b"\x98two")  # the key's bytes, not its path, enter the tree's key
+    assert _changed(with_key, _keys(definition, tmp_path, overrides=(*source, f"Updates.PublicKey={key}"))) == {
+        "tree", "fs", "ddi"}
+
+
 def test_epoch_changes_every_key(definition: Path, tmp_path: Path) -> None:
     lock = load_lock(REPO / "lock/minimal/reprobuild.lock")
     a = _keys(definition, tmp_path, lock)

@@ -31,6 +31,7 @@ from tests.check_fixture import make_definition
 REPO = Path(__file__).resolve().parent.parent
 NAME = "fixture-os_1.2"
 OS_RELEASE = 'ID=debian\nNAME="Fixture"\nIMAGE_ID=old\n'
+SOURCE = "file:///run/fixture-updates/"
 
 
 def _resave_lock(d: Path) -> None:
@@ -61,17 +62,18 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> dict:
     keys = tmp / "keys"
     subprocess.run([sys.executable, "-m", "reprobuild", "keygen", "--verity", "--out", str(keys / "verity")],
                    check=True, capture_output=True, cwd=REPO)
-    conf = (d / "reprobuild.conf").read_text().replace("Format=tar", "Format=disk\nImageId=fixture-os\nImageVersion=1.2")
-    conf += "\n[Content]\nExtraTrees=extra\n"
-    conf += f"\n[Signing]\nVerityKey={keys}/verity.key\nVerityCertificate={keys}/verity.crt\n"
-    (d / "reprobuild.conf").write_text(conf)
-    _resave_lock(d)
     gnupg = tmp / "gnupg"
     gnupg.mkdir(mode=0o700)
     env = {**os.environ, "REPROBUILD_STORE": str(tmp / "fx/store"), "GNUPGHOME": str(gnupg)}
     env.pop("SOURCE_DATE_EPOCH", None)
     subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "Release Test <release@example.invalid>",
                     "ed25519", "sign", "never"], env=env, check=True, capture_output=True)
+    conf = (d / "reprobuild.conf").read_text().replace("Format=tar", "Format=disk\nImageId=fixture-os\nImageVersion=1.2")
+    conf += "\n[Content]\nExtraTrees=extra\n"
+    conf += f"\n[Signing]\nVerityKey={keys}/verity.key\nVerityCertificate={keys}/verity.crt\n"
+    conf += f"\n[Updates]\nSource={SOURCE}\nPublicKey={tmp}/pub.gpg\nSlotSize=64M\n"
+    (d / "reprobuild.conf").write_text(conf)
+    _resave_lock(d)
     try:
         subprocess.run(["gpg", "--batch", "--export", "--output", str(tmp / "pub.gpg")], env=env, check=True,
                        capture_output=True)
@@ -84,11 +86,18 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"tmp": tmp, "def": d, "env": env, "runs": runs, "pub": tmp / "pub.gpg"}
 
 
+def _root_artifact(released: dict) -> Path:
+    (root,) = (released["tmp"] / "a").glob(f"{NAME}_*.root.raw")
+    return root
+
+
 def test_two_releases_are_identical_and_named_by_id_and_version(released: dict) -> None:
     a, b = released["tmp"] / "a", released["tmp"] / "b"
     files = sorted(p.name for p in a.iterdir())
-    assert files == sorted([f"{NAME}.root.raw", f"{NAME}.root-verity.raw", f"{NAME}.root-verity-sig.raw",
-                            "SHA256SUMS", "SHA256SUMS.gpg"])
+    uuids = {p["role"]: p["uuid"] for p in json.loads((released["tmp"] / "a-build/image.raw.manifest.json")
+                                                       .read_text())["partitions"] if p["label"] == NAME}
+    assert files == sorted([f"{NAME}_{uuids['root']}.root.raw", f"{NAME}_{uuids['root-verity']}.root-verity.raw",
+                            f"{NAME}_{uuids['root-verity-sig']}.root-verity-sig.raw", "SHA256SUMS", "SHA256SUMS.gpg"])
     assert sorted(p.name for p in b.iterdir()) == files
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
@@ -121,26 +130,29 @@ def test_split_partitions_are_the_partitions_of_the_image_and_labelled(released:
     table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], capture_output=True, text=True,
                                       check=True).stdout)["partitiontable"]
     sector = table.get("sectorsize", 512)
-    by_type = {p["type"].lower(): p for p in table["partitions"]}
-    root = by_type["4f68bce3-e8cd-4db1-96e7-fbcaf984b709"]  # root x86-64 (the fixture is amd64)
+    manifest = json.loads((released["tmp"] / "a-build/image.raw.manifest.json").read_text())
+    by_uuid = {p["uuid"]: p for p in manifest["partitions"]}
+    roots = [p for p in table["partitions"] if p["type"].lower() == "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"]
+    assert [p["name"] for p in roots] == [NAME, "_empty"]  # root x86-64 (the fixture is amd64): slots A and B
+    root = roots[0]
+    assert root["size"] * sector == 64 << 20  # SlotSize=64M
     with open(image, "rb") as f:
         f.seek(root["start"] * sector)
-        inside = f.read(root["size"] * sector)
-    assert (released["tmp"] / f"a/{NAME}.root.raw").read_bytes() == inside
-    # Every partition of the DDI (root, verity, signature) carries <id>_<version>: sysupdate's pattern.
-    assert sorted(p["name"] for p in table["partitions"]) == [NAME] * 3
-    manifest = released["runs"][0]
-    assert {p["label"] for p in json.loads((released["tmp"] / "a-build/image.raw.manifest.json").read_text())
-            ["partitions"]} == {NAME}
-    assert manifest["name"] == NAME
+        inside = f.read(by_uuid[root["uuid"].lower()]["payload_size"])
+    # The artifact is what was written into the slot (the file system), not the slot's padding.
+    assert _root_artifact(released).read_bytes() == inside
+    assert len(inside) == manifest["filesystem"]["size"]
+    # Root, verity, signature carry <id>_<version> (sysupdate's pattern); their twins are free slots.
+    assert sorted(p["name"] for p in table["partitions"]) == ["_empty"] * 3 + [NAME] * 3
+    assert sorted(p["label"] for p in manifest["partitions"]) == ["_empty"] * 3 + [NAME] * 3
+    assert released["runs"][0]["name"] == NAME
 
 
 def test_image_id_and_version_in_os_release_and_manifest(released: dict, tmp_path: Path) -> None:
     from tests.test_pipeline import validate_manifest
 
     out = tmp_path / "root"
-    subprocess.run(["fsck.erofs", f"--extract={out}", str(released["tmp"] / f"a/{NAME}.root.raw")], check=True,
-                   capture_output=True)
+    subprocess.run(["fsck.erofs", f"--extract={out}", str(_root_artifact(released))], check=True, capture_output=True)
     os_release = (out / "usr/lib/os-release").read_text()
     assert os_release == 'ID=debian\nNAME="Fixture"\nIMAGE_ID=fixture-os\nIMAGE_VERSION=1.2\n'
     assert os.readlink(out / "etc/os-release") == "../usr/lib/os-release"
@@ -188,3 +200,43 @@ def test_an_unknown_release_key_is_refused_before_the_build(released: dict, tmp_
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: release key 'nobody@example.invalid': no such secret key in the keyring of ")
     assert not (tmp_path / "build").exists() and not (tmp_path / "rel").exists()
+
+
+def test_the_released_root_carries_transfers_and_the_release_key(released: dict, tmp_path: Path) -> None:
+    """[Updates]: the transfer files in the image match this release's file names, and the image
+    trusts the key that signed SHA256SUMS (gpgv with the image's own keyring)."""
+    from tests.test_sysupdate import _matches, _parse
+
+    out = tmp_path / "root"
+    subprocess.run(["fsck.erofs", f"--extract={out}", str(_root_artifact(released))], check=True, capture_output=True)
+    transfers = sorted(p.name for p in (out / "usr/lib/sysupdate.d").iterdir())
+    assert transfers == ["40-root-verity-sig.transfer", "50-root-verity.transfer", "60-root.transfer"]  # no kernel: no UKI
+    files = sorted(p.name for p in (released["tmp"] / "a").glob("*.raw"))
+    for name in transfers:
+        t = _parse((out / "usr/lib/sysupdate.d" / name).read_bytes())
+        assert (t["Source"]["Type"], t["Source"]["Path"], t["Transfer"]["Verify"]) == ("url-file", SOURCE, "yes")
+        hits = [f for f in files if _matches(t["Source"]["MatchPattern"], f)]
+        assert len(hits) == 1 and _matches(t["Source"]["MatchPattern"], hits[0])["v"] == "1.2", (name, files)
+        assert _matches(t["Target"]["MatchPattern"], NAME) == {"v": "1.2"}  # the partition labels
+    keyring = out / "etc/systemd/import-pubring.gpg"
+    assert keyring.read_bytes() == released["pub"].read_bytes()
+    a = released["tmp"] / "a"
+    ok = subprocess.run(["gpgv", "--keyring", str(keyring), str(a / "SHA256SUMS.gpg"), str(a / "SHA256SUMS")],
+                        capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    manifest = json.loads((released["tmp"] / "a-build/image.raw.manifest.json").read_text())
+    assert {"path": "/etc/systemd/import-pubring.gpg", "action": "written",
+            "cause": f"[Updates] Source={SOURCE}"} in manifest["added_files"]
+
+
+def test_verify_checks_an_ab_image_against_its_manifest(released: dict) -> None:
+    """reprobuild verify on the image with A/B slots: the GPT (empty slots included) and every
+    partition's hash as in the manifest, and the verity checks on slot A, not on its empty twin."""
+    from reprobuild.verify import VerifyOptions, verify_image
+
+    report = verify_image(released["tmp"] / "a-build/image.raw", released["def"] / "reprobuild.lock",
+                          certificates=[released["tmp"] / "keys/verity.crt"],
+                          options=VerifyOptions(allow_unsigned=frozenset({"lock"})))
+    status = {c.name: c.status for c in report.checks}
+    for name in ("gpt", "partition-hashes", "verity-root-hash", "verity-signature"):
+        assert status.get(name) == "passed", (name, report.check(name).detail if name in status else status)

@@ -51,6 +51,10 @@ class DdiSpec:
     layout: Layout = "root"
     sector_size: int = 512
     label: str | None = None  # ``<id>_<version>`` (ImageId=, ImageVersion=) for root/usr, verity, signature
+    # A/B ([Updates] SlotSize=): every root/usr, verity and signature partition gets a fixed slot
+    # size (the data partition ``slot_size`` bytes, the others what it needs), and a second,
+    # empty slot labelled ``_empty`` follows each: what systemd-sysupdate writes the next version into.
+    slot_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,12 @@ class DdiPartition:
     offset: int
     size: int
     sha256: str  # of the whole partition extent, zero padding included
+    payload_size: int = 0  # the bytes written into it (an A/B slot is larger; an empty slot has none)
 
     def as_dict(self) -> dict[str, Any]:
         return {"role": self.role, "type": str(self.type_guid), "uuid": str(self.uuid), "label": self.label,
                 "attributes": f"{self.attributes:#018x}", "offset": self.offset, "size": self.size,
-                "sha256": self.sha256}  # fmt: skip
+                "sha256": self.sha256, "payload_size": self.payload_size}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,7 @@ class _Planned:
     ptype: ids.PartitionType
     uuid: uuid.UUID
     attributes: int
-    payload: Path
+    payload: Path | None
     size: int
 
 
@@ -128,7 +133,23 @@ def _check_spec(spec: DdiSpec) -> ids.Architecture:
     if size == 0 or size % gpt.GRAIN:
         raise DdiError(f"{spec.root_fs_image}: size {size} is not a positive multiple of 4096 "
                        "(dm-verity covers whole 4 KiB blocks)")  # fmt: skip
+    if spec.slot_size is not None:
+        if spec.slot_size <= 0 or spec.slot_size % gpt.GRAIN:
+            raise DdiError(f"slot size {spec.slot_size} is not a positive multiple of 4096")
+        if size > spec.slot_size:
+            raise DdiError(f"the root file system ({size} bytes) is larger than a slot ({spec.slot_size} bytes)",
+                           hint="raise [Updates] SlotSize=")
     return arch
+
+
+def slot_sizes(slot_size: int) -> dict[str, int]:
+    """The A/B slot size of each kind of partition for a data slot of ``slot_size`` bytes: the
+    verity hash slot holds the hash tree of a full data slot (sha256, 4 KiB blocks) and its
+    superblock, the signature slot repart's fixed size."""
+    params = verity.VerityParams(b"", uuid.UUID(int=0))
+    blocks = slot_size // params.data_block_size
+    return {"data": slot_size, "hash": (1 + sum(verity.level_sizes(blocks, params))) * params.hash_block_size,
+            "sig": veritysig.VERITY_SIG_SIZE}
 
 
 def build_ddi(spec: DdiSpec) -> DdiResult:
@@ -185,10 +206,15 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
                                     tree.hash_device_size))  # fmt: skip
             if spec.verity == "signed":
                 t_sig, u_sig = next(it)
+                if spec.slot_size is not None:  # A/B: unique across versions (ids.versioned_sig_uuid)
+                    u_sig = ids.versioned_sig_uuid(root_hash)
                 sig_file = work / "verity-sig.img"
                 sig_file.write_bytes(veritysig.make_verity_sig(root_hash, signer))
                 planned.append(_Planned(sig_role.value, t_sig, u_sig, ids.default_flags(sig_role), sig_file,
                                         veritysig.VERITY_SIG_SIZE))  # fmt: skip
+
+        if spec.slot_size is not None:
+            planned, labels = _with_slots(planned, labels, spec, (data_role, hash_role, sig_role))
 
         requests = [gpt.PartitionRequest(p.ptype.guid, p.uuid, label, p.attributes, p.size)
                     for p, label in zip(planned, labels)]  # fmt: skip
@@ -199,6 +225,7 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
             raise DdiError(f"cannot lay out the disk: {e}") from e
         tmp_image = work / "image.raw"
         digests = gpt.write_image(disk, [p.payload for p in planned], tmp_image)
+        payload_sizes = [os.path.getsize(p.payload) if p.payload is not None else 0 for p in planned]
         image_sha = sha256_file(tmp_image)
         with open(tmp_image, "rb+") as f:
             os.fsync(f.fileno())
@@ -206,13 +233,34 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
 
     parts = tuple(
         DdiPartition(p.role, p.ptype.guid, p.uuid, gp.name, gp.attributes, gp.offset(disk.sector_size),
-                     gp.size(disk.sector_size), d)
-        for p, gp, d in zip(planned, disk.partitions, digests)
+                     gp.size(disk.sector_size), d, size)
+        for p, gp, d, size in zip(planned, disk.partitions, digests, payload_sizes)
     )
     return DdiResult(out, disk_guid, disk.size_bytes, image_sha, disk.sector_size, arch.value, spec.verity,
                      root_hash.hex() if root_hash else None,
                      certificate_fingerprint(signer.certificate) if signer is not None and spec.verity == "signed" else None, parts)  # fmt: skip
 
+
+
+def _with_slots(planned: list[_Planned], labels: list[str], spec: DdiSpec,
+                roles: tuple[ids.Role, ids.Role, ids.Role]) -> tuple[list[_Planned], list[str]]:
+    """A/B: the data, verity and signature partitions grown to their slot size, then an empty
+    second slot of each (the type's second seed-derived UUID, label ``_empty``)."""
+    assert spec.slot_size is not None
+    sizes = slot_sizes(spec.slot_size)
+    kind = {roles[0].value: "data", roles[1].value: "hash", roles[2].value: "sig"}
+    grown, empty = [], []
+    for p in planned:
+        if p.role not in kind:
+            grown.append(p)
+            continue
+        size = sizes[kind[p.role]]
+        if p.size > size:  # the data partition was checked in _check_spec; the others follow from it
+            raise DdiError(f"the {p.role} partition ({p.size} bytes) is larger than its slot ({size} bytes)")
+        grown.append(_Planned(p.role, p.ptype, p.uuid, p.attributes, p.payload, size))
+        empty.append(_Planned(p.role, p.ptype, ids.partition_uuid(spec.seed, p.ptype.guid, 1), p.attributes, None,
+                              size))
+    return grown + empty, labels + [ids.EMPTY_LABEL] * len(empty)
 
 
 def extract_partition(image: Path, part: gpt.GptPartition, sector_size: int, out: Path) -> None:

@@ -89,6 +89,16 @@ def verity_partition_uuids(root_hash: bytes) -> tuple[uuid.UUID, uuid.UUID]:
     return uuid.UUID(bytes=bytes(root_hash[:16])), uuid.UUID(bytes=bytes(root_hash[-16:]))
 
 
+def versioned_sig_uuid(root_hash: bytes) -> uuid.UUID:
+    """The verity signature partition's UUID in an A/B image: ``v4(HMAC-SHA256(root hash,
+    "reprobuild-verity-sig-uuid")[:16])``. systemd-repart derives it from the seed, which every
+    version of one definition shares; systemd-sysupdate gives a new partition the UUID named in
+    the release, and two partitions of one disk must never share a UUID (UEFI: unique partition GUID)."""
+    if len(root_hash) < 16:
+        raise ValueError("root hash too short to derive a partition UUID")
+    return make_v4(_hmac(bytes(root_hash), b"reprobuild-verity-sig-uuid")[:16])
+
+
 # -- DPS partition types, labels and flags (docs/formats.md §3) ----------------------------------
 
 
@@ -242,6 +252,10 @@ def versioned_labels(types: list[PartitionType], versioned: str | None) -> list[
     if versioned is None:
         return defaults
     return [label if t.role in (Role.ESP, Role.XBOOTLDR) else versioned for t, label in zip(types, defaults)]
+
+
+# The label systemd-sysupdate gives a partition slot that holds no version yet (sysupdate.d(5)).
+EMPTY_LABEL = "_empty"
 
 
 def partition_uuids(seed: bytes, types: list[uuid.UUID]) -> list[uuid.UUID]:

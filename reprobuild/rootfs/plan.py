@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reprobuild.image.sysupdate import UpdatePlan
+
 if TYPE_CHECKING:
     from reprobuild.config import ImageSpec
     from reprobuild.lockfile import PackageSet
@@ -58,6 +60,8 @@ class TreeSettings:
     keep_dpkg_status: bool = True  # keep /var/lib/dpkg (status, info) even when cleaning
     image_id: str | None = None  # [Build] ImageId=: IMAGE_ID= in os-release
     image_version: str | None = None  # [Build] ImageVersion=: IMAGE_VERSION= in os-release
+    updates: UpdatePlan | None = None  # [Updates]: /usr/lib/sysupdate.d/*.transfer
+    update_public_key: Path | None = None  # [Updates] PublicKey=: /etc/systemd/import-pubring.gpg
 
 
 def _relation_names(field: str) -> list[list[str]]:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from reprobuild.errors import BuildError, ConfigError
+from reprobuild.image.sysupdate import UpdatePlan, transfer_files
 from reprobuild.rootfs.normalize import remove_path
 from reprobuild.rootfs.sandbox import Bind, run_in_tree
 from reprobuild.rootfs.unpack import TreeWriter, split_member_name
@@ -246,3 +247,56 @@ def set_image_release(tree: Path, image_id: str | None, image_version: str | Non
         raise BuildError("ImageId=/ImageVersion= need os-release in the tree (/usr/lib/os-release)",
                          hint="install base-files, or put usr/lib/os-release into an ExtraTrees= directory")
     return changed
+
+
+# Where systemd-pull (systemd-sysupdate's downloader) looks for the keyring it checks
+# SHA256SUMS.gpg with: /etc/systemd/import-pubring.gpg, else the vendor keyring
+# /usr/lib/systemd/import-pubring.gpg (systemd 257, src/import/pull-common.c; sysupdate.d(5)).
+IMPORT_PUBRING = "etc/systemd/import-pubring.gpg"
+_PUBLIC_KEY_TAGS = (6, 14)  # RFC 9580 §5: Public-Key and Public-Subkey packets
+_MAX_PUBRING = 1 << 20
+
+
+def openpgp_first_packet_tag(data: bytes) -> int | None:
+    """The tag of the first OpenPGP packet (RFC 9580 §4.2: old and new header formats), or None
+    when ``data`` does not start with a packet header (armored text, not OpenPGP)."""
+    if not data or not data[0] & 0x80:
+        return None
+    return data[0] & 0x3F if data[0] & 0x40 else (data[0] >> 2) & 0x0F
+
+
+def check_public_keyring(data: bytes, where: str) -> None:
+    """A binary OpenPGP public key (``gpg --export KEY``): what gpg's ``--keyring`` reads. An
+    armored file or a secret key is refused."""
+    if data.lstrip().startswith(b"-----BEGIN PGP"):
+        raise ConfigError(f"{where}: an armored OpenPGP file; the keyring must be binary",
+                          hint="export it with gpg --export KEY > release.gpg (without --armor)")
+    tag = openpgp_first_packet_tag(data)
+    if tag in (5, 7):
+        raise ConfigError(f"{where}: a secret key; the image must only get the public key",
+                          hint="export it with gpg --export KEY > release.gpg")
+    if tag not in _PUBLIC_KEY_TAGS:
+        raise ConfigError(f"{where}: not a binary OpenPGP public key",
+                          hint="export it with gpg --export KEY > release.gpg")
+
+
+def set_updates(tree: Path, plan: UpdatePlan, public_key: Path | None, epoch: int) -> list[str]:
+    """[Updates]: systemd-sysupdate's transfer files (:func:`transfer_files`) and, with
+    ``PublicKey=``, the keyring systemd-pull checks ``SHA256SUMS.gpg`` with."""
+    data = None
+    if public_key is not None:  # checked before anything is written
+        try:
+            if not public_key.is_file() or public_key.stat().st_size > _MAX_PUBRING:
+                raise ConfigError(f"[Updates] PublicKey={public_key}: not a file of at most 1 MiB")
+            data = public_key.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"[Updates] PublicKey={public_key}: {e.strerror}") from None
+        check_public_keyring(data, f"[Updates] PublicKey={public_key}")
+    written = []
+    for rel, content in sorted(transfer_files(plan).items()):
+        TreeWriter(tree).write_file(rel.split("/"), content, 0o644, 0, 0, epoch)
+        written.append(rel)
+    if data is not None:
+        TreeWriter(tree).write_file(IMPORT_PUBRING.split("/"), data, 0o644, 0, 0, epoch)
+        written.append(IMPORT_PUBRING)
+    return written

@@ -136,6 +136,9 @@ def configure_tree(tree: Path, settings: TreeSettings, epoch: int, report: Calla
         added += _files(_settings.set_image_release(tree, settings.image_id, settings.image_version, epoch), "changed",
                         " ".join(f"{k}={v}" for k, v in (("ImageId", settings.image_id),
                                                           ("ImageVersion", settings.image_version)) if v))
+    if settings.updates is not None:
+        added += _files(_settings.set_updates(tree, settings.updates, settings.update_public_key, epoch), "written",
+                        f"[Updates] Source={settings.updates.source}")
     added += _files(_settings.set_machine_id(tree, settings.machine_id, epoch), "written",
                     f"MachineId={settings.machine_id}" if settings.machine_id else
                     "MachineId= (empty: systemd sets the id at first boot)")

@@ -13,7 +13,7 @@ from reprobuild.image.ddi import DdiSpec, build_ddi
 from reprobuild.pipeline.context import BuildContext
 from reprobuild.pipeline.stage import Stage, Upstream
 from reprobuild.signer import key_identity, open_signer
-from reprobuild.stages.disksettings import choose_verity
+from reprobuild.stages.disksettings import choose_verity, update_plan
 
 
 class DdiStage(Stage):
@@ -27,7 +27,12 @@ class DdiStage(Stage):
     def options(self, ctx: BuildContext) -> dict[str, Any]:
         return {"verity": choose_verity(ctx.spec).mode, "layout": ctx.spec.build.root_layout,
                 "architecture": ctx.spec.distribution.architecture, "seed": ctx.lock.seed,
-                "label": ctx.spec.build.versioned_name}
+                "label": ctx.spec.build.versioned_name, **self._slots(ctx)}
+
+    @staticmethod
+    def _slots(ctx: BuildContext) -> dict[str, Any]:
+        """[Updates]: the A/B slot size (only when set, so other definitions keep their keys)."""
+        return {"slot_size": ctx.spec.updates.slot_size} if update_plan(ctx.spec, ctx.lock) else {}
 
     def inputs(self, ctx: BuildContext) -> dict[str, Any]:
         choice = choose_verity(ctx.spec)
@@ -40,6 +45,7 @@ class DdiStage(Stage):
         result = build_ddi(DdiSpec(architecture=ctx.spec.distribution.architecture, seed=bytes.fromhex(ctx.lock.seed),
                                    root_fs_image=up.file("fs"), output=out, verity=choice.mode, esp_image=esp,
                                    layout=ctx.spec.build.root_layout, label=ctx.spec.build.versioned_name,
+                                   slot_size=self._slots(ctx).get("slot_size"),
                                    # a signer from the key source (file or PKCS#11 token)
                                    signer=(open_signer(choice.key, choice.certificate, os.environ)
                                            if choice.mode == "signed" else None)))

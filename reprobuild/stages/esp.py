@@ -16,13 +16,14 @@ from reprobuild.cache import file_digest
 from reprobuild.errors import BuildError
 from reprobuild.fileio import sha256_file
 from reprobuild.image.authenticode import sign_pe
-from reprobuild.image.esp import make_esp
+from reprobuild.image.esp import auto_size, make_esp
 from reprobuild.image.ids import esp_fs_uuid
 from reprobuild.image.initrd import find_kernel_version
 from reprobuild.image.uki import build_uki
 from reprobuild.pipeline.context import BuildContext
 from reprobuild.pipeline.stage import Stage, Upstream
 from reprobuild.signer import key_identity, open_signer
+from reprobuild.stages.disksettings import update_plan
 from reprobuild.tools import tool_runner
 
 # Per DPS architecture: the systemd-stub file inside the tree, the removable-media boot path,
@@ -62,7 +63,14 @@ class EspStage(Stage):
     def options(self, ctx: BuildContext) -> dict[str, Any]:
         return {"bootloader": ctx.spec.build.bootloader, "layout": ctx.spec.build.root_layout,
                 "cmdline": list(ctx.spec.content.kernel_command_line), "architecture": ctx.spec.distribution.architecture,
-                "seed": ctx.lock.seed, "epoch": ctx.epoch, "uki_name": ctx.spec.build.versioned_name}
+                "seed": ctx.lock.seed, "epoch": ctx.epoch, "uki_name": ctx.spec.build.versioned_name,
+                **self._room(ctx)}
+
+    @staticmethod
+    def _room(ctx: BuildContext) -> dict[str, Any]:
+        """[Updates]: the ESP holds InstancesMax UKIs (only when set, so other definitions keep their keys)."""
+        plan = update_plan(ctx.spec, ctx.lock)
+        return {"uki_instances": plan.instances_max} if plan is not None and plan.uki else {}
 
     @staticmethod
     def _uki_name(ctx: BuildContext, kernel_version: str) -> str:
@@ -129,7 +137,10 @@ class EspStage(Stage):
         volume_id = int.from_bytes(esp_fs_uuid(bytes.fromhex(ctx.lock.seed)).bytes[:4], "big")
         tools = up.artifact("tools")
         ctx.say("writing the UKI and the ESP")
-        make_esp(files, out, volume_id=volume_id, label="ESP", epoch=ctx.epoch,
+        room = self._room(ctx).get("uki_instances")
+        # With updates, room for that many UKIs of up to twice this one's size beside the other files.
+        size = (auto_size([len(b) for b in files.values()] + [2 * len(uki)] * room, 3) if room else None)
+        make_esp(files, out, size=size, volume_id=volume_id, label="ESP", epoch=ctx.epoch,
                  runner=tool_runner(tools.path, tools.meta.get("versions", {})))
         return {"boot": {
             "kernel_version": kernel_version,

@@ -1,0 +1,185 @@
+"""Live + boot: an A/B update by systemd-sysupdate inside the guest (issue #16's proof).
+
+One definition (lock/bootable with systemd-boot, systemd-container, gpg and ``[Updates]``) is
+locked from the mirror and built as version 1; version 2 changes one file of the extra tree and
+``ImageVersion=`` and is published with ``reprobuild release`` (signed by a test OpenPGP key
+made here). Then, under qemu + OVMF (TCG is fine):
+
+1. version 1 boots with a second disk holding version 2's release directory (an ext4 image made
+   with ``mkfs.ext4 -d``, no mounting on the host); a unit mounts it at ``/run/updates`` (the
+   image's ``Source=file:///run/updates/``), runs ``systemd-sysupdate update`` and reboots;
+2. the same disk boots again: the marker reports ``IMAGE_VERSION=2``, the root is
+   ``/dev/mapper/root`` over the B slot (partition 5), version 1's UKI is still on the ESP and
+   version 2's file is there;
+3. a fresh copy of version 1 with a release whose ``SHA256SUMS.gpg`` was made by another key:
+   systemd-sysupdate refuses it, the GPT keeps its ``_empty`` slots and the ESP only version 1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from reprobuild.image.gpt import read_gpt_path
+from tests.live_images import Keys, make_definition, require_tools, run_reprobuild
+
+pytestmark = [pytest.mark.live, pytest.mark.boot]
+
+SOURCE = "file:///run/updates/"
+
+UPDATE_UNIT = """\
+[Unit]
+Description=A/B update test: report the running version, update from the second disk, reboot
+After=multi-user.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/bin/ab-update
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+# Markers are assembled at run time ("AB-" "…") so the kernel's echo of a command never matches.
+UPDATE_SCRIPT = """\
+#!/bin/sh
+say() { echo "$*" > /dev/kmsg; }
+. /usr/lib/os-release
+slaves=$(cd /sys/block && for s in dm-*/slaves/*; do printf '%s ' "${s##*/}"; done)
+efi=$(ls /efi/EFI/Linux | tr '\n' ' ')
+root=$(findmnt -no SOURCE /)
+say "AB-""RUNNING version=$IMAGE_VERSION root=$root slaves=${slaves}efi=$efi note=$(cat /etc/ab-note) END"
+[ "$IMAGE_VERSION" = 1 ] || exec systemctl poweroff
+mkdir -p /run/updates
+mount -o ro LABEL=updates /run/updates || say "AB-""MOUNT-FAILED"
+/usr/lib/systemd/systemd-sysupdate update > /run/sysupdate.log 2>&1
+rc=$?
+while read -r l; do say "AB-LOG $l"; done < /run/sysupdate.log
+say "AB-""UPDATE rc=$rc END"
+sync
+if [ "$rc" = 0 ]; then exec systemctl reboot; fi
+exec systemctl poweroff
+"""
+
+
+def _definition(root: Path, keys: Keys, version: str, pubring: Path) -> Path:
+    d = make_definition(
+        root, "bootable", keys,
+        extra_conf=("[Content]\nPackages=systemd-container gpg\nExtraTrees=extra\n"
+                    f"[Build]\nBootloader=systemd-boot\nImageId=abtest\nImageVersion={version}\n"
+                    f"[Updates]\nSource={SOURCE}\nPublicKey={pubring}\nSlotSize=768M\n"),
+        extra_files={
+            "extra/etc/systemd/system/ab-update.service": UPDATE_UNIT,
+            "extra/etc/systemd/system/multi-user.target.wants/ab-update.service": "symlink:../ab-update.service",
+            "extra/usr/local/bin/ab-update": UPDATE_SCRIPT,
+            "extra/etc/ab-note": f"note of version {version}\n",
+        })
+    (d / "extra/usr/local/bin/ab-update").chmod(0o755)
+    return d
+
+
+def _gpg(env: dict[str, str], *args: str) -> None:
+    subprocess.run(["gpg", "--batch", *args], env=env, check=True, capture_output=True)
+
+
+def _updates_disk(release: Path, out: Path) -> Path:
+    subprocess.run(["truncate", "-s", "512M", str(out)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(release), "-L", "updates", str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
+def _boot(image: Path, updates: Path | None, log: Path, marker: bytes) -> str:
+    from reprobuild.vm import QemuConfig, run_until
+
+    extra = ("-drive", f"if=virtio,format=raw,readonly=on,file={updates}") if updates else ()
+    # snapshot=False: the update writes into this copy; -no-reboot makes the guest's reboot end qemu.
+    config = QemuConfig(image=image, memory="2G", snapshot=False, serial_log=log, extra_args=extra)
+    _found, console = run_until(config, marker, timeout=1200, stop_on=())
+    return console.decode(errors="replace")
+
+
+def _line(console: str, tag: str) -> str:
+    lines = [line for line in console.splitlines() if f"AB-{tag} " in line and line.rstrip().endswith("END")]
+    assert lines, f"no AB-{tag} line; console tail:\n{console[-6000:]}"
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory, live_keys: Keys, warm_store: Path) -> dict[str, Path]:
+    require_tools("qemu-system-x86_64", "mkfs.ext4", "gpg", "mdir")
+    tmp = tmp_path_factory.mktemp("ab")
+    home = tmp / "gnupg"
+    home.mkdir(mode=0o700)
+    env = {**os.environ, "GNUPGHOME": str(home)}
+    try:
+        for who in ("Release <release@example.invalid>", "Other <other@example.invalid>"):
+            _gpg(env, "--passphrase", "", "--quick-gen-key", who, "ed25519", "sign", "never")
+        _gpg(env, "--export", "--output", str(tmp / "release.gpg"), "release@example.invalid")
+        v1 = _definition(tmp / "v1", live_keys, "1", tmp / "release.gpg")
+        v2 = _definition(tmp / "v2", live_keys, "2", tmp / "release.gpg")
+        for d in (v1, v2):
+            run_reprobuild("lock", "-C", str(d), "--store", str(warm_store), "-q", timeout=900)
+        store = {**os.environ, "REPROBUILD_STORE": str(warm_store)}
+        run_reprobuild("build", "-C", str(v1), "--locked", "-o", str(tmp / "v1-out"), "-q", env=store, timeout=1500)
+        run_reprobuild("release", "-C", str(v2), "-o", str(tmp / "rel"), "--build-output", str(tmp / "v2-out"),
+                       "--sign-key", "release@example.invalid", "-q", env={**store, **env}, timeout=1500)
+        # The same release, its SHA256SUMS signed by a key the image does not trust.
+        shutil.copytree(tmp / "rel", tmp / "rel-bad")
+        (tmp / "rel-bad/SHA256SUMS.gpg").unlink()
+        _gpg(env, "--local-user", "other@example.invalid", "--detach-sign", "--output",
+             str(tmp / "rel-bad/SHA256SUMS.gpg"), str(tmp / "rel-bad/SHA256SUMS"))
+    finally:
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False, capture_output=True)
+    return {"tmp": tmp, "v1": tmp / "v1-out/image.raw", "rel": tmp / "rel", "rel-bad": tmp / "rel-bad"}
+
+
+def _esp_files(image: Path) -> list[str]:
+    disk = read_gpt_path(image)
+    esp = disk.partitions[0]
+    r = subprocess.run(["mdir", "-b", "-i", f"{image}@@{esp.offset(disk.sector_size)}", "::/EFI/Linux"],
+                       capture_output=True, text=True, check=True)
+    return sorted(Path(line).name for line in r.stdout.split())
+
+
+@pytest.mark.timeout(3600)
+def test_sysupdate_updates_v1_to_v2_in_the_guest_and_v2_boots_from_the_b_slot(versions: dict[str, Path]) -> None:
+    tmp = versions["tmp"]
+    disk = tmp / "good.raw"
+    subprocess.run(["cp", "--sparse=always", str(versions["v1"]), str(disk)], check=True)
+    updates = _updates_disk(versions["rel"], tmp / "updates.img")
+    first = _boot(disk, updates, tmp / "boot1.log", b"AB-NEVER-SEEN")  # runs until the guest reboots
+    running = _line(first, "RUNNING")
+    # The verity device's data and hash partitions: slot A.
+    assert "version=1 root=/dev/mapper/root slaves=vda2 vda3 efi=" in running, running
+    assert "AB-UPDATE rc=0 END" in first, first[-6000:]
+    assert "Successfully installed update '2'" in first
+    labels = [p.name for p in read_gpt_path(disk).partitions]
+    assert labels == ["esp", "abtest_1", "abtest_1", "abtest_1", "abtest_2", "abtest_2", "abtest_2"], labels
+    second = _boot(disk, None, tmp / "boot2.log", b"AB-NEVER-SEEN")  # v2 reports, then powers off
+    running = _line(second, "RUNNING")
+    assert "version=2 root=/dev/mapper/root slaves=vda5 vda6 efi=" in running, running  # slot B
+    assert "efi=abtest_1.efi abtest_2.efi " in running and "note=note of version 2 " in running, running
+    assert _esp_files(disk) == ["abtest_1.efi", "abtest_2.efi"]
+
+
+@pytest.mark.timeout(3600)
+def test_sysupdate_refuses_a_release_signed_by_another_key(versions: dict[str, Path]) -> None:
+    tmp = versions["tmp"]
+    disk = tmp / "bad.raw"
+    subprocess.run(["cp", "--sparse=always", str(versions["v1"]), str(disk)], check=True)
+    before = [(p.name, p.unique_guid) for p in read_gpt_path(disk).partitions]
+    updates = _updates_disk(versions["rel-bad"], tmp / "updates-bad.img")
+    console = _boot(disk, updates, tmp / "boot-bad.log", b"AB-NEVER-SEEN")
+    assert "version=1 " in _line(console, "RUNNING")
+    rc = _line(console, "UPDATE")
+    assert "rc=0 " not in rc, rc
+    assert "Signature verification failed" in console, console[-6000:]
+    # Nothing was written: the empty slots are still empty, the ESP holds version 1 alone.
+    assert [(p.name, p.unique_guid) for p in read_gpt_path(disk).partitions] == before
+    assert [name for name, _ in before].count("_empty") == 3
+    assert _esp_files(disk) == ["abtest_1.efi"]
