@@ -253,7 +253,8 @@ class Installer:
         self.names: dict[str, str] = {}
 
     def dpkg(self, phase: str, args: Sequence[str]) -> None:
-        result = run_in_tree(self.tree, [*DPKG, *args], self.env, hostname=self.hostname, binds=self.binds)
+        result = run_in_tree(self.tree, [*DPKG, *args], self.env, hostname=self.hostname, binds=self.binds,
+                             suppress_sync=True)
         self.log.append(result.output)
         if result.returncode != 0:
             raise explain_failure(result, phase, self.names)
