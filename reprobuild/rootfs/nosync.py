@@ -3,9 +3,10 @@
 dpkg makes every database update durable: each status change writes ``/var/lib/dpkg/updates/NNNN``
 and ``fsync``s it and its directory. For a trixie minbase ``strace -f -c`` counts about 1 800
 ``fsync`` and 4 000 ``sync_file_range`` calls even with ``--force-unsafe-io``. A tree under
-construction does not need any of it: an interrupted build is thrown away, and the finished tree
-is stored by our own code. ``eatmydata``'s
-``LD_PRELOAD`` library would have to be inside the tree. A seccomp filter (seccomp(2),
+construction does not need any of it: an interrupted build is thrown away, the files dpkg unpacks
+were never synced anyway (``--force-unsafe-io``, and the Essential extractor does not sync), and
+the store never relies on a tree being synced (a crash costs a rebuild, :mod:`reprobuild.cache`).
+``eatmydata``'s ``LD_PRELOAD`` library would have to be inside the tree. A seccomp filter (seccomp(2),
 ``SECCOMP_RET_ERRNO`` with errno 0: the call returns 0 without running) works for every program in
 the tree without adding a file to it — ``systemd-nspawn --suppress-sync=yes`` does the same.
 The bytes written are unchanged: sync calls only decide *when* data reaches the disk.
