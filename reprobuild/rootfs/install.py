@@ -153,14 +153,26 @@ def native_architecture(packages: Sequence[PlannedPackage]) -> str:
     return next((p.architecture for p in packages if p.architecture != "all"), "all")
 
 
+# Files no maintainer script of the Essential set reads before dpkg has unpacked them itself:
+# documentation, manual pages, translations (every script runs with LC_ALL=C.UTF-8), info
+# pages, lintian overrides. About half of a minbase's Essential members; dpkg --install writes
+# them all anyway. Directories are still created, so every directory's metadata is as before.
+_DOCS = frozenset({"doc", "man", "locale", "info", "lintian"})
+
+
+def _not_needed_before_dpkg(parts: list[str]) -> bool:
+    return len(parts) > 3 and parts[0] == "usr" and parts[1] == "share" and parts[2] in _DOCS
+
+
 def extract_essential(tree: Path, essential: Sequence[PlannedPackage], deb_path: Callable[[str], Path],
                       progress: Callable[[str], None]) -> None:
-    """Step 1: unpack the data.tar of each package of the Essential closure, in the given order (pure Python)."""
+    """Step 1: unpack the data.tar of each package of the Essential closure, in the given order (pure Python),
+    except the files :func:`_not_needed_before_dpkg` names: step 3 unpacks every file again."""
     writer = TreeWriter(tree)
     for i, p in enumerate(essential):
         progress(Update("extracting", i, len(essential), "packages", p.name))
         with DebFile(deb_path(p.sha256)) as deb, deb.open_tar("data") as tf:
-            extract_tar(tf, writer, p.name)
+            extract_tar(tf, writer, p.name, skip=_not_needed_before_dpkg)
     writer.finish()
     progress(Update("extracting", len(essential), len(essential), "packages"))
 
