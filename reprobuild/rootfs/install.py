@@ -1,7 +1,10 @@
 """Install the planned packages into a tree the way mmdebstrap does, without apt and without network.
 
 1. Extract the data.tar of every Essential package (in install order) in pure Python
-   (:mod:`reprobuild.rootfs.unpack`), so the tree has a shell, libc and dpkg to run.
+   (:mod:`reprobuild.rootfs.unpack`), so the tree has a shell, libc and dpkg to run. Unlike
+   mmdebstrap, documentation, manual pages and translations are left out (only their directories
+   are made): no script needs them before step 3 unpacks every file again, and they are half of
+   the files, each costing an inode.
 2. Create dpkg's database skeleton (mmdebstrap's ``run_setup``): empty ``status``,
    ``arch``, the info/triggers/updates/alternatives directories, apt's directories.
 3. Run the tree's own dpkg in the sandbox: ``dpkg --install --force-depends`` on all Essential
