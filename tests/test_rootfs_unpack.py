@@ -126,3 +126,29 @@ def test_metadata_and_xattrs_kept(tree: Path) -> None:
 def test_split_member_name() -> None:
     assert split_member_name("./usr//bin/x") == ["usr", "bin", "x"]
     assert split_member_name("./") == []
+
+
+def _skip_docs(parts: list[str]) -> bool:
+    return parts[:2] == ["usr", "doc"]
+
+
+def test_skip_leaves_out_files_but_creates_directories(tree: Path) -> None:
+    members = [(_ti("./usr/doc/p", tarfile.DIRTYPE, mode=0o750), None), (_ti("./usr/doc/p/README"), b"r"),
+               (_ti("./usr/doc/p/link", tarfile.SYMTYPE, "README"), None),
+               (_ti("./usr/bin/tool", tarfile.LNKTYPE, "./usr/doc/p/README"), None),
+               (_ti("./usr/bin/x"), b"x")]
+    written = extract_tar(_tar(members), TreeWriter(tree), "p", skip=_skip_docs)
+    assert written == ["/usr/doc/p", "/usr/bin/x"]
+    assert (tree / "usr/doc/p").is_dir() and (tree / "usr/doc/p").stat().st_mode & 0o777 == 0o750
+    assert os.listdir(tree / "usr/doc/p") == []
+    assert not os.path.lexists(tree / "usr/bin/tool")  # a hard link to a skipped file is skipped too
+    assert (tree / "usr/bin/x").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("member", [
+    _ti("./usr/doc/../../evil"), _ti("/usr/doc/evil"), _ti("./usr/doc/dev", tarfile.CHRTYPE),
+    _ti("./usr/doc/h", tarfile.LNKTYPE, "../../etc/passwd"), _ti("./usr/doc/s", tarfile.SYMTYPE, ""),
+], ids=["dotdot", "absolute", "device", "hardlink-dotdot", "empty-symlink"])
+def test_skipped_members_are_still_checked(tree: Path, member: tarfile.TarInfo) -> None:
+    with pytest.raises(UnsafePath):
+        extract_tar(_tar([(member, b"x" if member.isreg() else None)]), TreeWriter(tree), "evil-pkg", skip=_skip_docs)

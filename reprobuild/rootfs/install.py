@@ -1,7 +1,10 @@
 """Install the planned packages into a tree the way mmdebstrap does, without apt and without network.
 
 1. Extract the data.tar of every Essential package (in install order) in pure Python
-   (:mod:`reprobuild.rootfs.unpack`), so the tree has a shell, libc and dpkg to run.
+   (:mod:`reprobuild.rootfs.unpack`), so the tree has a shell, libc and dpkg to run. Unlike
+   mmdebstrap, documentation, manual pages and translations are left out (only their directories
+   are made): no script needs them before step 3 unpacks every file again, and they are half of
+   the files, each costing an inode.
 2. Create dpkg's database skeleton (mmdebstrap's ``run_setup``): empty ``status``,
    ``arch``, the info/triggers/updates/alternatives directories, apt's directories.
 3. Run the tree's own dpkg in the sandbox: ``dpkg --install --force-depends`` on all Essential
@@ -153,14 +156,26 @@ def native_architecture(packages: Sequence[PlannedPackage]) -> str:
     return next((p.architecture for p in packages if p.architecture != "all"), "all")
 
 
+# Files no maintainer script of the Essential set reads before dpkg has unpacked them itself:
+# documentation, manual pages, translations (every script runs with LC_ALL=C.UTF-8), info
+# pages, lintian overrides. About half of a minbase's Essential members; dpkg --install writes
+# them all anyway. Directories are still created, so every directory's metadata is as before.
+_DOCS = frozenset({"doc", "man", "locale", "info", "lintian"})
+
+
+def _not_needed_before_dpkg(parts: list[str]) -> bool:
+    return len(parts) > 3 and parts[0] == "usr" and parts[1] == "share" and parts[2] in _DOCS
+
+
 def extract_essential(tree: Path, essential: Sequence[PlannedPackage], deb_path: Callable[[str], Path],
                       progress: Callable[[str], None]) -> None:
-    """Step 1: unpack the data.tar of each package of the Essential closure, in the given order (pure Python)."""
+    """Step 1: unpack the data.tar of each package of the Essential closure, in the given order (pure Python),
+    except the files :func:`_not_needed_before_dpkg` names: step 3 unpacks every file again."""
     writer = TreeWriter(tree)
     for i, p in enumerate(essential):
         progress(Update("extracting", i, len(essential), "packages", p.name))
         with DebFile(deb_path(p.sha256)) as deb, deb.open_tar("data") as tf:
-            extract_tar(tf, writer, p.name)
+            extract_tar(tf, writer, p.name, skip=_not_needed_before_dpkg)
     writer.finish()
     progress(Update("extracting", len(essential), len(essential), "packages"))
 
@@ -253,7 +268,8 @@ class Installer:
         self.names: dict[str, str] = {}
 
     def dpkg(self, phase: str, args: Sequence[str]) -> None:
-        result = run_in_tree(self.tree, [*DPKG, *args], self.env, hostname=self.hostname, binds=self.binds)
+        result = run_in_tree(self.tree, [*DPKG, *args], self.env, hostname=self.hostname, binds=self.binds,
+                             suppress_sync=True)
         self.log.append(result.output)
         if result.returncode != 0:
             raise explain_failure(result, phase, self.names)

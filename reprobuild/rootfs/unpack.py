@@ -256,18 +256,33 @@ def _xattrs(ti: tarfile.TarInfo) -> dict[str, bytes]:
     }
 
 
-def extract_tar(tf: tarfile.TarFile, writer: TreeWriter, origin: str) -> list[str]:
+def extract_tar(tf: tarfile.TarFile, writer: TreeWriter, origin: str,
+                skip: Callable[[list[str]], bool] | None = None) -> list[str]:
     """Extract a streaming tar into the tree through ``writer``; return the member paths written.
 
     ``origin`` (e.g. the package name) is named in every error. Owners are numeric (uid/gid fields;
     names are ignored, so the host's passwd never leaks in). Cost: one pass, O(total size).
+    ``skip(parts)``: regular files, symlinks and hard links for which it is true are checked like
+    every member but not written (directories always are); a hard link to a skipped file is skipped.
     """
     written: list[str] = []
+    skipped: set[str] = set()
     for ti in tf:
         parts = split_member_name(ti.name, f"{origin}: member")
         rel = "/" + "/".join(parts)
         mtime = int(ti.mtime)
         mode = stat.S_IMODE(ti.mode)
+        if skip is not None and (ti.isreg() or ti.issym() or ti.islnk()):
+            if ti.issym() and ("\x00" in ti.linkname or not ti.linkname):
+                raise UnsafePath(f"{origin}: {rel}: bad symlink target {ti.linkname!r}")
+            if ti.islnk():
+                target = "/" + "/".join(split_member_name(ti.linkname, f"{origin}: hard link target"))
+                if target in skipped or skip(parts):
+                    skipped.add(rel)
+                    continue
+            elif skip(parts):
+                skipped.add(rel)
+                continue
         try:
             if ti.isdir():
                 writer.mkdir(parts, mode, ti.uid, ti.gid, mtime, _xattrs(ti))
