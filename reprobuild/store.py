@@ -955,10 +955,18 @@ def _tmp_owner(name: str) -> int | None:
     return int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
 
 
+def _proc_stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state first); [] if unreadable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def _process_start(pid: int) -> float | None:
     """When process ``pid`` started (seconds since the epoch), from /proc; None if unknown."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = _proc_stat_fields(pid)
         boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
@@ -1045,16 +1053,8 @@ def _pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         pass
-    return _process_state(pid) not in ("Z", "X")
-
-
-def _process_state(pid: int) -> str | None:
-    """The state letter of /proc/PID/stat (R, S, D, Z …); None if unreadable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0] if fields else None
+    state = _proc_stat_fields(pid)[:1]
+    return state not in (["Z"], ["X"])
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
