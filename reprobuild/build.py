@@ -52,6 +52,7 @@ from reprobuild.stages.oci import OciStage
 from reprobuild.stages.tools import HostToolsStage, LockedToolsStage
 from reprobuild.store import Store
 from reprobuild.tools import tools_manifest
+from reprobuild.workspace import decide as decide_workspace
 
 Say = Callable[[str], None]
 
@@ -64,6 +65,7 @@ class BuildOptions:
     substituters: tuple[str, ...] = ()
     cache: bool = True  # False: --no-cache (no lookups, no saves)
     shell_on_failure: bool = False  # a failing build script opens a shell in its build environment
+    workspace: str | None = None  # where trees are made: a directory, "output" or auto (reprobuild.workspace)
     argv: tuple[str, ...] = ()  # the command line, recorded in the provenance statement
 
 
@@ -74,6 +76,7 @@ class BuildResult:
     timings: dict[str, float] = field(default_factory=dict)
     cache_hits: list[str] = field(default_factory=list)  # stages served from the cache, in plan order
     stages: list[StageReport] = field(default_factory=list)  # every planned stage: key, outcome, why
+    workspace: str = ""  # where the trees were made, and why (reprobuild.workspace)
 
 
 def plan(spec: ImageSpec, lock: Lock, fmt: str) -> list[Stage]:
@@ -165,11 +168,15 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
     target = out_dir / OUTPUT_FILES[fmt]
     final = stages[-1].name
     # store.in_use: gc waits for this build (it may remove cached trees the build reads).
+    installed_kib = sum(p.installed_size for s in lock.sets for p in s.packages)
+    workspace = decide_workspace(options.workspace, installed_kib, fmt, os.environ)
+    say(f"building trees {workspace.reason}")
+    result.workspace = workspace.reason
     with store.in_use(), store.work_dir(out_dir) as work_str, \
-            contextlib.ExitStack() as mounts:
+            _trees_dir(store, workspace.parent) as trees, contextlib.ExitStack() as mounts:
         work = Path(work_str)
         ctx = BuildContext(spec=spec, lock=lock, store=store, cache=cache, work=work, format=fmt, say=say,
-                           mounts=mounts, shell_on_failure=options.shell_on_failure)
+                           mounts=mounts, shell_on_failure=options.shell_on_failure, trees=trees)
         runner = Runner(ctx, stages, explain_name=root_name(spec.directory))
         runner.keys()
         final_key_hit = cache.enabled and cache.get(final, runner.key(final), record=False) is not None
@@ -200,6 +207,17 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
     # current ones (the next edit needs them), so its gc root adds to the previous one.
     cache.register_root(root_name(spec.directory), keep_previous=result.cache_hits == [final])
     return result
+
+
+@contextlib.contextmanager
+def _trees_dir(store: Store, parent: Path | None):
+    """The build's private directory for trees in ``parent`` (registered with the store like the
+    work directory, so a killed build's trees are removed by the next command); None: none."""
+    if parent is None:
+        yield None
+        return
+    with store.work_dir(parent) as path:
+        yield Path(path)
 
 
 def _publish(ctx: BuildContext, runner: Runner, art, target: Path, say: Say) -> str | None:

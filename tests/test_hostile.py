@@ -567,9 +567,13 @@ def _cli(*argv: str) -> list[str]:
 
 
 def _scratch(store: Path, out: Path) -> list[str]:
+    """What a build left: in the store's tmp/, beside the output, and in the trees' workspace
+    (``out``'s sibling ``ws``, passed as --workspace)."""
     tmp = sorted(os.listdir(store / "tmp")) if (store / "tmp").is_dir() else []
     work = sorted(n for n in os.listdir(out) if n.startswith((WORK_PREFIX, ".ddi-"))) if out.is_dir() else []
-    return [f"tmp/{n}" for n in tmp] + [f"out/{n}" for n in work]
+    ws = out.parent / "ws"
+    trees = sorted(os.listdir(ws)) if ws.is_dir() else []
+    return [f"tmp/{n}" for n in tmp] + [f"out/{n}" for n in work] + [f"ws/{n}" for n in trees]
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 60) -> bool:
@@ -583,7 +587,7 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 60) -> bool:
 
 def _started(store: Path, out: Path) -> bool:
     """The post-installation script runs: its marker is in some scratch tree."""
-    for top in (store / "tmp", out):
+    for top in (store / "tmp", out, out.parent / "ws"):
         with contextlib.suppress(OSError):
             for dirpath, _dirs, files in os.walk(top):
                 if "slow-started" in files:
@@ -600,15 +604,17 @@ def test_kill_9_leaves_no_scratch_after_the_next_command(slow_definition: Path, 
     store = tmp_path / "store"
     shutil.copytree(slow_definition.parent / "store", store)
     out = tmp_path / "out"
+    # Private trees go to a workspace of their own (the default would be /dev/shm when they fit).
+    (tmp_path / "ws").mkdir()
     extra = ("--no-cache",) if cache == "uncached" else ()
     env = {**os.environ, "REPROBUILD_STORE": str(store)}
     proc = subprocess.Popen(_cli("build", "-C", str(slow_definition), "--locked", "--offline", "-q", "-o", str(out),
-                                 *extra), env=env, cwd=REPO, start_new_session=True,
+                                 "--workspace", str(tmp_path / "ws"), *extra), env=env, cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         reached = {
             "work-dir": lambda: any(n.startswith(WORK_PREFIX) for n in os.listdir(out)) if out.is_dir() else False,
-            "packages": lambda: _listing_has(store / "tmp", out, "var/lib/dpkg/status"),
+            "packages": lambda: _listing_has(store / "tmp", out, tmp_path / "ws", "var/lib/dpkg/status"),
             "script": lambda: _started(store, out),
         }[point]
         assert _wait_for(reached), f"the build never reached {point}: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"

@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                  "pkcs11key")),
     # Definitions and storage: the settings table, the lockfile, the manifest, the store,
     # downloads, progress.
-    ("data", ("config", "lockfile", "manifest", "store", "fetch", "mirrors", "progress", "resolve", "preflight",
+    ("data", ("config", "lockfile", "manifest", "store", "fetch", "mirrors", "progress", "resolve", "preflight", "workspace",
               "registry", "registry.reference", "registry.auth", "registry.client")),
     # The root tree: extraction, sandbox, install, settings, normalisation.
     ("rootfs", ("rootfs", "rootfs.*")),

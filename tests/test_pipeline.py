@@ -17,6 +17,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -25,9 +27,11 @@ from reprobuild.build import plan
 from reprobuild.cache import Cache
 from reprobuild.codedigest import CodeDigests, imported_modules
 from reprobuild.config import load_spec
+from reprobuild.errors import BuildError
 from reprobuild.lockfile import load_lock
 from reprobuild.pipeline.context import BuildContext
 from reprobuild.pipeline.runner import Runner
+from reprobuild.pipeline.stage import Stage
 from reprobuild.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -268,3 +272,55 @@ def test_manifest_schema_rejects_what_the_build_never_writes() -> None:
                 {**good, "packages": ["no version"]}):
         with pytest.raises(jsonschema.ValidationError):
             validate_manifest(bad)
+
+
+# -- the runner makes a stage's missing upstream artifacts concurrently ----------------------------
+class _Slow(Stage):
+    """A file stage that records when and in which thread it ran (and can fail)."""
+
+    code_module = "reprobuild.pipeline.stage"  # its key's code digest: any module of the package
+
+    def __init__(self, name: str, log: list, fail: bool = False, upstream: tuple[str, ...] = ()) -> None:
+        self.name, self.log, self.fail, self.upstream = name, log, fail, upstream  # type: ignore[misc]
+
+    def run(self, ctx: BuildContext, up, out: Path) -> dict:
+        start = time.monotonic()
+        for u in self.upstream:
+            up.artifact(u)
+        time.sleep(0.4)
+        self.log.append((self.name, threading.get_ident(), start, time.monotonic()))
+        if self.fail:
+            raise BuildError(f"{self.name} failed")
+        out.write_text(self.name)
+        return {}
+
+
+def _runner(tmp: Path, stages: list[Stage]) -> Runner:
+    lock = load_lock(REPO / "lock/minimal/reprobuild.lock")
+    spec = load_spec(REPO / "lock/minimal")
+    store = Store(tmp / "store")
+    ctx = BuildContext(spec=spec, lock=lock, store=store, cache=Cache(store, enabled=False), work=tmp, format="tar")
+    return Runner(ctx, stages)
+
+
+def test_missing_upstream_artifacts_are_made_concurrently(tmp_path: Path) -> None:
+    log: list = []
+    runner = _runner(tmp_path, [_Slow("a", log), _Slow("b", log), _Slow("c", log, upstream=("a", "b"))])
+    runner.artifact("c")
+    runs = {name: (thread, start, end) for name, thread, start, end in log}
+    assert set(runs) == {"a", "b", "c"}
+    (ta, sa, ea), (tb, sb, eb) = runs["a"], runs["b"]
+    assert ta != tb, "a and b ran in the same thread"
+    assert sa < eb and sb < ea, "a and b did not overlap in time"
+    # Each stage's time is its own: c's excludes a's and b's.
+    reports = {r.name: r for r in runner.report_list()}
+    assert all(r.outcome == "built" for r in reports.values())
+    assert reports["c"].seconds < 0.7 and reports["a"].seconds >= 0.4 and reports["b"].seconds >= 0.4
+
+
+def test_a_failing_concurrent_upstream_fails_the_build_after_every_thread_ended(tmp_path: Path) -> None:
+    log: list = []
+    runner = _runner(tmp_path, [_Slow("a", log), _Slow("b", log, fail=True), _Slow("c", log, upstream=("a", "b"))])
+    with pytest.raises(BuildError, match="b failed"):
+        runner.artifact("c")
+    assert sorted(name for name, *_ in log) == ["a", "b"]  # a finished; c never ran

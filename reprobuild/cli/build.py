@@ -43,13 +43,16 @@ if TYPE_CHECKING:
 @click.option("--shell-on-failure", is_flag=True,
               help="When a BuildScripts= script fails, open a shell in its build environment "
                    "(sources at /work/src) before reporting the failure.")
+@click.option("--workspace", metavar="DIR|auto|output", default=None,
+              help="Where the trees are made: auto = in memory (/dev/shm) when they fit, else beside "
+                   "the output; output = beside the output; DIR = in DIR [default: $REPROBUILD_WORKSPACE, auto].")
 @json_option
 @quiet_option
 @rootless()
 def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: str | None,
                   output_dir: Path | None, offline: bool, jobs: int, substituters: tuple[str, ...],
-                  no_cache: bool, build_directory: Path | None, shell_on_failure: bool, as_json: bool,
-                  quiet: bool) -> None:
+                  no_cache: bool, build_directory: Path | None, shell_on_failure: bool, workspace: str | None,
+                  as_json: bool, quiet: bool) -> None:
     """Build the image of DIRECTORY from its lock.
 
     \b
@@ -82,14 +85,14 @@ def build_command(directory: Path, store_path: Path | None, locked: bool, fmt: s
     say = make_reporter(quiet or as_json)
     try:
         _build(spec, store, say, locked, fmt, output_dir, offline, jobs, substituters, no_cache, shell_on_failure,
-               as_json, quiet)
+               workspace, as_json, quiet)
     finally:
         say.close()
 
 
 def _build(spec: ImageSpec, store: Store, say: Reporter, locked: bool, fmt: str | None, output_dir: Path | None,
            offline: bool, jobs: int, substituters: tuple[str, ...], no_cache: bool, shell_on_failure: bool,
-           as_json: bool, quiet: bool) -> None:  # fmt: skip
+           workspace: str | None, as_json: bool, quiet: bool) -> None:  # fmt: skip
     from reprobuild.build import BuildOptions, build_locked
     from reprobuild.keys import provenance_signer
     from reprobuild.lock import LockOptions, lock_spec, save_signed_lock, unsigned_note
@@ -115,13 +118,13 @@ def _build(spec: ImageSpec, store: Store, say: Reporter, locked: bool, fmt: str 
     started = time.monotonic()
     options = BuildOptions(output_dir=output_dir or (spec.directory / "out"), format=fmt, offline=offline,
                            jobs=jobs, substituters=substituters, argv=tuple(sys.argv), cache=not no_cache,
-                           shell_on_failure=shell_on_failure)
+                           shell_on_failure=shell_on_failure, workspace=workspace)
     result = build_locked(spec, lock, store, options, say=say, fetch_progress=say)
     elapsed = time.monotonic() - started
     if as_json:
         click.echo(json.dumps({"outputs": {k: str(v) for k, v in result.outputs.items()},
                                "manifest": result.manifest, "timings": result.timings,
-                               "cache_hits": result.cache_hits,
+                               "cache_hits": result.cache_hits, "workspace": result.workspace,
                                "stages": [r.as_dict() for r in result.stages],
                                "seconds": round(elapsed, 3)}, indent=2, sort_keys=True))
         return

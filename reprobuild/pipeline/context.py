@@ -32,6 +32,13 @@ class BuildContext:
     mounts: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     # build --shell-on-failure: a failing build script opens a shell in its build environment.
     shell_on_failure: bool = False
+    # Where private trees are made (:mod:`reprobuild.workspace`: in memory when they fit);
+    # None: the work directory.
+    trees: Path | None = None
+
+    def tree_path(self, name: str) -> Path:
+        """Where a private tree called ``name`` is made (it must not exist yet)."""
+        return (self.trees or self.work) / name
 
     @property
     def epoch(self) -> int:

@@ -11,7 +11,8 @@ For each stage (see :mod:`reprobuild.pipeline.stage`) the runner derives
   only when the identity key misses; a hit is recorded under the identity key as well.
 
 Artifacts are made lazily: asking for the final stage asks for its upstream artifacts only if
-it must run. ``--no-cache`` is this runner with a cache that never hits and never stores.
+it must run; a stage that must run and still lacks two or more upstream artifacts has them made
+concurrently (``fs``: the configured tree and the tools tree). ``--no-cache`` is this runner with a cache that never hits and never stores.
 
 Each stage's key parts are kept per image directory (``<store>/cache/explain/``) so that a miss
 can say which declared part changed since the previous build (mkosi's cache manifest diff).
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +102,8 @@ class Runner:
         self._parts: dict[str, dict[str, str]] = {}
         self._artifacts: dict[str, Artifact] = {}
         self.reports: dict[str, StageReport] = {}
-        self._nested: list[float] = []  # time spent in upstream stages, per stage being made
+        self._thread = threading.local()  # per thread: the stack of upstream times (_nested_times)
+        self._locks = {s.name: threading.Lock() for s in stages}
         self._previous = self._load_explain()
         for s in stages:
             for dep in (*s.upstream, *s.reads):
@@ -134,25 +138,61 @@ class Runner:
 
     # -- artifacts -----------------------------------------------------------------------------
     def artifact(self, name: str) -> Artifact:
-        """Stage ``name``'s artifact: from the cache if its key hits, else made (lazily, once)."""
-        if name in self._artifacts:
-            return self._artifacts[name]
+        """Stage ``name``'s artifact: from the cache if its key hits, else made (lazily, once;
+        a thread asking for an artifact another thread is making waits for it)."""
+        nested = self._nested_times()
+        started = time.monotonic()
+        try:
+            with self._locks[name]:
+                if name not in self._artifacts:
+                    self._artifacts[name] = self._timed_make(name, nested)
+                return self._artifacts[name]
+        finally:
+            # Stage time excludes the upstream stages it asked for (they report their own),
+            # and the wait for one that another thread was making.
+            if nested:
+                nested[-1] += time.monotonic() - started
+
+    def _nested_times(self) -> list[float]:
+        """This thread's stack: time spent in upstream stages, per stage being made."""
+        stack = getattr(self._thread, "nested", None)
+        if stack is None:
+            stack = self._thread.nested = []
+        return stack
+
+    def _timed_make(self, name: str, nested: list[float]) -> Artifact:
         stage = self.stages[name]
         key = self.key(name)
         report = self.reports[name]
         cacheable = stage.cacheable(self.ctx) and stage.produces != "nothing"
         started = time.monotonic()
-        self._nested.append(0.0)
+        nested.append(0.0)
         try:
-            art = self._make(stage, key, report, cacheable)
+            return self._make(stage, key, report, cacheable)
         finally:
-            # Stage time excludes the upstream stages it asked for (they report their own).
-            total = time.monotonic() - started
-            report.seconds = round(total - self._nested.pop(), 3)
-            if self._nested:
-                self._nested[-1] += total
-        self._artifacts[name] = art
-        return art
+            report.seconds = round(time.monotonic() - started - nested.pop(), 3)
+
+    def _make_upstream_together(self, stage: Stage) -> None:
+        """A stage about to run needs all its upstream artifacts: when two or more must still be
+        made (e.g. ``fs`` needs the configured tree and the tools tree), make them at once, the
+        first in this thread and each other one in a thread of its own. Independent stages share
+        nothing but the store, which is safe for concurrent writers, and their bytes do not depend
+        on the order. Every thread is waited for; the first failure is raised."""
+        pending = [u for u in stage.upstream if u not in self._artifacts]
+        if len(pending) < 2:
+            return
+        with ThreadPoolExecutor(max_workers=len(pending) - 1, thread_name_prefix="stage") as pool:
+            futures = [pool.submit(self.artifact, u) for u in pending[1:]]
+            try:
+                self.artifact(pending[0])
+            finally:
+                waited = time.monotonic()
+                wait(futures)
+                nested = self._nested_times()
+                if nested:  # the wait for the others is upstream time too
+                    nested[-1] += time.monotonic() - waited
+        for f in futures:
+            f.result()
 
     def _make(self, stage: Stage, key: str, report: StageReport, cacheable: bool) -> Artifact:
         name = stage.name
@@ -185,7 +225,7 @@ class Runner:
             if stage.keep_extracted:
                 art.path = self.ctx.cache.tree_dir(entry)
             else:
-                art.path = self.ctx.work / stage.name
+                art.path = self.ctx.tree_path(stage.name)
                 self.ctx.cache.restore_tree(entry, art.path)
                 art.owned = True
         return art
@@ -194,9 +234,13 @@ class Runner:
         ctx, cache = self.ctx, self.ctx.cache
         cacheable = stage.cacheable(ctx) and stage.produces != "nothing" and cache.enabled
         access = _Access(self, stage)
+        self._make_upstream_together(stage)
         if stage.produces == "tree":
+            # A tree kept extracted in the store is made on the store's file system (renamed into
+            # it: measured, building in memory and copying it there gains nothing); a private tree
+            # in the build's workspace (in memory when it fits, see reprobuild.workspace).
             scratch = cache.scratch(stage.name) if cacheable and stage.keep_extracted else None
-            out = scratch / "tree" if scratch is not None else ctx.work / stage.name
+            out = scratch / "tree" if scratch is not None else ctx.tree_path(stage.name)
             try:
                 meta = stage.run(ctx, access, out)
                 art = Artifact(stage.name, key, meta, path=out, owned=True)

@@ -87,7 +87,7 @@ class BuildScriptsStage(Stage):
         for script in scripts:
             if not os.access(script, os.X_OK):
                 raise ConfigError(f"build script {script} is not executable")
-        root = ctx.work / "buildroot"
+        root = ctx.tree_path("buildroot")
         writable_tree(ctx, up.artifact("buildenv"), root)
         os.mkdir(out, 0o755)
         os.chmod(out, 0o755)

@@ -75,7 +75,7 @@ class InitrdStage(Stage):
     def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
         modules = self._modules(ctx, up)
         package_set = ctx.lock.package_set("initrd")
-        initrd_tree = ctx.work / "initrd-tree"
+        initrd_tree = ctx.tree_path("initrd-tree")
         ctx.say(f"building the initrd tree (initrd {len(package_set.packages)})")
         build_tree(planned_packages(package_set), ctx.cache.deb_path, initrd_tree, TreeSettings(machine_id=""),
                    ctx.epoch, progress=ctx.say)
