@@ -287,7 +287,7 @@ def test_vm_as_an_ordinary_user(rootless_env: Env, boot_images: dict[str, object
 
 def _killed_build_leaves_nothing(env: Env, work: Path, store: Path, sub: userns.IdRange) -> None:
     """A rootless build killed with SIGKILL while dpkg runs leaves scratch directories (in the
-    store's tmp/ and in the output directory) holding files of the user's subordinate ids, which the
+    store's tmp/, in the output directory and in /dev/shm, where its trees are made) holding files of the user's subordinate ids, which the
     user alone cannot always remove; the next build removes them."""
     argv = env.argv(USER, "build", "--locked", "-f", "tar", "--no-cache", "-o", "out-killed")
     proc = subprocess.Popen(argv, cwd=work, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -301,8 +301,12 @@ def _killed_build_leaves_nothing(env: Env, work: Path, store: Path, sub: userns.
     proc.wait(timeout=60)
     assert proc.returncode != 0, "".join(seen)
 
+    uid = pwd.getpwnam(USER).pw_uid
+
     def leftovers() -> list[Path]:
-        return [*(work / "out-killed").glob(".reprobuild-work-*"), *(store / "tmp").iterdir()]
+        # The trees are made in memory (/dev/shm, reprobuild.workspace): the user's directories there too.
+        trees = [p for p in Path("/dev/shm").glob(".reprobuild-work-*") if p.lstat().st_uid == uid]
+        return [*(work / "out-killed").glob(".reprobuild-work-*"), *(store / "tmp").iterdir(), *trees]
 
     left = leftovers()
     assert left, f"the killed build left no scratch directory: {''.join(seen)}"
