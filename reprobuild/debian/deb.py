@@ -110,6 +110,23 @@ def _decompressor(name: str, raw: BinaryIO) -> BinaryIO:
     raise FormatError(f"unsupported .deb member compression: {name}")
 
 
+@contextmanager
+def _corrupt_as_format_error(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (tarfile.TarError, lzma.LZMAError, EOFError, OSError) as e:
+        raise FormatError(f"{what}: {e}") from e
+
+
+@contextmanager
+def open_tar_bytes(data: bytes, what: str) -> Iterator[tarfile.TarFile]:
+    """A tar read by :meth:`DebFile.read_tar` as a ``tarfile`` in stream mode, errors as in
+    :meth:`DebFile.open_tar` (``what`` names it, e.g. the package)."""
+    with _corrupt_as_format_error(f"{what}: corrupt data.tar"), \
+            tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf:
+        yield tf
+
+
 @dataclass(frozen=True)
 class DebControl:
     """What the control member holds: the stanza fields and the maintainer scripts."""
@@ -214,10 +231,20 @@ class DebFile:
         m = self._member(f"{which}.tar")
         stream = _decompressor(m.name, io.BufferedReader(_Window(self._f, m.offset, m.size)))
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tf:
+            with _corrupt_as_format_error(f"{self.path.name}: corrupt {m.name}"), \
+                    tarfile.open(fileobj=stream, mode="r|") as tf:
                 yield tf
-        except (tarfile.TarError, lzma.LZMAError, EOFError, OSError) as e:
-            raise FormatError(f"{self.path.name}: corrupt {m.name}: {e}") from e
+        finally:
+            stream.close()
+
+    def read_tar(self, which: str) -> bytes:
+        """``"control"`` or ``"data"`` decompressed whole, for :func:`open_tar_bytes` (lets a
+        thread decompress the next package while another extracts this one)."""
+        m = self._member(f"{which}.tar")
+        stream = _decompressor(m.name, io.BufferedReader(_Window(self._f, m.offset, m.size)))
+        try:
+            with _corrupt_as_format_error(f"{self.path.name}: corrupt {m.name}"):
+                return stream.read()
         finally:
             stream.close()
 

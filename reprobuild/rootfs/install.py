@@ -26,10 +26,12 @@ import os
 import re
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from reprobuild.debian.deb import DebFile
+from reprobuild.debian.deb import DebFile, open_tar_bytes
 from reprobuild.errors import BuildError
 from reprobuild.progress import Update
 from reprobuild.rootfs.plan import PlannedPackage
@@ -167,15 +169,36 @@ def _not_needed_before_dpkg(parts: list[str]) -> bool:
     return len(parts) > 3 and parts[0] == "usr" and parts[1] == "share" and parts[2] in _DOCS
 
 
+# Packages decompressed ahead of the one being extracted (a thread; xz releases the GIL). Bounds
+# the memory to this many decompressed data.tars (the largest of a minbase is ~20 MB).
+DECOMPRESS_AHEAD = 2
+
+
+def _data_tar(path: Path) -> bytes:
+    with DebFile(path) as deb:
+        return deb.read_tar("data")
+
+
 def extract_essential(tree: Path, essential: Sequence[PlannedPackage], deb_path: Callable[[str], Path],
                       progress: Callable[[str], None]) -> None:
     """Step 1: unpack the data.tar of each package of the Essential closure, in the given order (pure Python),
-    except the files :func:`_not_needed_before_dpkg` names: step 3 unpacks every file again."""
+    except the files :func:`_not_needed_before_dpkg` names: step 3 unpacks every file again. A
+    thread decompresses the next packages meanwhile; the files are written in order, by this one."""
     writer = TreeWriter(tree)
-    for i, p in enumerate(essential):
-        progress(Update("extracting", i, len(essential), "packages", p.name))
-        with DebFile(deb_path(p.sha256)) as deb, deb.open_tar("data") as tf:
-            extract_tar(tf, writer, p.name, skip=_not_needed_before_dpkg)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decompress") as pool:
+        ahead = deque(pool.submit(_data_tar, deb_path(p.sha256)) for p in essential[:DECOMPRESS_AHEAD])
+        try:
+            for i, p in enumerate(essential):
+                progress(Update("extracting", i, len(essential), "packages", p.name))
+                data = ahead.popleft().result()
+                if i + DECOMPRESS_AHEAD < len(essential):
+                    ahead.append(pool.submit(_data_tar, deb_path(essential[i + DECOMPRESS_AHEAD].sha256)))
+                with open_tar_bytes(data, p.name) as tf:
+                    extract_tar(tf, writer, p.name, skip=_not_needed_before_dpkg)
+                del data
+        finally:
+            for f in ahead:
+                f.cancel()
     writer.finish()
     progress(Update("extracting", len(essential), len(essential), "packages"))
 
