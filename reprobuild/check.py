@@ -57,7 +57,7 @@ from reprobuild.manifest import OUTPUT_FILES
 Say = Callable[[str], None]
 
 VARIATIONS = ("build-path", "time", "timezone", "locale", "umask", "hostname", "cpus", "store", "environment",
-              "build-directory")
+              "build-directory", "workspace")
 TIME_SHIFT = "+397d"  # more than a year and not a whole number of weeks: dates and weekdays move
 VARIANT_TZ = "Pacific/Kiritimati"
 VARIANT_HOSTNAME = "reprobuild-check-variant"
@@ -114,6 +114,7 @@ class BuildRun:
     cpus: str | None = None  # taskset CPU list
     time_shift: str | None = None  # faketime offset
     build_directory: Path | None = None  # overrides BuildDirectory= (an empty one)
+    workspace: str = "auto"  # build --workspace: where the trees are made (reprobuild.workspace)
 
 
 def relocate_definition(directory: Path, base: Path) -> Path:
@@ -196,6 +197,8 @@ def plan_variations(available_cpus: int | None = None,
                         f"a new empty build directory (control: BuildDirectory={build_directory}, kept)"
                         if build_directory is not None else
                         "not applied: the definition sets no BuildDirectory= (every build starts empty)"),
+        VariationResult("workspace", True, "trees made beside the output, on its file system (--workspace output; "
+                                           "control: auto, in memory when they fit)"),
     ]  # fmt: skip
     return tuple(out)
 
@@ -234,7 +237,8 @@ def make_run(definition: Path, work: Path, label: str, applied: frozenset[str], 
                     hostname=VARIANT_HOSTNAME if "hostname" in applied else None,
                     cpus="0" if "cpus" in applied else None,
                     time_shift=TIME_SHIFT if "time" in applied and shutil.which("faketime") else None,
-                    build_directory=root / "empty-build-directory" if "build-directory" in applied else None)  # fmt: skip
+                    build_directory=root / "empty-build-directory" if "build-directory" in applied else None,
+                    workspace="output" if "workspace" in applied else "auto")  # fmt: skip
 
 
 def build_argv(run: BuildRun, fmt: str | None) -> list[str]:
@@ -242,7 +246,7 @@ def build_argv(run: BuildRun, fmt: str | None) -> list[str]:
     argv = [sys.executable, "-m", "reprobuild", "build", "-C", str(run.definition), "--locked",
             "-o", str(run.output), "--store", str(run.store), "-q",
             # No stage cache: a cached stage from one variation would hide a leak in another.
-            "--no-cache"]  # fmt: skip
+            "--no-cache", "--workspace", run.workspace]  # fmt: skip
     if fmt:
         argv += ["-f", fmt]
     if run.build_directory is not None:

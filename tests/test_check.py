@@ -89,6 +89,7 @@ def test_every_variation_is_really_applied(tmp_path: Path, served, base_deb: Pat
     text = " ".join(argv)
     assert "umask 077" in text and argv[:2] == ["unshare", "--uts"] and "taskset -c 0" in text
     assert build_argv(control, "tar")[:3] == ["sh", "-c", 'umask 022; exec "$@"']
+    assert "--workspace output" in text and "--workspace auto" in " ".join(build_argv(control, "tar"))
     if varied.time_shift:
         assert "faketime -f +397d" in text
 
