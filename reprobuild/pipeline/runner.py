@@ -202,7 +202,9 @@ class Runner:
         content_key = None
         if entry is None and cacheable:
             report.changed = self._changed(name)
-            content_key = self._content_key(stage)
+            # A content key serves lookups only: none with the cache off (--no-cache), where
+            # computing it would wait for the upstream trees it reads.
+            content_key = self._content_key(stage) if cache.enabled else None
             if content_key is not None:
                 entry = cache.get(name, content_key)
                 if entry is not None:

@@ -108,9 +108,11 @@ class EspStage(Stage):
                 "kernel_version": kernel_version, "sdboot": sha256_file(sdboot) if sdboot.is_file() else None}
 
     def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
+        # The initrd first: in a thread of its own (the runner makes ddi's upstreams, fs and esp,
+        # concurrently), its package tree is built while the image's is.
+        initrd_bytes = up.file("initrd").read_bytes()
         tree, kernel, stub, kernel_version, cmdline = self._parts(ctx, up)
         _stub_rel, boot_path, sdboot_rel = BOOT_FILES[ctx.spec.distribution.architecture]
-        initrd_bytes = up.file("initrd").read_bytes()
         uki = build_uki(stub.read_bytes(), kernel.read_bytes(), initrd_bytes, cmdline, _read_os_release(tree),
                         kernel_version)
         unsigned_sha = _sha256(uki)

@@ -73,13 +73,15 @@ class InitrdStage(Stage):
         return {"kernel_version": modules.kernel_version, "modules": modules.digest()}
 
     def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
-        modules = self._modules(ctx, up)
         package_set = ctx.lock.package_set("initrd")
         initrd_tree = ctx.tree_path("initrd-tree")
         ctx.say(f"building the initrd tree (initrd {len(package_set.packages)})")
+        # The package tree first, the image's tree only then: made in a thread of its own (see the
+        # runner), the initrd's dpkg run overlaps the image's.
         build_tree(planned_packages(package_set), ctx.cache.deb_path, initrd_tree, TreeSettings(machine_id=""),
                    ctx.epoch, progress=ctx.say)
         try:
+            modules = self._modules(ctx, up)
             _add_modules(initrd_tree, modules)
             _make_bootable(initrd_tree, ctx.epoch)
             ctx.say("writing the initrd")
