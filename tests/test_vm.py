@@ -22,12 +22,15 @@ from reprobuild.vm import (
     EFI_IMAGE_SECURITY_DATABASE,
     Credential,
     Firmware,
+    GuestKernelCrashed,
+    KernelCrash,
     QemuConfig,
     VarStoreInvalid,
     VmError,
     build_qemu_argv,
     enroll_certificate,
     firmware_paths,
+    kernel_crash,
     probe_kvm,
     read_variables,
     resolve_accel,
@@ -59,6 +62,23 @@ def test_argv_secure_boot_kvm_extra() -> None:
     assert "-global driver=cfi.pflash01,property=secure,value=on" in joined
     assert "if=none,id=disk0,format=raw,file=d.raw" in argv
     assert argv[-1] == "-s" and "-serial file:/tmp/log" in joined
+
+
+def test_argv_cpus_by_accelerator() -> None:
+    """Unless given, one vCPU under TCG (no multi-threaded TCG race with the kernel's text
+    patching), two under KVM; a given count wins under either."""
+
+    def smp(cfg: QemuConfig, accel: str) -> str:
+        argv = build_qemu_argv(cfg, FW, accel)  # type: ignore[arg-type]
+        assert argv.count("-smp") == 1 and argv.count("-accel") == 1
+        return argv[argv.index("-smp") + 1]
+
+    assert smp(QemuConfig(image=None), "tcg") == "1"
+    assert smp(QemuConfig(image=None), "kvm") == "2"
+    assert smp(QemuConfig(image=None, cpus=2), "tcg") == "2"
+    assert smp(QemuConfig(image=None, cpus=1), "kvm") == "1"
+    argv = build_qemu_argv(QemuConfig(image=None), FW, "tcg")
+    assert argv[argv.index("-accel") + 1] == "tcg"
 
 
 def test_argv_without_disk() -> None:
@@ -302,3 +322,97 @@ def test_credentials_reach_qemu_through_private_files(tmp_path: Path) -> None:
 def test_no_credentials_no_smbios(tmp_path: Path) -> None:
     found, _ = run_until(_fake_cfg(tmp_path, CRED_QEMU), b"DONE-MARKER", timeout=30)
     assert found and "-smbios" not in (tmp_path / "argv.txt").read_text()
+
+
+# ---- guest kernel crashes: found on the console, and the wait ends at once ----------------------
+
+# Around the crash: lines of a real TCG boot of lock/bootable (Debian's 6.12 kernel); the crash
+# lines follow the kernel's formats (arch/x86/kernel/dumpstack.c __die_header: "Oops: " since
+# 6.x; kernel/panic.c), here the int3 oops a multi-threaded TCG guest can hit in sched_clock_cpu.
+BOOT_START = (b"[    0.537023] smpboot: x86: Booting SMP configuration:\r\n"
+              b"[    4.876549] sched_clock: Marking stable (4928064384, -54976078)->(5249155130, -376066824)\r\n")  # fmt: skip
+USERSPACE = (b"[    6.998705] Run /init as init process\r\n"
+             b"[    7.155995] systemd[1]: Failed to find module 'autofs4'\r\n")  # fmt: skip
+INT3_OOPS = (b"[    4.881002] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\r\n"
+             b"[    4.881002] CPU: 1 UID: 0 PID: 0 Comm: swapper/1 Not tainted 6.12.117+deb13-amd64 #1  Debian 6.12.117-1\r\n"
+             b"[    4.881002] RIP: 0010:sched_clock_cpu+0x5/0x1c0\r\n"
+             b"[    4.881002] ---[ end trace 0000000000000000 ]---\r\n")  # fmt: skip
+OLD_OOPS = (b"[   14.220554] kernel BUG at arch/x86/kernel/jump_label.c:73!\r\n"
+            b"[   14.220729] invalid opcode: 0000 [#1] SMP PTI\r\n"
+            b"[   14.220938] RIP: 0010:__jump_label_patch+0x1b9/0x1d0\r\n")  # fmt: skip
+PANIC = b"[    2.371540] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\r\n"
+
+
+def test_kernel_crash_oops_before_userspace() -> None:
+    crash = kernel_crash(BOOT_START + INT3_OOPS)
+    assert crash == KernelCrash("oops", "[    4.881002] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI",
+                                "sched_clock_cpu+0x5/0x1c0", True)  # fmt: skip
+    assert crash.describe() == "[    4.881002] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI at sched_clock_cpu+0x5/0x1c0"
+    assert crash.when == "before userspace started"
+
+
+def test_kernel_crash_after_userspace_and_older_format() -> None:
+    crash = kernel_crash(BOOT_START + USERSPACE + OLD_OOPS)
+    assert crash is not None and crash.kind == "oops" and not crash.before_userspace
+    assert crash.line == "[   14.220729] invalid opcode: 0000 [#1] SMP PTI"
+    assert crash.where == "__jump_label_patch+0x1b9/0x1d0"
+    # systemd's own lines count as userspace when a quiet kernel hides "Run /init"
+    assert not kernel_crash(b"[    7.1] systemd[1]: Starting x\r\n" + OLD_OOPS).before_userspace  # type: ignore[union-attr]
+
+
+def test_kernel_crash_panic_and_first_of_several() -> None:
+    crash = kernel_crash(BOOT_START + PANIC)
+    assert crash == KernelCrash("panic", PANIC.decode().strip(), "", True)
+    first = kernel_crash(BOOT_START + INT3_OOPS + PANIC)
+    assert first is not None and first.kind == "oops" and "int3" in first.line
+
+
+def test_kernel_crash_none_on_a_clean_boot() -> None:
+    console = (BOOT_START + USERSPACE + b"\x1b[0;32m  OK  \x1b[0m] Reached target multi-user.target\r\n"
+               b"[   52.6] i801_smbus 0000:00:1f.3: Enabling SMBus device\r\n"
+               b"[    0.0] WARNING: CPU: 0 PID: 1 at kernel/x.c:1 f+0x1/0x2\r\n"
+               b"Debian GNU/Linux 13 reprobuild ttyS0\r\n\r\nreprobuild login: root (automatic login)\r\n")  # fmt: skip
+    assert kernel_crash(console) is None
+    assert kernel_crash(b"") is None
+
+
+OOPS_QEMU = """#!/bin/sh
+printf '[    0.5] smpboot: x86: Booting SMP configuration:\\r\\n'
+sleep 0.2
+printf '[    4.8] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\\r\\n'
+sleep 0.3
+printf '[    4.8] RIP: 0010:sched_clock_cpu+0x5/0x1c0\\r\\n'
+printf '[    4.8] ---[ end trace 0000000000000000 ]---\\r\\n'
+exec sleep 60
+"""
+
+PANIC_NO_END_QEMU = """#!/bin/sh
+printf '[    6.9] Run /init as init process\\r\\n'
+printf '[    9.1] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\\r\\n'
+exec sleep 60
+"""
+
+
+def test_run_until_stops_at_a_kernel_oops(tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(GuestKernelCrashed) as info:
+        run_until(_fake_cfg(tmp_path, OOPS_QEMU), b"login:", timeout=120)
+    assert time.monotonic() - start < 10  # not the 120 s timeout: qemu was killed at the report's end
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("guest kernel oops before userspace started (")
+    assert "before 'login:' appeared): [    4.8] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI at sched_clock_cpu+0x5/0x1c0" in message
+    assert info.value.crash.before_userspace and b"end trace" in info.value.console
+    assert b"Oops: int3" in (tmp_path / "serial.log").read_bytes()
+
+
+def test_run_until_stops_at_a_panic_after_a_grace(tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(GuestKernelCrashed, match=r"^guest kernel panic after userspace started .*Attempted to kill init"):
+        run_until(_fake_cfg(tmp_path, PANIC_NO_END_QEMU), b"login:", timeout=120)
+    assert time.monotonic() - start < 15  # no end-of-report line: the grace of a few seconds, then stop
+
+
+def test_run_until_marker_before_an_oops_wins(tmp_path: Path) -> None:
+    script = OOPS_QEMU.replace("exec sleep 60", "").replace("Booting SMP", "login:")
+    found, console = run_until(_fake_cfg(tmp_path, script + "exec sleep 60\n"), b"login:", timeout=30)
+    assert found and b"Oops" not in console
