@@ -10,8 +10,8 @@ a timeout or a missing marker fails the test at once.
 
 from __future__ import annotations
 
+import re
 import shutil
-import subprocess
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,8 +23,8 @@ from reprobuild.vm import FIRMWARE_GAVE_UP, GuestKernelCrashed, QemuConfig, run_
 
 T = TypeVar("T")
 
-# In `reprobuild vm`'s one-line error (vm.GuestKernelCrashed) when the crash came before init.
-EARLY_CRASH = "before userspace started"
+# `reprobuild vm`'s one-line error (vm.GuestKernelCrashed) when the crash came before init.
+EARLY_CRASH_ERROR = re.compile(r"guest kernel (oops|panic) before userspace started \(")
 
 
 class BootRetried(UserWarning):
@@ -78,10 +78,7 @@ def boot_until(config: QemuConfig, marker: bytes, timeout: float,
     return Boot(*result, note)
 
 
-def cli_early_crash(run: subprocess.CompletedProcess[str]) -> str | None:
-    """The one-line error of a ``reprobuild vm --expect`` run that ended on a guest kernel crash
+def cli_early_crash(output: str) -> str | None:
+    """The error line in ``reprobuild vm --expect``'s output when it ended on a guest kernel crash
     before userspace, else None."""
-    if run.returncode == 0:
-        return None
-    return next((line for line in run.stdout.splitlines() if line.startswith("error: ") and EARLY_CRASH in line),
-                None)  # fmt: skip
+    return next((line.strip() for line in output.splitlines() if EARLY_CRASH_ERROR.search(line)), None)

@@ -38,6 +38,7 @@ from reprobuild.vm import (
     signature_list_x509,
 )
 from reprobuild.x509 import generate_rsa_key_and_certificate
+from tests.guest_boot import BootRetried, boot_until
 
 FW = Firmware(Path("/fw/CODE.fd"), Path("/tmp/VARS.fd"))
 
@@ -183,9 +184,10 @@ def test_secure_boot_with_our_key(boot_images: dict[str, object]) -> None:
     cfg = QemuConfig(image=boot_images["signed"], memory="1G", secure_boot=True,  # type: ignore[arg-type]
                      secure_boot_cert=boot_images["cert"], serial_log=boot_images["work"] / "sb.log")  # type: ignore[arg-type,operator]  # fmt: skip
     start = time.monotonic()
-    found, console = run_until(cfg, MARKER, timeout=400)
+    boot = boot_until(cfg, MARKER, timeout=400)
     elapsed = time.monotonic() - start
-    assert found, console[-3000:].decode(errors="replace")
+    console = boot.console
+    assert boot.found, boot.tail(3000)
     assert b"Secure boot enabled" in console
     assert b"console=ttyS0 panic=-1 " + MARKER in console  # init saw the UKI's .cmdline in /proc/cmdline
     print(f"\nUKI {boot_images['uki_size']} bytes, signed in {boot_images['sign_seconds']:.2f}s, "
@@ -416,3 +418,51 @@ def test_run_until_marker_before_an_oops_wins(tmp_path: Path) -> None:
     script = OOPS_QEMU.replace("exec sleep 60", "").replace("Booting SMP", "login:")
     found, console = run_until(_fake_cfg(tmp_path, script + "exec sleep 60\n"), b"login:", timeout=30)
     assert found and b"Oops" not in console
+
+
+# ---- the boot tests' helper: one retry, only for a crash before userspace, never silent ---------
+
+COUNTING_QEMU = """#!/bin/sh
+dir="$(dirname "$0")"
+echo x >> "$dir/boots"
+n=$(wc -l < "$dir/boots")
+if [ "$n" -le {crashes} ]; then
+  printf '[    0.5] smpboot: x86: Booting SMP configuration:\\r\\n'
+  {userspace}
+  printf '[    4.8] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\\r\\n[    4.8] ---[ end trace 0 ]---\\r\\n'
+else
+  printf 'reprobuild login: \\r\\n'
+fi
+exec sleep 60
+"""
+
+
+def _counting_cfg(tmp_path: Path, crashes: int, userspace: bool = False) -> QemuConfig:
+    run_init = "printf '[    6.9] Run /init as init process\\r\\n'" if userspace else ""
+    return _fake_cfg(tmp_path, COUNTING_QEMU.replace("{crashes}", str(crashes)).replace("{userspace}", run_init))
+
+
+def test_boot_helper_retries_once_after_an_early_crash_and_says_so(tmp_path: Path) -> None:
+    with pytest.warns(BootRetried, match=r"retried once after a guest kernel crash before userspace: .*Oops: int3"):
+        boot = boot_until(_counting_cfg(tmp_path, crashes=1), b"login:", timeout=30)
+    assert boot.found and boot.note.startswith("boot retried once") and boot.tail().startswith(boot.note)
+    assert (tmp_path / "boots").read_text().count("x") == 2
+    assert b"Oops" in (tmp_path / "serial.log.first-attempt").read_bytes()
+    assert b"Oops" not in (tmp_path / "serial.log").read_bytes()
+
+
+def test_boot_helper_fails_on_a_second_crash_naming_the_retry(tmp_path: Path) -> None:
+    with pytest.warns(BootRetried), pytest.raises(pytest.fail.Exception) as info:
+        boot_until(_counting_cfg(tmp_path, crashes=2), b"login:", timeout=30)
+    assert str(info.value).startswith("boot retried once after a guest kernel crash before userspace")
+    assert "\nguest kernel oops before userspace started" in str(info.value)
+    assert (tmp_path / "boots").read_text().count("x") == 2
+
+
+def test_boot_helper_does_not_retry_a_crash_after_userspace(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    with pytest.raises(pytest.fail.Exception, match="^guest kernel oops after userspace started"):
+        boot_until(_counting_cfg(tmp_path, crashes=1, userspace=True), b"login:", timeout=30)
+    assert (tmp_path / "boots").read_text().count("x") == 1 and not recwarn.list
+    (tmp_path / "boots").unlink()
+    boot = boot_until(_counting_cfg(tmp_path, crashes=0), b"login:", timeout=30)  # no crash: one boot, no note
+    assert boot.found and boot.note == "" and (tmp_path / "boots").read_text().count("x") == 1
