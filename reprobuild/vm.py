@@ -12,11 +12,10 @@ Three pieces:
 kernel oops or panic on the console ends the wait at once (``GuestKernelCrashed``, naming the
 line) instead of running into the timeout.
 
-Guest CPUs (``QemuConfig.cpus``): given, they are used as given; by default 2 under KVM and 1
-under TCG (software emulation). With several vCPUs qemu runs TCG multi-threaded (one host thread
-per vCPU), and Debian's kernel then sometimes oopses early ("Oops: int3" while it patches its
-static keys, docs/running.md): a stale translation of the code being patched still runs on the
-other vCPU. One vCPU cannot race with itself.
+TCG (software emulation) runs single-threaded (``-accel tcg,thread=single``: all vCPUs take
+turns on one host thread) rather than qemu's default of one host thread per vCPU: multi-threaded
+TCG with more than one vCPU sometimes makes the guest kernel oops early ("Oops: int3" while it
+patches its static keys, docs/running.md). ``QemuConfig.cpus`` is used as given either way.
 
 Credentials for systemd in the guest (``QemuConfig.credentials``) travel as SMBIOS type 11
 strings (``io.systemd.credential.binary:NAME=BASE64``) that qemu reads from private files
@@ -58,10 +57,8 @@ VARS_SECBOOT = ("OVMF_VARS_4M.snakeoil.fd", "OVMF_VARS.snakeoil.fd")
 KVM_PROBE_SECONDS = 15.0
 KVM_FAILED = b"KVM internal error"  # what qemu prints (stderr) when KVM cannot run the guest
 
-# Guest CPUs when QemuConfig.cpus is not given: the kernel's text patching races under
-# multi-threaded TCG with more than one vCPU (module docstring), so TCG boots one.
-DEFAULT_CPUS_KVM = 2
-DEFAULT_CPUS_TCG = 1
+# qemu's -accel for each accelerator; TCG single-threaded (module docstring, docs/running.md).
+ACCEL_ARG = {"kvm": "kvm", "tcg": "tcg,thread=single"}
 
 Accel = Literal["kvm", "tcg"]
 Say = Callable[[str], None]
@@ -130,7 +127,7 @@ class QemuConfig:
 
     image: Path | None  # None: no disk (firmware only, as the KVM probe uses)
     memory: str = "2G"
-    cpus: int | None = None  # None: DEFAULT_CPUS_KVM or DEFAULT_CPUS_TCG, by accelerator (guest_cpus)
+    cpus: int = 2
     secure_boot: bool = False
     secure_boot_cert: bytes | None = None
     firmware_code: Path | None = None
@@ -164,24 +161,17 @@ def firmware_paths(cfg: QemuConfig) -> tuple[Path, Path]:
     return code, template
 
 
-def guest_cpus(cfg: QemuConfig, accel: Accel) -> int:
-    """The vCPU count: ``cfg.cpus`` if given, else the accelerator's default (pure)."""
-    if cfg.cpus is not None:
-        return cfg.cpus
-    return DEFAULT_CPUS_KVM if accel == "kvm" else DEFAULT_CPUS_TCG
-
-
 def build_qemu_argv(cfg: QemuConfig, firmware: Firmware, accel: Accel, serial: str = "stdio") -> list[str]:
     """The qemu command line (pure). ``serial`` is a qemu chardev spec (``stdio``, ``mon:stdio``,
     ``file:PATH``). Headless: no display, no monitor, no network, no default devices; the disk is
     virtio-blk (boot index 1), opened read-only-in-effect with ``snapshot=on`` unless disabled.
-    vCPUs: :func:`guest_cpus`."""
+    TCG is single-threaded (``ACCEL_ARG``)."""
     argv = [cfg.qemu,
         "-machine", "q35,smm=on" if cfg.secure_boot else "q35",
-        "-accel", accel,
+        "-accel", ACCEL_ARG[accel],
         "-cpu", "host" if accel == "kvm" else "max",
         "-m", cfg.memory,
-        "-smp", str(guest_cpus(cfg, accel)),
+        "-smp", str(cfg.cpus),
         "-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none",
         "-serial", serial,
     ]  # fmt: skip

@@ -554,12 +554,6 @@ def test_vm_expect_guest_kernel_crash(disk: Path, fake_qemu: dict[str, Any], mon
     assert cli_early_crash(out) == error and cli_early_crash(out.replace("before userspace", "after userspace")) is None
 
 
-def test_vm_cpus_default_is_left_to_the_accelerator(disk: Path, fake_qemu: dict[str, Any]) -> None:
-    run("vm", str(disk), "--kvm", "no")
-    assert fake_qemu["cfg"].cpus is None  # vm.guest_cpus: 1 under TCG, 2 under KVM
-    assert "--cpus INTEGER RANGE" in run("vm", "--help")[1] and "1 under TCG" in run("vm", "--help")[1]
-
-
 def test_vm_credentials(disk: Path, fake_qemu: dict[str, Any], tmp_path: Path) -> None:
     secret = tmp_path / "token"
     secret.write_bytes(b"file-secret\n")

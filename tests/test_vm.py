@@ -47,7 +47,7 @@ def test_argv_plain_tcg() -> None:
     argv = build_qemu_argv(QemuConfig(image=Path("/img/disk.raw"), memory="1G", cpus=3), FW, "tcg")
     joined = " ".join(argv)
     assert argv[0] == "qemu-system-x86_64"
-    assert "-machine q35 -accel tcg -cpu max -m 1G -smp 3" in joined
+    assert "-machine q35 -accel tcg,thread=single -cpu max -m 1G -smp 3" in joined
     assert "-serial stdio" in joined and "-display none" in joined and "-nic none" in joined
     assert "if=pflash,format=raw,unit=0,file=/fw/CODE.fd,readonly=on" in argv
     assert "if=pflash,format=raw,unit=1,file=/tmp/VARS.fd" in argv
@@ -65,21 +65,19 @@ def test_argv_secure_boot_kvm_extra() -> None:
     assert argv[-1] == "-s" and "-serial file:/tmp/log" in joined
 
 
-def test_argv_cpus_by_accelerator() -> None:
-    """Unless given, one vCPU under TCG (no multi-threaded TCG race with the kernel's text
-    patching), two under KVM; a given count wins under either."""
+def test_argv_tcg_single_threaded_kvm_unchanged() -> None:
+    """TCG runs single-threaded (no multi-threaded TCG race with the kernel's text patching) with
+    the vCPU count as given; KVM's -accel carries no TCG option."""
 
-    def smp(cfg: QemuConfig, accel: str) -> str:
-        argv = build_qemu_argv(cfg, FW, accel)  # type: ignore[arg-type]
+    def accel_smp(cpus: int, accel: str) -> tuple[str, str]:
+        argv = build_qemu_argv(QemuConfig(image=None, cpus=cpus), FW, accel)  # type: ignore[arg-type]
         assert argv.count("-smp") == 1 and argv.count("-accel") == 1
-        return argv[argv.index("-smp") + 1]
+        return argv[argv.index("-accel") + 1], argv[argv.index("-smp") + 1]
 
-    assert smp(QemuConfig(image=None), "tcg") == "1"
-    assert smp(QemuConfig(image=None), "kvm") == "2"
-    assert smp(QemuConfig(image=None, cpus=2), "tcg") == "2"
-    assert smp(QemuConfig(image=None, cpus=1), "kvm") == "1"
-    argv = build_qemu_argv(QemuConfig(image=None), FW, "tcg")
-    assert argv[argv.index("-accel") + 1] == "tcg"
+    assert accel_smp(2, "tcg") == ("tcg,thread=single", "2")
+    assert accel_smp(1, "tcg") == ("tcg,thread=single", "1")
+    assert accel_smp(4, "kvm") == ("kvm", "4")
+    assert QemuConfig(image=None).cpus == 2
 
 
 def test_argv_without_disk() -> None:
@@ -466,3 +464,28 @@ def test_boot_helper_does_not_retry_a_crash_after_userspace(tmp_path: Path, recw
     (tmp_path / "boots").unlink()
     boot = boot_until(_counting_cfg(tmp_path, crashes=0), b"login:", timeout=30)  # no crash: one boot, no note
     assert boot.found and boot.note == "" and (tmp_path / "boots").read_text().count("x") == 1
+
+
+@pytest.mark.live
+@pytest.mark.boot
+@pytest.mark.timeout(600)
+def test_real_kernel_panic_ends_the_wait(debian_boot_files: dict[str, Path], tmp_path: Path) -> None:
+    """Debian's kernel with an initrd that has no /init and no root= panics before userspace
+    ("VFS: Unable to mount root fs"); run_until stops seconds after, not at its 400 s timeout."""
+    (tmp_path / "tree/dev").mkdir(parents=True)
+    make_initrd_cpio(tmp_path / "tree", tmp_path / "initrd.zst", 1700000000)
+    uki = build_uki(debian_boot_files["stub"].read_bytes(), debian_boot_files["kernel"].read_bytes(),
+                    (tmp_path / "initrd.zst").read_bytes(), "console=ttyS0", "ID=debian\nVERSION_ID=12\n",
+                    str(debian_boot_files["uname"]))  # fmt: skip
+    make_esp({"EFI/BOOT/BOOTX64.EFI": uki}, tmp_path / "esp.img", volume_id=1, epoch=1700000000)
+    cfg = QemuConfig(image=tmp_path / "esp.img", memory="512M", serial_log=tmp_path / "panic.log")
+    start = time.monotonic()
+    with pytest.raises(GuestKernelCrashed) as info:
+        run_until(cfg, MARKER, timeout=400)
+    elapsed = time.monotonic() - start
+    crash = info.value.crash
+    assert crash.kind == "panic" and crash.before_userspace, crash
+    assert "Kernel panic - not syncing: VFS: Unable to mount root fs" in crash.line
+    assert str(info.value).startswith("guest kernel panic before userspace started (")
+    assert elapsed < 300
+    print(f"\nreal kernel panic reported after {elapsed:.1f}s: {info.value}")

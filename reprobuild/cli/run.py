@@ -162,9 +162,8 @@ def guest_credentials(values: tuple[str, ...], files: tuple[str, ...]) -> tuple:
               help="Image definition to take the certificate from [default: the one beside IMAGE "
                    "or its parent].")
 @click.option("-m", "--memory", default="2G", show_default=True, help="Guest memory (qemu -m syntax).")
-@click.option("--cpus", type=click.IntRange(1, 64), default=None,
-              help="Guest CPUs [default: 2 with KVM, 1 under TCG: a multi-threaded TCG guest with "
-                   "several CPUs can oops early, see docs/running.md].")
+@click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Guest CPUs (under TCG they take turns on one host thread: -accel tcg,thread=single).")
 @click.option("--kvm", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="auto: KVM if /dev/kvm really runs a guest (probed), else TCG emulation.")
 @click.option("--snapshot/--no-snapshot", default=True, show_default=True,
@@ -183,7 +182,7 @@ def guest_credentials(values: tuple[str, ...], files: tuple[str, ...]) -> tuple:
               help="A systemd credential for the guest, read from PATH; may repeat.")
 @click.argument("qemu_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- QEMU ARGS...]")
 def vm_command(image: Path, secure_boot: bool, certificate: Path | None, directory: Path | None, memory: str,
-               cpus: int | None, kvm: str, snapshot: bool, expect: str | None, timeout: float | None,
+               cpus: int, kvm: str, snapshot: bool, expect: str | None, timeout: float | None,
                console_log: Path | None, credentials: tuple[str, ...], credential_files: tuple[str, ...],
                qemu_args: tuple[str, ...]) -> int:  # fmt: skip
     """Boot IMAGE in qemu with UEFI firmware (OVMF), serial console on this terminal.
