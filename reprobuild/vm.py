@@ -340,6 +340,7 @@ def _watch(argv: list[str], marker: bytes, timeout: float, stop_on: Sequence[byt
     console, errors = bytearray(), bytearray()
     found = False
     crash_at: int | None = None  # where on the console a kernel crash report starts
+    scanned = 0  # console bytes already searched for one
     started = time.monotonic()
     deadline = started + timeout
     sel = selectors.DefaultSelector()
@@ -368,9 +369,10 @@ def _watch(argv: list[str], marker: bytes, timeout: float, stop_on: Sequence[byt
                 say(Update("booting", int(time.monotonic() - started), int(timeout), "s", last_line(console)))
             if any(p in console or p in errors for p in stop_on):
                 break
-            if crash_at is None and not found and (crash := KERNEL_OOPS.search(console) or KERNEL_PANIC.search(console)):
+            if crash_at is None and not found and (crash := KERNEL_CRASH.search(console, max(0, scanned - 64))):
                 crash_at = crash.start()
                 deadline = min(deadline, time.monotonic() + CRASH_GRACE_SECONDS)
+            scanned = len(console)
             if crash_at is not None and console.find(CRASH_DUMP_END, crash_at) != -1:
                 break
     finally:
@@ -390,8 +392,7 @@ def _watch(argv: list[str], marker: bytes, timeout: float, stop_on: Sequence[byt
 # The kernel's oops header, die()'s "<what>: <error code> [#<count>]" (arch/x86/kernel/dumpstack.c
 # __die_header; Linux 6.x prefixes it with "Oops: ", e.g. "Oops: int3: 0000 [#1] PREEMPT SMP NOPTI"),
 # and panic()'s "Kernel panic - not syncing: <reason>" (kernel/panic.c).
-KERNEL_OOPS = re.compile(rb"[^\r\n]*: [0-9a-f]{4,16} \[#\d+\][^\r\n]*")
-KERNEL_PANIC = re.compile(rb"[^\r\n]*Kernel panic - not syncing: [^\r\n]*")
+KERNEL_CRASH = re.compile(rb"(?P<oops>: [0-9a-f]{4,16} \[#\d+\])|(?P<panic>Kernel panic - not syncing: )")
 KERNEL_RIP = re.compile(rb"RIP: [0-9a-f]{4}:([^\s]+)")  # where it happened (x86 __show_regs)
 # The kernel says this just before it starts init (init/main.c run_init_process); systemd's own
 # lines stand in when a quiet command line hides it.
@@ -419,17 +420,19 @@ class KernelCrash:
 
 def kernel_crash(console: bytes) -> KernelCrash | None:
     """The first kernel oops or panic on a serial console capture, or None (pure)."""
-    hits = [(m, kind) for rx, kind in ((KERNEL_OOPS, "oops"), (KERNEL_PANIC, "panic"))
-            if (m := rx.search(console)) is not None]  # fmt: skip
-    if not hits:
+    match = KERNEL_CRASH.search(console)
+    if match is None:
         return None
-    match, kind = min(hits, key=lambda hit: hit[0].start())
-    line = _ANSI.sub("", match.group(0).decode("utf-8", "replace"))
+    start = max(console.rfind(b"\n", 0, match.start()), console.rfind(b"\r", 0, match.start())) + 1
+    end = min((i for i in (console.find(b"\n", match.end()), console.find(b"\r", match.end())) if i != -1),
+              default=len(console))  # fmt: skip
+    line = _ANSI.sub("", console[start:end].decode("utf-8", "replace"))
     line = "".join(c for c in line if c.isprintable()).strip()
-    rip = KERNEL_RIP.search(console, match.end()) if kind == "oops" else None
+    kind = "oops" if match.group("oops") else "panic"
+    rip = KERNEL_RIP.search(console, end) if kind == "oops" else None
     where = rip.group(1).decode("utf-8", "replace") if rip else ""
-    started = any(0 <= console.find(p) < match.start() for p in USERSPACE_STARTED)
-    return KernelCrash(kind, line, where, not started)  # type: ignore[arg-type]
+    started = any(0 <= console.find(p) < start for p in USERSPACE_STARTED)
+    return KernelCrash(kind, line, where, not started)
 
 
 _ANSI = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>c])")  # terminal control sequences
