@@ -326,9 +326,10 @@ def test_no_credentials_no_smbios(tmp_path: Path) -> None:
 
 # ---- guest kernel crashes: found on the console, and the wait ends at once ----------------------
 
-# Around the crash: lines of a real TCG boot of lock/bootable (Debian's 6.12 kernel); the crash
-# lines follow the kernel's formats (arch/x86/kernel/dumpstack.c __die_header: "Oops: " since
-# 6.x; kernel/panic.c), here the int3 oops a multi-threaded TCG guest can hit in sched_clock_cpu.
+# Around the crash: lines of a real TCG boot of lock/bootable (Debian's 6.12 kernel). PANIC is the
+# line test_real_kernel_panic_ends_the_wait's boot printed; the oops lines follow the kernel's
+# format (arch/x86/kernel/dumpstack.c __die_header: "Oops: " since 6.x), here the int3 oops a
+# multi-threaded TCG guest can hit in sched_clock_cpu, and an older kernel's BUG.
 BOOT_START = (b"[    0.537023] smpboot: x86: Booting SMP configuration:\r\n"
               b"[    4.876549] sched_clock: Marking stable (4928064384, -54976078)->(5249155130, -376066824)\r\n")  # fmt: skip
 USERSPACE = (b"[    6.998705] Run /init as init process\r\n"
@@ -340,7 +341,7 @@ INT3_OOPS = (b"[    4.881002] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\r\n"
 OLD_OOPS = (b"[   14.220554] kernel BUG at arch/x86/kernel/jump_label.c:73!\r\n"
             b"[   14.220729] invalid opcode: 0000 [#1] SMP PTI\r\n"
             b"[   14.220938] RIP: 0010:__jump_label_patch+0x1b9/0x1d0\r\n")  # fmt: skip
-PANIC = b"[    2.371540] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\r\n"
+PANIC = b"[    2.484381] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\r\n"
 
 
 def test_kernel_crash_oops_before_userspace() -> None:
