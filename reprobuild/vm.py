@@ -8,7 +8,14 @@ Three pieces:
   one X.509 certificate, so images signed by our key (and nothing else) pass Secure Boot.
 
 ``run_until`` boots headless and watches the serial console for a marker (tests, ``verify``);
-``run_interactive`` hands the console to the user. qemu is always killed on the way out.
+``run_interactive`` hands the console to the user. qemu is always killed on the way out. A guest
+kernel oops or panic on the console ends the wait at once (``GuestKernelCrashed``, naming the
+line) instead of running into the timeout.
+
+TCG (software emulation) runs single-threaded (``-accel tcg,thread=single``: all vCPUs take
+turns on one host thread) rather than qemu's default of one host thread per vCPU: multi-threaded
+TCG with more than one vCPU sometimes makes the guest kernel oops early ("Oops: int3" while it
+patches its static keys, docs/running.md). ``QemuConfig.cpus`` is used as given either way.
 
 Credentials for systemd in the guest (``QemuConfig.credentials``) travel as SMBIOS type 11
 strings (``io.systemd.credential.binary:NAME=BASE64``) that qemu reads from private files
@@ -50,12 +57,24 @@ VARS_SECBOOT = ("OVMF_VARS_4M.snakeoil.fd", "OVMF_VARS.snakeoil.fd")
 KVM_PROBE_SECONDS = 15.0
 KVM_FAILED = b"KVM internal error"  # what qemu prints (stderr) when KVM cannot run the guest
 
+# qemu's -accel for each accelerator; TCG single-threaded (module docstring, docs/running.md).
+ACCEL_ARG = {"kvm": "kvm", "tcg": "tcg,thread=single"}
+
 Accel = Literal["kvm", "tcg"]
 Say = Callable[[str], None]
 
 
 class VmError(ReprobuildError):
     """qemu could not be started or the firmware/variable store is unusable."""
+
+
+class GuestKernelCrashed(VmError):
+    """The guest's kernel oopsed or panicked on the serial console before the marker appeared."""
+
+    def __init__(self, crash: KernelCrash, marker: bytes, seconds: float, console: bytes) -> None:
+        self.crash, self.console = crash, console
+        super().__init__(f"guest kernel {crash.kind} {crash.when} ({seconds:.0f}s into the boot, "
+                         f"before {marker.decode(errors='replace')!r} appeared): {crash.describe()}")  # fmt: skip
 
 
 # systemd.exec(5) "Credentials": a credential name is a valid file name (no "/", not "." or
@@ -145,10 +164,11 @@ def firmware_paths(cfg: QemuConfig) -> tuple[Path, Path]:
 def build_qemu_argv(cfg: QemuConfig, firmware: Firmware, accel: Accel, serial: str = "stdio") -> list[str]:
     """The qemu command line (pure). ``serial`` is a qemu chardev spec (``stdio``, ``mon:stdio``,
     ``file:PATH``). Headless: no display, no monitor, no network, no default devices; the disk is
-    virtio-blk (boot index 1), opened read-only-in-effect with ``snapshot=on`` unless disabled."""
+    virtio-blk (boot index 1), opened read-only-in-effect with ``snapshot=on`` unless disabled.
+    TCG is single-threaded (``ACCEL_ARG``)."""
     argv = [cfg.qemu,
         "-machine", "q35,smm=on" if cfg.secure_boot else "q35",
-        "-accel", accel,
+        "-accel", ACCEL_ARG[accel],
         "-cpu", "host" if accel == "kvm" else "max",
         "-m", cfg.memory,
         "-smp", str(cfg.cpus),
@@ -311,13 +331,16 @@ def _qemu_binary(cfg: QemuConfig) -> str:
 
 def _watch(argv: list[str], marker: bytes, timeout: float, stop_on: Sequence[bytes] = (),
            log: Path | None = None, say: Say | None = None) -> tuple[bool, bytes, bytes]:  # fmt: skip
-    """Run argv, read stdout (the serial console) and stderr until marker, a stop pattern,
+    """Run argv, read stdout (the serial console) and stderr until marker, a stop pattern, a
+    guest kernel oops or panic (read on for up to CRASH_GRACE_SECONDS, to the end of its report),
     exit, or timeout; always kill the process group. Returns (found, console, stderr). ``say``
     gets a progress update (seconds waited, the console's last line) about twice a second."""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)  # fmt: skip
     console, errors = bytearray(), bytearray()
     found = False
+    crash_at: int | None = None  # where on the console a kernel crash report starts
+    scanned = 0  # console bytes already searched for one
     started = time.monotonic()
     deadline = started + timeout
     sel = selectors.DefaultSelector()
@@ -346,6 +369,12 @@ def _watch(argv: list[str], marker: bytes, timeout: float, stop_on: Sequence[byt
                 say(Update("booting", int(time.monotonic() - started), int(timeout), "s", last_line(console)))
             if any(p in console or p in errors for p in stop_on):
                 break
+            if crash_at is None and not found and (crash := KERNEL_CRASH.search(console, max(0, scanned - 64))):
+                crash_at = crash.start()
+                deadline = min(deadline, time.monotonic() + CRASH_GRACE_SECONDS)
+            scanned = len(console)
+            if crash_at is not None and console.find(CRASH_DUMP_END, crash_at) != -1:
+                break
     finally:
         sel.close()
         if log_file:
@@ -356,6 +385,54 @@ def _watch(argv: list[str], marker: bytes, timeout: float, stop_on: Sequence[byt
         proc.stdout.close()
         proc.stderr.close()
     return found, bytes(console), bytes(errors)
+
+
+# ---- guest kernel crashes on the console --------------------------------------------------------
+
+# The kernel's oops header, die()'s "<what>: <error code> [#<count>]" (arch/x86/kernel/dumpstack.c
+# __die_header; Linux 6.x prefixes it with "Oops: ", e.g. "Oops: int3: 0000 [#1] PREEMPT SMP NOPTI"),
+# and panic()'s "Kernel panic - not syncing: <reason>" (kernel/panic.c).
+KERNEL_CRASH = re.compile(rb"(?P<oops>: [0-9a-f]{4,16} \[#\d+\])|(?P<panic>Kernel panic - not syncing: )")
+KERNEL_RIP = re.compile(rb"RIP: [0-9a-f]{4}:([^\s]+)")  # where it happened (x86 __show_regs)
+# The kernel says this just before it starts init (init/main.c run_init_process); systemd's own
+# lines stand in when a quiet command line hides it.
+USERSPACE_STARTED = (b" as init process", b"systemd[1]: ")
+CRASH_DUMP_END = b"---[ end "  # the last line of an oops or panic report
+CRASH_GRACE_SECONDS = 3.0  # after an oops header, read on this long for its RIP line and end
+
+
+@dataclass(frozen=True)
+class KernelCrash:
+    """A guest kernel oops or panic found on the console."""
+
+    kind: Literal["oops", "panic"]
+    line: str  # the oops/panic line as printed, with its timestamp
+    where: str  # the RIP (function+offset/size) of an oops, "" if not shown
+    before_userspace: bool  # init had not been started when it happened
+
+    @property
+    def when(self) -> str:
+        return "before userspace started" if self.before_userspace else "after userspace started"
+
+    def describe(self) -> str:
+        return self.line + (f" at {self.where}" if self.where else "")
+
+
+def kernel_crash(console: bytes) -> KernelCrash | None:
+    """The first kernel oops or panic on a serial console capture, or None (pure)."""
+    match = KERNEL_CRASH.search(console)
+    if match is None:
+        return None
+    start = max(console.rfind(b"\n", 0, match.start()), console.rfind(b"\r", 0, match.start())) + 1
+    end = min((i for i in (console.find(b"\n", match.end()), console.find(b"\r", match.end())) if i != -1),
+              default=len(console))  # fmt: skip
+    line = _ANSI.sub("", console[start:end].decode("utf-8", "replace"))
+    line = "".join(c for c in line if c.isprintable()).strip()
+    kind = "oops" if match.group("oops") else "panic"
+    rip = KERNEL_RIP.search(console, end) if kind == "oops" else None
+    where = rip.group(1).decode("utf-8", "replace") if rip else ""
+    started = any(0 <= console.find(p) < start for p in USERSPACE_STARTED)
+    return KernelCrash(kind, line, where, not started)
 
 
 _ANSI = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>c])")  # terminal control sequences
@@ -442,16 +519,23 @@ def run_until(
     when a ``stop_on`` pattern appears, at ``timeout`` seconds, or earlier if it exits. Returns
     (found, console output); the console is also written to ``cfg.serial_log`` if set.
 
+    A guest kernel oops or panic before the marker raises :class:`GuestKernelCrashed` (its
+    message names the oops line; ``.console`` holds the capture) within a few seconds of it.
+
     With ``kvm="auto"``, a boot that hits "KVM internal error" after a passing probe (seen on
     nested hosts where KVM works only intermittently) is retried once under TCG.
     """
     _qemu_binary(cfg)
     accel = resolve_accel(cfg, say)
+    started = time.monotonic()
     found, console, errors = _boot_once(cfg, accel, marker, timeout, stop_on, say)
     if accel == "kvm" and cfg.kvm == "auto" and KVM_FAILED in errors:
         if say is not None:
             say("accelerator: tcg, software emulation (KVM failed during the boot: KVM internal error); booting again")
+        started = time.monotonic()
         found, console, errors = _boot_once(cfg, "tcg", marker, timeout, stop_on, say)
+    if not found and (crash := kernel_crash(console)) is not None:
+        raise GuestKernelCrashed(crash, marker, time.monotonic() - started, console)
     if not found and errors.strip() and not console:
         raise VmError(f"qemu failed ({accel}): {errors.decode(errors='replace').strip()[:500]}")
     return found, console

@@ -184,14 +184,14 @@ def test_bootable_rebuild_with_another_verity_key_reuses_fs_initrd_and_esp(boota
 
 
 def _boot(image: Path, secure_boot: bool, cert: Path | None, log: Path) -> str:
-    from reprobuild.vm import QemuConfig, run_until
+    from reprobuild.vm import QemuConfig
+    from tests.guest_boot import boot_until
 
     config = QemuConfig(image=image, secure_boot=secure_boot,
                         secure_boot_cert=cert.read_bytes() if cert else None, serial_log=log, memory="2G")
-    found, console = run_until(config, b"REPROBUILD-MARKER-END", timeout=900)
-    text = console.decode(errors="replace")
-    assert found, f"the image did not reach multi-user; console tail:\n{text[-4000:]}"
-    return text
+    boot = boot_until(config, b"REPROBUILD-MARKER-END", timeout=900)
+    assert boot.found, f"the image did not reach multi-user; console tail:\n{boot.tail()}"
+    return boot.console.decode(errors="replace")
 
 
 def test_bootable_image_boots_to_multi_user_with_verity_root(bootable_disk: BuiltPair, tmp_path: Path) -> None:

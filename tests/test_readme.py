@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest_boot import cli_early_crash, retry_early_crash_once
+
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## A tour"
 TIMEOUT = 3600
@@ -180,8 +182,13 @@ def test_readme_tour_runs_as_written(tour: TourRun) -> None:
 @pytest.mark.boot
 def test_readme_tour_boots(tour: TourRun) -> None:
     [step] = [s for s in tour_steps((REPO / "README.md").read_text()) if is_boot(s)]
-    r = subprocess.run(["bash", "-c", f"set -euo pipefail\n. {shlex.quote(str(tour.root / '.venv/bin/activate'))}\n"
-                        + step.command], cwd=tour.vm_cwd, env=tour.env, text=True, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, timeout=TIMEOUT, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stdout[-6000:]
-    assert unmatched(list(step.output), r.stdout) == [], r.stdout[-6000:]
+
+    def boot() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", "-c", f"set -euo pipefail\n. {shlex.quote(str(tour.root / '.venv/bin/activate'))}\n"
+                               + step.command], cwd=tour.vm_cwd, env=tour.env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=TIMEOUT, check=False)  # fmt: skip
+
+    # One retry, with a warning, only when the guest kernel crashed before userspace (tests/guest_boot.py).
+    r, note = retry_early_crash_once(boot, lambda r: cli_early_crash(r.stdout))
+    assert r.returncode == 0, f"{note}\n{r.stdout[-6000:]}"
+    assert unmatched(list(step.output), r.stdout) == [], f"{note}\n{r.stdout[-6000:]}"

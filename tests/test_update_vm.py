@@ -94,13 +94,14 @@ def _updates_disk(release: Path, out: Path) -> Path:
 
 
 def _boot(image: Path, updates: Path | None, log: Path, marker: bytes) -> str:
-    from reprobuild.vm import QemuConfig, run_until
+    from reprobuild.vm import QemuConfig
+    from tests.guest_boot import boot_until
 
     extra = ("-drive", f"if=virtio,format=raw,readonly=on,file={updates}") if updates else ()
     # snapshot=False: the update writes into this copy; -no-reboot makes the guest's reboot end qemu.
     config = QemuConfig(image=image, memory="2G", snapshot=False, serial_log=log, extra_args=extra)
-    _found, console = run_until(config, marker, timeout=1200, stop_on=())
-    return console.decode(errors="replace")
+    boot = boot_until(config, marker, timeout=1200, stop_on=())
+    return boot.tail(len(boot.console))  # a retry's note (if any) first, then the whole console
 
 
 def _line(console: str, tag: str) -> str:

@@ -162,7 +162,8 @@ def guest_credentials(values: tuple[str, ...], files: tuple[str, ...]) -> tuple:
               help="Image definition to take the certificate from [default: the one beside IMAGE "
                    "or its parent].")
 @click.option("-m", "--memory", default="2G", show_default=True, help="Guest memory (qemu -m syntax).")
-@click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True, help="Guest CPUs.")
+@click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Guest CPUs (under TCG they take turns on one host thread: -accel tcg,thread=single).")
 @click.option("--kvm", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="auto: KVM if /dev/kvm really runs a guest (probed), else TCG emulation.")
 @click.option("--snapshot/--no-snapshot", default=True, show_default=True,
@@ -216,6 +217,10 @@ def vm_command(image: Path, secure_boot: bool, certificate: Path | None, directo
     reporter = make_reporter(False)
     try:
         found, console = vm.run_until(cfg, expect.encode(), limit, say=reporter)
+    except vm.GuestKernelCrashed as e:  # the error names the oops line; the tail shows its context
+        reporter.close()
+        say(console_tail(e.console))
+        raise
     finally:
         reporter.close()
     elapsed = time.monotonic() - started
