@@ -65,6 +65,7 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     from reprobuild.fileio import write_atomic
     from reprobuild.lock import LockOptions, check_lock_current, lock_spec, save_signed_lock, unsigned_note
     from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock, read_lock_bytes
+    from reprobuild.memory import unmap_big_blocks
     from reprobuild.progress import set_counts
     from reprobuild.signer import key_file_warning
     from reprobuild.store import Store
@@ -111,6 +112,7 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     lock_signer = keys.open_lock_signer(key_source, os.environ) if key_source else None
     previous = load_lock(lock_path) if lock_path.exists() else None
     store = Store(store_path or Store.default_root())
+    unmap_big_blocks()  # a cold lock's peak memory: see reprobuild.memory
     started = time.monotonic()
     options = LockOptions(update=update and not packages, update_packages=packages,
                           progress=_say(quiet or as_json), index_cache=store.root / "indices")

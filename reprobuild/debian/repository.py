@@ -78,6 +78,9 @@ MAX_INDEX_TEXT_BYTES = 1 << 31
 # xz Blocks of an index decompressed side by side (``_XzBlocks``): one per core of this kind of
 # machine; each decoder of a Block with Debian's 8 MiB dictionary holds ~9 MiB.
 XZ_DECODERS = 2
+# Compressed bytes handed to a Block's decoder at a time: its output (~6× as much for a Packages
+# text) then stays below glibc's mmap threshold and is recycled within the thread's heap.
+XZ_PIECE = 1 << 14
 
 
 class ExpiredRelease(RepositoryError):
@@ -848,7 +851,7 @@ class _XzBlocks:
                         available = self._available
                     if available <= pos:
                         raise EOFError("the compressed stream is truncated")
-                    stop = min(available, end, pos + (1 << 16))
+                    stop = min(available, end, pos + XZ_PIECE)
                     with memoryview(self._data) as view:
                         out = decoder.decompress(view[pos:stop], limit + 1 - produced)
                     pos = stop
