@@ -550,7 +550,6 @@ def save_signed_lock(lock: Lock, path: Path, signer: LockSigner | None) -> Saved
     (opened by the caller before resolving, so a bad key fails before anything is written) when
     one is given; otherwise, if the bytes changed, the old signature (now stale) is removed. An
     unchanged lock keeps its signature."""
-    from reprobuild import keys
     from reprobuild.fileio import write_atomic
     from reprobuild.lockfile import SIGNATURE_SUFFIX, save_lock
 
@@ -562,6 +561,8 @@ def save_signed_lock(lock: Lock, path: Path, signer: LockSigner | None) -> Saved
     data = save_lock(lock, path)
     changed = old != data
     if signer is not None:
+        from reprobuild import keys  # only when signing: cryptography costs ~50 ms of imports
+
         write_atomic(sig_path, keys.sign_lock(data, signer))
         return SavedLock(data, changed, True, False)
     removed = False

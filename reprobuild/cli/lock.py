@@ -59,7 +59,6 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     """
     import os
 
-    from reprobuild import keys
     from reprobuild.config import load_spec
     from reprobuild.errors import UsageError
     from reprobuild.fileio import write_atomic
@@ -67,7 +66,6 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock, read_lock_bytes
     from reprobuild.memory import unmap_big_blocks
     from reprobuild.progress import set_counts
-    from reprobuild.signer import key_file_warning
     from reprobuild.store import Store
 
     if packages and not update:
@@ -80,6 +78,8 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     sig_path = lock_path.with_name(lock_path.name + SIGNATURE_SUFFIX)
 
     if verify_only:
+        from reprobuild import keys  # only where a key is used: cryptography costs ~50 ms of imports
+
         lock = load_lock(lock_path)
         data = read_lock_bytes(lock_path)
         signer = None
@@ -96,9 +96,13 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
         return
 
     key_source = sign_key or spec.signing.lock_key
-    permission_warning = key_file_warning(key_source)
-    if permission_warning:
-        click.echo(permission_warning, err=True)
+    if key_source:  # keys and signer import cryptography (~50 ms): only when a key is used
+        from reprobuild import keys
+        from reprobuild.signer import key_file_warning
+
+        permission_warning = key_file_warning(key_source)
+        if permission_warning:
+            click.echo(permission_warning, err=True)
     if resign:
         if not key_source:
             raise UsageError("--resign needs a key: --sign-key or [Signing] LockKey=")
