@@ -14,7 +14,9 @@ Trust chain (wiki.debian.org/DebianRepository/Format, docs/formats.md §10)::
   decodes only the stanzas it resolves (``Universe.from_indices``); ``fetch_packages`` decodes all.
 * ``IndexCache`` keeps index texts under ``texts/<hex>.<format>`` (``<hex>`` = the verified
   file's SHA-256; read back as mmaps), raw InReleases under ``indices/sha256/<hex>``, and data
-  derived from indices (the resolver's universe table) under ``derived/<kind>/<hex of its inputs>``.
+  derived from indices (the resolver's universe table) under ``derived/<kind>/<hex of its inputs>``,
+  and gpgv's verdict on each InRelease (``derived/verified_inrelease/``: the signed text, reused
+  for the very same bytes and keyrings for at most a day, :func:`verification_key`).
 * ``fetch_releases`` checks several suites' InRelease concurrently (a warm lock's only network work).
 
 All network access goes through a ``requests.Session``-like object (``get(url, stream=True,
@@ -36,7 +38,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,9 @@ Progress = Callable[[str], None]
 # (connect, read) seconds. The read timeout bounds each stall; sizes bound endless responses.
 DEFAULT_TIMEOUT = (15.0, 60.0)
 MAX_RELEASE_BYTES = 16 << 20  # sid's InRelease is ~0.3 MiB; anything this large is hostile
+# How long gpgv's verdict on an InRelease is reused for the very same bytes and keyrings
+# (``verification_key``): a key or signature that expires is noticed within this time.
+VERIFIED_RELEASE_REUSE = timedelta(hours=24)
 # Preference order for index compression: smallest download first (what apt does too).
 INDEX_VARIANTS = (".xz", ".gz", "")
 # Bump when the rules for reading an index change (stanzaindex): cached universes are then rebuilt.
@@ -428,7 +433,7 @@ def fetch_release(
     keyrings = list(source.keyrings)
     raw = _download(session, f"{source.dists_url}/InRelease", MAX_RELEASE_BYTES, timeout)
     if raw is not None:
-        signed = verify_clearsigned(raw, keyrings, what=f"{source.suite} InRelease")
+        signed = _verify_inrelease(raw, keyrings, cache, now, what=f"{source.suite} InRelease")
     else:
         raw = _download(session, f"{source.dists_url}/Release", MAX_RELEASE_BYTES, timeout)
         if raw is None:
@@ -452,6 +457,59 @@ def fetch_release(
     if cache is not None:
         cache.put_bytes(digest, raw)
     return VerifiedRelease(release, digest, raw, source)
+
+
+def _verify_inrelease(raw: bytes, keyrings: list[Path], cache: IndexCache | None, now: datetime,
+                      what: str) -> bytes:  # fmt: skip
+    """``verify_clearsigned(raw, keyrings)``, reusing the result of an earlier run on the very same
+    bytes with the very same keyrings when the cache holds one less than
+    ``VERIFIED_RELEASE_REUSE`` old (see :func:`verification_key`)."""
+    key = verification_key(raw, keyrings)
+    if cache is not None and key is not None:
+        signed = _reusable_verification(cache.get_derived("verified_inrelease", key), now)
+        if signed is not None:
+            return signed
+    signed = verify_clearsigned(raw, keyrings, what=what)
+    if cache is not None and key is not None:
+        stamp = int(now.timestamp())
+        cache.put_derived("verified_inrelease", key, f"{_VERIFIED_MAGIC}\n{stamp}\n".encode() + signed)
+    return signed
+
+
+_VERIFIED_MAGIC = "reprobuild verified InRelease 1"
+
+
+def verification_key(raw: bytes, keyrings: Sequence[Path]) -> str | None:
+    """The cache key of gpgv's verdict on the clearsigned ``raw`` against ``keyrings``: a sha256
+    over the exact bytes and every keyring file's bytes, in order (pure but for reading the
+    keyrings; None when one cannot be read — then gpgv runs and reports it).
+
+    Reusing a verdict keyed so is sound: gpgv is a function of the file and the keys — the same
+    bytes against the same keys give the same signed text — except for time: a key that expires
+    or a signature that expires after the verification. That is why a verdict is reused for at
+    most ``VERIFIED_RELEASE_REUSE``; the Release's own ``Valid-Until`` is checked on every run.
+    Like every entry of the index cache, the verdicts are as trustworthy as the cache directory.
+    """
+    h = hashlib.sha256(f"{_VERIFIED_MAGIC}\0{hashlib.sha256(raw).hexdigest()}\n".encode())
+    for keyring in keyrings:
+        try:
+            h.update(hashlib.sha256(Path(keyring).read_bytes()).hexdigest().encode() + b"\n")
+        except OSError:
+            return None
+    return h.hexdigest()
+
+
+def _reusable_verification(data: bytes | None, now: datetime) -> bytes | None:
+    """The signed text of a cached verdict made less than ``VERIFIED_RELEASE_REUSE`` before
+    ``now`` (and not after it), or None."""
+    if data is None:
+        return None
+    magic, _, rest = data.partition(b"\n")
+    stamp, _, signed = rest.partition(b"\n")
+    if magic != _VERIFIED_MAGIC.encode() or not stamp.isdigit():
+        return None
+    age = now - datetime.fromtimestamp(int(stamp), UTC)
+    return signed if timedelta(0) <= age < VERIFIED_RELEASE_REUSE else None
 
 
 def fetch_releases(
