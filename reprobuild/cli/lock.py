@@ -64,7 +64,7 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     from reprobuild.fileio import write_atomic
     from reprobuild.lock import LockOptions, check_lock_current, lock_spec, save_signed_lock, unsigned_note
     from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock, read_lock_bytes
-    from reprobuild.memory import unmap_big_blocks
+    from reprobuild.memory import gc_paused, unmap_big_blocks
     from reprobuild.progress import set_counts
     from reprobuild.store import Store
 
@@ -120,7 +120,8 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     started = time.monotonic()
     options = LockOptions(update=update and not packages, update_packages=packages,
                           progress=_say(quiet or as_json), index_cache=store.root / "indices")
-    result = lock_spec(spec, previous, options)
+    with gc_paused():  # its tables are ~70k acyclic objects: see reprobuild.memory
+        result = lock_spec(spec, previous, options)
     saved = save_signed_lock(result.lock, lock_path, lock_signer)
     signed = saved.signed
     if saved.removed_signature and not as_json:
