@@ -15,7 +15,9 @@ For each set and tool:
   dpkg status), ``apt-get update`` + ``apt-get install --simulate``.
 * warm: everything cached, median of ``--rounds`` runs. reprobuild: the same store again, with
   the lock file removed before each run so the set is resolved from scratch as apt does (the
-  InReleases are still fetched and verified: that is how a lock knows the current indices).
+  InReleases are still fetched: that is how a lock knows the current indices; gpgv's verdict on
+  an InRelease is reused for the very same bytes and keyring, for a day, so the cold run's
+  verification serves the warm runs).
   apt: ``apt-get install --simulate`` only (apt does not contact the mirror at all here).
 * re-lock: reprobuild warm with the previous lock in place (pinned versions kept), median too.
 
@@ -190,14 +192,16 @@ indicative. Debian {RELEASE} amd64 (main, -updates, -security) from the mirror o
 {table(rows, rounds)}
 
 * **cold**: nothing cached. reprobuild: `reprobuild lock -C DIR --store FRESH` (fetch and gpgv-verify
-  3 InReleases; download the Packages indices by hash, xz-decompressing while they download, and
-  use them once their size and SHA-256 match the signed Release; scan each index text for its
+  3 InReleases; download the Packages indices by hash, side by side, xz-decompressing while they
+  download — each xz Block of main's Packages.xz by its own decoder, two at a time — and use them
+  once their size and SHA-256 match the signed Release; scan each index text for its
   stanzas' offsets and the few fields every stanza is summarised by; resolve, decoding only the
   stanzas of the names the resolution touches; write the lock). apt: a throw-away root with an
   empty dpkg status (`fixtures/apt_reference.AptRoot`): `apt-get update` + `apt-get install --simulate`.
 * **warm**: reprobuild with the same store, lock file removed before each run so the set is resolved
-  from scratch like apt; it still fetches and verifies the 3 InReleases (concurrently) to learn the
-  current index hashes, then loads the offset table cached under those hashes over the cached index
+  from scratch like apt; it still fetches the 3 InReleases (concurrently) to learn the current
+  index hashes — gpgv's verdict on each is reused, as the cold run verified the very same bytes
+  against the very same keyring less than a day ago (`repository.verification_key`) —, then loads the offset table cached under those hashes over the cached index
   texts (mmap'd), decoding only the stanzas the resolution touches. apt: `apt-get install --simulate`
   alone (no network), with its binary caches (`pkgcache.bin`) enabled as on a stock host (this
   container's apt.conf.d turns them off; the benchmark turns them back on for the throw-away root).
@@ -212,18 +216,31 @@ indicative. Debian {RELEASE} amd64 (main, -updates, -security) from the mirror o
 Commands: `bench/lock.py --write-docs` (this table); one warm lock by hand:
 `time reprobuild lock -C lock/bootable -q` (after one cold run has filled `~/.cache/reprobuild`).
 
-Where a cold lock's time goes (trixie, `lock/minimal`'s definition, measured in-process at load
-~4, so indicative): main's 9.2 MiB Packages.xz is downloaded and
-xz-decompressed (56 MB of text, ~0.9 s of CPU) in a thread while the stanza scan (~0.4 s: C-level
-regex searches, one Python step per stanza and scanned field) follows on the stanzas decompressed
-so far; building the universe table from the scanned stanzas (sort, Provides index, the
-Essential/required names) ~0.3 s; start-up and imports ~0.2 s; the InReleases ~0.15 s;
-resolving the image and tools sets ~0.1 s. The texts are written to the cache in the background.
-Decompression is the longest step; Debian's Packages.xz holds independent xz blocks (trixie main:
-three, of 24, 24 and 6 MiB), which two threads decompress in 1.2 s instead of 2.0 s (load 3.6) —
-not done yet (it would also hold the compressed file and a second decoder, ~+20 MB at the peak).
-A warm lock resolves the image and tools sets on the guessed universe while the InReleases are
-checked (used only when the verified Releases name the same indices).
+Where a cold lock's time goes (trixie, `lock/minimal`'s definition; CPU seconds measured
+in-process, at load 4-6, so indicative): main's 9.2 MiB Packages.xz is downloaded and its three
+xz Blocks (24, 24 and 6 MiB of text) are decompressed by two decoders side by side as they arrive
+(~0.6 s of CPU in all, half of it per core; in-process at load 4, 0.8-1.2 s of wall against
+1.2-1.3 s for one decoder of the whole file), while
+the stanza scan (~0.22 s) follows the first Block's output and then runs over the rest; the
+-updates and -security indices are fetched and scanned in other threads meanwhile. Then the
+universe table (sort, Provides index, the Essential/required names) ~0.2 s; start-up and imports
+~0.1-0.15 s; the InReleases ~0.1 s (three gpgv runs); resolving the image and tools sets ~0.1 s.
+The texts are written to the cache in the background. In all a cold lock takes ~1.7 s of CPU, so
+on a busy 2-core machine its wall time follows the CPU it gets (at load 6, 3-4 s). Python's
+cyclic GC is held while locking (`reprobuild/memory.py`: the tables are ~70k acyclic objects;
+~50 ms), and glibc's mmap threshold is fixed at 128 KiB: with the dynamic threshold, the
+multi-MiB buffers freed in worker threads (compressed files, decoder dictionaries) stayed in
+per-thread heaps, and the peak was ~15-30 MB higher. A warm lock (~0.3 s of CPU) is imports
+(~0.1 s: click, requests, resolvelib, the configuration code; cryptography only when a lock key is
+configured), the cached universe (~30 ms), resolving (~0.1 s; done on the guessed universe while
+the InReleases are fetched, and used only when the verified Releases name the same indices) and
+the InRelease downloads.
+
+Before the xz-Block and warm-path round (same machine, 2026-11-30, load 1.2-1.7): minbase cold
+1.91 s and 181 MB against apt's 3.25 s (0.59×), bootable 1.96 s against 3.68 s (0.53×); warm
+0.36 s (minbase) and 0.45 s (bootable), 117 MB. Side by side with this code at load ~6 (one run
+each): cold 3.92/3.65 s and 183 MB before, 3.60/3.87 s and 166 MB after; warm 1.01/1.22 s and
+119 MB before, 0.43/0.59 s and 107 MB after.
 
 Before the offset-table work (same machine, 2026-11-30, load ~1.3): cold 5.9 s and 409 MB
 (every stanza of every index parsed into a record in Python, ~4.7 s under a profiler, then a
