@@ -232,3 +232,26 @@ def test_damaged_download_of_a_multi_block_index_is_named_by_its_hash(fixture_re
         path.write_bytes(damaged)
     with pytest.raises(repository.CorruptIndex, match="does not match the signed Release"):
         fetch_index_text(None, source, verified, entry)
+
+
+@pytest.mark.live
+def test_live_debian_index_is_decoded_block_by_block(tmp_path, monkeypatch):
+    """trixie main's Packages.xz from the host's mirror states its Blocks' sizes (the premise of
+    the side-by-side decoding): one decoder per Block, and the text is the whole file's."""
+    import requests
+
+    from reprobuild.debian.sources import host_mirror_for
+
+    source = RepositorySource("debian", host_mirror_for("debian"), "trixie")
+    with requests.Session() as session:
+        verified = fetch_release(session, source)
+        entry = verified.release.sha256["main/binary-amd64/Packages.xz"]
+        raw = session.get(f"{source.dists_url}/main/binary-amd64/by-hash/SHA256/{entry.sha256}", timeout=60).content
+        assert hashlib.sha256(raw).hexdigest() == entry.sha256
+        blocks = xz_list_blocks(raw, tmp_path)
+        assert len(blocks) >= 2
+        made = _counting_decoders(monkeypatch)
+        text, heads = fetch_index_text(session, source, verified, entry)
+    assert len(made) == len(blocks)
+    assert text == lzma.decompress(raw)
+    assert len(heads) > 50000
