@@ -52,7 +52,6 @@ from reprobuild.debian.stanzaindex import (
     decode_stanza,
     normalize_text,
     scan_stanzas,
-    trailing_space,
 )
 from reprobuild.debian.xzblocks import (
     BlockSplitter,
@@ -662,7 +661,7 @@ def fetch_index_text(
         sink = _XzBlocks(entry.path, entry.size, plain.size, sizes.put)
     else:
         sink = _Decompressing(entry.path, plain.size, fixed=True, written=sizes.put)
-    scanner = StanzaScanner(what)
+    scanner = StanzaScanner(what, trailing_space=None)  # found out as the text arrives
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index") as pool:
         download = pool.submit(_download_then, sizes.put, _download_index, session, source, rel, entry,
                                progress, timeout, sink)  # fmt: skip
@@ -678,9 +677,11 @@ def fetch_index_text(
             raise
         text = download.result()
     normalized = normalize_text(text)
-    if normalized is not text or trailing_space(text):  # rare: scan the whole text again
+    if normalized is not text:  # rare: scan the whole text again
         return normalized, scan_stanzas(normalized, what)
     scanner.scan(text, len(text))
+    if not scanner.complete(text):  # rarer: only the text's last byte is a blank
+        return text, scan_stanzas(text, what)
     return text, scanner.finish(text)
 
 
