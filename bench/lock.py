@@ -217,30 +217,33 @@ Commands: `bench/lock.py --write-docs` (this table); one warm lock by hand:
 `time reprobuild lock -C lock/bootable -q` (after one cold run has filled `~/.cache/reprobuild`).
 
 Where a cold lock's time goes (trixie, `lock/minimal`'s definition; CPU seconds measured
-in-process, at load 4-6, so indicative): main's 9.2 MiB Packages.xz is downloaded and its three
+in-process at load 3-6, so indicative): main's 9.2 MiB Packages.xz is downloaded and its three
 xz Blocks (24, 24 and 6 MiB of text) are decompressed by two decoders side by side as they arrive
-(~0.6 s of CPU in all, half of it per core; in-process at load 4, 0.8-1.2 s of wall against
-1.2-1.3 s for one decoder of the whole file), while
-the stanza scan (~0.22 s) follows the first Block's output and then runs over the rest; the
--updates and -security indices are fetched and scanned in other threads meanwhile. Then the
-universe table (sort, Provides index, the Essential/required names) ~0.2 s; start-up and imports
-~0.1-0.15 s; the InReleases ~0.1 s (three gpgv runs); resolving the image and tools sets ~0.1 s.
-The texts are written to the cache in the background. In all a cold lock takes ~1.7 s of CPU, so
-on a busy 2-core machine its wall time follows the CPU it gets (at load 6, 3-4 s). Python's
+(~0.6 s of CPU in all, half of it per core), while the stanza scan (~0.22 s) follows the first
+Block's output and then runs over the rest; the -updates and -security indices are fetched and
+scanned in other threads meanwhile. In-process at load 3.7, main's index took 0.63-0.70 s of wall
+(0.9 s of CPU), against 0.98-1.09 s (1.1 s of CPU) with one decoder. Until this round the scan
+of trixie's main index was thrown away and done again after the download whenever some line of
+the text ends in a blank (trixie's first is at 12 of 56 MB: values then lose trailing blanks);
+the scanner now finds that out as the text arrives and scans again only what it had scanned.
+Then the universe table (sort, Provides index, the Essential/required names) ~0.2 s; start-up
+and imports ~0.1-0.15 s; the InReleases ~0.1 s (three gpgv runs); resolving the image and tools
+sets ~0.1 s. The texts are written to the cache in the background. In all a cold lock takes
+~1.5 s of CPU, so on a busy 2-core machine its wall time follows the CPU it gets. Python's
 cyclic GC is held while locking (`reprobuild/memory.py`: the tables are ~70k acyclic objects;
 ~50 ms), and glibc's mmap threshold is fixed at 128 KiB: with the dynamic threshold, the
 multi-MiB buffers freed in worker threads (compressed files, decoder dictionaries) stayed in
 per-thread heaps, and the peak was ~15-30 MB higher. A warm lock (~0.3 s of CPU) is imports
 (~0.1 s: click, requests, resolvelib, the configuration code; cryptography only when a lock key is
-configured), the cached universe (~30 ms), resolving (~0.1 s; done on the guessed universe while
-the InReleases are fetched, and used only when the verified Releases name the same indices) and
-the InRelease downloads.
+configured), the cached universe (~30 ms), resolving (~0.1 s for minbase, ~0.15 s with the
+bootable set's initrd; done on the guessed universe while the InReleases are fetched, and used
+only when the verified Releases name the same indices) and the InRelease downloads.
 
-Before the xz-Block and warm-path round (same machine, 2026-11-30, load 1.2-1.7): minbase cold
-1.91 s and 181 MB against apt's 3.25 s (0.59×), bootable 1.96 s against 3.68 s (0.53×); warm
-0.36 s (minbase) and 0.45 s (bootable), 117 MB. Side by side with this code at load ~6 (one run
-each): cold 3.92/3.65 s and 183 MB before, 3.60/3.87 s and 166 MB after; warm 1.01/1.22 s and
-119 MB before, 0.43/0.59 s and 107 MB after.
+Before this round (same machine, 2026-11-30, load 1.2-1.7): minbase cold 1.91 s and 181 MB
+against apt's 3.25 s (0.59×), bootable 1.96 s against 3.68 s (0.53×); warm 0.36 s (minbase) and
+0.45 s (bootable), 117 MB. The code before and after, run side by side at load ~3.7 (one run
+each): cold 2.69/1.98 s and 183 MB before, 1.61/1.91 s and 164 MB after; warm 0.37/0.42 s and
+119 MB before, 0.30/0.39 s and 106 MB after.
 
 Before the offset-table work (same machine, 2026-11-30, load ~1.3): cold 5.9 s and 409 MB
 (every stanza of every index parsed into a record in Python, ~4.7 s under a profiler, then a
