@@ -10,7 +10,7 @@ name is written here):
 
 For each set and tool:
 
-* cold: nothing cached. reprobuild: a fresh ``--store`` (InReleases, Packages indices downloaded
+* cold: nothing cached, median of ``--rounds`` runs of each tool in turn. reprobuild: a fresh ``--store`` (InReleases, Packages indices downloaded
   and scanned, universe table built). apt: a fresh throw-away root (fixtures/apt_reference.AptRoot: empty
   dpkg status), ``apt-get update`` + ``apt-get install --simulate``.
 * warm: everything cached, median of ``--rounds`` runs. reprobuild: the same store again, with
@@ -78,7 +78,7 @@ class Row:
     rb_relock: float
     apt_cold: float
     apt_warm: float
-    rb_cold_rss: int  # peak RSS in bytes
+    rb_cold_rss: int  # peak RSS in bytes, the largest of the cold runs
     rb_warm_rss: int  # the largest of the warm runs
     rb_packages: dict[str, int]  # set name -> count (image, initrd)
     apt_packages: int
@@ -125,10 +125,26 @@ def bench_set(name: str, packages: tuple[str, ...], work: Path, rounds: int, say
     store = work / name / "store"
     lock_path = directory / "reprobuild.lock"
 
-    say(f"{name}: reprobuild cold")
+    # Cold runs, reprobuild and apt in turn, so both see the same load; each from nothing (a
+    # fresh store, a fresh apt root); the last store and root serve the warm runs.
     cold_peaks: list[int] = []
     warm_peaks: list[int] = []
-    rb_cold, summary = timed(lambda: reprobuild_lock(directory, store, cold_peaks))
+    request = [*MINBASE_PATTERNS, *packages]
+    mirror, security = host_mirror_for("debian"), host_mirror_for("debian-security")
+    rb_colds, apt_colds = [], []
+    apt = None
+    for i in range(rounds):
+        say(f"{name}: reprobuild cold {i + 1}/{rounds}")
+        shutil.rmtree(store, ignore_errors=True)
+        lock_path.unlink(missing_ok=True)
+        seconds, summary = timed(lambda: reprobuild_lock(directory, store, cold_peaks))
+        rb_colds.append(seconds)
+        say(f"{name}: apt cold (update + simulate) {i + 1}/{rounds}")
+        if apt is not None:
+            shutil.rmtree(apt.root, ignore_errors=True)
+        apt = CachingAptRoot(work / name / f"aptroot{i}", RELEASE, mirror, security)
+        apt_colds.append(timed(lambda root=apt: (root.setup(), root.update(), root.simulate_install(request)))[0])
+    assert apt is not None
     warm = []
     for i in range(rounds):
         say(f"{name}: reprobuild warm {i + 1}/{rounds}")
@@ -139,11 +155,6 @@ def bench_set(name: str, packages: tuple[str, ...], work: Path, rounds: int, say
         say(f"{name}: reprobuild re-lock {i + 1}/{rounds}")
         relock.append(timed(lambda: reprobuild_lock(directory, store, []))[0])
     ours = locked_image_set(directory)
-
-    apt = CachingAptRoot(work / name / "aptroot", RELEASE, host_mirror_for("debian"), host_mirror_for("debian-security"))
-    request = [*MINBASE_PATTERNS, *packages]
-    say(f"{name}: apt cold (update + simulate)")
-    apt_cold, _ = timed(lambda: (apt.setup(), apt.update(), apt.simulate_install(request)))
     apt_warm = []
     theirs: dict[str, str] = {}
     for i in range(rounds):
@@ -151,8 +162,9 @@ def bench_set(name: str, packages: tuple[str, ...], work: Path, rounds: int, say
         seconds, theirs = timed(lambda: apt.simulate_install(request))
         apt_warm.append(seconds)
     return Row(
-        name=name, rb_cold=rb_cold, rb_warm=statistics.median(warm), rb_relock=statistics.median(relock),
-        apt_cold=apt_cold, apt_warm=statistics.median(apt_warm), rb_cold_rss=cold_peaks[0],
+        name=name, rb_cold=statistics.median(rb_colds), rb_warm=statistics.median(warm),
+        rb_relock=statistics.median(relock), apt_cold=statistics.median(apt_colds),
+        apt_warm=statistics.median(apt_warm), rb_cold_rss=max(cold_peaks),
         rb_warm_rss=max(warm_peaks, default=0), rb_packages=dict(summary["sets"]),
         apt_packages=len(theirs), same_as_apt=ours == theirs,
     )  # fmt: skip
@@ -161,8 +173,9 @@ def bench_set(name: str, packages: tuple[str, ...], work: Path, rounds: int, say
 def table(rows: list[Row], rounds: int) -> str:
     lines = [
         (
-            f"| set | reprobuild cold | reprobuild warm (median of {rounds}) | reprobuild re-lock (median of {rounds}) "
-            f"| apt cold (update + simulate) | apt warm (simulate, median of {rounds}) "
+            f"| set | reprobuild cold (median of {rounds}) | reprobuild warm (median of {rounds}) "
+            f"| reprobuild re-lock (median of {rounds}) "
+            f"| apt cold (update + simulate, median of {rounds}) | apt warm (simulate, median of {rounds}) "
             "| cold: reprobuild / apt | packages: reprobuild / apt |"
         ),
         "|---|---:|---:|---:|---:|---:|---:|---|",
@@ -191,7 +204,8 @@ indicative. Debian {RELEASE} amd64 (main, -updates, -security) from the mirror o
 
 {table(rows, rounds)}
 
-* **cold**: nothing cached. reprobuild: `reprobuild lock -C DIR --store FRESH` (fetch and gpgv-verify
+* **cold**: nothing cached; reprobuild and apt in turn, each run from nothing, median of the runs
+  (the load of a shared machine swings within a minute: one cold run each was not comparable). reprobuild: `reprobuild lock -C DIR --store FRESH` (fetch and gpgv-verify
   3 InReleases; download the Packages indices by hash, side by side, xz-decompressing while they
   download — each xz Block of main's Packages.xz by its own decoder, two at a time — and use them
   once their size and SHA-256 match the signed Release; scan each index text for its
@@ -206,7 +220,7 @@ indicative. Debian {RELEASE} amd64 (main, -updates, -security) from the mirror o
   alone (no network), with its binary caches (`pkgcache.bin`) enabled as on a stock host (this
   container's apt.conf.d turns them off; the benchmark turns them back on for the throw-away root).
 * **re-lock**: reprobuild warm with the previous lock in place (its versions are kept as pins).
-* Memory is reprobuild's peak resident set (`wait4`'s `ru_maxrss`); for warm, the largest of the runs.
+* Memory is reprobuild's peak resident set (`wait4`'s `ru_maxrss`), the largest of the runs.
 * reprobuild resolves the image set and the tools set (`ToolsTree=lock`, the default), and for
   bootable the initrd set too; apt resolves the image set only. "same set" compares reprobuild's
   image set with apt's `Inst` lines (name and version).
