@@ -255,3 +255,20 @@ def test_live_debian_index_is_decoded_block_by_block(tmp_path, monkeypatch):
     assert len(made) == len(blocks)
     assert text == lzma.decompress(raw)
     assert len(heads) > 50000
+
+
+def test_cut_download_of_a_multi_block_index_stops_its_decoders(fixture_repo, plain, tmp_path):
+    """A download that ends early is refused for its size, and the Block decoders waiting for
+    the rest are stopped (no thread is left behind)."""
+    import threading
+
+    source = _serve_index(fixture_repo, tmp_path / "copy", xz_blocks(plain, 2048))
+    verified = fetch_release(None, source, now=NOW)
+    entry = verified.release.sha256[f"{PACKAGES}.xz"]
+    full = (tmp_path / "copy/dists/stable" / f"{PACKAGES}.xz").read_bytes()
+    for path in (tmp_path / "copy/dists/stable" / f"{PACKAGES}.xz",
+                 tmp_path / "copy/dists/stable/main/binary-amd64/by-hash/SHA256" / entry.sha256):  # fmt: skip
+        path.write_bytes(full[: len(full) * 2 // 3])
+    with pytest.raises(repository.CorruptIndex, match=f"got {len(full) * 2 // 3} bytes, the signed Release lists"):
+        fetch_index_text(None, source, verified, entry)
+    assert not [t for t in threading.enumerate() if t.name.startswith(("xz-block", "index"))]
