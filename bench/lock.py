@@ -255,9 +255,10 @@ only when the verified Releases name the same indices) and the InRelease downloa
 
 Before this round (same machine, 2026-11-30, load 1.2-1.7): minbase cold 1.91 s and 181 MB
 against apt's 3.25 s (0.59×), bootable 1.96 s against 3.68 s (0.53×); warm 0.36 s (minbase) and
-0.45 s (bootable), 117 MB. The code before and after, run side by side at load ~3.7 (one run
-each): cold 2.69/1.98 s and 183 MB before, 1.61/1.91 s and 164 MB after; warm 0.37/0.42 s and
-119 MB before, 0.30/0.39 s and 106 MB after.
+0.45 s (bootable), 117 MB (one cold run each). The code before this round, measured by this
+script (medians of 3) just before the table above, at load 1.7-3.5: cold 2.14 s (minbase) and
+2.80 s (bootable), 182-183 MB, against apt's 4.32 s and 5.15 s (0.50×, 0.55×); warm 0.55 s and
+0.58 s, 119 MB.
 
 Before the offset-table work (same machine, 2026-11-30, load ~1.3): cold 5.9 s and 409 MB
 (every stanza of every index parsed into a record in Python, ~4.7 s under a profiler, then a
