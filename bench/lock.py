@@ -10,12 +10,14 @@ name is written here):
 
 For each set and tool:
 
-* cold: nothing cached. reprobuild: a fresh ``--store`` (InReleases, Packages indices downloaded
+* cold: nothing cached, median of ``--rounds`` runs of each tool in turn. reprobuild: a fresh ``--store`` (InReleases, Packages indices downloaded
   and scanned, universe table built). apt: a fresh throw-away root (fixtures/apt_reference.AptRoot: empty
   dpkg status), ``apt-get update`` + ``apt-get install --simulate``.
 * warm: everything cached, median of ``--rounds`` runs. reprobuild: the same store again, with
   the lock file removed before each run so the set is resolved from scratch as apt does (the
-  InReleases are still fetched and verified: that is how a lock knows the current indices).
+  InReleases are still fetched: that is how a lock knows the current indices; gpgv's verdict on
+  an InRelease is reused for the very same bytes and keyring, for a day, so the cold run's
+  verification serves the warm runs).
   apt: ``apt-get install --simulate`` only (apt does not contact the mirror at all here).
 * re-lock: reprobuild warm with the previous lock in place (pinned versions kept), median too.
 
@@ -76,7 +78,7 @@ class Row:
     rb_relock: float
     apt_cold: float
     apt_warm: float
-    rb_cold_rss: int  # peak RSS in bytes
+    rb_cold_rss: int  # peak RSS in bytes, the largest of the cold runs
     rb_warm_rss: int  # the largest of the warm runs
     rb_packages: dict[str, int]  # set name -> count (image, initrd)
     apt_packages: int
@@ -123,10 +125,26 @@ def bench_set(name: str, packages: tuple[str, ...], work: Path, rounds: int, say
     store = work / name / "store"
     lock_path = directory / "reprobuild.lock"
 
-    say(f"{name}: reprobuild cold")
+    # Cold runs, reprobuild and apt in turn, so both see the same load; each from nothing (a
+    # fresh store, a fresh apt root); the last store and root serve the warm runs.
     cold_peaks: list[int] = []
     warm_peaks: list[int] = []
-    rb_cold, summary = timed(lambda: reprobuild_lock(directory, store, cold_peaks))
+    request = [*MINBASE_PATTERNS, *packages]
+    mirror, security = host_mirror_for("debian"), host_mirror_for("debian-security")
+    rb_colds, apt_colds = [], []
+    apt = None
+    for i in range(rounds):
+        say(f"{name}: reprobuild cold {i + 1}/{rounds}")
+        shutil.rmtree(store, ignore_errors=True)
+        lock_path.unlink(missing_ok=True)
+        seconds, summary = timed(lambda: reprobuild_lock(directory, store, cold_peaks))
+        rb_colds.append(seconds)
+        say(f"{name}: apt cold (update + simulate) {i + 1}/{rounds}")
+        if apt is not None:
+            shutil.rmtree(apt.root, ignore_errors=True)
+        apt = CachingAptRoot(work / name / f"aptroot{i}", RELEASE, mirror, security)
+        apt_colds.append(timed(lambda root=apt: (root.setup(), root.update(), root.simulate_install(request)))[0])
+    assert apt is not None
     warm = []
     for i in range(rounds):
         say(f"{name}: reprobuild warm {i + 1}/{rounds}")
@@ -137,11 +155,6 @@ def bench_set(name: str, packages: tuple[str, ...], work: Path, rounds: int, say
         say(f"{name}: reprobuild re-lock {i + 1}/{rounds}")
         relock.append(timed(lambda: reprobuild_lock(directory, store, []))[0])
     ours = locked_image_set(directory)
-
-    apt = CachingAptRoot(work / name / "aptroot", RELEASE, host_mirror_for("debian"), host_mirror_for("debian-security"))
-    request = [*MINBASE_PATTERNS, *packages]
-    say(f"{name}: apt cold (update + simulate)")
-    apt_cold, _ = timed(lambda: (apt.setup(), apt.update(), apt.simulate_install(request)))
     apt_warm = []
     theirs: dict[str, str] = {}
     for i in range(rounds):
@@ -149,8 +162,9 @@ def bench_set(name: str, packages: tuple[str, ...], work: Path, rounds: int, say
         seconds, theirs = timed(lambda: apt.simulate_install(request))
         apt_warm.append(seconds)
     return Row(
-        name=name, rb_cold=rb_cold, rb_warm=statistics.median(warm), rb_relock=statistics.median(relock),
-        apt_cold=apt_cold, apt_warm=statistics.median(apt_warm), rb_cold_rss=cold_peaks[0],
+        name=name, rb_cold=statistics.median(rb_colds), rb_warm=statistics.median(warm),
+        rb_relock=statistics.median(relock), apt_cold=statistics.median(apt_colds),
+        apt_warm=statistics.median(apt_warm), rb_cold_rss=max(cold_peaks),
         rb_warm_rss=max(warm_peaks, default=0), rb_packages=dict(summary["sets"]),
         apt_packages=len(theirs), same_as_apt=ours == theirs,
     )  # fmt: skip
@@ -159,8 +173,9 @@ def bench_set(name: str, packages: tuple[str, ...], work: Path, rounds: int, say
 def table(rows: list[Row], rounds: int) -> str:
     lines = [
         (
-            f"| set | reprobuild cold | reprobuild warm (median of {rounds}) | reprobuild re-lock (median of {rounds}) "
-            f"| apt cold (update + simulate) | apt warm (simulate, median of {rounds}) "
+            f"| set | reprobuild cold (median of {rounds}) | reprobuild warm (median of {rounds}) "
+            f"| reprobuild re-lock (median of {rounds}) "
+            f"| apt cold (update + simulate, median of {rounds}) | apt warm (simulate, median of {rounds}) "
             "| cold: reprobuild / apt | packages: reprobuild / apt |"
         ),
         "|---|---:|---:|---:|---:|---:|---:|---|",
@@ -189,20 +204,23 @@ indicative. Debian {RELEASE} amd64 (main, -updates, -security) from the mirror o
 
 {table(rows, rounds)}
 
-* **cold**: nothing cached. reprobuild: `reprobuild lock -C DIR --store FRESH` (fetch and gpgv-verify
-  3 InReleases; download the Packages indices by hash, xz-decompressing while they download, and
-  use them once their size and SHA-256 match the signed Release; scan each index text for its
+* **cold**: nothing cached; reprobuild and apt in turn, each run from nothing, median of the runs
+  (the load of a shared machine swings within a minute: one cold run each was not comparable). reprobuild: `reprobuild lock -C DIR --store FRESH` (fetch and gpgv-verify
+  3 InReleases; download the Packages indices by hash, side by side, xz-decompressing while they
+  download — each xz Block of main's Packages.xz by its own decoder, two at a time — and use them
+  once their size and SHA-256 match the signed Release; scan each index text for its
   stanzas' offsets and the few fields every stanza is summarised by; resolve, decoding only the
   stanzas of the names the resolution touches; write the lock). apt: a throw-away root with an
   empty dpkg status (`fixtures/apt_reference.AptRoot`): `apt-get update` + `apt-get install --simulate`.
 * **warm**: reprobuild with the same store, lock file removed before each run so the set is resolved
-  from scratch like apt; it still fetches and verifies the 3 InReleases (concurrently) to learn the
-  current index hashes, then loads the offset table cached under those hashes over the cached index
+  from scratch like apt; it still fetches the 3 InReleases (concurrently) to learn the current
+  index hashes — gpgv's verdict on each is reused, as the cold run verified the very same bytes
+  against the very same keyring less than a day ago (`repository.verification_key`) —, then loads the offset table cached under those hashes over the cached index
   texts (mmap'd), decoding only the stanzas the resolution touches. apt: `apt-get install --simulate`
   alone (no network), with its binary caches (`pkgcache.bin`) enabled as on a stock host (this
   container's apt.conf.d turns them off; the benchmark turns them back on for the throw-away root).
 * **re-lock**: reprobuild warm with the previous lock in place (its versions are kept as pins).
-* Memory is reprobuild's peak resident set (`wait4`'s `ru_maxrss`); for warm, the largest of the runs.
+* Memory is reprobuild's peak resident set (`wait4`'s `ru_maxrss`), the largest of the runs.
 * reprobuild resolves the image set and the tools set (`ToolsTree=lock`, the default), and for
   bootable the initrd set too; apt resolves the image set only. "same set" compares reprobuild's
   image set with apt's `Inst` lines (name and version).
@@ -212,18 +230,35 @@ indicative. Debian {RELEASE} amd64 (main, -updates, -security) from the mirror o
 Commands: `bench/lock.py --write-docs` (this table); one warm lock by hand:
 `time reprobuild lock -C lock/bootable -q` (after one cold run has filled `~/.cache/reprobuild`).
 
-Where a cold lock's time goes (trixie, `lock/minimal`'s definition, measured in-process at load
-~4, so indicative): main's 9.2 MiB Packages.xz is downloaded and
-xz-decompressed (56 MB of text, ~0.9 s of CPU) in a thread while the stanza scan (~0.4 s: C-level
-regex searches, one Python step per stanza and scanned field) follows on the stanzas decompressed
-so far; building the universe table from the scanned stanzas (sort, Provides index, the
-Essential/required names) ~0.3 s; start-up and imports ~0.2 s; the InReleases ~0.15 s;
-resolving the image and tools sets ~0.1 s. The texts are written to the cache in the background.
-Decompression is the longest step; Debian's Packages.xz holds independent xz blocks (trixie main:
-three, of 24, 24 and 6 MiB), which two threads decompress in 1.2 s instead of 2.0 s (load 3.6) —
-not done yet (it would also hold the compressed file and a second decoder, ~+20 MB at the peak).
-A warm lock resolves the image and tools sets on the guessed universe while the InReleases are
-checked (used only when the verified Releases name the same indices).
+Where a cold lock's time goes (trixie, `lock/minimal`'s definition; CPU seconds measured
+in-process at load 3-6, so indicative): main's 9.2 MiB Packages.xz is downloaded and its three
+xz Blocks (24, 24 and 6 MiB of text) are decompressed by two decoders side by side as they arrive
+(~0.6 s of CPU in all, half of it per core), while the stanza scan (~0.22 s) follows the first
+Block's output and then runs over the rest; the -updates and -security indices are fetched and
+scanned in other threads meanwhile. In-process at load 3.7, main's index took 0.63-0.70 s of wall
+(0.9 s of CPU), against 0.98-1.09 s (1.1 s of CPU) with one decoder. Until this round the scan
+of trixie's main index was thrown away and done again after the download whenever some line of
+the text ends in a blank (trixie's first is at 12 of 56 MB: values then lose trailing blanks);
+the scanner now finds that out as the text arrives and scans again only what it had scanned.
+Then the universe table (sort, Provides index, the Essential/required names) ~0.2 s; start-up
+and imports ~0.1-0.15 s; the InReleases ~0.1 s (three gpgv runs); resolving the image and tools
+sets ~0.1 s. The texts are written to the cache in the background. In all a cold lock takes
+~1.5 s of CPU, so on a busy 2-core machine its wall time follows the CPU it gets. Python's
+cyclic GC is held while locking (`reprobuild/memory.py`: the tables are ~70k acyclic objects;
+~50 ms), and glibc's mmap threshold is fixed at 128 KiB: with the dynamic threshold, the
+multi-MiB buffers freed in worker threads (compressed files, decoder dictionaries) stayed in
+per-thread heaps, and the peak was ~15-30 MB higher. A warm lock (~0.3 s of CPU) is imports
+(~0.1 s: click, requests, resolvelib, the configuration code; cryptography only when a lock key is
+configured), the cached universe (~30 ms), resolving (~0.1 s for minbase, ~0.15 s with the
+bootable set's initrd; done on the guessed universe while the InReleases are fetched, and used
+only when the verified Releases name the same indices) and the InRelease downloads.
+
+Before this round (same machine, 2026-11-30, load 1.2-1.7): minbase cold 1.91 s and 181 MB
+against apt's 3.25 s (0.59×), bootable 1.96 s against 3.68 s (0.53×); warm 0.36 s (minbase) and
+0.45 s (bootable), 117 MB (one cold run each). The code before this round, measured by this
+script (medians of 3) just before the table above, at load 1.7-3.5: cold 2.14 s (minbase) and
+2.80 s (bootable), 182-183 MB, against apt's 4.32 s and 5.15 s (0.50×, 0.55×); warm 0.55 s and
+0.58 s, 119 MB.
 
 Before the offset-table work (same machine, 2026-11-30, load ~1.3): cold 5.9 s and 409 MB
 (every stanza of every index parsed into a record in Python, ~4.7 s under a profiler, then a

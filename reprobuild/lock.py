@@ -206,31 +206,48 @@ def _fetch_release_universe(spec: ImageSpec, release: str, session, options: Loc
 def _build_universe(session, spec: ImageSpec, repo_sources: Sequence[RepositorySource], verified_releases,
                     cache, progress: Progress | None) -> Universe:
     """Cold path: every index text from the cache or the mirror (then kept in the cache), and the
-    universe over them. Texts are written to the cache (and fsync'd) while the next index
-    downloads and the universe is built; every write has finished when this returns."""
+    universe over them. The indices are fetched side by side (trixie's -updates and -security
+    ones arrive while main's is still decompressing); texts are written to the cache (and
+    fsync'd) while the others download and the universe is built; every write has finished when
+    this returns. Errors are raised in suite order."""
     from concurrent.futures import ThreadPoolExecutor
 
     from reprobuild.debian import repository
     from reprobuild.resolve import IndexText, Universe
 
     arch = spec.distribution.debian_architecture
+    wanted = []  # (source, verified, component, entry, binary_all) in suite order
+    for source, verified in zip(repo_sources, verified_releases, strict=True):
+        for component in spec.distribution.repositories:
+            entry, all_entry = repository.index_entries(source, verified, component, arch)
+            for index_entry, binary_all in ((entry, False), (all_entry, True)):
+                if index_entry is not None:
+                    wanted.append((source, verified, component, index_entry, binary_all))
     texts: list[IndexText] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-text") as writer:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-text") as writer, \
+            ThreadPoolExecutor(max_workers=len(wanted) or 1, thread_name_prefix="index-fetch") as fetcher:  # fmt: skip
         writes = []
-        for source, verified in zip(repo_sources, verified_releases, strict=True):
-            for component in spec.distribution.repositories:
-                entry, all_entry = repository.index_entries(source, verified, component, arch)
-                for index_entry, binary_all in ((entry, False), (all_entry, True)):
-                    if index_entry is None:
-                        continue
-                    text, heads = cache.get_text(index_entry.sha256) if cache is not None else None, None
-                    if text is None:
-                        text, heads = repository.fetch_index_text(session, source, verified, index_entry,
-                                                                  progress=progress)
-                        if cache is not None:
-                            writes.append(writer.submit(cache.put_text, index_entry.sha256, text))
-                    texts.append(IndexText(source.origin(component), text, f"{source.suite} {index_entry.path}",
-                                           binary_all, heads))
+        fetches: list = []  # per index: (text, None) from the cache, a Future, or None: fetched here
+        largest = max(range(len(wanted)), key=lambda i: wanted[i][3].size, default=None)
+        for i, (source, verified, _, index_entry, _) in enumerate(wanted):
+            text = cache.get_text(index_entry.sha256) if cache is not None else None
+            if text is not None:
+                fetches.append((text, None))
+            elif i == largest:  # in this thread, so what its scan allocates is reused by the universe
+                fetches.append(None)
+            else:
+                fetches.append(fetcher.submit(repository.fetch_index_text, session, source, verified, index_entry,
+                                              progress=progress))  # fmt: skip
+        for (source, verified, component, index_entry, binary_all), fetched in zip(wanted, fetches, strict=True):
+            if isinstance(fetched, tuple):
+                text, heads = fetched
+            else:
+                text, heads = fetched.result() if fetched is not None else repository.fetch_index_text(
+                    session, source, verified, index_entry, progress=progress)
+                if cache is not None:
+                    writes.append(writer.submit(cache.put_text, index_entry.sha256, text))
+            texts.append(IndexText(source.origin(component), text, f"{source.suite} {index_entry.path}",
+                                   binary_all, heads))
         if progress:
             progress(f"building the universe of {len(texts)} indices "
                      f"({sum(len(t.text) for t in texts) / (1 << 20):.0f} MiB)")
@@ -533,7 +550,6 @@ def save_signed_lock(lock: Lock, path: Path, signer: LockSigner | None) -> Saved
     (opened by the caller before resolving, so a bad key fails before anything is written) when
     one is given; otherwise, if the bytes changed, the old signature (now stale) is removed. An
     unchanged lock keeps its signature."""
-    from reprobuild import keys
     from reprobuild.fileio import write_atomic
     from reprobuild.lockfile import SIGNATURE_SUFFIX, save_lock
 
@@ -545,6 +561,8 @@ def save_signed_lock(lock: Lock, path: Path, signer: LockSigner | None) -> Saved
     data = save_lock(lock, path)
     changed = old != data
     if signer is not None:
+        from reprobuild import keys  # only when signing: cryptography costs ~50 ms of imports
+
         write_atomic(sig_path, keys.sign_lock(data, signer))
         return SavedLock(data, changed, True, False)
     removed = False

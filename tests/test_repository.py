@@ -734,3 +734,53 @@ def test_index_text_cache_round_trip(tmp_path):
     assert cache.get_text(sha) == b""
     with pytest.raises(ValueError):
         cache.text_path("../../etc/passwd")
+
+
+# --------------------------------------------------------------------------------------- gpgv verdicts
+
+
+def _counting_gpgv(monkeypatch) -> list[str]:
+    runs: list[str] = []
+    real = repository.verify_clearsigned
+
+    def counted(data, keyrings, what="InRelease"):
+        runs.append(what)
+        return real(data, keyrings, what=what)
+
+    monkeypatch.setattr(repository, "verify_clearsigned", counted)
+    return runs
+
+
+def test_inrelease_verdict_is_reused_for_the_same_bytes_and_keyring(fixture_repo, repo_copy, tmp_path, monkeypatch):
+    """gpgv runs once for an unchanged InRelease and keyring; new bytes, another keyring or a
+    day later, it runs again — and a tampered InRelease is still refused with a verdict cached."""
+    source = file_source(repo_copy, fixture_repo.keyring_path)
+    cache = IndexCache(tmp_path / "cache")
+    runs = _counting_gpgv(monkeypatch)
+    first = fetch_release(None, source, cache, now=NOW)
+    again = fetch_release(None, source, cache, now=NOW + timedelta(hours=23))
+    assert len(runs) == 1
+    assert again.release == first.release and again.inrelease_sha256 == first.inrelease_sha256
+    fetch_release(None, source, cache, now=NOW + timedelta(hours=25))  # too old: verified again
+    assert len(runs) == 2
+    keyring = tmp_path / "keyring-copy.gpg"  # the same key, other bytes (a second copy appended)
+    keyring.write_bytes(fixture_repo.keyring_path.read_bytes() * 2)
+    fetch_release(None, file_source(repo_copy, keyring), cache, now=NOW)
+    assert len(runs) == 3
+    inrelease = repo_copy / "dists/stable/InRelease"
+    inrelease.write_bytes(inrelease.read_bytes().replace(b"Suite: stable", b"Suite: stab1e"))
+    with pytest.raises(SignatureError, match="BAD signature"):
+        fetch_release(None, source, cache, now=NOW)
+    assert len(runs) == 4
+
+
+def test_a_damaged_cached_verdict_is_not_used(fixture_repo, repo_copy, tmp_path, monkeypatch):
+    source = file_source(repo_copy, fixture_repo.keyring_path)
+    cache = IndexCache(tmp_path / "cache")
+    verified = fetch_release(None, source, cache, now=NOW)
+    key = repository.verification_key(verified.raw, [fixture_repo.keyring_path])
+    assert key is not None
+    cache.put_derived("verified_inrelease", key, b"not a verdict")
+    runs = _counting_gpgv(monkeypatch)
+    assert fetch_release(None, source, cache, now=NOW).release == verified.release
+    assert len(runs) == 1

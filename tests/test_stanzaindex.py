@@ -103,3 +103,36 @@ def test_scan_in_steps_equals_one_scan(text: bytes) -> None:
             scanner.scan(text, end)
         scanner.scan(text, len(text))
         assert scanner.finish(text) == whole
+
+
+def _blank_at(where: str) -> bytes:
+    """Four stanzas with values that end in a form feed (stripped only when some line of the
+    text ends in a blank) and one line ending in a blank at ``where``."""
+    stanzas = [f"Package: p{i}\x0c\nVersion: 1\nEssential: yes\x0c\nProvides: v{i}\x0c\nSize: 1\n" for i in range(4)]
+    if where == "first":
+        stanzas[0] = stanzas[0].replace("Size: 1\n", "Size: 1 \n")
+    elif where == "third":
+        stanzas[2] = stanzas[2].replace("Version: 1\n", "Version: 1\t\n")
+    text = "\n".join(stanzas)
+    if where == "last byte":
+        text = text.rstrip("\n") + " "
+    return text.encode()
+
+
+@pytest.mark.parametrize("where", ["nowhere", "first", "third", "last byte"])
+def test_scan_in_steps_finds_out_about_trailing_blanks(where: str) -> None:
+    """With trailing_space=None the scanner finds a line ending in a blank wherever it is (and
+    scans again what it had scanned): the steps give one scan's result, or — for a blank only as
+    the text's last byte — say that they do not."""
+    text = _blank_at(where)
+    whole = scan_stanzas(text)
+    assert all(h.essential for h in whole) == (where != "nowhere")  # "yes\f" is "yes" only when stripped
+    cuts = [i + 2 for i in range(len(text) - 1) if text[i : i + 2] == b"\n\n"]
+    for step in (1, 2):
+        scanner = StanzaScanner(trailing_space=None)
+        for end in cuts[::step]:
+            scanner.scan(text, end)
+        scanner.scan(text, len(text))
+        assert scanner.complete(text) == (where != "last byte")
+        if scanner.complete(text):
+            assert scanner.finish(text) == whole

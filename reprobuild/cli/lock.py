@@ -59,14 +59,13 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     """
     import os
 
-    from reprobuild import keys
     from reprobuild.config import load_spec
     from reprobuild.errors import UsageError
     from reprobuild.fileio import write_atomic
     from reprobuild.lock import LockOptions, check_lock_current, lock_spec, save_signed_lock, unsigned_note
     from reprobuild.lockfile import SIGNATURE_SUFFIX, load_lock, read_lock_bytes
+    from reprobuild.memory import gc_paused, unmap_big_blocks
     from reprobuild.progress import set_counts
-    from reprobuild.signer import key_file_warning
     from reprobuild.store import Store
 
     if packages and not update:
@@ -79,6 +78,8 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     sig_path = lock_path.with_name(lock_path.name + SIGNATURE_SUFFIX)
 
     if verify_only:
+        from reprobuild import keys  # only where a key is used: cryptography costs ~50 ms of imports
+
         lock = load_lock(lock_path)
         data = read_lock_bytes(lock_path)
         signer = None
@@ -95,9 +96,13 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
         return
 
     key_source = sign_key or spec.signing.lock_key
-    permission_warning = key_file_warning(key_source)
-    if permission_warning:
-        click.echo(permission_warning, err=True)
+    if key_source:  # keys and signer import cryptography (~50 ms): only when a key is used
+        from reprobuild import keys
+        from reprobuild.signer import key_file_warning
+
+        permission_warning = key_file_warning(key_source)
+        if permission_warning:
+            click.echo(permission_warning, err=True)
     if resign:
         if not key_source:
             raise UsageError("--resign needs a key: --sign-key or [Signing] LockKey=")
@@ -111,10 +116,12 @@ def lock_command(directory: Path, store_path: Path | None, overrides: tuple[str,
     lock_signer = keys.open_lock_signer(key_source, os.environ) if key_source else None
     previous = load_lock(lock_path) if lock_path.exists() else None
     store = Store(store_path or Store.default_root())
+    unmap_big_blocks()  # a cold lock's peak memory: see reprobuild.memory
     started = time.monotonic()
     options = LockOptions(update=update and not packages, update_packages=packages,
                           progress=_say(quiet or as_json), index_cache=store.root / "indices")
-    result = lock_spec(spec, previous, options)
+    with gc_paused():  # its tables are ~70k acyclic objects: see reprobuild.memory
+        result = lock_spec(spec, previous, options)
     saved = save_signed_lock(result.lock, lock_path, lock_signer)
     signed = saved.signed
     if saved.removed_signature and not as_json:

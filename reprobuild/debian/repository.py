@@ -9,12 +9,14 @@ Trust chain (wiki.debian.org/DebianRepository/Format, docs/formats.md §10)::
   file from elsewhere) and one past its ``Valid-Until`` unless ``allow_expired`` (snapshots).
 * ``fetch_index_text`` picks ``Packages.xz`` (then ``.gz``, then plain) listed in that Release,
   downloads it **by hash** when the Release says ``Acquire-By-Hash: yes`` (no race with a mirror
-  update), decompresses it while it downloads and scans its stanzas (``stanzaindex``) as they
-  arrive, and returns them only once the file's size and SHA-256 match the Release. A lock
+  update), decompresses it while it downloads (the Blocks of an .xz file side by side,
+  ``xzblocks``) and scans its stanzas (``stanzaindex``) as they arrive, and returns them only once the file's size and SHA-256 match the Release. A lock
   decodes only the stanzas it resolves (``Universe.from_indices``); ``fetch_packages`` decodes all.
 * ``IndexCache`` keeps index texts under ``texts/<hex>.<format>`` (``<hex>`` = the verified
   file's SHA-256; read back as mmaps), raw InReleases under ``indices/sha256/<hex>``, and data
-  derived from indices (the resolver's universe table) under ``derived/<kind>/<hex of its inputs>``.
+  derived from indices (the resolver's universe table) under ``derived/<kind>/<hex of its inputs>``,
+  and gpgv's verdict on each InRelease (``derived/verified_inrelease/``: the signed text, reused
+  for the very same bytes and keyrings for at most a day, :func:`verification_key`).
 * ``fetch_releases`` checks several suites' InRelease concurrently (a warm lock's only network work).
 
 All network access goes through a ``requests.Session``-like object (``get(url, stream=True,
@@ -32,10 +34,11 @@ import mmap
 import os
 import queue
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -49,7 +52,13 @@ from reprobuild.debian.stanzaindex import (
     decode_stanza,
     normalize_text,
     scan_stanzas,
-    trailing_space,
+)
+from reprobuild.debian.xzblocks import (
+    BlockSplitter,
+    NotSplittable,
+    block_stream_head,
+    block_stream_tail,
+    check_index,
 )
 from reprobuild.errors import RepositoryError
 
@@ -58,6 +67,9 @@ Progress = Callable[[str], None]
 # (connect, read) seconds. The read timeout bounds each stall; sizes bound endless responses.
 DEFAULT_TIMEOUT = (15.0, 60.0)
 MAX_RELEASE_BYTES = 16 << 20  # sid's InRelease is ~0.3 MiB; anything this large is hostile
+# How long gpgv's verdict on an InRelease is reused for the very same bytes and keyrings
+# (``verification_key``): a key or signature that expires is noticed within this time.
+VERIFIED_RELEASE_REUSE = timedelta(hours=24)
 # Preference order for index compression: smallest download first (what apt does too).
 INDEX_VARIANTS = (".xz", ".gz", "")
 # Bump when the rules for reading an index change (stanzaindex): cached universes are then rebuilt.
@@ -67,6 +79,12 @@ TEXT_FORMAT = 1
 # The largest decompressed index accepted when the Release does not list the plain size (sid's
 # main/binary-amd64/Packages is ~60 MB): bounds what a hostile compressed index can expand to.
 MAX_INDEX_TEXT_BYTES = 1 << 31
+# xz Blocks of an index decompressed side by side (``_XzBlocks``): one per core of this kind of
+# machine; each decoder of a Block with Debian's 8 MiB dictionary holds ~9 MiB.
+XZ_DECODERS = 2
+# Compressed bytes handed to a Block's decoder at a time: its output (~6× as much for a Packages
+# text) then stays below glibc's mmap threshold and is recycled within the thread's heap.
+XZ_PIECE = 1 << 14
 
 
 class ExpiredRelease(RepositoryError):
@@ -414,7 +432,7 @@ def fetch_release(
     keyrings = list(source.keyrings)
     raw = _download(session, f"{source.dists_url}/InRelease", MAX_RELEASE_BYTES, timeout)
     if raw is not None:
-        signed = verify_clearsigned(raw, keyrings, what=f"{source.suite} InRelease")
+        signed = _verify_inrelease(raw, keyrings, cache, now, what=f"{source.suite} InRelease")
     else:
         raw = _download(session, f"{source.dists_url}/Release", MAX_RELEASE_BYTES, timeout)
         if raw is None:
@@ -438,6 +456,59 @@ def fetch_release(
     if cache is not None:
         cache.put_bytes(digest, raw)
     return VerifiedRelease(release, digest, raw, source)
+
+
+def _verify_inrelease(raw: bytes, keyrings: list[Path], cache: IndexCache | None, now: datetime,
+                      what: str) -> bytes:  # fmt: skip
+    """``verify_clearsigned(raw, keyrings)``, reusing the result of an earlier run on the very same
+    bytes with the very same keyrings when the cache holds one less than
+    ``VERIFIED_RELEASE_REUSE`` old (see :func:`verification_key`)."""
+    key = verification_key(raw, keyrings)
+    if cache is not None and key is not None:
+        signed = _reusable_verification(cache.get_derived("verified_inrelease", key), now)
+        if signed is not None:
+            return signed
+    signed = verify_clearsigned(raw, keyrings, what=what)
+    if cache is not None and key is not None:
+        stamp = int(now.timestamp())
+        cache.put_derived("verified_inrelease", key, f"{_VERIFIED_MAGIC}\n{stamp}\n".encode() + signed)
+    return signed
+
+
+_VERIFIED_MAGIC = "reprobuild verified InRelease 1"
+
+
+def verification_key(raw: bytes, keyrings: Sequence[Path]) -> str | None:
+    """The cache key of gpgv's verdict on the clearsigned ``raw`` against ``keyrings``: a sha256
+    over the exact bytes and every keyring file's bytes, in order (pure but for reading the
+    keyrings; None when one cannot be read — then gpgv runs and reports it).
+
+    Reusing a verdict keyed so is sound: gpgv is a function of the file and the keys — the same
+    bytes against the same keys give the same signed text — except for time: a key that expires
+    or a signature that expires after the verification. That is why a verdict is reused for at
+    most ``VERIFIED_RELEASE_REUSE``; the Release's own ``Valid-Until`` is checked on every run.
+    Like every entry of the index cache, the verdicts are as trustworthy as the cache directory.
+    """
+    h = hashlib.sha256(f"{_VERIFIED_MAGIC}\0{hashlib.sha256(raw).hexdigest()}\n".encode())
+    for keyring in keyrings:
+        try:
+            h.update(hashlib.sha256(Path(keyring).read_bytes()).hexdigest().encode() + b"\n")
+        except OSError:
+            return None
+    return h.hexdigest()
+
+
+def _reusable_verification(data: bytes | None, now: datetime) -> bytes | None:
+    """The signed text of a cached verdict made less than ``VERIFIED_RELEASE_REUSE`` before
+    ``now`` (and not after it), or None."""
+    if data is None:
+        return None
+    magic, _, rest = data.partition(b"\n")
+    stamp, _, signed = rest.partition(b"\n")
+    if magic != _VERIFIED_MAGIC.encode() or not stamp.isdigit():
+        return None
+    age = now - datetime.fromtimestamp(int(stamp), UTC)
+    return signed if timedelta(0) <= age < VERIFIED_RELEASE_REUSE else None
 
 
 def fetch_releases(
@@ -580,14 +651,17 @@ def fetch_index_text(
     what = f"{source.suite} {entry.path}"
     plain = _plain_entry(rel, entry)
     if plain is None:
-        sink = _Decompressing(entry.path, MAX_INDEX_TEXT_BYTES)
+        sink: _Decompressing | _XzBlocks = _Decompressing(entry.path, MAX_INDEX_TEXT_BYTES)
         text = normalize_text(_download_index(session, source, rel, entry, progress, timeout, sink))
         return text, scan_stanzas(text, what)
     from concurrent.futures import ThreadPoolExecutor  # deferred: only needed here
 
     sizes: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-    sink = _Decompressing(entry.path, plain.size, fixed=True, written=sizes.put)
-    scanner = StanzaScanner(what)
+    if entry.path.endswith(".xz"):
+        sink = _XzBlocks(entry.path, entry.size, plain.size, sizes.put)
+    else:
+        sink = _Decompressing(entry.path, plain.size, fixed=True, written=sizes.put)
+    scanner = StanzaScanner(what, trailing_space=None)  # found out as the text arrives
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index") as pool:
         download = pool.submit(_download_then, sizes.put, _download_index, session, source, rel, entry,
                                progress, timeout, sink)  # fmt: skip
@@ -603,9 +677,11 @@ def fetch_index_text(
             raise
         text = download.result()
     normalized = normalize_text(text)
-    if normalized is not text or trailing_space(text):  # rare: scan the whole text again
+    if normalized is not text:  # rare: scan the whole text again
         return normalized, scan_stanzas(normalized, what)
     scanner.scan(text, len(text))
+    if not scanner.complete(text):  # rarer: only the text's last byte is a blank
+        return text, scan_stanzas(text, what)
     return text, scanner.finish(text)
 
 
@@ -624,11 +700,21 @@ def _download_index(
     entry: ReleaseEntry,
     progress: Progress | None,
     timeout: tuple[float, float],
-    sink: _Decompressing,
+    sink: _Decompressing | _XzBlocks,
 ) -> bytearray:
     """What ``sink`` makes of the index file ``entry`` while it downloads (its decompressed
     content), once the file's size and SHA-256 match the signed Release. A file that does not
-    match is refused as such, even when it did not decompress either."""
+    match is refused as such, even when it did not decompress either. The sink is closed on
+    return, whatever happened."""
+    try:
+        return _download_into(session, source, rel, entry, progress, timeout, sink)
+    finally:
+        sink.close()
+
+
+def _download_into(session: Any, source: RepositorySource, rel: ReleaseFile, entry: ReleaseEntry,
+                   progress: Progress | None, timeout: tuple[float, float],
+                   sink: _Decompressing | _XzBlocks) -> bytearray:  # fmt: skip
     directory, _, _ = entry.path.rpartition("/")
     urls = []
     if rel.acquire_by_hash:
@@ -721,6 +807,9 @@ class _Decompressing:
         if self.written is not None:
             self.written(self.size)
 
+    def close(self) -> None:
+        """Nothing to release (the decompressor runs in the feeding thread)."""
+
     def result(self) -> bytearray:
         if self.error is None and self.decompressor is not None:
             if not self.decompressor.eof:
@@ -730,6 +819,160 @@ class _Decompressing:
         if self.error is not None:
             raise RepositoryError(f"cannot decompress {self.path}: {self.error}")
         return self.buf if not self.fixed or self.size == self.limit else self.buf[: self.size]
+
+
+class _XzBlocks:
+    """Download sink for an .xz index whose decompressed size (``limit``) the Release lists: the
+    file's Blocks (``xzblocks``) are decompressed side by side, each by its own liblzma decoder in
+    one of ``XZ_DECODERS`` threads (liblzma releases the GIL), starting as soon as its Block
+    Header has arrived; each writes its output at its place in ``buf`` (``limit`` bytes, never
+    resized). ``written`` is called with the length of the prefix of ``buf`` that is complete
+    whenever it grows, so a scan can follow it.
+
+    The Blocks' output is used only when every Block decoded cleanly and the file's Index lists
+    exactly those Blocks; in every other case (a file of one Block without stated sizes, as
+    Python's lzma module writes; several streams; a damaged Block; a wrong Index) the whole file
+    is decompressed by one ordinary decoder instead, streaming as it arrives when that is known
+    before the first Block starts, else after the download — its result, or its error, is then
+    the answer. Errors are kept until :meth:`result` (the caller checks the file's hash first).
+    Memory: the compressed file (kept until :meth:`result`) and ~9 MiB per decoder on top of
+    ``buf``.
+    """
+
+    def __init__(self, path: str, compressed_size: int, limit: int, written: Callable[[int], None]) -> None:
+        from concurrent.futures import ThreadPoolExecutor  # deferred: only needed here
+
+        self.path = path
+        self.limit = limit
+        self.buf = bytearray(limit)
+        self.size = 0  # the complete prefix of buf
+        self.written = written
+        self._data = bytearray(compressed_size)
+        self._available = 0  # bytes of _data received
+        self._closed = False
+        self._arrived = threading.Condition()
+        self._splitter: BlockSplitter | None = BlockSplitter()  # None: the Blocks cannot all be used
+        self._whole = False  # whether the whole file is being decoded in one go
+        self._spans: list[tuple[int, int]] = []  # (offset, size) in buf of each decoding job, in order
+        self._produced: list[int] = []  # bytes each job has written so far
+        self._complete = 0  # the jobs before this one are complete
+        self._errors: list[str] = []
+        self._progress = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=XZ_DECODERS, thread_name_prefix="xz-block")
+        self._jobs: list[Any] = []
+
+    def feed(self, chunk: bytes) -> None:
+        start = self._available
+        if start + len(chunk) > len(self._data):  # the caller stops an over-long download first
+            raise CorruptIndex(f"{self.path}: more bytes than the signed Release lists")
+        self._data[start : start + len(chunk)] = chunk  # same length: no resize
+        with self._arrived:
+            self._available = start + len(chunk)
+            self._arrived.notify_all()
+        if self._splitter is None:
+            return
+        try:
+            blocks = self._splitter.advance(self._data, self._available)
+        except NotSplittable:
+            self._splitter = None
+            if not self._jobs:  # nothing started yet: decode the whole file as it arrives
+                self._whole = True
+                self._start(0, len(self._data), b"", b"", 0, self.limit)
+            return
+        for block in blocks:
+            if block.uncompressed_offset + block.uncompressed_size > self.limit:
+                self._splitter = None  # the whole-file decoder names it (more than limit bytes)
+                return
+            flags = self._splitter.flags or b""
+            self._start(block.offset, block.end, block_stream_head(flags), block_stream_tail(flags, block),
+                        block.uncompressed_offset, block.uncompressed_size)  # fmt: skip
+
+    def _start(self, start: int, end: int, head: bytes, tail: bytes, offset: int, size: int) -> None:
+        with self._progress:
+            self._spans.append((offset, size))
+            self._produced.append(0)
+        job = len(self._jobs)
+        self._jobs.append(self._pool.submit(self._decode, job, start, end, head, tail, offset, size))
+
+    def _decode(self, job: int, start: int, end: int, head: bytes, tail: bytes, offset: int, limit: int) -> None:
+        """Decompress ``_data[start:end]`` (framed by ``head`` and ``tail``) into ``buf`` at
+        ``offset``, at most ``limit`` bytes, as the data arrives."""
+        decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+        produced = 0
+        try:
+            decoder.decompress(head)
+            pos = start
+            while pos < end or tail:
+                if pos < end:
+                    with self._arrived:
+                        while self._available <= pos and not self._closed:
+                            self._arrived.wait()
+                        available = self._available
+                    if available <= pos:
+                        raise EOFError("the compressed stream is truncated")
+                    stop = min(available, end, pos + XZ_PIECE)
+                    with memoryview(self._data) as view:
+                        out = decoder.decompress(view[pos:stop], limit + 1 - produced)
+                    pos = stop
+                else:
+                    out, tail = decoder.decompress(tail, limit + 1 - produced), b""
+                if produced + len(out) > limit:
+                    raise EOFError(f"it decompresses to more than {limit} bytes")
+                self.buf[offset + produced : offset + produced + len(out)] = out  # same length: no resize
+                produced += len(out)
+                self._report(job, produced)
+            if not decoder.eof:
+                raise EOFError("the compressed stream is truncated")
+            if decoder.unused_data:
+                raise EOFError("data follows the compressed stream")
+        except (lzma.LZMAError, EOFError) as e:
+            with self._progress:
+                self._errors.append(str(e))
+
+    def _report(self, job: int, produced: int) -> None:
+        with self._progress:
+            self._produced[job] = produced
+            while self._complete < len(self._spans) and self._produced[self._complete] == self._spans[self._complete][1]:
+                self._complete += 1
+            if self._complete < len(self._spans):
+                offset, _ = self._spans[self._complete]
+                size = offset + self._produced[self._complete]
+            else:
+                offset, span = self._spans[-1]
+                size = offset + span
+            if size > self.size:
+                self.size = size
+                self.written(size)
+
+    def close(self) -> None:
+        """Stop waiting for data and let every decoding thread finish (idempotent)."""
+        with self._arrived:
+            self._closed = True
+            self._arrived.notify_all()
+        self._pool.shutdown(wait=True)
+
+    def result(self) -> bytearray:
+        self.close()
+        for job in self._jobs:
+            job.result()  # decoding errors are kept in _errors; anything else is a bug: raise it
+        data = memoryview(self._data)[: self._available]
+        split = self._splitter is not None and not self._errors
+        if split:
+            try:
+                check_index(data, self._splitter)
+            except NotSplittable:
+                split = False
+        if not split and not self._whole:
+            # The Blocks could not all be used: the whole file, by one decoder, decides.
+            with self._progress:
+                self._spans, self._produced, self._complete, self._errors = [(0, self.limit)], [0], 0, []
+            self._decode(0, 0, len(data), b"", b"", 0, self.limit)
+        data.release()
+        self._data = bytearray()
+        if self._errors:
+            raise RepositoryError(f"cannot decompress {self.path}: {self._errors[0]}")
+        size = sum(self._produced)
+        return self.buf if size == self.limit else self.buf[:size]
 
 
 def _download(session: Any, url: str, max_bytes: int, timeout: tuple[float, float]) -> bytes | None:

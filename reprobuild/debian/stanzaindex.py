@@ -87,19 +87,41 @@ class StanzaScanner:
     """:func:`scan_stanzas` in steps, over a text that grows (an index decompressed while it
     downloads): :meth:`scan` up to the end of an empty line, again as the text grows, then
     :meth:`finish`. The result is what one :func:`scan_stanzas` of the whole text gives, for
-    the ``trailing_space`` of the whole text (the caller checks it in the end)."""
+    the ``trailing_space`` of the whole text: given, or with ``trailing_space=None`` found out
+    while scanning — each step looks for a line ending in a blank in the part it scans, and on
+    the first one, scans what it had scanned again with values losing trailing blanks (trixie's
+    main index has its first at 12 of 56 MB). Then only a text whose very end is a blank, which
+    :attr:`complete` tells, must be scanned again by the caller."""
 
-    def __init__(self, what: str = "Packages", trailing_space: bool = False) -> None:
+    def __init__(self, what: str = "Packages", trailing_space: bool | None = False) -> None:
         self.what = what
-        self.trailing_space = trailing_space
+        self._detect = trailing_space is None  # find out while scanning
+        self.trailing_space = bool(trailing_space)
         self.heads: list[StanzaHead] = []
         self._fields: dict[bytes, bytes] = {}
         self._start = 0  # of the current stanza
         self._pos = 0  # where the next scan starts: a "\n" (or 0)
 
+    def complete(self, text: bytes) -> bool:
+        """Whether the heads are those of :func:`scan_stanzas` of ``text`` (scanned to its end):
+        always when ``trailing_space`` was given (the caller's to check), and when it was found
+        out, unless only the text's last byte is a blank."""
+        return not self._detect or self.trailing_space or _last_byte(text) not in (b" ", b"\t")
+
     def scan(self, text: bytes, end: int) -> None:
         """Scan ``text[:end]`` on from where the last scan stopped; ``end`` is ``len(text)`` or
         just after an empty line (``text[end-2:end] == b"\n\n"``)."""
+        if self._detect and not self.trailing_space and (
+            text.find(b" \n", self._pos, end) >= 0 or text.find(b"\t\n", self._pos, end) >= 0
+        ):  # a step starts at a "\n": no " \n" spans two steps
+            scanned = self._pos + 1 if self._pos else 0  # the end of the last step
+            self.trailing_space = True
+            self.heads, self._fields, self._start, self._pos = [], {}, 0, 0
+            if scanned:
+                self._scan(text, scanned)
+        self._scan(text, end)
+
+    def _scan(self, text: bytes, end: int) -> None:
         fields, start, what = self._fields, self._start, self.what
         if self._pos == 0:
             first = _FIRST.match(text, 0, end)
