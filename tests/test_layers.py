@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "reprobuild"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # errors, streaming hashes and atomic writes, INI parsing, canonical JSON, code digests:
     # the standard library only.
-    ("core", ("reprobuild", "errors", "fileio", "ini", "digest", "codedigest", "checkresult", "userns")),
+    ("core", ("reprobuild", "errors", "fileio", "ini", "digest", "codedigest", "checkresult", "userns", "memory")),
     # Pure formats and their thin I/O: Debian metadata and packages, image formats, keys, X.509.
     ("formats", ("debian", "debian.*", "image", "image.*", "keys", "x509", "sshsig", "sshagent", "signer", "pkcs11uri",
                  "pkcs11key")),
