@@ -147,14 +147,15 @@ def project_keys(fallback: Path) -> Path:
     return fallback
 
 
-def make_definition(root: Path, reference: str, index_store: Path, extra_conf: str = "",
-                    extra_files: dict[str, str] | None = None) -> Path:
-    """``lock/<reference>`` copied to ``root/<reference>`` with absolute key paths, locked fresh.
+def make_definition(root: Path, reference: str, index_store: Path | None, extra_conf: str = "",
+                    extra_files: dict[str, str] | None = None, name: str | None = None) -> Path:
+    """``lock/<reference>`` copied to ``root/<name or reference>`` with absolute key paths, locked fresh.
 
     ``index_store`` only caches the archive indices the lock step reads (it is not a package store
-    any timed build uses). ``extra_files``: relative path → text, or ``symlink:TARGET``.
+    any timed build uses); None: not locked here (a benchmark that times the lock runs it itself).
+    ``extra_files``: relative path → text, or ``symlink:TARGET``.
     """
-    directory = root / reference
+    directory = root / (name or reference)
     directory.mkdir(parents=True)
     keys = project_keys(root / "keys")
     conf = []
@@ -167,6 +168,8 @@ def make_definition(root: Path, reference: str, index_store: Path, extra_conf: s
     from tests.live_images import write_files  # the live tests' definitions are made the same way
 
     write_files(directory, extra_files or {})
+    if index_store is None:
+        return directory
     check(measure(reprobuild("lock", "-C", str(directory), "--store", str(index_store), "-q")), "reprobuild lock")
     return directory
 
@@ -310,11 +313,27 @@ if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "build":
     sys.exit(_driver(*sys.argv[2:]))
 
 
-def tar_packages(path: Path) -> int | None:
-    """Installed packages per the tar's var/lib/dpkg/status (None if it has none)."""
+def tar_dpkg_status(path: Path) -> str | None:
+    """The text of the tar's var/lib/dpkg/status (None if it has none)."""
     with tarfile.open(path) as tf:
         for member in tf:
             if member.name.lstrip("./") == "var/lib/dpkg/status" and member.isfile():
-                text = tf.extractfile(member).read().decode("utf-8", "replace")  # type: ignore[union-attr]
-                return sum(1 for line in text.splitlines() if line.startswith("Status: install ok installed"))
+                return tf.extractfile(member).read().decode("utf-8", "replace")  # type: ignore[union-attr]
     return None
+
+
+def installed_packages(status: str) -> tuple[int, int]:
+    """(packages, sum of their Installed-Size in KiB) of the installed stanzas of a dpkg status."""
+    count = kib = 0
+    for stanza in status.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
+        if fields.get("Status") == "install ok installed":
+            count += 1
+            kib += int(fields.get("Installed-Size", "0") or 0)
+    return count, kib
+
+
+def tar_packages(path: Path) -> int | None:
+    """Installed packages per the tar's var/lib/dpkg/status (None if it has none)."""
+    status = tar_dpkg_status(path)
+    return None if status is None else installed_packages(status)[0]

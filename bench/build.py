@@ -63,15 +63,20 @@ def has_no_cache_flag() -> bool:
     return "--no-cache" in measure(reprobuild("build", "--help")).output
 
 
-def mmdebstrap_argv(suite: str, mirror: str, out: Path, cache: Path | None) -> list[str]:
+def mmdebstrap_argv(suite: str, mirror: str, out: Path, cache: Path | None, include: tuple[str, ...] = (),
+                    mirrors: tuple[str, ...] = ()) -> list[str]:
+    """``mmdebstrap --variant=minbase --format=tar`` (``--include=`` the extra packages), from
+    ``mirror``, or from ``mirrors`` (sources.list lines) when given; ``cache``: keep the .debs there."""
     argv = ["mmdebstrap", "--variant=minbase", "--format=tar", "--quiet"]
+    if include:
+        argv.append(f"--include={','.join(include)}")
     if cache is not None:
         # The manual's recipe ("cannot use a caching proxy"): keep /var/cache/apt/archives outside.
         argv += ["--skip=essential/unlink",
                  f"--setup-hook=mkdir -p {shlex.quote(str(cache))} \"$1\"/var/cache/apt/archives/",
                  f"--setup-hook=sync-in {shlex.quote(str(cache))} /var/cache/apt/archives/",
                  f"--customize-hook=sync-out /var/cache/apt/archives {shlex.quote(str(cache))}"]
-    return [*argv, suite, str(out), mirror]
+    return [*argv, suite, str(out), *(mirrors or (mirror,))]
 
 
 def main() -> int:

@@ -185,7 +185,10 @@ def test_settings_and_reproducible_output(tmp_path: Path, base: Path) -> None:
             "usr/share/pkgfile": b"from package\n",
             "usr/share/doc/fakepasswd/README": b"docs\n",
         }, scripts={"postinst": "#!/bin/sh\nmkdir -p /var/lib/systemd\necho seed > /var/lib/systemd/random-seed\n"
-                                "touch /var/lib/dpkg/status-old\n"}),
+                                "touch /var/lib/dpkg/status-old\n"
+                                "mkdir -p /etc/ssl/private /etc/ssl/certs\n"
+                                "echo key > /etc/ssl/private/ssl-cert-snakeoil.key\n"
+                                "echo cert > /etc/ssl/certs/ssl-cert-snakeoil.pem\n"}),
     ]
     settings = TreeSettings(
         hostname="repro", root_password="secret", autologin=True, locale="C.UTF-8", timezone="Europe/Berlin",
@@ -214,6 +217,8 @@ def test_settings_and_reproducible_output(tmp_path: Path, base: Path) -> None:
     assert not (t1 / "usr/share/doc/fakepasswd").exists()
     assert not (t1 / "var/lib/systemd/random-seed").exists() and not (t1 / "var/lib/dpkg/status-old").exists()
     assert not (t1 / "usr/lib/python3/dist-packages/__pycache__").exists()
+    assert not (t1 / "etc/ssl/private/ssl-cert-snakeoil.key").exists()
+    assert not (t1 / "etc/ssl/certs/ssl-cert-snakeoil.pem").exists() and (t1 / "etc/ssl/certs").is_dir()
     write_tar(t1, tmp_path / "one.tar", EPOCH)
     write_tar(t2, tmp_path / "two.tar", EPOCH)
     h1, h2 = (hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("one.tar", "two.tar"))
