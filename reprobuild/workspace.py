@@ -15,7 +15,8 @@ The choice (:func:`choose`, pure) follows, in order:
 
 1. ``--workspace DIR`` / ``REPROBUILD_WORKSPACE=DIR``: trees go to ``DIR`` (any file system);
    the value ``output`` keeps them beside the outputs, as before this module existed.
-2. ``auto`` (the default): ``/dev/shm`` when it is a tmpfs, writable, and the estimate of the
+2. ``auto`` (the default): ``/dev/shm`` when it is a tmpfs, writable, not mounted ``noexec``
+   (Docker mounts its ``/dev/shm`` so: the packages' scripts run from the tree), and the estimate of the
    trees' size (the packages' ``Installed-Size`` sum of every set the build installs, plus a
    quarter) fits both in its free space and in half of the memory available (``MemAvailable``
    of ``/proc/meminfo``) — a large image on a small runner still builds on disk, never into
@@ -48,6 +49,7 @@ class FsFacts:
     is_tmpfs: bool
     writable: bool
     free_bytes: int
+    noexec: bool = False  # mounted noexec (as Docker mounts its /dev/shm): the tree's programs could not run
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ def choose(requested: str | None, need_bytes: int, ram: FsFacts | None, mem_avai
         return Workspace(None, f"beside the output ({RAM_DIRECTORY} is not a tmpfs here)")
     if not ram.writable:
         return Workspace(None, f"beside the output ({RAM_DIRECTORY} is not writable)")
+    if ram.noexec:
+        return Workspace(None, f"beside the output ({RAM_DIRECTORY} is mounted noexec)")
     if need_bytes > ram.free_bytes:
         return Workspace(None, f"beside the output (the trees need ≈{mib} MiB, {RAM_DIRECTORY} has "
                                f"{ram.free_bytes >> 20} MiB free)")
@@ -105,7 +109,7 @@ def probe(path: Path, statfs: Callable[[str], tuple[int, int, int]] | None = Non
         return None
     magic, bavail, bsize = (statfs or _statfs)(str(path))
     return FsFacts(is_tmpfs=magic == TMPFS_MAGIC, writable=os.access(path, os.W_OK | os.X_OK),
-                   free_bytes=bavail * bsize)
+                   free_bytes=bavail * bsize, noexec=bool(os.statvfs(path).f_flag & os.ST_NOEXEC))
 
 
 def _statfs(path: str) -> tuple[int, int, int]:
@@ -135,6 +139,10 @@ def decide(requested: str | None, installed_kib: int, fmt: str, env: Mapping[str
         if not p.is_dir():
             raise ConfigError(f"workspace directory {requested} does not exist or is not a directory",
                               hint=f"create it, or pass --workspace auto (unset {ENV})")
+        if os.statvfs(p).f_flag & os.ST_NOEXEC:
+            raise ConfigError(f"workspace directory {requested} is on a file system mounted noexec: the "
+                              "packages' scripts could not run in trees made there",
+                              hint=f"pick a directory on another file system, or pass --workspace auto (unset {ENV})")
     try:
         ram = probe(RAM_DIRECTORY)
     except OSError:

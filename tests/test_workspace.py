@@ -30,6 +30,7 @@ def test_auto_uses_memory_when_the_trees_fit() -> None:
     (FsFacts(is_tmpfs=True, writable=False, free_bytes=10 * GiB), 8 * GiB, "not writable"),
     (FsFacts(is_tmpfs=True, writable=True, free_bytes=GiB // 2), 8 * GiB, "512 MiB free"),
     (RAM, GiB, "half of the 1024 MiB of memory available"),
+    (FsFacts(is_tmpfs=True, writable=True, free_bytes=10 * GiB, noexec=True), 8 * GiB, "mounted noexec"),
 ])  # fmt: skip
 def test_auto_falls_back_to_the_output_directory(ram: FsFacts | None, available: int, why: str) -> None:
     w = choose("auto", 1 * GiB, ram, available, "disk")
@@ -59,7 +60,8 @@ def test_estimate_and_meminfo() -> None:
 
 def test_probe_reads_the_file_system_type(tmp_path: Path) -> None:
     facts = probe(tmp_path, statfs=lambda _p: (0x01021994, 100, 4096))
-    assert facts == FsFacts(is_tmpfs=True, writable=True, free_bytes=409600)
+    assert facts == FsFacts(is_tmpfs=True, writable=True, free_bytes=409600,
+                            noexec=bool(os.statvfs(tmp_path).f_flag & os.ST_NOEXEC))
     assert probe(tmp_path / "missing") is None
     (tmp_path / "link").symlink_to(tmp_path)
     assert probe(tmp_path / "link") is None
@@ -73,6 +75,21 @@ def test_a_missing_workspace_directory_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         decide(None, 1000, "tar", {"REPROBUILD_WORKSPACE": str(tmp_path / "nope")})
     assert decide(None, 1000, "tar", {"REPROBUILD_WORKSPACE": str(tmp_path)}).parent == tmp_path
+
+
+def test_a_noexec_workspace_directory_is_refused(tmp_path: Path) -> None:
+    """A real noexec mount (root: a tmpfs mounted for the test)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where = tmp_path / "noexec"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,size=1m", "tmpfs", str(where)], check=True)
+    try:
+        assert probe(where) is not None and probe(where).noexec  # type: ignore[union-attr]
+        with pytest.raises(ConfigError, match="mounted noexec"):
+            decide(str(where), 1000, "tar", {})
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
 
 
 # -- end to end: the hermetic one-package definition, through the command line ----------------------
