@@ -17,8 +17,9 @@ The choice (:func:`choose`, pure) follows, in order:
    the value ``output`` keeps them beside the outputs, as before this module existed.
 2. ``auto`` (the default): ``/dev/shm`` when it is a tmpfs, writable, not mounted ``noexec``
    (Docker mounts its ``/dev/shm`` so: the packages' scripts run from the tree), and the estimate of the
-   trees' size (the packages' ``Installed-Size`` sum of every set the build installs, plus a
-   quarter) fits both in its free space and in half of the memory available (``MemAvailable``
+   trees' size (the packages' ``Installed-Size`` sum of every set the build installs, two and a
+   quarter times: the trees, and the payloads decompressed for dpkg beside them,
+   :mod:`reprobuild.rootfs.payloads`) fits both in its free space and in half of the memory available (``MemAvailable``
    of ``/proc/meminfo``) — a large image on a small runner still builds on disk, never into
    swap or out of memory.
 3. Otherwise the output directory.
@@ -38,7 +39,9 @@ from reprobuild.errors import ConfigError
 RAM_DIRECTORY = Path("/dev/shm")
 ENV = "REPROBUILD_WORKSPACE"
 TMPFS_MAGIC = 0x01021994  # statfs(2)
-MARGIN = 1.25  # the estimate covers the trees; dpkg's temporaries and the database add some
+# The estimate covers the trees (1), the payloads staged for dpkg, decompressed (at most about
+# their installed size: 1), and dpkg's temporaries and database (a quarter).
+MARGIN = 2.25
 FIXED_MARGIN = 64 << 20
 
 

@@ -52,7 +52,7 @@ def test_explicit_choices_win_and_directory_output_stays_beside_the_output(tmp_p
 
 def test_estimate_and_meminfo() -> None:
     assert estimate_bytes(0) == 64 << 20
-    assert estimate_bytes(1024) == (1 << 20) * 5 // 4 + (64 << 20)
+    assert estimate_bytes(1024) == (1 << 20) * 9 // 4 + (64 << 20)
     assert mem_available("MemTotal:       24683652 kB\nMemAvailable:   20000000 kB\n") == 20000000 * 1024
     assert mem_available("MemTotal: 1 kB\n") is None
     assert mem_available("MemAvailable: lots\n") is None

@@ -14,6 +14,12 @@
    layer where all its Depends can be configured too; each layer is ``dpkg --unpack`` then
    ``dpkg --configure --pending``.
 
+dpkg is handed each package with its payload already decompressed, made by worker threads in
+install order ahead of it (:mod:`reprobuild.rootfs.payloads`); a layer is unpacked in chunks of
+the packages made so far (:func:`unpack_chunk`), so dpkg starts on a layer before its last
+payload is ready. Unpacking in several calls of the same order gives the same tree: ``--unpack``
+runs no configuration, and triggers wait for the ``--configure --pending`` that ends the layer.
+
 Every order is a pure function of the plan (:func:`install_order`, :func:`layers`), never of the
 file system or of hash-set iteration. Services never start: ``/usr/sbin/policy-rc.d`` exits 101
 during the install, and any daemon a script starts anyway dies with the sandbox's PID namespace
@@ -24,16 +30,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from reprobuild.debian.deb import DebFile, open_tar_bytes
 from reprobuild.errors import BuildError
 from reprobuild.progress import Update
+from reprobuild.rootfs.payloads import Payloads
 from reprobuild.rootfs.plan import PlannedPackage
 from reprobuild.rootfs.sandbox import Bind, Result, run_in_tree
 from reprobuild.rootfs.unpack import TreeWriter, extract_tar
@@ -169,36 +173,24 @@ def _not_needed_before_dpkg(parts: list[str]) -> bool:
     return len(parts) > 3 and parts[0] == "usr" and parts[1] == "share" and parts[2] in _DOCS
 
 
-# Packages decompressed ahead of the one being extracted (a thread; xz releases the GIL). Bounds
-# the memory to this many decompressed data.tars (the largest of a minbase is ~20 MB).
-DECOMPRESS_AHEAD = 2
-
-
 def _data_tar(path: Path) -> bytes:
     with DebFile(path) as deb:
         return deb.read_tar("data")
 
 
-def extract_essential(tree: Path, essential: Sequence[PlannedPackage], deb_path: Callable[[str], Path],
+def extract_essential(tree: Path, essential: Sequence[PlannedPackage], payload: Callable[[str], Path],
                       progress: Callable[[str], None]) -> None:
     """Step 1: unpack the data.tar of each package of the Essential closure, in the given order (pure Python),
-    except the files :func:`_not_needed_before_dpkg` names: step 3 unpacks every file again. A
-    thread decompresses the next packages meanwhile; the files are written in order, by this one."""
+    except the files :func:`_not_needed_before_dpkg` names: step 3 unpacks every file again.
+    ``payload(sha256)``: the package, waiting for the worker that decompresses it
+    (:meth:`reprobuild.rootfs.payloads.Payloads.path`)."""
     writer = TreeWriter(tree)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decompress") as pool:
-        ahead = deque(pool.submit(_data_tar, deb_path(p.sha256)) for p in essential[:DECOMPRESS_AHEAD])
-        try:
-            for i, p in enumerate(essential):
-                progress(Update("extracting", i, len(essential), "packages", p.name))
-                data = ahead.popleft().result()
-                if i + DECOMPRESS_AHEAD < len(essential):
-                    ahead.append(pool.submit(_data_tar, deb_path(essential[i + DECOMPRESS_AHEAD].sha256)))
-                with open_tar_bytes(data, p.name) as tf:
-                    extract_tar(tf, writer, p.name, skip=_not_needed_before_dpkg)
-                del data
-        finally:
-            for f in ahead:
-                f.cancel()
+    for i, p in enumerate(essential):
+        progress(Update("extracting", i, len(essential), "packages", p.name))
+        data = _data_tar(payload(p.sha256))
+        with open_tar_bytes(data, p.name) as tf:
+            extract_tar(tf, writer, p.name, skip=_not_needed_before_dpkg)
+        del data
     writer.finish()
     progress(Update("extracting", len(essential), len(essential), "packages"))
 
@@ -250,18 +242,11 @@ def _deb_name(p: PlannedPackage) -> str:
     return f"{p.sha256}.deb"
 
 
-def _stage_debs(packages: Sequence[PlannedPackage], deb_path: Callable[[str], Path], stage: Path) -> None:
-    """Hard-link (or copy, across file systems) each .deb into ``stage`` as ``<sha256>.deb``.
-    The copy never follows or replaces an existing entry (O_EXCL)."""
-    for p in packages:
-        src, dst = Path(deb_path(p.sha256)), stage / _deb_name(p)
-        try:
-            os.link(src, dst)
-        except FileExistsError:
-            continue  # the same object twice: the same bytes
-        except OSError:
-            with open(src, "rb") as fin, open(dst, "xb") as fout:
-                shutil.copyfileobj(fin, fout)
+def unpack_chunk(remaining: int) -> int:
+    """How many packages of a layer's ``remaining`` ones one ``dpkg --unpack`` call waits for at
+    least: a quarter of them, at least 16 — few calls (each starts a sandbox and reads dpkg's
+    database), yet dpkg starts on a layer long before its last payload is decompressed."""
+    return min(remaining, max(16, remaining // 4))
 
 
 def explain_failure(result: Result, phase: str, names: dict[str, str] | None = None) -> BuildError:
@@ -302,19 +287,10 @@ class Installer:
         return [f"{DEBS_IN_TREE}/{_deb_name(p)}" for p in packages]
 
 
-def install(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[str], Path], *,
-            env: dict[str, str], hostname: str, progress: Callable[[str], None]) -> list[tuple[str, str]]:
-    """Steps 1–3 for the whole plan. Raises BuildError/MaintainerScriptFailed/FormatError.
-    Returns (relative path, reason) for each file written by this code rather than by dpkg."""
-    names = [p.name for p in packages]
-    if len(set(names)) != len(names):
-        raise BuildError("the package plan lists a package twice")
-    base = essential_closure(packages)
-    essential = install_order([p for p in packages if p.name in base])
-    others = [p for p in packages if p.name not in base]
-    if not essential:
-        raise BuildError("the package plan has no Essential packages", hint="the Essential set must be in the lock")
-    extract_essential(tree, essential, deb_path, progress)
+def _prepare(tree: Path, packages: Sequence[PlannedPackage]) -> tuple[list[tuple[str, str]], bool]:
+    """Step 2 after step 1: check the tree has dpkg, make dpkg's database skeleton and, unless
+    the packages brought one, a policy-rc.d forbidding every service action. Returns the files
+    written (relative path, reason) and whether the policy-rc.d is ours (to remove at the end)."""
     try:
         has_dpkg = os.path.isfile(TreeWriter(tree).resolve(["usr", "bin", "dpkg"], follow_last=True))
     except FileNotFoundError:
@@ -330,21 +306,50 @@ def install(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[
         _mkdirs(tree, "usr/sbin")
         policy.write_text("#!/bin/sh\nexit 101\n")
         policy.chmod(0o755)
-    with tempfile.TemporaryDirectory(prefix=".debs-", dir=tree.parent) as stage_dir:
-        stage = Path(stage_dir)
-        _stage_debs(packages, deb_path, stage)
-        inst = Installer(tree, stage, env, hostname, progress)
+    return written, own_policy
+
+
+def install(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[str], Path], *,
+            env: dict[str, str], hostname: str, progress: Callable[[str], None]) -> list[tuple[str, str]]:
+    """Steps 1–3 for the whole plan. Raises BuildError/MaintainerScriptFailed/FormatError.
+    Returns (relative path, reason) for each file written by this code rather than by dpkg."""
+    names = [p.name for p in packages]
+    if len(set(names)) != len(names):
+        raise BuildError("the package plan lists a package twice")
+    base = essential_closure(packages)
+    essential = install_order([p for p in packages if p.name in base])
+    others = [p for p in packages if p.name not in base]
+    if not essential:
+        raise BuildError("the package plan has no Essential packages", hint="the Essential set must be in the lock")
+    plan_layers = layers(others, {p.name for p in essential})
+    order = [p.sha256 for p in essential] + [p.sha256 for layer in plan_layers for p in layer]
+    for p in packages:
+        _deb_name(p)  # a malformed sha256 never reaches a file name
+    with tempfile.TemporaryDirectory(prefix=".debs-", dir=tree.parent) as stage_dir, \
+            Payloads(order, deb_path, Path(stage_dir)) as payloads:
+        extract_essential(tree, essential, payloads.path, progress)
+        written, own_policy = _prepare(tree, packages)
+        policy = tree / POLICY_RC_D
+        inst = Installer(tree, Path(stage_dir), env, hostname, progress)
         total = len(packages)
         progress(Update("installing", 0, total, "packages", f"{len(essential)} Essential",
                         text=f"installing {len(essential)} Essential packages"))  # fmt: skip
         inst.dpkg("--install (Essential)", ["--install", "--force-depends", *inst.debs(essential)])
+        payloads.release([p.sha256 for p in essential])
         done = len(essential)
-        for i, layer in enumerate(layers(others, {p.name for p in essential}), 1):
+        for i, layer in enumerate(plan_layers, 1):
             names = ", ".join(p.name for p in layer)
             progress(Update("installing", done, total, "packages", names, text=f"installing layer {i}: {names}"))
-            inst.dpkg("--unpack", ["--unpack", *inst.debs(layer)])
+            pending = list(layer)
+            while pending:
+                n = payloads.ready_prefix([p.sha256 for p in pending], unpack_chunk(len(pending)))
+                chunk, pending = pending[:n], pending[n:]
+                inst.dpkg("--unpack", ["--unpack", *inst.debs(chunk)])
+                payloads.release([p.sha256 for p in chunk])
+                done += len(chunk)
+                if pending:
+                    progress(Update("installing", done, total, "packages", names))
             inst.dpkg("--configure", ["--configure", "--pending"])
-            done += len(layer)
         progress(Update("installing", total, total, "packages"))
         # Anything left half-installed or with pending triggers is a bug in the plan: say so.
         audit = run_in_tree(tree, ["dpkg", "--audit"], env, hostname=hostname)
