@@ -79,11 +79,13 @@ def boot(image: Path, kvm: bool, log: Path) -> tuple[float | None, str]:
     return seconds, f"{'KVM' if kvm else 'TCG'}; root={root.group(1) if root else '?'}"
 
 
-def mkosi_config(directory: Path, mirror: str, fmt: str, cache: Path | None) -> Path:
+def mkosi_config(directory: Path, mirror: str, fmt: str, cache: Path | None,
+                 packages: tuple[str, ...] = PACKAGES) -> Path:
+    """An ``mkosi.default`` for mkosi 14 (also used by bench/scaling.py with its package sets)."""
     directory.mkdir(parents=True)
     lines = ["[Distribution]", "Distribution=debian", "Release=trixie", f"Mirror={mirror}", "",
              "[Output]", f"Format={fmt}", f"Bootable={'yes' if fmt.startswith('gpt_') else 'no'}",
-             "KernelCommandLine=console=ttyS0", "", "[Content]", f"Packages={','.join(PACKAGES)}", "Autologin=yes",
+             "KernelCommandLine=console=ttyS0", "", "[Content]", f"Packages={','.join(packages)}", "Autologin=yes",
              # WithDocs=yes: mkosi 14 removes the documentation with `rm` run in systemd-nspawn, which
              # fails here (no system bus to register the container); docs stay, as in our image.
              "WithDocs=yes"]

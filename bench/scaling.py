@@ -21,7 +21,11 @@ from wait4's ``ru_maxrss``, as in the other benchmarks):
   6. ``mmdebstrap --variant=minbase --include=… --format=tar`` from the same suites (it fetches
      indices and .debs itself every run);
   7. mmdebstrap with its .debs cached by bench/build.py's sync-in/sync-out recipe (one uncounted
-     priming run first; skipped by --quick).
+     priming run first; skipped by --quick);
+  8. the host's mkosi (Debian 12 ships mkosi 14), ``Format=directory`` with the same packages
+     (debootstrap + apt; it fetches every .deb; skipped by --quick or --no-mkosi, or when mkosi
+     is not installed). mkosi's disk formats cannot run on this kind of host (no vfat: see
+     bench/boot.py); a tree is what the other two make before packing it.
 
 Installed size is the sum of Installed-Size over the tar's dpkg status. The three reprobuild
 tars of a set must be identical (sha256); the table says so.
@@ -35,6 +39,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -59,6 +64,7 @@ from bench._stagebench import (
     update_docs_section,
     wait_for_quiet,
 )
+from bench.boot import du, mkosi_config, reason
 from bench.build import mmdebstrap_argv
 from reprobuild.fileio import sha256_file
 
@@ -91,6 +97,10 @@ class SetResult:
     mm_tar_bytes: int = 0
     mm_count: int = 0
     mm_installed_kib: int = 0
+    mkosi_bytes: int = 0
+    mkosi_count: int = 0
+    mkosi_installed_kib: int = 0
+    mkosi_failed: str = ""
 
     def seconds(self, key: str) -> float | None:
         step = self.steps.get(key)
@@ -108,8 +118,31 @@ def run_json(argv: list[str], what: str) -> tuple[Measured, dict]:
     return m, json.loads(m.output)
 
 
+def run_mkosi_tree(result: SetResult, base: Path, mirror: str, commands: list[str],
+                   replacements: dict[str, str]) -> None:
+    """Step 8: the host's mkosi makes the set's tree (``Format=directory``, empty ``Cache=``)."""
+    mkosi = shutil.which("mkosi")
+    if not mkosi:
+        result.mkosi_failed = "mkosi is not installed"
+        return
+    version = subprocess.run([mkosi, "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    d = mkosi_config(base / "mkosi", mirror, "directory", None, ("apt", *result.packages))
+    m = measure([mkosi, "-f", "build"], cwd=d, timeout=TIMEOUT)
+    commands.append(f"cd $WORK/{result.name}/mkosi && {pretty(m.argv, replacements)}  "
+                    f"# mkosi.default: Format=directory Packages=apt,{','.join(result.packages)}")
+    if m.ok:
+        status = (d / "image" / "var/lib/dpkg/status").read_text(errors="replace")
+        result.mkosi_count, result.mkosi_installed_kib = installed_packages(status)
+        result.mkosi_bytes = du(d / "image")
+        result.steps["mkosi"] = Step(f"{version}, Format=directory", m,
+                                     f"tree only (no tar); fetches every .deb; {result.mkosi_count} packages")
+    else:
+        result.mkosi_failed = f"`{reason(m)}` (exit {m.returncode} after {m.seconds:.1f} s)"
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def bench_set(name: str, packages: tuple[str, ...], work: Path, suite: str, mirrors: tuple[str, ...],
-              quick: bool, commands: list[str], replacements: dict[str, str]) -> SetResult:
+              quick: bool, commands: list[str], replacements: dict[str, str], mkosi_mirror: str | None) -> SetResult:
     say = lambda text: print(f"[{name}] {text}", file=sys.stderr, flush=True)
     base = work / name
     extra = f"\n[Content]\nPackages={' '.join(packages)}\n" if packages else ""
@@ -170,6 +203,9 @@ def bench_set(name: str, packages: tuple[str, ...], work: Path, suite: str, mirr
         result.steps["mm-cached"] = Step("mmdebstrap, .debs cached (sync-in/out)", m, "still fetches indices")
         commands.append(pretty(m.argv, replacements))
         mm_tar.unlink()
+    if mkosi_mirror is not None:
+        say("mkosi")
+        run_mkosi_tree(result, base, mkosi_mirror, commands, replacements)
     shutil.rmtree(base)  # stores and tars of a large set are GBs
     return result
 
@@ -192,7 +228,7 @@ def ratio(a: float | None, b: float | None) -> str:
 def summary(results: list[SetResult]) -> tuple[str, str, str]:
     """The cross-set tables (reprobuild; mmdebstrap and the ratios) and the verdict (linearity in
     installed size, the memory bound)."""
-    ours, peers = [], []
+    ours, peers, mkosi_rows = [], [], []
     per_100mb: list[tuple[int, float]] = []  # (installed KiB, --no-cache s per 100 MB), in --sets order
     for r in results:
         installed = mb(r.installed_kib)
@@ -211,11 +247,22 @@ def summary(results: list[SetResult]) -> tuple[str, str, str]:
             ratio(r.seconds("mm"), sum(r.seconds(k) or 0 for k in ("lock", "fetch", "first"))),
             ratio(r.seconds("mm"), r.seconds("nocache")), ratio(mm_cached, r.seconds("nocache")),
         ])  # fmt: skip
+        if r.mkosi_count or r.mkosi_failed:
+            mkosi_rows.append([
+                r.name, f"{r.mkosi_count} / {mb(r.mkosi_installed_kib):.0f} / {r.mkosi_bytes / 2**20:.0f}"
+                if r.mkosi_count else "—", "—" if r.seconds("mkosi") is None else f"{r.seconds('mkosi'):.1f}",
+                f"{r.peak_mib(('mkosi',)):.0f}" if r.mkosi_count else "—",
+                ratio(r.seconds("mkosi"), r.seconds("nocache")), r.mkosi_failed or "",
+            ])  # fmt: skip
     ours_table = table(["set", "packages", "installed MB", "tar MiB", "lock s", "fetch s", "first build s",
                         "--no-cache s", "cached s", "--no-cache s per 100 MB installed", "peak RSS MiB"], ours)
     peers_table = table(["set", "mmdebstrap: packages / installed MB / tar MiB", "mmdebstrap s", "its peak RSS MiB",
                          ".debs cached s", "mmdebstrap ÷ (lock + fetch + first build)", "mmdebstrap ÷ --no-cache",
                          "cached mmdebstrap ÷ --no-cache"], peers)
+    if mkosi_rows:
+        peers_table += "\n\nmkosi, same run:\n\n" + table(
+            ["set", "mkosi: packages / installed MB / tree MiB", "mkosi s", "its peak RSS MiB", "mkosi ÷ --no-cache",
+             "could not run"], mkosi_rows)
     peak = max((r.peak_mib(RB_STEPS) for r in results), default=0.0)
     peak_build = max((r.peak_mib(("first", "nocache", "hit")) for r in results), default=0.0)
     verdict = []
@@ -234,7 +281,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
-    ap.add_argument("--quick", action="store_true", help="skip the cached-mmdebstrap runs")
+    ap.add_argument("--quick", action="store_true", help="skip the cached-mmdebstrap and mkosi runs")
+    ap.add_argument("--no-mkosi", action="store_true", help="skip the mkosi runs")
     ap.add_argument("--write-docs", action="store_true", help="update '## scaling' in docs/benchmarks.md")
     ap.add_argument("--keep", type=Path, help="work here (default: a temporary directory; each set's store "
                                               "and tars are deleted once measured)")
@@ -263,7 +311,8 @@ def main() -> int:
         facts = machine_facts()
         results = []
         for name in args.sets:
-            results.append(bench_set(name, SETS[name], work, suite, mirrors, args.quick, commands, replacements))
+            results.append(bench_set(name, SETS[name], work, suite, mirrors, args.quick, commands, replacements,
+                                     None if args.quick or args.no_mkosi else mirror))
             print(set_table(results[-1]), file=sys.stderr)
         ours, peers, verdict = summary(results)
         print(ours)
@@ -290,7 +339,7 @@ def main() -> int:
                 "",
                 ours,
                 "",
-                "mmdebstrap, same run (ratios > 1: reprobuild is faster):",
+                "mmdebstrap (and mkosi), same run (ratios > 1: reprobuild is faster):",
                 "",
                 peers,
                 "",
