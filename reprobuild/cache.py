@@ -178,12 +178,17 @@ class Cache:
         self.enabled = enabled
         self.say = say
         self.index = store.root / INDEX_DIR
+        # What each module of the code imports, by source digest (reprobuild.codedigest): facts
+        # about the installed code, not build results, so read and written with the cache off too.
+        self.code_memo = self.index / "code-imports.json"
         self.used: set[str] = set()
         self._unpacked: str | None = None
 
     def _unpacked_code(self) -> str:
         if self._unpacked is None:
-            self._unpacked = CodeDigests().digest(UNPACKED_CODE)
+            code = CodeDigests(memo=self.code_memo)
+            self._unpacked = code.digest(UNPACKED_CODE)
+            code.save_memo()
         return self._unpacked
 
     # -- index ---------------------------------------------------------------------------------

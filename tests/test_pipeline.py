@@ -160,6 +160,39 @@ def test_imported_modules_sees_every_form_of_import() -> None:
     assert not any(m == "json" for m in found)
 
 
+def test_the_import_memo_saves_parsing_and_never_goes_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = tmp_path / "pkg" / "reprobuild"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    memo = tmp_path / "memo.json"
+    first = CodeDigests(copy, memo=memo)
+    digest = first.digest("reprobuild.stages.fs")
+    first.save_memo()
+    assert memo.is_file()
+
+    import reprobuild.codedigest as codedigest
+
+    parsed: list[str] = []
+    real = codedigest.imported_modules
+    monkeypatch.setattr(codedigest, "imported_modules", lambda src, module, pkg=False: parsed.append(module) or real(src, module, pkg))
+    again = CodeDigests(copy, memo=memo)
+    assert again.digest("reprobuild.stages.fs") == digest
+    assert parsed == [], "every module's imports came from the memo"
+
+    # An edit that adds an import: that module alone is parsed again, and its imports follow it.
+    gpt = copy / "image" / "ids.py"
+    gpt.write_text(gpt.read_text() + "\nimport reprobuild.progress  # an edit\n")
+    edited = CodeDigests(copy, memo=memo)
+    assert edited.digest("reprobuild.stages.fs") != digest
+    assert parsed == ["reprobuild.image.ids"]
+    assert "reprobuild.progress" in edited.imports("reprobuild.image.ids")
+    edited.save_memo()
+    keys = json.loads(memo.read_text())["imports"]
+    assert sum(k.startswith("reprobuild.image.ids:") for k in keys) == 1, "the old source's entry is dropped"
+
+    memo.write_text("{not json")
+    assert CodeDigests(copy, memo=memo).digest("reprobuild.stages.fs") == edited.digest("reprobuild.stages.fs")
+
+
 def _stage_closures(definition: Path, tmp: Path, code: CodeDigests) -> dict[str, list[str]]:
     lock = load_lock(REPO / "lock/minimal/reprobuild.lock")
     spec = load_spec(definition)

@@ -96,7 +96,7 @@ class Runner:
         self.ctx = ctx
         self.stages = {s.name: s for s in stages}
         self.order = [s.name for s in stages]
-        self.code = code or CodeDigests()
+        self.code = code or CodeDigests(memo=ctx.cache.code_memo)
         self.explain_name = explain_name
         self._keys: dict[str, str] = {}
         self._parts: dict[str, dict[str, str]] = {}
@@ -124,7 +124,9 @@ class Runner:
 
     def keys(self) -> dict[str, str]:
         """Every planned stage's identity key, in plan order (nothing is run)."""
-        return {n: self.key(n) for n in self.order}
+        keys = {n: self.key(n) for n in self.order}
+        self.code.save_memo()
+        return keys
 
     def _content_key(self, stage: Stage) -> str | None:
         if not stage.reads:
