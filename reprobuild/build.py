@@ -24,7 +24,6 @@ from typing import Any
 from reprobuild.cache import Cache, content_digest, root_name
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError, ConfigError, LockError
-from reprobuild.fetch import fetch_all
 from reprobuild.fileio import sha256_file, write_atomic
 from reprobuild.keys import provenance_signer
 from reprobuild.lock import check_lock_current
@@ -114,11 +113,17 @@ def plan(spec: ImageSpec, lock: Lock, fmt: str) -> list[Stage]:
 
 def ensure_fetched(lock: Lock, spec: ImageSpec | None, store: Store, options: BuildOptions, progress=None) -> None:
     """Fetch every package of the lock that the store lacks (or, offline, list what is missing)."""
+    # The common case first, without the fetch module and its HTTP stack: everything is there.
+    if all(store.has(p.sha256) for p in lock.all_packages()):
+        return
     items = fetch_items(lock, mirrors_for_spec(spec))
     substituters = tuple(options.substituters) + (tuple(spec.build.substituters) if spec else ())
     missing = [i for i in items if not store.has(i.sha256)]
     if not missing:
         return
+    # Deferred: the HTTP stack (requests, ~70 ms to import) only when something is missing.
+    from reprobuild.fetch import fetch_all
+
     # os.environ: the oci:// substituters' credentials (REGISTRY_AUTH_FILE, ~/.docker/config.json).
     fetch_all(store, missing, substituters=substituters, jobs=options.jobs, offline=options.offline,
               progress=progress, env=os.environ)
