@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from reprobuild.config import ImageSpec
 from reprobuild.errors import LockError, LockOutOfDate, RepositoryError, ReprobuildError
@@ -44,6 +44,8 @@ KERNEL_PACKAGE_PREFIXES = ("linux-image-",)
 TOOLS_PACKAGES = ("erofs-utils", "squashfs-tools", "e2fsprogs", "dosfstools", "mtools")
 
 Progress = Callable[[str], None]
+# A request to resolve while the InReleases are on the wire: known, or made from the universe.
+Speculation: TypeAlias = "ResolveRequest | Callable[[Universe], ResolveRequest]"
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def universe_key(architecture: str, indices: Sequence[tuple[str, str, str | None
 
 
 def _fetch_release_universe(spec: ImageSpec, release: str, session, options: LockOptions,
-                            speculative: Sequence[ResolveRequest] = ()) -> _Fetched:
+                            speculative: Sequence[Speculation] = ()) -> _Fetched:
     """Verify every suite's InRelease (concurrently: on a warm lock these round trips are all the
     network work) and load the universe of their Packages indices.
 
@@ -289,16 +291,18 @@ def _is_hex(value: object) -> bool:
 
 
 def _guess(cache, key: str, indices: Sequence[tuple[str, str, str | None]],
-           requests: Sequence[ResolveRequest]) -> tuple[Universe, list[tuple[ResolveRequest, Resolution]]] | None:
-    """The universe cached under ``key`` and the resolutions of ``requests`` on it, as far as
-    they succeed (a failing one is left to the real resolution, which raises it again)."""
+           requests: Sequence[Speculation]) -> tuple[Universe, list[tuple[ResolveRequest, Resolution]]] | None:
+    """The universe cached under ``key`` and the resolutions of ``requests`` on it (a callable
+    request is made from that universe first), as far as they succeed (a failing one is left to
+    the real resolution, which raises it again)."""
     from reprobuild.resolve import resolve
 
     universe = _cached_universe(cache, key, indices)
     if universe is None:
         return None
     resolved = []
-    for request in requests:
+    for speculation in requests:
+        request = speculation(universe) if callable(speculation) else speculation
         try:
             resolved.append((request, resolve(universe, request)))
         except ReprobuildError:
@@ -408,6 +412,21 @@ def has_kernel(package_set: PackageSet) -> bool:
                for p in package_set.packages)
 
 
+def _initrd_requested(spec: ImageSpec, universe: Universe) -> list[str]:
+    """The initrd set's request: the fixed packages, the optional ones some index lists ("available"
+    = a real package of that name is in the universe: an arch index holds only native and arch:all
+    packages), then ``[Initrd] Packages=``."""
+    requested = list(INITRD_PACKAGES) + [p for p in INITRD_OPTIONAL_PACKAGES if universe.versions(p)]
+    return requested + [p for p in spec.initrd.packages if p not in requested]
+
+
+def _may_boot(spec: ImageSpec) -> bool:
+    """Whether the image will likely be bootable (only decides what is speculated, never a result):
+    ``Bootable=yes``, or ``auto`` with a kernel named in ``Packages=``."""
+    return spec.content.bootable == "yes" or (
+        spec.content.bootable == "auto" and any(p.startswith("linux-image") for p in spec.content.packages))
+
+
 def wants_boot(spec: ImageSpec, image_set: PackageSet) -> bool:
     if spec.content.bootable == "yes":
         return True
@@ -442,10 +461,14 @@ def lock_spec(spec: ImageSpec, previous: Lock | None = None, options: LockOption
     progress = options.progress or (lambda _msg: None)
     check_update_names(previous, options.update_packages)
     tools_requested = list(TOOLS_PACKAGES) + [p for p in spec.tools.packages if p not in TOOLS_PACKAGES]
-    speculative = [_request(spec.content.base_set, spec.content.packages, spec.content.recommends,
+    speculative: list[Speculation] = [_request(spec.content.base_set, spec.content.packages, spec.content.recommends,
                             _pins(previous, "image", options))]
     if spec.tools.tools_tree == "lock" and (spec.tools.release or release) == release:
         speculative.append(_request("essential", tools_requested, False, _pins(previous, "tools", options)))
+    if _may_boot(spec):  # the initrd's request is made from the universe, so it is resolved there too
+        initrd_pins = _pins(previous, "initrd", options)
+        speculative.append(lambda universe: _request("essential", _initrd_requested(spec, universe), False,
+                                                     initrd_pins))
     fetched = _fetch_release_universe(spec, release, session, options, speculative)
     universe = fetched.universe  # one universe for both sets: its dependency cache is shared
     progress("resolving")
@@ -458,12 +481,8 @@ def lock_spec(spec: ImageSpec, previous: Lock | None = None, options: LockOption
         if not has_kernel(image_set):
             raise LockError("Bootable=yes but the package set has no kernel",
                             hint="add linux-image-amd64 (or -arm64) to Packages=")
-        # "available" = some index lists a real package of that name (all of them are in the universe:
-        # an arch index holds only native and arch:all packages).
-        initrd_requested = list(INITRD_PACKAGES) + [p for p in INITRD_OPTIONAL_PACKAGES if universe.versions(p)]
-        initrd_requested += [p for p in spec.initrd.packages if p not in initrd_requested]
-        sets.append(_resolve_set(universe, "initrd", release, "essential", initrd_requested, False,
-                                 _pins(previous, "initrd", options), sources))
+        sets.append(_resolve_set(universe, "initrd", release, "essential", _initrd_requested(spec, universe), False,
+                                 _pins(previous, "initrd", options), sources, fetched.resolved))
 
     if wants_build_set(spec):
         sets.append(_resolve_build_set(universe, release, spec, image_set, _pins(previous, "build", options),

@@ -124,6 +124,44 @@ def test_stale_guess_is_not_used(image, tmp_path, monkeypatch):
     assert json.loads(pointer.read_text()) == real_indices  # the pointer follows the verified indices again
 
 
+def test_a_request_made_from_the_universe_is_speculated_too(image, tmp_path):
+    """The initrd's request depends on the universe (its optional packages): it is speculated as
+    a callable, made from the guessed universe and resolved there, giving what resolving it
+    directly gives."""
+    from reprobuild import lock as lock_module
+    from reprobuild.resolve import ResolveRequest, resolve
+
+    cache = tmp_path / "cache"
+    _lock(image, cache)
+    index_cache = repository.IndexCache(cache)
+    (pointer,) = (cache / "derived" / "latest").iterdir()
+    indices = [tuple(i) for i in json.loads(pointer.read_text())]
+    made: list[int] = []
+
+    def from_universe(universe) -> ResolveRequest:
+        made.append(len(universe))
+        return ResolveRequest(packages=("hello",), base_set="essential")
+
+    guessed = lock_module._guess(index_cache, universe_key("amd64", indices), indices, [from_universe])
+    assert guessed is not None
+    universe, resolved = guessed
+    assert made == [len(universe)]
+    ((request, resolution),) = resolved
+    assert request == ResolveRequest(packages=("hello",), base_set="essential")
+    assert resolution == resolve(universe, request)
+
+
+@pytest.mark.parametrize(("bootable", "packages", "speculated"), [
+    ("yes", "hello", True), ("auto", "hello linux-image-amd64", True), ("auto", "hello", False),
+    ("no", "linux-image-amd64", False)])
+def test_the_initrd_is_speculated_only_for_images_that_will_likely_boot(image, bootable, packages, speculated):
+    from reprobuild import lock as lock_module
+
+    conf = image / "reprobuild.conf"
+    conf.write_text(conf.read_text().replace("Packages=hello mail-user", f"Packages={packages}\nBootable={bootable}"))
+    assert lock_module._may_boot(load_spec(image)) is speculated
+
+
 def test_changed_mirror_content_is_never_served_from_the_cache(image, tmp_path, repo):
     cache = tmp_path / "cache"
     before = _lock(image, cache)
