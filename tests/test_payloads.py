@@ -46,8 +46,10 @@ def test_a_corrupt_package_leaves_nothing_half_written(tmp_path: Path) -> None:
     deb.write_bytes(bytes(blob))
     stage = tmp_path / "stage"
     stage.mkdir()
-    with Payloads(["c" * 64], lambda _sha: deb, stage) as payloads, pytest.raises(FormatError):
+    with Payloads(["c" * 64], lambda _sha: deb, stage, names={"c" * 64: "c"}) as payloads, \
+            pytest.raises(FormatError, match=r"^package c \(cccccccccccccccc…\): .*corrupt") as raised:
         payloads.path("c" * 64)
+    assert "store verify" in (raised.value.hint or "")
     assert list(stage.iterdir()) == []
 
 
@@ -95,3 +97,40 @@ def test_unpack_chunks_are_a_quarter_of_what_remains_but_at_least_16() -> None:
     assert unpack_chunk(16) == 16
     assert unpack_chunk(40) == 16
     assert unpack_chunk(212) == 53
+
+
+def test_a_rotted_store_object_fails_the_build_in_one_line_naming_the_package(tmp_path: Path) -> None:
+    """A package whose store copy changed after it was verified (bit rot, tampering): the
+    worker that decompresses it fails, and the build says which package, with what to do, and
+    leaves no output and nothing in its workspace."""
+    import json
+    import os
+    import sys
+
+    from fixtures.make_host_base import build_host_base
+    from tests.check_fixture import make_definition
+
+    d = make_definition(tmp_path / "fx", "http://127.0.0.1:9/unused", leak=False,
+                        base_deb=build_host_base(tmp_path / "hostbase"))
+    store = tmp_path / "fx" / "store"
+    lock = json.loads((d / "reprobuild.lock").read_text())
+    package = next(p for s in lock["sets"] if s["name"] == "image" for p in s["packages"])
+    obj = store / "objects" / "sha256" / package["sha256"][:2] / package["sha256"]
+    blob = bytearray(obj.read_bytes())
+    blob[len(blob) - 200] ^= 0xFF
+    obj.chmod(0o644)
+    obj.write_bytes(bytes(blob))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    env = {**os.environ, "REPROBUILD_STORE": str(store)}
+    r = subprocess.run([sys.executable, "-m", "reprobuild", "build", "-C", str(d), "--locked", "--offline",
+                        "-f", "tar", "-o", str(tmp_path / "out"), "--no-cache", "--workspace", str(ws)],
+                       env=env, text=True, capture_output=True, timeout=600,
+                       cwd=Path(__file__).resolve().parent.parent, check=False)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    error = next(line for line in r.stderr.splitlines() if line.startswith("error:"))
+    assert f"package {package['name']} (" in error and "corrupt" in error, r.stderr
+    assert "store verify" in r.stderr
+    assert not (tmp_path / "out" / "image.tar").exists()
+    assert list(ws.iterdir()) == []

@@ -326,7 +326,7 @@ def install(tree: Path, packages: Sequence[PlannedPackage], deb_path: Callable[[
     for p in packages:
         _deb_name(p)  # a malformed sha256 never reaches a file name
     with tempfile.TemporaryDirectory(prefix=".debs-", dir=tree.parent) as stage_dir, \
-            Payloads(order, deb_path, Path(stage_dir)) as payloads:
+            Payloads(order, deb_path, Path(stage_dir), names={p.sha256: p.name for p in packages}) as payloads:
         extract_essential(tree, essential, payloads.path, progress)
         written, own_policy = _prepare(tree, packages)
         policy = tree / POLICY_RC_D

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from reprobuild.debian.deb import DebFile, write_decompressed
+from reprobuild.errors import FormatError
 
 
 def default_workers() -> int:
@@ -77,11 +78,12 @@ def stage_payload(source: Path, dst: Path) -> None:
 class Payloads:
     """Stage the packages ``order`` (sha256s, in the order dpkg needs them; repeats are made
     once) into ``stage`` with ``workers`` threads. Use as a context manager: leaving it cancels
-    what has not started and waits for what has."""
+    what has not started and waits for what has. ``names``: sha256 → package name, for errors."""
 
     def __init__(self, order: Sequence[str], deb_path: Callable[[str], Path], stage: Path,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, names: Mapping[str, str] | None = None) -> None:
         self.stage = stage
+        self.names = dict(names or {})
         self._pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="payload")
         self._jobs: dict[str, Future[Path]] = {}
         for sha in order:
@@ -90,7 +92,13 @@ class Payloads:
 
     def _make(self, sha: str, deb_path: Callable[[str], Path]) -> Path:
         dst = self.stage / f"{sha}.deb"
-        stage_payload(Path(deb_path(sha)), dst)
+        try:
+            stage_payload(Path(deb_path(sha)), dst)
+        except FormatError as e:  # the store's copy rotted or was altered after it was verified
+            name = self.names.get(sha)
+            raise FormatError(f"package {name} ({sha[:16]}…): {e.message}" if name else e.message,
+                              hint=e.hint or "run reprobuild store verify: it removes damaged objects, "
+                                             "and the next build fetches them again") from e
         return dst
 
     def path(self, sha: str) -> Path:
