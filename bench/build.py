@@ -1,6 +1,12 @@
 #!/usr/bin/env python3
 """Benchmark: ``reprobuild build -f tar`` of the minbase definition vs. ``mmdebstrap --variant=minbase``.
 
+``--set server``: the same for issue 20's server set, minbase + ``postgresql nginx
+openssh-server python3`` (SERVER below; the set of the issue's own table), with the suites a lock
+reads (trixie, -updates, -security) given to mmdebstrap too, so that both install the same versions.
+Its definition removes PostgreSQL's default cluster (``RemoveFiles=``: ``initdb`` writes a random
+system identifier), so that the cold and warm tars can be compared; both tools still run ``initdb``.
+
 One run, same machine, same mirror (the host's apt sources; no host name is written here):
 
   1. reprobuild, cold: an empty store, so every .deb is fetched (``build --locked -f tar``);
@@ -16,6 +22,7 @@ The lock step (``reprobuild lock``, indices + resolution) is not timed here: see
     python bench/build.py [--quick] [--write-docs] [--keep DIR]
 
 Targets (issue 4): cold no slower than mmdebstrap; warm at least 2× faster than mmdebstrap.
+Issue 20: warm minbase ≥ 2.8× mmdebstrap; warm server set ≥ 2.5× mmdebstrap.
 """
 
 from __future__ import annotations
@@ -51,6 +58,14 @@ from bench._stagebench import (
 )
 from reprobuild.fileio import sha256_file
 
+# Issue 20's server set: the packages its table names ("minbase + postgresql nginx openssh-server
+# python3"). bench/scaling.py's larger server set (≈285 packages) is a different, scaling question.
+SERVER = ("postgresql", "nginx", "openssh-server", "python3")
+SERVER_CONF = ("\n[Content]\nPackages=" + " ".join(SERVER) + "\n"
+               "RemoveFiles=/var/lib/postgresql/*/main /etc/postgresql/*/main\n")
+SECTIONS = {"minbase": "build", "server": "build, issue 20's server set"}
+TARGETS = {"minbase": 2.8, "server": 2.5}  # issue 20: warm --no-cache vs mmdebstrap as shipped
+
 
 def run_reprobuild(directory: Path, store: Path, out: Path, *extra: str) -> tuple[Measured, dict]:
     m = check(measure(reprobuild("build", "-C", str(directory), "--locked", "-f", "tar", "-o", str(out),
@@ -82,8 +97,12 @@ def mmdebstrap_argv(suite: str, mirror: str, out: Path, cache: Path | None, incl
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--set", choices=sorted(SECTIONS), default="minbase", dest="package_set",
+                    help="minbase (lock/minimal) or issue 20's server set (default: minbase)")
     ap.add_argument("--quick", action="store_true", help="skip the cached-mmdebstrap run")
-    ap.add_argument("--write-docs", action="store_true", help="update '## build' in docs/benchmarks.md")
+    ap.add_argument("--write-docs", action="store_true",
+                    help="update '## build' (or, with --set server, '## build, issue 20's server set') "
+                         "in docs/benchmarks.md")
     ap.add_argument("--keep", type=Path, help="work here and keep the outputs (default: a temporary directory)")
     ap.add_argument("--docs", type=Path, default=DOCS, help="the benchmarks document to update")
     ap.add_argument("--no-wait", action="store_true", help="do not wait for the load average to drop")
@@ -95,11 +114,25 @@ def main() -> int:
         print("mmdebstrap is needed (apt-get install mmdebstrap)", file=sys.stderr)
         return 2
     mirror = host_mirror_for("debian")
+    server = args.package_set == "server"
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-build-"))
     work.mkdir(parents=True, exist_ok=True)
+    replacements = {str(work): "$WORK", mirror: "MIRROR"}
     try:
-        directory = make_definition(work / "defs", "minimal", work / "index-store")
+        directory = make_definition(work / "defs", "minimal", work / "index-store",
+                                    extra_conf=SERVER_CONF if server else "", name=args.package_set)
         suite = json.loads((directory / "reprobuild.lock").read_text())["release"]
+        include = SERVER if server else ()
+        mirrors: tuple[str, ...] = ()
+        if server:  # the suites the lock read (docs/lockfile.md): the same versions on both sides
+            security = host_mirror_for("debian-security")
+            replacements[security] = "SECURITY-MIRROR"
+            mirrors = (f"deb {mirror} {suite} main", f"deb {mirror} {suite}-updates main",
+                       f"deb {security} {suite}-security main")
+
+        def mmdebstrap(out: Path, cache: Path | None) -> list[str]:
+            return mmdebstrap_argv(suite, mirror, out, cache, include, mirrors)
+
         if not args.no_wait:
             wait_for_quiet()
         facts = machine_facts()
@@ -112,16 +145,16 @@ def main() -> int:
             results[key] = m.seconds
             rows.append([label, secs(m.seconds), f"{m.maxrss_kib / 1024:.0f}", mib(out.stat().st_size),
                          str(tar_packages(out) or "?"), note])
-            commands.append(pretty(m.argv, {str(work): "$WORK", mirror: "MIRROR"}))
+            commands.append(pretty(m.argv, replacements))
             print(f"{label}: {m.seconds:.1f} s", file=sys.stderr)
 
         # 1. reprobuild, cold store (nothing fetched, nothing cached): what a first build costs.
         m, j = run_reprobuild(directory, store, work / "out-cold")
         record("cold", "reprobuild, cold store", m, work / "out-cold/image.tar", stage_note(j))
         # 2. mmdebstrap as shipped.
-        mm = check(measure(mmdebstrap_argv(suite, mirror, work / "mmdebstrap.tar", None)), "mmdebstrap")
-        record("mmdebstrap", "mmdebstrap --variant=minbase", mm, work / "mmdebstrap.tar",
-               "fetches indices + .debs every run")
+        mm = check(measure(mmdebstrap(work / "mmdebstrap.tar", None)), "mmdebstrap")
+        record("mmdebstrap", "mmdebstrap --variant=minbase" + (" --include=(the set)" if server else ""), mm,
+               work / "mmdebstrap.tar", "fetches indices + .debs every run")
         # 3. reprobuild, warm store: every .deb present, the tree built again. With the stage cache
         #    that is --no-cache (otherwise the unchanged build would be a cache hit: row 3b).
         cache = has_no_cache_flag()
@@ -137,16 +170,15 @@ def main() -> int:
         # 4. mmdebstrap with a .deb cache (primed by one uncounted run).
         if not args.quick:
             cache = work / "apt-cache"
-            check(measure(mmdebstrap_argv(suite, mirror, work / "prime.tar", cache)), "mmdebstrap (priming)")
+            check(measure(mmdebstrap(work / "prime.tar", cache)), "mmdebstrap (priming)")
             (work / "prime.tar").unlink()
-            mc = check(measure(mmdebstrap_argv(suite, mirror, work / "mmdebstrap-cached.tar", cache)),
-                       "mmdebstrap (cached)")
+            mc = check(measure(mmdebstrap(work / "mmdebstrap-cached.tar", cache)), "mmdebstrap (cached)")
             record("mmdebstrap-cached", "mmdebstrap, .debs cached (sync-in/out)", mc,
                    work / "mmdebstrap-cached.tar", "still fetches indices")
             # The same with its tree in memory (mmdebstrap makes it in $TMPDIR), as reprobuild's
             # default workspace makes its private trees: what that choice alone is worth.
-            ms = check(measure(mmdebstrap_argv(suite, mirror, work / "mmdebstrap-shm.tar", cache),
-                               env={**os.environ, "TMPDIR": "/dev/shm"}), "mmdebstrap (cached, TMPDIR=/dev/shm)")
+            ms = check(measure(mmdebstrap(work / "mmdebstrap-shm.tar", cache), env={**os.environ, "TMPDIR": "/dev/shm"}),
+                       "mmdebstrap (cached, TMPDIR=/dev/shm)")
             record("mmdebstrap-shm", "mmdebstrap, .debs cached, TMPDIR=/dev/shm", ms,
                    work / "mmdebstrap-shm.tar", "its tree in memory, like reprobuild's workspace")
 
@@ -154,8 +186,15 @@ def main() -> int:
         text = table(headers, rows)
         ratio_cold = results["mmdebstrap"] / results["cold"]
         ratio_warm = results["mmdebstrap"] / results["warm"]
-        verdict = (f"cold: {ratio_cold:.2f}× mmdebstrap's speed (target ≥ 1: {'met' if ratio_cold >= 1 else 'NOT met'}); "
-                   f"warm: {ratio_warm:.2f}× (target ≥ 2: {'met' if ratio_warm >= 2 else 'NOT met'})")
+        target = TARGETS[args.package_set]
+        if server:  # issue 4's targets are minbase's
+            verdict = (f"cold: {ratio_cold:.2f}× mmdebstrap's speed; warm: {ratio_warm:.2f}× "
+                       f"(issue 20's target ≥ {target}: {'met' if ratio_warm >= target else 'NOT met'})")
+        else:
+            verdict = (f"cold: {ratio_cold:.2f}× mmdebstrap's speed (issue 4's target ≥ 1: "
+                       f"{'met' if ratio_cold >= 1 else 'NOT met'}); "
+                       f"warm: {ratio_warm:.2f}× (issue 4's target ≥ 2: {'met' if ratio_warm >= 2 else 'NOT met'}; "
+                       f"issue 20's ≥ {target}: {'met' if ratio_warm >= target else 'NOT met'})")
         if "hit" in results:
             verdict += f"; unchanged rebuild from the stage cache: {results['mmdebstrap'] / results['hit']:.0f}×"
         if "mmdebstrap-cached" in results:
@@ -166,9 +205,18 @@ def main() -> int:
         print(text)
         print(verdict)
         if args.write_docs:
+            what = ("`bench/build.py --set server`: issue 20's server set — the `lock/minimal` definition with "
+                    f"`Packages={' '.join(SERVER)}` (the set of the issue's table) and `RemoveFiles=` for "
+                    "PostgreSQL's default cluster (random: `initdb` still runs, its output is removed so that "
+                    "the cold and warm tars can be compared) — as `-f tar`, side by side with "
+                    f"`mmdebstrap --variant=minbase --include={','.join(SERVER)} --format=tar` from the same "
+                    "mirror and suites (trixie, -updates, -security), in one run."
+                    if server else
+                    "`bench/build.py`: the `lock/minimal` definition (trixie minbase) as `-f tar`, side by side "
+                    "with `mmdebstrap --variant=minbase --format=tar` from the same mirror (the host's apt "
+                    "sources), in one run.")
             body = "\n".join([
-                "`bench/build.py`: the `lock/minimal` definition (trixie minbase) as `-f tar`, side by side with",
-                "`mmdebstrap --variant=minbase --format=tar` from the same mirror (the host's apt sources), in one run.",
+                what,
                 "Cold = empty store; warm = the store of the cold run with every .deb present and the tree built",
                 "again (`--no-cache`, where the stage cache exists); \"stage cache\" = the same unchanged build",
                 "served from the stage cache. Peak RSS is `wait4`'s `ru_maxrss` (the",
@@ -181,17 +229,20 @@ def main() -> int:
                 "",
                 text,
                 "",
-                f"**Targets (issue 4)** — {verdict}.",
+                f"**Targets (issues 4 and 20)** — {verdict}.",
                 "",
-                "Commands (paths are temporary; `MIRROR` is the host's Debian mirror):",
+                "Commands (paths are temporary; `MIRROR`" + (", `SECURITY-MIRROR`: the host's Debian mirrors):"
+                                                            if server else " is the host's Debian mirror):"),
                 "",
                 "```sh",
-                "python bench/build.py" + (" --quick" if args.quick else "") + " --write-docs",
+                "python bench/build.py" + (" --set server" if server else "") + (" --quick" if args.quick else "")
+                + " --write-docs",
                 *commands,
                 "```",
             ])
-            update_docs_section("build", body, args.docs)
-            print("updated docs/benchmarks.md (## build)", file=sys.stderr)
+            section = SECTIONS[args.package_set]
+            update_docs_section(section, body, args.docs)
+            print(f"updated docs/benchmarks.md (## {section})", file=sys.stderr)
         return 0
     finally:
         if args.keep is None:

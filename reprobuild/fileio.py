@@ -8,7 +8,7 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 class ReadRefused(Exception):
@@ -65,6 +65,23 @@ def read_bounded(path: Path, limit: int) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+class HashingWriter:
+    """A write-only file over ``out`` that hashes (sha256) and counts what passes through it, so
+    that a file written once needs no second read to be named by its digest."""
+
+    def __init__(self, out: Any) -> None:  # anything with write(bytes)
+        self.out, self.hash, self.size = out, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self.hash.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()
 
 
 def sha256_file(path: Path) -> str:

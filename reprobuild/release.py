@@ -26,7 +26,7 @@ import zstandard
 from reprobuild.build import BuildOptions, BuildResult, build_locked
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError, ConfigError, ToolMissing
-from reprobuild.fileio import sha256_file, write_atomic, write_atomically
+from reprobuild.fileio import HashingWriter, sha256_file, write_atomic, write_atomically
 from reprobuild.image import gpt, ids
 from reprobuild.image.ddi import copy_partition
 from reprobuild.image.sysupdate import artifact_name, uki_name
@@ -183,17 +183,6 @@ class _Prefix:
         return len(data)
 
 
-class _Hashing:
-    """A write-only file that hashes what passes through it (the uncompressed bytes)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.hash = inner, hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.hash.update(data)
-        return self.inner.write(data)
-
-
 def _write(target: Path, fill: Callable[[Any], object], compress: str) -> str:
     """Write an artifact atomically through ``fill``; returns the sha256 of the uncompressed bytes."""
     digest = ""
@@ -204,12 +193,12 @@ def _write(target: Path, fill: Callable[[Any], object], compress: str) -> str:
             cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=False,
                                             threads=0)
             with cctx.stream_writer(f, closefd=False) as z:
-                sink = _Hashing(z)
+                sink = HashingWriter(z)
                 fill(sink)
         else:
-            sink = _Hashing(f)
+            sink = HashingWriter(f)
             fill(sink)
-        digest = sink.hash.hexdigest()
+        digest = sink.hexdigest()  # of the uncompressed bytes
 
     write_atomically(target, writer)
     return digest

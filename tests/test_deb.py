@@ -138,6 +138,9 @@ def test_decompressed_package_is_the_same_package_for_dpkg(tmp_path: Path, compr
         ["debian-binary", next(m.name for m in DebFile(deb).members if m.name.startswith("control")), "data.tar"]
     with DebFile(out) as d, d.open_tar("data") as tf:
         assert any(ti.name == "./usr/share/hello/a.txt" for ti in tf)
+    # read_tar: the plain member is read in one piece, the compressed one decompressed: same bytes.
+    with DebFile(out) as plain, DebFile(deb) as original:
+        assert plain.read_tar("data") == original.read_tar("data") == dpkg_deb("--fsys-tarfile", path=deb)
 
 
 def test_decompressing_a_corrupt_package_is_a_format_error(tmp_path: Path) -> None:

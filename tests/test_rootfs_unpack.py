@@ -74,6 +74,30 @@ def test_file_over_existing_symlink_replaces_the_link(tree: Path, tmp_path: Path
     assert (tree / "f").read_bytes() == b"overwritten" and not (tree / "f").is_symlink()
 
 
+def test_a_replaced_symlink_is_followed_anew(tree: Path) -> None:
+    """The writer remembers each entry's parent directory; replacing a symlink on the way must
+    make the next entry resolve through the new link, as an extractor without memory would."""
+    members = [(_ti("./d1", tarfile.DIRTYPE, mode=0o755), None), (_ti("./d2", tarfile.DIRTYPE, mode=0o755), None),
+               (_ti("./l", tarfile.SYMTYPE, "d1"), None), (_ti("./l/f"), b"first"),
+               (_ti("./l", tarfile.SYMTYPE, "/d2"), None), (_ti("./l/g"), b"second")]
+    extract_tar(_tar(members), TreeWriter(tree), "pkg")
+    assert (tree / "d1/f").read_bytes() == b"first" and not (tree / "d1/g").exists()
+    assert (tree / "d2/g").read_bytes() == b"second"
+
+
+def test_a_directory_replaced_by_a_symlink_is_followed_anew(tree: Path) -> None:
+    """An empty directory may become a symlink; entries after it go where the link points, in the
+    tree (an absolute target: the host's kernel must never be the one to follow it)."""
+    members = [(_ti("./a", tarfile.DIRTYPE, mode=0o755), None), (_ti("./a/sub", tarfile.DIRTYPE, mode=0o755), None),
+               (_ti("./t", tarfile.DIRTYPE, mode=0o755), None), (_ti("./t/sub", tarfile.DIRTYPE, mode=0o755), None),
+               (_ti("./a/sub/x"), b"x")]
+    writer = TreeWriter(tree)
+    extract_tar(_tar(members), writer, "pkg")
+    (tree / "a/sub/x").unlink()  # (as if by an earlier package's removal) a/sub is empty again
+    extract_tar(_tar([(_ti("./a/sub", tarfile.SYMTYPE, "/t/sub"), None), (_ti("./a/sub/y"), b"y")]), writer, "pkg")
+    assert (tree / "t/sub/y").read_bytes() == b"y" and (tree / "a/sub").is_symlink()
+
+
 def test_hard_link_to_outside_is_rejected(tree: Path) -> None:
     with pytest.raises(UnsafePath):
         extract_tar(_tar([(_ti("./h", tarfile.LNKTYPE, "../../etc/passwd"), None)]), TreeWriter(tree), "p")

@@ -241,6 +241,12 @@ class DebFile:
         """``"control"`` or ``"data"`` decompressed whole, for :func:`open_tar_bytes` (lets a
         thread decompress the next package while another extracts this one)."""
         m = self._member(f"{which}.tar")
+        if m.name.endswith(".tar"):  # stored plain (a staged payload): one read, not one per 8 KiB buffer
+            self._f.seek(m.offset)
+            data = self._f.read(m.size)
+            if len(data) != m.size:
+                raise FormatError(f"{self.path.name}: {m.name} is truncated")
+            return data
         stream = _decompressor(m.name, io.BufferedReader(_Window(self._f, m.offset, m.size)))
         try:
             with _corrupt_as_format_error(f"{self.path.name}: corrupt {m.name}"):

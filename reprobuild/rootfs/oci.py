@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from reprobuild.errors import BuildError, FormatError
+from reprobuild.fileio import HashingWriter
 from reprobuild.rootfs.archive import BLOCK, DIRTYPE, RECORD, REGTYPE, ustar_header, write_tar_stream
 
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -95,25 +96,12 @@ def platform(architecture: str) -> dict[str, str]:
     return {"architecture": arch, "os": "linux", **({"variant": variant} if variant else {})}
 
 
-class _Hashing:
-    """A writer that hashes and counts what passes through it to ``out``."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.out, self.sha, self.size = out, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.out.write(data)
-        self.sha.update(data)
-        self.size += len(data)
-        return len(data)
-
-
 class _Gzip:
     """One gzip member (RFC 1952) with fixed header fields; hashes the uncompressed bytes."""
 
     HEADER = b"\x1f\x8b\x08\x00" + b"\0\0\0\0" + b"\x00\xff"  # magic, deflate, no flags, MTIME 0, XFL 0, OS 255
 
-    def __init__(self, out: _Hashing) -> None:
+    def __init__(self, out: HashingWriter) -> None:
         self.out, self.raw = out, hashlib.sha256()
         self.crc, self.isize = 0, 0
         self.comp = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
@@ -134,11 +122,11 @@ class _Gzip:
 
 def write_layer(tree: Path, out: BinaryIO, epoch: int) -> LayerDigests:
     """Write the gzip-compressed deterministic tar of ``tree`` to ``out``; return its digests."""
-    hashing = _Hashing(out)
+    hashing = HashingWriter(out)
     gz = _Gzip(hashing)
     write_tar_stream(tree, gz, epoch)  # type: ignore[arg-type]  # only .write() is used
     gz.close()
-    return LayerDigests("sha256:" + hashing.sha.hexdigest(), hashing.size, "sha256:" + gz.raw.hexdigest())
+    return LayerDigests("sha256:" + hashing.hexdigest(), hashing.size, "sha256:" + gz.raw.hexdigest())
 
 
 @dataclass(frozen=True)
