@@ -18,16 +18,18 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from typing import TYPE_CHECKING, Protocol
 
 from reprobuild.errors import BuildError
 from reprobuild.pkcs11uri import KeySource, is_uri, parse_uri
-from reprobuild.x509 import CertificateInvalid, key_matches_certificate, load_certificate, load_key
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+# cryptography's X.509 code (and reprobuild.x509 with it) is imported where a signer is made, not
+# with this module: `reprobuild lock` reads only the key-file helpers below, and importing it costs
+# ~12 ms of a warm lock's ~0.3 s.
 
 
 class SigningConfig(Protocol):
@@ -60,12 +62,21 @@ class FileSigner:
     identity: str
 
     def sign(self, data: bytes) -> bytes:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
         return self.key.sign(data, padding.PKCS1v15(), hashes.SHA256())
 
 
 def file_signer(key_pem: bytes | rsa.RSAPrivateKey, cert: bytes | x509.Certificate,
                 description: str = "key") -> FileSigner:  # fmt: skip
     """A signer from a PEM/DER key (bytes, or a loaded key) and its certificate (checked to match)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    from reprobuild.x509 import key_matches_certificate, load_certificate, load_key
+
     if not isinstance(key_pem, bytes):
         key_pem = key_pem.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     key = load_key(key_pem)
@@ -80,6 +91,8 @@ def file_signer(key_pem: bytes | rsa.RSAPrivateKey, cert: bytes | x509.Certifica
 
 def open_signer(source: KeySource, certificate: Path, environ: Mapping[str, str]) -> Signer:
     """The signer for a ``VerityKey=`` / ``SecureBootKey=`` value and its certificate file."""
+    from reprobuild.x509 import CertificateInvalid, load_certificate
+
     try:
         cert = load_certificate(Path(certificate).read_bytes())
     except OSError as e:
