@@ -169,7 +169,7 @@ def test_the_import_memo_saves_parsing_and_never_goes_stale(tmp_path: Path, monk
     first.save_memo()
     assert memo.is_file()
 
-    import reprobuild.codedigest as codedigest
+    from reprobuild import codedigest
 
     parsed: list[str] = []
     real = codedigest.imported_modules

@@ -11,6 +11,11 @@ Same bytes as a copy — the properties the later stages read are preserved:
 * ``index=on``: a hard-linked file that is changed stays hard-linked to its other names (without
   it, copy-up would split the link and the image would differ from a build without the cache);
 * ``redirect_dir=on``: renaming a directory that came from the lower tree works (no ``EXDEV``);
+* ``volatile`` (Linux ≥ 5.10, kernel docs "overlayfs": "Volatile mount"): overlayfs skips every
+  sync of the upper file system, unmounting included. The upper directory is scratch, removed
+  with the build and never mounted again, so nothing is lost; without it the unmount synced the
+  store's whole file system (0.9 s after a server set's first build, which had just written its
+  installed tree there). Bytes are unaffected: only when data reaches the disk changes;
 * the merged view hides overlay's own whiteouts and ``trusted.overlay.*`` attributes, and upper
   and lower live on one file system (the store's), so inode numbers are stable.
 
@@ -44,7 +49,7 @@ CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
 MS_SLAVE = 1 << 19
 MNT_DETACH = 2
-OPTIONS = "index=on,redirect_dir=on"
+OPTIONS = "index=on,redirect_dir=on,volatile"
 _UNSAFE_IN_OPTIONS = (",", ":", "\\", "\n")
 
 
