@@ -293,7 +293,7 @@ class Cache:
         try:
             with self.store.open(entry.object) as raw:
                 reader = _HashingReader(raw)
-                writer = TreeWriter(dest)
+                writer = TreeWriter(dest, root_metadata=True)  # the root as the cached tree had it
                 with tarfile.open(fileobj=reader, mode="r|") as tf:  # type: ignore[arg-type]
                     extract_tar(tf, writer, f"cached {entry.stage} tree")
                 writer.finish()

@@ -361,6 +361,29 @@ def test_the_build_output_lands_in_the_image_and_nothing_else(tmp_path: Path, ba
     assert _sha(tmp_path / "e/image.tar") == _sha(tmp_path / "eu/image.tar")
 
 
+# Runs the CLI with an overlay mount the kernel refuses (as on a store that overlayfs cannot use).
+FAILING_MOUNT = ("import sys, reprobuild.rootfs.overlay as o; o.OPTIONS = 'no_such_option=1'; "
+                 "from reprobuild.cli import main; sys.argv[0] = 'reprobuild'; main()")
+
+
+def test_a_refused_overlay_mount_falls_back_to_a_copy(tmp_path: Path, base_deb: Path) -> None:
+    """The scripts run in an overlay over the cached build environment; where the kernel refuses
+    the mount, the environment is copied instead: same bytes, said once, no scratch left."""
+    d, store = _definition(tmp_path / "fx", base_deb)
+    _build(d, store, tmp_path / "c")  # caches the build environment, kept extracted
+    (d / "src/greeting.txt").write_text("edited\n")
+    env = {**os.environ, "REPROBUILD_STORE": str(store)}
+    env.pop("SOURCE_DATE_EPOCH", None)
+    refused = subprocess.run([sys.executable, "-c", FAILING_MOUNT, "build", "-C", str(d), "--locked", "--offline",
+                              "-o", str(tmp_path / "r")], env=env, text=True, capture_output=True, timeout=600,
+                             cwd=REPO, check=False)
+    assert refused.returncode == 0, refused.stderr[-3000:]
+    assert "cannot mount an overlay" in refused.stderr and "copying the cached tree instead" in refused.stderr
+    _build(d, store, tmp_path / "u", "--no-cache")
+    assert _sha(tmp_path / "r/image.tar") == _sha(tmp_path / "u/image.tar")
+    assert not any(Path(store, "tmp").iterdir())
+
+
 def test_build_directory_is_kept_between_builds(tmp_path: Path, base_deb: Path) -> None:
     keep = tmp_path / "kept-build"
     d, store = _definition(tmp_path / "fx", base_deb, extra_conf=f"BuildDirectory={keep}\n")

@@ -125,7 +125,7 @@ def test_extra_tree_edit_reuses_the_installed_packages(cache_builds: Builds) -> 
     (cache_builds.directory / "extra/etc/reprobuild-test").write_text("edited\n")
     try:
         edited = _build(cache_builds.directory, root / "out-edited", cache_builds.env)
-        # The same edit without the cache: the overlay over the cached tree changed nothing else.
+        # The same edit without the cache: the copy of the cached tree changed nothing else.
         edited_uncached = _build(cache_builds.directory, root / "out-edited-uncached", cache_builds.env, "--no-cache")
     finally:
         (cache_builds.directory / "extra/etc/reprobuild-test").write_text("first\n")
@@ -148,9 +148,19 @@ def test_host_mode_really_reaches_the_shadowed_tools(cache_builds: Builds) -> No
 
 def test_store_verify_finds_the_real_extracted_trees_intact(cache_builds: Builds) -> None:
     """No false alarm on real trees (setuid files, capabilities in xattrs, hard links, symlinks):
-    every extracted tree equals its object, and nothing is removed."""
+    every extracted tree equals its object, and nothing is removed. The installed image tree is
+    cached as its tar only (stages/install.py); it is extracted here as the cache extracts the
+    trees it keeps (Cache.tree_dir), so that the richest real tree is checked too."""
+    from reprobuild.cache import Cache
+    from reprobuild.store import Store
+
+    cache = Cache(Store(cache_builds.store))
+    for entry_file in sorted((cache_builds.store / "cache/install").glob("*.json")):
+        entry = cache.get("install", entry_file.stem, record=False)
+        assert entry is not None
+        cache.tree_dir(entry)
     r = _reprobuild("store", "verify", "--json", env={**cache_builds.env, "REPROBUILD_STORE": str(cache_builds.store)})
     doc = json.loads(r.stdout)
     assert doc["ok"] and doc["trees_removed"] == [] and doc["corrupt"] == []
     trees = sorted(p.name for p in (cache_builds.store / "trees").iterdir())
-    assert len(trees) >= 2  # the installed image tree and the tools tree
+    assert len(trees) >= 2  # the installed image tree (extracted above) and the tools tree

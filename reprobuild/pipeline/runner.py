@@ -240,9 +240,10 @@ class Runner:
         access = _Access(self, stage)
         self._make_upstream_together(stage)
         if stage.produces == "tree":
-            # A tree kept extracted in the store is made on the store's file system (renamed into
-            # it: measured, building in memory and copying it there gains nothing); a private tree
-            # in the build's workspace (in memory when it fits, see reprobuild.workspace).
+            # A tree kept extracted in the store (the tools tree, the build environment) is made on
+            # the store's file system and renamed into it; any other tree in the build's workspace
+            # (in memory when it fits, see reprobuild.workspace; stages/install.py says why the
+            # installed tree is one of those).
             scratch = cache.scratch(stage.name) if cacheable and stage.keep_extracted else None
             out = scratch / "tree" if scratch is not None else ctx.tree_path(stage.name)
             try:

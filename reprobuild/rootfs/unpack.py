@@ -60,6 +60,9 @@ class TreeWriter:
 
     root: Path
     allow_devices: bool = False
+    # The archive's root entry ("./") sets the root's mode, owner and mtime too: for a tree
+    # restored whole (a cached tree), which must equal the tree its tar was made of.
+    root_metadata: bool = False
     owners: bool = field(default_factory=lambda: os.geteuid() == 0)  # chown only when we can
     _dir_times: dict[str, int] = field(default_factory=dict)
 
@@ -154,6 +157,9 @@ class TreeWriter:
     def mkdir(self, parts: list[str], mode: int = 0o755, uid: int = 0, gid: int = 0, mtime: int = 0,
               xattrs: dict[str, bytes] | None = None) -> None:
         if not parts:  # the root itself: keep its metadata (tar -C root would chmod it; we do not)
+            if self.root_metadata:
+                self._meta(self._root, uid, gid, mode, mtime, xattrs or {})
+                self._dir_times[self._root] = mtime
             return
         parent = self.resolve(parts[:-1], follow_last=True, create_dirs=True)
         path = os.path.join(parent, parts[-1])
