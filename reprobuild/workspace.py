@@ -2,10 +2,11 @@
 beside the outputs.
 
 A tree is thousands of small files that dpkg writes, renames and rewrites and that the build
-then reads once more to pack. A private tree (every tree of a ``--no-cache`` build, the
-configured tree and the initrd's tree of every build) does not survive the build; a tree the
-cache keeps extracted is still built in the store, where it stays (building it in memory and
-copying it there was measured no faster). On a tmpfs each of those file-system operations is a memory operation:
+then reads once more to pack. A private tree (every tree of a ``--no-cache`` build; the
+installed, configured and initrd trees of every build — the cache keeps the installed tree as its
+tar, stages/install.py says why) does not survive the build; a tree the cache keeps extracted
+(the tools tree, the build scripts' environment) is built in the store, where it stays. On a
+tmpfs each of those file-system operations is a memory operation:
 measured on the machine of docs/benchmarks.md, a trixie minbase ``--no-cache`` tar build took
 7.7 s with its trees on ``/dev/shm`` and 17.9 s on the ext4 disk of its output directory, with
 the same bytes (the tree's content never depends on the file system it was built on: owners,
