@@ -245,8 +245,7 @@ def _publish(ctx: BuildContext, runner: Runner, art, target: Path, say: Say) -> 
     else:
         os.chmod(art.path, 0o644)
         os.replace(art.path, target)
-        # The cache's object name, else what the stage hashed while writing (archives), else a read.
-        sha = art.object or art.meta.get("sha256") or sha256_file(target)
+        sha = art.object or sha256_file(target)
     cache.note_output(sha, target)
     # The root hash beside a DDI, for update tooling and kernel command lines.
     if art.meta.get("root_hash"):

@@ -461,8 +461,8 @@ def lock_spec(spec: ImageSpec, previous: Lock | None = None, options: LockOption
     progress = options.progress or (lambda _msg: None)
     check_update_names(previous, options.update_packages)
     tools_requested = list(TOOLS_PACKAGES) + [p for p in spec.tools.packages if p not in TOOLS_PACKAGES]
-    speculative: list[Speculation] = [_request(spec.content.base_set, spec.content.packages, spec.content.recommends,
-                            _pins(previous, "image", options))]
+    speculative: list[Speculation] = [
+        _request(spec.content.base_set, spec.content.packages, spec.content.recommends, _pins(previous, "image", options))]
     if spec.tools.tools_tree == "lock" and (spec.tools.release or release) == release:
         speculative.append(_request("essential", tools_requested, False, _pins(previous, "tools", options)))
     if _may_boot(spec):  # the initrd's request is made from the universe, so it is resolved there too

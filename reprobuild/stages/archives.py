@@ -7,7 +7,7 @@ from abc import abstractmethod
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from reprobuild.fileio import HashingWriter, write_atomically
+from reprobuild.fileio import write_atomically
 from reprobuild.image.cpio import cpio_from_tree
 from reprobuild.pipeline.context import BuildContext
 from reprobuild.pipeline.stage import Stage, Upstream
@@ -27,17 +27,9 @@ class _ArchiveStage(Stage):
     def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
         tree = up.artifact("tree").path
         assert tree is not None
-        hashing: list[HashingWriter] = []
-
-        def fill(f: BinaryIO) -> None:
-            hashing.append(HashingWriter(f))
-            self.write(tree, hashing[0], ctx.epoch)  # type: ignore[arg-type]  # only .write() is used
-
-        write_atomically(out, fill)
+        write_atomically(out, lambda f: self.write(tree, f, ctx.epoch))
         # "definition": only for people reading the store (store gc --dry-run), never in a key.
-        # "sha256": of the file as written, so that publishing it needs no second read.
-        return {"added_files": list(up.meta("tree").get("added_files", [])), "definition": ctx.spec.directory.name,
-                "sha256": hashing[0].hexdigest()}
+        return {"added_files": list(up.meta("tree").get("added_files", [])), "definition": ctx.spec.directory.name}
 
 
 class TarStage(_ArchiveStage):
