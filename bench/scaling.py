@@ -72,6 +72,29 @@ SERVER = ("postgresql", "nginx", "openssh-server", "python3-full", "git", "curl"
           "build-essential", "redis-server", "postfix", "php-fpm")
 DESKTOP = ("task-cinnamon-desktop", "firefox-esr", "libreoffice-writer")
 SETS: dict[str, tuple[str, ...]] = {"minbase": (), "server": SERVER, "desktop": DESKTOP}
+# How to read a run: written under the tables by --write-docs (facts about the method and the
+# sets, not about one run's numbers).
+READING = """How to read it:
+
+* mmdebstrap fetches its indices and .debs every run, and its own time swings 2-4× with the load
+  and the mirror from run to run, so one run's ratios are indicative only; the build sections
+  above time the same work interleaved.
+* "first build" fills the stage cache: each payload is also written decompressed to the store
+  (stage `unpacked`) and the tar is stored, on the store's disk; `--no-cache` writes neither.
+* The server set's tars differ in PostgreSQL's default cluster, which postgresql-common's postinst
+  makes with `initdb` (`global/pg_control`: a random system identifier and the creation time; see
+  [reproducibility.md](reproducibility.md#normalisation-rules-reprobuildrootfsnormalizepy)). With
+  `RemoveFiles=/var/lib/postgresql/*/main /etc/postgresql/*/main` two builds are identical (the
+  section "where a server set's time goes").
+* mkosi is Debian 12's mkosi 14 (`Format=directory`, the same `Packages=` plus apt): debootstrap's
+  minbase and mkosi's own additions give it more packages; its tree size is `du` of its
+  directory. It makes a tree only; its disk formats cannot run here (no vfat, see "boot").
+* Time follows the number of files and maintainer scripts more than installed MB: the server set's
+  postinsts include `initdb`, postfix's set-up and byte-compiling Python, run one at a time by
+  dpkg; much of the desktop set's size is a few big files. Install layers: the Essential set in
+  one `dpkg --install`, then a few dependency layers, so triggers run a fixed number of times,
+  not once per package."""
+
 TIMEOUT = 3600.0  # one step of the desktop set on a loaded 2-core machine stays well below this
 
 
@@ -344,6 +367,8 @@ def main() -> int:
                 peers,
                 "",
                 f"**Scaling** — {verdict}.",
+                "",
+                READING,
                 "",
             ]
             for r in results:
