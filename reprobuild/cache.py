@@ -56,12 +56,12 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from reprobuild.codedigest import CodeDigests
 from reprobuild.digest import json_digest
 from reprobuild.errors import BuildError, ReprobuildError
-from reprobuild.fileio import write_atomic
+from reprobuild.fileio import sha256_stream, write_atomic
 from reprobuild.store import Store, check_sha256
 
 # Bump when the meaning of a key or the layout of a cached artefact changes.
@@ -148,25 +148,6 @@ class Entry:
 
 class CacheMiss(ReprobuildError):
     """A cached object did not hash to its address while being read (treated as a miss)."""
-
-
-class _HashingReader:
-    """A read-only file wrapper that hashes what is read (verify-on-use at no extra I/O)."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.hash.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
 
 
 class Cache:
@@ -285,20 +266,24 @@ class Cache:
     # -- using entries -------------------------------------------------------------------------
     def restore_tree(self, entry: Entry, dest: Path) -> None:
         """Extract a cached tree to ``dest`` (must not exist) through the safe extractor, verifying
-        the object's hash on the way. Raises CacheMiss (and removes ``dest``) on a mismatch."""
+        the object's hash meanwhile (a second reader in a thread: hashing releases the GIL, so it
+        costs no wall time on a second core). Raises CacheMiss (and removes ``dest``) on a
+        mismatch: the extractor keeps every entry inside ``dest`` whatever the bytes are."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from reprobuild.rootfs.unpack import TreeWriter, extract_tar
 
         assert entry.object is not None
         os.mkdir(dest, 0o755)
         try:
-            with self.store.open(entry.object) as raw:
-                reader = _HashingReader(raw)
+            with self.store.open(entry.object) as raw, self.store.open(entry.object) as second, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-verify") as pool:  # fmt: skip
+                digest = pool.submit(sha256_stream, second)
                 writer = TreeWriter(dest, root_metadata=True)  # the root as the cached tree had it
-                with tarfile.open(fileobj=reader, mode="r|") as tf:  # type: ignore[arg-type]
+                with tarfile.open(fileobj=raw, mode="r:") as tf:
                     extract_tar(tf, writer, f"cached {entry.stage} tree")
                 writer.finish()
-                reader.drain()
-            if reader.hash.hexdigest() != entry.object:
+            if digest.result() != entry.object:
                 raise CacheMiss(f"cached {entry.stage} object {entry.object[:16]} is corrupt",
                                 hint="run reprobuild store verify")
         except BaseException:

@@ -86,10 +86,15 @@ class HashingWriter:
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks (constant memory)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+        return sha256_stream(f)
+
+
+def sha256_stream(f: BinaryIO) -> str:
+    """Hex sha256 of what is left to read in ``f``, read in 1 MiB chunks (constant memory)."""
+    h = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
     return h.hexdigest()
 
 

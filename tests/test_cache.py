@@ -85,6 +85,30 @@ def test_corrupt_object_is_caught_on_use_and_by_verify(tmp_path: Path) -> None:
     assert cache.get("output", key) is None  # quarantined: a miss, not an error
 
 
+def test_a_corrupt_cached_tree_is_a_miss_and_leaves_nothing(tmp_path: Path) -> None:
+    """restore_tree hashes the object in a second reader while it extracts: a byte changed inside
+    a file's content (the tar still parses, the size is the same) is found, and the half-made
+    tree is removed."""
+    store = Store(tmp_path / "store")
+    cache = c.Cache(store)
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("original\n")
+    entry = cache.put_tree("install", _key({"t": 1}), tree, epoch=0)
+    assert entry is not None
+    good = tmp_path / "good"
+    cache.restore_tree(entry, good)
+    assert (good / "etc" / "hostname").read_text() == "original\n"
+    obj = store.path(entry.object)
+    data = obj.read_bytes()
+    obj.chmod(0o644)
+    obj.write_bytes(data.replace(b"original\n", b"tampered\n"))
+    bad = tmp_path / "bad"
+    with pytest.raises(c.CacheMiss):
+        cache.restore_tree(entry, bad)
+    assert not bad.exists()
+
+
 def test_gc_keeps_the_latest_build_and_frees_superseded_entries(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     old, new = tmp_path / "old", tmp_path / "new"

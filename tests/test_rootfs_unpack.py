@@ -85,6 +85,17 @@ def test_a_replaced_symlink_is_followed_anew(tree: Path) -> None:
     assert (tree / "d2/g").read_bytes() == b"second"
 
 
+def test_a_symlink_replaced_by_a_file_is_no_longer_a_directory(tree: Path) -> None:
+    """After a regular file takes a symlink's place, an entry below that name must fail as it
+    would in an extractor without memory, not land where the old link pointed."""
+    members = [(_ti("./d", tarfile.DIRTYPE, mode=0o755), None), (_ti("./l", tarfile.SYMTYPE, "d"), None),
+               (_ti("./l/f"), b"first"), (_ti("./l"), b"a file now"), (_ti("./l/g"), b"second")]
+    with pytest.raises(FormatError, match="(?i)not a directory"):
+        extract_tar(_tar(members), TreeWriter(tree), "pkg")
+    assert (tree / "d/f").read_bytes() == b"first" and not (tree / "d/g").exists()
+    assert (tree / "l").read_bytes() == b"a file now"
+
+
 def test_a_directory_replaced_by_a_symlink_is_followed_anew(tree: Path) -> None:
     """An empty directory may become a symlink; entries after it go where the link points, in the
     tree (an absolute target: the host's kernel must never be the one to follow it)."""

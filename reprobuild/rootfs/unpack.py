@@ -56,6 +56,11 @@ class TreeWriter:
     forbids device files in packages, so the installer leaves this off and rejects them.
     Directory mtimes are applied by :meth:`finish`, after all entries, because writing a child
     changes its parent's mtime.
+
+    Resolved parent directories are remembered (a package or a cached tree writes thousands of
+    entries into the same few directories): a resolution depends only on what exists along the
+    path, which only a removal can change (a new entry is created only where nothing was, and a
+    missing component is created as a directory), so every removal forgets them all.
     """
 
     root: Path
@@ -65,6 +70,7 @@ class TreeWriter:
     root_metadata: bool = False
     owners: bool = field(default_factory=lambda: os.geteuid() == 0)  # chown only when we can
     _dir_times: dict[str, int] = field(default_factory=dict)
+    _parents: dict[tuple[str, ...], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._root = os.path.realpath(self.root)
@@ -120,6 +126,22 @@ class TreeWriter:
             raise UnsafePath(f"path escapes the tree: /{'/'.join(parts)}")
         return path
 
+    def _parent(self, parts: list[str]) -> str:
+        """Host path of the directory an entry ``parts`` goes into (created if missing)."""
+        key = tuple(parts[:-1])
+        path = self._parents.get(key)
+        if path is None:
+            path = self._parents[key] = self.resolve(parts[:-1], follow_last=True, create_dirs=True)
+        return path
+
+    def _remove(self, path: str, *, directory: bool = False) -> None:
+        """Remove ``path``; the resolutions remembered may have gone through it."""
+        self._parents.clear()
+        if directory:
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+
     def _clear(self, path: str) -> None:
         """Remove a non-directory at ``path`` so a new entry can take its place."""
         try:
@@ -128,7 +150,7 @@ class TreeWriter:
             return
         if stat.S_ISDIR(st.st_mode):
             raise UnsafePath(f"cannot replace directory {self._rel(path)} with a non-directory")
-        os.unlink(path)
+        self._remove(path)
 
     def _rel(self, path: str) -> str:
         return "/" + os.path.relpath(path, self._root).removeprefix(".")
@@ -161,8 +183,7 @@ class TreeWriter:
                 self._meta(self._root, uid, gid, mode, mtime, xattrs or {})
                 self._dir_times[self._root] = mtime
             return
-        parent = self.resolve(parts[:-1], follow_last=True, create_dirs=True)
-        path = os.path.join(parent, parts[-1])
+        path = os.path.join(self._parent(parts), parts[-1])
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -172,10 +193,10 @@ class TreeWriter:
             real = self.resolve(parts, follow_last=True)
             if os.path.isdir(real) and not os.path.islink(real):
                 return
-            os.unlink(path)
+            self._remove(path)
             st = None
         if st is not None and not stat.S_ISDIR(st.st_mode):
-            os.unlink(path)
+            self._remove(path)
             st = None
         if st is None:
             os.mkdir(path, 0o700)
@@ -187,8 +208,7 @@ class TreeWriter:
         """Create a regular file; ``data_source`` is bytes or a ``read(n)`` callable (streamed)."""
         if not parts:
             raise UnsafePath("a regular file cannot be the root directory")
-        parent = self.resolve(parts[:-1], follow_last=True, create_dirs=True)
-        path = os.path.join(parent, parts[-1])
+        path = os.path.join(self._parent(parts), parts[-1])
         self._clear(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -208,13 +228,12 @@ class TreeWriter:
             raise UnsafePath("a symlink cannot be the root directory")
         if "\x00" in target or not target:
             raise UnsafePath(f"bad symlink target {target!r}")
-        parent = self.resolve(parts[:-1], follow_last=True, create_dirs=True)
-        path = os.path.join(parent, parts[-1])
+        path = os.path.join(self._parent(parts), parts[-1])
         try:
             self._clear(path)
         except UnsafePath:
             # A directory where the symlink goes: allowed only if it is empty (nothing is lost).
-            os.rmdir(path)
+            self._remove(path, directory=True)
         os.symlink(target, path)
         if self.owners:
             os.chown(path, uid, gid, follow_symlinks=False)
@@ -227,8 +246,7 @@ class TreeWriter:
             raise UnsafePath(f"hard link target /{'/'.join(source_parts)} does not exist in the tree")
         if os.path.isdir(src) and not os.path.islink(src):
             raise UnsafePath(f"hard link to a directory: /{'/'.join(source_parts)}")
-        parent = self.resolve(parts[:-1], follow_last=True, create_dirs=True)
-        path = os.path.join(parent, parts[-1])
+        path = os.path.join(self._parent(parts), parts[-1])
         self._clear(path)
         os.link(src, path, follow_symlinks=False)
 
@@ -236,8 +254,7 @@ class TreeWriter:
                 mtime: int) -> None:
         if not self.allow_devices:
             raise UnsafePath(f"device or FIFO /{'/'.join(parts)} not allowed (Debian Policy §10.6)")
-        parent = self.resolve(parts[:-1], follow_last=True, create_dirs=True)
-        path = os.path.join(parent, parts[-1])
+        path = os.path.join(self._parent(parts), parts[-1])
         self._clear(path)
         os.mknod(path, mode, os.makedev(devmajor, devminor))
         self._meta(path, uid, gid, stat.S_IMODE(mode), mtime, {})
