@@ -103,13 +103,18 @@ def test_write_image_streams_payloads_and_digests(tmp_path):
     d = golden_disk()
     payload = tmp_path / "esp"
     payload.write_bytes(b"x" * 5000)
-    digests = gpt.write_image(d, [payload, None, None, None], tmp_path / "i.raw")
+    written = gpt.write_image(d, [payload, None, None, None], tmp_path / "i.raw")
     import hashlib
     size = d.partitions[0].size(512)
-    assert digests[0] == hashlib.sha256(b"x" * 5000 + bytes(size - 5000)).hexdigest()
-    with open(tmp_path / "i.raw", "rb") as f:
-        f.seek(2048 * 512)
-        assert f.read(5001) == b"x" * 5000 + b"\0"
+    assert written.partition_sha256[0] == hashlib.sha256(b"x" * 5000 + bytes(size - 5000)).hexdigest()
+    image = (tmp_path / "i.raw").read_bytes()
+    assert image[2048 * 512 : 2048 * 512 + 5001] == b"x" * 5000 + b"\0"
+    # Both kinds of digest are computed while writing, by other threads: they must be the
+    # digests of what the file holds (holes between partitions and before the backup GPT too).
+    assert written.sha256 == hashlib.sha256(image).hexdigest() and len(image) == d.size_bytes
+    assert written.partition_sha256 == [
+        hashlib.sha256(image[p.offset(512) : p.offset(512) + p.size(512)]).hexdigest() for p in d.partitions
+    ]
     big = tmp_path / "big"
     big.write_bytes(bytes(8 << 20) + b"!")
     with pytest.raises(ValueError, match="does not fit"):
@@ -197,3 +202,23 @@ def test_invalid_disk_refused_by_writer():
     with pytest.raises(ValueError, match="longer than 36"):
         gpt.layout_disk([gpt.PartitionRequest(uuid.UUID(int=1), uuid.UUID(int=2), "x" * 37, 0, 4096)],
                         uuid.UUID(int=3))
+
+
+def test_write_image_digests_span_chunks_gaps_and_full_partitions(tmp_path):
+    """Payloads of several 4 MiB chunks, one filling its partition exactly, one absent, with
+    alignment gaps between partitions: the digests made while writing are those of the file."""
+    import hashlib
+
+    sizes = [(9 << 20) + 4096, 8192, 3 << 20]
+    reqs = [gpt.PartitionRequest(uuid.UUID(int=100 + i), uuid.UUID(int=200 + i), f"p{i}", 0, size)
+            for i, size in enumerate(sizes)]
+    d = gpt.layout_disk(reqs, uuid.UUID(int=1))
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(bytes(range(256)) * ((9 << 20) // 256) + b"tail")
+    second.write_bytes(b"\x5a" * d.partitions[1].size(512))  # exactly the partition
+    written = gpt.write_image(d, [first, second, None], tmp_path / "i.raw")
+    image = (tmp_path / "i.raw").read_bytes()
+    assert written.sha256 == hashlib.sha256(image).hexdigest()
+    extents = [image[p.offset(512) : p.offset(512) + p.size(512)] for p in d.partitions]
+    assert written.partition_sha256 == [hashlib.sha256(e).hexdigest() for e in extents]
+    assert extents[0].startswith(first.read_bytes()) and extents[1] == second.read_bytes()

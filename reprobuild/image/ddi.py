@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from reprobuild.errors import BuildError, FormatError
-from reprobuild.fileio import sha256_file
 from reprobuild.image import gpt, ids, verity, veritysig
 from reprobuild.image.ids import data_fs_uuid, esp_fs_uuid  # noqa: F401 (re-exported)
 from reprobuild.signer import Signer, file_signer
@@ -224,9 +223,9 @@ def build_ddi(spec: DdiSpec) -> DdiResult:
         except ValueError as e:
             raise DdiError(f"cannot lay out the disk: {e}") from e
         tmp_image = work / "image.raw"
-        digests = gpt.write_image(disk, [p.payload for p in planned], tmp_image)
+        written = gpt.write_image(disk, [p.payload for p in planned], tmp_image)
+        digests, image_sha = written.partition_sha256, written.sha256
         payload_sizes = [os.path.getsize(p.payload) if p.payload is not None else 0 for p in planned]
-        image_sha = sha256_file(tmp_image)
         with open(tmp_image, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_image, out)  # never visible half-written under its final name

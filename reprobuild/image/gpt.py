@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import queue
 import struct
+import threading
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -229,42 +231,109 @@ _CHUNK = 4 << 20
 _ZEROS = bytes(_CHUNK)
 
 
-def write_image(disk: GptDisk, payloads: Sequence[Path | None], out: Path) -> list[str]:
+@dataclass(frozen=True)
+class WrittenImage:
+    partition_sha256: list[str]  # of every partition's full extent (payload + zero padding)
+    sha256: str  # of the whole image file
+
+
+class _HashThread:
+    """sha256 digests fed from a bounded queue and computed by another thread: hashlib releases
+    the GIL on large buffers, so an image is hashed on a second core while it is written. Only
+    immutable data (bytes, views of bytes) is queued; :meth:`cut` ends one digest and starts the
+    next."""
+
+    _CUT, _STOP = object(), object()
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=4)  # at most 4 chunks in flight
+        self._hashes: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="image-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        h = hashlib.sha256()
+        while (item := self._queue.get()) is not self._STOP:  # always drained: a put never blocks for ever
+            if item is self._CUT:
+                self._hashes.append(h.hexdigest())
+                h = hashlib.sha256()
+            else:
+                h.update(item)  # type: ignore[arg-type]
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._queue.put(data)
+
+    def cut(self) -> None:
+        self._queue.put(self._CUT)
+
+    def close(self) -> list[str]:
+        """Wait for the thread; the digests cut so far."""
+        self._queue.put(self._STOP)
+        self._thread.join()
+        return self._hashes
+
+
+def _zeros(n: int):
+    while n:
+        k = min(n, _CHUNK)
+        yield memoryview(_ZEROS)[:k]
+        n -= k
+
+
+def write_image(disk: GptDisk, payloads: Sequence[Path | None], out: Path) -> WrittenImage:
     """Write the whole image to ``out`` (created/truncated), streaming each payload into its partition.
 
     ``payloads[i]`` fills partition i from its start (None = leave zero); a payload larger than its
     partition is an error. Unwritten ranges stay as holes (they read as zeros). Returns the sha256
-    of every partition's full extent (payload + zero padding). Cost: one pass over the payloads.
+    of every partition's full extent (payload + zero padding) and of the whole image. Cost: one
+    pass over the payloads; the two kinds of digest are computed by two threads meanwhile.
     """
     if len(payloads) != len(disk.partitions):
         raise ValueError("one payload (or None) per partition is required")
+    for part, src in zip(disk.partitions, payloads):
+        if src is not None and os.path.getsize(src) > part.size(disk.sector_size):
+            raise ValueError(f"{src} does not fit into partition {part.name!r} ({part.size(disk.sector_size)} bytes)")
     head, tail = write_gpt(disk)
-    digests = []
-    with open(out, "wb") as f:
-        f.write(head)
-        for part, src in zip(disk.partitions, payloads):
-            size = part.size(disk.sector_size)
-            h = hashlib.sha256()
-            f.seek(part.offset(disk.sector_size))
-            written = 0
-            if src is not None:
-                if os.path.getsize(src) > size:
-                    raise ValueError(f"{src} does not fit into partition {part.name!r} ({size} bytes)")
-                with open(src, "rb") as s:
-                    while chunk := s.read(_CHUNK):
-                        f.write(chunk)
-                        h.update(chunk)
-                        written += len(chunk)
-            left = size - written
-            while left:
-                n = min(left, _CHUNK)
-                h.update(memoryview(_ZEROS)[:n])
-                left -= n
-            digests.append(h.hexdigest())
-        f.seek(tail_offset(disk))
-        f.write(tail)
-        f.truncate(disk.size_bytes)
-    return digests
+    parts, whole = _HashThread(), _HashThread()
+    position = 0  # how far ``whole`` has been fed: every byte of the file, in order
+
+    def at(offset: int, data: bytes | memoryview) -> None:
+        nonlocal position
+        for gap in _zeros(offset - position):  # a hole before ``offset``
+            whole.update(gap)
+        whole.update(data)
+        position = offset + len(data)
+
+    try:
+        with open(out, "wb") as f:
+            f.write(head)
+            at(0, head)
+            for part, src in zip(disk.partitions, payloads):
+                offset, size = part.offset(disk.sector_size), part.size(disk.sector_size)
+                f.seek(offset)
+                written = 0
+                if src is not None:
+                    with open(src, "rb") as s:
+                        while written < size and (chunk := s.read(min(_CHUNK, size - written))):
+                            f.write(chunk)
+                            parts.update(chunk)
+                            at(offset + written, chunk)
+                            written += len(chunk)
+                for zeros in _zeros(size - written):
+                    parts.update(zeros)
+                    at(offset + written, zeros)
+                    written += len(zeros)
+                parts.cut()
+            f.seek(tail_offset(disk))
+            f.write(tail)
+            at(tail_offset(disk), tail)
+            f.truncate(disk.size_bytes)
+            for gap in _zeros(disk.size_bytes - position):
+                whole.update(gap)
+            whole.cut()
+    finally:
+        partition_sha256, image_sha256 = parts.close(), whole.close()
+    return WrittenImage(partition_sha256, image_sha256[0])
 
 
 # -- reading -------------------------------------------------------------------------------------
