@@ -218,13 +218,14 @@ class Cache:
         return self._record(Entry(entry.stage, key, entry.object, entry.size, dict(entry.meta)))
 
     def put_file(self, stage: str, key: str, path: Path, meta: Mapping[str, Any] | None = None, *,
-                 durable: bool = False) -> Entry | None:
+                 durable: bool = False, link: bool = False) -> Entry | None:
         """Copy ``path`` into the store and point ``key`` at it. Cost: one pass (hash and copy).
         Not fsynced unless ``durable``: these objects are rehashed on every use, so a crash costs
-        a rebuild, not a wrong image."""
+        a rebuild, not a wrong image. ``link``: the store may take ``path`` itself, read-only,
+        instead of a copy (:meth:`Store.put_file`): for a file nobody writes to again."""
         if not self.enabled:
             return None
-        sha = self.store.put_file(path, durable=durable)
+        sha = self.store.put_file(path, durable=durable, link=link)
         return self._record(Entry(stage, key, sha, Path(path).stat().st_size, dict(meta or {})))
 
     def put_tree(self, stage: str, key: str, tree: Path, epoch: int, meta: Mapping[str, Any] | None = None,

@@ -493,19 +493,74 @@ class Store:
         self.put_stream(io.BytesIO(data), sha, len(data))
         return sha
 
-    def put_file(self, path: Path | str, expected_sha256: str | None = None, *, durable: bool = True) -> str:
+    def put_file(self, path: Path | str, expected_sha256: str | None = None, *, durable: bool = True,
+                 link: bool = False) -> str:
         """Copy a file into the store (verified against ``expected_sha256`` if given); returns its
         sha256. Without ``expected_sha256`` the file is hashed while it is copied (one pass).
 
         ``durable=False`` skips the fsync: for derived data that is rehashed on every use (the
-        build cache), where losing it in a crash only costs a rebuild."""
+        build cache), where losing it in a crash only costs a rebuild.
+
+        ``link=True``: ``path`` is a private file its caller only reads from now on (a build's
+        intermediate output): the store takes the file itself, as a hard link made read-only, and
+        copies nothing (a copy is made when the link cannot be: another file system)."""
         path = Path(path)
+        if link:
+            sha = self._link_object(path, expected_sha256, durable=durable)
+            if sha is not None:
+                return sha
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if expected_sha256 is not None:
                 self.put_stream(f, expected_sha256, size, durable=durable)
                 return expected_sha256
             return self._write_object(f, None, size, durable=durable, origin=str(path))
+
+    def _link_object(self, path: Path, expected_sha256: str | None, *, durable: bool) -> str | None:
+        """``path`` as an object by a hard link (then hashed where it lies), or None when it
+        cannot be linked into the store (the caller copies it). Nothing is kept on any error."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp_dir / f"link.{os.getpid()}.{secrets.token_hex(8)}.part"
+        try:
+            os.link(path, tmp)
+        except OSError:
+            return None  # EXDEV (another file system), EPERM (a file system without hard links)
+        published = False
+        try:
+            with open(tmp, "rb") as f:
+                # Locked as a live writer's temporary, so that clean_tmp leaves it alone; if a
+                # clean_tmp took it meanwhile (its mtime is the build's), the rename below fails
+                # with FileNotFoundError and the file is copied instead.
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                os.fchmod(f.fileno(), 0o444)  # objects are immutable (the caller's name too, now)
+                h = hashlib.sha256()
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+                got = h.hexdigest()
+                if expected_sha256 is not None and got != expected_sha256:
+                    raise ObjectMismatch(f"{path}: sha256 mismatch: expected {expected_sha256}, got {got}",
+                                         sha256=expected_sha256, reason="sha256")
+                if durable:
+                    os.fsync(f.fileno())
+                final = self._object_file(got)
+                with _local_write(final.parent):
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(tmp, final)  # a racer's object has the same bytes
+                except FileNotFoundError:
+                    return None
+                except OSError as e:
+                    raise StoreWriteError(e) from e
+                published = True
+            if durable:
+                _fsync_dir(final.parent)
+            return got
+        except FileNotFoundError:  # open: a clean_tmp took the temporary before it was locked
+            return None
+        finally:
+            if not published:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
 
     # ---------------------------------------------------------------- extracted trees
 

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -273,6 +274,11 @@ def test_an_x509_edit_misses_the_verity_signature_stage(tmp_path: Path) -> None:
     store = tmp_path / "fx/store"
     first = _build(parent, d, store, tmp_path / "a")
     assert first["cache_hits"] == []
+    # The store took the intermediate files (fs, esp) by hard links; the output is the user's
+    # own copy, writable, never an inode of the store.
+    out = tmp_path / "a/image.raw"
+    assert os.stat(out).st_nlink == 1 and stat.S_IMODE(os.stat(out).st_mode) == 0o644
+    assert Store(store).verify().ok
     assert _build(parent, d, store, tmp_path / "a")["cache_hits"] == ["ddi"]  # nothing else is looked at
 
     with open(parent / "reprobuild/x509.py", "a") as f:

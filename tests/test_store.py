@@ -142,6 +142,38 @@ def test_put_file_and_expected_hash(store: Store, tmp_path: Path) -> None:
         store.put_bytes(b"other", expected_sha256="00" * 32)
 
 
+def test_put_file_link_takes_the_file_itself(store: Store, tmp_path: Path) -> None:
+    """link=True: the object is the caller's file (one inode, made read-only), nothing copied;
+    a wrong expected hash keeps nothing in the store and leaves the file where it was."""
+    f = tmp_path / "intermediate"
+    f.write_bytes(b"hello")
+    assert store.put_file(f, link=True, durable=False) == HELLO_SHA
+    obj = store.path(HELLO_SHA)
+    assert os.stat(obj).st_ino == os.stat(f).st_ino and stat.S_IMODE(os.stat(obj).st_mode) == 0o444
+    assert store.read_bytes(HELLO_SHA) == b"hello" and store.verify().ok
+    g = tmp_path / "other"
+    g.write_bytes(b"other")
+    with pytest.raises(ObjectMismatch):
+        store.put_file(g, "00" * 32, link=True)
+    assert not store.has(sha(b"other")) and g.read_bytes() == b"other"
+    assert not [p for p in store.tmp_dir.iterdir() if p.name.endswith(".part")]
+
+
+def test_put_file_link_copies_across_file_systems(store: Store, tmp_path: Path) -> None:
+    """A file on another file system cannot be linked: it is copied, and stays writable."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the store")
+    f = shm / f"reprobuild-test-{os.getpid()}"
+    try:
+        f.write_bytes(b"hello")
+        assert store.put_file(f, link=True) == HELLO_SHA
+        assert os.stat(store.path(HELLO_SHA)).st_ino != os.stat(f).st_ino
+        assert stat.S_IMODE(os.stat(f).st_mode) & 0o200
+    finally:
+        f.unlink(missing_ok=True)
+
+
 def test_put_of_present_object_does_not_read(store: Store) -> None:
     store.put_bytes(b"hello")
     src = Endless()

@@ -264,7 +264,10 @@ class Runner:
             meta = stage.run(ctx, access, out)
             art = Artifact(stage.name, key, meta, path=out, owned=True)
             if cacheable:
-                art.entry = cache.put_file(stage.name, key, out, meta)
+                # An upstream file is only read by the stages after it and removed with the work
+                # directory: the store takes it as it is (a hard link, no copy). The final output
+                # is the user's file (it may be booted read-write): the store keeps a copy of it.
+                art.entry = cache.put_file(stage.name, key, out, meta, link=stage.name != self.order[-1])
         else:
             meta = stage.run(ctx, access, ctx.work / stage.name)
             art = Artifact(stage.name, key, meta)
