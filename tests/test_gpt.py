@@ -222,3 +222,25 @@ def test_write_image_digests_span_chunks_gaps_and_full_partitions(tmp_path):
     extents = [image[p.offset(512) : p.offset(512) + p.size(512)] for p in d.partitions]
     assert written.partition_sha256 == [hashlib.sha256(e).hexdigest() for e in extents]
     assert extents[0].startswith(first.read_bytes()) and extents[1] == second.read_bytes()
+
+
+def test_write_image_in_any_table_order(tmp_path):
+    """The table need not list partitions by offset: the image is still hashed in file order,
+    and each partition's digest comes back at its place in the table."""
+    import dataclasses
+    import hashlib
+
+    reqs = [gpt.PartitionRequest(uuid.UUID(int=100 + i), uuid.UUID(int=200 + i), f"p{i}", 0, 1 << 20)
+            for i in range(3)]
+    d = gpt.layout_disk(reqs, uuid.UUID(int=1))
+    shuffled = dataclasses.replace(d, partitions=(d.partitions[2], d.partitions[0], d.partitions[1]))
+    payloads = []
+    for i in range(3):
+        payloads.append(tmp_path / f"p{i}")
+        payloads[-1].write_bytes(bytes([0x41 + i]) * 1000)
+    written = gpt.write_image(shuffled, payloads, tmp_path / "i.raw")
+    image = (tmp_path / "i.raw").read_bytes()
+    assert written.sha256 == hashlib.sha256(image).hexdigest()
+    for part, payload, digest in zip(shuffled.partitions, payloads, written.partition_sha256):
+        extent = image[part.offset(512) : part.offset(512) + part.size(512)]
+        assert extent.startswith(payload.read_bytes()) and digest == hashlib.sha256(extent).hexdigest()

@@ -15,7 +15,7 @@ import struct
 import threading
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -273,7 +273,9 @@ class _HashThread:
         return self._hashes
 
 
-def _zeros(n: int):
+def _zeros(n: int) -> Iterator[memoryview]:
+    if n < 0:
+        raise ValueError("internal error: writing backwards")
     while n:
         k = min(n, _CHUNK)
         yield memoryview(_ZEROS)[:k]
@@ -304,11 +306,14 @@ def write_image(disk: GptDisk, payloads: Sequence[Path | None], out: Path) -> Wr
         whole.update(data)
         position = offset + len(data)
 
+    # In the order of their offsets (the table's order need not be), so that the image's bytes
+    # reach ``whole`` in file order; partition digests are returned in the table's order.
+    order = sorted(range(len(payloads)), key=lambda i: disk.partitions[i].offset(disk.sector_size))
     try:
         with open(out, "wb") as f:
             f.write(head)
             at(0, head)
-            for part, src in zip(disk.partitions, payloads):
+            for part, src in ((disk.partitions[i], payloads[i]) for i in order):
                 offset, size = part.offset(disk.sector_size), part.size(disk.sector_size)
                 f.seek(offset)
                 written = 0
@@ -333,7 +338,10 @@ def write_image(disk: GptDisk, payloads: Sequence[Path | None], out: Path) -> Wr
             whole.cut()
     finally:
         partition_sha256, image_sha256 = parts.close(), whole.close()
-    return WrittenImage(partition_sha256, image_sha256[0])
+    in_table_order = [""] * len(order)
+    for i, digest in zip(order, partition_sha256, strict=True):
+        in_table_order[i] = digest
+    return WrittenImage(in_table_order, image_sha256[0])
 
 
 # -- reading -------------------------------------------------------------------------------------
