@@ -47,7 +47,7 @@ from typing import IO, BinaryIO
 import zstandard
 
 from reprobuild.errors import FormatError, ReprobuildError, StoreError, describe_os_error
-from reprobuild.fileio import disk_usage
+from reprobuild.fileio import disk_usage, sha256_stream
 from reprobuild.progress import Update
 
 HASH_ALGO = "sha256"
@@ -533,10 +533,7 @@ class Store:
                 # with FileNotFoundError and the file is copied instead.
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
                 os.fchmod(f.fileno(), 0o444)  # objects are immutable (the caller's name too, now)
-                h = hashlib.sha256()
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-                got = h.hexdigest()
+                got = sha256_stream(f)
                 if expected_sha256 is not None and got != expected_sha256:
                     raise ObjectMismatch(f"{path}: sha256 mismatch: expected {expected_sha256}, got {got}",
                                          sha256=expected_sha256, reason="sha256")
