@@ -245,7 +245,9 @@ def _publish(ctx: BuildContext, runner: Runner, art, target: Path, say: Say) -> 
     else:
         os.chmod(art.path, 0o644)
         os.replace(art.path, target)
-        sha = art.object or sha256_file(target)
+        # The digest the store computed, else the one the stage computed while writing the file
+        # (tar, cpio, disk: "sha256" in its metadata), else a read of the file.
+        sha = art.object or art.meta.get("sha256") or sha256_file(target)
     cache.note_output(sha, target)
     # The root hash beside a DDI, for update tooling and kernel command lines.
     if art.meta.get("root_hash"):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import stat
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 
 class ReadRefused(Exception):
@@ -67,21 +69,99 @@ def read_bounded(path: Path, limit: int) -> bytes:
         os.close(fd)
 
 
+class HashThread:
+    """sha256 digests fed from a bounded queue and computed by another thread: hashlib releases
+    the GIL on large buffers, so a file is hashed on a second core while it is written. Only
+    immutable data (bytes, views of bytes) is queued; :meth:`cut` ends one digest and starts the
+    next; :meth:`close` must be called (it stops the thread)."""
+
+    _CUT, _STOP = object(), object()
+
+    def __init__(self, name: str = "hash") -> None:
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=4)  # at most 4 chunks in flight
+        self._hashes: list[str] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        h = hashlib.sha256()
+        while (item := self._queue.get()) is not self._STOP:  # always drained: a put never blocks for ever
+            if item is self._CUT:
+                self._hashes.append(h.hexdigest())
+                h = hashlib.sha256()
+            else:
+                h.update(item)  # type: ignore[arg-type]
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._queue.put(data)
+
+    def cut(self) -> None:
+        self._queue.put(self._CUT)
+
+    def close(self) -> list[str]:
+        """Wait for the thread; the digests cut so far."""
+        if self._thread.is_alive():
+            self._queue.put(self._STOP)
+            self._thread.join()
+        return self._hashes
+
+
 class HashingWriter:
     """A write-only file over ``out`` that hashes (sha256) and counts what passes through it, so
-    that a file written once needs no second read to be named by its digest."""
+    that a file written once needs no second read to be named by its digest.
 
-    def __init__(self, out: Any) -> None:  # anything with write(bytes)
-        self.out, self.hash, self.size = out, hashlib.sha256(), 0
+    ``background=True``: the hashing runs in a :class:`HashThread`, on a second core, fed in
+    batches of at least 1 MiB (a tar's many small headers cost one append each). Use it as a
+    context manager then: leaving the block stops the thread."""
+
+    _BATCH = 1 << 20
+
+    def __init__(self, out: Any, *, background: bool = False) -> None:  # anything with write(bytes)
+        self.out, self.size = out, 0
+        self.hash = hashlib.sha256()
+        self._thread = HashThread("write-hash") if background else None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._digest: str | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._thread is not None:
+            self._thread.close()
 
     def write(self, data: bytes) -> int:
+        if self._digest is not None:
+            raise ValueError("write after hexdigest()")
         self.out.write(data)
-        self.hash.update(data)
-        self.size += len(data)
-        return len(data)
+        n = len(data)
+        self.size += n
+        if self._thread is None:
+            self.hash.update(data)
+        else:
+            self._pending.append(bytes(data))  # a copy only of a mutable buffer: bytes(bytes) is itself
+            self._pending_size += n
+            if self._pending_size >= self._BATCH:
+                self._flush()
+        return n
+
+    def _flush(self) -> None:
+        assert self._thread is not None
+        if self._pending:
+            self._thread.update(self._pending[0] if len(self._pending) == 1 else b"".join(self._pending))
+            self._pending, self._pending_size = [], 0
 
     def hexdigest(self) -> str:
-        return self.hash.hexdigest()
+        """The sha256 of everything written (with ``background``: waits for the thread; no write
+        may follow)."""
+        if self._thread is None:
+            return self.hash.hexdigest()
+        if self._digest is None:
+            self._flush()
+            self._thread.cut()
+            self._digest = self._thread.close()[0]
+        return self._digest
 
 
 def sha256_file(path: Path) -> str:

@@ -7,12 +7,9 @@ that stream, so a multi-GiB image is never held in memory.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
-import queue
 import struct
-import threading
 import uuid
 import zlib
 from collections.abc import Iterator, Sequence
@@ -21,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from reprobuild.errors import FormatError
+from reprobuild.fileio import HashThread
 
 
 class GptInvalid(FormatError):
@@ -237,42 +235,6 @@ class WrittenImage:
     sha256: str  # of the whole image file
 
 
-class _HashThread:
-    """sha256 digests fed from a bounded queue and computed by another thread: hashlib releases
-    the GIL on large buffers, so an image is hashed on a second core while it is written. Only
-    immutable data (bytes, views of bytes) is queued; :meth:`cut` ends one digest and starts the
-    next."""
-
-    _CUT, _STOP = object(), object()
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=4)  # at most 4 chunks in flight
-        self._hashes: list[str] = []
-        self._thread = threading.Thread(target=self._run, name="image-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        h = hashlib.sha256()
-        while (item := self._queue.get()) is not self._STOP:  # always drained: a put never blocks for ever
-            if item is self._CUT:
-                self._hashes.append(h.hexdigest())
-                h = hashlib.sha256()
-            else:
-                h.update(item)  # type: ignore[arg-type]
-
-    def update(self, data: bytes | memoryview) -> None:
-        self._queue.put(data)
-
-    def cut(self) -> None:
-        self._queue.put(self._CUT)
-
-    def close(self) -> list[str]:
-        """Wait for the thread; the digests cut so far."""
-        self._queue.put(self._STOP)
-        self._thread.join()
-        return self._hashes
-
-
 def _zeros(n: int) -> Iterator[memoryview]:
     if n < 0:
         raise ValueError("internal error: writing backwards")
@@ -296,7 +258,7 @@ def write_image(disk: GptDisk, payloads: Sequence[Path | None], out: Path) -> Wr
         if src is not None and os.path.getsize(src) > part.size(disk.sector_size):
             raise ValueError(f"{src} does not fit into partition {part.name!r} ({part.size(disk.sector_size)} bytes)")
     head, tail = write_gpt(disk)
-    parts, whole = _HashThread(), _HashThread()
+    parts, whole = HashThread("image-hash"), HashThread("image-hash")
     position = 0  # how far ``whole`` has been fed: every byte of the file, in order
 
     def at(offset: int, data: bytes | memoryview) -> None:
