@@ -140,10 +140,15 @@ class HashingWriter:
         if self._thread is None:
             self.hash.update(data)
         else:
-            self._pending.append(bytes(data))  # a copy only of a mutable buffer: bytes(bytes) is itself
-            self._pending_size += n
-            if self._pending_size >= self._BATCH:
+            piece = bytes(data)  # a copy only of a mutable buffer: bytes(bytes) is itself
+            if n >= self._BATCH:  # a large piece goes as it is, after the small ones before it
                 self._flush()
+                self._thread.update(piece)
+            else:
+                self._pending.append(piece)
+                self._pending_size += n
+                if self._pending_size >= self._BATCH:
+                    self._flush()
         return n
 
     def _flush(self) -> None:
