@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from reprobuild import cache as c
+from reprobuild.fileio import THREADED_HASH_MIN
 from reprobuild.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,19 +69,23 @@ def test_put_get_copy_out_round_trip(tmp_path: Path) -> None:
     assert c.Cache(store, enabled=False).put_file("fs", key, src) is None
 
 
-def test_corrupt_object_is_caught_on_use_and_by_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [10000, THREADED_HASH_MIN + 1], ids=["inline-hash", "threaded-hash"])
+def test_corrupt_object_is_caught_on_use_and_by_verify(tmp_path: Path, size: int) -> None:
     store = Store(tmp_path / "store")
     cache = c.Cache(store)
     key = _key({"x": 1})
     src = tmp_path / "img"
-    src.write_bytes(b"A" * 10000)
+    src.write_bytes(b"A" * size)
     entry = cache.put_file("output", key, src)
+    cache.copy_out(entry, tmp_path / "good")
+    assert (tmp_path / "good").read_bytes() == src.read_bytes()
     obj = store.path(entry.object)
     obj.chmod(0o644)
-    obj.write_bytes(b"B" * 10000)  # same size: only the hash can tell
+    obj.write_bytes(b"A" * (size - 1) + b"B")  # same size, the last byte: only the hash can tell
     with pytest.raises(c.CacheMiss):
         cache.copy_out(cache.get("output", key), tmp_path / "out")
     assert not list(tmp_path.glob(".out.*"))
+    assert not [t for t in threading.enumerate() if t.name == "copy-hash"]
     report = store.verify()
     assert not report.ok
     assert cache.get("output", key) is None  # quarantined: a miss, not an error

@@ -19,6 +19,7 @@ import zstandard
 from click.testing import CliRunner
 
 from reprobuild.errors import FormatError, StoreError
+from reprobuild.fileio import THREADED_HASH_MIN
 from reprobuild.store import (
     CHUNK_SIZE,
     ObjectMismatch,
@@ -140,6 +141,29 @@ def test_put_file_and_expected_hash(store: Store, tmp_path: Path) -> None:
     assert store.put_file(f) == HELLO_SHA
     with pytest.raises(ObjectMismatch):
         store.put_bytes(b"other", expected_sha256="00" * 32)
+
+
+def _store_hash_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "store-hash"]
+
+
+@pytest.mark.parametrize("size", [5, THREADED_HASH_MIN + 12345], ids=["inline-hash", "threaded-hash"])
+def test_objects_small_and_large_are_hashed_right_and_wrong_bytes_kept_nowhere(store: Store, tmp_path: Path,
+                                                                               size: int) -> None:
+    data = (bytes(range(256)) * (size // 256 + 1))[:size]
+    wrong = data[:-1] + bytes([data[-1] ^ 1])  # the last byte: the hash is all that can tell
+    for stream, reason in ((io.BytesIO(wrong), "sha256"), (io.BytesIO(data[:-1]), "short"),
+                           (io.BytesIO(data + b"!"), "long")):  # fmt: skip
+        with pytest.raises(ObjectMismatch) as ei:
+            store.put_stream(stream, sha(data), size)
+        assert ei.value.reason == reason
+    assert list(store.iter_objects()) == [] and os.listdir(store.tmp_dir) == []
+    assert _store_hash_threads() == []
+    f = tmp_path / "f"
+    f.write_bytes(data)
+    assert store.put_file(f) == sha(data)
+    assert store.path(sha(data)).read_bytes() == data
+    assert _store_hash_threads() == []
 
 
 def test_put_file_link_takes_the_file_itself(store: Store, tmp_path: Path) -> None:
