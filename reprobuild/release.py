@@ -26,7 +26,7 @@ import zstandard
 from reprobuild.build import BuildOptions, BuildResult, build_locked
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError, ConfigError, ToolMissing
-from reprobuild.fileio import HashingWriter, sha256_file, write_atomic, write_atomically
+from reprobuild.fileio import HashingWriter, write_atomic, write_atomically
 from reprobuild.image import gpt, ids
 from reprobuild.image.ddi import copy_partition
 from reprobuild.image.sysupdate import artifact_name, uki_name
@@ -142,12 +142,12 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
         # The payload only: an A/B slot ([Updates] SlotSize=) is larger than what was written into it.
         keep = int(entry.get("payload_size") or part.size(disk.sector_size))
         extent = hashlib.sha256()
-        _write(out / file, lambda f, p=part, k=keep, h=extent: copy_partition(image, p, disk.sector_size, _Prefix(f, k, h)),
-               compress)
+        written = _write(out / file, lambda f, p=part, k=keep, h=extent: copy_partition(image, p, disk.sector_size,
+                                                                                        _Prefix(f, k, h)), compress)
         if entry.get("role") != role or extent.hexdigest() != entry.get("sha256"):  # the manifest's digest of the extent
             (out / file).unlink()
             raise BuildError(f"partition {role} of {image} differs from its manifest entry")
-        result.artifacts.append(_artifact(out / file, role))
+        result.artifacts.append(replace(written, source=role))
     boot = manifest.get("boot")
     if boot:
         esp = next((p for p in disk.partitions if p.type_guid == ids.partition_type(ids.Role.ESP).guid), None)
@@ -158,15 +158,10 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
             raise BuildError(f"the UKI in {image} differs from its manifest entry")
         file = uki_name(name) + suffix
         say(f"writing {file}")
-        _write(out / file, lambda f: f.write(uki), compress)
-        result.artifacts.append(_artifact(out / file, "uki"))
+        result.artifacts.append(replace(_write(out / file, lambda f: f.write(uki), compress), source="uki"))
     result.sums = out / SUMS_NAME
     write_atomic(result.sums, format_sums({a.file: a.sha256 for a in result.artifacts}))
     return result
-
-
-def _artifact(path: Path, source: str) -> ReleaseArtifact:
-    return ReleaseArtifact(path.name, sha256_file(path), path.stat().st_size, source)
 
 
 class _Prefix:
@@ -183,25 +178,25 @@ class _Prefix:
         return len(data)
 
 
-def _write(target: Path, fill: Callable[[Any], object], compress: str) -> str:
-    """Write an artifact atomically through ``fill``; returns the sha256 of the uncompressed bytes."""
+def _write(target: Path, fill: Callable[[Any], object], compress: str) -> ReleaseArtifact:
+    """Write an artifact atomically through ``fill`` (compressed by ``compress``). Its sha256 (of
+    the file, as SHA256SUMS names it) is made on a second thread while it is written."""
     digest = ""
 
     def writer(f: BinaryIO) -> None:
         nonlocal digest
-        if compress == "zstd":
-            cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=False,
-                                            threads=0)
-            with cctx.stream_writer(f, closefd=False) as z:
-                sink = HashingWriter(z)
-                fill(sink)
-        else:
-            sink = HashingWriter(f)
-            fill(sink)
-        digest = sink.hexdigest()  # of the uncompressed bytes
+        with HashingWriter(f, background=True) as written:
+            if compress == "zstd":
+                cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=False,
+                                                threads=0)
+                with cctx.stream_writer(written, closefd=False) as z:
+                    fill(z)
+            else:
+                fill(written)
+            digest = written.hexdigest()
 
     write_atomically(target, writer)
-    return digest
+    return ReleaseArtifact(target.name, digest, target.stat().st_size, "")
 
 
 def _gpg() -> str:
