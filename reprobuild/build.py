@@ -182,9 +182,11 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
         work = Path(work_str)
         ctx = BuildContext(spec=spec, lock=lock, store=store, cache=cache, work=work, format=fmt, say=say,
                            mounts=mounts, shell_on_failure=options.shell_on_failure, trees=trees)
-        runner = Runner(ctx, stages, explain_name=root_name(spec.directory))
+        runner = Runner(ctx, stages, explain_name=root_name(spec.directory),
+                        output_current=lambda entry: cache.output_current(entry, target))
         runner.keys()
-        final_key_hit = cache.enabled and cache.get(final, runner.key(final), record=False) is not None
+        final_entry = cache.get(final, runner.key(final), record=False)
+        final_key_hit = final_entry is not None and (final_entry.stored or cache.output_current(final_entry, target))
         # Overlays (a private mount namespace for this thread) only when a tree will be configured;
         # a directory output is renamed into place, which an overlay mount cannot be.
         ctx.overlays = fmt != "directory" and not final_key_hit and _enter_overlay_namespace(cache, store, work, say)
@@ -208,9 +210,11 @@ def _build_in(spec: ImageSpec, lock: Lock, store: Store, options: BuildOptions, 
         result.stages = runner.report_list()
         result.cache_hits = runner.hits()
         runner.save_explain()
-    # A build served whole from the cache never looked at the earlier stages: they are still the
-    # current ones (the next edit needs them), so its gc root adds to the previous one.
-    cache.register_root(root_name(spec.directory), keep_previous=result.cache_hits == [final])
+    # A stage this build never looked at (an earlier stage of one served from the cache, such as
+    # the installed tree under a cached file system) is still the current one: the next edit needs
+    # it, so the gc root then adds to the previous one instead of replacing it.
+    not_looked_at = any(r.outcome == "not needed" for r in result.stages)
+    cache.register_root(root_name(spec.directory), keep_previous=not_looked_at)
     return result
 
 
@@ -238,6 +242,8 @@ def _publish(ctx: BuildContext, runner: Runner, art, target: Path, say: Say) -> 
         assert art.entry is not None and art.entry.object is not None
         if cache.output_current(art.entry, target):
             say(f"{target.name}: up to date")
+        elif not art.entry.stored:  # a receipt served only because the output was in place
+            raise BuildError(f"{target} was changed or removed while the build ran", hint="build again")
         else:
             say(f"{target.name}: cached")
             cache.copy_out(art.entry, target)

@@ -144,6 +144,9 @@ class Entry:
     object: str | None  # sha256 of the cached artefact, None for metadata-only entries
     size: int
     meta: dict[str, Any] = field(default_factory=dict)
+    # False: a receipt — ``object`` names the output the stage wrote, which the store does not
+    # keep (:meth:`Cache.put_receipt`); it serves only while that output is in place.
+    stored: bool = True
 
 
 class CacheMiss(ReprobuildError):
@@ -186,23 +189,24 @@ class Cache:
             return None
         try:
             doc = json.loads(self._index_file(stage, key).read_text())
-            entry = Entry(stage, key, doc["object"], int(doc["size"]), dict(doc.get("meta", {})))
+            entry = Entry(stage, key, doc["object"], int(doc["size"]), dict(doc.get("meta", {})),
+                          stored=doc.get("stored", True) is not False)
             if doc.get("format") != CACHE_FORMAT or doc.get("key") != key:
                 raise ValueError("stale entry")
             if entry.object is not None:
                 check_sha256(entry.object)
-                if self.store.path(entry.object).stat().st_size != entry.size:
+                if entry.stored and self.store.path(entry.object).stat().st_size != entry.size:
                     raise ValueError("size differs")
         except (OSError, ValueError, KeyError, TypeError, ReprobuildError):
             return None
-        if entry.object and record:
+        if entry.object and entry.stored and record:
             self.used.add(entry.object)
         return entry
 
     def _record(self, entry: Entry) -> Entry:
         doc = {"format": CACHE_FORMAT, **asdict(entry)}
         write_atomic(self._index_file(entry.stage, entry.key), (json.dumps(doc, sort_keys=True, indent=1) + "\n").encode())
-        if entry.object:
+        if entry.object and entry.stored:
             self.used.add(entry.object)
         return entry
 
@@ -215,7 +219,15 @@ class Cache:
         """Record ``entry``'s object and metadata under a second key of the same stage."""
         if not self.enabled or key == entry.key:
             return None
-        return self._record(Entry(entry.stage, key, entry.object, entry.size, dict(entry.meta)))
+        return self._record(Entry(entry.stage, key, entry.object, entry.size, dict(entry.meta), entry.stored))
+
+    def put_receipt(self, stage: str, key: str, sha256: str, size: int, meta: Mapping[str, Any] | None = None) -> Entry | None:
+        """Point ``key`` at an output the store does not keep: its digest, size and metadata only.
+        Such an entry serves a build only while that output is in place, unchanged
+        (:meth:`output_current`); otherwise the stage runs again."""
+        if not self.enabled:
+            return None
+        return self._record(Entry(stage, key, check_sha256(sha256), size, dict(meta or {}), stored=False))
 
     def put_file(self, stage: str, key: str, path: Path, meta: Mapping[str, Any] | None = None, *,
                  durable: bool = False, link: bool = False) -> Entry | None:

@@ -249,7 +249,9 @@ def _build(pkg_parent: Path, d: Path, store: Path, out: Path) -> dict:
     return json.loads(r.stdout)
 
 
-def test_an_x509_edit_misses_the_verity_signature_stage(tmp_path: Path) -> None:
+def _disk_definition(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The one-package fixture as a signed-verity disk (hermetic): (definition, a private copy of
+    the package to edit, store)."""
     from dataclasses import replace
 
     from fixtures.make_host_base import build_host_base
@@ -271,7 +273,57 @@ def test_an_x509_edit_misses_the_verity_signature_stage(tmp_path: Path) -> None:
               d / "reprobuild.lock")
     parent = tmp_path / "pkg"
     shutil.copytree(PACKAGE, parent / "reprobuild", ignore=shutil.ignore_patterns("__pycache__"))
-    store = tmp_path / "fx/store"
+    return d, parent, tmp_path / "fx/store"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_store_keeps_a_receipt_of_the_disk_and_remakes_it_from_the_cached_file_system(tmp_path: Path) -> None:
+    d, parent, store = _disk_definition(tmp_path)
+    a = tmp_path / "a/image.raw"
+    first = _build(parent, d, store, a.parent)
+    sha = first["manifest"]["sha256"]
+    assert _sha256(a) == sha
+    assert not Store(store).has(sha)  # no second copy of the disk
+    (receipt,) = (json.loads(p.read_text()) for p in (store / "cache/ddi").glob("*.json"))
+    assert receipt["stored"] is False and receipt["object"] == sha
+    inode = os.stat(a).st_ino
+
+    # In place and unchanged: served by the receipt, the file is not even rewritten.
+    again = _build(parent, d, store, a.parent)
+    assert again["cache_hits"] == ["ddi"] and os.stat(a).st_ino == inode
+
+    def remade(out: Path) -> dict:
+        doc = _build(parent, d, store, out.parent)
+        stages = {s["stage"]: s for s in doc["stages"]}
+        assert stages["ddi"]["outcome"] == "built", stages["ddi"]
+        assert stages["ddi"]["changed"] == [
+            "the output is gone or was changed since it was written (the store keeps no copy of it)"]
+        assert stages["fs"]["outcome"] == "hit" and stages["install"]["outcome"] == "not needed"
+        assert doc["manifest"]["sha256"] == sha == _sha256(out)
+        return doc
+
+    remade(tmp_path / "c/image.raw")  # another directory
+    with open(a, "r+b") as f:  # changed in place (booted read-write, say)
+        f.seek(8192)
+        f.write(b"changed")
+    remade(a)
+    # gc keeps what remaking needs (the file system), and what the next edit needs though the
+    # remakes never looked at it (the installed tree): this image's root adds to the previous one.
+    Store(store).gc()
+    (install,) = (json.loads(p.read_text()) for p in (store / "cache/install").glob("*.json"))
+    assert Store(store).has(install["object"])
+    (tmp_path / "c/image.raw").unlink()
+    remade(tmp_path / "c/image.raw")
+    assert Store(store).verify().ok
+
+
+def test_an_x509_edit_misses_the_verity_signature_stage(tmp_path: Path) -> None:
+    d, parent, store = _disk_definition(tmp_path)
     first = _build(parent, d, store, tmp_path / "a")
     assert first["cache_hits"] == []
     # The store took the intermediate files (fs, esp) by hard links; the output is the user's

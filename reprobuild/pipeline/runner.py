@@ -24,7 +24,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,7 @@ from reprobuild.cache import Entry
 from reprobuild.codedigest import CodeDigests
 from reprobuild.digest import json_digest
 from reprobuild.errors import BuildError
-from reprobuild.fileio import write_atomic
+from reprobuild.fileio import sha256_file, write_atomic
 from reprobuild.pipeline.context import BuildContext
 from reprobuild.pipeline.stage import Artifact, Stage
 
@@ -92,8 +92,11 @@ class Runner:
     """Runs the planned ``stages`` of one build (in plan order; each declares its upstreams)."""
 
     def __init__(self, ctx: BuildContext, stages: Sequence[Stage], *, explain_name: str | None = None,
-                 code: CodeDigests | None = None) -> None:
+                 code: CodeDigests | None = None, output_current: Callable[[Entry], bool] | None = None) -> None:
         self.ctx = ctx
+        # Whether the output a receipt names (Stage.keep_output=False) is still in place: only then
+        # does the receipt serve; without a judge it never does.
+        self.output_current = output_current or (lambda _entry: False)
         self.stages = {s.name: s for s in stages}
         self.order = [s.name for s in stages]
         self.code = code or CodeDigests(memo=ctx.cache.code_memo)
@@ -196,19 +199,25 @@ class Runner:
         for f in futures:
             f.result()
 
+    def _usable(self, entry: Entry | None) -> Entry | None:
+        """``entry``, unless it is a receipt whose output is no longer in place."""
+        return entry if entry is None or entry.stored or self.output_current(entry) else None
+
     def _make(self, stage: Stage, key: str, report: StageReport, cacheable: bool) -> Artifact:
         name = stage.name
         cache = self.ctx.cache
-        entry = cache.get(name, key) if cacheable else None
+        found = cache.get(name, key) if cacheable else None
+        entry = self._usable(found)
         outcome = "hit"
         content_key = None
         if entry is None and cacheable:
-            report.changed = self._changed(name)
+            report.changed = self._changed(name) if found is None else [
+                "the output is gone or was changed since it was written (the store keeps no copy of it)"]
             # A content key serves lookups only: none with the cache off (--no-cache), where
             # computing it would wait for the upstream trees it reads.
             content_key = self._content_key(stage) if cache.enabled else None
             if content_key is not None:
-                entry = cache.get(name, content_key)
+                entry = self._usable(cache.get(name, content_key))
                 if entry is not None:
                     outcome = "content-hit"
                     cache.alias(entry, key)
@@ -263,11 +272,16 @@ class Runner:
             out = ctx.work / (stage.file_name or stage.name)
             meta = stage.run(ctx, access, out)
             art = Artifact(stage.name, key, meta, path=out, owned=True)
-            if cacheable:
+            final = stage.name == self.order[-1]
+            if cacheable and final and not stage.keep_output:
+                # Only a receipt: the output is remade from the cached upstream files when it is gone.
+                sha = meta.get("sha256") if isinstance(meta.get("sha256"), str) else sha256_file(out)
+                art.entry = cache.put_receipt(stage.name, key, sha, out.stat().st_size, meta)
+            elif cacheable:
                 # An upstream file is only read by the stages after it and removed with the work
                 # directory: the store takes it as it is (a hard link, no copy). The final output
                 # is the user's file (it may be booted read-write): the store keeps a copy of it.
-                art.entry = cache.put_file(stage.name, key, out, meta, link=stage.name != self.order[-1])
+                art.entry = cache.put_file(stage.name, key, out, meta, link=not final)
         else:
             meta = stage.run(ctx, access, ctx.work / stage.name)
             art = Artifact(stage.name, key, meta)

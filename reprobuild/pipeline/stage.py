@@ -75,6 +75,10 @@ class Stage(ABC):
     file_name: ClassVar[str] = ""
     # Tree stages: keep the cached tree extracted in the store (used in place by later stages).
     keep_extracted: ClassVar[bool] = False
+    # The final file stage: whether the store keeps a copy of its output. False: only a receipt
+    # (its digest and metadata) is kept; an output still in place is then up to date, and one that
+    # is gone or changed is made again from the cached upstream artifacts.
+    keep_output: ClassVar[bool] = True
 
     upstream: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()

@@ -19,6 +19,10 @@ from reprobuild.stages.disksettings import choose_verity, update_plan
 class DdiStage(Stage):
     name = "ddi"
     file_name = "image.raw"
+    # The store keeps no second copy of the disk (as large as the file system and the ESP it is
+    # made of, which the store does keep): remade from them when the output is gone or changed,
+    # in about the time copying it would take (docs/benchmarks.md).
+    keep_output = False
 
     def __init__(self, *, bootable: bool) -> None:
         self.bootable = bootable
