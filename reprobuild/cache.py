@@ -34,7 +34,10 @@ rehashed on use); ``unpacked`` packages, used by path, are.
 
 An output file already in place is not copied again when its stat (inode, size, mtime, ctime)
 is the one recorded right after this cache wrote it (``cache/outputs/``): a no-change rebuild
-then costs the key computation only.
+then costs the key computation only. Of an output whose stage says ``keep_output = False`` (the
+disk image: it is made of the file system and ESP the store holds already) the index keeps a
+**receipt** — digest, size, metadata, ``"stored": false`` — and no object: it serves only while
+that output is in place; otherwise the stage runs again over its cached upstream files.
 
 The index — ``<store>/cache/<stage>/<key>.json`` → object + metadata — is deliberately *not* the
 store's keyed area: store keys are gc roots, and the cache must be collectable. Instead each
