@@ -342,6 +342,17 @@ class Cache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def verified_path(self, entry: Entry) -> Path:
+        """The cached file of ``entry`` where the store keeps it, once its bytes hash to its
+        address (a read, no copy). Read-only: never write to it. Raises CacheMiss on a mismatch."""
+        assert entry.object is not None and entry.stored
+        path = self.store.path(entry.object)
+        with open(path, "rb") as f:
+            if sha256_stream(f) != entry.object:
+                raise CacheMiss(f"cached {entry.stage} object {entry.object[:16]} is corrupt",
+                                hint="run reprobuild store verify")
+        return path
+
     def copy_out(self, entry: Entry, dest: Path) -> None:
         """Copy a cached file to ``dest`` atomically (mode 0644), verifying its hash while copying.
         Raises CacheMiss on a mismatch (nothing is left at ``dest``'s temporary)."""

@@ -91,6 +91,20 @@ def test_corrupt_object_is_caught_on_use_and_by_verify(tmp_path: Path, size: int
     assert cache.get("output", key) is None  # quarantined: a miss, not an error
 
 
+def test_a_cached_file_is_read_in_place_once_its_hash_is_checked(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    cache = c.Cache(store)
+    src = tmp_path / "fs.img"
+    src.write_bytes(b"F" * 50000)
+    entry = cache.put_file("fs", _key({"x": 2}), src)
+    path = cache.verified_path(entry)
+    assert path == store.path(entry.object) and path.read_bytes() == src.read_bytes()
+    path.chmod(0o644)
+    path.write_bytes(b"F" * 49999 + b"G")  # same size: only the hash can tell
+    with pytest.raises(c.CacheMiss, match="corrupt"):
+        cache.verified_path(entry)
+
+
 def test_a_corrupt_cached_tree_is_a_miss_and_leaves_nothing(tmp_path: Path) -> None:
     """restore_tree hashes the object in a second reader while it extracts: a byte changed inside
     a file's content (the tar still parses, the size is the same) is found, and the half-made

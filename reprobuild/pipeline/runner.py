@@ -290,14 +290,13 @@ class Runner:
         return art
 
     def file(self, name: str) -> Path:
-        """The artifact of file stage ``name`` as a file in the work directory (a cached one is
-        copied out once, its hash verified on the way)."""
+        """The artifact of file stage ``name`` as a file to read: one made by this build, or a
+        cached one read where the store keeps it, its hash verified first. Stages only read
+        upstream files (a file this build made is the store's object too: a hard link)."""
         art = self.artifact(name)
         if art.path is None:
             assert art.entry is not None
-            dest = self.ctx.work / (self.stages[name].file_name or name)
-            self.ctx.cache.copy_out(art.entry, dest)
-            art.path = dest
+            art.path = self.ctx.cache.verified_path(art.entry)
         return art.path
 
     # -- explanations --------------------------------------------------------------------------
