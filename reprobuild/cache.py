@@ -64,7 +64,7 @@ from typing import Any
 from reprobuild.codedigest import CodeDigests
 from reprobuild.digest import json_digest
 from reprobuild.errors import BuildError, ReprobuildError
-from reprobuild.fileio import THREADED_HASH_MIN, HashThread, sha256_stream, write_atomic
+from reprobuild.fileio import sha256_for, sha256_stream, write_atomic
 from reprobuild.store import Store, check_sha256
 
 # Bump when the meaning of a key or the layout of a cached artefact changes.
@@ -358,16 +358,14 @@ class Cache:
         Raises CacheMiss on a mismatch (nothing is left at ``dest``'s temporary)."""
         assert entry.object is not None
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        threaded: HashThread | None = None
         try:
-            # A large object is hashed on a second core while it is copied (hashlib releases the GIL).
-            threaded = HashThread("copy-hash") if entry.size >= THREADED_HASH_MIN else None
-            h = threaded or hashlib.sha256()
-            with self.store.open(entry.object) as src, os.fdopen(fd, "wb") as out:
+            # A large object is hashed on a second core while it is copied.
+            with sha256_for(entry.size) as h, self.store.open(entry.object) as src, os.fdopen(fd, "wb") as out:
                 while chunk := src.read(4 << 20):
                     h.update(chunk)
                     out.write(chunk)
-            if h.hexdigest() != entry.object:
+                digest = h.hexdigest()
+            if digest != entry.object:
                 raise CacheMiss(f"cached {entry.stage} object {entry.object[:16]} is corrupt",
                                 hint="run reprobuild store verify")
             os.chmod(tmp, 0o644)
@@ -377,9 +375,6 @@ class Cache:
             if isinstance(e, OSError) and e.filename is None:
                 e.filename = tmp  # a write names no file: name the one being written (a full disk)
             raise
-        finally:
-            if threaded is not None:
-                threaded.close()
 
     # -- outputs already in place -------------------------------------------------------------
     def _stamp_file(self, target: Path) -> Path:

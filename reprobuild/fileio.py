@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
 import stat
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Self
 
@@ -116,6 +117,21 @@ class HashThread:
 # Below this size a hash is computed inline: a thread's start and hand-offs cost more than
 # hashing a few MiB (≈ 0.7 ms per MiB here).
 THREADED_HASH_MIN = 8 << 20
+
+
+@contextlib.contextmanager
+def sha256_for(size: int, name: str = "copy-hash") -> Iterator[Any]:
+    """A sha256 (``update``, ``hexdigest``) for about ``size`` bytes that are being copied: on a
+    second thread (:class:`HashThread` named ``name``, fed immutable bytes only) from
+    ``THREADED_HASH_MIN`` on, else hashlib's, inline. The thread is stopped when the block is left."""
+    if size < THREADED_HASH_MIN:
+        yield hashlib.sha256()
+        return
+    threaded = HashThread(name)
+    try:
+        yield threaded
+    finally:
+        threaded.close()
 
 
 class HashingWriter:

@@ -143,11 +143,11 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
         keep = int(entry.get("payload_size") or part.size(disk.sector_size))
         extent = hashlib.sha256()
         written = _write(out / file, lambda f, p=part, k=keep, h=extent: copy_partition(image, p, disk.sector_size,
-                                                                                        _Prefix(f, k, h)), compress)
+                                                                                        _Prefix(f, k, h)), compress, role)
         if entry.get("role") != role or extent.hexdigest() != entry.get("sha256"):  # the manifest's digest of the extent
             (out / file).unlink()
             raise BuildError(f"partition {role} of {image} differs from its manifest entry")
-        result.artifacts.append(replace(written, source=role))
+        result.artifacts.append(written)
     boot = manifest.get("boot")
     if boot:
         esp = next((p for p in disk.partitions if p.type_guid == ids.partition_type(ids.Role.ESP).guid), None)
@@ -158,7 +158,7 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
             raise BuildError(f"the UKI in {image} differs from its manifest entry")
         file = uki_name(name) + suffix
         say(f"writing {file}")
-        result.artifacts.append(replace(_write(out / file, lambda f: f.write(uki), compress), source="uki"))
+        result.artifacts.append(_write(out / file, lambda f: f.write(uki), compress, "uki"))
     result.sums = out / SUMS_NAME
     write_atomic(result.sums, format_sums({a.file: a.sha256 for a in result.artifacts}))
     return result
@@ -178,9 +178,10 @@ class _Prefix:
         return len(data)
 
 
-def _write(target: Path, fill: Callable[[Any], object], compress: str) -> ReleaseArtifact:
-    """Write an artifact atomically through ``fill`` (compressed by ``compress``). Its sha256 (of
-    the file, as SHA256SUMS names it) is made on a second thread while it is written."""
+def _write(target: Path, fill: Callable[[Any], object], compress: str, source: str) -> ReleaseArtifact:
+    """Write the artifact made from ``source`` atomically through ``fill`` (compressed by
+    ``compress``). Its sha256 (of the file, as SHA256SUMS names it) is made on a second thread
+    while it is written."""
     digest = ""
 
     def writer(f: BinaryIO) -> None:
@@ -196,7 +197,7 @@ def _write(target: Path, fill: Callable[[Any], object], compress: str) -> Releas
             digest = written.hexdigest()
 
     write_atomically(target, writer)
-    return ReleaseArtifact(target.name, digest, target.stat().st_size, "")
+    return ReleaseArtifact(target.name, digest, target.stat().st_size, source)
 
 
 def _gpg() -> str:

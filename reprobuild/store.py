@@ -47,7 +47,7 @@ from typing import IO, BinaryIO
 import zstandard
 
 from reprobuild.errors import FormatError, ReprobuildError, StoreError, describe_os_error
-from reprobuild.fileio import THREADED_HASH_MIN, HashThread, disk_usage, sha256_stream
+from reprobuild.fileio import disk_usage, sha256_for, sha256_stream
 from reprobuild.progress import Update
 
 HASH_ALGO = "sha256"
@@ -450,24 +450,21 @@ class Store:
                 return StoreError(f"{origin} changed size while it was copied into the store")
             return ObjectMismatch(f"{origin}: {what}", sha256=expected_sha256, reason=reason)
 
-        threaded: HashThread | None = None
         try:
-            # A large object is hashed on a second core while it is written (hashlib releases the GIL).
-            threaded = HashThread("store-hash") if expected_size >= THREADED_HASH_MIN else None
-            h = threaded or hashlib.sha256()
-            n = 0
-            for chunk in _iter_chunks(stream, expected_size + 1):
-                n += len(chunk)
-                if n > expected_size:
-                    raise wrong_size("long", f"more than the expected {expected_size} bytes")
-                h.update(bytes(chunk))  # queued as it is: bytes(bytes) is no copy
-                with _local_write(tmp):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
-            if n < expected_size:
-                raise wrong_size("short", f"only {n} of the expected {expected_size} bytes")
-            got = h.hexdigest()
+            with sha256_for(expected_size, "store-hash") as h:  # a large object: hashed on a second core
+                n = 0
+                for chunk in _iter_chunks(stream, expected_size + 1):
+                    n += len(chunk)
+                    if n > expected_size:
+                        raise wrong_size("long", f"more than the expected {expected_size} bytes")
+                    h.update(bytes(chunk))  # handed over as it is: bytes(bytes) is no copy
+                    with _local_write(tmp):
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view):]
+                if n < expected_size:
+                    raise wrong_size("short", f"only {n} of the expected {expected_size} bytes")
+                got = h.hexdigest()
             if expected_sha256 is not None and got != expected_sha256:
                 raise ObjectMismatch(f"sha256 mismatch: expected {expected_sha256}, got {got}",
                                      sha256=expected_sha256, reason="sha256")
@@ -485,8 +482,6 @@ class Store:
                     _fsync_dir(final.parent)
             return got
         finally:
-            if threaded is not None:
-                threaded.close()
             if not published:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
