@@ -156,6 +156,11 @@ class CacheMiss(ReprobuildError):
     """A cached object did not hash to its address while being read (treated as a miss)."""
 
 
+def _corrupt(entry: Entry) -> CacheMiss:
+    return CacheMiss(f"cached {entry.stage} object {(entry.object or '')[:16]} is corrupt",
+                     hint="run reprobuild store verify")
+
+
 class Cache:
     """The build cache of one store. ``enabled=False`` (``--no-cache``) makes every lookup a miss
     and every save a no-op. Records the objects a build used, for :meth:`register_root`."""
@@ -300,8 +305,7 @@ class Cache:
                     extract_tar(tf, writer, f"cached {entry.stage} tree")
                 writer.finish()
             if digest.result() != entry.object:
-                raise CacheMiss(f"cached {entry.stage} object {entry.object[:16]} is corrupt",
-                                hint="run reprobuild store verify")
+                raise _corrupt(entry)
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
@@ -349,8 +353,7 @@ class Cache:
         path = self.store.path(entry.object)
         with open(path, "rb") as f:
             if sha256_stream(f) != entry.object:
-                raise CacheMiss(f"cached {entry.stage} object {entry.object[:16]} is corrupt",
-                                hint="run reprobuild store verify")
+                raise _corrupt(entry)
         return path
 
     def copy_out(self, entry: Entry, dest: Path) -> None:
@@ -366,8 +369,7 @@ class Cache:
                     out.write(chunk)
                 digest = h.hexdigest()
             if digest != entry.object:
-                raise CacheMiss(f"cached {entry.stage} object {entry.object[:16]} is corrupt",
-                                hint="run reprobuild store verify")
+                raise _corrupt(entry)
             os.chmod(tmp, 0o644)
             os.replace(tmp, dest)
         except BaseException as e:

@@ -146,8 +146,8 @@ class HashingWriter:
 
     def __init__(self, out: Any, *, background: bool = False) -> None:  # anything with write(bytes)
         self.out, self.size = out, 0
-        self.hash = hashlib.sha256()
         self._thread = HashThread("write-hash") if background else None
+        self._hash = None if background else hashlib.sha256()
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._digest: str | None = None
@@ -165,9 +165,10 @@ class HashingWriter:
         self.out.write(data)
         n = len(data)
         self.size += n
-        if self._thread is None:
-            self.hash.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
         else:
+            assert self._thread is not None
             piece = bytes(data)  # a copy only of a mutable buffer: bytes(bytes) is itself
             if n >= self._BATCH:  # a large piece goes as it is, after the small ones before it
                 self._flush()
@@ -188,12 +189,12 @@ class HashingWriter:
     def hexdigest(self) -> str:
         """The sha256 of everything written (with ``background``: waits for the thread; no write
         may follow)."""
-        if self._thread is None:
-            return self.hash.hexdigest()
+        if self._hash is not None:
+            return self._hash.hexdigest()
         if self._digest is None:
             self._flush()
-            self._thread.cut()
-            self._digest = self._thread.close()[0]
+            assert self._thread is not None
+            self._digest = self._thread.hexdigest()
         return self._digest
 
 
@@ -234,6 +235,22 @@ def write_atomically(target: Path, writer: Callable[[BinaryIO], object], mode: i
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomically_hashed(target: Path, writer: Callable[[BinaryIO], object], mode: int = 0o644) -> str:
+    """:func:`write_atomically`, returning the sha256 of the file written: made on a second
+    thread while ``writer`` writes (:class:`HashingWriter`), so the file needs no second read.
+    ``writer`` gets a write-only file: only its ``write`` may be used."""
+    digest = ""
+
+    def hashed(f: BinaryIO) -> None:
+        nonlocal digest
+        with HashingWriter(f, background=True) as hashing:
+            writer(hashing)  # type: ignore[arg-type]
+            digest = hashing.hexdigest()
+
+    write_atomically(target, hashed, mode)
+    return digest
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -26,7 +26,7 @@ import zstandard
 from reprobuild.build import BuildOptions, BuildResult, build_locked
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError, ConfigError, ToolMissing
-from reprobuild.fileio import HashingWriter, write_atomic, write_atomically
+from reprobuild.fileio import write_atomic, write_atomically_hashed
 from reprobuild.image import gpt, ids
 from reprobuild.image.ddi import copy_partition
 from reprobuild.image.sysupdate import artifact_name, uki_name
@@ -182,21 +182,17 @@ def _write(target: Path, fill: Callable[[Any], object], compress: str, source: s
     """Write the artifact made from ``source`` atomically through ``fill`` (compressed by
     ``compress``). Its sha256 (of the file, as SHA256SUMS names it) is made on a second thread
     while it is written."""
-    digest = ""
 
     def writer(f: BinaryIO) -> None:
-        nonlocal digest
-        with HashingWriter(f, background=True) as written:
-            if compress == "zstd":
-                cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=False,
-                                                threads=0)
-                with cctx.stream_writer(written, closefd=False) as z:
-                    fill(z)
-            else:
-                fill(written)
-            digest = written.hexdigest()
+        if compress == "zstd":
+            cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=False,
+                                            threads=0)
+            with cctx.stream_writer(f, closefd=False) as z:
+                fill(z)
+        else:
+            fill(f)
 
-    write_atomically(target, writer)
+    digest = write_atomically_hashed(target, writer)
     return ReleaseArtifact(target.name, digest, target.stat().st_size, source)
 
 

@@ -73,3 +73,21 @@ def test_hash_thread_cuts_digests_in_order() -> None:
         hasher.cut()
     assert hasher.close() == [hashlib.sha256(p).hexdigest() for p in (b"one", b"two" * 100000, b"")]
     assert hasher.close() == [hashlib.sha256(p).hexdigest() for p in (b"one", b"two" * 100000, b"")]
+
+
+def test_write_atomically_hashed_names_the_file_it_wrote_or_leaves_the_old_one(tmp_path) -> None:
+    from reprobuild.fileio import write_atomically_hashed
+
+    target = tmp_path / "out"
+    data = b"".join(_writes())
+    digest = write_atomically_hashed(target, lambda f: [f.write(p) for p in _writes()])
+    assert target.read_bytes() == data and digest == hashlib.sha256(data).hexdigest()
+
+    def failing(f) -> None:
+        f.write(b"x" * (2 << 20))
+        raise ValueError("the writer failed")
+
+    with pytest.raises(ValueError, match="the writer failed"):
+        write_atomically_hashed(target, failing)
+    assert target.read_bytes() == data and [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert _hash_threads() == []

@@ -7,7 +7,7 @@ from abc import abstractmethod
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from reprobuild.fileio import HashingWriter, write_atomically
+from reprobuild.fileio import write_atomically_hashed
 from reprobuild.image.cpio import cpio_from_tree
 from reprobuild.pipeline.context import BuildContext
 from reprobuild.pipeline.stage import Stage, Upstream
@@ -27,16 +27,8 @@ class _ArchiveStage(Stage):
     def run(self, ctx: BuildContext, up: Upstream, out: Path) -> dict[str, Any]:
         tree = up.artifact("tree").path
         assert tree is not None
-        digest = ""
-
-        def fill(f: BinaryIO) -> None:
-            nonlocal digest
-            # Hashed on a second core while it is written: the output needs no second read.
-            with HashingWriter(f, background=True) as hashing:
-                self.write(tree, hashing, ctx.epoch)  # type: ignore[arg-type]  # only .write() is used
-                digest = hashing.hexdigest()
-
-        write_atomically(out, fill)
+        # Hashed on a second core while it is written: the output needs no second read.
+        digest = write_atomically_hashed(out, lambda f: self.write(tree, f, ctx.epoch))
         # "definition": only for people reading the store (store gc --dry-run), never in a key.
         return {"added_files": list(up.meta("tree").get("added_files", [])), "definition": ctx.spec.directory.name,
                 "sha256": digest}
