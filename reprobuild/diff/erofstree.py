@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import bisect
 import os
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
-from reprobuild.diff.open import ChangedBlocks, FileMeta, Node, TreeContainer
+from reprobuild.diff.inplace import InPlaceTree
+from reprobuild.diff.open import ChangedBlocks, FileMeta, Node
 from reprobuild.diff.source import ByteSource
 from reprobuild.image import erofs
 
 
-class ErofsTree(TreeContainer):
+class ErofsTree(InPlaceTree[erofs.Inode]):
     """The erofs file system in ``src``; raises ErofsInvalid / ErofsUnsupported (FormatErrors)."""
 
     label = "erofs"
@@ -31,19 +31,11 @@ class ErofsTree(TreeContainer):
         """``changed`` with ``base`` (the other side's tree, read first): directories that are the
         same inode on both sides and untouched by a changed block are not read again — their
         entries, and the inodes of entries untouched too, are taken from ``base``."""
-        self._src = src
+        super().__init__(src, memory_limit, new_temp)
         self._hit_cache: tuple[tuple[int, int], Callable[[range], bool]] | None = None
-        self._memory_limit = memory_limit
-        self._new_temp = new_temp
-        self._fd = -1
-        if src.data is None:
-            assert src.path is not None
-            self._fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
-            weakref.finalize(self, os.close, self._fd)  # closed when the tree is dropped
-        self.fs = erofs.Erofs(self._read_at, src.length)
+        self.fs = erofs.Erofs(self.read_at, src.length)
         self._dirs: dict[bytes, erofs.Inode] = {b"": self.fs.root()}  # "a/b/" -> its inode
         self._children: dict[bytes, list[tuple[bytes, erofs.Inode]]] = {}
-        self._entries: dict[str, erofs.Inode] = {}
         self._same: set[str] = set()  # paths known equal to ``base``'s without reading them
         known = None
         if changed is not None and base is not None and base.fs.block_size == self.fs.block_size:
@@ -75,18 +67,10 @@ class ErofsTree(TreeContainer):
 
         return known
 
-    def _read_at(self, offset: int, n: int) -> bytes:
-        if self._src.data is not None:
-            return self._src.data[offset:offset + n]
-        return os.pread(self._fd, n, self._src.offset + offset)
-
     @property
     def bytes_read(self) -> int:
         """Bytes of the image read so far (metadata; file contents go through `member` sources)."""
         return self.fs.bytes_read
-
-    def member_names(self) -> list[str]:
-        return sorted(self._entries, key=lambda n: n.encode("utf-8", "surrogateescape"))
 
     def member(self, name: str) -> Node:
         ino = self._entries[name]
@@ -103,15 +87,8 @@ class ErofsTree(TreeContainer):
             return ByteSource.of_bytes(b"")
         if len(ext) == 1 and ext[0].offset is not None:
             return self._src.slice(ext[0].offset, ext[0].length)  # in place, never copied
-        if ino.size <= self._memory_limit:
-            return ByteSource.of_bytes(self.fs.read_data(ino, self._memory_limit))
-        limit = max(1 << 30, 64 * self._src.length)  # as for extraction tools (diff/open.py)
-        if ino.size > limit:  # sparse (chunk holes): never write more than this to disk
-            raise erofs.ErofsInvalid(f"erofs: {name} claims {ino.size} bytes, more than {limit} for this image")
-        out = self._new_temp() / "file"
-        with open(out, "wb") as f:
-            f.writelines(self.fs.iter_data(ino))
-        return ByteSource.of_file(out)
+        return self.content(name, ino.size, lambda: self.fs.read_data(ino, self._memory_limit),
+                            lambda: self.fs.iter_data(ino), erofs.ErofsInvalid)  # fmt: skip
 
     def unchanged(self, name: str, other: ErofsTree, changed: frozenset[int], unit: int) -> bool:
         """True when ``name`` is known to be the same on both sides without reading its data.

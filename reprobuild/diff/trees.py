@@ -19,7 +19,9 @@ from reprobuild.diff.open import (
     TreeContainer,
     extract_fs,
 )
+from reprobuild.diff.squashfstree import SquashfsTree
 from reprobuild.image.erofs import ErofsUnsupported
+from reprobuild.image.squashfs import SquashfsUnsupported
 
 
 class TreeComparator(Comparator, kinds=TREES):
@@ -46,10 +48,21 @@ class TreeComparator(Comparator, kinds=TREES):
             def same(rel: str) -> bool:
                 return ta.unchanged(rel, tb, ch.blocks, ch.unit)
 
+        elif isinstance(ta, SquashfsTree) and isinstance(tb, SquashfsTree):
+            sa, sb = ta, tb
+
+            def same(rel: str) -> bool:
+                return sa.unchanged(rel, sb)
+
         details = compare_trees(ta, tb, ctx, depth, same)
         if isinstance(ta, ErofsTree) and isinstance(tb, ErofsTree):
             notes.append(f"erofs read in place: {_kib(ta.bytes_read + tb.bytes_read)} of metadata read "
                          f"({len(ta.member_names())} + {len(tb.member_names())} entries)")  # fmt: skip
+        if isinstance(ta, SquashfsTree) and isinstance(tb, SquashfsTree):
+            notes.append(f"squashfs read in place: {_kib(ta.bytes_read + tb.bytes_read)} read "
+                         f"({len(ta.member_names())} + {len(tb.member_names())} entries); "
+                         f"{ta.decompressed + tb.decompressed} file(s) decompressed, the others compared "
+                         "as stored")  # fmt: skip
         if not details and a.changed is not None:
             # The trees say blocks differ, yet no file, directory or inode owning one of them does:
             # the blocks are unused space or the superblock.
@@ -98,6 +111,13 @@ def open_tree(node: Node, ctx: DiffContext, what: str) -> TreeContainer:
         return CpioTree(node.source, ctx.options.memory_limit)
     if kind is Kind.EROFS:
         return _erofs_tree(node, ctx, what)
+    if kind is Kind.SQUASHFS:
+        try:
+            return SquashfsTree(node.source, ctx.options.memory_limit, ctx.temp.new)
+        except SquashfsUnsupported as e:  # read by the external tool instead, and said so
+            tree = extract_fs(kind, node.source, ctx.temp.new(), what or node.name)
+            tree.note = f"{e.message}: extracted with unsquashfs instead"
+            return tree
     if kind in FILE_SYSTEMS:
         return extract_fs(kind, node.source, ctx.temp.new(), what or node.name)
     raise DiffInputError(f"{node.name}: a {kind.value} is not a file tree")

@@ -1,0 +1,55 @@
+"""What the file systems `diff` reads in place (erofs, squashfs) share: reads from the image,
+path order, and where a file's bytes go when they cannot be a slice of the image."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from reprobuild.diff.open import TreeContainer
+from reprobuild.diff.source import ByteSource
+from reprobuild.errors import FormatError
+
+
+InodeT = TypeVar("InodeT")
+
+
+class InPlaceTree(TreeContainer, Generic[InodeT]):
+    """A file system image in ``src``, read through `read_at` without extracting it."""
+
+    def __init__(self, src: ByteSource, memory_limit: int, new_temp: Callable[[], Path]) -> None:
+        self._src = src
+        self._memory_limit = memory_limit
+        self._new_temp = new_temp
+        self._fd = -1
+        if src.data is None:
+            assert src.path is not None
+            self._fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
+            weakref.finalize(self, os.close, self._fd)  # closed when the tree is dropped
+        self._entries: dict[str, InodeT] = {}  # path -> the reader's inode
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        if self._src.data is not None:
+            return self._src.data[offset:offset + n]
+        return os.pread(self._fd, n, self._src.offset + offset)
+
+    def member_names(self) -> list[str]:
+        return sorted(self._entries, key=lambda n: n.encode("utf-8", "surrogateescape"))
+
+    def content(self, name: str, size: int, read: Callable[[], bytes], chunks: Callable[[], Iterable[bytes]],
+                invalid: Callable[[str], FormatError]) -> ByteSource:  # fmt: skip
+        """A file's bytes: in memory up to the diff's memory limit (``read()``), else written to a
+        temporary file from ``chunks()`` — never more than 64× the image (≥ 1 GiB), as for the
+        extraction tools (diff/open.py); ``invalid(message)`` is raised beyond."""
+        if size <= self._memory_limit:
+            return ByteSource.of_bytes(read())
+        limit = max(1 << 30, 64 * self._src.length)
+        if size > limit:  # sparse: never write more than this to disk
+            raise invalid(f"{self.label}: {name} claims {size} bytes, more than {limit} for this image")
+        out = self._new_temp() / "file"
+        with open(out, "wb") as f:
+            f.writelines(chunks())
+        return ByteSource.of_file(out)
