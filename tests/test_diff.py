@@ -489,7 +489,8 @@ def test_erofs_ddis_report_the_changed_files_via_the_hash_trees(erofs_ddis: dict
 
 def test_squashfs_ddis_say_why_the_hash_trees_were_not_used(ddis: dict[str, Path]) -> None:
     root = by_path(compare_paths(ddis["a"], ddis["b"]).difference)["root-x86-64"]
-    assert any("only erofs is read in place" in c for c in root.comments)
+    assert any("mapped to files only for erofs" in c for c in root.comments)
+    assert any(c.startswith("squashfs read in place") for c in root.comments)
 
 
 def test_hostile_erofs_in_a_ddi_is_a_clear_error(tmp_path: Path) -> None:
@@ -527,6 +528,9 @@ def _squashfs_pair(tmp_path: Path, *options: str) -> tuple[Path, Path]:
     tb = make_tree(tmp_path / "tb", frozenset({"content", "mode"}), extra_bytes=4 << 20)
     os.setxattr(ta / "usr/share/doc/copyright", "user.origin", b"a")
     os.setxattr(tb / "usr/share/doc/copyright", "user.origin", b"b")
+    blob = bytearray((tb / "usr/lib/big/blob0002").read_bytes())
+    blob[700_000] ^= 1  # one bit in the sixth 128 KiB block of a 1 MiB file stored in blocks
+    (tb / "usr/lib/big/blob0002").write_bytes(blob)
     for t, img in ((ta, "a.img"), (tb, "b.img")):
         subprocess.run(["mksquashfs", str(t), str(tmp_path / img), "-noappend", "-quiet", "-no-progress",
                         "-all-time", str(EPOCH), "-mkfs-time", str(EPOCH), *options], check=True)  # fmt: skip
@@ -544,11 +548,12 @@ def test_squashfs_is_read_in_place_and_only_differing_files_are_decompressed(
     d = compare_paths(a, b).difference
     assert d is not None
     got = by_path(d)
-    assert set(got) == {"etc/hostname", "usr/bin/tool", "usr/share/doc/copyright"}
+    assert set(got) == {"etc/hostname", "usr/bin/tool", "usr/share/doc/copyright", "usr/lib/big/blob0002"}
     assert {f.name for f in got["usr/share/doc/copyright"].fields} == {"xattr user.origin"}
     assert {f.name for f in got["usr/bin/tool"].fields} == {"mode"}
     (note,) = [c for c in d.comments if c.startswith("squashfs read in place")]
-    # Each side's hostname, tool and copyright (the paths whose attributes or stored bytes differ).
+    # Each side's hostname, tool and copyright: the paths whose attributes or stored bytes differ,
+    # less the blob, whose random blocks mksquashfs stores uncompressed (read as a slice in place).
     assert "6 file(s) decompressed" in note, note
     assert compare_paths(a, a).identical
 
@@ -556,7 +561,7 @@ def test_squashfs_is_read_in_place_and_only_differing_files_are_decompressed(
 def test_lz4_squashfs_falls_back_to_unsquashfs_and_says_so(tmp_path: Path) -> None:
     a, b = _squashfs_pair(tmp_path, "-comp", "lz4")
     d = compare_paths(a, b).difference
-    assert d is not None and {"etc/hostname", "usr/bin/tool"} <= set(by_path(d))
+    assert d is not None and {"etc/hostname", "usr/bin/tool", "usr/lib/big/blob0002"} <= set(by_path(d))
     assert any("lz4 compression is not supported: extracted with unsquashfs instead" in c for c in d.comments)
 
 

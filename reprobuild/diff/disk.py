@@ -339,7 +339,8 @@ def verity_trees(pa: list[Part], pb: list[Part]) -> dict[ids.Role, VerityTrees |
         if xa is None or ya is None or ha is None or hb is None or xa.key != ya.key or ha.key != hb.key:
             continue
         if not (_is_erofs(xa.source) and _is_erofs(ya.source)):
-            out[data_role] = "not compared through the hash trees: only erofs is read in place"
+            out[data_role] = ("not compared through the hash trees: they are mapped to files only for erofs "
+                              "(other file systems are compared file by file)")
             continue
         try:
             sa = verity.parse_superblock(ha.source.head(verity.SB_SIZE))

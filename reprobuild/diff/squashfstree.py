@@ -34,6 +34,8 @@ class SquashfsTree(InPlaceTree[squashfs.Inode]):
         for prefix, name, ino in self.fs.walk():
             self._entries[os.fsdecode(prefix + name)] = ino
         self.decompressed = 0  # files whose contents were decompressed (for the diff's note)
+        # (other tree's id, this side's fragment, the other's) -> stored alike, byte for byte
+        self._same_fragments: dict[tuple[int, int, int], bool] = {}
 
     @property
     def bytes_read(self) -> int:
@@ -79,7 +81,24 @@ class SquashfsTree(InPlaceTree[squashfs.Inode]):
         stored = sum(x.stored for x in a.blocks)
         if stored and not _same_bytes(self.fs, a.blocks[0].offset, other.fs, b.blocks[0].offset, stored):
             return False
-        return a.fragment is None or self.fs.fragment_tail(a) == other.fs.fragment_tail(b)
+        return a.fragment is None or self._same_tail(a, other, b)
+
+    def _same_tail(self, a: squashfs.Inode, other: SquashfsTree, b: squashfs.Inode) -> bool:
+        """The same fragment tail: at the same offset of fragment blocks stored byte for byte alike
+        (decided once per pair of blocks), else compared decompressed."""
+        assert a.fragment is not None and b.fragment is not None
+        fa, fb = a.fragment[0], b.fragment[0]
+        if a.fragment[1:] == b.fragment[1:]:
+            key = (id(other), fa, fb)
+            same = self._same_fragments.get(key)
+            if same is None:
+                x, y = self.fs.fragment_block(fa), other.fs.fragment_block(fb)
+                same = (x.stored, x.compressed) == (y.stored, y.compressed) and \
+                    _same_bytes(self.fs, x.offset, other.fs, y.offset, x.stored)
+                self._same_fragments[key] = same
+            if same:
+                return True
+        return self.fs.fragment_tail(a) == other.fs.fragment_tail(b)
 
 
 def _same_bytes(fa: squashfs.Squashfs, at_a: int, fb: squashfs.Squashfs, at_b: int, n: int) -> bool:

@@ -77,7 +77,7 @@ MAX_BLOCK_LIST = 64 << 20  # bytes of one file's block list (16 M blocks)
 MAX_XATTR_BYTES = 64 * 1024
 MAX_XATTRS = 4096  # entries on one inode
 CACHE_META = 4096  # decompressed metadata blocks kept (32 MiB)
-CACHE_FRAGMENTS = 32  # decompressed fragment blocks kept
+CACHE_FRAGMENT_BYTES = 32 << 20  # decompressed fragment blocks kept (counted at the block size)
 
 
 class SquashfsInvalid(FormatError):
@@ -381,10 +381,8 @@ class Squashfs:
             raise SquashfsInvalid(f"squashfs: inode {ino.ref:#x}: its tail runs past fragment {index}")
         return data[offset:offset + tail]
 
-    def _fragment(self, index: int) -> bytes:
-        hit = self._fragments.get(index)
-        if hit is not None:
-            return hit
+    def fragment_block(self, index: int) -> Block:
+        """Where fragment block ``index`` is stored (``length`` is 0: known once decompressed)."""
         entry_at = index * FRAGMENT_ENTRY.size
         (pointer,) = struct.unpack("<Q", self._read(self.sb.fragment_table + entry_at // META_SIZE * 8, 8))
         data, _ = self._meta_block(pointer)
@@ -392,14 +390,20 @@ class Squashfs:
             raise SquashfsInvalid(f"squashfs: fragment {index} lies outside the fragment table")
         start, word, _ = FRAGMENT_ENTRY.unpack_from(data, entry_at % META_SIZE)
         stored = word & ~DATA_UNCOMPRESSED
-        if word >> 25 or stored == 0 or stored > self.block_size:
-            raise SquashfsInvalid(f"squashfs: fragment {index} has a bad size word {word:#x}")
-        raw = self._read(start, stored)
-        out = raw if word & DATA_UNCOMPRESSED else self._inflate(raw, self.block_size, f"fragment {index}")
-        if len(self._fragments) >= CACHE_FRAGMENTS:
-            self._fragments.clear()
-        self._fragments[index] = out
-        return out
+        if word >> 25 or stored == 0 or stored > self.block_size or start + stored > self._end:
+            raise SquashfsInvalid(f"squashfs: fragment {index} has a bad size word {word:#x} or lies outside")
+        return Block(start, stored, not word & DATA_UNCOMPRESSED, 0)
+
+    def _fragment(self, index: int) -> bytes:
+        hit = self._fragments.pop(index, None)
+        if hit is None:
+            b = self.fragment_block(index)
+            raw = self._read(b.offset, b.stored)
+            hit = self._inflate(raw, self.block_size, f"fragment {index}") if b.compressed else raw
+            while self._fragments and len(self._fragments) * self.block_size >= CACHE_FRAGMENT_BYTES:
+                del self._fragments[next(iter(self._fragments))]  # the least recently used
+        self._fragments[index] = hit  # (re)inserted last: most recently used
+        return hit
 
     def readlink(self, ino: Inode) -> bytes:
         return ino.target
