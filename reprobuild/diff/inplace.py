@@ -13,7 +13,6 @@ from reprobuild.diff.open import TreeContainer
 from reprobuild.diff.source import ByteSource
 from reprobuild.errors import FormatError
 
-
 InodeT = TypeVar("InodeT")
 
 
