@@ -565,6 +565,39 @@ def test_lz4_squashfs_falls_back_to_unsquashfs_and_says_so(tmp_path: Path) -> No
     assert any("lz4 compression is not supported: extracted with unsquashfs instead" in c for c in d.comments)
 
 
+def test_ext4_is_read_in_place_with_xattrs_and_ext2_falls_back_to_debugfs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """No debugfs on PATH: the reader does it all, xattrs included (debugfs rdump drops them).
+    An ext2 image (block-mapped files) goes to debugfs, which is then needed, and the node says so."""
+    import subprocess
+
+    from reprobuild.image.fs import make_filesystem
+
+    ta = make_tree(tmp_path / "ta")
+    tb = make_tree(tmp_path / "tb", frozenset({"content", "mode", "added"}))
+    os.setxattr(ta / "usr/share/doc/copyright", "user.origin", b"a")
+    os.setxattr(tb / "usr/share/doc/copyright", "user.origin", b"b")
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    make_filesystem("ext4", ta, a, uuid.UUID(int=7), EPOCH, "root")
+    make_filesystem("ext4", tb, b, uuid.UUID(int=7), EPOCH, "root")
+    empty = tmp_path / "no-tools"
+    empty.mkdir()
+    with monkeypatch.context() as m:
+        m.setenv("PATH", str(empty))
+        d = compare_paths(a, b).difference
+    assert d is not None
+    got = by_path(d)
+    assert set(got) == {"etc/hostname", "usr/bin/tool", "etc/added.conf", "usr/share/doc/copyright"}
+    assert {f.name for f in got["usr/share/doc/copyright"].fields} == {"xattr user.origin"}
+    assert any(c.startswith("ext4 read in place") and "entries" in c for c in d.comments), d.comments
+    for t, img in ((ta, "a2.img"), (tb, "b2.img")):
+        subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-d", str(t), str(tmp_path / img), "8M"], check=True,
+                       capture_output=True)  # fmt: skip
+    d2 = compare_paths(tmp_path / "a2.img", tmp_path / "b2.img").difference
+    assert d2 is not None and {"etc/hostname", "usr/bin/tool", "etc/added.conf"} <= set(by_path(d2))
+    assert any("block-mapped" in c and "extracted with debugfs instead" in c for c in d2.comments), d2.comments
+
+
 def test_compressed_erofs_falls_back_to_fsck_erofs_and_says_so(tmp_path: Path) -> None:
     import subprocess
 

@@ -94,7 +94,8 @@ def test_reader_matches_the_source_tree_and_debugfs(tmp_path: Path, layout: str)
     # debugfs's own view of a few inodes agrees: link count, size, and the extent count.
     files = {os.fsdecode(p + n): i for p, n, i in fs.walk()}
     for path in ("d/big", "x/many-extents", "hard", "x/hole-at-end"):
-        st = subprocess.run(["debugfs", "-R", f"stat /{path}", str(img)], capture_output=True, text=True).stdout
+        st = subprocess.run(["debugfs", "-R", f"stat /{path}", str(img)], capture_output=True, text=True,
+                            check=True).stdout
         ino = files[path]
         assert f"Links: {ino.nlink}" in st and f"Size: {ino.size}" in st, st
 

@@ -5,9 +5,10 @@ directory, with file metadata when it is a member of a file tree. A :class:`Cont
 ``member_names()`` and opens ``member(name)``; file trees (directories, extracted file systems,
 tar and cpio archives) are `TreeContainer`s whose member names are relative paths.
 
-File systems are read without mounting and without root. erofs is read in place by
-`diff/erofstree.py`; the others (and an erofs that reader refuses, e.g. a compressed one) are
-extracted by the standard tools into a temporary directory (``fsck.erofs --extract``,
+File systems are read without mounting and without root. erofs, squashfs and ext4 are read in
+place by Python readers (`diff/erofstree.py`, `diff/squashfstree.py`, `diff/ext4tree.py`); vfat,
+and an image one of those readers refuses (a compressed erofs, an lz4 squashfs, a block-mapped
+ext2), are extracted by the standard tools into a temporary directory (``fsck.erofs --extract``,
 ``unsquashfs``, ``debugfs rdump``, ``mcopy``), bounded in time and in file size; a missing tool
 raises `ToolMissing` naming its package.
 """

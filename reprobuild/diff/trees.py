@@ -10,6 +10,7 @@ from reprobuild.diff.base import Comparator, DiffContext, absorb, bytes_differen
 from reprobuild.diff.detect import FILE_SYSTEMS, TREES, Kind
 from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field
 from reprobuild.diff.erofstree import ErofsTree
+from reprobuild.diff.ext4tree import Ext4Tree
 from reprobuild.diff.open import (
     CpioTree,
     DiffInputError,
@@ -20,7 +21,9 @@ from reprobuild.diff.open import (
     extract_fs,
 )
 from reprobuild.diff.squashfstree import SquashfsTree
+from reprobuild.errors import FormatError
 from reprobuild.image.erofs import ErofsUnsupported
+from reprobuild.image.ext4 import Ext4Unsupported
 from reprobuild.image.squashfs import SquashfsUnsupported
 
 
@@ -55,9 +58,10 @@ class TreeComparator(Comparator, kinds=TREES):
                 return sa.unchanged(rel, sb)
 
         details = compare_trees(ta, tb, ctx, depth, same)
-        if isinstance(ta, ErofsTree) and isinstance(tb, ErofsTree):
-            notes.append(f"erofs read in place: {_kib(ta.bytes_read + tb.bytes_read)} of metadata read "
-                         f"({len(ta.member_names())} + {len(tb.member_names())} entries)")  # fmt: skip
+        for kind_tree in (ErofsTree, Ext4Tree):
+            if isinstance(ta, kind_tree) and isinstance(tb, kind_tree):
+                notes.append(f"{ta.label} read in place: {_kib(ta.bytes_read + tb.bytes_read)} of metadata read "
+                             f"({len(ta.member_names())} + {len(tb.member_names())} entries)")  # fmt: skip
         if isinstance(ta, SquashfsTree) and isinstance(tb, SquashfsTree):
             notes.append(f"squashfs read in place: {_kib(ta.bytes_read + tb.bytes_read)} read "
                          f"({len(ta.member_names())} + {len(tb.member_names())} entries); "
@@ -111,16 +115,25 @@ def open_tree(node: Node, ctx: DiffContext, what: str) -> TreeContainer:
         return CpioTree(node.source, ctx.options.memory_limit)
     if kind is Kind.EROFS:
         return _erofs_tree(node, ctx, what)
-    if kind is Kind.SQUASHFS:
+    if kind in _IN_PLACE:
+        reader, unsupported, tool = _IN_PLACE[kind]
         try:
-            return SquashfsTree(node.source, ctx.options.memory_limit, ctx.temp.new)
-        except SquashfsUnsupported as e:  # read by the external tool instead, and said so
+            return reader(node.source, ctx.options.memory_limit, ctx.temp.new)
+        except unsupported as e:  # read by the external tool instead, and said so
             tree = extract_fs(kind, node.source, ctx.temp.new(), what or node.name)
-            tree.note = f"{e.message}: extracted with unsquashfs instead"
+            tree.note = f"{e.message}: extracted with {tool} instead"
             return tree
     if kind in FILE_SYSTEMS:
         return extract_fs(kind, node.source, ctx.temp.new(), what or node.name)
     raise DiffInputError(f"{node.name}: a {kind.value} is not a file tree")
+
+
+# File systems read in place by a Python reader (erofs has its own path: `_erofs_tree`), with the
+# error that sends a valid image the reader does not support to the extraction tool instead.
+_IN_PLACE: dict[Kind, tuple[Callable[..., TreeContainer], type[FormatError], str]] = {
+    Kind.SQUASHFS: (SquashfsTree, SquashfsUnsupported, "unsquashfs"),
+    Kind.EXT4: (Ext4Tree, Ext4Unsupported, "debugfs"),
+}
 
 
 def _erofs_tree(node: Node, ctx: DiffContext, what: str, base: ErofsTree | None = None) -> TreeContainer:
