@@ -8,7 +8,8 @@ Builds the DDIs with `reprobuild.image.ddi.build_ddi` (root + verity + signature
 the fixture tree) from the fixture tree of tests/test_diff_support.py plus N MiB of incompressible
 files, or — with ``--from-ddi IMAGE`` — from the root tree of a DDI that ``reprobuild build``
 made (e.g. ``lock/minimal``'s minbase image; the tree is taken out with ``fsck.erofs --extract``
-before timing). The root is erofs as the build makes it (``--fs squashfs``: the old fixture). The
+before timing). The root is erofs as the build makes it (``--fs squashfs``: the old fixture,
+gzip-compressed; ``--fs ext4``: as the build makes it). The
 changed pair differs in ``etc/hostname`` (fixture), or in ``etc/hostname``, ``etc/issue`` and
 one file's mode (``--from-ddi``). Each tool runs as a child process; wall time comes from a
 monotonic clock and peak memory from GNU time's ``%M`` (Debian package ``time``). "found" means
@@ -89,7 +90,7 @@ def extract_root(image: Path, out: Path) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--size-mib", type=int, default=256, help="incompressible data added to the fixture tree")
-    ap.add_argument("--fs", choices=("erofs", "squashfs"), default="erofs", help="root file system of the DDIs")
+    ap.add_argument("--fs", choices=("erofs", "squashfs", "ext4"), default="erofs", help="root file system of the DDIs")
     ap.add_argument("--from-ddi", type=Path, default=None, help="take the root tree out of this DDI (erofs root)")
     ap.add_argument("--no-diffoscope", action="store_true", help="time reprobuild only (e.g. for a size sweep)")
     ap.add_argument("--timeout", type=float, default=1800.0)
@@ -136,7 +137,8 @@ def main() -> int:
                 located = "—" if label == "identical" else ("yes" if "etc/hostname" in out else "no")
                 path = "—"
                 if name == "reprobuild diff":
-                    path = "verity trees" if ("dm-verity hash trees" in out or label == "identical") else "extraction"
+                    path = "verity trees" if ("dm-verity hash trees" in out or label == "identical") else \
+                        "read in place" if "read in place" in out else "extraction"
                     if label == "identical" and args.fs != "erofs":
                         path = "bytes"
                 rows.append((label, name, f"{secs:.2f}", f"{rss / 1024:.0f}", found, located, path))

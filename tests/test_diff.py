@@ -408,17 +408,26 @@ def test_build_manifests_beside_disks_give_a_package_summary(ddis: dict[str, Pat
     assert diff_pins("packages", base["packages"], base["packages"]) is None
 
 
-# -- erofs DDIs: compared through the verity hash trees, erofs read in place ----------------------
+# -- erofs and ext4 DDIs: compared through the verity hash trees, read in place -------------------
 
 
-@pytest.fixture(scope="module")
-def erofs_ddis(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    w = tmp_path_factory.mktemp("erofs-ddis")
+# What "b" changes. The build clamps every time to the epoch, so no mtime change. ext4 allocates
+# inodes and blocks in tree order: an added or removed file renumbers and moves every later one,
+# and the trees then rightly show most blocks changed — so its pair changes files in place only.
+DDI_CHANGES = {"erofs": frozenset(CHANGES) - {"mtime"}, "ext4": frozenset({"content", "mode"})}
+
+
+@pytest.fixture(scope="module", params=["erofs", "ext4"])
+def erofs_ddis(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three DDIs whose root is ``request.param`` as the build makes it (the name is the first
+    file system this path was made for); "fs" names it."""
+    fs = request.param
+    w = tmp_path_factory.mktemp(f"{fs}-ddis")
     keys = make_keys(w)
-    changes = frozenset(CHANGES) - {"mtime"}  # the build's erofs clamps every time to the epoch
-    return {"a": make_ddi(w, "a", keys=keys, fs="erofs", extra_bytes=8 << 20),
-            "a2": make_ddi(w, "a2", keys=keys, fs="erofs", extra_bytes=8 << 20),
-            "b": make_ddi(w, "b", changes, keys=keys, fs="erofs", extra_bytes=8 << 20)}  # fmt: skip
+    changes = DDI_CHANGES[fs]
+    return {"a": make_ddi(w, "a", keys=keys, fs=fs, extra_bytes=8 << 20),
+            "a2": make_ddi(w, "a2", keys=keys, fs=fs, extra_bytes=8 << 20),
+            "b": make_ddi(w, "b", changes, keys=keys, fs=fs, extra_bytes=8 << 20), "fs": Path(fs)}  # fmt: skip
 
 
 def _root_range(image: Path) -> tuple[int, int]:
@@ -454,7 +463,7 @@ def test_identical_erofs_ddis_do_not_read_the_root_data(erofs_ddis: dict[str, Pa
     assert erofs_ddis["a"].read_bytes() == erofs_ddis["a2"].read_bytes()
     root_reads["lo"], root_reads["hi"] = _root_range(erofs_ddis["a"])
     assert compare_paths(erofs_ddis["a"], erofs_ddis["a2"]).identical
-    # Equal top hash blocks: of the data partitions only the erofs superblock magic is read.
+    # Equal top hash blocks: of the data partitions only the superblock magic is read.
     assert root_reads["bytes"] <= 2 * 4096, root_reads
 
 
@@ -471,7 +480,8 @@ def test_erofs_ddis_report_the_changed_files_via_the_hash_trees(erofs_ddis: dict
     result = compare_paths(erofs_ddis["a"], erofs_ddis["b"])
     got = by_path(result.difference)
     fs = "root-x86-64"
-    want = {f"{fs} / {path}" for name, (path, _, _) in CHANGES.items() if name != "mtime"}
+    kind = erofs_ddis["fs"].name
+    want = {f"{fs} / {CHANGES[name][0]}" for name in DDI_CHANGES[kind]}
     assert {k for k in got if k.startswith(fs + " / ")} == want
     assert "-alpha" in (got[f"{fs} / etc/hostname"].diff or "")
     assert [f.name for f in got[f"{fs} / usr/bin/tool"].fields] == ["mode"]
@@ -481,10 +491,10 @@ def test_erofs_ddis_report_the_changed_files_via_the_hash_trees(erofs_ddis: dict
     assert m is not None
     changed, total = int(m.group(1)), int(m.group(2))
     assert 0 < changed < total // 100  # a few blocks of an 8 MiB+ file system
-    assert any(c.startswith("erofs read in place") for c in root.comments)
+    assert any(c.startswith(f"{kind} read in place") for c in root.comments)
     verity = got[f"{fs}-verity"]
     assert {f.name for f in verity.fields} == {"UUID", "root hash"} and verity.classification is METADATA
-    assert summarize(result.difference).content == 4
+    assert summarize(result.difference).content == len(DDI_CHANGES[kind])
 
 
 def test_squashfs_ddis_say_why_the_hash_trees_were_not_used(ddis: dict[str, Path]) -> None:

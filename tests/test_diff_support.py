@@ -90,8 +90,8 @@ def make_ddi(work: Path, name: str, changes: frozenset[str] = frozenset(), keys:
              root_fs: Path | None = None) -> Path:  # fmt: skip
     """Build ``work/name.raw``: [ESP (vfat)] + root + verity + signature.
 
-    The root is squashfs (per-file mtimes kept) or, with ``fs="erofs"``, erofs as the build makes
-    it (`make_filesystem`). ``tree``: a root tree to use instead of `make_tree`'s (``changes``
+    The root is squashfs (per-file mtimes kept) or, with ``fs="erofs"`` or ``fs="ext4"``, that
+    file system as the build makes it (`make_filesystem`). ``tree``: a root tree to use instead of `make_tree`'s (``changes``
     and ``extra_bytes`` then do not apply). ``root_fs``: a ready root file-system image."""
     from reprobuild.image.ddi import DdiSpec, build_ddi
     from reprobuild.image.fs import make_filesystem
@@ -102,11 +102,9 @@ def make_ddi(work: Path, name: str, changes: frozenset[str] = frozenset(), keys:
         tree = make_tree(d / "tree", changes, extra_bytes)
     if root_fs is not None:
         root_img = root_fs
-    elif fs == "erofs":
-        from reprobuild.image.fs import make_filesystem
-
-        root_img = d / "root.erofs"
-        make_filesystem("erofs", tree, root_img, uuid.UUID(int=7), EPOCH, "root")
+    elif fs in ("erofs", "ext4"):
+        root_img = d / f"root.{fs}"
+        make_filesystem(fs, tree, root_img, uuid.UUID(int=7), EPOCH, "root")
     else:
         root_img = make_squashfs(tree, d / "root.squashfs")
     esp_img = None

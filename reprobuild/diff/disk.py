@@ -7,10 +7,10 @@ block)``) and the whole tree is recomputed from the data to say whether each has
 still matches its data. When both do, a changed root hash only *follows* from the data
 partition's change (reported on its own) and is classified metadata.
 
-Verity-protected erofs pairs take the hash-tree path instead (`verity_trees`): the two stored
-trees are compared top down to find the data blocks that differ, without reading the data or
-recomputing the trees (each tree is trusted to describe its data), and the file systems are
-compared only where those blocks lie (`diff/erofstree.py`). The bytes between partitions are
+Verity-protected erofs and ext4 pairs take the hash-tree path instead (`verity_trees`): the two
+stored trees are compared top down to find the data blocks that differ, without reading the data
+or recomputing the trees (each tree is trusted to describe its data), and the file systems are
+compared only where those blocks lie (`diff/erofstree.py`, `diff/ext4tree.py`). The bytes between partitions are
 compared on their own, since two disks are never read whole.
 """
 
@@ -29,7 +29,7 @@ from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field
 from reprobuild.diff.open import ChangedBlocks, DiffInputError, Node
 from reprobuild.diff.source import ByteSource, same_bytes
 from reprobuild.errors import FormatError
-from reprobuild.image import erofs, gpt, ids, verity
+from reprobuild.image import erofs, ext4, gpt, ids, verity
 
 # veritysig (and with it cryptography) is imported only when a signature partition differs:
 # it costs 0.3 s, more than comparing two identical 1 GiB images takes.
@@ -322,12 +322,18 @@ class VerityTrees:
 
     changed: ChangedBlocks
     bytes_read: int  # of the two hash partitions
+    kind: Kind  # the data partitions' file system (one of MAPPED_FILE_SYSTEMS)
+
+
+# File systems whose files sit at fixed blocks and are read in place: changed data blocks can be
+# mapped to the files that own them.
+MAPPED_FILE_SYSTEMS = frozenset({Kind.EROFS, Kind.EXT4})
 
 
 def verity_trees(pa: list[Part], pb: list[Part]) -> dict[ids.Role, VerityTrees | str]:
     """For each data role (root, usr) whose pair can be compared through its hash trees: which
-    data blocks differ. That needs, on both disks, an erofs data partition (the file system read
-    in place by `erofstree`) and a verity partition with the same salt, hash, block sizes and
+    data blocks differ. That needs, on both disks, an erofs or ext4 data partition (a file system
+    read in place whose files sit at fixed blocks: `erofstree`, `ext4tree`) and a verity partition with the same salt, hash, block sizes and
     data block count. For other pairs with verity on both sides: why not (they are compared by
     bytes and extraction instead, and the output says so).
     Cost: two superblocks, then two hash blocks per tree level per differing region.
@@ -338,9 +344,10 @@ def verity_trees(pa: list[Part], pb: list[Part]) -> dict[ids.Role, VerityTrees |
                           _partner(pb, hash_role))  # fmt: skip
         if xa is None or ya is None or ha is None or hb is None or xa.key != ya.key or ha.key != hb.key:
             continue
-        if not (_is_erofs(xa.source) and _is_erofs(ya.source)):
-            out[data_role] = ("not compared through the hash trees: they are mapped to files only for erofs "
-                              "(other file systems are compared file by file)")
+        kind = _fs_kind(xa.source)
+        if kind not in MAPPED_FILE_SYSTEMS or _fs_kind(ya.source) is not kind:
+            out[data_role] = ("not compared through the hash trees: they are mapped to files only for erofs and "
+                              "ext4 (other file systems are compared file by file)")
             continue
         try:
             sa = verity.parse_superblock(ha.source.head(verity.SB_SIZE))
@@ -371,7 +378,7 @@ def verity_trees(pa: list[Part], pb: list[Part]) -> dict[ids.Role, VerityTrees |
         tail_b = ya.source.slice(covered, ya.source.length - covered)
         if not same_bytes(tail_a, tail_b):
             changed.update(range(sa.data_blocks, -(-max(xa.source.length, ya.source.length) // bs)))
-        out[data_role] = VerityTrees(ChangedBlocks(frozenset(changed), bs, sa.data_blocks), counter[0])
+        out[data_role] = VerityTrees(ChangedBlocks(frozenset(changed), bs, sa.data_blocks), counter[0], kind)
     return out
 
 
@@ -385,9 +392,16 @@ def _reader(src: ByteSource, counter: list[int]) -> Callable[[int, int], bytes]:
     return read_at
 
 
-def _is_erofs(src: ByteSource) -> bool:
-    head = src.head(erofs.SUPER_OFFSET + 4)
-    return len(head) == erofs.SUPER_OFFSET + 4 and int.from_bytes(head[erofs.SUPER_OFFSET:], "little") == erofs.MAGIC
+def _fs_kind(src: ByteSource) -> Kind | None:
+    """erofs or ext4 by its superblock magic, else None."""
+    head = src.head(ext4.SUPER_OFFSET + 0x3A)
+    if len(head) < ext4.SUPER_OFFSET + 0x3A:
+        return None
+    if int.from_bytes(head[erofs.SUPER_OFFSET:erofs.SUPER_OFFSET + 4], "little") == erofs.MAGIC:
+        return Kind.EROFS
+    if int.from_bytes(head[ext4.SUPER_OFFSET + 0x38:ext4.SUPER_OFFSET + 0x3A], "little") == ext4.MAGIC:
+        return Kind.EXT4
+    return None
 
 
 def _tree_pair(x: Part, y: Part, tree: VerityTrees, ctx: DiffContext, depth: int) -> Difference | None:
@@ -396,8 +410,8 @@ def _tree_pair(x: Part, y: Part, tree: VerityTrees, ctx: DiffContext, depth: int
         return None
     note = (f"compared through the dm-verity hash trees: {len(ch.blocks)} of {ch.total} data blocks differ "
             f"({tree.bytes_read // 1024} KiB of hash tree read)")  # fmt: skip
-    d = compare_nodes(x.label, Node(x.label, Kind.EROFS, x.source, changed=ch),
-                      Node(y.label, Kind.EROFS, y.source, changed=ch), ctx, depth + 1, strict=True)  # fmt: skip
+    d = compare_nodes(x.label, Node(x.label, tree.kind, x.source, changed=ch),
+                      Node(y.label, tree.kind, y.source, changed=ch), ctx, depth + 1, strict=True)  # fmt: skip
     if d is None:
         return None
     return replace(d, comments=(note, *d.comments))

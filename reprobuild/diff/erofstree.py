@@ -10,7 +10,6 @@ changed block — so only the files that own a changed block are compared.
 
 from __future__ import annotations
 
-import bisect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,6 @@ class ErofsTree(InPlaceTree[erofs.Inode]):
         same inode on both sides and untouched by a changed block are not read again — their
         entries, and the inodes of entries untouched too, are taken from ``base``."""
         super().__init__(src, memory_limit, new_temp)
-        self._hit_cache: tuple[tuple[int, int], Callable[[range], bool]] | None = None
         self.fs = erofs.Erofs(self.read_at, src.length)
         self._dirs: dict[bytes, erofs.Inode] = {b"": self.fs.root()}  # "a/b/" -> its inode
         self._children: dict[bytes, list[tuple[bytes, erofs.Inode]]] = {}
@@ -132,18 +130,7 @@ class ErofsTree(InPlaceTree[erofs.Inode]):
         return out
 
     def _hit(self, changed: frozenset[int], unit: int) -> Callable[[range], bool]:
-        """``hit(blocks)``: does a range of this image's blocks overlap a changed unit-byte block?"""
-        key = (id(changed), unit)
-        if self._hit_cache is None or self._hit_cache[0] != key:
-            bs = self.fs.block_size
-            mine = sorted({b for c in changed for b in range(c * unit // bs, ((c + 1) * unit - 1) // bs + 1)})
-
-            def hit(r: range) -> bool:
-                i = bisect.bisect_left(mine, r.start)
-                return i < len(mine) and mine[i] < r.stop
-
-            self._hit_cache = (key, hit)
-        return self._hit_cache[1]
+        return self.changed_hit(changed, unit, self.fs.block_size)
 
     def _touched(self, blk: int, changed: frozenset[int], unit: int) -> bool:
         return self._hit(changed, unit)(range(blk, blk + 1))

@@ -3,6 +3,7 @@ path order, and where a file's bytes go when they cannot be a slice of the image
 
 from __future__ import annotations
 
+import bisect
 import os
 import weakref
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ class InPlaceTree(TreeContainer, Generic[InodeT]):
             self._fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
             weakref.finalize(self, os.close, self._fd)  # closed when the tree is dropped
         self._entries: dict[str, InodeT] = {}  # path -> the reader's inode
+        self._hit_cache: tuple[tuple[int, int, int], Callable[[range], bool]] | None = None
 
     def read_at(self, offset: int, n: int) -> bytes:
         if self._src.data is not None:
@@ -37,6 +39,21 @@ class InPlaceTree(TreeContainer, Generic[InodeT]):
 
     def member_names(self) -> list[str]:
         return sorted(self._entries, key=lambda n: n.encode("utf-8", "surrogateescape"))
+
+    def changed_hit(self, changed: frozenset[int], unit: int, block_size: int) -> Callable[[range], bool]:
+        """``hit(blocks)``: does a range of this image's ``block_size``-byte blocks overlap one of
+        the ``changed`` ``unit``-byte blocks (the verity data blocks that differ)?"""
+        key = (id(changed), unit, block_size)
+        if self._hit_cache is None or self._hit_cache[0] != key:
+            mine = sorted({b for c in changed for b in range(c * unit // block_size,
+                                                                ((c + 1) * unit - 1) // block_size + 1)})  # fmt: skip
+
+            def hit(r: range) -> bool:
+                i = bisect.bisect_left(mine, r.start)
+                return i < len(mine) and mine[i] < r.stop
+
+            self._hit_cache = (key, hit)
+        return self._hit_cache[1]
 
     def content(self, name: str, size: int, read: Callable[[], bytes], chunks: Callable[[], Iterable[bytes]],
                 invalid: Callable[[str], FormatError]) -> ByteSource:  # fmt: skip

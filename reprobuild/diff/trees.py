@@ -51,6 +51,12 @@ class TreeComparator(Comparator, kinds=TREES):
             def same(rel: str) -> bool:
                 return ta.unchanged(rel, tb, ch.blocks, ch.unit)
 
+        elif a.changed is not None and isinstance(ta, Ext4Tree) and isinstance(tb, Ext4Tree):
+            ea, eb, ech = ta, tb, a.changed
+
+            def same(rel: str) -> bool:
+                return ea.unchanged(rel, eb, ech.blocks, ech.unit)
+
         elif isinstance(ta, SquashfsTree) and isinstance(tb, SquashfsTree):
             sa, sb = ta, tb
 

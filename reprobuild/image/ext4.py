@@ -120,6 +120,7 @@ class Inode(NamedTuple):
     xattr_block: int
     offset: int  # byte offset of the inode in the image
     extents: tuple[Extent, ...]  # a file's, directory's or long symlink's bytes in order
+    tree_blocks: tuple[int, ...]  # the extent tree's blocks below the inode (index and leaf nodes)
     target: bytes  # a fast symlink's target (in the inode)
 
 
@@ -239,6 +240,7 @@ class Ext4:
         size = size_lo | size_hi << 32
         device = None
         extents: tuple[Extent, ...] = ()
+        tree_blocks: tuple[int, ...] = ()
         target = b""
         if ftype in ("char-device", "block-device"):
             old, new = struct.unpack_from("<II", i_block, 0)
@@ -254,16 +256,18 @@ class Ext4:
         elif flags & FL_EXTENTS:
             if ftype == "symlink" and size > MAX_SYMLINK:
                 raise Ext4Invalid(f"ext4: symlink inode {number} has a {size}-byte target")
-            extents = self._extents(number, i_block, size)
+            extents, tree_blocks = self._extents(number, i_block, size)
         elif size:
             raise Ext4Unsupported(f"ext4: inode {number} is block-mapped (ext2/ext3 layout is not supported)")
         return Inode(number, ftype, mode, uid_lo | uid_hi << 16, gid_lo | gid_hi << 16, size, mtime, nlink, device,
-                     flags, acl_lo | acl_hi << 32, off, extents, target)  # fmt: skip
+                     flags, acl_lo | acl_hi << 32, off, extents, tree_blocks, target)  # fmt: skip
 
-    def _extents(self, number: int, root: bytes, size: int) -> tuple[Extent, ...]:
-        """The file's bytes as extents in order, holes and uninitialised extents as zeros."""
+    def _extents(self, number: int, root: bytes, size: int) -> tuple[tuple[Extent, ...], tuple[int, ...]]:
+        """The file's bytes as extents in order, holes and uninitialised extents as zeros; and the
+        extent tree's blocks."""
         bs = self.block_size
         leaves: list[tuple[int, int, int, bool]] = []  # (logical block, physical block, count, initialised)
+        tree: list[int] = []
 
         def node(buf: bytes, depth_left: int, expect_depth: int | None) -> None:
             magic, entries, maximum, depth = struct.unpack_from("<HHHH", buf, 0)
@@ -282,6 +286,7 @@ class Ext4:
                         raise Ext4Invalid(f"ext4: inode {number} has more than {MAX_EXTENTS} extents")
                 else:
                     _lblk, lo, hi = struct.unpack_from("<IIH", buf, at)
+                    tree.append(lo | hi << 32)
                     node(self._block(lo | hi << 32), depth_left - 1, depth - 1)
 
         node(root, MAX_EXTENT_DEPTH, None)
@@ -302,7 +307,7 @@ class Ext4:
             pos = start + n
         if pos < size:
             out.append(Extent(None, size - pos))  # a hole at the end
-        return tuple(out)
+        return tuple(out), tuple(tree)
 
     # -- data ------------------------------------------------------------------------------------
 
