@@ -110,6 +110,23 @@ def test_many_extents_use_an_extent_tree(tmp_path: Path) -> None:
     assert fs.read_data(ino, 1 << 30) == (tree / "x/many-extents").read_bytes()
 
 
+def test_an_extent_tree_that_revisits_a_leaf_is_an_error(tmp_path: Path) -> None:
+    """The root's second index entry pointed at the first one's leaf: refused at the first
+    repeated extent, not after walking every copy."""
+    tree = make_tree(tmp_path / "tree")
+    add_ext4_cases(tree)
+    data = bytearray(mke2fs(tree, tmp_path / "fs.img").read_bytes())
+    fs = open_bytes(bytes(data))
+    ino = next(i for p, n, i in fs.walk() if n == b"many-extents")
+    root = ino.offset + 0x28
+    _magic, entries, _max, depth = struct.unpack_from("<HHHH", data, root)
+    assert depth >= 1 and entries >= 2
+    first_leaf = struct.unpack_from("<IH", data, root + 12 + 4)
+    struct.pack_into("<IH", data, root + 24 + 4, *first_leaf)
+    with pytest.raises(ext4.Ext4Invalid, match="overlap or are out of order"):
+        open_bytes(bytes(data)).inode(ino.number)
+
+
 def test_uninitialised_extents_read_as_zeros(tmp_path: Path) -> None:
     t = tmp_path / "t"
     t.mkdir()

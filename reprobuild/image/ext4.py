@@ -281,6 +281,8 @@ class Ext4:
                     lblk, length, hi, lo = struct.unpack_from("<IHHI", buf, at)
                     init = length <= 32768
                     count = length if init else length - 32768
+                    if leaves and lblk < leaves[-1][0] + leaves[-1][2]:  # fail fast: a tree that revisits a leaf
+                        raise Ext4Invalid(f"ext4: inode {number}: extents overlap or are out of order")
                     leaves.append((lblk, lo | hi << 32, count, init))
                     if len(leaves) > MAX_EXTENTS:
                         raise Ext4Invalid(f"ext4: inode {number} has more than {MAX_EXTENTS} extents")
