@@ -16,6 +16,7 @@ import stat
 import struct
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,8 +69,9 @@ def open_image(path: Path) -> erofs.Erofs:
     return erofs.Erofs(lambda off, n: data[off:off + n], len(data))
 
 
-def read_all(fs: erofs.Erofs) -> dict[str, tuple]:
-    """path -> (type, mode, uid, gid, content or link target or device, xattrs) for every entry."""
+def read_all(fs: Any) -> dict[str, tuple]:
+    """path -> (type, mode, uid, gid, content or link target or device, xattrs) for every entry,
+    through any of the readers (erofs, squashfs, ext4: they share this interface)."""
     out = {}
     for prefix, name, ino in fs.walk():
         if ino.type == "file":
@@ -81,7 +83,8 @@ def read_all(fs: erofs.Erofs) -> dict[str, tuple]:
         else:
             what = None
         out[os.fsdecode(prefix + name)] = (ino.type, ino.mode & 0o7777, ino.uid, ino.gid, what, fs.xattrs(ino))
-        list(fs.blocks_of(ino))
+        if isinstance(fs, erofs.Erofs):
+            list(fs.blocks_of(ino))  # every block an inode depends on lies in the image
     return out
 
 
@@ -253,15 +256,21 @@ def test_random_corruption_gives_format_errors_only(tmp_path: Path) -> None:
     assert outcomes["error"] > 0 and outcomes["ok"] > 0
 
 
+def check_walk_limits(module: Any, open_fs: Any, invalid: type[Exception], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``module``'s MAX_ENTRIES and MAX_DEPTH stop a walk of ``open_fs()`` (a small image of a
+    few entries two levels deep) with ``invalid``; shared by the erofs, squashfs and ext4 tests."""
+    monkeypatch.setattr(module, "MAX_ENTRIES", 2)
+    with pytest.raises(invalid, match="more than 2 entries"):
+        list(open_fs().walk())
+    monkeypatch.setattr(module, "MAX_ENTRIES", 100)
+    monkeypatch.setattr(module, "MAX_DEPTH", 1)
+    with pytest.raises(invalid, match="deeper"):
+        list(open_fs().walk())
+
+
 def test_walk_limits_are_enforced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = small_image(tmp_path)
-    monkeypatch.setattr(erofs, "MAX_ENTRIES", 2)
-    with pytest.raises(erofs.ErofsInvalid, match="more than 2 entries"):
-        list(open_image_bytes(data).walk())
-    monkeypatch.setattr(erofs, "MAX_ENTRIES", 100)
-    monkeypatch.setattr(erofs, "MAX_DEPTH", 1)
-    with pytest.raises(erofs.ErofsInvalid, match="deeper"):
-        list(open_image_bytes(data).walk())
+    check_walk_limits(erofs, lambda: open_image_bytes(data), erofs.ErofsInvalid, monkeypatch)
 
 
 def test_fsck_erofs_is_available_for_the_comparison() -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from reprobuild.errors import FormatError
 from reprobuild.image import ext4
-from tests.test_erofs import EPOCH, describe_dir, make_tree, needs_root
+from tests.test_erofs import EPOCH, check_walk_limits, describe_dir, make_tree, needs_root, read_all
 
 ACL = (b"\x02\x00\x00\x00" + struct.pack("<HHI", 0x01, 6, 0xFFFFFFFF) + struct.pack("<HHI", 0x02, 4, 1000)
        + struct.pack("<HHI", 0x04, 4, 0xFFFFFFFF) + struct.pack("<HHI", 0x10, 4, 0xFFFFFFFF)
@@ -50,19 +50,6 @@ def open_bytes(data: bytes) -> ext4.Ext4:
     return ext4.Ext4(lambda off, n: data[off:off + n], len(data))
 
 
-def read_all(fs: ext4.Ext4) -> dict[str, tuple]:
-    out = {}
-    for prefix, name, ino in fs.walk():
-        if ino.type == "file":
-            what: object = fs.read_data(ino, 1 << 30)
-        elif ino.type == "symlink":
-            what = fs.readlink(ino)
-        elif ino.type.endswith("device"):
-            what = ino.device
-        else:
-            what = None
-        out[os.fsdecode(prefix + name)] = (ino.type, ino.mode & 0o7777, ino.uid, ino.gid, what, fs.xattrs(ino))
-    return out
 
 
 LAYOUTS = {
@@ -252,10 +239,4 @@ def test_random_corruption_gives_format_errors_only(tmp_path: Path) -> None:
 
 def test_walk_limits_are_enforced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = small_image(tmp_path)
-    monkeypatch.setattr(ext4, "MAX_ENTRIES", 2)
-    with pytest.raises(ext4.Ext4Invalid, match="more than 2 entries"):
-        list(open_bytes(data).walk())
-    monkeypatch.setattr(ext4, "MAX_ENTRIES", 100)
-    monkeypatch.setattr(ext4, "MAX_DEPTH", 1)
-    with pytest.raises(ext4.Ext4Invalid, match="deeper"):
-        list(open_bytes(data).walk())
+    check_walk_limits(ext4, lambda: open_bytes(data), ext4.Ext4Invalid, monkeypatch)

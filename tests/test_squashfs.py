@@ -20,7 +20,7 @@ import pytest
 
 from reprobuild.errors import FormatError
 from reprobuild.image import squashfs
-from tests.test_erofs import EPOCH, describe_dir, make_tree, needs_root
+from tests.test_erofs import EPOCH, check_walk_limits, describe_dir, make_tree, needs_root, read_all
 
 
 def mksquashfs(tree: Path, out: Path, *options: str) -> Path:
@@ -33,20 +33,6 @@ def open_bytes(data: bytes) -> squashfs.Squashfs:
     return squashfs.Squashfs(lambda off, n: data[off:off + n], len(data))
 
 
-def read_all(fs: squashfs.Squashfs) -> dict[str, tuple]:
-    """path -> (type, mode, uid, gid, content or link target or device, xattrs) for every entry."""
-    out = {}
-    for prefix, name, ino in fs.walk():
-        if ino.type == "file":
-            what: object = fs.read_data(ino, 1 << 30)
-        elif ino.type == "symlink":
-            what = fs.readlink(ino)
-        elif ino.type.endswith("device"):
-            what = ino.device
-        else:
-            what = None
-        out[os.fsdecode(prefix + name)] = (ino.type, ino.mode & 0o7777, ino.uid, ino.gid, what, fs.xattrs(ino))
-    return out
 
 
 def add_squashfs_cases(root: Path) -> None:
@@ -261,10 +247,4 @@ def test_random_corruption_gives_format_errors_only(tmp_path: Path) -> None:
 
 def test_walk_limits_are_enforced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = small_image(tmp_path)
-    monkeypatch.setattr(squashfs, "MAX_ENTRIES", 2)
-    with pytest.raises(squashfs.SquashfsInvalid, match="more than 2 entries"):
-        list(open_bytes(data).walk())
-    monkeypatch.setattr(squashfs, "MAX_ENTRIES", 100)
-    monkeypatch.setattr(squashfs, "MAX_DEPTH", 1)
-    with pytest.raises(squashfs.SquashfsInvalid, match="deeper"):
-        list(open_bytes(data).walk())
+    check_walk_limits(squashfs, lambda: open_bytes(data), squashfs.SquashfsInvalid, monkeypatch)

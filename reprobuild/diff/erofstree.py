@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from reprobuild.diff.inplace import InPlaceTree
-from reprobuild.diff.open import ChangedBlocks, FileMeta, Node
+from reprobuild.diff.open import ChangedBlocks
 from reprobuild.diff.source import ByteSource
 from reprobuild.image import erofs
 
@@ -24,6 +24,7 @@ class ErofsTree(InPlaceTree[erofs.Inode]):
     """The erofs file system in ``src``; raises ErofsInvalid / ErofsUnsupported (FormatErrors)."""
 
     label = "erofs"
+    fs: erofs.Erofs
 
     def __init__(self, src: ByteSource, memory_limit: int, new_temp: Callable[[], Path],
                  changed: ChangedBlocks | None = None, base: ErofsTree | None = None) -> None:  # fmt: skip
@@ -65,28 +66,9 @@ class ErofsTree(InPlaceTree[erofs.Inode]):
 
         return known
 
-    @property
-    def bytes_read(self) -> int:
-        """Bytes of the image read so far (metadata; file contents go through `member` sources)."""
-        return self.fs.bytes_read
-
-    def member(self, name: str) -> Node:
-        ino = self._entries[name]
-        ftype = ino.type
-        target = os.fsdecode(self.fs.readlink(ino)) if ftype == "symlink" else None
-        xattrs = self.fs.xattrs(ino)
-        meta = FileMeta(ftype, ino.mode & 0o7777, ino.uid, ino.gid, ino.size if ftype == "file" else 0, ino.mtime,
-                        target, xattrs, ino.device if ftype.endswith("device") else None)  # fmt: skip
-        return Node(name, None, self._content(name, ino) if ftype == "file" else None, meta=meta)
-
     def _content(self, name: str, ino: erofs.Inode) -> ByteSource:
-        ext = ino.extents
-        if not ext:
-            return ByteSource.of_bytes(b"")
-        if len(ext) == 1 and ext[0].offset is not None:
-            return self._src.slice(ext[0].offset, ext[0].length)  # in place, never copied
-        return self.content(name, ino.size, lambda: self.fs.read_data(ino, self._memory_limit),
-                            lambda: self.fs.iter_data(ino), erofs.ErofsInvalid)  # fmt: skip
+        return self.extents_content(name, ino, lambda: self.fs.read_data(ino, self._memory_limit),
+                                    lambda: self.fs.iter_data(ino), erofs.ErofsInvalid)  # fmt: skip
 
     def unchanged(self, name: str, other: ErofsTree, changed: frozenset[int], unit: int) -> bool:
         """True when ``name`` is known to be the same on both sides without reading its data.

@@ -1,5 +1,6 @@
-"""What the file systems `diff` reads in place (erofs, squashfs) share: reads from the image,
-path order, and where a file's bytes go when they cannot be a slice of the image."""
+"""What the file systems `diff` reads in place (erofs, squashfs, ext4) share: reads from the
+image, path order, members with every attribute, the verity-changed-block test, and where a
+file's bytes go when they cannot be a slice of the image."""
 
 from __future__ import annotations
 
@@ -8,17 +9,30 @@ import os
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from reprobuild.diff.open import TreeContainer
+from reprobuild.diff.open import FileMeta, Node, TreeContainer
 from reprobuild.diff.source import ByteSource
 from reprobuild.errors import FormatError
 
 InodeT = TypeVar("InodeT")
 
 
+class Reader(Protocol):
+    """What a reader in reprobuild.image offers (`erofs.Erofs`, `squashfs.Squashfs`, `ext4.Ext4`)."""
+
+    bytes_read: int
+
+    def readlink(self, ino: Any) -> bytes: ...
+
+    def xattrs(self, ino: Any) -> tuple[tuple[str, bytes], ...]: ...
+
+
 class InPlaceTree(TreeContainer, Generic[InodeT]):
-    """A file system image in ``src``, read through `read_at` without extracting it."""
+    """A file system image in ``src``, read through `read_at` without extracting it. A subclass
+    sets ``fs`` (its reader), fills ``_entries`` and says where a file's bytes are (`_content`)."""
+
+    fs: Reader
 
     def __init__(self, src: ByteSource, memory_limit: int, new_temp: Callable[[], Path]) -> None:
         self._src = src
@@ -40,6 +54,22 @@ class InPlaceTree(TreeContainer, Generic[InodeT]):
     def member_names(self) -> list[str]:
         return sorted(self._entries, key=lambda n: n.encode("utf-8", "surrogateescape"))
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of the image read so far (metadata, and data compared in place)."""
+        return self.fs.bytes_read
+
+    def member(self, name: str) -> Node:
+        ino: Any = self._entries[name]
+        ftype = ino.type
+        target = os.fsdecode(self.fs.readlink(ino)) if ftype == "symlink" else None
+        meta = FileMeta(ftype, ino.mode & 0o7777, ino.uid, ino.gid, ino.size if ftype == "file" else 0, ino.mtime,
+                        target, self.fs.xattrs(ino), ino.device if ftype.endswith("device") else None)  # fmt: skip
+        return Node(name, None, self._content(name, ino) if ftype == "file" else None, meta=meta)
+
+    def _content(self, name: str, ino: InodeT) -> ByteSource:
+        raise NotImplementedError
+
     def changed_hit(self, changed: frozenset[int], unit: int, block_size: int) -> Callable[[range], bool]:
         """``hit(blocks)``: does a range of this image's ``block_size``-byte blocks overlap one of
         the ``changed`` ``unit``-byte blocks (the verity data blocks that differ)?"""
@@ -54,6 +84,18 @@ class InPlaceTree(TreeContainer, Generic[InodeT]):
 
             self._hit_cache = (key, hit)
         return self._hit_cache[1]
+
+    def extents_content(self, name: str, ino: Any, read: Callable[[], bytes], chunks: Callable[[], Iterable[bytes]],
+                        invalid: Callable[[str], FormatError]) -> ByteSource:  # fmt: skip
+        """A file whose ``ino.extents`` are (offset, length) pairs (offset None: zeros): one
+        stored extent is a byte range of the image, compared in place and never copied; else
+        `content`."""
+        ext = ino.extents
+        if not ext:
+            return ByteSource.of_bytes(b"")
+        if len(ext) == 1 and ext[0].offset is not None:
+            return self._src.slice(ext[0].offset, ext[0].length)
+        return self.content(name, ino.size, read, chunks, invalid)
 
     def content(self, name: str, size: int, read: Callable[[], bytes], chunks: Callable[[], Iterable[bytes]],
                 invalid: Callable[[str], FormatError]) -> ByteSource:  # fmt: skip

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from reprobuild.diff.inplace import InPlaceTree
-from reprobuild.diff.open import FileMeta, Node
 from reprobuild.diff.source import ByteSource
 from reprobuild.image import squashfs
 
@@ -27,6 +26,7 @@ class SquashfsTree(InPlaceTree[squashfs.Inode]):
     """The squashfs file system in ``src``; raises SquashfsInvalid / SquashfsUnsupported (FormatErrors)."""
 
     label = "squashfs"
+    fs: squashfs.Squashfs
 
     def __init__(self, src: ByteSource, memory_limit: int, new_temp: Callable[[], Path]) -> None:
         super().__init__(src, memory_limit, new_temp)
@@ -36,19 +36,6 @@ class SquashfsTree(InPlaceTree[squashfs.Inode]):
         self.decompressed = 0  # files whose contents were decompressed (for the diff's note)
         # (other tree's id, this side's fragment, the other's) -> stored alike, byte for byte
         self._same_fragments: dict[tuple[int, int, int], bool] = {}
-
-    @property
-    def bytes_read(self) -> int:
-        """Bytes of the image read so far: metadata, and stored data compared in place."""
-        return self.fs.bytes_read
-
-    def member(self, name: str) -> Node:
-        ino = self._entries[name]
-        ftype = ino.type
-        meta = FileMeta(ftype, ino.mode & 0o7777, ino.uid, ino.gid, ino.size, ino.mtime,
-                        os.fsdecode(ino.target) if ftype == "symlink" else None, self.fs.xattrs(ino),
-                        ino.device if ftype.endswith("device") else None)  # fmt: skip
-        return Node(name, None, self._content(name, ino) if ftype == "file" else None, meta=meta)
 
     def _content(self, name: str, ino: squashfs.Inode) -> ByteSource:
         if ino.size == 0:

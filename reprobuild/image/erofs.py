@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from reprobuild.errors import FormatError
+from reprobuild.image.fsread import read_exactly, walk_tree
 
 SUPER_OFFSET = 1024
 MAGIC = 0xE0F5E1E2
@@ -174,13 +175,8 @@ class Erofs:
     # -- bounded reads ---------------------------------------------------------------------------
 
     def _read(self, offset: int, n: int) -> bytes:
-        if offset < 0 or n < 0 or offset + n > self.length:
-            raise ErofsInvalid(f"erofs: a read of {n} bytes at offset {offset} runs past the image "
-                               f"({self.length} bytes; truncated?)")  # fmt: skip
+        buf = read_exactly(self._read_at, offset, n, self.length, ErofsInvalid, "erofs: the image")
         self.bytes_read += n
-        buf = self._read_at(offset, n)
-        if len(buf) != n:
-            raise ErofsInvalid(f"erofs: the image ended early at offset {offset + len(buf)}")
         return buf
 
     def _block(self, index: int) -> bytes:
@@ -423,27 +419,12 @@ class Erofs:
         Raises ErofsInvalid on a directory reached twice (a loop or a hard-linked directory), more
         than MAX_ENTRIES entries or a tree deeper than MAX_DEPTH.
         """
-        root = self.root()
-        seen_dirs = {root.nid}
-        count = 0
-        stack: list[tuple[bytes, Inode, int]] = [(b"", root, 0)]
-        while stack:
-            prefix, d, depth = stack.pop()
-            subdirs = []
+
+        def children(prefix: bytes, d: Inode) -> Iterable[tuple[bytes, Inode]]:
             entries = known(prefix, d) if known is not None else None
-            for name, ino in self.children(d, prefix) if entries is None else entries:
-                count += 1
-                if count > MAX_ENTRIES:
-                    raise ErofsInvalid(f"erofs: more than {MAX_ENTRIES} entries")
-                yield prefix, name, ino
-                if ino.type == "directory":
-                    if ino.nid in seen_dirs:
-                        raise ErofsInvalid(f"erofs: directory {(prefix + name)[:200]!r} is reached twice (a loop)")
-                    if depth + 1 >= MAX_DEPTH:
-                        raise ErofsInvalid(f"erofs: directories nested deeper than {MAX_DEPTH} levels")
-                    seen_dirs.add(ino.nid)
-                    subdirs.append((prefix + name + b"/", ino, depth + 1))
-            stack.extend(reversed(subdirs))
+            return self.children(d, prefix) if entries is None else entries
+
+        return walk_tree(self.root(), children, lambda ino: ino.nid, ErofsInvalid, "erofs", MAX_ENTRIES, MAX_DEPTH)
 
     def meta_blocks(self, ino: Inode) -> range:
         """The blocks holding the inode itself, its inline xattrs and inline tail or chunk table."""

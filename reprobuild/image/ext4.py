@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from reprobuild.errors import FormatError
+from reprobuild.image.fsread import read_exactly, walk_tree
 
 SUPER_OFFSET = 1024
 MAGIC = 0xEF53
@@ -180,14 +181,8 @@ class Ext4:
     # -- bounded reads ---------------------------------------------------------------------------
 
     def _read(self, offset: int, n: int) -> bytes:
-        end = self._end
-        if offset < 0 or n < 0 or offset + n > end:
-            raise Ext4Invalid(f"ext4: a read of {n} bytes at offset {offset} runs past the file system "
-                              f"({end} bytes; truncated?)")  # fmt: skip
+        buf = read_exactly(self._read_at, offset, n, self._end, Ext4Invalid, "ext4: the file system")
         self.bytes_read += n
-        buf = self._read_at(offset, n)
-        if len(buf) != n:
-            raise Ext4Invalid(f"ext4: the image ended early at offset {offset + len(buf)}")
         return buf
 
     def _block(self, index: int) -> bytes:
@@ -424,26 +419,8 @@ class Ext4:
         """Every entry below the root as (parent path with a trailing "/" or b"", name, inode),
         directory by directory. Raises Ext4Invalid on a directory reached twice, more than
         MAX_ENTRIES entries or a tree deeper than MAX_DEPTH."""
-        root = self.root()
-        seen_dirs = {root.number}
-        count = 0
-        stack: list[tuple[bytes, Inode, int]] = [(b"", root, 0)]
-        while stack:
-            prefix, d, depth = stack.pop()
-            subdirs = []
-            for name, ino in self.children(d, prefix):
-                count += 1
-                if count > MAX_ENTRIES:
-                    raise Ext4Invalid(f"ext4: more than {MAX_ENTRIES} entries")
-                yield prefix, name, ino
-                if ino.type == "directory":
-                    if ino.number in seen_dirs:
-                        raise Ext4Invalid(f"ext4: directory {(prefix + name)[:200]!r} is reached twice (a loop)")
-                    if depth + 1 >= MAX_DEPTH:
-                        raise Ext4Invalid(f"ext4: directories nested deeper than {MAX_DEPTH} levels")
-                    seen_dirs.add(ino.number)
-                    subdirs.append((prefix + name + b"/", ino, depth + 1))
-            stack.extend(reversed(subdirs))
+        return walk_tree(self.root(), lambda prefix, d: self.children(d, prefix), lambda ino: ino.number,
+                         Ext4Invalid, "ext4", MAX_ENTRIES, MAX_DEPTH)  # fmt: skip
 
 
 # ext4_acl_entry tags with an id (ACL_USER, ACL_GROUP); the others are 4-byte short entries.

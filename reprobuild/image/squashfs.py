@@ -31,6 +31,7 @@ from typing import NamedTuple
 import zstandard
 
 from reprobuild.errors import FormatError
+from reprobuild.image.fsread import read_exactly, walk_tree
 
 MAGIC = 0x73717368  # "hsqs"
 # squashfs_super_block (96 bytes at 0): s_magic, inodes, mkfs_time, block_size, fragments,
@@ -186,14 +187,8 @@ class Squashfs:
     # -- bounded reads ---------------------------------------------------------------------------
 
     def _read(self, offset: int, n: int) -> bytes:
-        end = self._end
-        if offset < 0 or n < 0 or offset + n > end:
-            raise SquashfsInvalid(f"squashfs: a read of {n} bytes at offset {offset} runs past the file system "
-                                  f"({end} bytes; truncated?)")  # fmt: skip
+        buf = read_exactly(self._read_at, offset, n, self._end, SquashfsInvalid, "squashfs: the file system")
         self.bytes_read += n
-        buf = self._read_at(offset, n)
-        if len(buf) != n:
-            raise SquashfsInvalid(f"squashfs: the image ended early at offset {offset + len(buf)}")
         return buf
 
     def _inflate(self, raw: bytes, limit: int, what: str) -> bytes:
@@ -512,26 +507,8 @@ class Squashfs:
         """Every entry below the root as (parent path with a trailing "/" or b"", name, inode),
         directory by directory, each in on-disk (sorted) order. Raises SquashfsInvalid on a
         directory reached twice, more than MAX_ENTRIES entries or a tree deeper than MAX_DEPTH."""
-        root = self.root()
-        seen_dirs = {root.ref}
-        count = 0
-        stack: list[tuple[bytes, Inode, int]] = [(b"", root, 0)]
-        while stack:
-            prefix, d, depth = stack.pop()
-            subdirs = []
-            for name, ino in self.children(d, prefix):
-                count += 1
-                if count > MAX_ENTRIES:
-                    raise SquashfsInvalid(f"squashfs: more than {MAX_ENTRIES} entries")
-                yield prefix, name, ino
-                if ino.type == "directory":
-                    if ino.ref in seen_dirs:
-                        raise SquashfsInvalid(f"squashfs: directory {(prefix + name)[:200]!r} is reached twice (a loop)")
-                    if depth + 1 >= MAX_DEPTH:
-                        raise SquashfsInvalid(f"squashfs: directories nested deeper than {MAX_DEPTH} levels")
-                    seen_dirs.add(ino.ref)
-                    subdirs.append((prefix + name + b"/", ino, depth + 1))
-            stack.extend(reversed(subdirs))
+        return walk_tree(self.root(), lambda prefix, d: self.children(d, prefix), lambda ino: ino.ref,
+                         SquashfsInvalid, "squashfs", MAX_ENTRIES, MAX_DEPTH)  # fmt: skip
 
 
 def _decompressor(name: str) -> Callable[[bytes, int], bytes | None]:
