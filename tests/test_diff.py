@@ -608,6 +608,39 @@ def test_ext4_is_read_in_place_with_xattrs_and_ext2_falls_back_to_debugfs(
     assert any("block-mapped" in c and "extracted with debugfs instead" in c for c in d2.comments), d2.comments
 
 
+def test_esp_vfat_is_read_in_place_without_mtools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ESPs as the build makes them (mkfs.fat + mcopy), one UKI changed and one entry added;
+    no mtools on PATH while they are compared: the files are named, FAT's fields only."""
+    from reprobuild.image.fs import make_filesystem
+
+    trees = []
+    for name, uki in (("a", b"MZ" + bytes(200_000)), ("b", b"MZ" + bytes(100_000) + b"changed" + bytes(99_993))):
+        t = tmp_path / name
+        (t / "EFI/Linux").mkdir(parents=True)
+        (t / "EFI/BOOT").mkdir()
+        (t / "EFI/BOOT/BOOTX64.EFI").write_bytes(uki)
+        (t / "EFI/Linux/loader.conf").write_text("timeout 0\n")
+        if name == "b":
+            (t / "EFI/Linux/extra.conf").write_text("added\n")
+        make_filesystem("vfat", t, tmp_path / f"{name}.vfat", uuid.UUID(int=1), EPOCH, "ESP")
+        for p in t.rglob("*"):  # the times the build gives the ESP's files
+            os.utime(p, (EPOCH, EPOCH))
+        trees.append(t)
+    empty = tmp_path / "no-tools"
+    empty.mkdir()
+    with monkeypatch.context() as m:
+        m.setenv("PATH", str(empty))
+        d = compare_paths(tmp_path / "a.vfat", tmp_path / "b.vfat").difference
+    assert d is not None
+    got = by_path(d)
+    assert set(got) == {"EFI/BOOT/BOOTX64.EFI", "EFI/Linux/extra.conf"}
+    assert got["EFI/Linux/extra.conf"].status is Status.ADDED
+    assert {f.name for f in got["EFI/BOOT/BOOTX64.EFI"].fields} <= {"size", "sha256"}
+    # A FAT image against a directory: the same two differences (FAT's fields only).
+    assert set(by_path(compare_paths(tmp_path / "a.vfat", trees[1]).difference)) == set(got)
+    assert compare_paths(tmp_path / "a.vfat", trees[0]).identical
+
+
 def test_compressed_erofs_falls_back_to_fsck_erofs_and_says_so(tmp_path: Path) -> None:
     import subprocess
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from reprobuild.diff import disk as disk_mod
 from reprobuild.diff.base import Comparator, DiffContext, absorb, bytes_difference, compare_nodes
-from reprobuild.diff.detect import FILE_SYSTEMS, TREES, Kind
+from reprobuild.diff.detect import TREES, Kind
 from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field
 from reprobuild.diff.erofstree import ErofsTree
 from reprobuild.diff.ext4tree import Ext4Tree
@@ -21,6 +21,7 @@ from reprobuild.diff.open import (
     extract_fs,
 )
 from reprobuild.diff.squashfstree import SquashfsTree
+from reprobuild.diff.vfattree import VfatTree
 from reprobuild.errors import FormatError
 from reprobuild.image.erofs import ErofsUnsupported
 from reprobuild.image.ext4 import Ext4Unsupported
@@ -129,16 +130,15 @@ def open_tree(node: Node, ctx: DiffContext, what: str) -> TreeContainer:
             tree = extract_fs(kind, node.source, ctx.temp.new(), what or node.name)
             tree.note = f"{e.message}: extracted with {tool} instead"
             return tree
-    if kind in FILE_SYSTEMS:
-        return extract_fs(kind, node.source, ctx.temp.new(), what or node.name)
     raise DiffInputError(f"{node.name}: a {kind.value} is not a file tree")
 
 
 # File systems read in place by a Python reader (erofs has its own path: `_erofs_tree`), with the
-# error that sends a valid image the reader does not support to the extraction tool instead.
-_IN_PLACE: dict[Kind, tuple[Callable[..., TreeContainer], type[FormatError], str]] = {
-    Kind.SQUASHFS: (SquashfsTree, SquashfsUnsupported, "unsquashfs"),
-    Kind.EXT4: (Ext4Tree, Ext4Unsupported, "debugfs"),
+# errors that send a valid image the reader does not support to the extraction tool instead.
+_IN_PLACE: dict[Kind, tuple[Callable[..., TreeContainer], tuple[type[FormatError], ...], str]] = {
+    Kind.SQUASHFS: (SquashfsTree, (SquashfsUnsupported,), "unsquashfs"),
+    Kind.EXT4: (Ext4Tree, (Ext4Unsupported,), "debugfs"),
+    Kind.VFAT: (VfatTree, (), ""),  # every FAT is read: no fallback
 }
 
 
