@@ -16,10 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from reprobuild.diff.inplace import InPlaceTree
-from reprobuild.diff.source import ByteSource
+from reprobuild.diff.source import ByteSource, same_bytes
 from reprobuild.image import squashfs
-
-COMPARE_CHUNK = 1 << 20
 
 
 class SquashfsTree(InPlaceTree[squashfs.Inode]):
@@ -65,8 +63,9 @@ class SquashfsTree(InPlaceTree[squashfs.Inode]):
             return False
         if (a.fragment is None) != (b.fragment is None):
             return False
-        stored = sum(x.stored for x in a.blocks)
-        if stored and not _same_bytes(self.fs, a.blocks[0].offset, other.fs, b.blocks[0].offset, stored):
+        stored = sum(x.stored for x in a.blocks)  # a file's stored blocks are contiguous; sparse ones store nothing
+        if stored and not same_bytes(self._src.slice(a.blocks[0].offset, stored),
+                                     other._src.slice(b.blocks[0].offset, stored)):  # fmt: skip
             return False
         return a.fragment is None or self._same_tail(a, other, b)
 
@@ -81,20 +80,9 @@ class SquashfsTree(InPlaceTree[squashfs.Inode]):
             if same is None:
                 x, y = self.fs.fragment_block(fa), other.fs.fragment_block(fb)
                 same = (x.stored, x.compressed) == (y.stored, y.compressed) and \
-                    _same_bytes(self.fs, x.offset, other.fs, y.offset, x.stored)
+                    same_bytes(self._src.slice(x.offset, x.stored), other._src.slice(y.offset, y.stored))
                 self._same_fragments[key] = same
             if same:
                 return True
         return self.fs.fragment_tail(a) == other.fs.fragment_tail(b)
 
-
-def _same_bytes(fa: squashfs.Squashfs, at_a: int, fb: squashfs.Squashfs, at_b: int, n: int) -> bool:
-    """Do ``n`` stored bytes at ``at_a`` of one image equal those at ``at_b`` of the other?
-    (A file's stored blocks are contiguous; sparse blocks store nothing.)"""
-    done = 0
-    while done < n:
-        k = min(COMPARE_CHUNK, n - done)
-        if fa.read_stored(at_a + done, k) != fb.read_stored(at_b + done, k):
-            return False
-        done += k
-    return True

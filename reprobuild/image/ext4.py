@@ -122,6 +122,7 @@ class Inode(NamedTuple):
     offset: int  # byte offset of the inode in the image
     extents: tuple[Extent, ...]  # a file's, directory's or long symlink's bytes in order
     tree_blocks: tuple[int, ...]  # the extent tree's blocks below the inode (index and leaf nodes)
+    ibody_xattrs: bytes  # the xattr entries and values inside the inode, after its magic (b"": none)
     target: bytes  # a fast symlink's target (in the inode)
 
 
@@ -220,11 +221,15 @@ class Ext4:
         i_block = raw[0x28:0x28 + 60]
         acl_lo, size_hi = struct.unpack_from("<II", raw, 0x68)
         acl_hi, uid_hi, gid_hi = struct.unpack_from("<HHH", raw, 0x76)
+        ibody_xattrs = b""
         if len(raw) > 128:
             (extra,) = struct.unpack_from("<H", raw, 0x80)
             if 0x88 + 4 <= 128 + extra <= len(raw):
                 (mtime_extra,) = struct.unpack_from("<I", raw, 0x88)
                 mtime += (mtime_extra & 3) << 32
+            start = 128 + extra
+            if start + 4 <= len(raw) and struct.unpack_from("<I", raw, start)[0] == XATTR_MAGIC:
+                ibody_xattrs = raw[start + 4:]
         ftype = _TYPE_OF_MODE.get(mode & 0o170000)
         if ftype is None:
             raise Ext4Invalid(f"ext4: inode {number} has an unknown file type (mode {mode:#o})")
@@ -255,7 +260,7 @@ class Ext4:
         elif size:
             raise Ext4Unsupported(f"ext4: inode {number} is block-mapped (ext2/ext3 layout is not supported)")
         return Inode(number, ftype, mode, uid_lo | uid_hi << 16, gid_lo | gid_hi << 16, size, mtime, nlink, device,
-                     flags, acl_lo | acl_hi << 32, off, extents, tree_blocks, target)  # fmt: skip
+                     flags, acl_lo | acl_hi << 32, off, extents, tree_blocks, ibody_xattrs, target)  # fmt: skip
 
     def _extents(self, number: int, root: bytes, size: int) -> tuple[tuple[Extent, ...], tuple[int, ...]]:
         """The file's bytes as extents in order, holes and uninitialised extents as zeros; and the
@@ -328,13 +333,8 @@ class Ext4:
     def xattrs(self, ino: Inode) -> tuple[tuple[str, bytes], ...]:
         """Name/value pairs, sorted by name: those in the inode, then those in its xattr block."""
         out: dict[str, bytes] = {}
-        if self.sb.inode_size > 128:
-            raw = self._read(ino.offset, self.sb.inode_size)
-            (extra,) = struct.unpack_from("<H", raw, 0x80)
-            start = 128 + extra
-            if start + 4 <= len(raw) and struct.unpack_from("<I", raw, start)[0] == XATTR_MAGIC:
-                body = raw[start + 4:]
-                self._entries(ino.number, body, 0, body, out)
+        if ino.ibody_xattrs:
+            self._entries(ino.number, ino.ibody_xattrs, 0, ino.ibody_xattrs, out)
         if ino.xattr_block:
             block = self._block(ino.xattr_block)
             magic, _refcount, nblocks = struct.unpack_from("<III", block, 0)

@@ -364,10 +364,6 @@ class Squashfs:
                                   f"not {b.length}")  # fmt: skip
         return data
 
-    def read_stored(self, offset: int, n: int) -> bytes:
-        """``n`` bytes of stored (possibly compressed) data at ``offset``, as they are."""
-        return self._read(offset, n)
-
     def fragment_tail(self, ino: Inode) -> bytes:
         assert ino.fragment is not None
         index, offset, tail = ino.fragment
