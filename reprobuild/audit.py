@@ -6,9 +6,11 @@ giving each path its package, its type, and the sha256 of a file's bytes or a sy
 Package paths are resolved through the image's own directory symlinks (merged /usr: a package's
 ``/bin/sh`` is the tree's ``/usr/bin/sh``).
 
-The image is read as a tree without running anything from it: a directory as it is, a tar through
-the safe extractor, a DDI's root file system with its own tool (``fsck.erofs --extract``,
-``unsquashfs``, ``debugfs``; :func:`reprobuild.diff.open.extract_fs`), into a temporary directory.
+The image is read as a tree without running anything from it and without writing it out: a
+directory as it is, a tar member by member, a DDI's root file system (erofs, squashfs, ext4) in
+place by the Python readers `diff` uses (:func:`reprobuild.diff.fstree.open_file_system`; only a
+valid image a reader refuses is extracted, by the file system's own tool, and the report says so).
+Paths are resolved through the image's symlinks in memory (:func:`reprobuild.rootfs.unpack.resolve_in_tree`).
 
 The report has three lists (directories are not audited: dpkg creates parents freely):
 
@@ -19,17 +21,15 @@ The report has three lists (directories are not audited: dpkg creates parents fr
 * ``missing``: package files that are not in the image, with the cause when the manifest records
   the removal (``RemoveFiles=``, normalisation).
 
-Cost: one read of every package's data and of every file of the image.
+Cost: one read of every package's data and of every file of the image; memory: the image's
+metadata, plus one file at a time up to 64 MiB (larger files that are not one byte range of the
+image go through a temporary file).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
-import tarfile
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,15 +38,19 @@ from typing import Any
 
 from reprobuild.debian.deb import DebFile
 from reprobuild.diff.detect import Kind
-from reprobuild.diff.open import extract_fs
+from reprobuild.diff.fstree import open_file_system
+from reprobuild.diff.open import ALL_FIELDS, DirectoryTree, FileMeta, Node, TarTree, TempDirs, TreeContainer
 from reprobuild.diff.source import ByteSource
 from reprobuild.errors import FormatError, ReprobuildError, StoreError
 from reprobuild.lockfile import Lock, load_lock
 from reprobuild.nspawn import TAR_MAGIC, inspect_ddi
-from reprobuild.rootfs.unpack import TreeWriter, UnsafePath, extract_tar, split_member_name
+from reprobuild.rootfs.unpack import TreeEntry, UnsafePath, resolve_in_tree, split_member_name
 from reprobuild.store import Store
 
 FS_KINDS = {"erofs": Kind.EROFS, "squashfs": Kind.SQUASHFS, "ext4": Kind.EXT4}
+# A file's bytes held in memory to hash it when they are not one byte range of the image (a
+# fragmented or compressed file); a larger one goes through a temporary file.
+MEMORY_LIMIT = 64 << 20
 UNEXPLAINED = "not named in the manifest: made by a maintainer or post-installation script"
 DPKG_DATABASE = "dpkg's database (written by dpkg)"
 
@@ -87,6 +91,7 @@ class Finding:
 @dataclass
 class AuditReport:
     image: str
+    read: str = ""  # how the image was read ("erofs root file system, read in place", …)
     packages: int = 0
     package_files: int = 0
     image_files: int = 0
@@ -95,7 +100,7 @@ class AuditReport:
     missing: list[Finding] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
-        return {"image": self.image, "packages": self.packages, "package_files": self.package_files,
+        return {"image": self.image, "read": self.read, "packages": self.packages, "package_files": self.package_files,
                 "image_files": self.image_files,
                 "not_from_packages": [f.as_json() for f in self.not_from_packages],
                 "changed": [f.as_json() for f in self.changed], "missing": [f.as_json() for f in self.missing]}
@@ -136,60 +141,84 @@ def package_contents(deb: Path, package: str) -> dict[str, Shipped]:
     return out
 
 
-def _canonical(tree: Path, rel: str) -> str:
-    """``rel`` with its parent directories resolved through the tree's symlinks (never outside)."""
-    parts = rel.split("/")
-    try:
-        parent = TreeWriter(tree).resolve(parts[:-1], follow_last=True)
-    except (FileNotFoundError, UnsafePath):
-        return rel
-    base = os.path.relpath(parent, os.path.realpath(tree))
-    return parts[-1] if base == "." else f"{base}/{parts[-1]}"
-
-
 # ---- the image as a tree ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ImageTree:
+    """The image's root tree and how it was read (``read``, for the report)."""
+
+    tree: TreeContainer
+    read: str
+
+
 @contextmanager
-def image_tree(image: Path) -> Iterator[Path]:
-    """The root tree of ``image`` (a directory, a tar or a DDI) as a directory, removed after."""
+def image_tree(image: Path) -> Iterator[ImageTree]:
+    """The root tree of ``image`` (a directory, a tar or a DDI); temporary files removed after."""
     if image.is_dir():
-        yield image
+        yield ImageTree(DirectoryTree(image, ALL_FIELDS - {"xattrs"}), "a directory")
         return
     with open(image, "rb") as f:
         head = f.read(512)
-    with tempfile.TemporaryDirectory(prefix="reprobuild-audit-") as tmp:
-        work = Path(tmp)
-        offset, magic = TAR_MAGIC
-        if head[offset : offset + len(magic)] == magic:
-            tree = work / "tree"
-            tree.mkdir()
-            writer = TreeWriter(tree)
+    offset, magic = TAR_MAGIC
+    if head[offset : offset + len(magic)] == magic:
+        try:
+            tar = TarTree(ByteSource.of_file(image))
+        except FormatError as e:
+            raise AuditError(f"{image}: not a readable tar: {e.message}") from e
+        yield ImageTree(tar, "a tar, read member by member")
+        return
+    ddi = inspect_ddi(image)
+    if ddi.root_fs not in FS_KINDS or ddi.data_extent is None:
+        raise AuditError(f"{image}: the {ddi.layout} partition holds no file system reprobuild can read")
+    if ddi.layout != "root":
+        raise AuditError(f"{image}: only images with a root partition can be audited (this one has /usr only)")
+    source = ByteSource(image, *ddi.data_extent)
+    with TempDirs() as temp:
+        try:
+            tree = open_file_system(FS_KINDS[ddi.root_fs], source, MEMORY_LIMIT, lambda: temp.new("reprobuild-audit-"),
+                                    str(image))  # fmt: skip
+        except FormatError as e:
+            raise AuditError(f"{image}: {e.message}") from e
+        yield ImageTree(tree, f"{ddi.root_fs} root file system, " + (tree.note or "read in place"))
+
+
+class PathResolver:
+    """Paths resolved through a tree's own symlinks, in memory (merged /usr: a package's
+    ``bin/sh`` is the tree's ``usr/bin/sh``), with each parent directory resolved once."""
+
+    def __init__(self, metas: dict[str, FileMeta]) -> None:
+        self._metas = metas
+        self._parents: dict[tuple[str, ...], str] = {}
+        # A tar need not list the directories its members are in: they are there all the same.
+        self._implicit: set[str] = set()
+        for name in metas:
+            parent = name.rpartition("/")[0]
+            while parent and parent not in self._implicit:
+                self._implicit.add(parent)
+                parent = parent.rpartition("/")[0]
+
+    def _lookup(self, components: list[str]) -> TreeEntry | None:
+        path = "/".join(components)
+        meta = self._metas.get(path)
+        if meta is None:
+            return TreeEntry("directory") if path in self._implicit else None
+        if meta.type == "symlink":
+            return TreeEntry("symlink", meta.target or "")
+        return TreeEntry("directory" if meta.type == "directory" else "other")
+
+    def canonical(self, parts: list[str]) -> str:
+        """``parts`` with its parent directories resolved (never outside the tree); as it is when
+        a parent is missing or cannot be resolved."""
+        parent = tuple(parts[:-1])
+        base = self._parents.get(parent)
+        if base is None:
             try:
-                with tarfile.open(image, mode="r|") as tf:
-                    extract_tar(tf, writer, image.name)
-            except tarfile.TarError as e:
-                raise AuditError(f"{image}: not a readable tar: {e}") from e
-            writer.finish()
-            yield tree
-            return
-        ddi = inspect_ddi(image)
-        if ddi.root_fs not in FS_KINDS or ddi.data_extent is None:
-            raise AuditError(f"{image}: the {ddi.layout} partition holds no file system reprobuild can read")
-        if ddi.layout != "root":
-            raise AuditError(f"{image}: only images with a root partition can be audited (this one has /usr only)")
-        source = ByteSource(image, *ddi.data_extent)
-        yield extract_fs(FS_KINDS[ddi.root_fs], source, work, str(image)).root
-
-
-def _tree_entries(tree: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """(relative path, lstat) of every non-directory entry, sorted."""
-    for dirpath, dirnames, filenames in os.walk(tree):
-        dirnames.sort()
-        # Symlinks to directories are listed by os.walk among dirnames: they are entries too.
-        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
-            full = os.path.join(dirpath, name)
-            yield os.path.relpath(full, tree), os.lstat(full)
+                base = "/".join(resolve_in_tree(parent, self._lookup, follow_last=True))
+            except (FileNotFoundError, UnsafePath):
+                base = "/".join(parent)
+            self._parents[parent] = base
+        return f"{base}/{parts[-1]}" if base else parts[-1]
 
 
 # ---- the audit --------------------------------------------------------------------------------
@@ -203,11 +232,38 @@ def _manifest_causes(manifest: dict[str, Any]) -> dict[str, dict[str, str]]:
     return causes
 
 
-def audit_tree(tree: Path, shipped: dict[str, Shipped], manifest: dict[str, Any], report: AuditReport) -> None:
-    """Fill ``report`` by comparing ``tree`` with ``shipped`` (paths already canonical)."""
+def _what_is(name: str, node: Node, nodes: dict[str, Node]) -> tuple[str, str]:
+    """(kind, digest) of an image entry, as `Shipped` has them: a file's sha256 (a tar's hard link
+    has its target's), a symlink's target; ("special", "") for devices, FIFOs and sockets."""
+    meta = node.meta
+    assert meta is not None
+    if meta.type == "symlink":
+        return "symlink", meta.target or ""
+    if meta.type == "hardlink":
+        target = nodes.get("/".join(split_member_name(meta.target or "", f"hard link {name}")))
+        if target is None or target.meta is None or target.meta.type != "file" or target.source is None:
+            raise AuditError(f"{name} is a hard link to {meta.target!r}, which is not a file of the image")
+        return "file", target.source.sha256()
+    if meta.type == "file":
+        assert node.source is not None
+        return "file", node.source.sha256()
+    return "special", ""
+
+
+def audit_tree(nodes: dict[str, Node], resolver: PathResolver, shipped: dict[str, Shipped], manifest: dict[str, Any],
+               report: AuditReport) -> None:  # fmt: skip
+    """Fill ``report`` by comparing the image's entries ``nodes`` (a tree's members, by name in
+    path order; ``resolver`` made from them) with ``shipped`` (paths made canonical by ``resolver``)."""
     causes = _manifest_causes(manifest)
     seen = set()
-    for rel, st in _tree_entries(tree):
+    for name, node in nodes.items():
+        if node.meta is None or node.meta.type == "directory":
+            continue
+        parts = split_member_name(name, "image entry")
+        rel = "/".join(parts)
+        if resolver.canonical(parts) != rel:  # only a tar can hold a member under a symlink
+            raise AuditError(f"{name} lies under a symbolic link of the image (it is "
+                             f"{resolver.canonical(parts)}): such an image cannot be audited")  # fmt: skip
         report.image_files += 1
         path = "/" + rel
         item = shipped.get(rel)
@@ -215,14 +271,7 @@ def audit_tree(tree: Path, shipped: dict[str, Shipped], manifest: dict[str, Any]
             report.not_from_packages.append(Finding(path, unowned_cause(path, causes)))
             continue
         seen.add(rel)
-        full = tree / rel
-        if stat.S_ISLNK(st.st_mode):
-            kind, digest = "symlink", os.readlink(full)
-        elif stat.S_ISREG(st.st_mode):
-            with open(full, "rb") as f:
-                kind, digest = "file", _sha256(f.read)
-        else:
-            kind, digest = "special", ""
+        kind, digest = _what_is(name, node, nodes)
         if (kind, digest) != (item.kind, item.digest):
             cause = causes.get(path)
             why = f"; {cause['cause']}" if cause else ""
@@ -266,17 +315,28 @@ def audit_image(image: Path, lock_path: Path, store: Store, manifest_path: Path 
                          hint=f"reprobuild fetch -C {lock_path.parent} (or --store DIR)")  # fmt: skip
     manifest = _manifest_for(image, manifest_path)
     report = AuditReport(image=str(image), packages=len(packages))
-    with image_tree(image) as tree:
-        say(f"reading {len(packages)} packages")
-        shipped: dict[str, Shipped] = {}
-        for p in packages:
-            try:
-                contents = package_contents(store.path(p.sha256), p.name)
-            except FormatError as e:
-                raise AuditError(f"package {p.name}: {e.message}") from e
-            for rel, item in contents.items():
-                shipped[_canonical(tree, rel)] = item  # a later package replaces (dpkg's Replaces)
-        report.package_files = len(shipped)
-        say("comparing the image with its packages")
-        audit_tree(tree, shipped, manifest, report)
+    with image_tree(image) as opened:
+        report.read = opened.read
+        say(f"reading {image} ({opened.read}) and {len(packages)} packages")
+        try:
+            nodes = {name: opened.tree.member(name) for name in opened.tree.member_names()}
+            resolver = PathResolver({name: node.meta for name, node in nodes.items() if node.meta is not None})
+            shipped: dict[str, Shipped] = {}
+            for p in packages:
+                try:
+                    contents = package_contents(store.path(p.sha256), p.name)
+                except FormatError as e:
+                    raise AuditError(f"package {p.name}: {e.message}") from e
+                for rel, item in contents.items():
+                    shipped[resolver.canonical(rel.split("/"))] = item  # a later package replaces (dpkg's Replaces)
+            report.package_files = len(shipped)
+            say("comparing the image with its packages")
+            audit_tree(nodes, resolver, shipped, manifest, report)
+        except UnsafePath as e:
+            raise AuditError(f"{image}: {e.message}") from e
+        except (FormatError, OSError) as e:
+            if isinstance(e, AuditError):
+                raise
+            message = e.message if isinstance(e, FormatError) else f"{e.strerror or e}"
+            raise AuditError(f"{image}: cannot be read: {message}") from e
     return report

@@ -24,8 +24,10 @@ from tests.test_pipeline import validate_manifest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _reprobuild(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _reprobuild(store: Path, *args: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "REPROBUILD_STORE": str(store)}
+    if path is not None:
+        env["PATH"] = path
     env.pop("SOURCE_DATE_EPOCH", None)
     return subprocess.run([sys.executable, "-m", "reprobuild", *args], env=env, text=True, capture_output=True,
                           timeout=600, cwd=REPO, check=False)  # fmt: skip
@@ -72,9 +74,9 @@ def test_manifest_lists_what_reprobuild_wrote_and_why(built: dict[str, Path]) ->
     assert directory["added_files"] == manifest["added_files"]  # the same list whatever the format
 
 
-def _audit(built: dict[str, Path], image: Path, *extra: str) -> dict:
+def _audit(built: dict[str, Path], image: Path, *extra: str, path: str | None = None) -> dict:
     r = _reprobuild(built["store"], "verify", "--audit", str(image), "--lock", str(built["definition"] / "reprobuild.lock"),
-                    "--json", *extra)  # fmt: skip
+                    "--json", *extra, path=path)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
 
@@ -96,14 +98,17 @@ def test_audit_names_files_from_no_package_with_their_cause(built: dict[str, Pat
 
 def test_audit_finds_a_changed_package_file(built: dict[str, Path], tmp_path: Path) -> None:
     tree = built["dir"]
-    target = tree / "usr/bin/true"
-    original = target.read_bytes()
+    target, removed = tree / "usr/bin/true", tree / "usr/bin/false"
+    original, removed_bytes, removed_stat = target.read_bytes(), removed.read_bytes(), removed.stat()
     try:
         target.write_bytes(original + b"\0surprise")
-        os.unlink(tree / "usr/bin/false")
+        os.unlink(removed)
         report = _audit(built, tree)
-    finally:
+    finally:  # the tree is the module's: put it back as it was
         target.write_bytes(original)
+        removed.write_bytes(removed_bytes)
+        os.chmod(removed, removed_stat.st_mode & 0o7777)
+        os.utime(removed, ns=(removed_stat.st_atime_ns, removed_stat.st_mtime_ns))
     changed = {f["path"]: f["detail"] for f in report["changed"]}
     assert list(changed) == ["/usr/bin/true"] and changed["/usr/bin/true"].startswith("content differs from hostbase")
     missing = {f["path"]: f["detail"] for f in report["missing"]}
@@ -122,3 +127,125 @@ def test_audit_text_and_errors(built: dict[str, Path], tmp_path: Path) -> None:
     junk.write_bytes(b"x" * 4096)
     r = _reprobuild(built["store"], "verify", "--audit", str(junk), "--lock", lock)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "not a Discoverable Disk Image" in r.stderr
+
+
+def _findings(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in ("image", "read")}
+
+
+@pytest.mark.parametrize("fs", ["erofs", "squashfs", "ext4"])
+def test_audit_reads_a_ddi_root_in_place(built: dict[str, Path], tmp_path: Path, fs: str) -> None:
+    """The directory image as a signed DDI's root, audited with no file-system tool on PATH: read
+    in place (an extraction would say so in "read"), with the directory's very findings."""
+    from tests.test_diff_support import make_ddi
+
+    ddi = make_ddi(tmp_path, "img", fs=fs, tree=built["dir"], esp=False)
+    empty = tmp_path / "no-tools"
+    empty.mkdir()
+    manifest = built["dir"].with_name("image.manifest.json")
+    report = _audit(built, ddi, "--manifest", str(manifest), path=str(empty))
+    assert report["read"] == f"{fs} root file system, read in place"
+    as_directory = _audit(built, built["dir"])
+    assert as_directory["read"] == "a directory"
+    assert _findings(report) == _findings(as_directory)
+    assert report["image_files"] > 20 and report["missing"] and report["not_from_packages"]
+    tar = _audit(built, built["tar"])
+    assert tar["read"] == "a tar, read member by member" and _findings(tar) == _findings(as_directory)
+
+
+def test_audit_extracts_what_the_reader_refuses_and_says_so(built: dict[str, Path], tmp_path: Path) -> None:
+    """An lz4-compressed erofs root (the reader refuses compression): fsck.erofs extracts it, the
+    report says so, and the findings are the same."""
+    from tests.test_diff_support import EPOCH, make_ddi
+
+    root = tmp_path / "root.erofs"
+    subprocess.run(["mkfs.erofs", "--quiet", "-zlz4", f"-T{EPOCH}", str(root), str(built["dir"])], check=True)
+    size = root.stat().st_size
+    os.truncate(root, -(-size // 4096) * 4096)
+    ddi = make_ddi(tmp_path, "lz4", root_fs=root, esp=False)
+    manifest = built["dir"].with_name("image.manifest.json")
+    report = _audit(built, ddi, "--manifest", str(manifest))
+    assert report["read"].startswith("erofs root file system, ") and "extracted with fsck.erofs instead" in report["read"]
+    assert _findings(report) == _findings(_audit(built, built["dir"]))
+
+
+def test_audit_of_a_corrupt_ddi_root_is_one_clear_line(built: dict[str, Path], tmp_path: Path) -> None:
+    from reprobuild.image.gpt import read_gpt_path
+    from tests.test_diff_support import make_ddi
+
+    ddi = make_ddi(tmp_path, "img", fs="squashfs", tree=built["dir"], esp=False)
+    disk = read_gpt_path(ddi)
+    root = next(p for p in disk.partitions if p.name == "root-x86-64")
+    with open(ddi, "r+b") as f:
+        f.seek(root.offset(disk.sector_size) + 40)  # squashfs superblock: bytes used, the table starts
+        f.write(b"\xff" * 48)
+    r = _reprobuild(built["store"], "verify", "--audit", str(ddi), "--lock", str(built["definition"] / "reprobuild.lock"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"error: {ddi}: squashfs: the superblock says"), r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2, r.stderr
+
+
+def _tar(path: Path, members: list[tuple[str, bytes | str | None, str]]) -> Path:
+    """A tar of (name, bytes for a file / target for a link / None for a directory, type)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data, kind in members:
+            ti = tarfile.TarInfo(name)
+            if kind == "dir":
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+            elif kind in ("sym", "hard"):
+                ti.type = tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE
+                assert isinstance(data, str)
+                ti.linkname = data
+                tf.addfile(ti)
+            else:
+                assert isinstance(data, bytes)
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def test_audit_of_a_tar_hard_link_and_symlinked_directories(tmp_path: Path) -> None:
+    """Pure: a tar's hard link has its target's bytes; package paths resolve through the tar's
+    directory symlinks (absolute, relative, chained); a member under a symlink, or a hard link to
+    nothing, is refused."""
+    from reprobuild.audit import AuditError, AuditReport, PathResolver, Shipped, audit_tree, image_tree
+    from reprobuild.diff.open import TarTree
+    from reprobuild.diff.source import ByteSource
+
+    body = b"#!/bin/sh\n"
+    digest = __import__("hashlib").sha256(body).hexdigest()
+    tar = _tar(tmp_path / "t.tar", [("./usr", None, "dir"), ("./usr/bin", None, "dir"), ("./usr/bin/sh", body, "file"),
+                                    ("./usr/bin/dash", "./usr/bin/sh", "hard"), ("./bin", "usr/bin", "sym"),
+                                    ("./usr/sbin", "/bin", "sym"), ("./sbin", "usr/sbin/../sbin", "sym")])  # fmt: skip
+    with image_tree(tar) as opened:
+        nodes = {n: opened.tree.member(n) for n in opened.tree.member_names()}
+        resolver = PathResolver({n: node.meta for n, node in nodes.items() if node.meta is not None})
+        assert resolver.canonical(["bin", "dash"]) == "usr/bin/dash"
+        assert resolver.canonical(["usr", "sbin", "x"]) == "usr/bin/x"  # /bin → usr/bin, from the root
+        assert resolver.canonical(["sbin", "x"]) == "usr/bin/x"  # usr/sbin/../sbin = usr/bin/../sbin → ... → usr/bin
+        assert resolver.canonical(["nowhere", "x"]) == "nowhere/x"
+        shipped = {resolver.canonical(["bin", "dash"]): Shipped("dash", "file", digest),
+                   resolver.canonical(["bin", "sh"]): Shipped("dash", "symlink", "dash")}  # fmt: skip
+        report = AuditReport("t.tar")
+        audit_tree(nodes, resolver, shipped, {}, report)
+    assert [f.path for f in report.changed] == ["/usr/bin/sh"] and "a file in the image, a symlink" in report.changed[0].detail
+    assert report.missing == [] and {f.path for f in report.not_from_packages} == {"/bin", "/sbin", "/usr/sbin"}
+
+    loop = _tar(tmp_path / "loop.tar", [("a", "b", "sym"), ("b", "a", "sym")])
+    with image_tree(loop) as opened:
+        nodes = {n: opened.tree.member(n) for n in opened.tree.member_names()}
+        assert PathResolver({n: x.meta for n, x in nodes.items() if x.meta}).canonical(["a", "f"]) == "a/f"
+
+    for members, message in (([("bin", "usr/bin", "sym"), ("usr/bin/x", b"", "file"), ("bin/x", b"1", "file")],
+                               "bin/x lies under a symbolic link"),
+                              ([("x", "missing", "hard")], "x is a hard link to 'missing'")):  # fmt: skip
+        bad = _tar(tmp_path / "bad.tar", members)
+        tree = TarTree(ByteSource.of_file(bad))
+        nodes = {n: tree.member(n) for n in tree.member_names()}
+        with pytest.raises(AuditError, match=message):
+            audit_tree(nodes, PathResolver({n: x.meta for n, x in nodes.items() if x.meta}),
+                       {"x": Shipped("p", "file", digest)}, {}, AuditReport("bad.tar"))  # fmt: skip

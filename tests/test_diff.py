@@ -454,7 +454,7 @@ def root_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         raise AssertionError("a file system was extracted")
 
     monkeypatch.setattr(os, "pread", counting)
-    monkeypatch.setattr("reprobuild.diff.trees.extract_fs", no_extraction)
+    monkeypatch.setattr("reprobuild.diff.fstree.extract_fs", no_extraction)
     return seen
 
 

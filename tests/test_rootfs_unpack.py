@@ -187,3 +187,49 @@ def test_skip_leaves_out_files_but_creates_directories(tree: Path) -> None:
 def test_skipped_members_are_still_checked(tree: Path, member: tarfile.TarInfo) -> None:
     with pytest.raises(UnsafePath):
         extract_tar(_tar([(member, b"x" if member.isreg() else None)]), TreeWriter(tree), "evil-pkg", skip=_skip_docs)
+
+
+def test_resolve_in_tree_is_the_tree_writers_walk_without_a_disk(tree: Path) -> None:
+    """The pure walk (what ``verify --audit`` resolves an image's paths with, in memory) agrees with
+    TreeWriter.resolve on a real tree: absolute targets restart at the root, ``..`` stops there,
+    chains are followed, a loop and a file in the middle are refused, a missing middle is not found."""
+    from reprobuild.rootfs.unpack import TreeEntry, resolve_in_tree
+
+    (tree / "usr/bin").mkdir(parents=True)
+    (tree / "usr/bin/sh").write_bytes(b"")
+    for name, target in (("bin", "usr/bin"), ("usr/sbin", "/bin"), ("sbin", "../../../usr/sbin"), ("up", "../.."),
+                         ("a", "b"), ("b", "a"), ("file", "usr/bin/sh")):  # fmt: skip
+        os.symlink(target, tree / name)
+
+    def lookup(components: list[str]) -> TreeEntry | None:
+        p = tree.joinpath(*components)
+        if p.is_symlink():
+            return TreeEntry("symlink", os.readlink(p))
+        return TreeEntry("directory") if p.is_dir() else TreeEntry("other") if p.exists() else None
+
+    writer = TreeWriter(tree)
+    for parts, expected in (("bin/sh", "usr/bin/sh"), ("sbin/x", "usr/bin/x"), ("up/usr/sbin", "usr/bin"),
+                            ("usr/sbin/../sbin", "usr/bin"), ("bin/new", "usr/bin/new")):  # fmt: skip
+        assert "/".join(resolve_in_tree(parts.split("/"), lookup, follow_last=True)) == expected
+        assert writer.resolve(parts.split("/"), follow_last=True) == str(tree / expected)
+    assert resolve_in_tree(["bin"], lookup, follow_last=False) == ["bin"]
+    for parts, error in ((["a", "x"], UnsafePath), (["file", "x"], UnsafePath), (["none", "x"], FileNotFoundError)):
+        with pytest.raises(error):
+            resolve_in_tree(parts, lookup, follow_last=True)
+        with pytest.raises(error):
+            writer.resolve(parts, follow_last=True)
+    made: list[list[str]] = []
+    assert resolve_in_tree(["none", "x"], lookup, follow_last=True, make_dir=made.append) == ["none", "x"]
+    assert made == [["none"], ["none", "x"]]
+
+
+def test_timezone_without_zoneinfo_is_a_build_error(tree: Path) -> None:
+    from reprobuild.errors import BuildError
+    from reprobuild.rootfs.settings import set_timezone
+
+    with pytest.raises(BuildError, match="is not in the tree"):
+        set_timezone(tree, "Europe/Berlin", 0)
+    os.makedirs(tree / "usr/share")
+    os.symlink("zoneinfo", tree / "usr/share/zoneinfo")  # a loop
+    with pytest.raises(BuildError, match="is not in the tree"):
+        set_timezone(tree, "Europe/Berlin", 0)

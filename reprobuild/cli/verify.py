@@ -143,8 +143,8 @@ def _audit(image: Path, lock_path: Path, manifest: Path | None, store_path: Path
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
         return 0
-    click.echo(f"{image}: {report.image_files} files and symlinks; {report.package_files} shipped by the "
-               f"{report.packages} packages of the lock")
+    click.echo(f"{image} ({report.read}): {report.image_files} files and symlinks; {report.package_files} shipped "
+               f"by the {report.packages} packages of the lock")
     for title, findings in (("not from any package", report.not_from_packages),
                             ("different from the package", report.changed),
                             ("shipped by a package, not in the image", report.missing)):  # fmt: skip

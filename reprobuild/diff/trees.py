@@ -11,21 +11,9 @@ from reprobuild.diff.detect import TREES, Kind
 from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field
 from reprobuild.diff.erofstree import ErofsTree
 from reprobuild.diff.ext4tree import Ext4Tree
-from reprobuild.diff.open import (
-    CpioTree,
-    DiffInputError,
-    DirectoryTree,
-    Node,
-    TarTree,
-    TreeContainer,
-    extract_fs,
-)
+from reprobuild.diff.fstree import IN_PLACE, open_file_system
+from reprobuild.diff.open import CpioTree, DiffInputError, DirectoryTree, Node, TarTree, TreeContainer
 from reprobuild.diff.squashfstree import SquashfsTree
-from reprobuild.diff.vfattree import VfatTree
-from reprobuild.errors import FormatError
-from reprobuild.image.erofs import ErofsUnsupported
-from reprobuild.image.ext4 import Ext4Unsupported
-from reprobuild.image.squashfs import SquashfsUnsupported
 
 
 class TreeComparator(Comparator, kinds=TREES):
@@ -120,37 +108,16 @@ def open_tree(node: Node, ctx: DiffContext, what: str) -> TreeContainer:
         return TarTree(node.source)
     if kind is Kind.CPIO:
         return CpioTree(node.source, ctx.options.memory_limit)
-    if kind is Kind.EROFS:
-        return _erofs_tree(node, ctx, what)
-    if kind in _IN_PLACE:
-        reader, unsupported, tool = _IN_PLACE[kind]
-        try:
-            return reader(node.source, ctx.options.memory_limit, ctx.temp.new)
-        except unsupported as e:  # read by the external tool instead, and said so
-            tree = extract_fs(kind, node.source, ctx.temp.new(), what or node.name)
-            tree.note = f"{e.message}: extracted with {tool} instead"
-            return tree
+    if kind in IN_PLACE:
+        return open_file_system(kind, node.source, ctx.options.memory_limit, ctx.temp.new, what or node.name)
     raise DiffInputError(f"{node.name}: a {kind.value} is not a file tree")
 
 
-# File systems read in place by a Python reader (erofs has its own path: `_erofs_tree`), with the
-# errors that send a valid image the reader does not support to the extraction tool instead.
-_IN_PLACE: dict[Kind, tuple[Callable[..., TreeContainer], tuple[type[FormatError], ...], str]] = {
-    Kind.SQUASHFS: (SquashfsTree, (SquashfsUnsupported,), "unsquashfs"),
-    Kind.EXT4: (Ext4Tree, (Ext4Unsupported,), "debugfs"),
-    Kind.VFAT: (VfatTree, (), ""),  # every FAT is read: no fallback
-}
-
-
 def _erofs_tree(node: Node, ctx: DiffContext, what: str, base: ErofsTree | None = None) -> TreeContainer:
-    """erofs read in place; a format the reader does not support is extracted with fsck.erofs."""
+    """erofs through the verity trees: ``node.changed`` with the other side's tree ``base``."""
     assert node.source is not None
-    try:
-        return ErofsTree(node.source, ctx.options.memory_limit, ctx.temp.new, node.changed, base)
-    except ErofsUnsupported as e:  # read by the external tool instead, and said so
-        tree = extract_fs(Kind.EROFS, node.source, ctx.temp.new(), what or node.name)
-        tree.note = f"{e.message}: extracted with fsck.erofs instead"
-        return tree
+    return open_file_system(Kind.EROFS, node.source, ctx.options.memory_limit, ctx.temp.new, what or node.name,
+                            changed=node.changed, base=base)  # fmt: skip
 
 
 def compare_trees(ta: TreeContainer, tb: TreeContainer, ctx: DiffContext, depth: int,

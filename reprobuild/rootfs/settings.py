@@ -19,7 +19,7 @@ from reprobuild.errors import BuildError, ConfigError
 from reprobuild.image.sysupdate import UpdatePlan, transfer_files
 from reprobuild.rootfs.normalize import remove_path
 from reprobuild.rootfs.sandbox import Bind, run_in_tree
-from reprobuild.rootfs.unpack import TreeWriter, split_member_name
+from reprobuild.rootfs.unpack import TreeWriter, UnsafePath, split_member_name
 
 _CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -182,8 +182,11 @@ def set_timezone(tree: Path, tz: str, epoch: int) -> list[str]:
     parts = split_member_name(tz, "Timezone=")
     if not parts:
         raise ConfigError("Timezone= is empty")
-    zone = TreeWriter(tree).resolve(["usr", "share", "zoneinfo", *parts], follow_last=True)
-    if not os.path.isfile(zone):
+    try:
+        zone = TreeWriter(tree).resolve(["usr", "share", "zoneinfo", *parts], follow_last=True)
+    except (FileNotFoundError, UnsafePath):
+        zone = ""  # no such directory on the way, or a loop: not in the tree
+    if not zone or not os.path.isfile(zone):
         raise BuildError(f"Timezone={tz}: /usr/share/zoneinfo/{tz} is not in the tree", hint="add tzdata")
     TreeWriter(tree).symlink(["etc", "localtime"], "../usr/share/zoneinfo/" + "/".join(parts), 0, 0, epoch)
     _write(tree, "etc/timezone", "/".join(parts) + "\n", epoch)

@@ -17,7 +17,7 @@ import errno
 import os
 import stat
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,59 @@ def split_member_name(name: str, what: str = "member") -> list[str]:
     if ".." in parts:
         raise UnsafePath(f"{what} path contains '..': {name!r}")
     return parts
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """What `resolve_in_tree` needs to know of one path of a tree."""
+
+    kind: str  # "directory", "symlink" or "other"
+    target: str = ""  # a symlink's target
+
+
+def resolve_in_tree(parts: Sequence[str], lookup: Callable[[list[str]], TreeEntry | None], *, follow_last: bool,
+                    make_dir: Callable[[list[str]], None] | None = None) -> list[str]:  # fmt: skip
+    """The components of ``parts`` resolved inside a tree the way the kernel resolves a path after
+    ``chroot`` (pure: the tree is seen only through ``lookup(components)``, None when absent).
+
+    Intermediate symlinks are followed; the last component only if ``follow_last``. Absolute
+    targets restart at the root and ``..`` never climbs above it, so the result never leaves the
+    tree. A missing component is made with ``make_dir`` when given (the last too); else a missing
+    last component is kept as it is and a missing intermediate one raises FileNotFoundError. A
+    non-directory in the middle, or more than 40 symlinks, raise UnsafePath.
+    """
+    todo = list(parts)
+    done: list[str] = []
+    links = 0
+    while todo:
+        comp = todo.pop(0)
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if done:
+                done.pop()
+            continue
+        is_last = not todo
+        entry = lookup(done + [comp])
+        if entry is None:
+            if make_dir is not None:
+                make_dir(done + [comp])
+            elif not is_last:
+                raise FileNotFoundError(errno.ENOENT, "no such file or directory", "/" + "/".join(done + [comp]))
+            done.append(comp)
+            continue
+        if entry.kind == "symlink" and (not is_last or follow_last):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise UnsafePath(f"too many levels of symbolic links resolving /{'/'.join(parts)}")
+            if entry.target.startswith("/"):
+                done = []  # absolute targets restart at the tree root, as after chroot
+            todo = [p for p in entry.target.split("/") if p] + todo
+            continue
+        if not is_last and entry.kind != "directory":
+            raise UnsafePath(f"/{'/'.join(done + [comp])} is not a directory (resolving /{'/'.join(parts)})")
+        done.append(comp)
+    return done
 
 
 @dataclass
@@ -77,51 +130,31 @@ class TreeWriter:
 
     # -- path resolution -------------------------------------------------------------------------
     def resolve(self, parts: list[str], *, follow_last: bool, create_dirs: bool = False) -> str:
-        """Host path of ``parts`` resolved in the tree; never outside it.
+        """Host path of ``parts`` resolved in the tree; never outside it (`resolve_in_tree`).
 
         Intermediate symlinks are followed in-root; the last component is followed only if
         ``follow_last``. With ``create_dirs`` every missing component (the last too) is created as a
         0755 directory: used to resolve the parent of an entry.
         """
-        todo = list(parts)
-        done: list[str] = []
-        links = 0
-        while todo:
-            comp = todo.pop(0)
-            if comp in ("", "."):
-                continue
-            if comp == "..":
-                if done:
-                    done.pop()
-                continue
-            here = os.path.join(self._root, *done, comp)
-            is_last = not todo
+
+        def lookup(done: list[str]) -> TreeEntry | None:
+            here = os.path.join(self._root, *done)
             try:
                 st = os.lstat(here)
             except FileNotFoundError:
-                if not create_dirs:
-                    if is_last:
-                        done.append(comp)
-                        break
-                    raise
-                os.mkdir(here)
-                os.chmod(here, 0o755)  # explicit: the umask must not leak into the tree
-                done.append(comp)
-                continue
-            if stat.S_ISLNK(st.st_mode) and (not is_last or follow_last):
-                links += 1
-                if links > _MAX_SYMLINKS:
-                    raise UnsafePath(f"too many levels of symbolic links resolving /{'/'.join(parts)}")
-                target = os.readlink(here)
-                if target.startswith("/"):
-                    done = []  # absolute targets restart at the tree root, as after chroot
-                todo = [p for p in target.split("/") if p] + todo
-                continue
-            if not is_last and not stat.S_ISDIR(st.st_mode):
-                raise UnsafePath(f"/{'/'.join(done + [comp])} is not a directory (resolving /{'/'.join(parts)})")
-            done.append(comp)
+                return None
+            if stat.S_ISLNK(st.st_mode):
+                return TreeEntry("symlink", os.readlink(here))
+            return TreeEntry("directory" if stat.S_ISDIR(st.st_mode) else "other")
+
+        def make_dir(done: list[str]) -> None:
+            here = os.path.join(self._root, *done)
+            os.mkdir(here)
+            os.chmod(here, 0o755)  # explicit: the umask must not leak into the tree
+
+        done = resolve_in_tree(parts, lookup, follow_last=follow_last, make_dir=make_dir if create_dirs else None)
         path = os.path.join(self._root, *done)
-        # Belt and braces: the walk above cannot leave the root, assert it anyway.
+        # Belt and braces: the walk cannot leave the root, assert it anyway.
         if path != self._root and not path.startswith(self._root + os.sep):
             raise UnsafePath(f"path escapes the tree: /{'/'.join(parts)}")
         return path
