@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +41,10 @@ from typing import Any
 from reprobuild.debian.deb import DebFile
 from reprobuild.diff.detect import Kind
 from reprobuild.diff.fstree import open_file_system
-from reprobuild.diff.open import ALL_FIELDS, DirectoryTree, FileMeta, Node, TarTree, TempDirs, TreeContainer
+from reprobuild.diff.open import ALL_FIELDS, DirectoryTree, FileMeta, TarTree, TempDirs, TreeContainer
 from reprobuild.diff.source import ByteSource
 from reprobuild.errors import FormatError, ReprobuildError, StoreError
-from reprobuild.lockfile import Lock, load_lock
+from reprobuild.lockfile import Lock, LockedPackage, load_lock
 from reprobuild.nspawn import TAR_MAGIC, inspect_ddi
 from reprobuild.rootfs.unpack import TreeEntry, UnsafePath, resolve_in_tree, split_member_name
 from reprobuild.store import Store
@@ -232,32 +234,32 @@ def _manifest_causes(manifest: dict[str, Any]) -> dict[str, dict[str, str]]:
     return causes
 
 
-def _what_is(name: str, node: Node, nodes: dict[str, Node]) -> tuple[str, str]:
+def _what_is(tree: TreeContainer, name: str, metas: dict[str, FileMeta]) -> tuple[str, str]:
     """(kind, digest) of an image entry, as `Shipped` has them: a file's sha256 (a tar's hard link
     has its target's), a symlink's target; ("special", "") for devices, FIFOs and sockets."""
-    meta = node.meta
-    assert meta is not None
+    meta = metas[name]
     if meta.type == "symlink":
         return "symlink", meta.target or ""
     if meta.type == "hardlink":
-        target = nodes.get("/".join(split_member_name(meta.target or "", f"hard link {name}")))
-        if target is None or target.meta is None or target.meta.type != "file" or target.source is None:
+        target = "/".join(split_member_name(meta.target or "", f"hard link {name}"))
+        if target not in metas or metas[target].type != "file":
             raise AuditError(f"{name} is a hard link to {meta.target!r}, which is not a file of the image")
-        return "file", target.source.sha256()
-    if meta.type == "file":
-        assert node.source is not None
-        return "file", node.source.sha256()
-    return "special", ""
+        name = target
+    elif meta.type != "file":
+        return "special", ""
+    source = tree.member(name).source  # one file's bytes at a time
+    assert source is not None
+    return "file", source.sha256()
 
 
-def audit_tree(nodes: dict[str, Node], resolver: PathResolver, shipped: dict[str, Shipped], manifest: dict[str, Any],
-               report: AuditReport) -> None:  # fmt: skip
-    """Fill ``report`` by comparing the image's entries ``nodes`` (a tree's members, by name in
-    path order; ``resolver`` made from them) with ``shipped`` (paths made canonical by ``resolver``)."""
+def audit_tree(tree: TreeContainer, metas: dict[str, FileMeta], resolver: PathResolver, shipped: dict[str, Shipped],
+               manifest: dict[str, Any], report: AuditReport) -> None:  # fmt: skip
+    """Fill ``report`` by comparing the image's entries (``metas``: ``tree``'s, by name in path
+    order; ``resolver`` made from them) with ``shipped`` (paths made canonical by ``resolver``)."""
     causes = _manifest_causes(manifest)
     seen = set()
-    for name, node in nodes.items():
-        if node.meta is None or node.meta.type == "directory":
+    for name, meta in metas.items():
+        if meta.type == "directory":
             continue
         parts = split_member_name(name, "image entry")
         rel = "/".join(parts)
@@ -271,7 +273,7 @@ def audit_tree(nodes: dict[str, Node], resolver: PathResolver, shipped: dict[str
             report.not_from_packages.append(Finding(path, unowned_cause(path, causes)))
             continue
         seen.add(rel)
-        kind, digest = _what_is(name, node, nodes)
+        kind, digest = _what_is(tree, name, metas)
         if (kind, digest) != (item.kind, item.digest):
             cause = causes.get(path)
             why = f"; {cause['cause']}" if cause else ""
@@ -302,6 +304,19 @@ def _manifest_for(image: Path, manifest_path: Path | None) -> dict[str, Any]:
     return doc
 
 
+def _read_packages(store: Store, packages: Sequence[LockedPackage]) -> Iterator[dict[str, Shipped]]:
+    """`package_contents` of each package, in lock order (errors too), read side by side: the time
+    is xz decompression, which runs outside the GIL (so one thread per core)."""
+    def read(p: LockedPackage) -> dict[str, Shipped]:
+        try:
+            return package_contents(store.path(p.sha256), p.name)
+        except FormatError as e:
+            raise AuditError(f"package {p.name}: {e.message}") from e
+
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="audit") as pool:
+        yield from pool.map(read, packages)
+
+
 def audit_image(image: Path, lock_path: Path, store: Store, manifest_path: Path | None = None,
                 say: Callable[[str], None] = lambda _m: None) -> AuditReport:  # fmt: skip
     """Audit ``image`` against the ``image`` package set of the lock at ``lock_path``, whose
@@ -319,19 +334,15 @@ def audit_image(image: Path, lock_path: Path, store: Store, manifest_path: Path 
         report.read = opened.read
         say(f"reading {image} ({opened.read}) and {len(packages)} packages")
         try:
-            nodes = {name: opened.tree.member(name) for name in opened.tree.member_names()}
-            resolver = PathResolver({name: node.meta for name, node in nodes.items() if node.meta is not None})
+            metas = {name: opened.tree.meta(name) for name in opened.tree.member_names()}
+            resolver = PathResolver(metas)
             shipped: dict[str, Shipped] = {}
-            for p in packages:
-                try:
-                    contents = package_contents(store.path(p.sha256), p.name)
-                except FormatError as e:
-                    raise AuditError(f"package {p.name}: {e.message}") from e
+            for contents in _read_packages(store, packages):
                 for rel, item in contents.items():
                     shipped[resolver.canonical(rel.split("/"))] = item  # a later package replaces (dpkg's Replaces)
             report.package_files = len(shipped)
             say("comparing the image with its packages")
-            audit_tree(nodes, resolver, shipped, manifest, report)
+            audit_tree(opened.tree, metas, resolver, shipped, manifest, report)
         except UnsafePath as e:
             raise AuditError(f"{image}: {e.message}") from e
         except (FormatError, OSError) as e:

@@ -222,8 +222,8 @@ def test_audit_of_a_tar_hard_link_and_symlinked_directories(tmp_path: Path) -> N
                                     ("./usr/bin/dash", "./usr/bin/sh", "hard"), ("./bin", "usr/bin", "sym"),
                                     ("./usr/sbin", "/bin", "sym"), ("./sbin", "usr/sbin/../sbin", "sym")])  # fmt: skip
     with image_tree(tar) as opened:
-        nodes = {n: opened.tree.member(n) for n in opened.tree.member_names()}
-        resolver = PathResolver({n: node.meta for n, node in nodes.items() if node.meta is not None})
+        metas = {n: opened.tree.meta(n) for n in opened.tree.member_names()}
+        resolver = PathResolver(metas)
         assert resolver.canonical(["bin", "dash"]) == "usr/bin/dash"
         assert resolver.canonical(["usr", "sbin", "x"]) == "usr/bin/x"  # /bin → usr/bin, from the root
         assert resolver.canonical(["sbin", "x"]) == "usr/bin/x"  # usr/sbin/../sbin = usr/bin/../sbin → ... → usr/bin
@@ -231,21 +231,20 @@ def test_audit_of_a_tar_hard_link_and_symlinked_directories(tmp_path: Path) -> N
         shipped = {resolver.canonical(["bin", "dash"]): Shipped("dash", "file", digest),
                    resolver.canonical(["bin", "sh"]): Shipped("dash", "symlink", "dash")}  # fmt: skip
         report = AuditReport("t.tar")
-        audit_tree(nodes, resolver, shipped, {}, report)
+        audit_tree(opened.tree, metas, resolver, shipped, {}, report)
     assert [f.path for f in report.changed] == ["/usr/bin/sh"] and "a file in the image, a symlink" in report.changed[0].detail
     assert report.missing == [] and {f.path for f in report.not_from_packages} == {"/bin", "/sbin", "/usr/sbin"}
 
     loop = _tar(tmp_path / "loop.tar", [("a", "b", "sym"), ("b", "a", "sym")])
     with image_tree(loop) as opened:
-        nodes = {n: opened.tree.member(n) for n in opened.tree.member_names()}
-        assert PathResolver({n: x.meta for n, x in nodes.items() if x.meta}).canonical(["a", "f"]) == "a/f"
+        metas = {n: opened.tree.meta(n) for n in opened.tree.member_names()}
+        assert PathResolver(metas).canonical(["a", "f"]) == "a/f"
 
     for members, message in (([("bin", "usr/bin", "sym"), ("usr/bin/x", b"", "file"), ("bin/x", b"1", "file")],
                                "bin/x lies under a symbolic link"),
                               ([("x", "missing", "hard")], "x is a hard link to 'missing'")):  # fmt: skip
         bad = _tar(tmp_path / "bad.tar", members)
         tree = TarTree(ByteSource.of_file(bad))
-        nodes = {n: tree.member(n) for n in tree.member_names()}
+        metas = {n: tree.meta(n) for n in tree.member_names()}
         with pytest.raises(AuditError, match=message):
-            audit_tree(nodes, PathResolver({n: x.meta for n, x in nodes.items() if x.meta}),
-                       {"x": Shipped("p", "file", digest)}, {}, AuditReport("bad.tar"))  # fmt: skip
+            audit_tree(tree, metas, PathResolver(metas), {"x": Shipped("p", "file", digest)}, {}, AuditReport("bad.tar"))

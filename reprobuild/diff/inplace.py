@@ -59,13 +59,17 @@ class InPlaceTree(TreeContainer, Generic[InodeT]):
         """Bytes of the image read so far (metadata, and data compared in place)."""
         return self.fs.bytes_read
 
-    def member(self, name: str) -> Node:
+    def meta(self, name: str) -> FileMeta:
         ino: Any = self._entries[name]
         ftype = ino.type
         target = os.fsdecode(self.fs.readlink(ino)) if ftype == "symlink" else None
-        meta = FileMeta(ftype, ino.mode & 0o7777, ino.uid, ino.gid, ino.size if ftype == "file" else 0, ino.mtime,
+        return FileMeta(ftype, ino.mode & 0o7777, ino.uid, ino.gid, ino.size if ftype == "file" else 0, ino.mtime,
                         target, self.fs.xattrs(ino), ino.device if ftype.endswith("device") else None)  # fmt: skip
-        return Node(name, None, self._content(name, ino) if ftype == "file" else None, meta=meta)
+
+    def member(self, name: str) -> Node:
+        meta = self.meta(name)
+        content = self._content(name, self._entries[name]) if meta.type == "file" else None
+        return Node(name, None, content, meta=meta)
 
     def _content(self, name: str, ino: InodeT) -> ByteSource:
         raise NotImplementedError

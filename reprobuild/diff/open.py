@@ -10,8 +10,7 @@ read in place by Python readers (`diff/erofstree.py`, `diff/squashfstree.py`, `d
 `diff/vfattree.py`); an image one of those readers refuses (a compressed erofs, an lz4 squashfs,
 a block-mapped ext2) is extracted by the standard tool into a temporary directory (``fsck.erofs
 --extract``, ``unsquashfs``, ``debugfs rdump``), bounded in time and in file size; a missing
-tool raises `ToolMissing` naming its package. `extract_fs` also serves ``verify --audit``, which
-walks a root as a directory.
+tool raises `ToolMissing` naming its package (`diff/fstree.py` chooses between the two).
 """
 
 from __future__ import annotations
@@ -166,6 +165,13 @@ class TreeContainer(Container):
     reliable: frozenset[str] = frozenset({"type", "mode", "uid", "gid", "size", "mtime", "target", "xattrs", "rdev"})
     label: str = "tree"
     note: str | None = None  # how the tree was read, when the diff should say so
+
+    def meta(self, name: str) -> FileMeta:
+        """The metadata of member ``name`` without its content (a reader that reads or copies a
+        file's bytes to make its member overrides this to leave them unread)."""
+        meta = self.member(name).meta
+        assert meta is not None
+        return meta
 
 
 ALL_FIELDS = TreeContainer.reliable

@@ -12,7 +12,15 @@ from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field
 from reprobuild.diff.erofstree import ErofsTree
 from reprobuild.diff.ext4tree import Ext4Tree
 from reprobuild.diff.fstree import IN_PLACE, open_file_system
-from reprobuild.diff.open import CpioTree, DiffInputError, DirectoryTree, Node, TarTree, TreeContainer
+from reprobuild.diff.open import (
+    CpioTree,
+    DiffInputError,
+    DirectoryTree,
+    FileMeta,
+    Node,
+    TarTree,
+    TreeContainer,
+)
 from reprobuild.diff.squashfstree import SquashfsTree
 
 
@@ -137,9 +145,9 @@ def compare_trees(ta: TreeContainer, tb: TreeContainer, ctx: DiffContext, depth:
             continue
         if rel not in set_b or rel not in set_a:
             tree, make = (ta, Difference.removed) if rel not in set_b else (tb, Difference.added)
-            node = tree.member(rel)
-            note = _describe(node)
-            if node.meta is not None and node.meta.type == "directory":
+            meta = tree.meta(rel)  # its content is not read: only described
+            note = _describe(meta)
+            if meta.type == "directory":
                 gone = rel + "/"
                 inside = sum(1 for n in (names_a if tree is ta else names_b) if n.startswith(gone))
                 note = f"directory with {inside} entries" if inside else "empty directory"
@@ -153,10 +161,7 @@ def compare_trees(ta: TreeContainer, tb: TreeContainer, ctx: DiffContext, depth:
     return out
 
 
-def _describe(n: Node) -> str:
-    m = n.meta
-    if m is None:
-        return ""
+def _describe(m: FileMeta) -> str:
     if m.type == "file":
         return f"file, {m.size} bytes"
     if m.target is not None:

@@ -30,10 +30,13 @@ class VfatTree(InPlaceTree[vfat.Entry]):
         for prefix, name, entry in self.fs.walk():
             self._entries[os.fsdecode(prefix + name)] = entry
 
+    def meta(self, name: str) -> FileMeta:
+        e = self._entries[name]
+        return FileMeta(e.type, None, None, None, e.size, e.mtime)
+
     def member(self, name: str) -> Node:
         e = self._entries[name]
-        meta = FileMeta(e.type, None, None, None, e.size, e.mtime)
-        return Node(name, None, self._content(name, e) if e.type == "file" else None, meta=meta)
+        return Node(name, None, self._content(name, e) if e.type == "file" else None, meta=self.meta(name))
 
     def _content(self, name: str, ino: vfat.Entry) -> ByteSource:
         return self.extents_content(name, ino, lambda: self.fs.read_data(ino, self._memory_limit),
