@@ -200,6 +200,7 @@ def test_bootable_manifest_and_audit_leave_no_surprise(bootable_disk: BuiltPair,
                        "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
+    assert report["read"] == "erofs root file system, read in place"  # no fsck.erofs, nothing extracted
     unowned = {f["path"]: f["detail"] for f in report["not_from_packages"]}
     assert unowned["/etc/hostname"] == "Hostname=reprobuild (written)"
     assert unowned["/etc/systemd/system/console-getty.service.d/autologin.conf"] == "Autologin=yes (written)"
