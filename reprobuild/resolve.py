@@ -739,6 +739,38 @@ class DebProvider(resolvelib.AbstractProvider):
         positive = any(info.requirement.positive for info in information[identifier])
         return (0 if positive else 3, identifier.name)
 
+    def narrow_requirement_selection(
+        self,
+        identifiers: Iterable[Identifier],
+        resolutions: Mapping,
+        candidates: Mapping,
+        information: Mapping,
+        backtrack_causes: Sequence,
+    ) -> list[Identifier]:
+        """``[min(identifiers, key=get_preference)]``, the very pick resolvelib would make, but
+        without a ``get_preference`` call (and resolvelib's wrapper around it) per unpinned name
+        per round: the keys are compared inline, and a package's requirements are only scanned
+        (for ``positive``) when its name could still beat the best pick so far. Keys are unique
+        (rank separates the two identifier types), so the pick does not depend on the order.
+        resolvelib ≥ 1.1 calls this in each round with more than one unpinned name, before
+        ``get_preference``; 1.0 never does, and then ``get_preference`` makes the same pick."""
+        best: Identifier | None = None
+        best_rank = 4
+        best_name = ""
+        for identifier in identifiers:
+            if isinstance(identifier, AlternativesKey):
+                rank, name = (2 if identifier.weak else 1), identifier.text
+            else:
+                name = identifier.name
+                if best_rank == 0 and name >= best_name:
+                    continue  # rank 0 or 3, either way not below (0, best_name)
+                positive = any(info.requirement.positive for info in information[identifier])
+                rank = 0 if positive else 3
+            if rank < best_rank or (rank == best_rank and name < best_name):
+                best, best_rank, best_name = identifier, rank, name
+        assert best is not None, "resolvelib passes at least one identifier"
+        return [best]
+
     def find_matches(
         self,
         identifier: Identifier,

@@ -638,3 +638,50 @@ def test_cached_universe_rejects_other_data() -> None:
     swapped = Universe.from_bytes(good, [index_text(pkg("b"), pkg("a"))])  # same length, other order
     with pytest.raises(RepositoryError, match="another package's"):
         swapped.versions("a")
+
+
+# --------------------------------------------------------------------------- resolvelib hooks
+
+
+class NarrowCheckingProvider(DebProvider):
+    """Asserts that narrow_requirement_selection picks what min(get_preference) would."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ranks: list[int] = []
+
+    def narrow_requirement_selection(self, identifiers: Any, resolutions: Any, candidates: Any,
+                                     information: Any, backtrack_causes: Any) -> list[Any]:  # fmt: skip
+        identifiers = list(identifiers)
+        picked = super().narrow_requirement_selection(
+            identifiers, resolutions, candidates, information, backtrack_causes
+        )
+
+        def preference(identifier: Any) -> tuple[int, str]:
+            return self.get_preference(identifier, resolutions, candidates, information, backtrack_causes)
+
+        expected = min(identifiers, key=preference)
+        assert picked == [expected]
+        assert picked == [min(reversed(identifiers), key=preference)]  # the pick ignores the order
+        self.ranks.append(preference(expected)[0])
+        return picked
+
+
+def test_narrow_requirement_selection_picks_as_get_preference() -> None:
+    import resolvelib
+
+    if not hasattr(resolvelib.AbstractProvider, "narrow_requirement_selection"):
+        pytest.skip("resolvelib < 1.1 never calls narrow_requirement_selection")
+    u = _scenario_universe()
+    request = ResolveRequest(("app", "mailx", "init"), base_set="minbase", recommends=True,
+                             pins={"exim": "4.96"})  # fmt: skip
+    from reprobuild.resolve import _root_requirements
+
+    provider = NarrowCheckingProvider(u, recommends=True, pins=request.pins)
+    roots = [requirement for requirement, _ in _root_requirements(u, request)]
+    result = resolvelib.Resolver(provider, resolvelib.BaseReporter()).resolve(roots, max_rounds=1000)
+    # Every kind of pick was checked: a needed package (0), an OR group (1), a Recommends group
+    # (2) and a package only named by a Conflicts/Breaks (3).
+    assert set(provider.ranks) == {0, 1, 2, 3}
+    expected = {p.package.name for p in resolve(u, request).packages}
+    assert {c.package.name for c in result.mapping.values() if isinstance(c, RepoCandidate)} == expected
