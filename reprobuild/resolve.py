@@ -734,6 +734,10 @@ class DebProvider(resolvelib.AbstractProvider):
         weak Recommends groups (2), then packages only named by Conflicts/Breaks (3), which are
         pinned "absent" last. Deferring OR groups lets apt's "an alternative already wanted
         wins" rule see as many wanted packages as possible. The name makes the order total."""
+        return self._preference(identifier, information)
+
+    @staticmethod
+    def _preference(identifier: Identifier, information: Mapping) -> tuple[int, str]:
         if isinstance(identifier, AlternativesKey):
             return (2 if identifier.weak else 1, identifier.text)
         positive = any(info.requirement.positive for info in information[identifier])
@@ -749,25 +753,19 @@ class DebProvider(resolvelib.AbstractProvider):
     ) -> list[Identifier]:
         """``[min(identifiers, key=get_preference)]``, the very pick resolvelib would make, but
         without a ``get_preference`` call (and resolvelib's wrapper around it) per unpinned name
-        per round: the keys are compared inline, and a package's requirements are only scanned
-        (for ``positive``) when its name could still beat the best pick so far. Keys are unique
-        (rank separates the two identifier types), so the pick does not depend on the order.
-        resolvelib ≥ 1.1 calls this in each round with more than one unpinned name, before
-        ``get_preference``; 1.0 never does, and then ``get_preference`` makes the same pick."""
+        per round, and a package's requirements are only scanned (for ``positive``) when its name
+        could still beat the best pick so far. Keys are unique (rank separates the two identifier
+        types), so the pick does not depend on the order. resolvelib ≥ 1.1 calls this in each round
+        with more than one unpinned name, before ``get_preference``; 1.0 never does, and then
+        ``get_preference`` makes the same pick."""
         best: Identifier | None = None
-        best_rank = 4
-        best_name = ""
+        best_key = (4, "")
         for identifier in identifiers:
-            if isinstance(identifier, AlternativesKey):
-                rank, name = (2 if identifier.weak else 1), identifier.text
-            else:
-                name = identifier.name
-                if best_rank == 0 and name >= best_name:
-                    continue  # rank 0 or 3, either way not below (0, best_name)
-                positive = any(info.requirement.positive for info in information[identifier])
-                rank = 0 if positive else 3
-            if rank < best_rank or (rank == best_rank and name < best_name):
-                best, best_rank, best_name = identifier, rank, name
+            if best_key[0] == 0 and isinstance(identifier, PackageKey) and identifier.name >= best_key[1]:
+                continue  # rank 0 or 3, either way not below (0, best name): its requirements are not scanned
+            key = self._preference(identifier, information)
+            if key < best_key:
+                best, best_key = identifier, key
         assert best is not None, "resolvelib passes at least one identifier"
         return [best]
 
