@@ -248,3 +248,31 @@ def test_audit_of_a_tar_hard_link_and_symlinked_directories(tmp_path: Path) -> N
         metas = {n: tree.meta(n) for n in tree.member_names()}
         with pytest.raises(AuditError, match=message):
             audit_tree(tree, metas, PathResolver(metas), {"x": Shipped("p", "file", digest)}, {}, AuditReport("bad.tar"))
+
+
+def test_audit_needs_no_user_namespace(built: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """An ordinary user without subordinate ids audits too: nothing is extracted or owned."""
+    from reprobuild import userns
+    from reprobuild.cli import main
+
+    def unavailable() -> None:
+        raise userns.RootlessUnavailable("no subordinate ids for this user")
+
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    monkeypatch.setattr(userns, "plan", unavailable)
+    monkeypatch.setenv("REPROBUILD_STORE", str(built["store"]))
+
+    def status(*args: str) -> int | str | None:
+        try:
+            main(list(args))
+        except SystemExit as e:
+            return e.code
+        return 0
+
+    lock = str(built["definition"] / "reprobuild.lock")
+    code = status("verify", "--audit", str(built["tar"]), "--lock", lock, "--json")
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert json.loads(out.out)["read"] == "a tar, read member by member"
+    code = status("verify", str(built["tar"]), "--lock", lock)  # a rebuild still needs the namespace, and says why
+    assert code != 0 and "no subordinate ids" in capsys.readouterr().err

@@ -61,7 +61,7 @@ def _say(quiet: bool):
 @json_option
 @quiet_option
 @click.pass_context
-@rootless(required=lambda kwargs: not kwargs["no_rebuild"], default_store=False)
+@rootless(required=lambda kwargs: not kwargs["no_rebuild"] and not kwargs["audit"], default_store=False)
 def verify_command(ctx: click.Context, image: str, lock_path: Path | None, trusted_key: Path | None,
                    certificates: tuple[Path, ...], manifest: Path | None, provenance: Path | None,
                    no_rebuild: bool, allow_unsigned: tuple[str, ...], audit: bool, definition: Path | None,
