@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import resolvelib
 from resolvelib.resolvers import ResolutionImpossible, ResolutionTooDeep
@@ -83,9 +83,12 @@ class InconsistentResolution(ResolutionFailed):
 # --------------------------------------------------------------------------- identifiers
 
 
-@dataclass(frozen=True, slots=True)
-class PackageKey:
-    """The slot of one real package name (native architecture or ``all``)."""
+class PackageKey(NamedTuple):
+    """The slot of one real package name (native architecture or ``all``).
+
+    A named tuple rather than a dataclass: resolvelib hashes and compares identifiers some 100 000
+    times per lock (its per-round dict lookups), and a tuple does both in C, where a dataclass
+    calls its generated Python ``__hash__`` and ``__eq__``."""
 
     name: str
 
