@@ -7,7 +7,8 @@ Package paths are resolved through the image's own directory symlinks (merged /u
 ``/bin/sh`` is the tree's ``/usr/bin/sh``).
 
 The image is read as a tree without running anything from it and without writing it out: a
-directory as it is, a tar member by member, a DDI's root file system (erofs, squashfs, ext4) in
+directory as it is, a tar member by member (an OCI image's layer decompressed to a temporary
+file first), a DDI's root file system (erofs, squashfs, ext4) in
 place by the Python readers `diff` uses (:func:`reprobuild.diff.fstree.open_file_system`; only a
 valid image a reader refuses is extracted, by the file system's own tool, and the report says so).
 Paths are resolved through the image's symlinks in memory (:func:`reprobuild.rootfs.unpack.resolve_in_tree`).
@@ -46,6 +47,7 @@ from reprobuild.diff.source import ByteSource
 from reprobuild.errors import FormatError, ReprobuildError, StoreError
 from reprobuild.lockfile import Lock, LockedPackage, load_lock
 from reprobuild.nspawn import TAR_MAGIC, inspect_ddi
+from reprobuild.rootfs.oci import decompress_layer
 from reprobuild.rootfs.unpack import TreeEntry, UnsafePath, resolve_in_tree, split_member_name
 from reprobuild.store import Store
 
@@ -168,7 +170,17 @@ def image_tree(image: Path) -> Iterator[ImageTree]:
             tar = TarTree(ByteSource.of_file(image))
         except FormatError as e:
             raise AuditError(f"{image}: not a readable tar: {e.message}") from e
-        yield ImageTree(tar, "a tar, read member by member")
+        if not {"oci-layout", "index.json"} <= set(tar.member_names()):
+            yield ImageTree(tar, "a tar, read member by member")
+            return
+        with TempDirs() as temp:  # an OCI image (-f oci): its one layer is the root tree
+            layer = temp.new("reprobuild-audit-") / "layer.tar"
+            try:
+                decompress_layer(image, layer, max(1 << 30, 64 * image.stat().st_size))
+                tree = TarTree(ByteSource.of_file(layer))
+            except FormatError as e:
+                raise AuditError(e.message) from e
+            yield ImageTree(tree, "an OCI image's layer, read member by member")
         return
     ddi = inspect_ddi(image)
     if ddi.root_fs not in FS_KINDS or ddi.data_extent is None:

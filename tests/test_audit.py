@@ -51,10 +51,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_lock(replace(load_lock(d / "reprobuild.lock"), config_digest=spec.digest(), config=spec.digest_input()),
               d / "reprobuild.lock")
     store = work / "fx/store"
-    for fmt, out in (("tar", work / "out-tar"), ("directory", work / "out-dir")):
+    for fmt, out in (("tar", work / "out-tar"), ("directory", work / "out-dir"), ("oci", work / "out-oci")):
         r = _reprobuild(store, "build", "-C", str(d), "--locked", "--offline", "-f", fmt, "-o", str(out), "-q")
         assert r.returncode == 0, r.stderr[-3000:]
-    return {"definition": d, "store": store, "tar": work / "out-tar/image.tar", "dir": work / "out-dir/image"}
+    return {"definition": d, "store": store, "tar": work / "out-tar/image.tar", "dir": work / "out-dir/image",
+            "oci": work / "out-oci/image.oci.tar"}
 
 
 def test_manifest_lists_what_reprobuild_wrote_and_why(built: dict[str, Path]) -> None:
@@ -276,3 +277,44 @@ def test_audit_needs_no_user_namespace(built: dict[str, Path], monkeypatch: pyte
     assert json.loads(out.out)["read"] == "a tar, read member by member"
     code = status("verify", str(built["tar"]), "--lock", lock)  # a rebuild still needs the namespace, and says why
     assert code != 0 and "no subordinate ids" in capsys.readouterr().err
+
+
+def test_audit_of_an_oci_image_reads_its_layer(built: dict[str, Path], tmp_path: Path) -> None:
+    """``-f oci``: the layer is the root tree; the findings are the tar output's. A layer that
+    decompresses beyond its bound, one cut short, or an archive without one, is one clear line."""
+    import io
+    import tarfile
+
+    from reprobuild.errors import FormatError
+    from reprobuild.rootfs.oci import decompress_layer
+
+    report = _audit(built, built["oci"])
+    assert report["read"] == "an OCI image's layer, read member by member"
+    assert _findings(report) == _findings(_audit(built, built["tar"]))
+    with pytest.raises(FormatError, match="decompresses to more than 4096 bytes"):
+        decompress_layer(built["oci"], tmp_path / "layer.tar", 4096)
+    # A layer cut short: the gzip stream ends early.
+    cut = tmp_path / "cut.oci.tar"
+    with tarfile.open(built["oci"]) as src, tarfile.open(cut, "w", format=tarfile.USTAR_FORMAT) as dst:
+        index = json.loads(src.extractfile("index.json").read())  # type: ignore[union-attr]
+        manifest = json.loads(src.extractfile("blobs/sha256/" + index["manifests"][0]["digest"][7:]).read())  # type: ignore[union-attr]
+        layer_name = "blobs/sha256/" + manifest["layers"][0]["digest"][7:]
+        for m in src.getmembers():
+            data = src.extractfile(m).read() if m.isfile() else None  # type: ignore[union-attr]
+            if m.name == layer_name and data is not None:
+                data = data[: len(data) // 2]
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data) if data is not None else None)
+    with pytest.raises(FormatError, match="truncated|not a readable OCI image"):
+        decompress_layer(cut, tmp_path / "layer.tar", 1 << 30)
+    r = _reprobuild(built["store"], "verify", "--audit", str(cut), "--lock", str(built["definition"] / "reprobuild.lock"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "cut.oci.tar" in r.stderr, r.stderr
+    # index.json and oci-layout but no such blob: not an OCI image it can read
+    broken = tmp_path / "broken.oci.tar"
+    with tarfile.open(broken, "w") as dst:
+        for name, data in (("index.json", b'{"manifests": []}'), ("oci-layout", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    r = _reprobuild(built["store"], "verify", "--audit", str(broken), "--lock", str(built["definition"] / "reprobuild.lock"))
+    assert r.returncode == 1 and "not a readable OCI image" in r.stderr and "Traceback" not in r.stderr, r.stderr

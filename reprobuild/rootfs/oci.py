@@ -224,30 +224,61 @@ def write_oci_archive(out: BinaryIO, index: Blob, blobs: Iterable[Blob], epoch: 
     emit(b"\0" * (-written % RECORD))
 
 
+def _layer(outer: tarfile.TarFile) -> BinaryIO:
+    """The single gzip layer of an open oci-archive, as a file object of its compressed bytes.
+    Raises FormatError, or the KeyError/ValueError/TypeError of a malformed index or manifest."""
+    index = json.loads(_member(outer, "index.json", 1 << 20))
+    [desc] = index["manifests"]
+    manifest = json.loads(_member(outer, _blob_name(desc["digest"]), 1 << 20))
+    [layer] = manifest["layers"]
+    if layer.get("mediaType") != MEDIA_LAYER_GZIP:
+        raise FormatError(f"layer type {layer.get('mediaType')!r} is not {MEDIA_LAYER_GZIP}")
+    f = outer.extractfile(outer.getmember(_blob_name(layer["digest"])))
+    if f is None:
+        raise FormatError("the layer is not a regular file")
+    return f
+
+
+# What reading a hostile oci-archive can raise besides FormatError: a malformed index or manifest,
+# a damaged tar or gzip stream.
+_ARCHIVE_ERRORS = (tarfile.TarError, KeyError, TypeError, ValueError, AttributeError, OSError, EOFError, zlib.error)
+
+
 def read_layer_file(archive: Path, name: str, limit: int = 64 << 20) -> bytes | None:
     """The bytes of ``name`` (``var/lib/dpkg/status``) in the single layer of the oci-archive at
     ``archive``, or None if the layer has no such regular file. Reads hostile input: a malformed
     archive, index or manifest is a :class:`FormatError`; the layer is streamed, never extracted."""
     try:
-        with tarfile.open(archive) as outer:
-            index = json.loads(_member(outer, "index.json", 1 << 20))
-            [desc] = index["manifests"]
-            manifest = json.loads(_member(outer, _blob_name(desc["digest"]), 1 << 20))
-            [layer] = manifest["layers"]
-            if layer.get("mediaType") != MEDIA_LAYER_GZIP:
-                raise FormatError(f"layer type {layer.get('mediaType')!r} is not {MEDIA_LAYER_GZIP}")
-            f = outer.extractfile(outer.getmember(_blob_name(layer["digest"])))
-            if f is None:
-                raise FormatError("the layer is not a regular file")
-            with tarfile.open(fileobj=f, mode="r|gz") as tf:
-                for m in tf:
-                    if m.name.removeprefix("./") == name and m.isfile():
-                        if m.size > limit:
-                            raise FormatError(f"{name} in the layer is larger than {limit} bytes")
-                        data = tf.extractfile(m)
-                        return data.read() if data else None
+        with tarfile.open(archive) as outer, tarfile.open(fileobj=_layer(outer), mode="r|gz") as tf:
+            for m in tf:
+                if m.name.removeprefix("./") == name and m.isfile():
+                    if m.size > limit:
+                        raise FormatError(f"{name} in the layer is larger than {limit} bytes")
+                    data = tf.extractfile(m)
+                    return data.read() if data else None
         return None
-    except (tarfile.TarError, KeyError, TypeError, ValueError, AttributeError, OSError, EOFError, zlib.error) as e:
+    except _ARCHIVE_ERRORS as e:
+        raise FormatError(f"{archive}: not a readable OCI image ({e})") from e
+
+
+def decompress_layer(archive: Path, out: Path, limit: int) -> None:
+    """Write the single layer of the oci-archive at ``archive`` to ``out`` as its uncompressed tar
+    (the diff_id's bytes), at most ``limit`` bytes (a gzip bomb stops there). Raises FormatError
+    for a malformed archive or layer."""
+    try:
+        with tarfile.open(archive) as outer, open(out, "wb") as dst:
+            layer = _layer(outer)
+            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one gzip member, as write_layer makes
+            written = 0
+            while chunk := layer.read(1 << 20):
+                data = inflate.decompress(chunk, limit - written + 1)
+                written += len(data)
+                if written > limit:
+                    raise FormatError(f"{archive}: the layer decompresses to more than {limit} bytes")
+                dst.write(data)
+            if not inflate.eof:
+                raise FormatError(f"{archive}: the layer's gzip stream is truncated")
+    except _ARCHIVE_ERRORS as e:
         raise FormatError(f"{archive}: not a readable OCI image ({e})") from e
 
 
