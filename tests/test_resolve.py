@@ -625,6 +625,8 @@ def test_cached_universe_rejects_other_data() -> None:
         marshal.dumps((magic, version, arch, indices, names, first, records[:-1], providers, essential, required)),
         marshal.dumps((magic, version, arch, indices, names, first, records[:-8], providers, essential, required)),
         marshal.dumps((magic, version, arch, indices, names)),
+        marshal.dumps((magic, version, arch, indices, names, first, records, {"virt": ("p",)}, essential, required)),
+        marshal.dumps((magic, version, arch, indices, names, first, records, providers[:-1], essential, required)),
     ]
     for data in others:
         with pytest.raises(ValueError):
