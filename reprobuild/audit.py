@@ -158,7 +158,8 @@ class ImageTree:
 
 @contextmanager
 def image_tree(image: Path) -> Iterator[ImageTree]:
-    """The root tree of ``image`` (a directory, a tar or a DDI); temporary files removed after."""
+    """The root tree of ``image`` (a directory, a tar, an OCI image or a DDI); temporary files
+    removed after."""
     if image.is_dir():
         yield ImageTree(DirectoryTree(image, ALL_FIELDS - {"xattrs"}), "a directory")
         return
