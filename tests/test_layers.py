@@ -28,8 +28,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                  "pkcs11key")),
     # Definitions and storage: the settings table, the lockfile, the manifest, the store,
     # downloads, progress.
-    ("data", ("config", "lockfile", "manifest", "store", "fetch", "mirrors", "progress", "resolve", "preflight", "workspace",
-              "registry", "registry.reference", "registry.auth", "registry.client")),
+    ("data", ("config", "lockfile", "manifest", "store", "fetch", "mirrors", "progress", "resolve", "providerindex",
+              "preflight", "workspace", "registry", "registry.reference", "registry.auth", "registry.client")),
     # The root tree: extraction, sandbox, install, settings, normalisation.
     ("rootfs", ("rootfs", "rootfs.*")),
     # What is pushed to OCI registries (uses rootfs.oci's blob and JSON helpers); references,
