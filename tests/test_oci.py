@@ -279,3 +279,66 @@ def test_platforms_of_debian_architectures() -> None:
     assert platform("ppc64el")["architecture"] == "ppc64le" and platform("i386")["architecture"] == "386"
     with pytest.raises(BuildError, match="no OCI platform"):
         platform("hurd-i386")
+
+
+def test_diff_compares_oci_images_by_documents_and_layer_tree(built: dict[str, Path], tmp_path: Path) -> None:
+    """``reprobuild diff`` of two OCI images names the file that differs inside the layer and the
+    config fields, not blobs named by digest; an OCI image against the tar output is a tree diff."""
+    from dataclasses import replace
+
+    from reprobuild.config import load_spec
+    from reprobuild.diff.compare import compare_paths
+    from reprobuild.diff.difference import METADATA, Field, leaves
+    from reprobuild.lockfile import save_lock
+
+    other = tmp_path / "other"
+    shutil.copytree(built["definition"], other, ignore=shutil.ignore_patterns("store"))
+    conf = (other / "reprobuild.conf").read_text()
+    (other / "reprobuild.conf").write_text(conf.replace("Hostname=fixture", "Hostname=elsewhere"))
+    spec = load_spec(other)
+    save_lock(replace(load_lock(other / "reprobuild.lock"), config_digest=spec.digest(), config=spec.digest_input()),
+              other / "reprobuild.lock")
+    r = _cli(built["store"], "build", "-C", str(other), "--locked", "--offline", "-o", str(tmp_path / "out"), "-f", "oci")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = built["oci"] / "image.oci.tar", tmp_path / "out/image.oci.tar"
+    result = compare_paths(a, b)
+    assert result.difference is not None and result.difference.kind == "oci"
+    paths = {" / ".join(p): n for p, n in leaves(result.difference)}
+    assert "layer.tar / etc/hostname" in paths, sorted(paths)
+    assert not any("blobs/sha256" in p for p in paths), sorted(paths)
+    assert any(p.startswith(("config.json", "manifest.json")) for p in paths), sorted(paths)  # digests and labels
+    assert compare_paths(a, built["oci-nocache"] / "image.oci.tar").identical
+    # An OCI image against the tar output of the same definition: the same files, another format.
+    against_tar = compare_paths(a, built["tar"] / "image.tar").difference
+    assert against_tar is not None and not against_tar.details
+    assert against_tar.fields == (Field("format", "oci", "tar", METADATA),), against_tar
+    r = _cli(built["store"], "diff", str(a), str(b))
+    assert r.returncode == 1 and "etc/hostname" in r.stdout and "Traceback" not in r.stderr, r.stdout + r.stderr
+
+
+def test_a_tar_that_only_looks_like_an_oci_image_is_compared_as_a_tar(tmp_path: Path) -> None:
+    """``is_oci_archive`` guesses from the first header: a tar starting with ``blobs/`` but holding
+    no image layout is still diffed, as the plain tar it is, with the reason."""
+    from reprobuild.diff.compare import compare_paths
+    from reprobuild.diff.detect import Kind, detect
+    from reprobuild.diff.difference import leaves
+    from reprobuild.diff.source import ByteSource
+
+    paths = []
+    for name, text in (("a.tar", b"one\n"), ("b.tar", b"two\n")):
+        path = tmp_path / name
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for member, data in (("blobs/", None), ("blobs/notes.txt", text)):
+                info = tarfile.TarInfo(member)
+                if data is None:
+                    info.type = tarfile.DIRTYPE
+                else:
+                    info.size = len(data)
+                tf.addfile(info, io.BytesIO(data) if data is not None else None)
+        paths.append(path)
+    assert detect(ByteSource.of_file(paths[0])) is Kind.OCI
+    result = compare_paths(paths[0], paths[1])
+    assert result.difference is not None
+    found = {" / ".join(p): n for p, n in leaves(result.difference)}
+    assert "blobs/notes.txt" in found, found
+    assert any("compared as plain tar archives" in c for c in result.difference.comments), result.difference

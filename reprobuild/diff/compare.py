@@ -25,6 +25,7 @@ from reprobuild.diff.detect import Kind
 from reprobuild.diff.difference import Difference, without_metadata
 from reprobuild.diff.disk import DiskComparator, VerityHashComparator, VeritySigComparator
 from reprobuild.diff.lockdiff import LockfileComparator, diff_pins
+from reprobuild.diff.oci import OciComparator
 from reprobuild.diff.open import Node, open_input
 from reprobuild.diff.text import JsonComparator, TextComparator
 from reprobuild.diff.trees import TreeComparator
@@ -41,6 +42,7 @@ COMPARATORS: tuple[type[Comparator], ...] = (
     PeComparator,
     DebComparator,
     CompressedComparator,
+    OciComparator,
     TreeComparator,
     TextComparator,
     BinaryComparator,

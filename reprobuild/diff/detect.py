@@ -11,6 +11,7 @@ import json
 import struct
 
 from reprobuild.diff.source import ByteSource
+from reprobuild.rootfs.oci import is_oci_archive
 
 HEAD = 64 * 1024
 JSON_LIMIT = 64 << 20  # lockfiles and manifests are parsed whole; beyond this, treat as text
@@ -26,6 +27,7 @@ class Kind(str, enum.Enum):
     VERITY_HASH = "verity-hash"
     VERITY_SIG = "verity-sig"
     TAR = "tar"
+    OCI = "oci"  # an OCI image layout's archive (a tar: blobs/, index.json, oci-layout)
     CPIO = "cpio"
     DEB = "deb"
     PE = "pe"
@@ -41,7 +43,7 @@ class Kind(str, enum.Enum):
 
 
 FILE_SYSTEMS = frozenset({Kind.EROFS, Kind.SQUASHFS, Kind.EXT4, Kind.VFAT})
-ARCHIVES = frozenset({Kind.TAR, Kind.CPIO})
+ARCHIVES = frozenset({Kind.TAR, Kind.CPIO, Kind.OCI})
 TREES = FILE_SYSTEMS | ARCHIVES | {Kind.DIRECTORY}
 COMPRESSED = frozenset({Kind.GZIP, Kind.XZ, Kind.ZSTD, Kind.BZIP2})
 
@@ -69,7 +71,7 @@ def detect(src: ByteSource) -> Kind:
     if head[:6] in (b"070701", b"070702"):
         return Kind.CPIO
     if head[257:262] == b"ustar":
-        return Kind.TAR
+        return Kind.OCI if is_oci_archive(head) else Kind.TAR
     if head[:8] == b"!<arch>\n" and head[8:21] == b"debian-binary":
         return Kind.DEB
     if head[:2] == b"MZ" and len(head) >= 0x40:

@@ -12,6 +12,7 @@ from reprobuild.diff.difference import CONTENT, METADATA, Difference, Field
 from reprobuild.diff.erofstree import ErofsTree
 from reprobuild.diff.ext4tree import Ext4Tree
 from reprobuild.diff.fstree import IN_PLACE, open_file_system
+from reprobuild.diff.oci import oci_layer
 from reprobuild.diff.open import (
     CpioTree,
     DiffInputError,
@@ -22,6 +23,7 @@ from reprobuild.diff.open import (
     TreeContainer,
 )
 from reprobuild.diff.squashfstree import SquashfsTree
+from reprobuild.errors import FormatError
 
 
 class TreeComparator(Comparator, kinds=TREES):
@@ -82,6 +84,10 @@ class TreeComparator(Comparator, kinds=TREES):
             if fields and blocks == [0]:
                 return Difference.of(name, kind.value, fields=fields, comments=[*notes, "only the superblock differs"])
             return Difference.of(name, kind.value, fields=fields, comments=[*notes, comment], own=CONTENT)
+        if not details and a.source is not None and b.source is not None and a.resolved_kind() is not b.resolved_kind():
+            ka, kb = a.resolved_kind().value, b.resolved_kind().value
+            return Difference.of(name, "tree", fields=[Field("format", ka, kb, METADATA)],
+                                 comments=[f"the same files in both ({ka}, {kb})"])  # fmt: skip
         if not details and a.source is not None and b.source is not None:
             kind = a.resolved_kind()
             fields = [f for f in disk_mod.superblock_fields(kind, a.source, b.source) if f is not None]
@@ -114,6 +120,13 @@ def open_tree(node: Node, ctx: DiffContext, what: str) -> TreeContainer:
         return open_tree(Node(node.name, None, data), ctx, what)
     if kind is Kind.TAR:
         return TarTree(node.source)
+    if kind is Kind.OCI:  # the image's one layer is its tree
+        try:
+            return TarTree(oci_layer(node.source, ctx, what or node.name))
+        except FormatError as e:  # a tar that only looked like an image layout
+            tree = TarTree(node.source)
+            tree.note = f"read as a plain tar: {e.message}"
+            return tree
     if kind is Kind.CPIO:
         return CpioTree(node.source, ctx.options.memory_limit)
     if kind in IN_PLACE:

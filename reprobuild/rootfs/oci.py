@@ -224,13 +224,31 @@ def write_oci_archive(out: BinaryIO, index: Blob, blobs: Iterable[Blob], epoch: 
     emit(b"\0" * (-written % RECORD))
 
 
+@dataclass(frozen=True)
+class ArchiveDocuments:
+    """The JSON documents of an oci-archive as stored (``index.json``, the manifest, the config)."""
+
+    index: bytes
+    manifest: bytes
+    config: bytes
+
+
+def _manifest(outer: tarfile.TarFile) -> tuple[bytes, bytes, dict[str, Any]]:
+    """index.json, the manifest's bytes and the manifest, of the archive's one image. Raises the
+    KeyError/ValueError/TypeError of a malformed index or manifest."""
+    index = _member(outer, "index.json", 1 << 20)
+    [desc] = json.loads(index)["manifests"]
+    manifest = _member(outer, _blob_name(desc["digest"]), 1 << 20)
+    doc = json.loads(manifest)
+    if not isinstance(doc, dict):
+        raise TypeError("the manifest is not a JSON object")
+    return index, manifest, doc
+
+
 def _layer(outer: tarfile.TarFile) -> BinaryIO:
     """The single gzip layer of an open oci-archive, as a file object of its compressed bytes.
     Raises FormatError, or the KeyError/ValueError/TypeError of a malformed index or manifest."""
-    index = json.loads(_member(outer, "index.json", 1 << 20))
-    [desc] = index["manifests"]
-    manifest = json.loads(_member(outer, _blob_name(desc["digest"]), 1 << 20))
-    [layer] = manifest["layers"]
+    [layer] = _manifest(outer)[2]["layers"]
     if layer.get("mediaType") != MEDIA_LAYER_GZIP:
         raise FormatError(f"layer type {layer.get('mediaType')!r} is not {MEDIA_LAYER_GZIP}")
     f = outer.extractfile(outer.getmember(_blob_name(layer["digest"])))
@@ -242,6 +260,21 @@ def _layer(outer: tarfile.TarFile) -> BinaryIO:
 # What reading a hostile oci-archive can raise besides FormatError: a malformed index or manifest,
 # a damaged tar or gzip stream.
 _ARCHIVE_ERRORS = (tarfile.TarError, KeyError, TypeError, ValueError, AttributeError, OSError, EOFError, zlib.error)
+
+
+def _open(archive: Path | BinaryIO) -> tarfile.TarFile:
+    return tarfile.open(archive) if isinstance(archive, Path) else tarfile.open(fileobj=archive)
+
+
+def is_oci_archive(head: bytes) -> bool:
+    """Whether a tar starting with the 512-byte header ``head`` looks like an image layout's
+    archive: its first member is ``blobs/`` (as in this module's archives and in skopeo's and
+    podman's, which list the layout in name order) or ``oci-layout``. A guess from one header: a
+    reader falls back to the plain tar when the layout is not there."""
+    if len(head) < 512 or head[257:262] != b"ustar":
+        return False
+    name = head[:100].split(b"\0", 1)[0].decode("utf-8", "replace").removeprefix("./").rstrip("/")
+    return name in ("blobs", "blobs/sha256", "oci-layout") or name.startswith("blobs/sha256/")
 
 
 def read_layer_file(archive: Path, name: str, limit: int = 64 << 20) -> bytes | None:
@@ -261,12 +294,25 @@ def read_layer_file(archive: Path, name: str, limit: int = 64 << 20) -> bytes | 
         raise FormatError(f"{archive}: not a readable OCI image ({e})") from e
 
 
-def decompress_layer(archive: Path, out: Path, limit: int) -> None:
-    """Write the single layer of the oci-archive at ``archive`` to ``out`` as its uncompressed tar
-    (the diff_id's bytes), at most ``limit`` bytes (a gzip bomb stops there). Raises FormatError
-    for a malformed archive or layer."""
+def read_documents(archive: Path | BinaryIO, what: str) -> ArchiveDocuments:
+    """The index, manifest and config of the oci-archive ``archive`` (a path, or an open file
+    named ``what`` in messages). Raises FormatError for a malformed archive."""
     try:
-        with tarfile.open(archive) as outer, open(out, "wb") as dst:
+        with _open(archive) as outer:
+            index, manifest, doc = _manifest(outer)
+            config = _member(outer, _blob_name(doc["config"]["digest"]), 1 << 20)
+    except _ARCHIVE_ERRORS as e:
+        raise FormatError(f"{what}: not a readable OCI image ({e})") from e
+    return ArchiveDocuments(index, manifest, config)
+
+
+def decompress_layer(archive: Path | BinaryIO, out: Path, limit: int, what: str | None = None) -> None:
+    """Write the single layer of the oci-archive ``archive`` (a path, or an open file named
+    ``what`` in messages) to ``out`` as its uncompressed tar (the diff_id's bytes), at most
+    ``limit`` bytes (a gzip bomb stops there). Raises FormatError for a malformed archive or layer."""
+    what = what or str(archive)
+    try:
+        with _open(archive) as outer, open(out, "wb") as dst:
             layer = _layer(outer)
             inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one gzip member, as write_layer makes
             written = 0
@@ -274,12 +320,12 @@ def decompress_layer(archive: Path, out: Path, limit: int) -> None:
                 data = inflate.decompress(chunk, limit - written + 1)
                 written += len(data)
                 if written > limit:
-                    raise FormatError(f"{archive}: the layer decompresses to more than {limit} bytes")
+                    raise FormatError(f"{what}: the layer decompresses to more than {limit} bytes")
                 dst.write(data)
             if not inflate.eof:
-                raise FormatError(f"{archive}: the layer's gzip stream is truncated")
+                raise FormatError(f"{what}: the layer's gzip stream is truncated")
     except _ARCHIVE_ERRORS as e:
-        raise FormatError(f"{archive}: not a readable OCI image ({e})") from e
+        raise FormatError(f"{what}: not a readable OCI image ({e})") from e
 
 
 def _blob_name(digest: object) -> str:
