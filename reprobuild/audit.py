@@ -161,7 +161,11 @@ def image_tree(image: Path) -> Iterator[ImageTree]:
     """The root tree of ``image`` (a directory, a tar, an OCI image or a DDI); temporary files
     removed after."""
     if image.is_dir():
-        yield ImageTree(DirectoryTree(image, ALL_FIELDS - {"xattrs"}), "a directory")
+        try:
+            directory = DirectoryTree(image, ALL_FIELDS - {"xattrs"})
+        except FormatError as e:  # a directory that cannot be listed
+            raise AuditError(e.message) from e
+        yield ImageTree(directory, "a directory")
         return
     with open(image, "rb") as f:
         head = f.read(512)
