@@ -42,12 +42,12 @@ from typing import Any
 from reprobuild.debian.deb import DebFile
 from reprobuild.diff.detect import Kind
 from reprobuild.diff.fstree import open_file_system
+from reprobuild.diff.oci import oci_layer
 from reprobuild.diff.open import ALL_FIELDS, DirectoryTree, FileMeta, TarTree, TempDirs, TreeContainer
 from reprobuild.diff.source import ByteSource
 from reprobuild.errors import FormatError, ReprobuildError, StoreError
 from reprobuild.lockfile import Lock, LockedPackage, load_lock
 from reprobuild.nspawn import TAR_MAGIC, inspect_ddi
-from reprobuild.rootfs.oci import decompress_layer
 from reprobuild.rootfs.unpack import TreeEntry, UnsafePath, resolve_in_tree, split_member_name
 from reprobuild.store import Store
 
@@ -179,10 +179,8 @@ def image_tree(image: Path) -> Iterator[ImageTree]:
             yield ImageTree(tar, "a tar, read member by member")
             return
         with TempDirs() as temp:  # an OCI image (-f oci): its one layer is the root tree
-            layer = temp.new("reprobuild-audit-") / "layer.tar"
             try:
-                decompress_layer(image, layer, max(1 << 30, 64 * image.stat().st_size))
-                tree = TarTree(ByteSource.of_file(layer))
+                tree = TarTree(oci_layer(ByteSource.of_file(image), lambda: temp.new("reprobuild-audit-"), str(image)))
             except FormatError as e:
                 raise AuditError(e.message) from e
             yield ImageTree(tree, "an OCI image's layer, read member by member")

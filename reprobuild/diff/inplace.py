@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from reprobuild.diff.open import FileMeta, Node, TreeContainer
+from reprobuild.diff.open import FileMeta, Node, TreeContainer, unpacked_limit
 from reprobuild.diff.source import ByteSource
 from reprobuild.errors import FormatError
 
@@ -108,7 +108,7 @@ class InPlaceTree(TreeContainer, Generic[InodeT]):
         extraction tools (diff/open.py); ``invalid(message)`` is raised beyond."""
         if size <= self._memory_limit:
             return ByteSource.of_bytes(read())
-        limit = max(1 << 30, 64 * self._src.length)
+        limit = unpacked_limit(self._src.length)
         if size > limit:  # sparse: never write more than this to disk
             raise invalid(f"{self.label}: {name} claims {size} bytes, more than {limit} for this image")
         out = self._new_temp() / "file"

@@ -4,13 +4,15 @@ field (JSON), and the one layer as a file tree. Specification and layout: docs/f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from reprobuild.diff.archives import compare_containers
 from reprobuild.diff.base import Comparator, DiffContext, compare_nodes
 from reprobuild.diff.detect import Kind
 from reprobuild.diff.difference import Difference
-from reprobuild.diff.open import ListContainer, Node
+from reprobuild.diff.open import ListContainer, Node, unpacked_limit
 from reprobuild.diff.source import ByteSource
 from reprobuild.errors import FormatError
 from reprobuild.rootfs.oci import decompress_layer, read_documents
@@ -40,14 +42,14 @@ def oci_members(src: ByteSource, ctx: DiffContext, what: str) -> ListContainer:
         Node("index.json", None, ByteSource.of_bytes(docs.index)),
         Node("manifest.json", None, ByteSource.of_bytes(docs.manifest)),
         Node("config.json", None, ByteSource.of_bytes(docs.config)),
-        Node("layer.tar", Kind.TAR, oci_layer(src, ctx, what)),
+        Node("layer.tar", Kind.TAR, oci_layer(src, ctx.temp.new, what)),
     ])  # fmt: skip
 
 
-def oci_layer(src: ByteSource, ctx: DiffContext, what: str) -> ByteSource:
-    """The image's one layer as an uncompressed tar in a temporary file: at most 64× the archive
-    (and at least 1 GiB), as for the file systems' extraction (diff/open.py)."""
-    out = ctx.temp.new() / "layer.tar"
+def oci_layer(src: ByteSource, new_temp: Callable[[], Path], what: str) -> ByteSource:
+    """The image's one layer as an uncompressed tar in a file under ``new_temp()``, within
+    `unpacked_limit` of the archive, as for the file systems' extraction. Raises FormatError."""
+    out = new_temp() / "layer.tar"
     with src.open() as f:
-        decompress_layer(f, out, max(1 << 30, 64 * src.length), what)
+        decompress_layer(f, out, unpacked_limit(src.length), what)
     return ByteSource.of_file(out)

@@ -347,6 +347,13 @@ _EXTRACTORS: dict[Kind, Extractor] = {
 }
 
 
+def unpacked_limit(packed: int) -> int:
+    """The most bytes one file unpacked from ``packed`` bytes of image may take on disk: 64× the
+    image, at least 1 GiB. No real image comes near it; a sparse file or a compression bomb stops
+    there (extraction tools, in-place readers and OCI layers alike)."""
+    return max(1 << 30, 64 * packed)
+
+
 def _limits(max_file: int) -> Callable[[], None]:
     def apply() -> None:
         # Bound what a hostile image can make the tool write: no single file beyond max_file.
@@ -375,7 +382,7 @@ def extract_fs(kind: Kind, image: ByteSource, workdir: Path, what: str) -> Direc
     timeout = 120 + image.length // (5 << 20)
     try:
         r = subprocess.run(ex.argv(exe, img, out), capture_output=True, env=env, timeout=timeout, cwd=workdir, check=False,
-                           preexec_fn=_limits(max(1 << 30, 64 * image.length)), stdin=subprocess.DEVNULL)  # fmt: skip
+                           preexec_fn=_limits(unpacked_limit(image.length)), stdin=subprocess.DEVNULL)  # fmt: skip
     except subprocess.TimeoutExpired as e:
         raise DiffInputError(f"{what}: {ex.tool} did not finish within {timeout} s (corrupt {kind.value}?)") from e
     err = r.stderr.decode("utf-8", "replace").strip()

@@ -122,7 +122,7 @@ def open_tree(node: Node, ctx: DiffContext, what: str) -> TreeContainer:
         return TarTree(node.source)
     if kind is Kind.OCI:  # the image's one layer is its tree
         try:
-            return TarTree(oci_layer(node.source, ctx, what or node.name))
+            return TarTree(oci_layer(node.source, ctx.temp.new, what or node.name))
         except FormatError as e:  # a tar that only looked like an image layout
             tree = TarTree(node.source)
             tree.note = f"read as a plain tar: {e.message}"
