@@ -40,7 +40,8 @@ _KEY_FILES = {"LockKey": "lock.key", "VerityKey": "verity.key", "VerityCertifica
 @dataclass(frozen=True)
 class Measured:
     """One child process: wall seconds, peak RSS (KiB), exit status (None: killed at the timeout),
-    and its merged stdout+stderr as (seconds since start, line) pairs."""
+    its merged stdout+stderr as (seconds since start, line) pairs, and the CPU seconds (user +
+    system) it and every descendant it waited for used (``wait4``'s ``ru_utime + ru_stime``)."""
 
     argv: tuple[str, ...]
     seconds: float
@@ -48,6 +49,7 @@ class Measured:
     returncode: int | None
     lines: tuple[tuple[float, str], ...] = field(default_factory=tuple)
     stderr: str = ""  # only with stdout_only (otherwise stderr is in ``lines``)
+    cpu_seconds: float = 0.0
 
     @property
     def output(self) -> str:
@@ -110,7 +112,7 @@ def measure(argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | N
         stderr = err_file.read().decode("utf-8", "replace")
         err_file.close()
     return Measured(tuple(argv), seconds, usage.ru_maxrss, None if killed else proc.returncode, tuple(lines),
-                    stderr)
+                    stderr, usage.ru_utime + usage.ru_stime)
 
 
 def reprobuild(*args: str) -> list[str]:
