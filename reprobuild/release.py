@@ -21,9 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import zstandard
-
 from reprobuild.build import BuildOptions, BuildResult, build_locked
+from reprobuild.compression import COMPRESSIONS, SUFFIXES, compressing_writer
 from reprobuild.config import ImageSpec
 from reprobuild.errors import BuildError, ConfigError, ToolMissing
 from reprobuild.fileio import write_atomic, write_atomically_hashed
@@ -36,12 +35,11 @@ from reprobuild.verify import read_esp_file
 
 Say = Callable[[str], None]
 
+# What the transfers of an image with [Updates] match (reprobuild.image.sysupdate.SOURCE_SUFFIXES).
+UPDATABLE_COMPRESSIONS = ("none", "xz", "gzip")
+
 SUMS_NAME = "SHA256SUMS"
 SIGNATURE_NAME = "SHA256SUMS.gpg"
-# zstd with fixed parameters (level, checksum, content size, one thread): the same input gives
-# the same frame with the same libzstd; the uncompressed bytes are what the image pins.
-ZSTD_LEVEL = 9
-COMPRESSIONS = ("none", "zstd")
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ class ReleaseOptions:
     release_dir: Path
     build: BuildOptions  # where the image itself is built (its format is always disk)
     sign_key: str | None = None  # overrides [Signing] ReleaseKey=
-    compress: str = "none"  # "none" or "zstd"
+    compress: str = "none"  # one of reprobuild.compression.COMPRESSIONS
 
 
 @dataclass(frozen=True)
@@ -102,6 +100,10 @@ def release(spec: ImageSpec, lock: Lock, store: Store, options: ReleaseOptions, 
     name = release_name(spec)
     if options.compress not in COMPRESSIONS:
         raise ConfigError(f"unknown compression {options.compress!r}; expected one of: {', '.join(COMPRESSIONS)}")
+    if options.compress not in UPDATABLE_COMPRESSIONS and spec.updates.source is not None:
+        raise ConfigError(f"--compress {options.compress}: the image's systemd-sysupdate could not read these files "
+                          "(Debian trixie's systemd-pull decompresses xz and gzip, not zstd)",
+                          hint="use --compress xz or --compress gzip for an image with [Updates]")
     key = options.sign_key or spec.signing.release_key
     gpg = _gpg() if key else None
     if key and gpg:
@@ -128,7 +130,7 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
     have the manifest's sha256."""
     out.mkdir(parents=True, exist_ok=True)
     result = ReleaseResult(directory=out, name=name)
-    suffix = ".zst" if compress == "zstd" else ""
+    suffix = SUFFIXES[compress]
     disk = gpt.read_gpt_path(image)
     recorded = {p["uuid"]: p for p in manifest["partitions"]}
     for part in disk.partitions:
@@ -184,13 +186,9 @@ def _write(target: Path, fill: Callable[[Any], object], compress: str, source: s
     while it is written."""
 
     def writer(f: BinaryIO) -> None:
-        if compress == "zstd":
-            cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=False,
-                                            threads=0)
-            with cctx.stream_writer(f, closefd=False) as z:
-                fill(z)
-        else:
-            fill(f)
+        packed = compressing_writer(f, compress)
+        fill(packed)
+        packed.close()
 
     digest = write_atomically_hashed(target, writer)
     return ReleaseArtifact(target.name, digest, target.stat().st_size, source)

@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("reprobuild", "errors", "fileio", "ini", "digest", "codedigest", "checkresult", "userns", "memory")),
     # Pure formats and their thin I/O: Debian metadata and packages, image formats, keys, X.509.
     ("formats", ("debian", "debian.*", "image", "image.*", "keys", "x509", "sshsig", "sshagent", "signer", "pkcs11uri",
-                 "pkcs11key")),
+                 "pkcs11key", "compression")),
     # Definitions and storage: the settings table, the lockfile, the manifest, the store,
     # downloads, progress.
     ("data", ("config", "lockfile", "manifest", "store", "fetch", "mirrors", "progress", "resolve", "providerindex",

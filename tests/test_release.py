@@ -8,11 +8,16 @@ through the real command line with a test OpenPGP key made here by gpg.
 * gpgv accepts the signature with the test key and refuses it after a one-byte edit;
 * the split root partition is byte for byte the partition inside image.raw (offsets from sfdisk);
 * sha256sum -c accepts SHA256SUMS; without ImageVersion= the release is refused in one line.
+* ``--compress xz`` and ``gzip`` give the same bytes twice, which xz(1)/gzip(1) unpack to the
+  artifacts and the image's transfers match; ``zstd``, which the image's systemd-pull cannot read,
+  is refused for this image with transfers and written for one without.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -21,12 +26,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from fixtures.make_host_base import build_host_base
+from reprobuild.compression import SUFFIXES
 from reprobuild.config import load_spec
+from reprobuild.image.sysupdate import source_patterns
 from reprobuild.lockfile import load_lock, save_lock
-from reprobuild.release import format_sums
+from reprobuild.release import format_sums, write_release
 from tests.check_fixture import make_definition
+from tests.test_sysupdate import _matches
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "fixture-os_1.2"
@@ -174,20 +183,51 @@ def test_a_release_needs_image_id_and_version(released: dict, tmp_path: Path) ->
     assert not (tmp_path / "rel").exists()
 
 
-def test_compressed_release_decompresses_to_the_same_artifacts(released: dict) -> None:
-    import zstandard
+_UNPACK = {"xz": lambda b: lzma.decompress(b, format=lzma.FORMAT_XZ), "gzip": gzip.decompress,
+           "zstd": lambda b: zstandard.ZstdDecompressor().decompressobj().decompress(b)}
+_TOOL = {"xz": ["xz", "-dc"], "gzip": ["gzip", "-dc"], "zstd": ["zstd", "-dcq"]}
 
+
+@pytest.mark.parametrize("compression", ["xz", "gzip"])
+def test_compressed_release_decompresses_to_the_same_artifacts(released: dict, compression: str) -> None:
     tmp = released["tmp"]
+    suffix = SUFFIXES[compression]
     for name in ("c", "d"):
-        _run("release", "-C", str(released["def"]), "--offline", "-o", str(tmp / name), "--build-output",
-             str(tmp / "a-build"), "--compress", "zstd", "-q", env=released["env"])
+        _run("release", "-C", str(released["def"]), "--offline", "-o", str(tmp / f"{name}-{compression}"),
+             "--build-output", str(tmp / "a-build"), "--compress", compression, "-q", env=released["env"])
+    c, d = tmp / f"c-{compression}", tmp / f"d-{compression}"
     raw = sorted(p.name for p in (tmp / "a").glob("*.raw"))
-    assert sorted(p.name for p in (tmp / "c").iterdir()) == sorted([*(n + ".zst" for n in raw), "SHA256SUMS"])
+    assert sorted(p.name for p in c.iterdir()) == sorted([*(n + suffix for n in raw), "SHA256SUMS"])
     for n in raw:
-        packed = (tmp / "c" / f"{n}.zst").read_bytes()
-        assert packed == (tmp / "d" / f"{n}.zst").read_bytes()  # fixed parameters: the same frame
-        assert zstandard.ZstdDecompressor().decompressobj().decompress(packed) == (tmp / "a" / n).read_bytes()
-    subprocess.run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=tmp / "c", check=True, capture_output=True)
+        packed = (c / f"{n}{suffix}").read_bytes()
+        assert packed == (d / f"{n}{suffix}").read_bytes()  # fixed parameters: the same bytes
+        assert _UNPACK[compression](packed) == (tmp / "a" / n).read_bytes()
+        # The format's own tool reads it as well (systemd-pull uses the same libraries).
+        unpacked = subprocess.run([*_TOOL[compression], str(c / f"{n}{suffix}")], capture_output=True, check=True)
+        assert unpacked.stdout == (tmp / "a" / n).read_bytes()
+    subprocess.run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=c, check=True, capture_output=True)
+    # ... and every file is one the image's transfers match (the [Source] patterns of its root).
+    patterns = {role: source_patterns("fixture-os", role).split() for role in ("root", "root-verity", "root-verity-sig")}
+    for n in raw:
+        role = n.split(".")[-2]
+        assert any(_matches(p, n + suffix) for p in patterns[role]), (n, patterns[role])
+
+
+def test_zstd_is_refused_for_an_image_with_transfers_and_written_for_others(released: dict, tmp_path: Path) -> None:
+    tmp = released["tmp"]
+    r = _run("release", "-C", str(released["def"]), "--offline", "-o", str(tmp_path / "rel"), "--build-output",
+             str(tmp / "a-build"), "--compress", "zstd", env=released["env"], check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: --compress zstd: the image's systemd-sysupdate could not read these files")
+    assert not (tmp_path / "rel").exists()
+    # Without transfers to match, zstd is a plain choice: the same split, one frame per artifact.
+    manifest = json.loads((tmp / "a-build/image.raw.manifest.json").read_text())
+    result = write_release(tmp / "a-build/image.raw", manifest, tmp_path / "zst", NAME, "zstd")
+    assert sorted(a.file for a in result.artifacts) == sorted(p.name + ".zst" for p in (tmp / "a").glob("*.raw"))
+    for art in result.artifacts:
+        unpacked = subprocess.run([*_TOOL["zstd"], str(tmp_path / "zst" / art.file)], capture_output=True, check=True)
+        assert unpacked.stdout == (tmp / "a" / art.file.removesuffix(".zst")).read_bytes()
+        assert _UNPACK["zstd"]((tmp_path / "zst" / art.file).read_bytes()) == unpacked.stdout
 
 
 def test_an_unknown_release_key_is_refused_before_the_build(released: dict, tmp_path: Path) -> None:
@@ -205,7 +245,7 @@ def test_an_unknown_release_key_is_refused_before_the_build(released: dict, tmp_
 def test_the_released_root_carries_transfers_and_the_release_key(released: dict, tmp_path: Path) -> None:
     """[Updates]: the transfer files in the image match this release's file names, and the image
     trusts the key that signed SHA256SUMS (gpgv with the image's own keyring)."""
-    from tests.test_sysupdate import _matches, _parse
+    from tests.test_sysupdate import _parse
 
     out = tmp_path / "root"
     subprocess.run(["fsck.erofs", f"--extract={out}", str(_root_artifact(released))], check=True, capture_output=True)
@@ -215,8 +255,9 @@ def test_the_released_root_carries_transfers_and_the_release_key(released: dict,
     for name in transfers:
         t = _parse((out / "usr/lib/sysupdate.d" / name).read_bytes())
         assert (t["Source"]["Type"], t["Source"]["Path"], t["Transfer"]["Verify"]) == ("url-file", SOURCE, "yes")
-        hits = [f for f in files if _matches(t["Source"]["MatchPattern"], f)]
-        assert len(hits) == 1 and _matches(t["Source"]["MatchPattern"], hits[0])["v"] == "1.2", (name, files)
+        patterns = t["Source"]["MatchPattern"].split()  # the name as released, .xz and .gz
+        found = [m for f in files for p in patterns if (m := _matches(p, f))]
+        assert len(found) == 1 and found[0]["v"] == "1.2", (name, files)
         assert _matches(t["Target"]["MatchPattern"], NAME) == {"v": "1.2"}  # the partition labels
     keyring = out / "etc/systemd/import-pubring.gpg"
     assert keyring.read_bytes() == released["pub"].read_bytes()

@@ -13,14 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from reprobuild.compression import SUFFIXES
 from reprobuild.config import load_spec
 from reprobuild.errors import ConfigError
 from reprobuild.image.sysupdate import (
     UpdatePlan,
     artifact_name,
     artifact_pattern,
+    source_patterns,
     source_type_of,
     transfer_files,
+    uki_name,
 )
 from reprobuild.rootfs.settings import set_updates
 from reprobuild.stages.disksettings import update_plan
@@ -67,7 +70,8 @@ def test_signed_root_with_uki_gives_four_transfers_in_install_order() -> None:
                            "usr/lib/sysupdate.d/60-root.transfer", "usr/lib/sysupdate.d/70-uki.transfer"]
     assert files["usr/lib/sysupdate.d/60-root.transfer"] == (
         b"[Transfer]\nProtectVersion=%A\nVerify=yes\n\n"
-        b"[Source]\nType=url-file\nPath=https://updates.example.invalid/fooos/\nMatchPattern=fooos_@v_@u.root.raw\n\n"
+        b"[Source]\nType=url-file\nPath=https://updates.example.invalid/fooos/\nMatchPattern=fooos_@v_@u.root.raw fooos_@v_@u.root.raw.xz "
+        b"fooos_@v_@u.root.raw.gz\n\n"
         b"[Target]\nType=partition\nPath=auto\nMatchPattern=fooos_@v\nMatchPartitionType=root-x86-64\nReadOnly=yes\n"
         b"InstancesMax=2\n")
     for data in files.values():
@@ -90,6 +94,15 @@ def test_source_patterns_match_the_release_file_names() -> None:
         assert _matches(artifact_pattern("fooos", role), artifact_name("fooos_2.1", role, uuid)) == {"v": "2.1", "u": uuid}
         assert _matches(artifact_pattern("fooos", role), artifact_name("baros_2.1", role, uuid)) is None
     assert _matches(artifact_pattern("fooos", None), "fooos_7.efi") == {"v": "7"}
+    # The [Source] patterns: the release's names as they are, .xz and .gz (release --compress), not .zst.
+    for role in ("root", "root-verity", "root-verity-sig", None):
+        patterns = source_patterns("fooos", role).split()
+        name = artifact_name("fooos_2.1", role, uuid) if role else uki_name("fooos_2.1")
+        for compression, suffix in SUFFIXES.items():
+            hits = [p for p in patterns if _matches(p, name + suffix)]
+            assert len(hits) == (compression != "zstd"), (role, compression, hits)
+        uki = _parse(transfer_files(PLAN)["usr/lib/sysupdate.d/70-uki.transfer"])["Source"]["MatchPattern"]
+        assert uki == source_patterns("fooos", None)
     # The partition target pattern reads the version from the <id>_<version> label.
     assert _matches(_parse(transfer_files(PLAN)["usr/lib/sysupdate.d/60-root.transfer"])["Target"]["MatchPattern"],
                     "fooos_2.1") == {"v": "2.1"}

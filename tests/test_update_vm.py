@@ -2,8 +2,8 @@
 
 One definition (lock/bootable with systemd-boot, systemd-container, gpg and ``[Updates]``) is
 locked from the mirror and built as version 1; version 2 changes one file of the extra tree and
-``ImageVersion=`` and is published with ``reprobuild release`` (signed by a test OpenPGP key
-made here). Then, under qemu + OVMF (TCG is fine):
+``ImageVersion=`` and is published with ``reprobuild release --compress xz`` (signed by a test
+OpenPGP key made here). Then, under qemu + OVMF (TCG is fine):
 
 1. version 1 boots with a second disk holding version 2's release directory (an ext4 image made
    with ``mkfs.ext4 -d``, no mounting on the host); a unit mounts it at ``/run/updates`` (the
@@ -127,8 +127,11 @@ def versions(tmp_path_factory: pytest.TempPathFactory, live_keys: Keys, warm_sto
             run_reprobuild("lock", "-C", str(d), "--store", str(warm_store), "-q", timeout=900)
         store = {**os.environ, "REPROBUILD_STORE": str(warm_store)}
         run_reprobuild("build", "-C", str(v1), "--locked", "-o", str(tmp / "v1-out"), "-q", env=store, timeout=1500)
+        # xz-compressed: systemd-pull in the guest decompresses what it downloads (sysupdate.d(5)).
         run_reprobuild("release", "-C", str(v2), "-o", str(tmp / "rel"), "--build-output", str(tmp / "v2-out"),
-                       "--sign-key", "release@example.invalid", "-q", env={**store, **env}, timeout=1500)
+                       "--sign-key", "release@example.invalid", "--compress", "xz", "-q", env={**store, **env},
+                       timeout=1500)
+        assert sorted(p.suffix for p in (tmp / "rel").iterdir()) == ["", ".gpg", ".xz", ".xz", ".xz", ".xz"]
         # The same release, its SHA256SUMS signed by a key the image does not trust.
         shutil.copytree(tmp / "rel", tmp / "rel-bad")
         (tmp / "rel-bad/SHA256SUMS.gpg").unlink()
@@ -159,6 +162,7 @@ def test_sysupdate_updates_v1_to_v2_in_the_guest_and_v2_boots_from_the_b_slot(ve
     assert "version=1 root=/dev/mapper/root slaves=vda2 vda3 efi=" in running, running
     assert "AB-UPDATE rc=0 END" in first, first[-6000:]
     assert "Successfully installed update '2'" in first
+    assert ".root.raw.xz" in first, first[-6000:]  # the compressed file is what systemd-pull fetched
     labels = [p.name for p in read_gpt_path(disk).partitions]
     assert labels == ["esp", "abtest_1", "abtest_1", "abtest_1", "abtest_2", "abtest_2", "abtest_2"], labels
     second = _boot(disk, None, tmp / "boot2.log", b"AB-NEVER-SEEN")  # v2 reports, then powers off

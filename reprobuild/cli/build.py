@@ -20,6 +20,7 @@ from reprobuild.cli.options import (
     rootless,
     store_option,
 )
+from reprobuild.compression import COMPRESSIONS
 from reprobuild.manifest import OUTPUT_FILES
 
 if TYPE_CHECKING:
@@ -144,8 +145,10 @@ def _build(spec: ImageSpec, store: Store, say: Reporter, locked: bool, fmt: str 
 @click.option("--sign-key", metavar="KEY",
               help="OpenPGP key id, fingerprint or user id (in $GNUPGHOME) signing SHA256SUMS "
                    "[default: [Signing] ReleaseKey=; neither: no SHA256SUMS.gpg].")
-@click.option("--compress", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
-              help="Compress each artifact (zstd: NAME.zst, fixed parameters).")
+@click.option("--compress", type=click.Choice(list(COMPRESSIONS)), default="none", show_default=True,
+              help="Compress each artifact with fixed parameters: xz (NAME.xz) or gzip (NAME.gz), which an "
+                   "image's systemd-sysupdate decompresses as it downloads, or zstd (NAME.zst, not for "
+                   "[Updates] images: trixie's systemd-pull cannot read it).")
 @build_source_options
 @json_option
 @quiet_option

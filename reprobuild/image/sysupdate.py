@@ -6,7 +6,8 @@ In systemd 257 ``[Transfer]`` holds ``ProtectVersion=`` and ``Verify=``, ``[Targ
 An image built with ``[Updates]`` carries one ``/usr/lib/sysupdate.d/*.transfer`` file per
 resource that ``reprobuild release`` publishes: the root (or ``/usr``) partition, its dm-verity
 hash partition, its verity signature partition and, for bootable images, the UKI. Each source
-pattern matches the release's file name (:func:`artifact_pattern`), each partition target the
+pattern matches the release's file name (:func:`artifact_pattern`), as it is or compressed
+(:data:`SOURCE_SUFFIXES`), each partition target the
 ``<id>_<version>`` label and the Discoverable Partitions Specification type the image already
 uses, and the UKI target ``EFI/Linux/<id>_<version>.efi`` on the ESP (Boot Loader Specification
 type #2 entries, which systemd-boot sorts newest first).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from reprobuild.compression import SUFFIXES
 from reprobuild.image import ids
 
 TRANSFER_DIR = "usr/lib/sysupdate.d"
@@ -31,6 +33,13 @@ SOURCE_TYPES = ("url-file", "regular-file")
 # The UKIs under EFI/Linux/: the name reprobuild writes, and the names systemd-boot's boot
 # counting gives it (<name>+LEFT-DONE.efi, <name>+LEFT.efi; Boot Loader Specification).
 UKI_DIR = "/EFI/Linux"
+# What a source file's name may end in after the artifact's own name: uncompressed, xz or gzip.
+# systemd-sysupdate hands a url-file source to systemd-pull, which detects the compression from
+# the data and decompresses it (sysupdate.d(5): "downloaded and decompressed"); a regular-file
+# source is "uncompressed and written" too. Debian trixie's systemd-pull (257) is linked with
+# liblzma, zlib and libbz2 but not libzstd, so a .zst file could not be read (and ``reprobuild
+# release --compress zstd`` is refused for an image with transfers).
+SOURCE_SUFFIXES = tuple(SUFFIXES[c] for c in ("none", "xz", "gzip"))
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,16 @@ def _transfer(plan: UpdatePlan) -> list[tuple[str, str]]:
     return [("ProtectVersion", "%A"), ("Verify", "yes" if plan.source_type == "url-file" else "no")]
 
 
-def _source(plan: UpdatePlan, pattern: str) -> list[tuple[str, str]]:
-    return [("Type", plan.source_type), ("Path", plan.source), ("MatchPattern", pattern)]
+def source_patterns(image_id: str, role: str | None) -> str:
+    """The ``[Source] MatchPattern=`` value: :func:`artifact_pattern` with each of
+    :data:`SOURCE_SUFFIXES`, separated by spaces (sysupdate.d(5): "one or more file name match
+    patterns")."""
+    base = artifact_pattern(image_id, role)
+    return " ".join(base + suffix for suffix in SOURCE_SUFFIXES)
+
+
+def _source(plan: UpdatePlan, patterns: str) -> list[tuple[str, str]]:
+    return [("Type", plan.source_type), ("Path", plan.source), ("MatchPattern", patterns)]
 
 
 def transfer_files(plan: UpdatePlan) -> dict[str, bytes]:
@@ -114,12 +131,12 @@ def transfer_files(plan: UpdatePlan) -> dict[str, bytes]:
             target.append(("ReadOnly", "yes"))
         target.append(("InstancesMax", str(plan.instances_max)))
         files[f"{TRANSFER_DIR}/{number}-{role.value}.transfer"] = _render(
-            [("Transfer", _transfer(plan)), ("Source", _source(plan, artifact_pattern(plan.image_id, role.value))),
+            [("Transfer", _transfer(plan)), ("Source", _source(plan, source_patterns(plan.image_id, role.value))),
              ("Target", target)])
     if plan.uki:
         base = f"{plan.image_id}_@v"
         files[f"{TRANSFER_DIR}/70-uki.transfer"] = _render(
-            [("Transfer", _transfer(plan)), ("Source", _source(plan, artifact_pattern(plan.image_id, None))),
+            [("Transfer", _transfer(plan)), ("Source", _source(plan, source_patterns(plan.image_id, None))),
              ("Target", [("Type", "regular-file"), ("Path", UKI_DIR), ("PathRelativeTo", "boot"),
                          ("MatchPattern", f"{base}.efi {base}+@l-@d.efi {base}+@l.efi"), ("Mode", "0444"),
                          ("InstancesMax", str(plan.instances_max))])])

@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import struct
 import tarfile
 import zlib
 from collections.abc import Iterable
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from reprobuild.compression import GzipWriter
 from reprobuild.errors import BuildError, FormatError
 from reprobuild.fileio import HashingWriter
 from reprobuild.rootfs.archive import BLOCK, DIRTYPE, RECORD, REGTYPE, ustar_header, write_tar_stream
@@ -43,7 +43,6 @@ MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 LAYOUT_VERSION = "1.0.0"
-GZIP_LEVEL = 6
 # Debian architecture → OCI platform (GOARCH names, and the variant where the spec names one).
 PLATFORMS: dict[str, tuple[str, str | None]] = {
     "amd64": ("amd64", None), "arm64": ("arm64", "v8"), "armhf": ("arm", "v7"), "armel": ("arm", "v5"),
@@ -96,34 +95,22 @@ def platform(architecture: str) -> dict[str, str]:
     return {"architecture": arch, "os": "linux", **({"variant": variant} if variant else {})}
 
 
-class _Gzip:
-    """One gzip member (RFC 1952) with fixed header fields; hashes the uncompressed bytes."""
+class _DiffIdGzip(GzipWriter):
+    """The layer's gzip member, hashing the uncompressed bytes too (the layer's diff_id)."""
 
-    HEADER = b"\x1f\x8b\x08\x00" + b"\0\0\0\0" + b"\x00\xff"  # magic, deflate, no flags, MTIME 0, XFL 0, OS 255
-
-    def __init__(self, out: HashingWriter) -> None:
-        self.out, self.raw = out, hashlib.sha256()
-        self.crc, self.isize = 0, 0
-        self.comp = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
-        out.write(self.HEADER)
+    def __init__(self, out: BinaryIO) -> None:
+        super().__init__(out)
+        self.raw = hashlib.sha256()
 
     def write(self, data: bytes) -> int:
         self.raw.update(data)
-        self.crc = zlib.crc32(data, self.crc)
-        self.isize += len(data)
-        if chunk := self.comp.compress(data):
-            self.out.write(chunk)
-        return len(data)
-
-    def close(self) -> None:
-        self.out.write(self.comp.flush())
-        self.out.write(struct.pack("<II", self.crc & 0xFFFFFFFF, self.isize & 0xFFFFFFFF))
+        return super().write(data)
 
 
 def write_layer(tree: Path, out: BinaryIO, epoch: int) -> LayerDigests:
     """Write the gzip-compressed deterministic tar of ``tree`` to ``out``; return its digests."""
     hashing = HashingWriter(out)
-    gz = _Gzip(hashing)
+    gz = _DiffIdGzip(hashing)  # type: ignore[arg-type]  # only .write() is used
     write_tar_stream(tree, gz, epoch)  # type: ignore[arg-type]  # only .write() is used
     gz.close()
     return LayerDigests("sha256:" + hashing.hexdigest(), hashing.size, "sha256:" + gz.raw.hexdigest())
