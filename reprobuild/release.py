@@ -30,6 +30,7 @@ from reprobuild.image import gpt, ids
 from reprobuild.image.ddi import copy_partition
 from reprobuild.image.sysupdate import artifact_name, uki_name
 from reprobuild.lockfile import Lock
+from reprobuild.progress import Update
 from reprobuild.store import Store
 from reprobuild.verify import read_esp_file
 
@@ -139,13 +140,14 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
             continue  # the ESP (its UKI follows), and the empty A/B slots
         role = ptype.role.value
         file = artifact_name(name, role, str(part.unique_guid)) + suffix
-        say(f"writing {file}")
         entry = recorded.get(str(part.unique_guid), {})
         # The payload only: an A/B slot ([Updates] SlotSize=) is larger than what was written into it.
         keep = int(entry.get("payload_size") or part.size(disk.sector_size))
         extent = hashlib.sha256()
-        written = _write(out / file, lambda f, p=part, k=keep, h=extent: copy_partition(image, p, disk.sector_size,
-                                                                                        _Prefix(f, k, h)), compress, role)
+        report = _progress(say, "compressing" if compress != "none" else "writing", file, keep)
+        written = _write(out / file, lambda f, p=part, k=keep, h=extent, r=report: copy_partition(
+            image, p, disk.sector_size, _Prefix(f, k, h, r)), compress, role)
+        report(keep)
         if entry.get("role") != role or extent.hexdigest() != entry.get("sha256"):  # the manifest's digest of the extent
             (out / file).unlink()
             raise BuildError(f"partition {role} of {image} differs from its manifest entry")
@@ -159,24 +161,47 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
         if hashlib.sha256(uki).hexdigest() != boot["uki_sha256"]:
             raise BuildError(f"the UKI in {image} differs from its manifest entry")
         file = uki_name(name) + suffix
-        say(f"writing {file}")
+        report = _progress(say, "compressing" if compress != "none" else "writing", file, len(uki))
         result.artifacts.append(_write(out / file, lambda f: f.write(uki), compress, "uki"))
+        report(len(uki))
     result.sums = out / SUMS_NAME
     write_atomic(result.sums, format_sums({a.file: a.sha256 for a in result.artifacts}))
     return result
 
 
-class _Prefix:
-    """A write-only file that passes on the first ``keep`` bytes and hashes all of them into ``extent``."""
+def _progress(say: Say, stage: str, file: str, total: int) -> Callable[[int], None]:
+    """A callback taking the bytes done so far: an :class:`Update` in MiB every 16 MiB, and the
+    stage's end when ``total`` is reached (compressing a partition with xz takes minutes)."""
+    shown: list[int | None] = [-1]  # the last 16 MiB step shown; None once the end is
+    mib = -(-total >> 20)  # rounded up: a small artifact is 1 MiB, not 0
 
-    def __init__(self, inner: Any, keep: int, extent: Any) -> None:
-        self.inner, self.left, self.extent = inner, keep, extent
+    def report(done: int) -> None:
+        if shown[0] is None:
+            return
+        if done >= total:
+            shown[0] = None
+            say(Update(f"{stage} {file}", mib, mib, "MiB"))
+        elif done >> 24 != shown[0]:
+            shown[0] = done >> 24
+            say(Update(f"{stage} {file}", done >> 20, mib, "MiB"))
+
+    report(0)
+    return report
+
+
+class _Prefix:
+    """A write-only file that passes on the first ``keep`` bytes and hashes all of them into
+    ``extent``; ``report`` is told the bytes passed on so far."""
+
+    def __init__(self, inner: Any, keep: int, extent: Any, report: Callable[[int], None]) -> None:
+        self.inner, self.keep, self.left, self.extent, self.report = inner, keep, keep, extent, report
 
     def write(self, data: bytes) -> int:
         self.extent.update(data)
         if self.left > 0:
             self.inner.write(data[:self.left])
             self.left -= min(len(data), self.left)
+            self.report(self.keep - self.left)
         return len(data)
 
 

@@ -33,6 +33,7 @@ from reprobuild.compression import SUFFIXES
 from reprobuild.config import load_spec
 from reprobuild.image.sysupdate import source_patterns
 from reprobuild.lockfile import load_lock, save_lock
+from reprobuild.progress import Update
 from reprobuild.release import format_sums, write_release
 from tests.check_fixture import make_definition
 from tests.test_sysupdate import _matches
@@ -222,7 +223,15 @@ def test_zstd_is_refused_for_an_image_with_transfers_and_written_for_others(rele
     assert not (tmp_path / "rel").exists()
     # Without transfers to match, zstd is a plain choice: the same split, one frame per artifact.
     manifest = json.loads((tmp / "a-build/image.raw.manifest.json").read_text())
-    result = write_release(tmp / "a-build/image.raw", manifest, tmp_path / "zst", NAME, "zstd")
+    messages: list[str] = []
+    result = write_release(tmp / "a-build/image.raw", manifest, tmp_path / "zst", NAME, "zstd", messages.append)
+    # Progress: per artifact a start, then (for a large one) steps in MiB, and one end that closes the stage.
+    updates = [m for m in messages if isinstance(m, Update)]
+    assert all(u.stage.startswith("compressing ") and u.unit == "MiB" for u in updates)
+    assert [u.final for u in updates].count(True) == len(result.artifacts) and updates[-1].final
+    assert [u.stage for u in updates if u.done == 0 and not u.final] == [f"compressing {a.file}"
+                                                                         for a in result.artifacts]
+    assert all(u.total >= 1 for u in updates)
     assert sorted(a.file for a in result.artifacts) == sorted(p.name + ".zst" for p in (tmp / "a").glob("*.raw"))
     for art in result.artifacts:
         unpacked = subprocess.run([*_TOOL["zstd"], str(tmp_path / "zst" / art.file)], capture_output=True, check=True)
