@@ -212,6 +212,43 @@ def test_set_updates_writes_transfers_and_the_keyring(tmp_path: Path, keys: dict
     assert not any((tmp_path / "t2").iterdir())  # refused before anything is written
 
 
+def test_boot_counting_only_where_something_blesses_a_boot(tmp_path: Path) -> None:
+    """A bootable image with systemd-bless-boot installs a new UKI as <name>+3-0.efi (the first
+    target pattern names it, sysupdate.d(5)); one without it keeps <name>.efi, or every new version
+    would be given up after three boots."""
+    counting = _parse(transfer_files(replace(PLAN, boot_tries=3))["usr/lib/sysupdate.d/70-uki.transfer"])["Target"]
+    assert counting["MatchPattern"] == "fooos_@v+@l-@d.efi fooos_@v+@l.efi fooos_@v.efi"
+    assert (counting["TriesLeft"], counting["TriesDone"]) == ("3", "0")
+    assert set(counting) <= KNOWN["Target"]
+    plain = _parse(transfer_files(PLAN)["usr/lib/sysupdate.d/70-uki.transfer"])["Target"]
+    assert "TriesLeft" not in plain and plain["MatchPattern"].split()[0] == "fooos_@v.efi"
+
+    def uki_target(tree: Path) -> dict[str, str]:
+        set_updates(tree, PLAN, None, 0)
+        return _parse((tree / "usr/lib/sysupdate.d/70-uki.transfer").read_bytes())["Target"]
+
+    blessing = tmp_path / "blessing"
+    (blessing / "usr/lib/systemd").mkdir(parents=True)
+    (blessing / "usr/lib/systemd/systemd-bless-boot").write_bytes(b"\x7fELF")
+    assert uki_target(blessing) == counting
+    # Reached through the tree's own /usr symlink, as a merged-/usr tree may have it.
+    merged = tmp_path / "merged"
+    (merged / "opt/u/lib/systemd").mkdir(parents=True)
+    (merged / "opt/u/lib/systemd/systemd-bless-boot").write_bytes(b"")
+    os.symlink("opt/u", merged / "usr")
+    assert uki_target(merged) == counting
+    # Not there, a directory, or a symlink out of the tree (resolved inside it: nothing there).
+    (tmp_path / "none").mkdir()
+    assert uki_target(tmp_path / "none") == plain
+    odd = tmp_path / "odd"
+    (odd / "usr/lib/systemd/systemd-bless-boot").mkdir(parents=True)
+    assert uki_target(odd) == plain
+    out = tmp_path / "out"
+    (out / "usr/lib/systemd").mkdir(parents=True)
+    os.symlink(str(blessing / "usr/lib/systemd/systemd-bless-boot"), out / "usr/lib/systemd/systemd-bless-boot")
+    assert uki_target(out) == plain
+
+
 def test_ab_slots_are_empty_twins_of_fixed_size_and_the_release_is_the_payload(tmp_path: Path) -> None:
     """[Updates] SlotSize=: root and verity padded to their slot, an `_empty` twin of each (same
     type, the type's second seed-derived UUID), verity still verifying over the padded data

@@ -10,7 +10,9 @@ OpenPGP key made here). Then, under qemu + OVMF (TCG is fine):
    image's ``Source=file:///run/updates/``), runs ``systemd-sysupdate update`` and reboots;
 2. the same disk boots again: the marker reports ``IMAGE_VERSION=2``, the root is
    ``/dev/mapper/root`` over the B slot (partition 5), version 1's UKI is still on the ESP and
-   version 2's file is there;
+   version 2's file is there; version 2's UKI, installed as ``abtest_2+3-0.efi`` (boot counting:
+   the image has systemd-boot's systemd-bless-boot), was booted with a try taken off and then
+   marked good: ``systemd-bless-boot status`` says ``good`` and the file is ``abtest_2.efi``;
 3. a fresh copy of version 1 with a release whose ``SHA256SUMS.gpg`` was made by another key:
    systemd-sysupdate refuses it, the GPT keeps its ``_empty`` slots and the ESP only version 1.
 """
@@ -34,7 +36,7 @@ SOURCE = "file:///run/updates/"
 UPDATE_UNIT = """\
 [Unit]
 Description=A/B update test: report the running version, update from the second disk, reboot
-After=multi-user.target
+After=multi-user.target systemd-bless-boot.service
 
 [Service]
 Type=oneshot
@@ -52,7 +54,8 @@ say() { echo "$*" > /dev/kmsg; }
 slaves=$(cd /sys/block && for s in dm-*/slaves/*; do printf '%s ' "${s##*/}"; done)
 efi=$(ls /efi/EFI/Linux | tr '\n' ' ')
 root=$(findmnt -no SOURCE /)
-say "AB-""RUNNING version=$IMAGE_VERSION root=$root slaves=${slaves}efi=$efi note=$(cat /etc/ab-note) END"
+bless=$(/usr/lib/systemd/systemd-bless-boot status 2>&1 | tr '\n' ' ')
+say "AB-""RUNNING version=$IMAGE_VERSION root=$root slaves=${slaves}efi=$efi note=$(cat /etc/ab-note) bless=$bless END"
 [ "$IMAGE_VERSION" = 1 ] || exec systemctl poweroff
 mkdir -p /run/updates
 mount -o ro LABEL=updates /run/updates || say "AB-""MOUNT-FAILED"
@@ -69,7 +72,7 @@ exec systemctl poweroff
 def _definition(root: Path, keys: Keys, version: str, pubring: Path) -> Path:
     d = make_definition(
         root, "bootable", keys,
-        extra_conf=("[Content]\nPackages=systemd-container gpg\nExtraTrees=extra\n"
+        extra_conf=("[Content]\nPackages=systemd-container gpg systemd-boot\nExtraTrees=extra\n"
                     f"[Build]\nBootloader=systemd-boot\nImageId=abtest\nImageVersion={version}\n"
                     f"[Updates]\nSource={SOURCE}\nPublicKey={pubring}\nSlotSize=768M\n"),
         extra_files={
@@ -162,6 +165,7 @@ def test_sysupdate_updates_v1_to_v2_in_the_guest_and_v2_boots_from_the_b_slot(ve
     assert "version=1 root=/dev/mapper/root slaves=vda2 vda3 efi=" in running, running
     assert "AB-UPDATE rc=0 END" in first, first[-6000:]
     assert "Successfully installed update '2'" in first
+    assert "abtest_2+3-0.efi" in first, first[-6000:]  # installed with 3 tries (boot counting)
     assert ".root.raw.xz" in first, first[-6000:]  # the compressed file is what systemd-pull fetched
     labels = [p.name for p in read_gpt_path(disk).partitions]
     assert labels == ["esp", "abtest_1", "abtest_1", "abtest_1", "abtest_2", "abtest_2", "abtest_2"], labels
@@ -169,6 +173,8 @@ def test_sysupdate_updates_v1_to_v2_in_the_guest_and_v2_boots_from_the_b_slot(ve
     running = _line(second, "RUNNING")
     assert "version=2 root=/dev/mapper/root slaves=vda5 vda6 efi=" in running, running  # slot B
     assert "efi=abtest_1.efi abtest_2.efi " in running and "note=note of version 2 " in running, running
+    # systemd-boot took a try off abtest_2+3-0.efi, and systemd-bless-boot marked the boot good (renamed it).
+    assert "bless=good " in running, running
     assert _esp_files(disk) == ["abtest_1.efi", "abtest_2.efi"]
 
 

@@ -33,6 +33,15 @@ SOURCE_TYPES = ("url-file", "regular-file")
 # The UKIs under EFI/Linux/: the name reprobuild writes, and the names systemd-boot's boot
 # counting gives it (<name>+LEFT-DONE.efi, <name>+LEFT.efi; Boot Loader Specification).
 UKI_DIR = "/EFI/Linux"
+# Boot counting (Boot Loader Specification, "Boot counting"; systemd-boot(7), sysupdate.d(5)
+# TriesLeft=/TriesDone=): a new UKI is installed as <name>+3-0.efi; systemd-boot takes a try off
+# its name before each boot, and the image's systemd-bless-boot.service renames it to <name>.efi
+# once boot-complete.target is reached. An entry whose tries are used up is booted only after every
+# other, so a version that never comes up falls back to the one before. Only an image that has
+# systemd-bless-boot (Debian trixie: package systemd-boot) can mark a boot good, so only such an
+# image's transfers start counting: without it every new version would be given up after 3 boots.
+BLESS_BOOT = "usr/lib/systemd/systemd-bless-boot"
+BOOT_TRIES = 3
 # What a source file's name may end in after the artifact's own name: uncompressed, xz or gzip.
 # systemd-sysupdate hands a url-file source to systemd-pull, which detects the compression from
 # the data and decompresses it (sysupdate.d(5): "downloaded and decompressed"); a regular-file
@@ -56,6 +65,7 @@ class UpdatePlan:
     layout: str = "root"  # "root" | "usr"
     verity: str = "signed"  # "signed" | "hash" | "no"
     uki: bool = False  # a bootable image with systemd-boot: the UKI under EFI/Linux/
+    boot_tries: int = 0  # > 0: a new UKI starts boot counting with this many tries (see BLESS_BOOT)
 
 
 def source_type_of(source: str) -> str:
@@ -135,9 +145,15 @@ def transfer_files(plan: UpdatePlan) -> dict[str, bytes]:
              ("Target", target)])
     if plan.uki:
         base = f"{plan.image_id}_@v"
+        # The first pattern names what is installed (sysupdate.d(5)); all three recognise a UKI
+        # whatever boot counting has made of its name.
+        names = [f"{base}+@l-@d.efi", f"{base}+@l.efi", f"{base}.efi"]
+        counting = [("TriesLeft", str(plan.boot_tries)), ("TriesDone", "0")] if plan.boot_tries > 0 else []
+        if not counting:
+            names = names[2:] + names[:2]
         files[f"{TRANSFER_DIR}/70-uki.transfer"] = _render(
             [("Transfer", _transfer(plan)), ("Source", _source(plan, source_patterns(plan.image_id, None))),
              ("Target", [("Type", "regular-file"), ("Path", UKI_DIR), ("PathRelativeTo", "boot"),
-                         ("MatchPattern", f"{base}.efi {base}+@l-@d.efi {base}+@l.efi"), ("Mode", "0444"),
+                         ("MatchPattern", " ".join(names)), ("Mode", "0444"), *counting,
                          ("InstancesMax", str(plan.instances_max))])])
     return files

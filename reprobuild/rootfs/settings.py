@@ -13,10 +13,11 @@ import re
 import stat
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from reprobuild.errors import BuildError, ConfigError
-from reprobuild.image.sysupdate import UpdatePlan, transfer_files
+from reprobuild.image.sysupdate import BLESS_BOOT, BOOT_TRIES, UpdatePlan, transfer_files
 from reprobuild.rootfs.normalize import remove_path
 from reprobuild.rootfs.sandbox import Bind, run_in_tree
 from reprobuild.rootfs.unpack import TreeWriter, UnsafePath, split_member_name
@@ -283,9 +284,19 @@ def check_public_keyring(data: bytes, where: str) -> None:
                           hint="export it with gpg --export KEY > release.gpg")
 
 
+def _is_file_in_tree(tree: Path, rel: str) -> bool:
+    """Whether ``rel`` is a regular file in ``tree``, its symlinks resolved inside the tree."""
+    try:
+        return os.path.isfile(TreeWriter(tree).resolve(rel.split("/"), follow_last=True))
+    except (FileNotFoundError, NotADirectoryError, UnsafePath):
+        return False
+
+
 def set_updates(tree: Path, plan: UpdatePlan, public_key: Path | None, epoch: int) -> list[str]:
     """[Updates]: systemd-sysupdate's transfer files (:func:`transfer_files`) and, with
-    ``PublicKey=``, the keyring systemd-pull checks ``SHA256SUMS.gpg`` with."""
+    ``PublicKey=``, the keyring systemd-pull checks ``SHA256SUMS.gpg`` with. A bootable image
+    that has systemd-bless-boot gets boot counting for its new UKIs
+    (:data:`reprobuild.image.sysupdate.BLESS_BOOT`)."""
     data = None
     if public_key is not None:  # checked before anything is written
         try:
@@ -295,6 +306,8 @@ def set_updates(tree: Path, plan: UpdatePlan, public_key: Path | None, epoch: in
         except OSError as e:
             raise ConfigError(f"[Updates] PublicKey={public_key}: {e.strerror}") from None
         check_public_keyring(data, f"[Updates] PublicKey={public_key}")
+    if plan.uki and _is_file_in_tree(tree, BLESS_BOOT):  # something marks a boot good: count tries
+        plan = replace(plan, boot_tries=BOOT_TRIES)
     written = []
     for rel, content in sorted(transfer_files(plan).items()):
         TreeWriter(tree).write_file(rel.split("/"), content, 0o644, 0, 0, epoch)
