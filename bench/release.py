@@ -9,7 +9,9 @@ One run, same machine, same mirror (the host's apt sources; no host name is writ
      with the store warm and ``--no-cache`` (every stage built again): the two release
      directories must be byte-identical;
   3. the same with ``[Updates]`` (A/B slots of ``SlotSize=``): the image grows by the empty
-     slots (holes: its allocated size barely moves), the release does not.
+     slots (holes: its allocated size barely moves), the release does not;
+  4. ``release --compress gzip``, ``xz`` and ``zstd`` of the image of step 2 (served by the stage
+     cache): the time is the compression's, one core each artifact.
 
     python bench/release.py [--write-docs] [--keep DIR]
 """
@@ -44,9 +46,9 @@ CONF = "[Build]\nImageId=bench\nImageVersion=1\nBootloader=systemd-boot\n"
 UPDATES = "[Updates]\nSource=https://updates.example.invalid/bench/\nSlotSize=1G\n"
 
 
-def _release(directory: Path, store: Path, out: Path, no_cache: bool) -> tuple[float, dict]:
+def _release(directory: Path, store: Path, out: Path, no_cache: bool, *extra: str) -> tuple[float, dict]:
     argv = reprobuild("release", "-C", str(directory), "--store", str(store), "-o", str(out / "rel"),
-                      "--build-output", str(out / "build"), "--json", *(["--no-cache"] if no_cache else []))
+                      "--build-output", str(out / "build"), "--json", *(["--no-cache"] if no_cache else []), *extra)
     m = check(measure(argv, stdout_only=True, timeout=1800), "reprobuild release")
     return m.seconds, json.loads(m.output)
 
@@ -84,6 +86,12 @@ def main() -> int:
         rel, apparent, allocated = _sizes(work / "ab")
         rows.append(["release with [Updates] SlotSize=1G, warm store", secs(t_ab), mib(rel), mib(apparent),
                      mib(allocated), "A/B: three empty slots (holes)"])
+        for compression in ("gzip", "xz", "zstd"):
+            t_c, jc = _release(plain, work / "store", work / f"c-{compression}", False, "--compress", compression)
+            size = sum(a["size"] for a in jc["artifacts"])
+            root = next(a for a in jc["artifacts"] if a["source"] == "root")
+            rows.append([f"release --compress {compression}, image cached", secs(t_c), mib(size), "", "",
+                         f"root {mib(root['size'])} ({root['file'].rsplit('.', 1)[-1]})"])
         body = "\n".join([
             "`bench/release.py`: `reprobuild release` of `lock/bootable` with `ImageId=`, `ImageVersion=` and",
             "`Bootloader=systemd-boot`: build from the lock, split root, verity, verity signature and UKI,",
@@ -102,6 +110,8 @@ def main() -> int:
              "--build-output $WORK/cold/build --json"),
             ("python -m reprobuild release -C $WORK/defs/bootable --store $WORK/store -o $WORK/warm/rel "
              "--build-output $WORK/warm/build --json --no-cache"),
+            ("python -m reprobuild release -C $WORK/defs/bootable --store $WORK/store -o $WORK/c-gzip/rel "
+             "--build-output $WORK/c-gzip/build --json --compress gzip  # and xz, zstd"),
             "```",
         ])
         print(body)
