@@ -28,16 +28,13 @@ from reprobuild.errors import BuildError, ConfigError, ToolMissing
 from reprobuild.fileio import write_atomic, write_atomically_hashed
 from reprobuild.image import gpt, ids
 from reprobuild.image.ddi import copy_partition
-from reprobuild.image.sysupdate import artifact_name, uki_name
+from reprobuild.image.sysupdate import SOURCE_COMPRESSIONS, artifact_name, uki_name
 from reprobuild.lockfile import Lock
 from reprobuild.progress import Update
 from reprobuild.store import Store
 from reprobuild.verify import read_esp_file
 
 Say = Callable[[str], None]
-
-# What the transfers of an image with [Updates] match (reprobuild.image.sysupdate.SOURCE_SUFFIXES).
-UPDATABLE_COMPRESSIONS = ("none", "xz", "gzip")
 
 SUMS_NAME = "SHA256SUMS"
 SIGNATURE_NAME = "SHA256SUMS.gpg"
@@ -101,10 +98,11 @@ def release(spec: ImageSpec, lock: Lock, store: Store, options: ReleaseOptions, 
     name = release_name(spec)
     if options.compress not in COMPRESSIONS:
         raise ConfigError(f"unknown compression {options.compress!r}; expected one of: {', '.join(COMPRESSIONS)}")
-    if options.compress not in UPDATABLE_COMPRESSIONS and spec.updates.source is not None:
+    if options.compress not in SOURCE_COMPRESSIONS and spec.updates.source is not None:
+        readable = " or ".join(f"--compress {c}" for c in SOURCE_COMPRESSIONS if c != "none")
         raise ConfigError(f"--compress {options.compress}: the image's systemd-sysupdate could not read these files "
                           "(Debian trixie's systemd-pull decompresses xz and gzip, not zstd)",
-                          hint="use --compress xz or --compress gzip for an image with [Updates]")
+                          hint=f"use {readable} for an image with [Updates]")
     key = options.sign_key or spec.signing.release_key
     gpg = _gpg() if key else None
     if key and gpg:

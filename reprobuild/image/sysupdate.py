@@ -48,7 +48,8 @@ BOOT_TRIES = 3
 # source is "uncompressed and written" too. Debian trixie's systemd-pull (257) is linked with
 # liblzma, zlib and libbz2 but not libzstd, so a .zst file could not be read (and ``reprobuild
 # release --compress zstd`` is refused for an image with transfers).
-SOURCE_SUFFIXES = tuple(SUFFIXES[c] for c in ("none", "xz", "gzip"))
+SOURCE_COMPRESSIONS = ("none", "xz", "gzip")
+SOURCE_SUFFIXES = tuple(SUFFIXES[c] for c in SOURCE_COMPRESSIONS)
 
 
 @dataclass(frozen=True)
