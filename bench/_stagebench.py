@@ -195,6 +195,26 @@ def machine_facts() -> dict[str, str]:
             "nproc": str(os.cpu_count() or "?"), "load": load, "cpu": cpu, "kernel": os.uname().release}
 
 
+def source_digest() -> str:
+    """sha256 over the paths and bytes of ``reprobuild/**/*.py`` of the checkout being measured.
+    The stage cache's keys include the code's digest, so an edit during a run turns its cached
+    rows into rebuilds: a script compares this before and after (:func:`check_source_unchanged`)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((REPO / "reprobuild").rglob("*.py")):
+        h.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def check_source_unchanged(before: str) -> None:
+    """Exit (status 1, nothing written) when the measured code changed during the run."""
+    if source_digest() != before:
+        print(f"error: {REPO}/reprobuild changed during the run: cached rows were rebuilds, nothing "
+              "written (run from a worktree that stays put: git worktree add /tmp/wt HEAD)", file=sys.stderr)
+        sys.exit(1)
+
+
 def facts_line(facts: dict[str, str]) -> str:
     return (f"Run {facts['date']} at commit {facts['commit']} on {facts['nproc']} CPUs ({facts['cpu']}), kernel {facts['kernel']}, "
             f"load average at start {facts['load']} (shared machine: other builds may have run meanwhile).")

@@ -47,6 +47,7 @@ from bench._stagebench import (
     DOCS,
     Measured,
     check,
+    check_source_unchanged,
     facts_line,
     machine_facts,
     make_definition,
@@ -55,6 +56,7 @@ from bench._stagebench import (
     pretty,
     reprobuild,
     secs,
+    source_digest,
     stage_note,
     table,
     tar_packages,
@@ -141,6 +143,7 @@ def main() -> int:
         if not args.no_wait:
             wait_for_quiet()
         facts = machine_facts()
+        source = source_digest()
         store = work / "store"
         rows: list[list[str]] = []
         results: dict[str, float] = {}
@@ -215,6 +218,7 @@ def main() -> int:
                         f"{results['mmdebstrap-shm'] / results['warm']:.2f}×")
         print(text)
         print(verdict)
+        check_source_unchanged(source)
         if args.write_docs:
             what = ("`bench/build.py --set server`: issue 20's server set — the `lock/minimal` definition with "
                     f"`Packages={' '.join(SERVER)}` (the set of the issue's table) and `RemoveFiles=` for "

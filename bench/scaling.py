@@ -51,6 +51,7 @@ from bench._stagebench import (
     DOCS,
     Measured,
     check,
+    check_source_unchanged,
     facts_line,
     installed_packages,
     machine_facts,
@@ -58,6 +59,7 @@ from bench._stagebench import (
     measure,
     pretty,
     reprobuild,
+    source_digest,
     stage_note,
     table,
     tar_dpkg_status,
@@ -332,6 +334,7 @@ def main() -> int:
         if not args.no_wait:
             wait_for_quiet()
         facts = machine_facts()
+        source = source_digest()
         results = []
         for name in args.sets:
             results.append(bench_set(name, SETS[name], work, suite, mirrors, args.quick, commands, replacements,
@@ -341,6 +344,7 @@ def main() -> int:
         print(ours)
         print(peers)
         print(verdict)
+        check_source_unchanged(source)
         if args.write_docs:
             body = [
                 "`bench/scaling.py`: three package sets, trixie amd64 from the mirror of the host's apt sources",
