@@ -8,10 +8,11 @@ import io
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from reprobuild.compression import COMPRESSIONS, SUFFIXES, GzipWriter, compressing_writer
+from reprobuild.compression import COMPRESSIONS, SUFFIXES, GzipWriter, XzWriter, compressing_writer
 
 TOOLS = {"gzip": ["gzip", "-dc"], "xz": ["xz", "-dc"], "zstd": ["zstd", "-dcq"]}
 
@@ -55,3 +56,30 @@ def test_none_passes_bytes_through_and_names_are_checked() -> None:
     assert set(SUFFIXES) == set(COMPRESSIONS) and SUFFIXES["none"] == ""
     with pytest.raises(ValueError, match="unknown compression 'lz4'"):
         compressing_writer(io.BytesIO(), "lz4")
+
+
+@pytest.mark.parametrize("size", [0, 1, 65_536, 65_536 * 3, 200_000])
+def test_xz_blocks_are_one_stream_whatever_the_threads(size: int, tmp_path: Path) -> None:
+    """Blocks of a fixed size compressed side by side: xz(1) checks and lists one stream with
+    ceil(size / block) Blocks, and one thread or three give the same bytes."""
+    if shutil.which("xz") is None:
+        pytest.skip("xz is not installed")
+    data = (_data() * 2)[:size]
+
+    def pack(workers: int) -> bytes:
+        out = io.BytesIO()
+        w = XzWriter(out, workers=workers, block=65_536)
+        for i in range(0, len(data), 10_000):
+            w.write(data[i:i + 10_000])
+        w.close()
+        return out.getvalue()
+
+    packed = pack(3)
+    assert packed == pack(1)
+    r = subprocess.run(["xz", "-dc"], input=packed, capture_output=True, check=False)
+    assert r.returncode == 0 and r.stdout == data, r.stderr
+    (tmp_path / "x.xz").write_bytes(packed)  # xz --list reads files only
+    listing = subprocess.run(["xz", "--robot", "--list", str(tmp_path / "x.xz")], capture_output=True, text=True,
+                             check=True)
+    totals = next(line.split("\t") for line in listing.stdout.splitlines() if line.startswith("totals"))
+    assert (int(totals[1]), int(totals[2])) == (1, -(-size // 65_536))  # streams, blocks
