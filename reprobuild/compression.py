@@ -26,6 +26,14 @@ from typing import BinaryIO, Protocol
 
 import zstandard
 
+from reprobuild.debian.xzblocks import (
+    STREAM_FOOTER_SIZE,
+    STREAM_HEADER_SIZE,
+    block_stream_head,
+    read_varint,
+    stream_tail,
+)
+
 GZIP_LEVEL = 6
 XZ_PRESET = 6
 XZ_BLOCK = 24 << 20  # 3 × preset 6's dictionary: what xz -T uses
@@ -65,39 +73,18 @@ class GzipWriter:
         self.out.write(struct.pack("<II", self.crc & 0xFFFFFFFF, self.isize & 0xFFFFFFFF))
 
 
-def _varint(n: int) -> bytes:
-    """The .xz format's multibyte integer: 7 bits a byte, least significant first."""
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos += 1
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
 def _xz_block(chunk: bytes) -> tuple[bytes, int]:
     """``chunk`` as one .xz Block (header, LZMA2 data, padding, CRC64 check) and its unpadded
     size, cut out of the one-block stream liblzma makes of it."""
     stream = lzma.compress(chunk, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=XZ_PRESET)
     backward = struct.unpack_from("<I", stream, len(stream) - 8)[0]
-    index = stream[len(stream) - 12 - (backward + 1) * 4:len(stream) - 12]
-    count, pos = _read_varint(index, 1)
-    unpadded, pos = _read_varint(index, pos)
-    size, _ = _read_varint(index, pos)
+    index = stream[len(stream) - STREAM_FOOTER_SIZE - (backward + 1) * 4:len(stream) - STREAM_FOOTER_SIZE]
+    count, pos = read_varint(index, 1, len(index))
+    unpadded, pos = read_varint(index, pos, len(index))
+    size, _ = read_varint(index, pos, len(index))
     if index[0] != 0 or count != 1 or size != len(chunk):
         raise AssertionError("liblzma made more than one block of one chunk")
-    return stream[12:len(stream) - 12 - len(index)], unpadded
+    return stream[STREAM_HEADER_SIZE:len(stream) - STREAM_FOOTER_SIZE - len(index)], unpadded
 
 
 class XzWriter:
@@ -116,7 +103,7 @@ class XzWriter:
         self.buffer = bytearray()
         self.records: list[tuple[int, int]] = []
         self.sizes: deque[int] = deque()
-        out.write(b"\xfd7zXZ\x00" + self.FLAGS + struct.pack("<I", zlib.crc32(self.FLAGS)))
+        out.write(block_stream_head(self.FLAGS))
 
     def write(self, data: bytes) -> int:
         self.buffer += data
@@ -145,14 +132,7 @@ class XzWriter:
                 self._write_next()
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        index = bytearray(b"\x00" + _varint(len(self.records)))
-        for unpadded, size in self.records:
-            index += _varint(unpadded) + _varint(size)
-        index += bytes(-len(index) % 4)
-        index += struct.pack("<I", zlib.crc32(index))
-        self.out.write(bytes(index))
-        footer = struct.pack("<I", len(index) // 4 - 1) + self.FLAGS
-        self.out.write(struct.pack("<I", zlib.crc32(footer)) + footer + b"YZ")
+        self.out.write(stream_tail(self.FLAGS, self.records))
 
 
 def xz_workers() -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 HEADER_MAGIC = b"\xfd7zXZ\x00"
@@ -205,8 +206,16 @@ def block_stream_head(flags: bytes) -> bytes:
 
 def block_stream_tail(flags: bytes, block: Block) -> bytes:
     """What follows ``block`` in a one-Block stream: its Index (one record) and Stream Footer."""
-    index = b"\x00" + encode_varint(1) + encode_varint(block.unpadded_size) + encode_varint(block.uncompressed_size)
+    return stream_tail(flags, [(block.unpadded_size, block.uncompressed_size)])
+
+
+def stream_tail(flags: bytes, records: Sequence[tuple[int, int]]) -> bytes:
+    """The Index of Blocks with these (Unpadded Size, Uncompressed Size) ``records`` and the
+    Stream Footer after it (spec §4 and §2.1.2)."""
+    index = bytearray(b"\x00" + encode_varint(len(records)))
+    for unpadded, uncompressed in records:
+        index += encode_varint(unpadded) + encode_varint(uncompressed)
     index += b"\x00" * (-len(index) % 4)
     index += struct.pack("<I", zlib.crc32(index))
     backward = struct.pack("<I", len(index) // 4 - 1)
-    return index + struct.pack("<I", zlib.crc32(backward + flags)) + backward + flags + FOOTER_MAGIC
+    return bytes(index) + struct.pack("<I", zlib.crc32(backward + flags)) + backward + flags + FOOTER_MAGIC
