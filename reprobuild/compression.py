@@ -73,9 +73,9 @@ class GzipWriter:
         self.out.write(struct.pack("<II", self.crc & 0xFFFFFFFF, self.isize & 0xFFFFFFFF))
 
 
-def _xz_block(chunk: bytes) -> tuple[bytes, int]:
-    """``chunk`` as one .xz Block (header, LZMA2 data, padding, CRC64 check) and its unpadded
-    size, cut out of the one-block stream liblzma makes of it."""
+def _xz_block(chunk: bytes) -> tuple[bytes, tuple[int, int]]:
+    """``chunk`` as one .xz Block (header, LZMA2 data, padding, CRC64 check) and its Index record
+    (Unpadded Size, Uncompressed Size), cut out of the one-block stream liblzma makes of it."""
     stream = lzma.compress(chunk, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=XZ_PRESET)
     backward = struct.unpack_from("<I", stream, len(stream) - 8)[0]
     index = stream[len(stream) - STREAM_FOOTER_SIZE - (backward + 1) * 4:len(stream) - STREAM_FOOTER_SIZE]
@@ -84,7 +84,7 @@ def _xz_block(chunk: bytes) -> tuple[bytes, int]:
     size, _ = read_varint(index, pos, len(index))
     if index[0] != 0 or count != 1 or size != len(chunk):
         raise AssertionError("liblzma made more than one block of one chunk")
-    return stream[STREAM_HEADER_SIZE:len(stream) - STREAM_FOOTER_SIZE - len(index)], unpadded
+    return stream[STREAM_HEADER_SIZE:len(stream) - STREAM_FOOTER_SIZE - len(index)], (unpadded, size)
 
 
 class XzWriter:
@@ -99,10 +99,9 @@ class XzWriter:
     def __init__(self, out: BinaryIO, workers: int = 0, block: int = XZ_BLOCK) -> None:
         self.out, self.block, self.workers = out, block, workers or xz_workers()
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="xz")
-        self.pending: deque[Future[tuple[bytes, int]]] = deque()
+        self.pending: deque[Future[tuple[bytes, tuple[int, int]]]] = deque()
         self.buffer = bytearray()
         self.records: list[tuple[int, int]] = []
-        self.sizes: deque[int] = deque()
         out.write(block_stream_head(self.FLAGS))
 
     def write(self, data: bytes) -> int:
@@ -114,14 +113,13 @@ class XzWriter:
 
     def _submit(self, chunk: bytes) -> None:
         self.pending.append(self.pool.submit(_xz_block, chunk))
-        self.sizes.append(len(chunk))
         while len(self.pending) > self.workers:  # at most one block waiting per thread
             self._write_next()
 
     def _write_next(self) -> None:
-        block, unpadded = self.pending.popleft().result()
+        block, record = self.pending.popleft().result()
         self.out.write(block)
-        self.records.append((unpadded, self.sizes.popleft()))
+        self.records.append(record)
 
     def close(self) -> None:
         try:

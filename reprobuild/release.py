@@ -130,6 +130,7 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
     out.mkdir(parents=True, exist_ok=True)
     result = ReleaseResult(directory=out, name=name)
     suffix = SUFFIXES[compress]
+    verb = "writing" if compress == "none" else "compressing"
     disk = gpt.read_gpt_path(image)
     recorded = {p["uuid"]: p for p in manifest["partitions"]}
     for part in disk.partitions:
@@ -142,7 +143,7 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
         # The payload only: an A/B slot ([Updates] SlotSize=) is larger than what was written into it.
         keep = int(entry.get("payload_size") or part.size(disk.sector_size))
         extent = hashlib.sha256()
-        report = _progress(say, "compressing" if compress != "none" else "writing", file, keep)
+        report = _progress(say, verb, file, keep)
         written = _write(out / file, lambda f, p=part, k=keep, h=extent, r=report: copy_partition(
             image, p, disk.sector_size, _Prefix(f, k, h, r)), compress, role)
         report(keep)
@@ -159,7 +160,7 @@ def write_release(image: Path, manifest: Mapping[str, Any], out: Path, name: str
         if hashlib.sha256(uki).hexdigest() != boot["uki_sha256"]:
             raise BuildError(f"the UKI in {image} differs from its manifest entry")
         file = uki_name(name) + suffix
-        report = _progress(say, "compressing" if compress != "none" else "writing", file, len(uki))
+        report = _progress(say, verb, file, len(uki))
         result.artifacts.append(_write(out / file, lambda f: f.write(uki), compress, "uki"))
         report(len(uki))
     result.sums = out / SUMS_NAME

@@ -148,10 +148,11 @@ def transfer_files(plan: UpdatePlan) -> dict[str, bytes]:
         base = f"{plan.image_id}_@v"
         # The first pattern names what is installed (sysupdate.d(5)); all three recognise a UKI
         # whatever boot counting has made of its name.
-        names = [f"{base}+@l-@d.efi", f"{base}+@l.efi", f"{base}.efi"]
         counting = [("TriesLeft", str(plan.boot_tries)), ("TriesDone", "0")] if plan.boot_tries > 0 else []
-        if not counting:
-            names = names[2:] + names[:2]
+        if counting:
+            names = [f"{base}+@l-@d.efi", f"{base}+@l.efi", f"{base}.efi"]
+        else:
+            names = [f"{base}.efi", f"{base}+@l-@d.efi", f"{base}+@l.efi"]
         files[f"{TRANSFER_DIR}/70-uki.transfer"] = _render(
             [("Transfer", _transfer(plan)), ("Source", _source(plan, source_patterns(plan.image_id, None))),
              ("Target", [("Type", "regular-file"), ("Path", UKI_DIR), ("PathRelativeTo", "boot"),

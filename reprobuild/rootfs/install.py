@@ -291,11 +291,7 @@ def _prepare(tree: Path, packages: Sequence[PlannedPackage]) -> tuple[list[tuple
     """Step 2 after step 1: check the tree has dpkg, make dpkg's database skeleton and, unless
     the packages brought one, a policy-rc.d forbidding every service action. Returns the files
     written (relative path, reason) and whether the policy-rc.d is ours (to remove at the end)."""
-    try:
-        has_dpkg = os.path.isfile(TreeWriter(tree).resolve(["usr", "bin", "dpkg"], follow_last=True))
-    except FileNotFoundError:
-        has_dpkg = False
-    if not has_dpkg:
+    if not TreeWriter(tree).is_file(["usr", "bin", "dpkg"]):
         raise BuildError("the Essential packages contain no /usr/bin/dpkg: nothing could install the packages",
                          hint="the Essential set (with dpkg) must be in the lock")
     written = [(name, SETUP_REASONS.get(name, "dpkg's database, started empty (as mmdebstrap does)"))

@@ -284,14 +284,6 @@ def check_public_keyring(data: bytes, where: str) -> None:
                           hint="export it with gpg --export KEY > release.gpg")
 
 
-def _is_file_in_tree(tree: Path, rel: str) -> bool:
-    """Whether ``rel`` is a regular file in ``tree``, its symlinks resolved inside the tree."""
-    try:
-        return os.path.isfile(TreeWriter(tree).resolve(rel.split("/"), follow_last=True))
-    except (FileNotFoundError, NotADirectoryError, UnsafePath):
-        return False
-
-
 def set_updates(tree: Path, plan: UpdatePlan, public_key: Path | None, epoch: int) -> list[str]:
     """[Updates]: systemd-sysupdate's transfer files (:func:`transfer_files`) and, with
     ``PublicKey=``, the keyring systemd-pull checks ``SHA256SUMS.gpg`` with. A bootable image
@@ -306,7 +298,7 @@ def set_updates(tree: Path, plan: UpdatePlan, public_key: Path | None, epoch: in
         except OSError as e:
             raise ConfigError(f"[Updates] PublicKey={public_key}: {e.strerror}") from None
         check_public_keyring(data, f"[Updates] PublicKey={public_key}")
-    if plan.uki and _is_file_in_tree(tree, BLESS_BOOT):  # something marks a boot good: count tries
+    if plan.uki and TreeWriter(tree).is_file(BLESS_BOOT.split("/")):  # something marks a boot good: count tries
         plan = replace(plan, boot_tries=BOOT_TRIES)
     written = []
     for rel, content in sorted(transfer_files(plan).items()):

@@ -129,6 +129,14 @@ class TreeWriter:
         self._root = os.path.realpath(self.root)
 
     # -- path resolution -------------------------------------------------------------------------
+    def is_file(self, parts: list[str]) -> bool:
+        """Whether ``parts``, its symlinks resolved inside the tree, is a regular file; False when
+        it is missing or cannot be resolved there."""
+        try:
+            return os.path.isfile(self.resolve(parts, follow_last=True))
+        except (FileNotFoundError, UnsafePath):
+            return False
+
     def resolve(self, parts: list[str], *, follow_last: bool, create_dirs: bool = False) -> str:
         """Host path of ``parts`` resolved in the tree; never outside it (`resolve_in_tree`).
 
