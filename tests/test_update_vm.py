@@ -17,7 +17,11 @@ Then, under qemu + OVMF (TCG is fine), two boots of one disk:
    ``/dev/mapper/root`` over the B slot (partition 5), version 1's UKI is still on the ESP and
    version 2's file is there; version 2's UKI, installed as ``abtest_2+3-0.efi`` (boot counting:
    the image has systemd-boot's systemd-bless-boot), was booted with a try taken off and then
-   marked good: ``systemd-bless-boot status`` says ``good`` and the file is ``abtest_2.efi``.
+   marked good: ``systemd-bless-boot status`` says ``good`` and the file is ``abtest_2.efi``;
+3. a copy of that disk, with version 2's UKI renamed on the ESP (mtools, on the host) to
+   ``abtest_2+0-3.efi`` — the name three boots that never reached ``boot-complete.target`` leave
+   (systemd-boot takes a try off before each) — boots version 1 again, from slot A: an entry with
+   no tries left is sorted after every other (the fall-back the transfer's boot counting is for).
 
 (The refusal used to have a boot of its own; sharing the first boot saves CI two minutes, and it
 also shows that a refused release leaves nothing that stops the next, good one.)
@@ -62,7 +66,8 @@ efi=$(ls /efi/EFI/Linux | tr '\\n' ' ')
 root=$(findmnt -no SOURCE /)
 bless=$(/usr/lib/systemd/systemd-bless-boot status 2>&1 | tr '\\n' ' ')
 say "AB-""RUNNING version=$IMAGE_VERSION root=$root slaves=${slaves}efi=$efi note=$(cat /etc/ab-note) bless=$bless END"
-[ "$IMAGE_VERSION" = 1 ] || exec systemctl poweroff
+# Update only version 1, and only with the release disks attached (not in the fall-back boot).
+{ [ "$IMAGE_VERSION" = 1 ] && blkid -L updates > /dev/null; } || exec systemctl poweroff
 # The partition names as the GPT on the disk has them now (a low-level probe, no cache).
 names() { for p in /dev/vda[0-9]*; do printf '%s ' "$(blkid -p -o value -s PART_ENTRY_NAME "$p")"; done; }
 update() {  # $1: the release disk's label, $2: the tag of its log lines
@@ -197,10 +202,16 @@ def test_sysupdate_refuses_a_release_signed_by_another_key(first_boot: tuple[Pat
     assert refused.split("efi=")[1].split() == ["abtest_1.efi", "END"], refused
 
 
+@pytest.fixture(scope="module")
+def second_boot(first_boot: tuple[Path, str]) -> str:
+    """The console of the updated disk's next boot (version 2 reports, then powers off)."""
+    disk, _ = first_boot
+    return _boot(disk, [], disk.with_name("boot2.log"), b"AB-NEVER-SEEN")
+
+
 @pytest.mark.timeout(3600)
 def test_sysupdate_updates_v1_to_v2_in_the_guest_and_v2_boots_from_the_b_slot(
-        versions: dict[str, Path], first_boot: tuple[Path, str]) -> None:  # fmt: skip
-    tmp = versions["tmp"]
+        first_boot: tuple[Path, str], second_boot: str) -> None:  # fmt: skip
     disk, first = first_boot
     running = _line(first, "RUNNING")
     # The verity device's data and hash partitions: slot A.
@@ -212,10 +223,31 @@ def test_sysupdate_updates_v1_to_v2_in_the_guest_and_v2_boots_from_the_b_slot(
     assert ".root.raw.xz" in log, first[-6000:]  # the compressed file is what systemd-pull fetched
     labels = [p.name for p in read_gpt_path(disk).partitions]
     assert labels == ["esp", "abtest_1", "abtest_1", "abtest_1", "abtest_2", "abtest_2", "abtest_2"], labels
-    second = _boot(disk, [], tmp / "boot2.log", b"AB-NEVER-SEEN")  # v2 reports, then powers off
-    running = _line(second, "RUNNING")
+    running = _line(second_boot, "RUNNING")
     assert "version=2 root=/dev/mapper/root slaves=vda5 vda6 efi=" in running, running  # slot B
     assert "efi=abtest_1.efi abtest_2.efi " in running and "note=note of version 2 " in running, running
     # systemd-boot took a try off abtest_2+3-0.efi, and systemd-bless-boot marked the boot good (renamed it).
     assert "bless=good " in running, running
     assert _esp_files(disk) == ["abtest_1.efi", "abtest_2.efi"]
+
+
+@pytest.mark.timeout(3600)
+def test_a_version_out_of_tries_falls_back_to_the_previous_one(first_boot: tuple[Path, str], second_boot: str) -> None:
+    disk, _ = first_boot
+    assert "version=2 " in _line(second_boot, "RUNNING")
+    fallback = disk.with_name("fallback.raw")
+    subprocess.run(["cp", "--sparse=always", str(disk), str(fallback)], check=True)
+    # What three failed boots of version 2 leave: no tries left, three done.
+    gpt = read_gpt_path(fallback)
+    esp = f"{fallback}@@{gpt.partitions[0].offset(gpt.sector_size)}"
+    subprocess.run(["mren", "-i", esp, "::/EFI/Linux/abtest_2.efi", "::/EFI/Linux/abtest_2+0-3.efi"], check=True,
+                   capture_output=True)
+    assert _esp_files(fallback) == ["abtest_1.efi", "abtest_2+0-3.efi"]
+    console = _boot(fallback, [], fallback.with_name("boot3.log"), b"AB-NEVER-SEEN")
+    running = _line(console, "RUNNING")
+    assert "version=1 root=/dev/mapper/root slaves=vda2 vda3 " in running, running  # slot A again
+    assert "efi=abtest_1.efi abtest_2+0-3.efi " in running and "note=note of version 1 " in running, running
+    # Nothing in version 1's boot touched the exhausted entry or the slots.
+    assert _esp_files(fallback) == ["abtest_1.efi", "abtest_2+0-3.efi"]
+    labels = [p.name for p in read_gpt_path(fallback).partitions]
+    assert labels == ["esp", "abtest_1", "abtest_1", "abtest_1", "abtest_2", "abtest_2", "abtest_2"], labels
