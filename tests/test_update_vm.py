@@ -5,13 +5,13 @@ locked from the mirror and built as version 1; version 2 changes one file of the
 ``ImageVersion=`` and is published with ``reprobuild release --compress xz`` (signed by a test
 OpenPGP key made here); a copy of that release has its ``SHA256SUMS.gpg`` made by another key.
 Each release is put on an ext4 image of its own (``mkfs.ext4 -d``, no mounting on the host).
-Then, under qemu + OVMF (TCG is fine), two boots of one disk:
+Then, under qemu + OVMF (TCG is fine), three boots:
 
 1. version 1 boots with both release disks; a unit mounts each in turn at ``/run/updates`` (the
    image's ``Source=file:///run/updates/``) and runs ``systemd-sysupdate update``:
-   - first the release signed by the other key: sysupdate refuses it, and the partition names
-     (read from the disk with ``blkid -p``) and the ESP are what they were before: three
-     ``_empty`` slots, version 1's UKI alone;
+   - first the release signed by the other key: sysupdate refuses it, and the partitions' names
+     and UUIDs (read from the disk with ``blkid -p``) and the ESP are what they were before:
+     three ``_empty`` slots, version 1's UKI alone;
    - then the real release: it is installed, and the unit reboots;
 2. the same disk boots again: the marker reports ``IMAGE_VERSION=2``, the root is
    ``/dev/mapper/root`` over the B slot (partition 5), version 1's UKI is still on the ESP and
@@ -68,8 +68,12 @@ bless=$(/usr/lib/systemd/systemd-bless-boot status 2>&1 | tr '\\n' ' ')
 say "AB-""RUNNING version=$IMAGE_VERSION root=$root slaves=${slaves}efi=$efi note=$(cat /etc/ab-note) bless=$bless END"
 # Update only version 1, and only with the release disks attached (not in the fall-back boot).
 { [ "$IMAGE_VERSION" = 1 ] && blkid -L updates > /dev/null; } || exec systemctl poweroff
-# The partition names as the GPT on the disk has them now (a low-level probe, no cache).
-names() { for p in /dev/vda[0-9]*; do printf '%s ' "$(blkid -p -o value -s PART_ENTRY_NAME "$p")"; done; }
+# Each partition's NAME/UUID as the GPT on the disk has them now (a low-level probe, no cache).
+names() {
+    for p in /dev/vda[0-9]*; do
+        printf '%s/%s ' "$(blkid -p -o value -s PART_ENTRY_NAME "$p")" "$(blkid -p -o value -s PART_ENTRY_UUID "$p")"
+    done
+}
 update() {  # $1: the release disk's label, $2: the tag of its log lines
     mkdir -p /run/updates
     mount -o ro "LABEL=$1" /run/updates || say "AB-""MOUNT-FAILED $1"
@@ -193,11 +197,12 @@ def test_sysupdate_refuses_a_release_signed_by_another_key(first_boot: tuple[Pat
     assert "rc=0 " not in refused, refused
     bad_log = "\n".join(line for line in console.splitlines() if "AB-BADLOG " in line)
     assert "Signature verification failed" in bad_log, console[-6000:]
-    # Nothing was written: the GPT's names are what they were, three slots still empty, and the
-    # ESP holds version 1 alone.
-    before = refused.split("names-before=")[1].split("names-after=")[0]
-    after = refused.split("names-after=")[1].split("efi=")[0]
-    assert before.split() == ["esp", "abtest_1", "abtest_1", "abtest_1", "_empty", "_empty", "_empty"], refused
+    # Nothing was written: the GPT's names and UUIDs are what they were, three slots still empty,
+    # and the ESP holds version 1 alone.
+    before = refused.split("names-before=")[1].split("names-after=")[0].split()
+    after = refused.split("names-after=")[1].split("efi=")[0].split()
+    assert [entry.split("/")[0] for entry in before] == ["esp", *["abtest_1"] * 3, *["_empty"] * 3], refused
+    assert all(len(entry.split("/")[1]) == 36 for entry in before), refused  # every UUID was read
     assert after == before, refused
     assert refused.split("efi=")[1].split() == ["abtest_1.efi", "END"], refused
 
