@@ -12,7 +12,11 @@ Then, under qemu + OVMF (TCG is fine), three boots:
    - first the release signed by the other key: sysupdate refuses it, and the partitions' names
      and UUIDs (read from the disk with ``blkid -p``) and the ESP are what they were before:
      three ``_empty`` slots, version 1's UKI alone;
-   - then the real release: it is installed, and the unit reboots;
+   - then the real release. First as a directory (``regular-file``) source: the transfers
+     reprobuild writes for ``Source=/run/updates`` (made by the build's own code, put into the
+     image under ``/usr/lib/sysupdate-dir.d/``) make ``systemd-sysupdate --definitions=…
+     check-new`` name version 2; nothing is installed from them. Then through the image's own
+     ``url-file`` transfers: it is installed, and the unit reboots;
 2. the same disk boots again: the marker reports ``IMAGE_VERSION=2``, the root is
    ``/dev/mapper/root`` over the B slot (partition 5), version 1's UKI is still on the ESP and
    version 2's file is there; version 2's UKI, installed as ``abtest_2+3-0.efi`` (boot counting:
@@ -32,16 +36,22 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from reprobuild.config import load_spec
 from reprobuild.image.gpt import read_gpt_path
+from reprobuild.image.sysupdate import BOOT_TRIES, transfer_files
+from reprobuild.lockfile import load_lock
+from reprobuild.stages.disksettings import update_plan
 from tests.live_images import Keys, make_definition, require_tools, run_reprobuild
 
 pytestmark = [pytest.mark.live, pytest.mark.boot]
 
 SOURCE = "file:///run/updates/"
+DIRECTORY_SOURCE = "/run/updates"
 
 UPDATE_UNIT = """\
 [Unit]
@@ -85,6 +95,15 @@ update() {  # $1: the release disk's label, $2: the tag of its log lines
 before=$(names)
 update untrusted BADLOG
 say "AB-""REFUSED rc=$rc names-before=${before}names-after=$(names)efi=$(ls /efi/EFI/Linux | tr '\\n' ' ')END"
+# The same release as a directory (regular-file) source, through reprobuild's transfers for one:
+# sysupdate must find version 2 there. Nothing is installed from it.
+mkdir -p /run/updates
+mount -o ro LABEL=updates /run/updates || say "AB-""MOUNT-FAILED updates"
+new=$(/usr/lib/systemd/systemd-sysupdate --definitions=/usr/lib/sysupdate-dir.d check-new 2> /run/check.log)
+crc=$?
+while read -r l; do say "AB-DIRLOG $l"; done < /run/check.log
+say "AB-""DIRCHECK rc=$crc new=$new END"
+umount /run/updates
 update updates LOG
 say "AB-""UPDATE rc=$rc END"
 sync
@@ -107,6 +126,20 @@ def _definition(root: Path, keys: Keys, version: str, pubring: Path) -> Path:
         })
     (d / "extra/usr/local/bin/ab-update").chmod(0o755)
     return d
+
+
+def _add_directory_source_transfers(definition: Path) -> None:
+    """Put the transfers reprobuild writes for ``Source=/run/updates`` (a ``regular-file``
+    source), with boot counting as the image has systemd-bless-boot, into the definition's extra
+    tree under ``/usr/lib/sysupdate-dir.d/``: the plan is made by the build's own code from the
+    definition with only ``Source=`` changed."""
+    spec = load_spec(definition, [f"Updates.Source={DIRECTORY_SOURCE}"])
+    plan = update_plan(spec, load_lock(definition / "reprobuild.lock"))
+    assert plan is not None and plan.source_type == "regular-file" and plan.uki
+    for rel, content in transfer_files(replace(plan, boot_tries=BOOT_TRIES)).items():
+        target = definition / "extra/usr/lib/sysupdate-dir.d" / Path(rel).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
 
 
 def _gpg(env: dict[str, str], *args: str) -> None:
@@ -152,6 +185,7 @@ def versions(tmp_path_factory: pytest.TempPathFactory, live_keys: Keys, warm_sto
         v2 = _definition(tmp / "v2", live_keys, "2", tmp / "release.gpg")
         for d in (v1, v2):
             run_reprobuild("lock", "-C", str(d), "--store", str(warm_store), "-q", timeout=900)
+        _add_directory_source_transfers(v1)
         store = {**os.environ, "REPROBUILD_STORE": str(warm_store)}
         run_reprobuild("build", "-C", str(v1), "--locked", "-o", str(tmp / "v1-out"), "-q", env=store, timeout=1500)
         # xz-compressed: systemd-pull in the guest decompresses what it downloads (sysupdate.d(5)).
@@ -221,6 +255,8 @@ def test_sysupdate_updates_v1_to_v2_in_the_guest_and_v2_boots_from_the_b_slot(
     running = _line(first, "RUNNING")
     # The verity device's data and hash partitions: slot A.
     assert "version=1 root=/dev/mapper/root slaves=vda2 vda3 efi=" in running, running
+    # The release as a directory source: reprobuild's regular-file transfers find version 2.
+    assert "AB-DIRCHECK rc=0 new=2 END" in first, _line(first, "DIRCHECK") + first[-6000:]
     assert "AB-UPDATE rc=0 END" in first, first[-6000:]
     log = "\n".join(line for line in first.splitlines() if "AB-LOG " in line)
     assert "Successfully installed update '2'" in log, first[-6000:]
