@@ -106,9 +106,9 @@ def mmdebstrap_argv(suite: str, mirror: str, out: Path, cache: Path | None, incl
     return [*argv, suite, str(out), *(mirrors or (mirror,))]
 
 
-def median_run(runs: list[Measured]) -> Measured:
-    """The run of median wall time (of an even number, the faster of the middle two)."""
-    ordered = sorted(runs, key=lambda r: r.seconds)
+def median_index(seconds: list[float]) -> int:
+    """Which of the runs took the median wall time (of an even number, the faster of the middle two)."""
+    ordered = sorted(range(len(seconds)), key=seconds.__getitem__)
     return ordered[(len(ordered) - 1) // 2]
 
 
@@ -179,28 +179,32 @@ def main() -> int:
         # 1. reprobuild, cold store (nothing fetched, nothing cached): what a first build costs.
         m, j = run_reprobuild(directory, store, work / "out-cold")
         record("cold", "reprobuild, cold store", m, work / "out-cold/image.tar", stage_note(j))
+        cold_sha = sha256_file(work / "out-cold/image.tar")
         # 2. mmdebstrap as shipped, and 3. reprobuild, warm store: every .deb present, the tree
         #    built again. With the stage cache that is --no-cache (otherwise the unchanged build
         #    would be a cache hit: row 3b). --runs N: N of each, in turn.
         cache = has_no_cache_flag()
         mm_runs: list[Measured] = []
-        warm_runs: list[tuple[Measured, dict, bool]] = []
+        warm_runs: list[Measured] = []
+        warm_json: list[dict] = []
+        every_same = True
         for _ in range(args.runs):
             mm_runs.append(check(measure(mmdebstrap(work / "mmdebstrap.tar", None)), "mmdebstrap"))
             m, j = run_reprobuild(directory, store, work / "out-warm", *(["--no-cache"] if cache else []))
-            warm_runs.append((m, j, sha256_file(work / "out-cold/image.tar") == sha256_file(work / "out-warm/image.tar")))
+            warm_runs.append(m)
+            warm_json.append(j)
+            every_same = every_same and sha256_file(work / "out-warm/image.tar") == cold_sha
         record("mmdebstrap", "mmdebstrap --variant=minbase" + (" --include=(the set)" if server else ""),
-               median_run(mm_runs), work / "mmdebstrap.tar", "fetches indices + .debs every run", mm_runs)
-        warm_median = median_run([r for r, _, _ in warm_runs])
-        m, j, _ = next(run for run in warm_runs if run[0] is warm_median)
-        every_same = all(same for _, _, same in warm_runs)
-        record("warm", "reprobuild, warm store" + (" --no-cache" if cache else ""), m, work / "out-warm/image.tar",
-               stage_note(j) + f"; tar {'identical to' if every_same else 'DIFFERS from'} cold"
-               + (" in every run" if args.runs > 1 else ""), [r for r, _, _ in warm_runs])
-        pair_ratios = [a.seconds / b.seconds for a, (b, _, _) in zip(mm_runs, warm_runs, strict=True)]
+               mm_runs[median_index([r.seconds for r in mm_runs])], work / "mmdebstrap.tar",
+               "fetches indices + .debs every run", mm_runs)
+        median = median_index([r.seconds for r in warm_runs])
+        record("warm", "reprobuild, warm store" + (" --no-cache" if cache else ""), warm_runs[median],
+               work / "out-warm/image.tar",
+               stage_note(warm_json[median]) + f"; tar {'identical to' if every_same else 'DIFFERS from'} cold"
+               + (" in every run" if args.runs > 1 else ""), warm_runs)
         if cache:
             m, j = run_reprobuild(directory, store, work / "out-hit")
-            same = sha256_file(work / "out-cold/image.tar") == sha256_file(work / "out-hit/image.tar")
+            same = sha256_file(work / "out-hit/image.tar") == cold_sha
             record("hit", "reprobuild, warm store + stage cache", m, work / "out-hit/image.tar",
                    stage_note(j) + f"; tar {'identical to' if same else 'DIFFERS from'} cold")
         # 4. mmdebstrap with a .deb cache (primed by one uncounted run).
@@ -223,6 +227,7 @@ def main() -> int:
         ratio_cold = results["mmdebstrap"] / results["cold"]
         ratio_warm = results["mmdebstrap"] / results["warm"]
         target = TARGETS[args.package_set]
+        pair_ratios = [a.seconds / b.seconds for a, b in zip(mm_runs, warm_runs, strict=True)]
         warm_ratio = f"{ratio_warm:.2f}×" + (
             f" (medians of {args.runs}; run by run {min(pair_ratios):.2f}–{max(pair_ratios):.2f}×)" if args.runs > 1 else "")
         if server:  # issue 4's targets are minbase's
